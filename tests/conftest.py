@@ -1,0 +1,156 @@
+"""Shared fixtures: one real redis-server per session (unix socket in a temp dir), flushed before each test;
+the Flask app built against it; an ApiActions helper that posts to the API and unwraps the envelope."""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import redis
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from webapp import create_app  # noqa: E402
+
+API_TOKEN = "test-api-token"
+SIGNING_KEYS = "t1:test-secret-one"
+
+
+def start_redis_server(workdir, appendonly=False, port=0):
+    """Start redis-server on a unix socket (and a TCP port when port != 0); return (process, url)."""
+    if shutil.which("redis-server") is None:
+        pytest.exit("redis-server is not installed: apt-get install redis-server", returncode=3)
+    sock = os.path.join(workdir, "redis.sock")
+    args = ["redis-server", "--port", str(port), "--unixsocket", sock, "--unixsocketperm", "700",
+            "--dir", workdir, "--save", "", "--appendonly", "yes" if appendonly else "no",
+            "--appendfsync", "everysec", "--daemonize", "no", "--loglevel", "warning"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"unix://{sock}"
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            if redis.Redis.from_url(url).ping():
+                return proc, url
+        except (redis.ConnectionError, FileNotFoundError):
+            time.sleep(0.02)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    workdir = tempfile.mkdtemp(prefix="us-redis-")
+    proc, url = start_redis_server(workdir)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def r(redis_url):
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def app(r, redis_url, tmp_path):
+    return create_app({"TESTING": True, "REDIS_URL": redis_url, "API_TOKEN": API_TOKEN,
+                       "SIGNING_KEYS": SIGNING_KEYS, "PUBLIC_BASE_URL": "https://unsub.example",
+                       "VAR_DIR": str(tmp_path), "TIME_UNIT_SECONDS": 1})
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+class ApiActions:
+    """Post to /api/v1.1/<path> with the token and unwrap the envelope."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def call(self, path, token=API_TOKEN, **body):
+        if token is not None:
+            body["token"] = token
+        return self.client.post(f"/api/v1.1/{path}", json=body)
+
+    def ok(self, path, **body):
+        resp = self.call(path, **body)
+        payload = resp.get_json()
+        assert resp.status_code == 200, payload
+        assert payload["error"] == 0 and payload["error_text"] == "Successful operation", payload
+        return payload["data"]
+
+    def fail(self, path, expect=400, **body):
+        resp = self.call(path, **body)
+        payload = resp.get_json()
+        assert resp.status_code == expect, payload
+        assert payload["error"] != 0 and payload["error_text"], payload
+        return payload["error_text"]
+
+
+@pytest.fixture
+def api(client):
+    return ApiActions(client)
+
+
+def redis_state(r):
+    """Every key with its type and content: compare before/after to prove nothing was written."""
+    state = {}
+    for key in r.scan_iter(count=1000):
+        kind = r.type(key)
+        if kind == "string":
+            value = r.get(key)
+        elif kind == "hash":
+            value = r.hgetall(key)
+        elif kind == "list":
+            value = r.lrange(key, 0, -1)
+        elif kind == "set":
+            value = sorted(r.smembers(key))
+        elif kind == "zset":
+            value = r.zrange(key, 0, -1, withscores=True)
+        elif kind == "stream":
+            value = r.xrange(key)
+        else:
+            value = None
+        state[key] = (kind, value)
+    return state
+
+
+def email_resource(**overrides):
+    """A typical resource as resources/add takes it (the contract's example)."""
+    body = {
+        "name": "Weekly news", "description": "", "url": "https://shop.example", "urls": ["https://promo.example"],
+        "dbs_ids": [1], "trk_domain": "t.shop.example", "increase_priority": True,
+        "categories": [{"title": "News", "api_name": "news", "in_manager": True, "required": False},
+                       {"title": "Receipts", "api_name": "receipts", "in_manager": True, "required": True}],
+        "channels": ["email", "sms"],
+        "channel_settings": {
+            "email": {"from_name": "Shop", "from_email": "news@shop.example", "replyto_name": "",
+                      "replyto_email": "", "list_id": "weekly.shop.example",
+                      "fields": [{"title": "Plan", "api_name": "plan", "type": "line", "default": "free",
+                                  "required": False, "in_manager": True}]},
+            "sms": {"sender": "SHOP", "fields": []}},
+        "unsubscribe": {"mode": "delayed", "timer_minutes": 10, "page_url": None, "blocked_text": None,
+                        "list_unsubscribe": {"enabled": True, "called_url": None}},
+    }
+    body.update(overrides)
+    return body
+
+
+@pytest.fixture
+def resource(api):
+    return api.ok("resources/add", **email_resource())
+
+
+@pytest.fixture
+def subscription(api, resource):
+    return api.ok("subscriptions/set", db_id=1, profile_id="p-42", resource_id=resource["id"],
+                  channel="email", email="ann@example.com")

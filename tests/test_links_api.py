@@ -1,0 +1,113 @@
+"""messages/links and links_bulk: URLs, List-* headers per RFC 8058/2369/2919, and zero Redis writes."""
+import pytest
+
+from conftest import email_resource, redis_state
+from webapp.headers import list_id_phrase
+from webapp.tokens import read_smid
+
+WRITE_COMMANDS = {"set", "hset", "hsetnx", "hmset", "incr", "incrby", "del", "unlink", "expire", "expireat",
+                  "pexpire", "lpush", "rpush", "lset", "sadd", "srem", "zadd", "zrem", "xadd", "setex",
+                  "getset", "append", "hincrby", "hdel", "rename", "flushall", "flushdb", "eval", "evalsha",
+                  "exec", "multi"}
+
+
+def msg(resource, **kw):
+    body = {"resource_id": resource["id"], "db_id": 1, "profile_id": "p-42", "channel": "email",
+            "email": "ann@example.com", "category": "news"}
+    body.update(kw)
+    return body
+
+
+def test_links_shape_and_headers(api, app, resource, subscription):
+    data = api.ok("messages/links", **msg(resource))
+    assert data["unsubscribe_url"] == f"https://unsub.example/unsubscribe/{data['smid']}"
+    assert data["manage_url"].startswith("https://unsub.example/manage/")
+    assert data["headers"] == {
+        "List-Unsubscribe": f"<{data['unsubscribe_url']}>",        # one https URL, nothing else
+        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+        "List-ID": "Weekly news <weekly.shop.example>",
+    }
+    smid = read_smid(app.extensions["signing_keys"], data["smid"])
+    assert (smid.resource_id, smid.profile_id, smid.hash_id, smid.category) == \
+        (resource["id"], "p-42", subscription["hash_id"], "news")
+    assert len(data["smid"]) <= 160
+
+
+@pytest.mark.parametrize("unsubscribe", [{"mode": "blocked"}, {"list_unsubscribe": {"enabled": False}}])
+def test_no_unsubscribe_headers_when_blocked_or_disabled(api, unsubscribe):
+    res = api.ok("resources/add", **email_resource(unsubscribe=unsubscribe))
+    api.ok("subscriptions/set", db_id=1, profile_id="p-42", resource_id=res["id"], channel="email",
+           email="ann@example.com")
+    headers = api.ok("messages/links", **msg(res))["headers"]
+    assert headers == {"List-ID": "Weekly news <weekly.shop.example>"}
+
+
+def test_sms_links_have_no_email_headers(api, resource):
+    api.ok("subscriptions/set", db_id=1, profile_id="p-42", resource_id=resource["id"], channel="sms",
+           phone="+79000000000")
+    data = api.ok("messages/links", **msg(resource, channel="sms", phone="+79000000000", email=None))
+    assert data["headers"] == {} and data["unsubscribe_url"]
+
+
+@pytest.mark.parametrize("name,phrase", [
+    ("Weekly news", "Weekly news"),
+    ('News, "hot"', '"News, \\"hot\\""'),
+    ("Новости", "=?utf-8?b?0J3QvtCy0L7RgdGC0Lg=?="),
+])
+def test_list_id_phrase(name, phrase):
+    assert list_id_phrase(name) == phrase
+
+
+BAD_LINKS = [
+    ({"category": "sports"}, 400, "not a category"),
+    ({"category": "1x"}, 400, "category must match"),
+    ({"channel": "push"}, 400, "not a channel"),
+    ({"email": "nobody@example.com"}, 404, "no such subscription"),
+    ({"email": "bad"}, 400, "not a valid email"),
+    ({"resource_id": 999}, 404, "does not exist"),
+    ({"profile_id": "p" * 41}, 400, "profile_id"),
+    ({"sent_at": -5}, 400, "sent_at"),
+]
+
+
+@pytest.mark.parametrize("change,status,message", BAD_LINKS, ids=[m for *_, m in BAD_LINKS])
+def test_links_validation(api, r, resource, subscription, change, status, message):
+    before = redis_state(r)
+    assert message in api.fail("messages/links", status, **msg(resource, **change))
+    assert redis_state(r) == before
+
+
+def test_bulk_in_order_and_limits(api, resource, subscription):
+    api.ok("subscriptions/set", db_id=1, profile_id="p-43", resource_id=resource["id"], channel="email",
+           email="bob@example.com")
+    data = api.ok("messages/links_bulk", messages=[msg(resource), msg(resource, profile_id="p-43",
+                                                                    email="bob@example.com", category=None)])
+    assert len(data) == 2 and data[0]["smid"] != data[1]["smid"]
+    assert "more than 1000" in api.fail("messages/links_bulk", 400, messages=[msg(resource)] * 1001)
+    assert "must not be empty" in api.fail("messages/links_bulk", 400, messages=[])
+    error = api.fail("messages/links_bulk", 400, messages=[msg(resource), msg(resource, category="zzz")])
+    assert error.startswith("messages[1].")
+
+
+def _write_calls(r):
+    stats = r.info("commandstats")
+    return sum(v["calls"] for k, v in stats.items() if k.split("|")[0].removeprefix("cmdstat_") in WRITE_COMMANDS)
+
+
+def test_ten_thousand_links_perform_zero_redis_writes(api, r, resource):
+    profiles = [f"p{i}" for i in range(100)]
+    for pid in profiles:
+        api.ok("subscriptions/set", db_id=1, profile_id=pid, resource_id=resource["id"], channel="email",
+               email=f"{pid}@example.com")
+    before_state = redis_state(r)
+    r.config_resetstat()
+    issued = 0
+    for batch in range(10):
+        messages = [msg(resource, profile_id=profiles[i % 100], email=f"{profiles[i % 100]}@example.com")
+                    for i in range(1000)]
+        issued += len(api.ok("messages/links_bulk", messages=messages))
+    assert issued == 10_000
+    stats = r.info("commandstats")
+    assert stats.get("cmdstat_hexists", {}).get("calls") == 10_000   # the reads did happen
+    assert _write_calls(r) == 0
+    assert redis_state(r) == before_state

@@ -1,0 +1,175 @@
+"""resources/add, update, get, list, delete, fields_get: the contract's shape and every validation rule."""
+import copy
+
+import pytest
+
+from conftest import email_resource, redis_state
+
+
+def test_add_and_get_round_trip(api):
+    created = api.ok("resources/add", **email_resource())
+    got = api.ok("resources/get", id=created["id"])
+    for key in ("id", "name", "channels", "dbs_ids", "url", "trk_domain", "rtoken", "sdk_script_url"):
+        assert key in got
+    assert got["channels"] == ["email", "sms"]
+    assert got["unsubscribe"]["mode"] == "delayed" and got["unsubscribe"]["timer_minutes"] == 10
+    assert got["categories"][1] == {"title": "Receipts", "api_name": "receipts", "in_manager": True,
+                                    "required": True}
+    assert got["sdk_script_url"].startswith("https://unsub.example/ak_list_unsubscribe.js?id=")
+
+
+def _with(path, value):
+    body = email_resource()
+    target = body
+    parts = path.split(".")
+    for part in parts[:-1]:
+        target = target[int(part)] if part.isdigit() else target[part]
+    last = parts[-1]
+    if value is DELETE:
+        del target[last]
+    else:
+        target[int(last) if last.isdigit() else last] = value
+    return body
+
+
+DELETE = object()
+
+BAD_RESOURCES = [
+    ("name", DELETE, "name is required"),
+    ("name", "  ", "name must not be empty"),
+    ("name", 5, "name must be a string"),
+    ("url", "ftp://x.example", "url must be an absolute"),
+    ("url", "javascript:alert(1)", "url must be an absolute"),
+    ("urls", ["https://ok.example", "nope"], "urls[1]"),
+    ("dbs_ids", [0], "dbs_ids must be at least 1"),
+    ("trk_domain", "not a domain", "trk_domain"),
+    ("increase_priority", "yes", "increase_priority must be true or false"),
+    ("channels", [], "at least one channel"),
+    ("channels", ["email", "sms", "push", "telegram_bot", "whatsapp", "viber", "notify", "max_bot", "x"],
+     "at most 8 channels"),
+    ("channels", ["email", "email"], "twice"),
+    ("channels", ["Email!"], "not a channel name"),
+    ("categories", [{"title": "A", "api_name": "1bad"}], "api_name must match"),
+    ("categories", [{"title": "A", "api_name": "a"}, {"title": "B", "api_name": "a"}], "used twice"),
+    ("categories", [{"title": "A", "api_name": "a", "colour": "red"}], "colour is not a known field"),
+    ("channel_settings.email.from_email", "not-an-email", "from_email is not a valid email"),
+    ("channel_settings.email.list_id", "<weekly.shop.example>", "RFC 2919"),
+    ("channel_settings.email.list_id", "weekly.other.example", "sender's domain"),
+    ("channel_settings.email.list_id", "a" * 250 + ".shop.example", "255 octets"),
+    ("channel_settings.email.list_id", "shop.example", "sender's domain"),
+    ("channel_settings.email.fields", [{"title": "X", "api_name": "x", "type": "date"}], "type must be one of"),
+    ("channel_settings.email.fields", [{"title": "X", "api_name": "_x", "type": "int"}], "api_name must match"),
+    ("channel_settings.email.fields", [{"title": "X", "api_name": "x", "type": "int", "default": "7"}],
+     "default must be an integer"),
+    ("channel_settings.email.fields", [{"title": "X", "api_name": "x", "type": "bool", "default": 1}],
+     "default must be true or false"),
+    ("channel_settings.push", {"fields": []}, "not one of the resource's channels"),
+    ("channel_settings.sms.unknown", "x", "unknown is not a known field"),
+    ("unsubscribe.mode", "sometimes", "mode must be one of"),
+    ("unsubscribe.timer_minutes", 31, "at most 30"),
+    ("unsubscribe.timer_minutes", -1, "at least 1"),
+    ("unsubscribe.page_url", "https://shop.example/u?id={profile_id}", "placeholders"),
+    ("unsubscribe.page_url", "not a url", "absolute"),
+    ("unsubscribe.list_unsubscribe.enabled", "no", "enabled must be true or false"),
+    ("unsubscribe.list_unsubscribe.called_url", "mailto:x@y.z", "absolute"),
+    ("default_locale", "de", "default_locale must be one of"),
+    ("surprise", 1, "surprise is not a known field"),
+]
+
+
+@pytest.mark.parametrize("path,value,message", BAD_RESOURCES, ids=[f"{p}={v!r}"[:60] for p, v, _ in BAD_RESOURCES])
+def test_add_rejects_bad_input_and_writes_nothing(api, r, path, value, message):
+    api.ok("resources/add", **email_resource())
+    before = redis_state(r)
+    error = api.fail("resources/add", 400, **_with(path, value))
+    assert message in error
+    assert redis_state(r) == before
+
+
+def test_page_url_placeholders_are_accepted(api):
+    body = _with("unsubscribe.page_url", "https://shop.example/u?smid={send_message_id}&rt={resource_token}")
+    assert api.ok("resources/add", **body)["unsubscribe"]["page_url"].endswith("{resource_token}")
+
+
+def test_update_keeps_api_names_fixed(api, r, resource):
+    rid = resource["id"]
+    renamed = copy.deepcopy(email_resource()["categories"])
+    renamed[0]["api_name"] = "newsletter"
+    before = redis_state(r)
+    assert "must keep api_name 'news'" in api.fail("resources/update", 400, id=rid, categories=renamed)
+    fields = [{"title": "Plan", "api_name": "tier", "type": "line"}]
+    assert "must keep api_name 'plan'" in api.fail(
+        "resources/update", 400, id=rid, channel_settings={"email": {"fields": fields}})
+    retyped = [{"title": "Plan", "api_name": "plan", "type": "int"}]
+    assert "cannot change" in api.fail("resources/update", 400, id=rid,
+                                       channel_settings={"email": {"fields": retyped}})
+    assert redis_state(r) == before
+
+
+def test_update_changes_titles_and_can_delete_explicitly(api, resource):
+    rid = resource["id"]
+    cats = copy.deepcopy(resource["categories"])
+    cats[0]["title"] = "Weekly news"
+    updated = api.ok("resources/update", id=rid, categories=cats, unsubscribe={"mode": "confirm"})
+    assert updated["categories"][0]["title"] == "Weekly news"
+    assert updated["unsubscribe"]["mode"] == "confirm" and updated["unsubscribe"]["timer_minutes"] == 10
+    assert updated["rtoken"] == resource["rtoken"]
+    trimmed = api.ok("resources/update", id=rid, delete_categories=["news"])
+    assert [c["api_name"] for c in trimmed["categories"]] == ["receipts"]
+    regenerated = api.ok("resources/update", id=rid, regenerate_rtoken=True)
+    assert regenerated["rtoken"] != resource["rtoken"]
+
+
+def test_list_pages_with_from_id(api):
+    ids = [api.ok("resources/add", **email_resource(name=f"R{i}"))["id"] for i in range(5)]
+    resp = api.call("resources/list", from_id=0, limit=2).get_json()
+    assert [x["id"] for x in resp["data"]] == ids[:2]
+    assert resp["next_from_id"] == ids[2] and resp["total_count"] == 5
+    resp = api.call("resources/list", from_id=ids[4], limit=2).get_json()
+    assert [x["id"] for x in resp["data"]] == ids[4:] and resp["next_from_id"] is None
+    assert "limit must be at most 100" in api.fail("resources/list", 400, limit=1000)
+
+
+def test_fields_get(api, resource):
+    fields = api.ok("resources/fields_get", id=resource["id"], channel="email")
+    assert {"category": "system", "title": "Email", "name": "email", "required": True, "type": "line"} in fields
+    assert {"category": "custom", "title": "Plan", "name": "plan", "required": False, "type": "line"} in fields
+    assert "not a channel" in api.fail("resources/fields_get", 400, id=resource["id"], channel="push")
+
+
+def test_delete(api, r, resource):
+    api.ok("resources/delete", id=resource["id"])
+    assert api.fail("resources/get", 404, id=resource["id"])
+    before = redis_state(r)
+    api.fail("resources/delete", 404, id=resource["id"])
+    assert redis_state(r) == before
+
+
+@pytest.mark.parametrize("kwargs,status", [
+    ({"token": None}, 401), ({"token": "wrong"}, 401), ({"token": ""}, 401),
+])
+def test_token_is_required(api, r, kwargs, status):
+    before = redis_state(r)
+    api.fail("resources/add", status, **kwargs, **email_resource())
+    assert redis_state(r) == before
+
+
+def test_bearer_token_and_bad_bodies(client, r):
+    body = email_resource()
+    resp = client.post("/api/v1.1/resources/add", json=body, headers={"Authorization": "Bearer test-api-token"})
+    assert resp.status_code == 200 and resp.get_json()["error"] == 0
+    before = redis_state(r)
+    for data, ctype in [("not json", "application/json"), ("[1,2]", "application/json"), ("", "text/plain")]:
+        resp = client.post("/api/v1.1/resources/add", data=data, content_type=ctype)
+        assert resp.status_code == 400 and resp.get_json()["error_text"]
+    resp = client.get("/api/v1.1/resources/add")
+    assert resp.status_code == 405 and resp.get_json()["error"] == 405
+    assert client.post("/api/v1.1/nope", json={}).get_json()["error"] == 404
+    assert redis_state(r) == before
+
+
+def test_openapi_lists_every_endpoint(client, app):
+    spec = client.get("/api/v1.1/openapi.json").get_json()
+    api_rules = {rule.rule for rule in app.url_map.iter_rules()
+                 if rule.rule.startswith("/api/v1.1/") and "POST" in rule.methods}
+    assert api_rules and api_rules <= set(spec["paths"])

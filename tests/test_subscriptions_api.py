@@ -1,0 +1,183 @@
+"""subscriptions/set, get, list, delete, undelete, suspend_all, unsuspend_all and their validation."""
+import hashlib
+
+import pytest
+
+from conftest import email_resource, redis_state
+
+
+def sub(resource, **kw):
+    body = {"db_id": 1, "profile_id": "p-42", "resource_id": resource["id"], "channel": "email",
+            "email": "ann@example.com"}
+    body.update(kw)
+    return body
+
+
+def test_set_and_get_extended_form(api, resource):
+    created = api.ok("subscriptions/set", **sub(resource, date="2025-07-23T11:27:05.487Z", ip="192.0.2.1"))
+    got = api.ok("subscriptions/get", **sub(resource))
+    assert got == created
+    assert got["email_data"] == {"email": "ann@example.com", "domain": "example.com",
+                                 "md5": hashlib.md5(b"ann@example.com").hexdigest()}
+    assert got["status"] == "subscribed" and got["is_delete"] is False
+    assert got["reg_info"]["date"] == "2025-07-23T11:27:05.487Z"
+    assert len(got["hash_id"]) == 8 and got["cats"] == ["news", "receipts"]
+    assert got["custom_fields"] == {"plan": "free"}          # the field's default
+
+
+@pytest.mark.parametrize("value,word", [("unsubscribed", "unsubscribed"), (2, "complained"), ("3", "hardbounced"),
+                                        ("UNCONFIRMED", "unconfirmed"), (5, "suspended"), ("invalid", "invalid"),
+                                        (0, "subscribed")])
+def test_status_word_or_number(api, resource, value, word):
+    assert api.ok("subscriptions/set", **sub(resource, status=value))["status"] == word
+
+
+def test_every_channel_address(api):
+    res = api.ok("resources/add", **email_resource(
+        channels=["email", "sms", "push", "telegram_bot", "whatsapp", "viber", "notify", "max_bot"],
+        channel_settings={"email": {"from_email": "a@shop.example"}}))
+    base = {"db_id": 1, "profile_id": "p1", "resource_id": res["id"]}
+    cases = [
+        ({"channel": "sms", "phone": "+79000000000"}, "phone_data"),
+        ({"channel": "push", "provider": "android-firebase", "subscription_id": "a81c264a938b475"}, "provider"),
+        ({"channel": "telegram_bot", "cc_data": {"id": 12345}}, "cc_data"),
+        ({"channel": "whatsapp", "cc_data": {"phone": "+79000000000"}}, "cc_data"),
+        ({"channel": "viber", "cc_data": {"phone": "+79000000001"}}, "cc_data"),
+        ({"channel": "notify", "cc_data": {"phone": "+79000000002"}}, "cc_data"),
+        ({"channel": "max_bot", "cc_data": {"id": "777"}}, "cc_data"),
+    ]
+    for body, key in cases:
+        assert key in api.ok("subscriptions/set", **base, **body)
+    assert len(api.ok("subscriptions/list", db_id=1, profile_id="p1")) == len(cases)
+
+
+BAD_SUBSCRIPTIONS = [
+    ({"email": "not-an-email"}, "email is not a valid email address"),
+    ({"email": "a@b"}, "email is not a valid email address"),
+    ({"email": "a..b@example.com"}, "email is not a valid email address"),
+    ({"email": "x" * 65 + "@example.com"}, "email is not a valid email address"),
+    ({"email": None}, "email is required"),
+    ({"channel": "sms", "phone": "89000000000", "email": None}, "E.164"),
+    ({"channel": "sms", "phone": "+7 900 000", "email": None}, "E.164"),
+    ({"channel": "push"}, "not a channel of resource"),
+    ({"status": "gone"}, "status must be one of"),
+    ({"status": 7}, "status must be one of"),
+    ({"status": True}, "status must be one of"),
+    ({"priority": -1}, "priority must be at least 0"),
+    ({"priority": "high"}, "priority must be an integer"),
+    ({"cats": ["sports"]}, "not a category"),
+    ({"cats": "news"}, "cats must be a list"),
+    ({"custom_fields": {"nope": 1}}, "not a field"),
+    ({"custom_fields": {"plan": 5}}, "plan must be a string"),
+    ({"date": "yesterday"}, "RFC 3339"),
+    ({"ip": "300.1.1.1"}, "not an IP address"),
+    ({"url": "javascript:alert(1)"}, "absolute"),
+    ({"db_id": 2}, "may not subscribe"),
+    ({"db_id": 0}, "db_id must be at least 1"),
+    ({"profile_id": "has space"}, "profile_id must be"),
+    ({"profile_id": "p" * 41}, "profile_id must be"),
+    ({"resource_id": "abc"}, "resource_id must be an integer"),
+    ({"extra": 1}, "extra is not a known field"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_SUBSCRIPTIONS, ids=[m for _, m in BAD_SUBSCRIPTIONS])
+def test_set_rejects_bad_input_and_writes_nothing(api, r, resource, change, message):
+    api.ok("subscriptions/set", **sub(resource))
+    before = redis_state(r)
+    body = {k: v for k, v in {**sub(resource), **change}.items() if v is not None}
+    assert message in api.fail("subscriptions/set", 400, **body)
+    assert redis_state(r) == before
+
+
+def test_unknown_resource_is_404_and_writes_nothing(api, r, resource):
+    before = redis_state(r)
+    api.fail("subscriptions/set", 404, **sub(resource, resource_id=999))
+    api.fail("subscriptions/get", 404, **sub(resource, email="nobody@example.com"))
+    assert redis_state(r) == before
+
+
+def test_custom_field_types_and_required(api, r):
+    fields = [{"title": "Age", "api_name": "age", "type": "int", "required": True},
+              {"title": "Score", "api_name": "score", "type": "float"},
+              {"title": "VIP", "api_name": "vip", "type": "bool", "default": False}]
+    res = api.ok("resources/add", **email_resource(channel_settings={"email": {
+        "from_email": "a@shop.example", "fields": fields}}))
+    before = redis_state(r)
+    assert "age is required" in api.fail("subscriptions/set", 400, **sub(res))
+    assert "age must be an integer" in api.fail("subscriptions/set", 400, **sub(res, custom_fields={"age": 1.5}))
+    assert "score must be a number" in api.fail("subscriptions/set", 400,
+                                                **sub(res, custom_fields={"age": 3, "score": "x"}))
+    assert "vip must be true or false" in api.fail("subscriptions/set", 400,
+                                                   **sub(res, custom_fields={"age": 3, "vip": "yes"}))
+    assert redis_state(r) == before
+    ok = api.ok("subscriptions/set", **sub(res, custom_fields={"age": 30, "score": 4.5}))
+    assert ok["custom_fields"] == {"age": 30, "score": 4.5, "vip": False}
+
+
+def test_increase_priority_moves_new_subscription_first(api, resource):
+    first = api.ok("subscriptions/set", **sub(resource, email="one@example.com"))
+    second = api.ok("subscriptions/set", **sub(resource, email="two@example.com"))
+    listed = {s["email"]: s["priority"] for s in api.ok("subscriptions/list", db_id=1, profile_id="p-42")}
+    assert first["priority"] == 0 and second["priority"] == 0
+    assert listed == {"one@example.com": 1, "two@example.com": 0}
+
+
+def test_explicit_priority_leaves_others_unchanged(api, resource):
+    api.ok("subscriptions/set", **sub(resource, email="one@example.com"))
+    third = api.ok("subscriptions/set", **sub(resource, email="three@example.com", priority=5))
+    listed = {s["email"]: s["priority"] for s in api.ok("subscriptions/list", db_id=1, profile_id="p-42")}
+    assert third["priority"] == 5 and listed == {"one@example.com": 0, "three@example.com": 5}
+
+
+def test_without_increase_priority_new_subscription_goes_last(api):
+    res = api.ok("resources/add", **email_resource(increase_priority=False))
+    api.ok("subscriptions/set", **sub(res, email="one@example.com"))
+    api.ok("subscriptions/set", **sub(res, email="two@example.com"))
+    listed = {s["email"]: s["priority"] for s in api.ok("subscriptions/list", db_id=1, profile_id="p-42")}
+    assert listed == {"one@example.com": 0, "two@example.com": 1}
+
+
+def test_editing_keeps_priority_and_registration(api, resource):
+    created = api.ok("subscriptions/set", **sub(resource))
+    api.ok("subscriptions/set", **sub(resource, email="other@example.com"))
+    edited = api.ok("subscriptions/set", **sub(resource, cats=["receipts"]))
+    assert edited["priority"] == 1 and edited["reg_info"] == created["reg_info"]
+    assert edited["cats"] == ["receipts"]
+
+
+def test_delete_and_undelete(api, r, resource, subscription):
+    assert api.ok("subscriptions/delete", **sub(resource))["is_delete"] is True
+    assert api.ok("subscriptions/get", **sub(resource))["is_delete"] is True
+    assert api.ok("subscriptions/undelete", **sub(resource))["is_delete"] is False
+    before = redis_state(r)
+    api.fail("subscriptions/delete", 404, **sub(resource, email="nobody@example.com"))
+    assert redis_state(r) == before
+
+
+def test_suspend_all_and_unsuspend_all(api, r, resource):
+    for pid in ("a", "b", "c"):
+        api.ok("subscriptions/set", **sub(resource, profile_id=pid))
+    api.ok("subscriptions/set", **sub(resource, profile_id="c", status="unsubscribed"))
+    resp = api.call("subscriptions/suspend_all", db_id=1).get_json()
+    assert resp["error"] == 0 and resp["updated"] == 2
+    assert api.ok("subscriptions/get", **sub(resource, profile_id="a"))["status"] == "suspended"
+    assert api.ok("subscriptions/get", **sub(resource, profile_id="c"))["status"] == "unsubscribed"
+    resp = api.call("subscriptions/unsuspend_all", db_id=1, profile_id="a").get_json()
+    assert resp["updated"] == 1
+    assert api.ok("subscriptions/get", **sub(resource, profile_id="b"))["status"] == "suspended"
+    before = redis_state(r)
+    api.fail("subscriptions/suspend_all", 404, db_id=1, resource_id=999)
+    api.fail("subscriptions/suspend_all", 400, db_id="x")
+    assert redis_state(r) == before
+
+
+def test_status_changes_are_recorded_as_chained_events(api, r, resource, subscription):
+    from webapp import events
+    api.ok("subscriptions/set", **sub(resource, status="unsubscribed"))
+    api.ok("subscriptions/set", **sub(resource, custom_fields={"plan": "pro"}))   # no status change: no event
+    history, _ = events.list_events(r, 1, "p-42")
+    assert [e["method"] for e in history] == ["api", "api"]
+    assert history[0]["before"]["status"] == "subscribed" and history[0]["after"]["status"] == "unsubscribed"
+    assert history[0]["prev_hash"] == history[1]["hash"]
+    assert events.verify_chain(r, 1, "p-42") is None

@@ -1,0 +1,82 @@
+"""SMID and manager tokens: signed, compact, rotation-friendly; forged, truncated and altered ones rejected."""
+import base64
+
+import pytest
+
+from webapp.config import ConfigError, parse_signing_keys
+from webapp.errors import BadToken
+from webapp.tokens import (SMID_MAX_CHARS, SigningKeys, issue_manager_token, issue_smid, read_manager_token,
+                           read_smid)
+
+OLD = SigningKeys(parse_signing_keys("k1:old-secret"))
+ROTATED = SigningKeys(parse_signing_keys("k1:old-secret,k2:new-secret"))
+NEW_ONLY = SigningKeys(parse_signing_keys("k2:new-secret"))
+
+
+def test_smid_round_trip():
+    token = issue_smid(ROTATED, 7, 1, "p-42", "7641c5c5", "news", sent_at=1_700_000_000)
+    smid = read_smid(ROTATED, token)
+    assert (smid.resource_id, smid.db_id, smid.profile_id, smid.hash_id, smid.category, smid.sent_at) == \
+        (7, 1, "p-42", "7641c5c5", "news", 1_700_000_000)
+    assert token.isascii() and "=" not in token and "/" not in token and "+" not in token
+
+
+def test_smid_carries_no_address():
+    token = issue_smid(ROTATED, 7, 1, "p-42", "7641c5c5")
+    raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    assert b"@" not in raw and b"ann" not in raw
+
+
+def test_longest_smid_fits_160_chars():
+    kid_ring = SigningKeys(parse_signing_keys("abcdefgh:s"))
+    token = issue_smid(kid_ring, 2 ** 31, 2 ** 31, "x" * 40, "ffffffff", "c" * 32, sent_at=2 ** 32 - 1)
+    assert len(token) <= SMID_MAX_CHARS
+    assert read_smid(kid_ring, token).profile_id == "x" * 40
+
+
+def test_retired_but_listed_key_still_verifies():
+    old_link = issue_smid(OLD, 1, 1, "p", "00000000")
+    assert read_smid(ROTATED, old_link).profile_id == "p"          # k1 retired but still listed
+    new_link = issue_smid(ROTATED, 1, 1, "p", "00000000")
+    assert read_smid(NEW_ONLY, new_link).profile_id == "p"         # new links use the newest key (k2)
+
+
+def test_unknown_key_is_rejected():
+    old_link = issue_smid(OLD, 1, 1, "p", "00000000")
+    with pytest.raises(BadToken, match="unknown key"):
+        read_smid(NEW_ONLY, old_link)                               # k1 dropped from the list
+    impostor = SigningKeys(parse_signing_keys("k2:guessed-secret"))
+    with pytest.raises(BadToken, match="signature"):
+        read_smid(ROTATED, issue_smid(impostor, 1, 1, "p", "00000000"))
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda t: t[:-1],                                   # truncated
+    lambda t: t[:len(t) // 2],                          # truncated hard
+    lambda t: t[:10] + ("A" if t[10] != "A" else "B") + t[11:],   # altered payload byte
+    lambda t: t[:-3] + ("A" if t[-3] != "A" else "B") + t[-2:],   # altered signature
+    lambda t: t + "A",                                  # extended
+    lambda t: t.replace(t[5], "*", 1),                  # not base64url
+    lambda t: "",
+    lambda t: "x" * 400,
+])
+def test_forged_or_damaged_smid_is_rejected(mutate):
+    token = issue_smid(ROTATED, 3, 1, "p-42", "7641c5c5", "news")
+    with pytest.raises(BadToken):
+        read_smid(ROTATED, mutate(token))
+
+
+def test_manager_token_and_smid_are_not_interchangeable():
+    smid = issue_smid(ROTATED, 3, 1, "p-42", "7641c5c5")
+    mgr = issue_manager_token(ROTATED, 1, "p-42", "7641c5c5")
+    assert read_manager_token(ROTATED, mgr).hash_id == "7641c5c5"
+    with pytest.raises(BadToken):
+        read_manager_token(ROTATED, smid)
+    with pytest.raises(BadToken):
+        read_smid(ROTATED, mgr)
+
+
+@pytest.mark.parametrize("value", ["", "nokid", "bad kid:x", "k1:a,k1:b", "toolongkid:x", "k1:"])
+def test_bad_signing_keys_setting(value):
+    with pytest.raises(ConfigError):
+        parse_signing_keys(value)

@@ -1,0 +1,79 @@
+"""The unsubscribe service: `create_app()` builds the Flask app; importing this package does nothing else."""
+import hashlib
+import hmac
+import logging
+import os
+
+from flask import Flask, jsonify, render_template, request
+from flask_wtf.csrf import CSRFProtect
+from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from . import store
+from .config import DEFAULTS, https_warning, load_settings, parse_signing_keys
+from .tokens import SigningKeys
+
+csrf = CSRFProtect()
+log = logging.getLogger("webapp")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def create_app(test_config=None):
+    """Build the app from the environment, or from `test_config` laid over it (tests pass REDIS_URL etc.)."""
+    overrides = {k: v for k, v in (test_config or {}).items() if k in DEFAULTS and v is not None}
+    settings = load_settings({**os.environ, **overrides} if overrides else None)
+    app = Flask(__name__, template_folder=os.path.join(ROOT, "templates"),
+                static_folder=os.path.join(ROOT, "static"))
+    app.config.update(settings)
+    app.config.update(test_config or {})
+    app.config.setdefault("MAX_CONTENT_LENGTH", 4 * 1024 * 1024)
+    if not app.config["REDIS_URL"]:
+        raise RuntimeError("REDIS_URL is not set: run `python -m webapp run` (it starts a local Redis) "
+                           "or set REDIS_URL=redis://host:6379/0")
+    ring = parse_signing_keys(app.config["SIGNING_KEYS"])
+    app.extensions["signing_keys"] = SigningKeys(ring)
+    # Sessions (CSRF tokens of page forms) are signed with a key derived from the newest signing key.
+    app.config.setdefault("SECRET_KEY", hmac.new(ring[-1][1], b"flask-session", hashlib.sha256).hexdigest())
+    app.config.setdefault("SESSION_COOKIE_SAMESITE", "Lax")
+    app.config.setdefault("SESSION_COOKIE_HTTPONLY", True)
+    app.config.setdefault("SESSION_COOKIE_SECURE", app.config["PUBLIC_BASE_URL"].startswith("https://"))
+    # The one-click POST and the SDK come cross-site without a Referer: CSRF is checked by token only.
+    app.config.setdefault("WTF_CSRF_SSL_STRICT", False)
+    app.config.setdefault("WTF_CSRF_TIME_LIMIT", None)
+    if app.config["TRUSTED_PROXIES"]:
+        n = app.config["TRUSTED_PROXIES"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n, x_port=n, x_prefix=n)
+    warning = https_warning(app.config["PUBLIC_BASE_URL"])
+    if warning and not app.testing:
+        log.warning(warning)
+
+    store.init_app(app)
+    csrf.init_app(app)
+    from . import api, locale, pages
+    locale.init_app(app)
+    app.register_blueprint(api.bp)
+    csrf.exempt(api.bp)
+    app.register_blueprint(pages.bp)
+    _register_error_handlers(app)
+    return app
+
+
+def _register_error_handlers(app):
+    from .api import envelope
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc):
+        if request.path.startswith("/api/"):
+            return envelope(None, exc.code, exc.code, exc.description or exc.name)
+        if request.path.startswith("/sdk/"):
+            return jsonify({"error": exc.code, "error_text": exc.description or exc.name}), exc.code
+        return render_template("message.html", status=exc.code), exc.code
+
+    @app.errorhandler(Exception)
+    def unexpected(exc):
+        if isinstance(exc, HTTPException):
+            return http_error(exc)
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        if request.path.startswith("/api/"):
+            return envelope(None, 500, 500, "Internal error")
+        return render_template("message.html", status=500), 500

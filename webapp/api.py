@@ -1,0 +1,250 @@
+"""Blueprint /api/v1.1: the sending-platform API in Altcraft's style.
+
+Every endpoint is a POST of a JSON object, authenticated by the API token (JSON field `token` or
+`Authorization: Bearer`), answered with the envelope {"error": 0, "error_text": ..., "data": ...}. Errors keep
+the envelope with a non-zero `error` and a 4xx status. Views parse, call core, wrap: nothing else.
+"""
+import base64
+import functools
+
+from flask import Blueprint, current_app, jsonify, request
+
+from . import keys, resources, subscriptions
+from .errors import InvalidInput, NotAuthorized, ServiceError
+from .headers import message_links
+from .openapi import build_spec
+from .store import get_redis
+from .tokens import same_secret
+from .validation import as_api_name, as_int, as_list, as_object, as_profile_id, no_unknown_keys
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1.1")
+OK_TEXT = "Successful operation"
+BULK_MAX = 1000
+
+
+def envelope(data=None, status=200, error=0, error_text=OK_TEXT, **top_level):
+    body = {"error": error, "error_text": error_text, "data": data, **top_level}
+    return jsonify(body), status
+
+
+def error_envelope(exc):
+    return envelope(None, exc.status, exc.code, exc.message)
+
+
+class Reply:
+    """A result with extra top-level envelope members (Altcraft puts counts beside `data`)."""
+
+    def __init__(self, data=None, **top_level):
+        self.data, self.top_level = data, top_level
+
+
+def _request_json():
+    data = request.get_json(silent=True, force=True) if request.data else None
+    if not isinstance(data, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return data
+
+
+def _check_token(data):
+    auth = request.headers.get("Authorization", "")
+    given = auth[7:].strip() if auth[:7].lower() == "bearer " else data.get("token")
+    if given is None:
+        raise NotAuthorized("API token is missing: send it as JSON field token or Authorization: Bearer")
+    if not same_secret(given, current_app.config["API_TOKEN"]):
+        raise NotAuthorized("API token is wrong")
+
+
+def endpoint(path):
+    """Register fn(data) as POST /api/v1.1/<path> with token check and envelope."""
+    def register(fn):
+        @functools.wraps(fn)
+        def view():
+            try:
+                data = _request_json()
+                _check_token(data)
+                result = fn(data)
+            except ServiceError as exc:
+                return error_envelope(exc)
+            if isinstance(result, Reply):
+                return envelope(result.data, **result.top_level)
+            return envelope(result)
+        bp.add_url_rule(f"/{path}", endpoint=path.replace("/", "_"), view_func=view, methods=["POST"])
+        return fn
+    return register
+
+
+def public_resource(res):
+    """A resource as resources/get shows it (with the SDK script URL)."""
+    base = current_app.config["PUBLIC_BASE_URL"]
+    sdk_id = base64.b64encode(f"1|{res['id']}".encode()).decode()
+    return {**res, "sdk_script_url": f"{base}/ak_list_unsubscribe.js?id={sdk_id}"}
+
+
+def _resource_id(data):
+    return as_int(data.get("id", data.get("resource_id")), "id", 1)
+
+
+# -- resources ----------------------------------------------------------------------------------------
+
+@endpoint("resources/add")
+def resources_add(data):
+    return public_resource(resources.add_resource(get_redis(), {k: v for k, v in data.items() if k != "token"}))
+
+
+@endpoint("resources/update")
+def resources_update(data):
+    rid = _resource_id(data)
+    changes = {k: v for k, v in data.items() if k not in ("token", "id")}
+    return public_resource(resources.update_resource(get_redis(), rid, changes))
+
+
+@endpoint("resources/get")
+def resources_get(data):
+    return public_resource(resources.get_resource(get_redis(), _resource_id(data)))
+
+
+@endpoint("resources/list")
+def resources_list(data):
+    from_id = as_int(data.get("from_id", 0), "from_id", 0)
+    limit = as_int(data.get("limit", 20), "limit", 1, 100)
+    items, next_from_id, total = resources.list_resources(get_redis(), from_id, limit)
+    return Reply([public_resource(x) for x in items], next_from_id=next_from_id, total_count=total)
+
+
+@endpoint("resources/delete")
+def resources_delete(data):
+    rid = _resource_id(data)
+    resources.delete_resource(get_redis(), rid)
+    return {"id": rid}
+
+
+@endpoint("resources/fields_get")
+def resources_fields_get(data):
+    res = resources.get_resource(get_redis(), _resource_id(data))
+    return resources.field_descriptors(res, data.get("channel"))
+
+
+# -- subscriptions ------------------------------------------------------------------------------------
+
+@endpoint("subscriptions/set")
+def subscriptions_set(data):
+    sub, created = subscriptions.set_subscription(get_redis(), data)
+    return Reply(sub, created=created)
+
+
+@endpoint("subscriptions/get")
+def subscriptions_get(data):
+    return subscriptions.get_subscription(get_redis(), data)
+
+
+@endpoint("subscriptions/list")
+def subscriptions_list(data):
+    no_unknown_keys(data, ("token", "db_id", "profile_id", "resource_id", "channel"))
+    db_id = as_int(data.get("db_id"), "db_id", 1)
+    profile_id = as_profile_id(data.get("profile_id"))
+    rid = as_int(data["resource_id"], "resource_id", 1) if data.get("resource_id") is not None else None
+    items = subscriptions.list_subscriptions(get_redis(), db_id, profile_id, rid, data.get("channel"))
+    return Reply(items, total_count=len(items))
+
+
+@endpoint("subscriptions/delete")
+def subscriptions_delete(data):
+    return subscriptions.set_deleted(get_redis(), data, True)
+
+
+@endpoint("subscriptions/undelete")
+def subscriptions_undelete(data):
+    return subscriptions.set_deleted(get_redis(), data, False)
+
+
+def _bulk_status(data, from_status, to_status):
+    no_unknown_keys(data, ("token", "db_id", "profile_id", "resource_id", "channel"))
+    r = get_redis()
+    db_id = as_int(data.get("db_id"), "db_id", 1)
+    rid = as_int(data["resource_id"], "resource_id", 1) if data.get("resource_id") is not None else None
+    if rid is not None:
+        resources.get_resource(r, rid)
+    channel = data.get("channel")
+    if channel is not None and not isinstance(channel, str):
+        raise InvalidInput("channel must be a string", field="channel")
+    profiles = ([as_profile_id(data["profile_id"])] if data.get("profile_id") is not None
+                else subscriptions.profiles_of_db(r, db_id))
+    updated = subscriptions.set_status_where(r, db_id, profiles, from_status, to_status, "api", rid, channel)
+    return Reply(None, updated=updated)
+
+
+@endpoint("subscriptions/suspend_all")
+def subscriptions_suspend_all(data):
+    return _bulk_status(data, subscriptions.Status.SUBSCRIBED, subscriptions.Status.SUSPENDED)
+
+
+@endpoint("subscriptions/unsuspend_all")
+def subscriptions_unsuspend_all(data):
+    return _bulk_status(data, subscriptions.Status.SUSPENDED, subscriptions.Status.SUBSCRIBED)
+
+
+# -- message links ------------------------------------------------------------------------------------
+
+LINK_FIELDS = subscriptions.IDENTITY_FIELDS + ("category", "sent_at", "token")
+
+
+def _links_for(messages):
+    """Validate every message first (all or nothing), then sign; reads only, writes nothing."""
+    r = get_redis()
+    prepared = []
+    res_by_id = resources.get_resources(
+        r, [m.get("resource_id") for m in messages if isinstance(m, dict) and isinstance(m.get("resource_id"), int)])
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]." if len(messages) > 1 or request.path.endswith("_bulk") else ""
+        try:
+            msg = as_object(msg, "message")
+            no_unknown_keys(msg, LINK_FIELDS)
+            rid = as_int(msg.get("resource_id"), "resource_id", 1)
+            res = res_by_id.get(rid) or resources.get_resource(r, rid)
+            db_id = as_int(msg.get("db_id"), "db_id", 1, 2 ** 31)
+            profile_id = as_profile_id(msg.get("profile_id"))
+            channel = msg.get("channel")
+            if channel not in res["channels"]:
+                raise InvalidInput(f"channel {channel!r} is not a channel of resource {rid}", field="channel")
+            _address, identity = subscriptions.read_address(channel, msg)
+            category = msg.get("category")
+            if category is not None:
+                as_api_name(category, "category")
+                if category not in {c["api_name"] for c in res["categories"]}:
+                    raise InvalidInput(f"category {category!r} is not a category of resource {rid}",
+                                       field="category")
+            sent_at = as_int(msg["sent_at"], "sent_at", 0, 2 ** 32 - 1) if msg.get("sent_at") is not None else None
+        except ServiceError as exc:
+            exc.message = where + exc.message
+            raise
+        prepared.append((res, db_id, profile_id, subscriptions.make_hash_id(rid, channel, identity), channel,
+                         category, sent_at))
+    with r.pipeline(transaction=False) as pipe:
+        for res, db_id, profile_id, hash_id, *_ in prepared:
+            pipe.hexists(keys.profile_subscriptions(db_id, profile_id), hash_id)
+        exists = pipe.execute()
+    for i, found in enumerate(exists):
+        if not found:
+            prefix = f"messages[{i}]: " if request.path.endswith("_bulk") else ""
+            raise subscriptions.NoSuchSubscription(prefix + "no such subscription: add it with subscriptions/set")
+    ring, base = current_app.extensions["signing_keys"], current_app.config["PUBLIC_BASE_URL"]
+    return [message_links(ring, base, res, db_id, pid, h, ch, cat, at) for res, db_id, pid, h, ch, cat, at in prepared]
+
+
+@endpoint("messages/links")
+def messages_links(data):
+    return _links_for([data])[0]
+
+
+@endpoint("messages/links_bulk")
+def messages_links_bulk(data):
+    no_unknown_keys(data, ("token", "messages"))
+    messages = as_list(data.get("messages"), "messages", max_items=BULK_MAX)
+    if not messages:
+        raise InvalidInput("messages must not be empty", field="messages")
+    return _links_for(messages)
+
+
+@bp.get("/openapi.json")
+def openapi():
+    return jsonify(build_spec(current_app.config["PUBLIC_BASE_URL"]))

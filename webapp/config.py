@@ -1,0 +1,118 @@
+"""Settings: environment variables (and an optional `.env` file) turned into Flask config.
+
+Every setting the service reads is listed in DEFAULTS with its unit. With nothing set, a development
+install works out of the box: secrets it needs are generated once, kept in `var/dev-secrets.json`
+(so links already sent keep working across restarts) and printed when generated.
+"""
+import json
+import os
+import re
+import secrets
+import sys
+from pathlib import Path
+
+DEFAULTS = {
+    "REDIS_URL": None,  # None: `python -m webapp run` starts a local redis-server
+    "PORT": 8000,
+    "PUBLIC_BASE_URL": None,  # None: http://127.0.0.1:$PORT (development only; RFC 8058 wants https)
+    "API_TOKEN": None,
+    "SIGNING_KEYS": None,  # "kid:secret,kid2:secret2", newest last
+    "DEFAULT_LOCALE": "en",
+    "TRUSTED_PROXIES": 0,  # number of proxies whose X-Forwarded-* headers are believed
+    "TIME_UNIT_SECONDS": 60,  # length of one "minute" of delayed-unsubscribe timers; tests shorten it
+    "VAR_DIR": "var",  # local redis data and generated development secrets
+    "RQ_QUEUE": "unsubscribe",
+}
+
+KID_RE = re.compile(r"^[A-Za-z0-9_-]{1,8}$")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the service cannot run with."""
+
+
+def read_dotenv(path=".env"):
+    """Return KEY=VALUE pairs of a `.env` file (missing file: empty); quotes around values are dropped."""
+    values = {}
+    p = Path(path)
+    if not p.is_file():
+        return values
+    for line in p.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        values[key.strip()] = value.strip().strip("'\"")
+    return values
+
+
+def parse_signing_keys(value):
+    """Parse SIGNING_KEYS into an ordered list of (kid, secret bytes), newest last.
+
+    Raises ConfigError on an empty list, a malformed pair, a bad kid or a duplicate kid.
+    """
+    pairs = []
+    for item in (value or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        kid, sep, secret = item.partition(":")
+        if not sep or not secret:
+            raise ConfigError(f"SIGNING_KEYS entry {kid!r} is not kid:secret")
+        if not KID_RE.match(kid):
+            raise ConfigError(f"SIGNING_KEYS kid {kid!r} must match {KID_RE.pattern}")
+        if any(k == kid for k, _ in pairs):
+            raise ConfigError(f"SIGNING_KEYS kid {kid!r} appears twice")
+        pairs.append((kid, secret.encode()))
+    if not pairs:
+        raise ConfigError("SIGNING_KEYS has no kid:secret pair")
+    return pairs
+
+
+def _dev_secrets(var_dir):
+    """Load or create the generated development secrets; print them when new."""
+    path = Path(var_dir) / "dev-secrets.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    generated = {
+        "API_TOKEN": secrets.token_urlsafe(24),
+        "SIGNING_KEYS": f"dev1:{secrets.token_urlsafe(32)}",
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(generated, indent=2))
+    path.chmod(0o600)
+    print(f"Generated development secrets in {path}:", file=sys.stderr)
+    print(f"  API_TOKEN={generated['API_TOKEN']}", file=sys.stderr)
+    return generated
+
+
+def load_settings(environ=None, dotenv_path=".env"):
+    """Return the settings dict from DEFAULTS, `.env` and the environment (environment wins)."""
+    environ = os.environ if environ is None else environ
+    merged = dict(DEFAULTS)
+    source = {**read_dotenv(dotenv_path), **environ}
+    for key in DEFAULTS:
+        if source.get(key) not in (None, ""):
+            merged[key] = source[key]
+    for key in ("PORT", "TRUSTED_PROXIES"):
+        merged[key] = int(merged[key])
+    merged["TIME_UNIT_SECONDS"] = float(merged["TIME_UNIT_SECONDS"])
+    if not merged["API_TOKEN"] or not merged["SIGNING_KEYS"]:
+        generated = _dev_secrets(merged["VAR_DIR"])
+        merged["API_TOKEN"] = merged["API_TOKEN"] or generated["API_TOKEN"]
+        merged["SIGNING_KEYS"] = merged["SIGNING_KEYS"] or generated["SIGNING_KEYS"]
+    if not merged["PUBLIC_BASE_URL"]:
+        merged["PUBLIC_BASE_URL"] = f"http://127.0.0.1:{merged['PORT']}"
+    merged["PUBLIC_BASE_URL"] = merged["PUBLIC_BASE_URL"].rstrip("/")
+    return merged
+
+
+def https_warning(base_url):
+    """Return a warning when links would not be https (RFC 8058 requires it), localhost aside."""
+    if base_url.startswith("https://"):
+        return None
+    host = re.sub(r"^[a-z]+://", "", base_url).split("/")[0].rsplit(":", 1)[0]
+    if host in ("localhost", "127.0.0.1", "[::1]"):
+        return None
+    return (f"PUBLIC_BASE_URL {base_url} is not https: Gmail and Yahoo ignore one-click "
+            "unsubscribe (RFC 8058) on plain http links")

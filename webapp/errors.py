@@ -1,0 +1,57 @@
+"""Domain errors. Core modules raise these; each blueprint maps them to its own kind of answer once.
+
+`status` is the HTTP status a web surface should use; `code` is the Altcraft-style envelope `error` number.
+"""
+
+
+class ServiceError(Exception):
+    status = 400
+    code = 400
+
+    def __init__(self, message, field=None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidInput(ServiceError):
+    """A request value breaks a validation rule (the message names the field and the rule)."""
+
+
+class NotAuthorized(ServiceError):
+    """Missing or wrong API token."""
+    status = 401
+    code = 401
+
+
+class Forbidden(ServiceError):
+    """The caller is known but may not do this (wrong rtoken, origin not allowed)."""
+    status = 403
+    code = 403
+
+
+class NotFound(ServiceError):
+    status = 404
+    code = 404
+
+
+class NoSuchResource(NotFound):
+    pass
+
+
+class NoSuchSubscription(NotFound):
+    pass
+
+
+class BadToken(NotFound):
+    """A SMID or manager token that is forged, truncated, altered or signed with an unknown key."""
+
+
+class Blocked(Forbidden):
+    """The resource does not let people unsubscribe."""
+
+
+class Conflict(ServiceError):
+    """The change is not possible in the subscription's current state."""
+    status = 409
+    code = 409

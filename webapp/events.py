@@ -1,0 +1,80 @@
+"""The consent ledger: one hash-chained event per change of a subscription's status or categories.
+
+Each profile has its own chain (`keys.profile_events`, a list, oldest first): an event carries `seq`, the
+previous event's hash (`prev_hash`) and its own `hash` = SHA-256 of its canonical JSON without `hash`.
+Events are appended in the same MULTI/EXEC as the change they describe, so a change without its event (or
+the reverse) cannot be stored. A global stream (`keys.events_timeline`) indexes events by time for export.
+"""
+import hashlib
+import json
+import secrets
+import time
+
+from . import keys
+from .validation import now_iso
+
+GENESIS_HASH = "0" * 64
+
+
+def event_hash(event):
+    body = {k: v for k, v in event.items() if k != "hash"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def new_event(last, *, db_id, profile_id, resource_id, channel, hash_id, method, before, after,
+              smid=None, evidence=None):
+    """Build the next event of a profile's chain after `last` (the previous event dict, or None)."""
+    event = {
+        "id": f"{int(time.time() * 1000):013d}-{secrets.token_hex(4)}",
+        "at": now_iso(),
+        "db_id": db_id, "profile_id": profile_id, "resource_id": resource_id, "channel": channel,
+        "hash_id": hash_id, "method": method, "before": before, "after": after, "smid": smid,
+        "evidence": {"ip": None, "user_agent": None, "seconds_since_send": None, "locale": None,
+                     **(evidence or {})},
+        "seq": last["seq"] + 1 if last else 1,
+        "prev_hash": last["hash"] if last else GENESIS_HASH,
+    }
+    event["hash"] = event_hash(event)
+    return event
+
+
+def queue_append(pipe, event):
+    """Add the event's writes to a MULTI pipeline."""
+    pipe.rpush(keys.profile_events(event["db_id"], event["profile_id"]),
+               json.dumps(event, separators=(",", ":"), ensure_ascii=False))
+    pipe.xadd(keys.events_timeline(), {"ref": f"{event['db_id']}|{event['profile_id']}|{event['seq']}"})
+
+
+def last_event(pipe, db_id, profile_id):
+    raw = pipe.lindex(keys.profile_events(db_id, profile_id), -1)
+    return json.loads(raw) if raw else None
+
+
+def list_events(r, db_id, profile_id, from_seq=None, limit=50):
+    """A profile's events newest first, starting at seq <= from_seq; returns (events, next_from_seq)."""
+    key = keys.profile_events(db_id, profile_id)
+    total = r.llen(key)
+    top = total if from_seq is None else min(int(from_seq), total)
+    if top <= 0:
+        return [], None
+    start = max(0, top - limit)
+    items = [json.loads(x) for x in r.lrange(key, start, top - 1)][::-1]
+    return items, (start if start > 0 else None)
+
+
+def verify_chain(r, db_id, profile_id):
+    """Walk one profile's chain; return None when intact, else {seq, id, problem} of the first bad entry."""
+    prev_hash, expected_seq = GENESIS_HASH, 1
+    for raw in r.lrange(keys.profile_events(db_id, profile_id), 0, -1):
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            return {"seq": expected_seq, "id": None, "problem": "entry is not JSON"}
+        if event.get("seq") != expected_seq:
+            return {"seq": expected_seq, "id": event.get("id"), "problem": "entry missing or out of order"}
+        if event.get("prev_hash") != prev_hash:
+            return {"seq": expected_seq, "id": event.get("id"), "problem": "prev_hash does not match"}
+        if event_hash(event) != event.get("hash"):
+            return {"seq": expected_seq, "id": event.get("id"), "problem": "entry was altered"}
+        prev_hash, expected_seq = event["hash"], expected_seq + 1
+    return None

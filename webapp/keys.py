@@ -1,0 +1,75 @@
+"""Every Redis key the service uses, in one place. A key that does not come from here is a bug.
+
+All keys start with PREFIX. One profile's keys share the hash tag `{db_id:profile_id}` so that they
+live in one Redis Cluster slot and can be changed together in one MULTI/EXEC or Lua call.
+
+| key                                    | type   | written by                    | expires |
+|----------------------------------------|--------|-------------------------------|---------|
+| us:resource:next_id                    | string | resources.add (INCR)          | never   |
+| us:resources                           | zset   | resources.add/delete          | never   |
+| us:resource:<rid>                      | string | resources.add/update (JSON)   | never   |
+| us:db:<db_id>:profiles                 | set    | subscriptions (first sub)     | never   |
+| us:{<db_id>:<pid>}:subs                | hash   | subscriptions (hash_id->JSON) | never   |
+| us:{<db_id>:<pid>}:events              | list   | events.append (JSON, chained) | never   |
+| us:{<db_id>:<pid>}:pending:<hash_id>   | hash   | delayed timers (issue 5)      | deadline + 1 day |
+| us:pending:due                         | zset   | delayed timers: member "db|pid|hash_id", score = deadline | never (members removed when settled) |
+| us:events:timeline                     | stream | events.append (global index)  | never   |
+
+Subscriptions are stored one JSON document per hash field, keyed by `hash_id`, a short stable hash of
+(resource_id, channel, address): the SMID names it, so no address appears in a URL.
+"""
+
+PREFIX = "us"
+
+
+def _profile_tag(db_id, profile_id):
+    # Hash tag: everything of one profile hashes to one cluster slot.
+    return f"{{{db_id}:{profile_id}}}"
+
+
+def resource_next_id():
+    """String counter (INCR) for new resource ids."""
+    return f"{PREFIX}:resource:next_id"
+
+
+def resource_index():
+    """Sorted set of resource ids scored by id, for paged listing."""
+    return f"{PREFIX}:resources"
+
+
+def resource(resource_id):
+    """String: the resource as JSON."""
+    return f"{PREFIX}:resource:{resource_id}"
+
+
+def db_profiles(db_id):
+    """Set of profile ids of one database that have (or had) a subscription."""
+    return f"{PREFIX}:db:{db_id}:profiles"
+
+
+def profile_subscriptions(db_id, profile_id):
+    """Hash: hash_id -> subscription JSON, for one profile."""
+    return f"{PREFIX}:{_profile_tag(db_id, profile_id)}:subs"
+
+
+def profile_events(db_id, profile_id):
+    """List: the profile's hash-chained events, oldest first (append-only)."""
+    return f"{PREFIX}:{_profile_tag(db_id, profile_id)}:events"
+
+
+def pending_unsubscribe(db_id, profile_id, hash_id):
+    """Hash: one pending delayed unsubscribe of a subscription (deadline, scope, evidence)."""
+    return f"{PREFIX}:{_profile_tag(db_id, profile_id)}:pending:{hash_id}"
+
+
+def pending_due():
+    """Sorted set of every pending timer ("db_id|profile_id|hash_id") scored by its deadline, for the sweeper.
+
+    The one index that spans profiles; under Redis Cluster it would be split per shard.
+    """
+    return f"{PREFIX}:pending:due"
+
+
+def events_timeline():
+    """Stream: a global, time-ordered index of events (profile reference + sequence number)."""
+    return f"{PREFIX}:events:timeline"

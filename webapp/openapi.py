@@ -1,0 +1,110 @@
+"""The OpenAPI 3.1 document of the sending-platform API, built from one table of endpoints."""
+
+ENVELOPE = {
+    "type": "object",
+    "required": ["error", "error_text"],
+    "properties": {"error": {"type": "integer"}, "error_text": {"type": "string"}, "data": {}},
+}
+TOKEN = {"type": "string", "description": "API token (or send Authorization: Bearer)"}
+ID = {"type": "integer", "minimum": 1}
+CHANNEL = {"type": "string", "examples": ["email", "sms", "push", "telegram_bot", "whatsapp", "viber", "notify"]}
+STATUS = {"oneOf": [{"type": "string", "enum": ["subscribed", "unsubscribed", "complained", "hardbounced",
+                                                 "unconfirmed", "suspended", "invalid"]},
+                    {"type": "integer", "minimum": 0, "maximum": 6}]}
+FIELD = {"type": "object", "required": ["api_name", "type"], "properties": {
+    "title": {"type": "string"}, "api_name": {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9_]*$"},
+    "type": {"enum": ["int", "float", "line", "bool"]}, "default": {}, "required": {"type": "boolean"},
+    "in_manager": {"type": "boolean"}}}
+CATEGORY = {"type": "object", "required": ["api_name"], "properties": {
+    "title": {"type": "string"}, "api_name": {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9_]*$"},
+    "in_manager": {"type": "boolean"}, "required": {"type": "boolean"}}}
+RESOURCE_BODY = {
+    "name": {"type": "string"}, "description": {"type": "string"}, "url": {"type": ["string", "null"]},
+    "urls": {"type": "array", "items": {"type": "string", "format": "uri"}},
+    "dbs_ids": {"type": "array", "items": ID}, "trk_domain": {"type": ["string", "null"]},
+    "increase_priority": {"type": "boolean"}, "default_locale": {"enum": ["en", "ru"]},
+    "categories": {"type": "array", "items": CATEGORY},
+    "channels": {"type": "array", "maxItems": 8, "items": CHANNEL},
+    "channel_settings": {"type": "object", "additionalProperties": {
+        "type": "object", "properties": {"fields": {"type": "array", "items": FIELD}}}},
+    "unsubscribe": {"type": "object", "properties": {
+        "mode": {"enum": ["instant", "confirm", "blocked", "delayed"]},
+        "timer_minutes": {"type": "integer", "minimum": 1, "maximum": 30},
+        "page_url": {"type": ["string", "null"]}, "blocked_text": {"type": ["string", "null"]},
+        "list_unsubscribe": {"type": "object", "properties": {
+            "enabled": {"type": "boolean"}, "called_url": {"type": ["string", "null"]}}}}},
+}
+SUBSCRIPTION_ID = {
+    "db_id": ID, "profile_id": {"type": "string", "maxLength": 40}, "resource_id": ID, "channel": CHANNEL,
+    "email": {"type": "string", "format": "email"}, "phone": {"type": "string", "pattern": r"^\+[1-9][0-9]{6,14}$"},
+    "provider": {"type": "string"}, "subscription_id": {"type": "string"},
+    "cc_data": {"type": "object", "properties": {"id": {"type": ["integer", "string"]}, "phone": {"type": "string"}}},
+}
+SUBSCRIPTION_SET = {**SUBSCRIPTION_ID, "status": STATUS, "priority": {"type": "integer", "minimum": 0},
+                    "cats": {"type": "array", "items": {"type": "string"}}, "custom_fields": {"type": "object"},
+                    "date": {"type": "string", "format": "date-time"}, "ip": {"type": "string"},
+                    "url": {"type": "string"}}
+LINK_MESSAGE = {**SUBSCRIPTION_ID, "category": {"type": "string"},
+                "sent_at": {"type": "integer", "description": "unix seconds; default now"}}
+SCOPE = {"db_id": ID, "profile_id": {"type": "string"}, "resource_id": ID, "channel": CHANNEL}
+
+# path -> (summary, body properties, required)
+ENDPOINTS = {
+    "resources/add": ("Create a resource", RESOURCE_BODY, ["name", "channels"]),
+    "resources/update": ("Change a resource (partial; api_names fixed)",
+                         {"id": ID, **RESOURCE_BODY, "delete_categories": {"type": "array"},
+                          "regenerate_rtoken": {"type": "boolean"}}, ["id"]),
+    "resources/get": ("One resource with id, rtoken and sdk_script_url", {"id": ID}, ["id"]),
+    "resources/list": ("Resources paged by from_id/limit",
+                       {"from_id": {"type": "integer", "minimum": 0},
+                        "limit": {"type": "integer", "minimum": 1, "maximum": 100}}, []),
+    "resources/delete": ("Delete a resource", {"id": ID}, ["id"]),
+    "resources/fields_get": ("Field descriptors of a channel", {"id": ID, "channel": CHANNEL}, ["id", "channel"]),
+    "subscriptions/set": ("Add or edit a subscription", SUBSCRIPTION_SET,
+                          ["db_id", "profile_id", "resource_id", "channel"]),
+    "subscriptions/get": ("One subscription, extended form", SUBSCRIPTION_ID,
+                          ["db_id", "profile_id", "resource_id", "channel"]),
+    "subscriptions/list": ("All subscriptions of a profile", SCOPE, ["db_id", "profile_id"]),
+    "subscriptions/delete": ("Soft delete (is_delete: true)", SUBSCRIPTION_ID,
+                             ["db_id", "profile_id", "resource_id", "channel"]),
+    "subscriptions/undelete": ("Undo a soft delete", SUBSCRIPTION_ID,
+                               ["db_id", "profile_id", "resource_id", "channel"]),
+    "subscriptions/suspend_all": ("Suspend subscribed subscriptions; count in `updated`", SCOPE, ["db_id"]),
+    "subscriptions/unsuspend_all": ("Resume suspended subscriptions; count in `updated`", SCOPE, ["db_id"]),
+    "messages/links": ("SMID, URLs and List-* headers for one message (writes nothing)", LINK_MESSAGE,
+                       ["db_id", "profile_id", "resource_id", "channel"]),
+    "messages/links_bulk": ("Links for up to 1000 messages, in order",
+                            {"messages": {"type": "array", "maxItems": 1000,
+                                          "items": {"type": "object", "properties": LINK_MESSAGE}}},
+                            ["messages"]),
+}
+
+
+def register_endpoint(path, summary, properties, required):
+    """Let other modules (pages, events, webhooks) describe the endpoints they add."""
+    ENDPOINTS[path] = (summary, properties, required)
+
+
+def build_spec(base_url):
+    paths = {}
+    for path, (summary, props, required) in ENDPOINTS.items():
+        schema = {"type": "object", "properties": {"token": TOKEN, **props}, "required": required}
+        paths[f"/api/v1.1/{path}"] = {"post": {
+            "summary": summary,
+            "operationId": path.replace("/", "_"),
+            "security": [{"bearer": []}, {}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+            "responses": {
+                "200": {"description": "Successful operation",
+                        "content": {"application/json": {"schema": ENVELOPE}}},
+                "4XX": {"description": "Error envelope with a readable error_text",
+                        "content": {"application/json": {"schema": ENVELOPE}}},
+            },
+        }}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Unsubscribe service API", "version": "1.1"},
+        "servers": [{"url": base_url}],
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "paths": paths,
+    }

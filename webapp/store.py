@@ -1,0 +1,20 @@
+"""The Redis connection, owned here as flaskr's db.py owns its database: one client per app, made lazily."""
+import redis
+from flask import current_app
+
+
+def connect(url):
+    """A client for `url` (redis://, rediss:// or unix://) that returns str values."""
+    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+
+
+def get_redis():
+    """The app's shared client (thread-safe; it pools connections)."""
+    client = current_app.extensions.get("redis")
+    if client is None:
+        client = current_app.extensions["redis"] = connect(current_app.config["REDIS_URL"])
+    return client
+
+
+def init_app(app):
+    app.extensions.pop("redis", None)

@@ -1,0 +1,350 @@
+"""Subscriptions: one profile's subscription to one resource over one channel and address.
+
+Storage: all subscriptions of a profile sit in one hash (`keys.profile_subscriptions`), hash_id -> JSON.
+Every write goes through `update_profile`, which WATCHes the profile's keys, lets a change function edit
+records, and writes the records and their ledger events in one MULTI/EXEC (a concurrent writer makes it
+retry on fresh data). Categories are stored as the ones opted out of (`uncats`), so a category added to
+the resource later reaches existing subscribers; the API shows `cats`, the categories still subscribed.
+"""
+import hashlib
+import json
+from enum import IntEnum
+
+from . import events, keys
+from .errors import InvalidInput, NoSuchSubscription
+from .resources import PHONE_CC_CHANNELS, get_resource, get_resources, validate_field_value
+from .validation import (as_chat_id, as_datetime, as_email, as_int, as_ip, as_list, as_object, as_phone,
+                         as_profile_id, as_text, as_url, no_unknown_keys, now_iso, require)
+
+
+class Status(IntEnum):
+    SUBSCRIBED = 0
+    UNSUBSCRIBED = 1
+    COMPLAINED = 2
+    HARDBOUNCED = 3
+    UNCONFIRMED = 4
+    SUSPENDED = 5
+    INVALID = 6
+
+    @property
+    def word(self):
+        return self.name.lower()
+
+
+def parse_status(value, field="status"):
+    """Accept the word ("subscribed") or the number (0, "0")."""
+    if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+        try:
+            return Status[value.strip().upper()]
+        except KeyError:
+            pass
+    else:
+        try:
+            return Status(as_int(value, field))
+        except (ValueError, InvalidInput):
+            pass
+    words = ", ".join(f"{s.word} ({s.value})" for s in Status)
+    raise InvalidInput(f"{field} must be one of {words}", field=field)
+
+
+IDENTITY_FIELDS = ("db_id", "profile_id", "resource_id", "channel", "email", "phone", "provider",
+                   "subscription_id", "cc_data")
+SET_FIELDS = IDENTITY_FIELDS + ("status", "priority", "cats", "custom_fields", "date", "ip", "url", "token")
+
+
+def read_address(channel, data):
+    """Return (stored address dict, identity string) of the channel's address fields in `data`."""
+    if channel == "email":
+        email = as_email(require(data, "email"))
+        return {"email": email}, email
+    if channel == "sms":
+        phone = as_phone(require(data, "phone"))
+        return {"phone": phone}, phone
+    if channel == "push":
+        provider = as_text(require(data, "provider"), "provider", 64, allow_empty=False)
+        sub_id = as_text(require(data, "subscription_id"), "subscription_id", 1024, allow_empty=False)
+        return {"provider": provider, "subscription_id": sub_id}, f"{provider}\x00{sub_id}"
+    cc = as_object(require(data, "cc_data"), "cc_data")
+    if channel in PHONE_CC_CHANNELS:
+        phone = as_phone(require(cc, "phone", "cc_data."), "cc_data.phone")
+        return {"cc_data": {"phone": phone}}, phone
+    chat_id = as_chat_id(require(cc, "id", "cc_data."))
+    return {"cc_data": {"id": int(chat_id)}}, chat_id
+
+
+def make_hash_id(resource_id, channel, identity):
+    """8 hex chars naming a subscription within its profile (the SMID carries it instead of the address)."""
+    return hashlib.sha256(f"{resource_id}\x00{channel}\x00{identity}".encode()).hexdigest()[:8]
+
+
+def locate(r, data):
+    """Validate the identifying fields; return (resource, db_id, profile_id, channel, address, hash_id)."""
+    db_id = as_int(require(data, "db_id"), "db_id", 1, 2 ** 31)
+    profile_id = as_profile_id(require(data, "profile_id"))
+    resource = get_resource(r, as_int(require(data, "resource_id"), "resource_id", 1))
+    channel = require(data, "channel")
+    if channel not in resource["channels"]:
+        raise InvalidInput(f"channel {channel!r} is not a channel of resource {resource['id']}", field="channel")
+    address, identity = read_address(channel, data)
+    return resource, db_id, profile_id, channel, address, make_hash_id(resource["id"], channel, identity)
+
+
+def subscribed_cats(resource, record):
+    off = set(record.get("uncats", ()))
+    return [c["api_name"] for c in resource["categories"] if c["api_name"] not in off]
+
+
+def state_of(resource, record):
+    """The part of a subscription the ledger tracks."""
+    if record is None:
+        return None
+    return {"status": Status(record["status"]).word, "cats": subscribed_cats(resource, record)}
+
+
+def extended_form(resource, db_id, profile_id, hash_id, record):
+    """The seed's extended subscription object (status as a word, cats still subscribed)."""
+    out = {"resource_id": record["resource_id"], "db_id": db_id, "profile_id": profile_id,
+           "channel": record["channel"]}
+    address = record["address"]
+    out.update(address)
+    if "email" in address:
+        email = address["email"]
+        out["email_data"] = {"email": email, "domain": email.rpartition("@")[2],
+                             "md5": hashlib.md5(email.encode()).hexdigest()}
+    if "phone" in address:
+        out["phone_data"] = {"phone": address["phone"]}
+    out.update({
+        "status": Status(record["status"]).word,
+        "priority": record["priority"],
+        "cats": subscribed_cats(resource, record) if resource else [],
+        "custom_fields": record.get("custom_fields", {}),
+        "reg_info": record["reg_info"],
+        "hash_id": hash_id,
+        "is_delete": record.get("is_delete", False),
+    })
+    if record.get("suspended_until"):
+        out["suspended_until"] = record["suspended_until"]
+    return out
+
+
+class ProfileChange:
+    """What a change function sees: the profile's records, and `save` to stage a changed one."""
+
+    def __init__(self, pipe, db_id, profile_id, records):
+        self.pipe, self.db_id, self.profile_id = pipe, db_id, profile_id
+        self.records = records
+        self._saved = {}
+        self._events = []
+        self._extra = []
+        self._last_event = None
+        self._last_loaded = False
+
+    def save(self, hash_id, record, resource, method=None, smid=None, evidence=None):
+        """Stage `record`; when its status or categories change, stage a ledger event too."""
+        before = state_of(resource, self.records.get(hash_id))
+        after = state_of(resource, record)
+        self.records[hash_id] = record
+        self._saved[hash_id] = record
+        if method and before != after:
+            if not self._last_loaded:
+                self._last_event = events.last_event(self.pipe, self.db_id, self.profile_id)
+                self._last_loaded = True
+            event = events.new_event(self._last_event, db_id=self.db_id, profile_id=self.profile_id,
+                                     resource_id=record["resource_id"], channel=record["channel"],
+                                     hash_id=hash_id, method=method, before=before, after=after,
+                                     smid=smid, evidence=evidence)
+            self._events.append(event)
+            self._last_event = event
+        return record
+
+    def also(self, fn):
+        """Stage another write: fn(pipe) runs inside the same MULTI."""
+        self._extra.append(fn)
+
+    @property
+    def events(self):
+        return list(self._events)
+
+    def flush(self):
+        pipe = self.pipe
+        pipe.multi()
+        if self._saved:
+            pipe.hset(keys.profile_subscriptions(self.db_id, self.profile_id),
+                      mapping={h: json.dumps(rec, separators=(",", ":"), ensure_ascii=False)
+                               for h, rec in self._saved.items()})
+            pipe.sadd(keys.db_profiles(self.db_id), self.profile_id)
+        for event in self._events:
+            events.queue_append(pipe, event)
+        for fn in self._extra:
+            fn(pipe)
+
+
+def load_records(r, db_id, profile_id):
+    raw = r.hgetall(keys.profile_subscriptions(db_id, profile_id))
+    return {h: json.loads(v) for h, v in raw.items()}
+
+
+def update_profile(r, db_id, profile_id, change, watch=()):
+    """Run change(ProfileChange) atomically against one profile; return what it returns.
+
+    The change function reads (through `pc.pipe` for extra keys it named in `watch`) and stages writes;
+    they are applied in one MULTI/EXEC, retried from scratch if any watched key changed meanwhile.
+    Exceptions raised by the change function abort without writing anything.
+    """
+    subs_key = keys.profile_subscriptions(db_id, profile_id)
+    events_key = keys.profile_events(db_id, profile_id)
+
+    def attempt(pipe):
+        records = {h: json.loads(v) for h, v in pipe.hgetall(subs_key).items()}
+        pc = ProfileChange(pipe, db_id, profile_id, records)
+        result = change(pc)
+        pc.flush()
+        return result, pc.events
+
+    return r.transaction(attempt, subs_key, events_key, *watch, value_from_callable=True)
+
+
+def _validate_cats(resource, cats):
+    names = {c["api_name"] for c in resource["categories"]}
+    cats = as_list(cats, "cats", max_items=200)
+    for i, cat in enumerate(cats):
+        if cat not in names:
+            raise InvalidInput(f"cats[{i}] {cat!r} is not a category of resource {resource['id']}", field="cats")
+    return [c["api_name"] for c in resource["categories"] if c["api_name"] not in cats]
+
+
+def _validate_custom_fields(resource, channel, given, existing, is_new):
+    defs = {f["api_name"]: f for f in resource["channel_settings"][channel]["fields"]}
+    given = as_object(given, "custom_fields")
+    values = dict(existing)
+    for name, value in given.items():
+        if name not in defs:
+            raise InvalidInput(f"custom_fields.{name} is not a field of the {channel} channel",
+                               field=f"custom_fields.{name}")
+        values[name] = None if value is None else validate_field_value(defs[name], value, "custom_fields.")
+    if is_new:
+        for name, fdef in defs.items():
+            if values.get(name) is None and fdef["default"] is not None:
+                values[name] = fdef["default"]
+    for name, fdef in defs.items():
+        if fdef["required"] and values.get(name) is None:
+            raise InvalidInput(f"custom_fields.{name} is required", field=f"custom_fields.{name}")
+    return values
+
+
+def set_subscription(r, data):
+    """Add or edit a subscription (Altcraft subscriptions/set); return its extended form and whether it is new.
+
+    A new subscription takes the highest priority (0) and moves the profile's other subscriptions to the
+    same resource and channel down by one when the resource has increase_priority and the request gives
+    no priority; an explicit priority leaves the others unchanged. Raises InvalidInput, NoSuchResource.
+    """
+    data = as_object(data, "request")
+    no_unknown_keys(data, SET_FIELDS)
+    resource, db_id, profile_id, channel, address, hash_id = locate(r, data)
+    if resource["dbs_ids"] and db_id not in resource["dbs_ids"]:
+        raise InvalidInput(f"profiles of database {db_id} may not subscribe to resource {resource['id']} "
+                           f"(dbs_ids: {resource['dbs_ids']})", field="db_id")
+    status = parse_status(data["status"]) if data.get("status") is not None else None
+    priority = as_int(data["priority"], "priority", 0, 2 ** 31) if data.get("priority") is not None else None
+    uncats = _validate_cats(resource, data["cats"]) if data.get("cats") is not None else None
+    reg_date = as_datetime(data["date"]) if data.get("date") else None
+    reg_ip = as_ip(data["ip"]) if data.get("ip") else None
+    reg_url = as_url(data["url"], "url") if data.get("url") else None
+
+    def change(pc):
+        old = pc.records.get(hash_id)
+        is_new = old is None
+        record = dict(old) if old else {
+            "resource_id": resource["id"], "channel": channel, "address": address,
+            "status": Status.SUBSCRIBED, "priority": 0, "uncats": [], "custom_fields": {},
+            "reg_info": {"date": reg_date or now_iso(), "ip": reg_ip, "url": reg_url, "source": "api"},
+            "is_delete": False,
+        }
+        record["custom_fields"] = _validate_custom_fields(resource, channel, data.get("custom_fields", {}),
+                                                          record["custom_fields"], is_new)
+        if status is not None:
+            record["status"] = int(status)
+            if status != Status.SUSPENDED:
+                record.pop("suspended_until", None)
+        if uncats is not None:
+            record["uncats"] = uncats
+        siblings = [(h, rec) for h, rec in pc.records.items() if h != hash_id
+                    and rec["resource_id"] == resource["id"] and rec["channel"] == channel]
+        if priority is not None:
+            record["priority"] = priority
+        elif is_new and resource["increase_priority"]:
+            record["priority"] = 0
+            for h, rec in siblings:
+                pc.save(h, {**rec, "priority": rec["priority"] + 1}, resource)
+        elif is_new:
+            record["priority"] = max((rec["priority"] for _, rec in siblings), default=-1) + 1
+        record["updated_at"] = now_iso()
+        pc.save(hash_id, record, resource, method="api")
+        return extended_form(resource, db_id, profile_id, hash_id, record), is_new
+
+    (result, _events) = update_profile(r, db_id, profile_id, change)
+    return result
+
+
+def get_subscription(r, data):
+    """Return the extended form of the subscription `data` identifies. Raises NoSuchSubscription."""
+    data = as_object(data, "request")
+    no_unknown_keys(data, IDENTITY_FIELDS + ("token",))
+    resource, db_id, profile_id, channel, _address, hash_id = locate(r, data)
+    raw = r.hget(keys.profile_subscriptions(db_id, profile_id), hash_id)
+    if raw is None:
+        raise NoSuchSubscription("no such subscription")
+    return extended_form(resource, db_id, profile_id, hash_id, json.loads(raw))
+
+
+def list_subscriptions(r, db_id, profile_id, resource_id=None, channel=None):
+    """All subscriptions of a profile (optionally one resource and/or channel), by resource, channel, priority."""
+    records = load_records(r, db_id, profile_id)
+    res = get_resources(r, [rec["resource_id"] for rec in records.values()])
+    items = [extended_form(res.get(rec["resource_id"]), db_id, profile_id, h, rec)
+             for h, rec in records.items()
+             if (resource_id is None or rec["resource_id"] == resource_id)
+             and (channel is None or rec["channel"] == channel)]
+    return sorted(items, key=lambda s: (s["resource_id"], s["channel"], s["priority"], s["hash_id"]))
+
+
+def set_deleted(r, data, deleted):
+    """Soft delete (or undelete) one subscription; return its extended form."""
+    data = as_object(data, "request")
+    no_unknown_keys(data, IDENTITY_FIELDS + ("token",))
+    resource, db_id, profile_id, _channel, _address, hash_id = locate(r, data)
+
+    def change(pc):
+        record = pc.records.get(hash_id)
+        if record is None:
+            raise NoSuchSubscription("no such subscription")
+        record = pc.save(hash_id, {**record, "is_delete": deleted, "updated_at": now_iso()}, resource)
+        return extended_form(resource, db_id, profile_id, hash_id, record)
+
+    return update_profile(r, db_id, profile_id, change)[0]
+
+
+def set_status_where(r, db_id, profile_ids, from_status, to_status, method, resource_id=None, channel=None):
+    """Move every matching subscription in `from_status` to `to_status`; return how many changed."""
+    updated = 0
+    for profile_id in profile_ids:
+        def change(pc):
+            matching = [(h, rec) for h, rec in pc.records.items()
+                        if rec["status"] == from_status and not rec.get("is_delete")
+                        and (resource_id is None or rec["resource_id"] == resource_id)
+                        and (channel is None or rec["channel"] == channel)]
+            res = get_resources(r, [rec["resource_id"] for _, rec in matching])
+            for h, rec in matching:
+                new = {**rec, "status": int(to_status), "updated_at": now_iso()}
+                new.pop("suspended_until", None)
+                pc.save(h, new, res.get(rec["resource_id"]) or {"categories": []}, method=method)
+            return len(matching)
+        updated += update_profile(r, db_id, profile_id, change)[0]
+    return updated
+
+
+def profiles_of_db(r, db_id):
+    """Iterate a database's profile ids without loading the whole set at once."""
+    for profile_id in r.sscan_iter(keys.db_profiles(db_id), count=500):
+        yield profile_id

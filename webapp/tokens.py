@@ -1,0 +1,192 @@
+"""Signed identifiers: the SMID (send message id), the subscription-manager token and resource tokens.
+
+A token is base64url(payload || mac). The payload is a compact binary record that starts with a format
+byte and the signing key id (kid); mac is HMAC-SHA256(key[kid], purpose || payload) cut to 16 bytes.
+The purpose string differs per token kind, so a manager token never verifies as a SMID and vice versa.
+
+Keys rotate through SIGNING_KEYS ("kid:secret,...", newest last): new tokens are signed with the newest
+key, and any listed key verifies. Keep a retired key listed for at least 30 days after its last use
+(CAN-SPAM); a token whose kid is no longer listed is rejected. Issuing writes nothing to Redis.
+Payloads are signed, not encrypted: they carry ids only, never an address.
+"""
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+import struct
+import time
+from dataclasses import dataclass
+
+from .errors import BadToken
+
+MAC_BYTES = 16
+SMID_FORMAT = 1
+MANAGER_FORMAT = 2
+SMID_MAX_CHARS = 160
+PROFILE_ID_MAX = 40  # keeps every SMID within SMID_MAX_CHARS (see tests/test_tokens.py)
+CATEGORY_MAX = 32
+
+_PURPOSE = {SMID_FORMAT: b"smid\x00", MANAGER_FORMAT: b"manager\x00"}
+
+
+@dataclass(frozen=True)
+class Smid:
+    resource_id: int
+    db_id: int
+    profile_id: str
+    hash_id: str  # 8 hex chars: which subscription of the profile
+    category: str | None
+    sent_at: int  # unix seconds
+
+
+@dataclass(frozen=True)
+class ManagerToken:
+    db_id: int
+    profile_id: str
+    hash_id: str | None  # the subscription the link was sent for: proves control of that address
+
+
+class SigningKeys:
+    """The ordered key ring; `sign` uses the newest, `verify` the one the token names."""
+
+    def __init__(self, pairs):
+        self._macs = {kid: hmac.new(secret, digestmod=hashlib.sha256) for kid, secret in pairs}
+        self.current_kid = pairs[-1][0]
+
+    def mac(self, kid, purpose, payload):
+        h = self._macs[kid].copy()
+        h.update(purpose)
+        h.update(payload)
+        return h.digest()[:MAC_BYTES]
+
+    def known(self, kid):
+        return kid in self._macs
+
+
+def _varint(n):
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+class _Reader:
+    """Reads the payload fields back; any overrun or leftover raises BadToken."""
+
+    def __init__(self, data):
+        self.data, self.pos = data, 0
+
+    def take(self, n):
+        if self.pos + n > len(self.data):
+            raise BadToken("token is truncated")
+        chunk = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return chunk
+
+    def varint(self):
+        shift = result = 0
+        for _ in range(5):
+            byte = self.take(1)[0]
+            result |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return result
+            shift += 7
+        raise BadToken("token has a malformed number")
+
+    def text(self):
+        raw = self.take(self.take(1)[0])
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadToken("token has malformed text") from None
+
+    def done(self):
+        if self.pos != len(self.data):
+            raise BadToken("token has trailing data")
+
+
+def _text(value):
+    raw = value.encode("utf-8")
+    return bytes([len(raw)]) + raw
+
+
+def _seal(keys, fmt, body):
+    kid = keys.current_kid
+    payload = bytes([fmt]) + _text(kid) + body
+    token = payload + keys.mac(kid, _PURPOSE[fmt], payload)
+    return base64.urlsafe_b64encode(token).rstrip(b"=").decode("ascii")
+
+
+def _open(keys, fmt, token):
+    """Check the signature and return a reader positioned after the kid. Raises BadToken."""
+    if not isinstance(token, str) or not 20 <= len(token) <= SMID_MAX_CHARS:
+        raise BadToken("token has a wrong length")
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (binascii.Error, ValueError):
+        raise BadToken("token is not base64url") from None
+    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != token:
+        raise BadToken("token is not canonical base64url")  # no two spellings of one token
+    payload, mac = raw[:-MAC_BYTES], raw[-MAC_BYTES:]
+    reader = _Reader(payload)
+    if reader.take(1)[0] != fmt:
+        raise BadToken("token is of another kind")
+    kid = reader.text()
+    if not keys.known(kid):
+        raise BadToken("token is signed with an unknown key")
+    if not hmac.compare_digest(mac, keys.mac(kid, _PURPOSE[fmt], payload)):
+        raise BadToken("token signature does not match")
+    return reader
+
+
+def issue_smid(keys, resource_id, db_id, profile_id, hash_id, category=None, sent_at=None):
+    """Return the SMID string for one sent message. Writes nothing."""
+    sent_at = int(time.time()) if sent_at is None else int(sent_at)
+    body = (_varint(resource_id) + _varint(db_id) + struct.pack(">I", sent_at)
+            + bytes.fromhex(hash_id) + _text(profile_id) + _text(category or ""))
+    return _seal(keys, SMID_FORMAT, body)
+
+
+def read_smid(keys, token):
+    """Verify a SMID and return its Smid. Raises BadToken for anything forged, altered or truncated."""
+    r = _open(keys, SMID_FORMAT, token)
+    resource_id, db_id = r.varint(), r.varint()
+    sent_at = struct.unpack(">I", r.take(4))[0]
+    hash_id = r.take(4).hex()
+    profile_id, category = r.text(), r.text()
+    r.done()
+    return Smid(resource_id, db_id, profile_id, hash_id, category or None, sent_at)
+
+
+def issue_manager_token(keys, db_id, profile_id, hash_id=None):
+    """Return the non-expiring subscription-manager token for a profile. Writes nothing."""
+    body = _varint(db_id) + _text(profile_id) + (bytes.fromhex(hash_id) if hash_id else b"")
+    return _seal(keys, MANAGER_FORMAT, body)
+
+
+def read_manager_token(keys, token):
+    """Verify a manager token and return its ManagerToken. Raises BadToken."""
+    r = _open(keys, MANAGER_FORMAT, token)
+    db_id, profile_id = r.varint(), r.text()
+    rest = r.data[r.pos:]
+    if len(rest) not in (0, 4):
+        raise BadToken("token has trailing data")
+    return ManagerToken(db_id, profile_id, rest.hex() or None)
+
+
+def new_resource_token():
+    """A fresh per-resource secret (rtoken)."""
+    return secrets.token_urlsafe(18)
+
+
+def same_secret(given, expected):
+    """Constant-time comparison of two secrets given as str (None never matches)."""
+    if not isinstance(given, str) or not isinstance(expected, str):
+        return False
+    return hmac.compare_digest(given.encode(), expected.encode())

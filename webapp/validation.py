@@ -1,0 +1,203 @@
+"""Small input checks shared by resources and subscriptions. Each raises InvalidInput naming the field."""
+import ipaddress
+import math
+import re
+from datetime import datetime, timezone
+from urllib.parse import urlsplit
+
+from .errors import InvalidInput
+
+API_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+PROFILE_ID_RE = re.compile(r"^[A-Za-z0-9._:@-]+$")
+E164_RE = re.compile(r"^\+[1-9][0-9]{6,14}$")
+CHAT_ID_RE = re.compile(r"^-?[0-9]{1,20}$")
+# RFC 5322 atext, used for dot-atom local parts and for List-ID labels (RFC 2919 dot-atom-text).
+ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+DOT_ATOM_RE = re.compile(rf"^{ATEXT}+(\.{ATEXT}+)*$")
+QUOTED_LOCAL_RE = re.compile(r'^"([\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"$')
+LABEL_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def require(data, key, where=""):
+    if key not in data or data[key] is None:
+        raise InvalidInput(f"{where}{key} is required", field=f"{where}{key}")
+    return data[key]
+
+
+def no_unknown_keys(data, allowed, where=""):
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise InvalidInput(f"{where}{unknown[0]} is not a known field", field=f"{where}{unknown[0]}")
+
+
+def as_object(value, field):
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{field} must be an object", field=field)
+    return value
+
+
+def as_list(value, field, max_items=None):
+    if not isinstance(value, list):
+        raise InvalidInput(f"{field} must be a list", field=field)
+    if max_items is not None and len(value) > max_items:
+        raise InvalidInput(f"{field} has more than {max_items} items", field=field)
+    return value
+
+
+def as_int(value, field, minimum=None, maximum=None, allow_text=True):
+    """Accept an int (not a bool), or a string of digits when allow_text; check the bounds."""
+    if allow_text and isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,18}", value.strip()):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{field} must be an integer", field=field)
+    if minimum is not None and value < minimum:
+        raise InvalidInput(f"{field} must be at least {minimum}", field=field)
+    if maximum is not None and value > maximum:
+        raise InvalidInput(f"{field} must be at most {maximum}", field=field)
+    return value
+
+
+def as_float(value, field):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidInput(f"{field} must be a number", field=field)
+    if not math.isfinite(value):
+        raise InvalidInput(f"{field} must be a finite number", field=field)
+    return float(value)
+
+
+def as_bool(value, field):
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{field} must be true or false", field=field)
+    return value
+
+
+def as_text(value, field, max_len=255, allow_empty=True):
+    if not isinstance(value, str):
+        raise InvalidInput(f"{field} must be a string", field=field)
+    if not allow_empty and not value.strip():
+        raise InvalidInput(f"{field} must not be empty", field=field)
+    if len(value) > max_len:
+        raise InvalidInput(f"{field} is longer than {max_len} characters", field=field)
+    if any(ord(c) < 32 and c not in "\t\n\r" for c in value):
+        raise InvalidInput(f"{field} contains control characters", field=field)
+    return value
+
+
+def as_api_name(value, field, max_len=32):
+    if not isinstance(value, str) or not API_NAME_RE.match(value) or len(value) > max_len:
+        raise InvalidInput(f"{field} must match ^[A-Za-z][A-Za-z0-9_]*$ (at most {max_len} characters)",
+                           field=field)
+    return value
+
+
+def as_profile_id(value, field="profile_id", max_len=40):
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not PROFILE_ID_RE.match(value) or len(value) > max_len:
+        raise InvalidInput(f"{field} must be 1-{max_len} characters of letters, digits and ._:@-",
+                           field=field)
+    return value
+
+
+def as_hostname(value, field):
+    """A DNS name (IDNA allowed), at most 253 octets. Returns the ASCII form, lower case."""
+    if not isinstance(value, str) or not value:
+        raise InvalidInput(f"{field} must be a domain name", field=field)
+    try:
+        ascii_name = value.encode("idna").decode("ascii").lower().rstrip(".")
+    except UnicodeError:
+        raise InvalidInput(f"{field} is not a valid domain name", field=field) from None
+    labels = ascii_name.split(".")
+    if len(ascii_name) > 253 or not all(LABEL_RE.match(label) for label in labels):
+        raise InvalidInput(f"{field} is not a valid domain name", field=field)
+    return ascii_name
+
+
+def as_email(value, field="email"):
+    """An RFC 5321/5322 mailbox (dot-atom or quoted local part, domain or IP literal). Returns it
+    lower-cased, which is the identity used for subscriptions."""
+    if not isinstance(value, str) or "@" not in value or len(value) > 254:
+        raise InvalidInput(f"{field} is not a valid email address", field=field)
+    local, _, domain = value.rpartition("@")
+    if not local or len(local.encode()) > 64 or not (DOT_ATOM_RE.match(local) or QUOTED_LOCAL_RE.match(local)):
+        raise InvalidInput(f"{field} is not a valid email address", field=field)
+    if domain.startswith("[") and domain.endswith("]"):
+        literal = domain[1:-1]
+        try:
+            ipaddress.ip_address(literal[5:] if literal.lower().startswith("ipv6:") else literal)
+        except ValueError:
+            raise InvalidInput(f"{field} is not a valid email address", field=field) from None
+        domain_ascii = domain.lower()
+    else:
+        try:
+            domain_ascii = as_hostname(domain, field)
+        except InvalidInput:
+            raise InvalidInput(f"{field} is not a valid email address", field=field) from None
+        if "." not in domain_ascii:
+            raise InvalidInput(f"{field} is not a valid email address", field=field)
+    return f"{local}@{domain_ascii}".lower()
+
+
+def as_phone(value, field="phone"):
+    if not isinstance(value, str) or not E164_RE.match(value):
+        raise InvalidInput(f"{field} must be in E.164 format with a leading + (e.g. +79000000000)", field=field)
+    return value
+
+
+def as_chat_id(value, field="cc_data.id"):
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not CHAT_ID_RE.match(value):
+        raise InvalidInput(f"{field} must be a numeric chat id", field=field)
+    return value
+
+
+def as_url(value, field, allow_placeholders=()):
+    """An absolute http(s) URL without credentials. Only the named {placeholders} may appear."""
+    if not isinstance(value, str) or len(value) > 2048:
+        raise InvalidInput(f"{field} must be an absolute http(s) URL", field=field)
+    probe = value
+    for name in allow_placeholders:
+        probe = probe.replace("{" + name + "}", "x")
+    if "{" in probe or "}" in probe:
+        raise InvalidInput(f"{field} may only contain the placeholders "
+                           + ", ".join("{%s}" % n for n in allow_placeholders), field=field)
+    try:
+        parts = urlsplit(probe)
+        host = parts.hostname
+    except ValueError:
+        raise InvalidInput(f"{field} must be an absolute http(s) URL", field=field) from None
+    if parts.scheme not in ("http", "https") or not host or parts.username or parts.password:
+        raise InvalidInput(f"{field} must be an absolute http(s) URL", field=field)
+    if any(c.isspace() for c in value):
+        raise InvalidInput(f"{field} must not contain spaces", field=field)
+    return value
+
+
+def as_ip(value, field="ip"):
+    try:
+        return str(ipaddress.ip_address(value))
+    except (ValueError, TypeError):
+        raise InvalidInput(f"{field} is not an IP address", field=field) from None
+
+
+def as_datetime(value, field="date"):
+    """RFC 3339 date-time (a trailing Z is accepted). Returns it normalised to UTC with milliseconds."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{field} must be an RFC 3339 date-time", field=field)
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise InvalidInput(f"{field} must be an RFC 3339 date-time", field=field) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return format_time(parsed)
+
+
+def format_time(moment):
+    """A datetime as RFC 3339 UTC with milliseconds, as Altcraft returns dates."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def now_iso():
+    return format_time(datetime.now(timezone.utc))
