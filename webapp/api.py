@@ -13,6 +13,7 @@ from . import keys, resources, subscriptions
 from .errors import InvalidInput, NotAuthorized, ServiceError
 from .headers import message_links
 from .openapi import build_spec
+from .scripts import subscriptions_exist
 from .store import get_redis
 from .tokens import same_secret
 from .validation import as_api_name, as_int, as_list, as_object, as_profile_id, no_unknown_keys
@@ -219,10 +220,8 @@ def _links_for(messages):
             raise
         prepared.append((res, db_id, profile_id, subscriptions.make_hash_id(rid, channel, identity), channel,
                          category, sent_at))
-    with r.pipeline(transaction=False) as pipe:
-        for res, db_id, profile_id, hash_id, *_ in prepared:
-            pipe.hexists(keys.profile_subscriptions(db_id, profile_id), hash_id)
-        exists = pipe.execute()
+    exists = subscriptions_exist(r, [(keys.profile_subscriptions(db_id, pid), h)
+                                     for _res, db_id, pid, h, *_ in prepared])
     for i, found in enumerate(exists):
         if not found:
             prefix = f"messages[{i}]: " if request.path.endswith("_bulk") else ""

@@ -15,6 +15,7 @@ CHAT_ID_RE = re.compile(r"^-?[0-9]{1,20}$")
 ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 DOT_ATOM_RE = re.compile(rf"^{ATEXT}+(\.{ATEXT}+)*$")
 QUOTED_LOCAL_RE = re.compile(r'^"([\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"$')
+HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 LABEL_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 
 
@@ -103,6 +104,8 @@ def as_hostname(value, field):
     """A DNS name (IDNA allowed), at most 253 octets. Returns the ASCII form, lower case."""
     if not isinstance(value, str) or not value:
         raise InvalidInput(f"{field} must be a domain name", field=field)
+    if HOSTNAME_RE.match(value):  # plain ASCII name: skip the (slow) IDNA codec
+        return value.lower()
     try:
         ascii_name = value.encode("idna").decode("ascii").lower().rstrip(".")
     except UnicodeError:

@@ -1,0 +1,24 @@
+"""Bare Flask endpoints used as same-run baselines by the benchmarks (no Redis, no signing)."""
+from flask import Flask, jsonify, render_template_string, request
+
+app = Flask(__name__)
+PAGE = "<!doctype html><html><body><main><h1>{{ title }}</h1><p>{{ text }}</p></main></body></html>"
+
+
+@app.post("/echo_links")
+def echo_links():
+    """Parse a links_bulk-sized JSON body and answer a list of the same length: the HTTP+JSON cost alone."""
+    messages = request.get_json()["messages"]
+    return jsonify({"error": 0, "error_text": "Successful operation",
+                    "data": [{"smid": "x" * 90, "unsubscribe_url": "https://unsub.example/unsubscribe/" + "x" * 90}
+                             for _ in messages]})
+
+
+@app.post("/nothing")
+def nothing():
+    return "", 204
+
+
+@app.get("/page")
+def page():
+    return render_template_string(PAGE, title="Unsubscribe", text="A bare template render.")

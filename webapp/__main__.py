@@ -1,0 +1,103 @@
+"""`python -m webapp run`: everything on one machine.
+
+Starts, when REDIS_URL is unset, a local redis-server (AOF on, appendfsync everysec, data in ./var/redis,
+reached over a unix socket); then the web app under gunicorn on 127.0.0.1:$PORT and one worker
+(`python -m workers`: RQ worker with scheduler and timer sweeper). Ctrl-C (or any part dying) stops all.
+"""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .config import https_warning, load_settings
+
+USAGE = "usage: python -m webapp run"
+
+
+def start_local_redis(var_dir):
+    """Start redis-server with persistence under var_dir; return (process, url)."""
+    if shutil.which("redis-server") is None:
+        sys.exit("redis-server is not installed: sudo apt-get install -y redis-server (or set REDIS_URL)")
+    data = Path(var_dir, "redis").resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    sock = data / "redis.sock"
+    proc = subprocess.Popen(
+        ["redis-server", "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+         "--dir", str(data), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "3600 1 300 100",
+         "--daemonize", "no", "--loglevel", "warning"], start_new_session=True)
+    import redis
+    url = f"unix://{sock}"
+    for _ in range(200):
+        try:
+            if redis.Redis.from_url(url).ping():
+                return proc, url
+        except (redis.ConnectionError, FileNotFoundError):
+            time.sleep(0.05)
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    sys.exit(f"redis-server did not start (see {data})")
+
+
+def run():
+    settings = load_settings()
+    children = []
+    env = dict(os.environ)
+    if not settings["REDIS_URL"]:
+        proc, url = start_local_redis(settings["VAR_DIR"])
+        children.append(("redis", proc))
+        env["REDIS_URL"] = url
+        print(f"Started redis-server (AOF everysec) with data in {Path(settings['VAR_DIR'], 'redis')}")
+    env.setdefault("PUBLIC_BASE_URL", settings["PUBLIC_BASE_URL"])
+    warning = https_warning(settings["PUBLIC_BASE_URL"])
+    if warning:
+        print(f"warning: {warning}")
+    port = settings["PORT"]
+    web = subprocess.Popen([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "2",
+                            "--access-logfile", "-", "--log-level", "warning", "webapp:create_app()"], env=env,
+                           start_new_session=True)
+    children.append(("web", web))
+    worker = subprocess.Popen([sys.executable, "-m", "workers"], env=env, start_new_session=True)
+    children.append(("worker", worker))
+    print(f"Web app on http://127.0.0.1:{port}  (API: {settings['PUBLIC_BASE_URL']}/api/v1.1/, "
+          f"token in API_TOKEN or var/dev-secrets.json). Ctrl-C stops everything.")
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    exit_code = 0
+    try:
+        while True:
+            for name, proc in children:
+                if proc.poll() is not None:
+                    print(f"{name} exited with code {proc.returncode}; stopping")
+                    exit_code = 1
+                    raise KeyboardInterrupt
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        # Web and worker first (the worker finishes its job), Redis last, so nobody loses its store.
+        for _name, proc in reversed(children):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    return exit_code
+
+
+def main(argv):
+    if argv[1:2] != ["run"]:
+        sys.exit(USAGE)
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main(sys.argv)

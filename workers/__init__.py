@@ -1,0 +1,1 @@
+"""RQ worker side: job functions (jobs.py) and the worker entry point (`python -m workers`)."""
