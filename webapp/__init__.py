@@ -25,21 +25,23 @@ def create_app(test_config=None):
     app = Flask(__name__, template_folder=os.path.join(ROOT, "templates"),
                 static_folder=os.path.join(ROOT, "static"))
     app.config.update(settings)
+    ring = parse_signing_keys(settings["SIGNING_KEYS"])
+    app.config.update({
+        "MAX_CONTENT_LENGTH": 4 * 1024 * 1024,
+        # Sessions (CSRF tokens of page forms) are signed with a key derived from the newest signing key.
+        "SECRET_KEY": hmac.new(ring[-1][1], b"flask-session", hashlib.sha256).hexdigest(),
+        "SESSION_COOKIE_SAMESITE": "Lax",
+        "SESSION_COOKIE_HTTPONLY": True,
+        "SESSION_COOKIE_SECURE": settings["PUBLIC_BASE_URL"].startswith("https://"),
+        # The one-click POST and the SDK come cross-site without a Referer: CSRF is checked by token only.
+        "WTF_CSRF_SSL_STRICT": False,
+        "WTF_CSRF_TIME_LIMIT": None,
+    })
     app.config.update(test_config or {})
-    app.config.setdefault("MAX_CONTENT_LENGTH", 4 * 1024 * 1024)
     if not app.config["REDIS_URL"]:
         raise RuntimeError("REDIS_URL is not set: run `python -m webapp run` (it starts a local Redis) "
                            "or set REDIS_URL=redis://host:6379/0")
-    ring = parse_signing_keys(app.config["SIGNING_KEYS"])
-    app.extensions["signing_keys"] = SigningKeys(ring)
-    # Sessions (CSRF tokens of page forms) are signed with a key derived from the newest signing key.
-    app.config.setdefault("SECRET_KEY", hmac.new(ring[-1][1], b"flask-session", hashlib.sha256).hexdigest())
-    app.config.setdefault("SESSION_COOKIE_SAMESITE", "Lax")
-    app.config.setdefault("SESSION_COOKIE_HTTPONLY", True)
-    app.config.setdefault("SESSION_COOKIE_SECURE", app.config["PUBLIC_BASE_URL"].startswith("https://"))
-    # The one-click POST and the SDK come cross-site without a Referer: CSRF is checked by token only.
-    app.config.setdefault("WTF_CSRF_SSL_STRICT", False)
-    app.config.setdefault("WTF_CSRF_TIME_LIMIT", None)
+    app.extensions["signing_keys"] = SigningKeys(parse_signing_keys(app.config["SIGNING_KEYS"]))
     if app.config["TRUSTED_PROXIES"]:
         n = app.config["TRUSTED_PROXIES"]
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n, x_port=n, x_prefix=n)

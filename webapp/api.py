@@ -9,8 +9,8 @@ import functools
 
 from flask import Blueprint, current_app, jsonify, request
 
-from . import keys, resources, subscriptions
-from .errors import InvalidInput, NotAuthorized, ServiceError
+from . import keys, resources, subscriptions, unsubscribe
+from .errors import Forbidden, InvalidInput, NotAuthorized, ServiceError
 from .headers import message_links
 from .openapi import build_spec
 from .scripts import subscriptions_exist
@@ -247,3 +247,22 @@ def messages_links_bulk(data):
 @bp.get("/openapi.json")
 def openapi():
     return jsonify(build_spec(current_app.config["PUBLIC_BASE_URL"]))
+
+
+# -- unsubscribe by the customer's own server -----------------------------------------------------------
+
+@endpoint("profiles/message_unsub")
+def profiles_message_unsub(data):
+    """The customer's page confirmed an unsubscribe: apply it now (those categories when given)."""
+    no_unknown_keys(data, ("token", "smid", "rtoken", "categories"))
+    r = get_redis()
+    smid = data.get("smid")
+    if not isinstance(smid, str):
+        raise InvalidInput("smid is required", field="smid")
+    ctx = unsubscribe.open_smid(r, current_app.extensions["signing_keys"], smid)
+    if not same_secret(data.get("rtoken"), ctx.resource["rtoken"]):
+        raise Forbidden("rtoken does not match the SMID's resource")
+    scope = unsubscribe.resolve_scope(ctx, data.get("categories"), by_person=False)
+    result = unsubscribe.unsubscribe(r, ctx, scope, "api", {"ip": request.remote_addr,
+                                                            "user_agent": request.user_agent.string[:512]})
+    return Reply(result["state"], profile_id=ctx.smid.profile_id)

@@ -22,7 +22,7 @@ RESOURCE_BODY = {
     "name": {"type": "string"}, "description": {"type": "string"}, "url": {"type": ["string", "null"]},
     "urls": {"type": "array", "items": {"type": "string", "format": "uri"}},
     "dbs_ids": {"type": "array", "items": ID}, "trk_domain": {"type": ["string", "null"]},
-    "increase_priority": {"type": "boolean"}, "default_locale": {"enum": ["en", "ru"]},
+    "increase_priority": {"type": "boolean"}, "default_locale": {"enum": ["en", "ru", None]},
     "categories": {"type": "array", "items": CATEGORY},
     "channels": {"type": "array", "maxItems": 8, "items": CHANNEL},
     "channel_settings": {"type": "object", "additionalProperties": {
@@ -77,6 +77,11 @@ ENDPOINTS = {
                             {"messages": {"type": "array", "maxItems": 1000,
                                           "items": {"type": "object", "properties": LINK_MESSAGE}}},
                             ["messages"]),
+    "profiles/message_unsub": ("Unsubscribe the SMID's subscription now (only `categories` when given); "
+                               "profile_id is returned top-level",
+                               {"smid": {"type": "string"}, "rtoken": {"type": "string"},
+                                "categories": {"type": "array", "items": {"type": "string"}}},
+                               ["smid", "rtoken"]),
 }
 
 

@@ -1,4 +1,206 @@
-"""Blueprint for the pages reached from a message: /unsubscribe/<smid> (page and RFC 8058 one-click)."""
-from flask import Blueprint
+"""Blueprint for the pages reached from a message: /unsubscribe/<smid>.
+
+GET and HEAD only read: link scanners fetch every URL, so a page changes nothing until the browser POSTs
+(the page's own script, or a button when scripts are off). POST with a page `action` is a CSRF-protected
+form; any other POST to the URL is the RFC 8058 one-click (no cookies, no CSRF token, 200, never 3xx).
+"""
+import time
+from urllib.parse import quote
+
+from flask import (Blueprint, current_app, jsonify, make_response, redirect, render_template, request,
+                   url_for)
+from flask_babel import gettext as _
+
+from . import csrf, unsubscribe
+from .delayed import schedule_timer
+from .errors import BadToken, Blocked, Conflict, InvalidInput, NotFound, ServiceError
+from .headers import manage_url
+from .locale import LOCALES, set_page_locale
+from .store import get_redis, get_timer_queue
+from .subscriptions import Status, subscribed_cats
+from .tokens import issue_manager_token
 
 bp = Blueprint("pages", __name__)
+PAGE_ACTIONS = ("unsubscribe", "undo", "start", "cancel", "now")
+
+
+def evidence():
+    """What the ledger keeps about who asked: IP, user agent and page language."""
+    return {"ip": request.remote_addr, "user_agent": (request.user_agent.string or "")[:512],
+            "locale": set_page_locale()}
+
+
+def mask_address(record):
+    address = record["address"]
+    if "email" in address:
+        local, _, domain = address["email"].partition("@")
+        return f"{local[:1]}{'•' * max(2, min(len(local) - 1, 6))}@{domain}"
+    phone = address.get("phone") or address.get("cc_data", {}).get("phone")
+    if phone:
+        return f"{phone[:2]}{'•' * (len(phone) - 6)}{phone[-4:]}"
+    if "provider" in address:
+        return address["provider"]
+    return "#" + str(address.get("cc_data", {}).get("id", ""))[-4:]
+
+
+def open_page_context(smid):
+    """open_smid plus the page language; raises ServiceError subclasses."""
+    ctx = unsubscribe.open_smid(get_redis(), current_app.extensions["signing_keys"], smid)
+    set_page_locale(ctx.record.get("locale"), ctx.resource.get("default_locale"))
+    return ctx
+
+
+def page_view(ctx, done=None):
+    """Ready values for the templates (they only display)."""
+    r = get_redis()
+    resource, record = ctx.resource, ctx.record
+    status = Status(record["status"])
+    cats = resource["categories"]
+    subscribed = set(subscribed_cats(resource, record)) if status == Status.SUBSCRIBED else set()
+    choosable = [dict(c, checked=(c["api_name"] == ctx.smid.category if ctx.smid.category else True))
+                 for c in cats if not c["required"] and c["api_name"] in subscribed]
+    required = [c for c in cats if c["required"] and c["api_name"] in subscribed]
+    message_scope = unsubscribe.resolve_scope(ctx)
+    pending = unsubscribe.read_pending(r, ctx) if ctx.mode == "delayed" else None
+    base = current_app.config["PUBLIC_BASE_URL"]
+    return {
+        "smid": ctx.token, "mode": ctx.mode, "resource": resource, "address": mask_address(record),
+        "channel": record["channel"], "status": status.word, "is_subscribed": status == Status.SUBSCRIBED,
+        "is_final": status in unsubscribe.FINAL_STATUSES, "choosable": choosable, "required": required,
+        "scope": unsubscribe.describe_scope(resource, message_scope),
+        "message_category": next((c["title"] for c in cats if c["api_name"] == ctx.smid.category), None),
+        "pending": pending, "seconds_left": max(0, int(pending["deadline"] - time.time())) if pending else None,
+        "timer_minutes": resource["unsubscribe"]["timer_minutes"],
+        "blocked_text": resource["unsubscribe"].get("blocked_text"),
+        "manage_url": manage_url(base, issue_manager_token(current_app.extensions["signing_keys"],
+                                                           ctx.smid.db_id, ctx.smid.profile_id, ctx.smid.hash_id)),
+        "done": done, "action_url": url_for("pages.unsubscribe_page", smid=ctx.token),
+        "locales": LOCALES,
+    }
+
+
+def fill_page_url(template, smid, rtoken):
+    return template.replace("{send_message_id}", quote(smid, safe="")).replace("{resource_token}",
+                                                                              quote(rtoken, safe=""))
+
+
+@bp.route("/unsubscribe/<smid>/", methods=["GET", "POST"], strict_slashes=False)
+@csrf.exempt
+def unsubscribe_page(smid):
+    if request.method == "POST":
+        if request.form.get("action") is None:
+            return one_click(smid)
+        csrf.protect()
+        return page_action(smid, request.form["action"])
+    try:
+        ctx = open_page_context(smid)
+    except ServiceError as exc:
+        return error_page(exc)
+    page_url = ctx.resource["unsubscribe"].get("page_url")
+    if page_url and ctx.mode != "blocked":
+        # The target comes only from the resource's stored settings: no open redirect.
+        return redirect(fill_page_url(page_url, ctx.token, ctx.resource["rtoken"]), code=302)
+    done = request.args.get("done")
+    view = page_view(ctx, done if done in ("unsubscribed", "undone", "cancelled", "started") else None)
+    return no_store(make_response(render_template(f"unsubscribe/{ctx.mode}.html", **view)))
+
+
+def one_click(smid):
+    """RFC 8058: POST List-Unsubscribe=One-Click (either encoding; an empty or odd body is treated the same,
+    since the signed URL is what identifies the recipient). 200 with a tiny body, never a redirect."""
+    r, ring = get_redis(), current_app.extensions["signing_keys"]
+    try:
+        ctx = unsubscribe.open_smid(r, ring, smid)
+        unsubscribe.unsubscribe(r, ctx, unsubscribe.resolve_scope(ctx), "one_click",
+                                {"ip": request.remote_addr, "user_agent": (request.user_agent.string or "")[:512]})
+    except Blocked:
+        return plain("This subscription cannot be cancelled.\n", 403)
+    except NotFound:
+        return plain("Unknown unsubscribe link.\n", 404)
+    return plain("Unsubscribed.\n", 200)
+
+
+def plain(text, status):
+    resp = make_response(text, status)
+    resp.mimetype = "text/plain"
+    return no_store(resp)
+
+
+def no_store(resp):
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+def page_action(smid, action):
+    """A form POST from the page: change state, then show the page again (303) or answer JSON to fetch()."""
+    r = get_redis()
+    try:
+        ctx = open_page_context(smid)
+        if action not in PAGE_ACTIONS:
+            raise InvalidInput("unknown action")
+        if action == "unsubscribe":
+            cats = request.form.getlist("categories") if ctx.mode == "confirm" else None
+            if ctx.mode == "confirm" and not cats and request.form.get("scope") == "categories":
+                raise InvalidInput(_("Choose at least one kind of message to stop."))
+            scope = unsubscribe.resolve_scope(ctx, cats or None)
+            method = "page_confirm" if ctx.mode == "confirm" else "page_instant"
+            if ctx.mode not in ("instant", "confirm"):
+                raise InvalidInput("this page does not unsubscribe this way")
+            unsubscribe.unsubscribe(r, ctx, scope, method, evidence())
+            done = "unsubscribed"
+        elif action == "undo":
+            unsubscribe.undo(r, ctx, evidence())
+            done = "undone"
+        elif action == "start":
+            if ctx.mode != "delayed":
+                raise InvalidInput("this page has no timer")
+            queue = get_timer_queue()
+            unsubscribe.arm_timer(r, ctx, unsubscribe.resolve_scope(ctx), current_app.config["TIME_UNIT_SECONDS"],
+                                  evidence(), on_armed=lambda *key: schedule_timer(queue, *key))
+            done = "started"
+        elif action == "cancel":
+            outcome = unsubscribe.cancel_timer(r, ctx, evidence())
+            done = "cancelled" if outcome in ("cancelled", "none") else "unsubscribed"
+        else:  # "now": settle the delayed unsubscribe immediately
+            if ctx.mode != "delayed":
+                raise InvalidInput("this page has no timer")
+            unsubscribe.unsubscribe(r, ctx, unsubscribe.resolve_scope(ctx), "page_now", evidence())
+            done = "unsubscribed"
+    except ServiceError as exc:
+        if wants_json():
+            return jsonify({"error": exc.code, "error_text": exc.message}), exc.status
+        return error_page(exc)
+    if wants_json():
+        return jsonify({"error": 0, "done": done})
+    lang = request.form.get("lang")
+    return redirect(url_for("pages.unsubscribe_page", smid=smid, done=done,
+                            **({"lang": lang} if lang in LOCALES else {})), code=303)
+
+
+def wants_json():
+    return request.accept_mimetypes.best == "application/json"
+
+
+def error_page(exc):
+    """A readable page in the chosen language; the exception text is shown only for input errors."""
+    if isinstance(exc, BadToken):
+        status = 404
+    else:
+        status = exc.status
+    message = exc.message if isinstance(exc, (InvalidInput, Conflict, Blocked)) else None
+    if isinstance(exc, Conflict):
+        message = _("There is nothing to undo: the change is too old, or something changed since.")
+    return no_store(make_response(render_template("message.html", status=status, message=message), status))
+
+
+@bp.after_app_request
+def security_headers(resp):
+    """Pages never load third-party code, never leak the SMID in a Referer, never render in frames."""
+    if not request.path.startswith("/api/"):
+        resp.headers.setdefault("Content-Security-Policy",
+                                "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                                "frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
+        resp.headers.setdefault("Referrer-Policy", "no-referrer")
+        resp.headers.setdefault("X-Frame-Options", "DENY")
+    resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+    return resp

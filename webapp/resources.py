@@ -211,8 +211,9 @@ def validate_resource(data, old=None):
     res["trk_domain"] = as_hostname(trk, "trk_domain") if trk else None
     res["increase_priority"] = as_bool(data.get("increase_priority", res.get("increase_priority", False)),
                                        "increase_priority")
-    locale = data.get("default_locale", res.get("default_locale", "en"))
-    if locale not in LOCALES:
+    # None: the visitor's Accept-Language decides (a resource default would always win over it).
+    locale = data.get("default_locale", res.get("default_locale"))
+    if locale is not None and locale not in LOCALES:
         raise InvalidInput(f"default_locale must be one of {', '.join(LOCALES)}", field="default_locale")
     res["default_locale"] = locale
 

@@ -18,3 +18,14 @@ def get_redis():
 
 def init_app(app):
     app.extensions.pop("redis", None)
+    app.extensions.pop("timer_queue", None)
+
+
+def get_timer_queue():
+    """The RQ queue that carries delayed-timer triggers (RQ needs a client without decode_responses)."""
+    queue = current_app.extensions.get("timer_queue")
+    if queue is None:
+        from .delayed import timer_queue
+        raw = redis.Redis.from_url(current_app.config["REDIS_URL"])
+        queue = current_app.extensions["timer_queue"] = timer_queue(raw, current_app.config["RQ_QUEUE"])
+    return queue

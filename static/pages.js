@@ -1,0 +1,42 @@
+// Pages reached from a message. No state changes on load: a scanner that only fetches the page changes
+// nothing. When a real browser shows the page, the instant and delayed modes POST their form once.
+(function () {
+  "use strict";
+  document.documentElement.classList.add("js");
+
+  function autoSubmit(form) {
+    var action = form.getAttribute("data-auto-submit");
+    var button = form.querySelector('button[name="action"][value="' + action + '"]');
+    var sent = false;
+    function go() {
+      if (sent || document.visibilityState !== "visible") return;
+      sent = true;
+      if (form.requestSubmit) { form.requestSubmit(button); } else { button.click(); }
+    }
+    go();
+    document.addEventListener("visibilitychange", go);
+  }
+
+  function countdown(el) {
+    var left = parseInt(el.getAttribute("data-seconds-left"), 10);
+    if (isNaN(left)) return;
+    var end = Date.now() + left * 1000;  // relative to this page load: the client clock may be off
+    var out = el.querySelector(".left");
+    function tick() {
+      var s = Math.max(0, Math.round((end - Date.now()) / 1000));
+      out.textContent = Math.floor(s / 60) + ":" + String(s % 60).padStart(2, "0");
+      if (s <= 0) {
+        clearInterval(timer);
+        // The server settles the timer within 2 s of the deadline; then show the result.
+        setTimeout(function () { location.replace(location.pathname + location.search.replace(/([?&])done=[^&]*&?/, "$1")); }, 2500);
+      }
+    }
+    var timer = setInterval(tick, 1000);
+    tick();
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    Array.prototype.forEach.call(document.querySelectorAll("form[data-auto-submit]"), autoSubmit);
+    Array.prototype.forEach.call(document.querySelectorAll(".countdown"), countdown);
+  });
+})();

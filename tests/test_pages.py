@@ -1,0 +1,275 @@
+"""/unsubscribe/<smid>: GET/HEAD never change anything, RFC 8058 one-click, page actions, redirects, errors."""
+import re
+
+import pytest
+
+from conftest import email_resource, redis_state
+from webapp import events
+
+SCANNER_AGENTS = [
+    None,
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36",
+    "Microsoft Office/16.0 (Windows NT 10.0; Microsoft Outlook 16.0.4266; Pro)",
+    "Barracuda Sentinel (EE)",
+    "Mozilla/5.0 (compatible; Proofpoint URL Defense)",
+    "Mimecast-URL-Protect/1.0",
+    "Googlebot/2.1 (+http://www.google.com/bot.html)",
+    "curl/8.5.0",
+]
+MODES = ["instant", "confirm", "blocked", "delayed"]
+
+
+def make_link(api, mode="confirm", category="news", email="ann@example.com", **resource_kw):
+    unsub = {"mode": mode, **resource_kw.pop("unsubscribe", {})}
+    res = api.ok("resources/add", **email_resource(unsubscribe=unsub, **resource_kw))
+    api.ok("subscriptions/set", db_id=1, profile_id="p-42", resource_id=res["id"], channel="email", email=email)
+    body = {"db_id": 1, "profile_id": "p-42", "resource_id": res["id"], "channel": "email", "email": email}
+    if category:
+        body["category"] = category
+    links = api.ok("messages/links", **body)
+    return res, links["unsubscribe_url"].removeprefix("https://unsub.example"), body
+
+
+def get_sub(api, body):
+    return api.ok("subscriptions/get", **{k: v for k, v in body.items() if k != "category"})
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_head_and_get_never_change_anything(api, client, r, mode):
+    _res, path, _body = make_link(api, mode)
+    before = redis_state(r)
+    for agent in SCANNER_AGENTS:
+        headers = {"User-Agent": agent} if agent else {}
+        for method in (client.get, client.head):
+            for url in (path, path + "/", path + "?lang=ru", path + "?action=unsubscribe"):
+                resp = method(url, headers=headers)
+                assert resp.status_code == 200, (url, resp.status_code)
+    assert redis_state(r) == before
+
+
+def test_page_states_what_stops_and_continues(api, client):
+    _res, path, _body = make_link(api, "confirm")
+    html = client.get(path).get_data(as_text=True)
+    assert 'value="news" checked' in html                 # the message's category preselected
+    assert "Receipts" in html and "required" in html       # required category shown as continuing
+    assert 'name="categories" value="receipts"' not in html
+    assert "Nothing changes until you confirm" in html
+
+
+ONE_CLICK_BODIES = [
+    ("urlencoded", {"data": "List-Unsubscribe=One-Click", "content_type": "application/x-www-form-urlencoded"}),
+    ("multipart", {"data": {"List-Unsubscribe": "One-Click"}, "content_type": "multipart/form-data"}),
+    ("empty", {"data": b"", "content_type": "application/x-www-form-urlencoded"}),
+    ("no content type", {"data": b""}),
+    ("odd", {"data": "List-Unsubscribe=Yes-Please", "content_type": "application/x-www-form-urlencoded"}),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", ONE_CLICK_BODIES, ids=[n for n, _ in ONE_CLICK_BODIES])
+@pytest.mark.parametrize("mode", ["instant", "confirm", "delayed"])
+def test_one_click_unsubscribes_without_cookies_or_redirect(api, app, r, mode, name, kwargs):
+    _res, path, body = make_link(api, mode, category=None)
+    fresh = app.test_client(use_cookies=False)
+    for attempt in range(2):  # the replay is idempotent
+        resp = fresh.post(path, **kwargs)
+        assert resp.status_code == 200 and "Location" not in resp.headers
+        assert len(resp.data) < 64
+    assert get_sub(api, body)["status"] == "unsubscribed"
+    history, _ = events.list_events(r, 1, "p-42")
+    changes = [e["method"] for e in history if e["before"]]    # leave out the subscription's creation
+    assert changes == ["one_click"]                              # the replay recorded nothing new
+
+
+def test_one_click_with_trailing_slash_is_not_redirected(api, app):
+    _res, path, body = make_link(api, "confirm", category=None)
+    resp = app.test_client().post(path + "/", data="List-Unsubscribe=One-Click",
+                                  content_type="application/x-www-form-urlencoded")
+    assert resp.status_code == 200 and "Location" not in resp.headers
+    assert get_sub(api, body)["status"] == "unsubscribed"
+
+
+def test_one_click_category_scoped(api, client):
+    _res, path, body = make_link(api, "confirm", category="news")
+    assert client.post(path, data={"List-Unsubscribe": "One-Click"}).status_code == 200
+    sub = get_sub(api, body)
+    assert sub["status"] == "subscribed" and sub["cats"] == ["receipts"]
+
+
+def test_one_click_blocked_is_403_and_changes_nothing(api, client, r):
+    _res, path, body = make_link(api, "blocked")
+    before = redis_state(r)
+    resp = client.post(path, data={"List-Unsubscribe": "One-Click"})
+    assert resp.status_code == 403 and "Location" not in resp.headers
+    assert redis_state(r) == before
+
+
+def test_one_click_records_evidence(api, client, r):
+    _res, path, _body = make_link(api, "instant", category=None)
+    client.post(path, data={"List-Unsubscribe": "One-Click"}, headers={"User-Agent": "GoogleOneClick/1.0"},
+                environ_base={"REMOTE_ADDR": "203.0.113.7"})
+    event = events.list_events(r, 1, "p-42")[0][0]
+    assert event["method"] == "one_click" and event["smid"] == path.rsplit("/", 1)[1]
+    assert event["evidence"]["ip"] == "203.0.113.7" and event["evidence"]["user_agent"] == "GoogleOneClick/1.0"
+    assert 0 <= event["evidence"]["seconds_since_send"] < 60
+    assert event["before"] == {"status": "subscribed", "cats": ["news", "receipts"]}
+    assert event["after"]["status"] == "unsubscribed"
+
+
+def csrf_token(html):
+    return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+
+
+def test_confirm_needs_the_click_and_csrf(api, client, r):
+    _res, path, body = make_link(api, "confirm")
+    html = client.get(path).get_data(as_text=True)
+    before = redis_state(r)
+    resp = client.post(path, data={"action": "unsubscribe", "categories": ["news"]})   # no CSRF token
+    assert resp.status_code == 400 and redis_state(r) == before
+    resp = client.post(path, data={"action": "unsubscribe", "categories": ["news"], "scope": "categories",
+                                   "csrf_token": csrf_token(html)})
+    assert resp.status_code == 303
+    sub = get_sub(api, body)
+    assert sub["status"] == "subscribed" and sub["cats"] == ["receipts"]
+    event = events.list_events(r, 1, "p-42")[0][0]
+    assert event["method"] == "page_confirm"
+
+
+def test_confirm_refuses_required_category_and_empty_choice(api, client, r):
+    _res, path, _body = make_link(api, "confirm")
+    token = csrf_token(client.get(path).get_data(as_text=True))
+    before = redis_state(r)
+    resp = client.post(path, data={"action": "unsubscribe", "categories": ["receipts"], "csrf_token": token})
+    assert resp.status_code == 400 and "required" in resp.get_data(as_text=True)
+    resp = client.post(path, data={"action": "unsubscribe", "scope": "categories", "csrf_token": token})
+    assert resp.status_code == 400
+    assert redis_state(r) == before
+
+
+def test_instant_unsubscribe_and_undo(api, client, r):
+    _res, path, body = make_link(api, "instant", category=None)
+    token = csrf_token(client.get(path).get_data(as_text=True))
+    assert client.post(path, data={"action": "unsubscribe", "csrf_token": token}).status_code == 303
+    assert get_sub(api, body)["status"] == "unsubscribed"
+    html = client.get(path + "?done=unsubscribed").get_data(as_text=True)
+    assert "You are unsubscribed" in html and 'value="undo"' in html
+    assert client.post(path, data={"action": "undo", "csrf_token": token}).status_code == 303
+    assert get_sub(api, body)["status"] == "subscribed"
+    assert [e["method"] for e in events.list_events(r, 1, "p-42")[0]] == ["page_undo", "page_instant", "api"]
+    assert client.post(path, data={"action": "undo", "csrf_token": token}).status_code == 409
+
+
+def test_delayed_start_is_idempotent_and_cancel_works(api, client, r):
+    _res, path, body = make_link(api, "delayed")
+    token = csrf_token(client.get(path).get_data(as_text=True))
+    client.post(path, data={"action": "start", "csrf_token": token})
+    first = re.search(r'data-deadline="([^"]+)"', client.get(path).get_data(as_text=True)).group(1)
+    client.post(path, data={"action": "start", "csrf_token": token})
+    html = client.get(path).get_data(as_text=True)
+    assert re.search(r'data-deadline="([^"]+)"', html).group(1) == first      # same timer, not a new one
+    assert 'role="timer"' in html and 'value="cancel"' in html and 'value="now"' in html
+    assert client.post(path, data={"action": "cancel", "csrf_token": token}).status_code == 303
+    assert "data-deadline" not in client.get(path + "?done=cancelled").get_data(as_text=True)
+    assert get_sub(api, body)["status"] == "subscribed"
+
+
+def test_delayed_unsubscribe_now(api, client, r):
+    _res, path, body = make_link(api, "delayed", category=None)
+    token = csrf_token(client.get(path).get_data(as_text=True))
+    client.post(path, data={"action": "start", "csrf_token": token})
+    client.post(path, data={"action": "now", "csrf_token": token})
+    assert get_sub(api, body)["status"] == "unsubscribed"
+    assert not r.keys("*pending*") or r.zcard("us:pending:due") == 0
+
+
+def test_blocked_page_offers_nothing(api, client, r):
+    _res, path, _body = make_link(api, "blocked", unsubscribe={"blocked_text": "Account notices are mandatory."})
+    html = client.get(path).get_data(as_text=True)
+    assert "Account notices are mandatory." in html and "<button" not in html
+    token = re.search(r'name="csrf_token"', html)
+    assert token is None
+
+
+@pytest.mark.parametrize("mode", ["instant", "confirm", "delayed"])
+def test_page_url_redirect_fills_placeholders(api, client, mode):
+    res, path, _body = make_link(api, mode, unsubscribe={
+        "page_url": "https://shop.example/bye?smid={send_message_id}&rt={resource_token}"})
+    resp = client.get(path)
+    smid = path.rsplit("/", 1)[1]
+    assert resp.status_code == 302
+    assert resp.headers["Location"] == f"https://shop.example/bye?smid={smid}&rt={res['rtoken']}"
+    # A crafted URL cannot choose the target: the query string is ignored.
+    assert client.get(path + "?next=https://evil.example").headers["Location"].startswith("https://shop.example/")
+    # One-click still answers 200 on the same URL, never a redirect.
+    assert client.post(path, data={"List-Unsubscribe": "One-Click"}).status_code == 200
+
+
+def test_blocked_ignores_page_url(api, client):
+    _res, path, _body = make_link(api, "blocked", unsubscribe={"page_url": "https://shop.example/x"})
+    assert client.get(path).status_code == 200
+
+
+@pytest.mark.parametrize("lang,text", [("en", "This link is not valid"), ("ru", "Ссылка недействительна")])
+@pytest.mark.parametrize("bad", ["garbage", "A" * 30, "A" * 500])
+def test_bad_smid_gets_a_friendly_page(api, client, lang, text, bad):
+    resp = client.get(f"/unsubscribe/{bad}", headers={"Accept-Language": lang})
+    assert resp.status_code == 404 and text in resp.get_data(as_text=True)
+    assert "Traceback" not in resp.get_data(as_text=True)
+
+
+def test_forged_and_truncated_smids(api, client, r):
+    _res, path, _body = make_link(api, "instant")
+    before = redis_state(r)
+    for bad in (path[:-1], path[:-10], path[:-1] + ("A" if path[-1] != "A" else "B")):
+        assert client.get(bad).status_code == 404
+        assert client.post(bad, data={"List-Unsubscribe": "One-Click"}).status_code == 404
+    assert redis_state(r) == before
+
+
+def test_language_chain(api, client):
+    _res, path, _body = make_link(api, "confirm")
+    assert "Отписаться" in client.get(path, headers={"Accept-Language": "ru,en;q=0.5"}).get_data(as_text=True)
+    assert "Unsubscribe from" in client.get(path + "?lang=en",
+                                            headers={"Accept-Language": "ru"}).get_data(as_text=True)
+    res, path2, _ = make_link(api, "confirm", email="bob@example.com", default_locale="ru")
+    html = client.get(path2, headers={"Accept-Language": "en"}).get_data(as_text=True)
+    assert 'lang="ru"' in html and "Подтвердить отписку" in html        # resource default beats the browser
+    assert 'href="?lang=en"' in html                                      # visible switcher
+
+
+def test_security_headers(api, client):
+    _res, path, _body = make_link(api, "confirm")
+    resp = client.get(path)
+    assert "script-src 'self'" in resp.headers["Content-Security-Policy"]
+    assert "unsafe-inline" not in resp.headers["Content-Security-Policy"]
+    assert resp.headers["Referrer-Policy"] == "no-referrer"
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    assert "<script>" not in resp.get_data(as_text=True)
+
+
+# -- /api/v1.1/profiles/message_unsub ---------------------------------------------------------------------
+
+def test_message_unsub(api, r):
+    res, path, body = make_link(api, "confirm", category=None)
+    smid = path.rsplit("/", 1)[1]
+    resp = api.call("profiles/message_unsub", smid=smid, rtoken=res["rtoken"], categories=["news"]).get_json()
+    assert resp["error"] == 0 and resp["error_text"] == "Successful operation" and resp["profile_id"] == "p-42"
+    assert get_sub(api, body)["cats"] == ["receipts"]
+    api.ok("profiles/message_unsub", smid=smid, rtoken=res["rtoken"])
+    assert get_sub(api, body)["status"] == "unsubscribed"
+    assert events.list_events(r, 1, "p-42")[0][0]["method"] == "api"
+
+
+def test_message_unsub_rejections_change_nothing(api, r):
+    res, path, _body = make_link(api, "confirm", category=None)
+    smid = path.rsplit("/", 1)[1]
+    other = api.ok("resources/add", **email_resource(name="Other"))
+    before = redis_state(r)
+    api.fail("profiles/message_unsub", 401, token="wrong", smid=smid, rtoken=res["rtoken"])
+    api.fail("profiles/message_unsub", 401, token=None, smid=smid, rtoken=res["rtoken"])
+    api.fail("profiles/message_unsub", 403, smid=smid, rtoken="not-the-rtoken")
+    api.fail("profiles/message_unsub", 403, smid=smid)
+    assert "not a category" in api.fail("profiles/message_unsub", 400, smid=smid, rtoken=res["rtoken"],
+                                        categories=["sports"])
+    api.fail("profiles/message_unsub", 404, smid=smid[:-2], rtoken=res["rtoken"])
+    api.fail("profiles/message_unsub", 403, smid=smid, rtoken=other["rtoken"])
+    assert redis_state(r) == before
