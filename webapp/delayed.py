@@ -11,6 +11,7 @@ design follows (shared/reference/standards.md §2):
   so every worker also runs `sweep_once` every SWEEP_INTERVAL seconds, firing overdue records directly.
 The JSON serializer is used because RQ's default, pickle, must never load data an attacker can shape.
 """
+import hashlib
 import logging
 import math
 import threading
@@ -34,11 +35,17 @@ def timer_queue(rq_redis, name):
     return Queue(name, connection=rq_redis, serializer=JSONSerializer)
 
 
+def timer_job_id(db_id, profile_id, hash_id, deadline):
+    """RQ job ids allow only [A-Za-z0-9_-]; profile ids may hold other characters, so hash the key."""
+    digest = hashlib.sha256(f"{db_id}|{profile_id}|{hash_id}|{int(deadline * 1000)}".encode()).hexdigest()
+    return f"timer-{digest[:32]}"
+
+
 def schedule_timer(queue, db_id, profile_id, hash_id, deadline):
     """Enqueue the trigger for one armed timer at the first whole second not before its deadline."""
     run_at = datetime.fromtimestamp(math.ceil(deadline), tz=timezone.utc)
     queue.enqueue_at(run_at, FIRE_JOB, db_id, profile_id, hash_id,
-                     job_id=f"timer.{db_id}.{profile_id}.{hash_id}.{int(deadline * 1000)}",
+                     job_id=timer_job_id(db_id, profile_id, hash_id, deadline),
                      result_ttl=0, failure_ttl=FAILED_JOB_TTL, ttl=None)
 
 

@@ -11,6 +11,7 @@ Rules (contract §4):
   under WATCH, so whichever comes first wins and the other sees it is gone. Arming twice keeps the deadline.
 """
 import json
+import logging
 import time
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from .subscriptions import Status, state_of, subscribed_cats, update_profile
 from .tokens import read_smid
 from .validation import now_iso
 
+log = logging.getLogger(__name__)
 UNDO_WINDOW_SECONDS = 600
 UNDOABLE_METHODS = ("page_instant", "page_confirm", "timer", "page_now", "sdk")
 FINAL_STATUSES = (Status.COMPLAINED, Status.HARDBOUNCED, Status.INVALID)
@@ -217,7 +219,10 @@ def arm_timer(r, ctx, scope, unit_seconds, evidence=None, on_armed=None):
 
     result = update_profile(r, db_id, profile_id, change, watch=(pending_key,))[0]
     if result.pop("new") and on_armed:
-        on_armed(db_id, profile_id, hash_id, result["deadline"])
+        try:
+            on_armed(db_id, profile_id, hash_id, result["deadline"])
+        except Exception:  # noqa: BLE001 - the pending record is stored; every worker's sweeper fires it
+            log.exception("could not schedule the timer trigger; the sweeper will fire it")
     return result
 
 
