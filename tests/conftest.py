@@ -154,3 +154,80 @@ def resource(api):
 def subscription(api, resource):
     return api.ok("subscriptions/set", db_id=1, profile_id="p-42", resource_id=resource["id"],
                   channel="email", email="ann@example.com")
+
+
+# -- live server and Chromium (browser tests) ---------------------------------------------------------------
+
+ARTIFACTS = os.path.join(ROOT, "test-artifacts")
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+class LiveServer:
+    """The app served by a threaded werkzeug server on 127.0.0.1 (a real socket the browser can reach)."""
+
+    def __init__(self, app, server):
+        self.app, self.server = app, server
+        self.url = f"http://127.0.0.1:{server.server_port}"
+        self.api = ApiActions(app.test_client())
+
+
+def serve_in_thread(app):
+    import threading
+
+    from werkzeug.serving import make_server
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def live_server(redis_url, tmp_path_factory):
+    app = create_app({"TESTING": True, "REDIS_URL": redis_url, "API_TOKEN": API_TOKEN,
+                      "SIGNING_KEYS": SIGNING_KEYS, "VAR_DIR": str(tmp_path_factory.mktemp("live")),
+                      "TIME_UNIT_SECONDS": 1, "PUBLIC_BASE_URL": "http://127.0.0.1:1"})
+    server = serve_in_thread(app)
+    live = LiveServer(app, server)
+    app.config["PUBLIC_BASE_URL"] = live.url   # links are built per request from the config
+    yield live
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.exit(f"Chromium is not installed at {CHROMIUM}: apt-get install chromium", returncode=3)
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def open_page(browser, r):
+    """open_page(url, lang="en", mobile=False) -> a Playwright page in a fresh context (no cookies)."""
+    contexts = []
+
+    def open_(url, lang="en", mobile=False):
+        size = {"width": 390, "height": 844} if mobile else {"width": 1024, "height": 768}
+        ctx = browser.new_context(locale=lang, viewport=size, extra_http_headers={"Accept-Language": lang})
+        contexts.append(ctx)
+        page = ctx.new_page()
+        page.goto(url)
+        return page
+
+    yield open_
+    for ctx in contexts:
+        ctx.close()
+
+
+def screenshot(page, name):
+    """Save a full-page PNG under test-artifacts/screens/ (looked at by people, kept by CI)."""
+    folder = os.path.join(ARTIFACTS, "screens")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{name}.png")
+    page.screenshot(path=path, full_page=True)
+    return path

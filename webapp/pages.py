@@ -63,10 +63,20 @@ def page_view(ctx, done=None):
     message_scope = unsubscribe.resolve_scope(ctx)
     pending = unsubscribe.read_pending(r, ctx) if ctx.mode == "delayed" else None
     base = current_app.config["PUBLIC_BASE_URL"]
+    if status in unsubscribe.FINAL_STATUSES:
+        state = "final"
+    elif (status != Status.SUBSCRIBED or (ctx.smid.category and ctx.smid.category not in subscribed)
+          or (cats and not choosable and len(subscribed) < len(cats))):
+        state = "unsubscribed"  # what this message was about has stopped
+    else:
+        state = "active"
     return {
         "smid": ctx.token, "mode": ctx.mode, "resource": resource, "address": mask_address(record),
-        "channel": record["channel"], "status": status.word, "is_subscribed": status == Status.SUBSCRIBED,
-        "is_final": status in unsubscribe.FINAL_STATUSES, "choosable": choosable, "required": required,
+        "channel": record["channel"], "status": status.word, "state": state,
+        "whole": status != Status.SUBSCRIBED,
+        "stopped": [c["title"] for c in cats if c["api_name"] not in subscribed],
+        "continuing": [c["title"] for c in cats if c["api_name"] in subscribed],
+        "choosable": choosable, "required": required,
         "scope": unsubscribe.describe_scope(resource, message_scope),
         "message_category": next((c["title"] for c in cats if c["api_name"] == ctx.smid.category), None),
         "pending": pending, "seconds_left": max(0, int(pending["deadline"] - time.time())) if pending else None,

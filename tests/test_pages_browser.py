@@ -1,0 +1,90 @@
+"""The four unsubscribe modes walked as a person would, in real Chromium, in English and Russian.
+Screenshots of every page land in test-artifacts/screens/."""
+import pytest
+
+from conftest import email_resource, screenshot
+
+pytestmark = pytest.mark.browser
+LANGS = ["en", "ru"]
+
+
+def link_for(live, mode, category="news", **unsub):
+    api = live.api
+    res = api.ok("resources/add", **email_resource(unsubscribe={"mode": mode, "timer_minutes": 30, **unsub}))
+    ident = {"db_id": 1, "profile_id": "p-42", "resource_id": res["id"], "channel": "email",
+             "email": "ann@example.com"}
+    api.ok("subscriptions/set", **ident)
+    links = api.ok("messages/links", **ident, **({"category": category} if category else {}))
+    return links["unsubscribe_url"], ident
+
+
+def status(live, ident):
+    sub = live.api.ok("subscriptions/get", **ident)
+    return sub["status"], sub["cats"]
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_instant_unsubscribes_on_view_and_undo_restores(live_server, open_page, r, lang):
+    url, ident = link_for(live_server, "instant", category=None)
+    page = open_page(url, lang)
+    page.wait_for_url("**done=unsubscribed**")
+    assert status(live_server, ident)[0] == "unsubscribed"
+    assert page.locator("h1").inner_text() == {"en": "You are unsubscribed", "ru": "Вы отписаны"}[lang]
+    screenshot(page, f"instant-done-{lang}")
+    page.locator('button[value="undo"]').click()
+    page.wait_for_url("**done=undone**")
+    assert status(live_server, ident)[0] == "subscribed"
+    assert page.locator('[role="status"]').is_visible()
+    screenshot(page, f"instant-undone-{lang}")
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_confirm_needs_the_click(live_server, open_page, r, lang):
+    url, ident = link_for(live_server, "confirm")
+    page = open_page(url, lang, mobile=(lang == "ru"))
+    screenshot(page, f"confirm-{lang}")
+    page.wait_for_timeout(300)
+    assert status(live_server, ident) == ("subscribed", ["news", "receipts"])   # showing changed nothing
+    assert page.locator('input[value="news"]').is_checked()
+    page.locator('button[value="unsubscribe"]').click()
+    page.wait_for_url("**done=unsubscribed**")
+    assert status(live_server, ident) == ("subscribed", ["receipts"])           # required category continues
+    screenshot(page, f"confirm-done-{lang}")
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_blocked_cannot_be_changed(live_server, open_page, r, lang):
+    url, ident = link_for(live_server, "blocked")
+    page = open_page(url, lang)
+    screenshot(page, f"blocked-{lang}")
+    assert page.locator("button").count() == 0 and page.locator("form").count() == 0
+    page.wait_for_timeout(300)
+    assert status(live_server, ident)[0] == "subscribed"
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_delayed_shows_countdown_and_cancel_works(live_server, open_page, r, lang):
+    url, ident = link_for(live_server, "delayed")
+    page = open_page(url, lang)
+    page.wait_for_url("**done=started**")
+    timer = page.locator('[role="timer"] .left')
+    first = timer.inner_text()
+    page.wait_for_timeout(1300)
+    assert timer.inner_text() != first                                         # it counts down
+    screenshot(page, f"delayed-pending-{lang}")
+    assert r.zcard("us:pending:due") == 1
+    page.reload()                                                              # same timer, not a new one
+    assert r.zcard("us:pending:due") == 1 and page.locator('[role="timer"]').is_visible()
+    page.locator('button[value="cancel"]').click()
+    page.wait_for_url("**done=cancelled**")
+    assert r.zcard("us:pending:due") == 0
+    assert status(live_server, ident)[0] == "subscribed"
+    screenshot(page, f"delayed-cancelled-{lang}")
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_bad_link_page(live_server, open_page, lang):
+    page = open_page(live_server.url + "/unsubscribe/not-a-real-link", lang)
+    assert page.locator("h1").inner_text() == {"en": "This link is not valid",
+                                               "ru": "Ссылка недействительна"}[lang]
+    screenshot(page, f"bad-link-{lang}")
