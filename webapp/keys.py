@@ -13,6 +13,8 @@ live in one Redis Cluster slot and can be changed together in one MULTI/EXEC or 
 | us:{<db_id>:<pid>}:events              | list   | events.append (JSON, chained) | never   |
 | us:{<db_id>:<pid>}:pending:<hash_id>   | hash   | delayed timers (issue 5)      | deadline + 1 day |
 | us:pending:due                         | zset   | delayed timers: member "db|pid|hash_id", score = deadline | never (members removed when settled) |
+| us:{<db_id>:<pid>}:manager_undo        | hash   | preferences (last manager change) | 10 minutes |
+| us:suspensions:due                     | zset   | preferences.suspend: "db|pid|hash_id" by end time | never (members removed on resume) |
 | us:events:timeline                     | stream | events.append (global index)  | never   |
 
 Subscriptions are stored one JSON document per hash field, keyed by `hash_id`, a short stable hash of
@@ -68,6 +70,17 @@ def pending_due():
     The one index that spans profiles; under Redis Cluster it would be split per shard.
     """
     return f"{PREFIX}:pending:due"
+
+
+def manager_undo(db_id, profile_id):
+    """Hash: the subscription record as it was before the profile's last change in the manager
+    (fields hash_id, record, after), kept for the undo window."""
+    return f"{PREFIX}:{_profile_tag(db_id, profile_id)}:manager_undo"
+
+
+def suspensions_due():
+    """Sorted set of suspended subscriptions ("db_id|profile_id|hash_id") scored by the time they resume."""
+    return f"{PREFIX}:suspensions:due"
 
 
 def events_timeline():
