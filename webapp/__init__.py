@@ -51,11 +51,12 @@ def create_app(test_config=None):
 
     store.init_app(app)
     csrf.init_app(app)
-    from . import api, locale, pages
+    from . import api, locale, manager, pages
     locale.init_app(app)
     app.register_blueprint(api.bp)
     csrf.exempt(api.bp)
     app.register_blueprint(pages.bp)
+    app.register_blueprint(manager.bp)
     _register_error_handlers(app)
     return app
 

@@ -20,6 +20,7 @@ DEFAULTS = {
     "DEFAULT_LOCALE": "en",
     "TRUSTED_PROXIES": 0,  # number of proxies whose X-Forwarded-* headers are believed
     "TIME_UNIT_SECONDS": 60,  # length of one "minute" of delayed-unsubscribe timers; tests shorten it
+    "SUSPEND_DAY_SECONDS": 86400,  # length of one "day" of a suspension chosen in the manager; tests shorten it
     "VAR_DIR": "var",  # local redis data and generated development secrets
     "RQ_QUEUE": "unsubscribe",
 }
@@ -97,6 +98,7 @@ def load_settings(environ=None, dotenv_path=".env"):
     for key in ("PORT", "TRUSTED_PROXIES"):
         merged[key] = int(merged[key])
     merged["TIME_UNIT_SECONDS"] = float(merged["TIME_UNIT_SECONDS"])
+    merged["SUSPEND_DAY_SECONDS"] = float(merged["SUSPEND_DAY_SECONDS"])
     if not merged["API_TOKEN"] or not merged["SIGNING_KEYS"]:
         generated = _dev_secrets(merged["VAR_DIR"])
         merged["API_TOKEN"] = merged["API_TOKEN"] or generated["API_TOKEN"]

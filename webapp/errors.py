@@ -18,6 +18,14 @@ class InvalidInput(ServiceError):
     """A request value breaks a validation rule (the message names the field and the rule)."""
 
 
+class InvalidFields(InvalidInput):
+    """Several form fields are wrong at once; `errors` maps field name -> message (shown inline)."""
+
+    def __init__(self, errors):
+        super().__init__("; ".join(f"{k}: {v}" for k, v in errors.items()), field=next(iter(errors), None))
+        self.errors = errors
+
+
 class NotAuthorized(ServiceError):
     """Missing or wrong API token."""
     status = 401

@@ -3,8 +3,10 @@ browser's Accept-Language, then DEFAULT_LOCALE. Translations are gettext catalog
 webapp/translations (Flask-Babel)."""
 import os
 
+from datetime import datetime
+
 from flask import g, request
-from flask_babel import Babel
+from flask_babel import Babel, format_date, format_datetime
 
 LOCALES = ("en", "ru")
 LANGUAGE_NAMES = {"en": "English", "ru": "Русский"}
@@ -45,6 +47,14 @@ def _select():
 def init_app(app):
     app.config.setdefault("BABEL_TRANSLATION_DIRECTORIES", os.path.join(os.path.dirname(__file__), "translations"))
     Babel(app, locale_selector=_select)
+
+    @app.template_filter("localdate")
+    def localdate(iso, with_time=False):
+        """An RFC 3339 timestamp as a date (and time) in the page's language."""
+        if not iso:
+            return ""
+        moment = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+        return format_datetime(moment, "medium") if with_time else format_date(moment, "long")
 
     @app.context_processor
     def language_switcher():

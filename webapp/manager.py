@@ -1,0 +1,133 @@
+"""Blueprint /manage/<token>: the subscription manager, one page for all of a profile's subscriptions.
+
+The token is a signed, non-expiring manager token (tokens.py): it names the profile, and the subscription
+whose message carried it (which alone may be resubscribed from `unsubscribed`). GET only reads; every
+change is a CSRF-protected POST followed by a 303 back to the page.
+"""
+from urllib.parse import urlsplit
+
+from flask import Blueprint, current_app, make_response, redirect, render_template, request, url_for
+
+from . import preferences
+from .errors import BadToken, InvalidFields, ServiceError
+from .locale import set_page_locale
+from .pages import evidence, mask_address, no_store
+from .store import get_redis
+from .subscriptions import Status, subscribed_cats
+from .tokens import read_manager_token
+
+bp = Blueprint("manager", __name__)
+ACTIONS = ("save", "unsubscribe", "suspend", "resume", "resubscribe", "undo")
+CHANNEL_LABELS = {"email": "Email", "sms": "SMS", "push": "Push", "telegram_bot": "Telegram", "whatsapp": "WhatsApp",
+                  "viber": "Viber", "notify": "Notify"}
+
+
+def source_label(reg_info):
+    """Where the subscription came from, for "Why am I getting this?": a site's host, else how it was added."""
+    url = reg_info.get("url")
+    if url:
+        return urlsplit(url).hostname or url
+    return None
+
+
+def subscription_view(token, hash_id, record, resource, errors=None, entered=None):
+    status = Status(record["status"])
+    blocked = resource["unsubscribe"]["mode"] == "blocked"
+    on = set(subscribed_cats(resource, record))
+    fields = []
+    for fdef in resource["channel_settings"].get(record["channel"], {}).get("fields", []):
+        if fdef["in_manager"]:
+            value = record.get("custom_fields", {}).get(fdef["api_name"])
+            if entered is not None and fdef["api_name"] in entered:
+                value = entered[fdef["api_name"]]
+            fields.append({**fdef, "value": value, "error": (errors or {}).get(fdef["api_name"])})
+    return {
+        "hash_id": hash_id, "resource": resource, "channel": record["channel"],
+        "channel_label": CHANNEL_LABELS.get(record["channel"], record["channel"]),
+        "address": mask_address(record), "status": status.word, "blocked": blocked,
+        "categories": [{**c, "on": c["api_name"] in on, "locked": c["required"] or (blocked and c["api_name"] in on)}
+                       for c in resource["categories"] if c["in_manager"]],
+        "fields": fields,
+        "can_unsubscribe": not blocked and status in (Status.SUBSCRIBED, Status.SUSPENDED, Status.UNCONFIRMED),
+        "can_suspend": not blocked and status == Status.SUBSCRIBED,
+        "can_resume": status == Status.SUSPENDED,
+        "can_resubscribe": status == Status.UNSUBSCRIBED and token.hash_id == hash_id,
+        "needs_own_link": status == Status.UNSUBSCRIBED and token.hash_id != hash_id,
+        "is_final": status in preferences.NOT_RESUBSCRIBABLE,
+        "suspended_until": record.get("suspended_until"),
+        "registered": record["reg_info"].get("date"), "source": source_label(record["reg_info"]),
+    }
+
+
+def read_token(token):
+    return read_manager_token(current_app.extensions["signing_keys"], token)
+
+
+def render_manager(token_str, token, status=200, errors=None, entered=None, failed_hash=None, message=None,
+                   done=None):
+    r = get_redis()
+    items = preferences.overview(r, token.db_id, token.profile_id)
+    if not items:
+        return not_found()
+    first_record, first_resource = items[0][1], items[0][2]
+    set_page_locale(first_record.get("locale"), first_resource.get("default_locale"))
+    subs = [subscription_view(token, h, rec, res, errors if h == failed_hash else None,
+                              entered if h == failed_hash else None) for h, rec, res in items]
+    groups = []
+    for sub in subs:
+        if not groups or groups[-1]["resource"]["id"] != sub["resource"]["id"]:
+            groups.append({"resource": sub["resource"], "subscriptions": []})
+        groups[-1]["subscriptions"].append(sub)
+    html = render_template("manage.html", groups=groups, action_url=url_for("manager.manage", token=token_str),
+                           undo_hash=preferences.undo_available(r, token.db_id, token.profile_id),
+                           failed_hash=failed_hash, message=message, done=done,
+                           suspend_days=preferences.SUSPEND_DAYS)
+    return no_store(make_response(html, status))
+
+
+def not_found():
+    set_page_locale()
+    return no_store(make_response(render_template("message.html", status=404), 404))
+
+
+@bp.route("/manage/<token>/", methods=["GET", "POST"], strict_slashes=False)
+def manage(token):
+    try:
+        parsed = read_token(token)
+    except BadToken:
+        return not_found()
+    if request.method == "GET":
+        done = request.args.get("done")
+        return render_manager(token, parsed, done=done if done in ACTIONS else None)
+    action, hash_id = request.form.get("action"), request.form.get("hash_id", "")
+    if action not in ACTIONS:
+        return render_manager(token, parsed, status=400, message="unknown")
+    r, ev = get_redis(), evidence()
+    db_id, profile_id = parsed.db_id, parsed.profile_id
+    try:
+        if action == "save":
+            fields = {k[6:]: v for k, v in request.form.items() if k.startswith("field.")}
+            preferences.save_preferences(r, db_id, profile_id, hash_id, request.form.getlist("categories"),
+                                         fields, ev)
+        elif action == "unsubscribe":
+            preferences.unsubscribe_all(r, db_id, profile_id, hash_id, ev)
+        elif action == "suspend":
+            days = request.form.get("days", "")
+            preferences.suspend(r, db_id, profile_id, hash_id, int(days) if days.isdigit() else 0,
+                                current_app.config["SUSPEND_DAY_SECONDS"], ev)
+        elif action == "resume":
+            preferences.resume(r, db_id, profile_id, hash_id, ev)
+        elif action == "resubscribe":
+            preferences.resubscribe(r, db_id, profile_id, hash_id, parsed.hash_id, ev)
+        else:
+            preferences.undo(r, db_id, profile_id, ev)
+    except InvalidFields as exc:
+        entered = {k[6:]: v for k, v in request.form.items() if k.startswith("field.")}
+        return render_manager(token, parsed, status=400, errors=exc.errors, entered=entered, failed_hash=hash_id)
+    except ServiceError as exc:
+        return render_manager(token, parsed, status=exc.status, failed_hash=hash_id,
+                              message=type(exc).__name__)
+    lang = request.form.get("lang")
+    anchor = f"sub-{hash_id}" if hash_id else None
+    return redirect(url_for("manager.manage", token=token, done=action, _anchor=anchor,
+                            **({"lang": lang} if lang in ("en", "ru") else {})), code=303)

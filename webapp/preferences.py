@@ -1,0 +1,238 @@
+"""The subscription manager's rules: what a person may change about their own subscriptions.
+
+- categories marked `in_manager` can be switched; `required` ones cannot be switched off, and nothing can
+  be switched off on a blocked resource;
+- custom fields marked `in_manager` can be edited, typed and validated (all errors reported at once);
+- unsubscribe, suspend for 14/30/60/90 days (status `suspended`, back to `subscribed` when it ends: the
+  worker's sweeper reads keys.suspensions_due), resume;
+- resubscribe from `unsubscribed` only with the manager token issued for that very subscription (proof of
+  control of the address); `complained`, `hardbounced` and `invalid` are never resubscribed by the person;
+- the last change stays undoable for UNDO_WINDOW_SECONDS (keys.manager_undo), unless something changed since.
+Every change goes through subscriptions.update_profile and is a ledger event with method `manager`.
+"""
+import json
+import time
+from datetime import datetime, timezone
+
+from . import keys
+from .errors import Blocked, Conflict, Forbidden, InvalidFields, InvalidInput, NoSuchSubscription
+from .resources import get_resources
+from .subscriptions import Status, load_records, update_profile
+from .validation import format_time, now_iso
+
+SUSPEND_DAYS = (14, 30, 60, 90)
+UNDO_WINDOW_SECONDS = 600
+NOT_RESUBSCRIBABLE = (Status.COMPLAINED, Status.HARDBOUNCED, Status.INVALID)
+
+
+def overview(r, db_id, profile_id):
+    """[(hash_id, record, resource)] of the profile's live subscriptions, by resource name and channel."""
+    records = {h: rec for h, rec in load_records(r, db_id, profile_id).items() if not rec.get("is_delete")}
+    resources = get_resources(r, [rec["resource_id"] for rec in records.values()])
+    items = [(h, rec, resources[rec["resource_id"]]) for h, rec in records.items() if rec["resource_id"] in resources]
+    return sorted(items, key=lambda x: (x[2]["name"].lower(), x[2]["id"], x[1]["channel"], x[1]["priority"]))
+
+
+def parse_field(fdef, raw):
+    """A form value (string, or None for an unchecked box) as the field's type. Raises ValueError(reason)."""
+    ftype = fdef["type"]
+    if ftype == "bool":
+        return raw is not None
+    raw = (raw or "").strip()
+    if raw == "":
+        if fdef["required"]:
+            raise ValueError("required")
+        return None
+    if ftype == "int":
+        if not raw.lstrip("-").isdigit() or abs(int(raw)) >= 2 ** 63:
+            raise ValueError("int")
+        return int(raw)
+    if ftype == "float":
+        try:
+            value = float(raw.replace(",", "."))
+        except ValueError:
+            raise ValueError("float") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("float")
+        return value
+    if len(raw) > 1024:
+        raise ValueError("long")
+    return raw
+
+
+def _parse_preferences(resource, record, cats_on, field_values):
+    """Return (uncats, custom_fields) from the form; raises InvalidFields with every bad field."""
+    shown = {c["api_name"]: c for c in resource["categories"] if c["in_manager"]}
+    cats_on = set(cats_on)
+    unknown = cats_on - set(shown)
+    if unknown:
+        raise InvalidInput(f"category {sorted(unknown)[0]!r} cannot be changed here", field="categories")
+    uncats = set(record.get("uncats", []))
+    for name, cat in shown.items():
+        if name in cats_on or cat["required"]:
+            uncats.discard(name)
+        else:
+            uncats.add(name)
+    if uncats - set(record.get("uncats", [])) and resource["unsubscribe"]["mode"] == "blocked":
+        raise Blocked("these messages cannot be switched off")
+    values, errors = dict(record.get("custom_fields", {})), {}
+    for fdef in resource["channel_settings"].get(record["channel"], {}).get("fields", []):
+        if not fdef["in_manager"]:
+            continue
+        try:
+            values[fdef["api_name"]] = parse_field(fdef, field_values.get(fdef["api_name"]))
+        except ValueError as exc:
+            errors[fdef["api_name"]] = str(exc)
+    if errors:
+        raise InvalidFields(errors)
+    order = [c["api_name"] for c in resource["categories"]]
+    return sorted(uncats, key=lambda c: order.index(c) if c in order else len(order)), values
+
+
+def _change(r, db_id, profile_id, hash_id, edit, evidence, watch=()):
+    """Apply edit(record, resource, pc) -> new record to one subscription as a manager change, keep the
+    undo record and the suspension index in step, all in one MULTI/EXEC."""
+    undo_key = keys.manager_undo(db_id, profile_id)
+    member = f"{db_id}|{profile_id}|{hash_id}"
+
+    def change(pc):
+        record = pc.records.get(hash_id)
+        if record is None or record.get("is_delete"):
+            raise NoSuchSubscription("no such subscription")
+        resource = get_resources(r, [record["resource_id"]]).get(record["resource_id"])
+        if resource is None:
+            raise NoSuchSubscription("no such subscription")
+        new = edit(dict(record), resource, pc)
+        if new == record:
+            return record, resource
+        new["updated_at"] = now_iso()
+        pc.save(hash_id, new, resource, method="manager", evidence=evidence)
+        until = new.get("suspended_until") if new["status"] == Status.SUSPENDED else None
+
+        def write(pipe):
+            if until:
+                pipe.zadd(keys.suspensions_due(), {member: _epoch(until)})
+            else:
+                pipe.zrem(keys.suspensions_due(), member)
+            if not getattr(edit, "is_undo", False):
+                pipe.hset(undo_key, mapping={"hash_id": hash_id, "record": json.dumps(record),
+                                             "after": new["updated_at"]})
+                pipe.expire(undo_key, UNDO_WINDOW_SECONDS)
+            else:
+                pipe.delete(undo_key)
+        pc.also(write)
+        return new, resource
+
+    return update_profile(r, db_id, profile_id, change, watch=(undo_key,) + tuple(watch))[0]
+
+
+def _epoch(iso):
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def save_preferences(r, db_id, profile_id, hash_id, cats_on, field_values, evidence=None):
+    """Categories switched on (the rest of the manager's categories off) and field values from the form."""
+    def edit(record, resource, _pc):
+        record["uncats"], record["custom_fields"] = _parse_preferences(resource, record, cats_on, field_values)
+        return record
+    return _change(r, db_id, profile_id, hash_id, edit, evidence)
+
+
+def unsubscribe_all(r, db_id, profile_id, hash_id, evidence=None):
+    def edit(record, resource, _pc):
+        if resource["unsubscribe"]["mode"] == "blocked":
+            raise Blocked("these messages cannot be switched off")
+        if record["status"] in (Status.SUBSCRIBED, Status.SUSPENDED, Status.UNCONFIRMED):
+            record["status"] = int(Status.UNSUBSCRIBED)
+            record.pop("suspended_until", None)
+        return record
+    return _change(r, db_id, profile_id, hash_id, edit, evidence)
+
+
+def suspend(r, db_id, profile_id, hash_id, days, day_seconds, evidence=None):
+    """Suspend a subscribed subscription for 14, 30, 60 or 90 days."""
+    if days not in SUSPEND_DAYS:
+        raise InvalidInput(f"suspend for one of {', '.join(map(str, SUSPEND_DAYS))} days", field="days")
+
+    def edit(record, resource, _pc):
+        if resource["unsubscribe"]["mode"] == "blocked":
+            raise Blocked("these messages cannot be switched off")
+        if record["status"] != Status.SUBSCRIBED:
+            raise Conflict("only an active subscription can be paused")
+        record["status"] = int(Status.SUSPENDED)
+        record["suspended_until"] = format_time(datetime.fromtimestamp(time.time() + days * day_seconds,
+                                                                       tz=timezone.utc))
+        return record
+    return _change(r, db_id, profile_id, hash_id, edit, evidence)
+
+
+def resume(r, db_id, profile_id, hash_id, evidence=None):
+    def edit(record, _resource, _pc):
+        if record["status"] != Status.SUSPENDED:
+            raise Conflict("this subscription is not paused")
+        record["status"] = int(Status.SUBSCRIBED)
+        record.pop("suspended_until", None)
+        return record
+    return _change(r, db_id, profile_id, hash_id, edit, evidence)
+
+
+def resubscribe(r, db_id, profile_id, hash_id, token_hash_id, evidence=None):
+    """Back to subscribed from unsubscribed, only with the manager link of this very subscription."""
+    def edit(record, _resource, _pc):
+        status = Status(record["status"])
+        if status in NOT_RESUBSCRIBABLE:
+            raise Forbidden("this address cannot be subscribed again from here")
+        if status == Status.SUBSCRIBED:
+            return record
+        if status != Status.UNSUBSCRIBED:
+            raise Conflict("this subscription cannot be changed now")
+        if token_hash_id != hash_id:
+            raise Forbidden("to subscribe this address again, open the link in a message sent to it")
+        record["status"] = int(Status.SUBSCRIBED)
+        return record
+    return _change(r, db_id, profile_id, hash_id, edit, evidence)
+
+
+def undo_available(r, db_id, profile_id):
+    """The hash_id whose last manager change can still be undone, or None."""
+    return r.hget(keys.manager_undo(db_id, profile_id), "hash_id")
+
+
+def undo(r, db_id, profile_id, evidence=None):
+    """Restore the subscription the last manager change touched, if nothing changed it since."""
+    saved = r.hgetall(keys.manager_undo(db_id, profile_id))
+    if not saved:
+        raise Conflict("there is no recent change to undo")
+    hash_id = saved["hash_id"]
+
+    def edit(record, _resource, pc):
+        current = pc.pipe.hgetall(keys.manager_undo(db_id, profile_id))
+        if current != saved or record.get("updated_at") != saved["after"]:
+            raise Conflict("the subscription changed since; there is nothing to undo")
+        return json.loads(saved["record"])
+    edit.is_undo = True
+    return _change(r, db_id, profile_id, hash_id, edit, evidence)
+
+
+def resume_due_suspensions(r, now=None, limit=1000):
+    """Return suspended subscriptions whose time is up to `subscribed` (method suspend_expiry); the worker's
+    sweeper calls this. Idempotent: a member whose record is no longer due is just dropped from the index."""
+    now = time.time() if now is None else now
+    resumed = 0
+    for member in r.zrangebyscore(keys.suspensions_due(), "-inf", now, start=0, num=limit):
+        db_id, profile_id, hash_id = member.split("|")
+        db_id = int(db_id)
+
+        def change(pc, hash_id=hash_id, member=member):
+            pc.also(lambda pipe: pipe.zrem(keys.suspensions_due(), member))
+            record = pc.records.get(hash_id)
+            if (record is None or record["status"] != Status.SUSPENDED or not record.get("suspended_until")
+                    or _epoch(record["suspended_until"]) > now):
+                return 0
+            resource = get_resources(r, [record["resource_id"]]).get(record["resource_id"]) or {"categories": []}
+            new = dict(record, status=int(Status.SUBSCRIBED), updated_at=now_iso())
+            new.pop("suspended_until")
+            pc.save(hash_id, new, resource, method="suspend_expiry")
+            return 1
+        resumed += update_profile(r, db_id, profile_id, change)[0]
+    return resumed
