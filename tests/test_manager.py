@@ -1,0 +1,185 @@
+"""/manage/<token>: one profile's subscriptions, categories, fields, suspend/resume, resubscribe, undo."""
+import re
+import time
+
+import pytest
+
+from conftest import email_resource, redis_state
+from webapp import events, preferences
+
+
+def setup_profile(api, profile_id="p-42", email="ann@example.com", mode="confirm", **resource_kw):
+    res = api.ok("resources/add", **email_resource(
+        unsubscribe={"mode": mode},
+        channel_settings={"email": {"from_email": "news@shop.example", "list_id": "weekly.shop.example", "fields": [
+            {"title": "Plan", "api_name": "plan", "type": "line", "in_manager": True},
+            {"title": "Age", "api_name": "age", "type": "int", "in_manager": True},
+            {"title": "Score", "api_name": "score", "type": "float", "in_manager": True},
+            {"title": "VIP", "api_name": "vip", "type": "bool", "in_manager": True},
+            {"title": "Internal", "api_name": "internal", "type": "line", "in_manager": False}]}},
+        **resource_kw))
+    ident = {"db_id": 1, "profile_id": profile_id, "resource_id": res["id"], "channel": "email", "email": email}
+    sub = api.ok("subscriptions/set", **ident, url="https://shop.example/signup",
+                 custom_fields={"internal": "secret-note"})
+    links = api.ok("messages/links", **ident)
+    return res, ident, sub, links["manage_url"].removeprefix("https://unsub.example")
+
+
+def token_of(html):
+    return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+
+
+def post(client, path, **form):
+    html = client.get(path).get_data(as_text=True)
+    return client.post(path, data={"csrf_token": token_of(html), **form})
+
+
+def test_page_shows_subscriptions_grouped_and_masked(api, client):
+    res, ident, sub, path = setup_profile(api)
+    api.ok("subscriptions/set", **{**ident, "channel": "sms", "email": None, "phone": "+79001234567"})
+    html = client.get(path).get_data(as_text=True)
+    assert "Weekly news" in html and "a••@example.com" in html and "+7••••••4567" in html
+    assert "ann@example.com" not in html and "secret-note" not in html       # no full address, no hidden field
+    assert re.search(r'value="receipts"\s+checked disabled', html)             # required category locked
+    assert "Why am I getting this?" in html and "shop.example" in html
+    assert 'name="field.age"' in html and 'name="field.internal"' not in html
+
+
+def test_toggle_category_and_edit_fields(api, client, r):
+    _res, ident, sub, path = setup_profile(api)
+    resp = post(client, path, action="save", hash_id=sub["hash_id"], **{"field.plan": "pro", "field.age": "33",
+                                                                        "field.score": "4,5", "field.vip": "on"})
+    assert resp.status_code == 303
+    got = api.ok("subscriptions/get", **ident)
+    assert got["cats"] == ["receipts"]                                         # news unchecked, receipts locked on
+    assert got["custom_fields"] == {"internal": "secret-note", "plan": "pro", "age": 33, "score": 4.5, "vip": True}
+    event = events.list_events(r, 1, "p-42")[0][0]
+    assert event["method"] == "manager" and event["after"]["cats"] == ["receipts"]
+
+
+@pytest.mark.parametrize("field,value,text", [("field.age", "3.5", "whole number"),
+                                              ("field.score", "lots", "Enter a number")])
+def test_bad_field_value_shows_inline_error_and_saves_nothing(api, client, r, field, value, text):
+    _res, _ident, sub, path = setup_profile(api)
+    token = token_of(client.get(path).get_data(as_text=True))
+    before = redis_state(r)
+    resp = client.post(path, data={"csrf_token": token, "action": "save", "hash_id": sub["hash_id"],
+                                   "categories": ["news"], "field.plan": "pro", field: value})
+    html = resp.get_data(as_text=True)
+    assert resp.status_code == 400 and text in html and 'aria-invalid="true"' in html
+    assert f'value="{value}"' in html                                          # what was typed stays
+    assert redis_state(r) == before
+
+
+def test_suspend_resume_unsubscribe_and_undo(api, client, r):
+    _res, ident, sub, path = setup_profile(api)
+    h = sub["hash_id"]
+    assert post(client, path, action="suspend", hash_id=h, days="14").status_code == 303
+    got = api.ok("subscriptions/get", **ident)
+    assert got["status"] == "suspended" and got["suspended_until"]
+    html = client.get(path).get_data(as_text=True)
+    assert "Paused until" in html and 'value="resume"' in html
+    assert r.zcard("us:suspensions:due") == 1
+    assert post(client, path, action="resume", hash_id=h).status_code == 303
+    assert api.ok("subscriptions/get", **ident)["status"] == "subscribed" and r.zcard("us:suspensions:due") == 0
+    assert post(client, path, action="unsubscribe", hash_id=h).status_code == 303
+    assert api.ok("subscriptions/get", **ident)["status"] == "unsubscribed"
+    assert "You can undo your last change" in client.get(path).get_data(as_text=True)
+    assert post(client, path, action="undo", hash_id=h).status_code == 303
+    assert api.ok("subscriptions/get", **ident)["status"] == "subscribed"
+    assert post(client, path, action="undo", hash_id=h).status_code == 409    # nothing left to undo
+    methods = [e["method"] for e in events.list_events(r, 1, "p-42")[0]]
+    assert methods == ["manager"] * 4 + ["api"]       # suspend, resume, unsubscribe, undo
+
+
+def test_undo_refused_after_another_change(api, client):
+    _res, ident, sub, path = setup_profile(api)
+    post(client, path, action="unsubscribe", hash_id=sub["hash_id"])
+    api.ok("subscriptions/set", **ident, status="complained")
+    assert post(client, path, action="undo", hash_id=sub["hash_id"]).status_code == 409
+    assert api.ok("subscriptions/get", **ident)["status"] == "complained"
+
+
+def test_suspend_days_are_limited(api, client, r):
+    _res, _ident, sub, path = setup_profile(api)
+    token = token_of(client.get(path).get_data(as_text=True))
+    before = redis_state(r)
+    resp = client.post(path, data={"csrf_token": token, "action": "suspend", "hash_id": sub["hash_id"], "days": "7"})
+    assert resp.status_code == 400 and redis_state(r) == before
+
+
+def test_resubscribe_needs_the_link_of_that_subscription(api, client, r):
+    _res, ident, sub, path = setup_profile(api)
+    other = api.ok("subscriptions/set", **{**ident, "email": "work@example.com"})
+    api.ok("subscriptions/set", **{**ident, "email": "work@example.com"}, status="unsubscribed")
+    api.ok("subscriptions/set", **ident, status="unsubscribed")
+    html = client.get(path).get_data(as_text=True)
+    assert html.count('value="resubscribe"') == 1                              # only the link's own subscription
+    before = redis_state(r)
+    assert post(client, path, action="resubscribe", hash_id=other["hash_id"]).status_code == 403
+    assert redis_state(r) == before
+    assert post(client, path, action="resubscribe", hash_id=sub["hash_id"]).status_code == 303
+    assert api.ok("subscriptions/get", **ident)["status"] == "subscribed"
+
+
+@pytest.mark.parametrize("status", ["complained", "hardbounced", "invalid"])
+def test_final_statuses_cannot_be_resubscribed(api, client, r, status):
+    _res, ident, sub, path = setup_profile(api)
+    token = token_of(client.get(path).get_data(as_text=True))    # the page has no form once it is final
+    api.ok("subscriptions/set", **ident, status=status)
+    assert 'value="resubscribe"' not in client.get(path).get_data(as_text=True)
+    before = redis_state(r)
+    resp = client.post(path, data={"csrf_token": token, "action": "resubscribe", "hash_id": sub["hash_id"]})
+    assert resp.status_code == 403
+    assert redis_state(r) == before
+
+
+def test_blocked_resource_cannot_be_switched_off(api, client, r):
+    _res, _ident, sub, path = setup_profile(api, mode="blocked")
+    html = client.get(path).get_data(as_text=True)
+    assert 'value="unsubscribe"' not in html and 'value="suspend"' not in html
+    before = redis_state(r)
+    assert post(client, path, action="unsubscribe", hash_id=sub["hash_id"]).status_code == 403
+    assert post(client, path, action="save", hash_id=sub["hash_id"]).status_code == 403    # news unchecked
+    assert redis_state(r) == before
+
+
+def test_one_profiles_token_cannot_touch_another_profile(api, client, r):
+    _res, ident_a, sub_a, path_a = setup_profile(api, "alice", "alice@example.com")
+    _res_b, ident_b, sub_b, path_b = setup_profile(api, "bob", "bob@example.com")
+    assert "b••@example.com" not in client.get(path_a).get_data(as_text=True)
+    before = redis_state(r)
+    for action in ("unsubscribe", "suspend", "save", "resubscribe"):
+        resp = post(client, path_a, action=action, hash_id=sub_b["hash_id"], days="14")
+        assert resp.status_code == 404
+    assert redis_state(r) == before
+    assert api.ok("subscriptions/get", **ident_b)["status"] == "subscribed"
+
+
+@pytest.mark.parametrize("lang,text", [("en", "This link is not valid"), ("ru", "Ссылка недействительна")])
+def test_forged_token_gets_a_404_page(api, client, lang, text):
+    _res, _ident, _sub, path = setup_profile(api)
+    for bad in (path[:-1], path[:-1] + ("A" if path[-1] != "A" else "B"), "/manage/garbage"):
+        resp = client.get(bad, headers={"Accept-Language": lang})
+        assert resp.status_code == 404 and text in resp.get_data(as_text=True)
+
+
+def test_forms_need_csrf(api, client, r):
+    _res, _ident, sub, path = setup_profile(api)
+    before = redis_state(r)
+    assert client.post(path, data={"action": "unsubscribe", "hash_id": sub["hash_id"]}).status_code == 400
+    assert redis_state(r) == before
+
+
+def test_suspension_ends_by_itself(api, app, client, r):
+    app.config["SUSPEND_DAY_SECONDS"] = 0.1         # 14 "days" = 1.4 s
+    _res, ident, sub, path = setup_profile(api)
+    post(client, path, action="suspend", hash_id=sub["hash_id"], days="14")
+    assert preferences.resume_due_suspensions(r) == 0                         # not yet
+    assert api.ok("subscriptions/get", **ident)["status"] == "suspended"
+    time.sleep(1.5)
+    assert preferences.resume_due_suspensions(r) == 1
+    assert api.ok("subscriptions/get", **ident)["status"] == "subscribed"
+    assert events.list_events(r, 1, "p-42")[0][0]["method"] == "suspend_expiry"
+    assert r.zcard("us:suspensions:due") == 0
+    assert preferences.resume_due_suspensions(r) == 0                         # idempotent
