@@ -80,9 +80,14 @@ def _parse_preferences(resource, record, cats_on, field_values):
         if not fdef["in_manager"]:
             continue
         try:
-            values[fdef["api_name"]] = parse_field(fdef, field_values.get(fdef["api_name"]))
+            value = parse_field(fdef, field_values.get(fdef["api_name"]))
         except ValueError as exc:
             errors[fdef["api_name"]] = str(exc)
+            continue
+        if value is None:
+            values.pop(fdef["api_name"], None)  # an emptied input clears the field
+        else:
+            values[fdef["api_name"]] = value
     if errors:
         raise InvalidFields(errors)
     order = [c["api_name"] for c in resource["categories"]]

@@ -1,0 +1,73 @@
+"""The subscription manager walked in real Chromium, in English and Russian, with screenshots."""
+import pytest
+
+from conftest import email_resource, screenshot
+
+pytestmark = pytest.mark.browser
+
+
+def manager_link(live):
+    api = live.api
+    res = api.ok("resources/add", **email_resource(channel_settings={"email": {
+        "from_email": "news@shop.example", "list_id": "weekly.shop.example",
+        "fields": [{"title": "Age", "api_name": "age", "type": "int", "in_manager": True}]}}))
+    ident = {"db_id": 1, "profile_id": "p-42", "resource_id": res["id"], "channel": "email",
+             "email": "ann@example.com"}
+    api.ok("subscriptions/set", **ident, url="https://shop.example/signup")
+    api.ok("subscriptions/set", db_id=1, profile_id="p-42", resource_id=res["id"], channel="sms",
+           phone="+79001234567")
+    return api.ok("messages/links", **ident)["manage_url"], ident
+
+
+@pytest.mark.parametrize("lang", ["en", "ru"])
+def test_manager_walkthrough(live_server, open_page, r, lang):
+    url, ident = manager_link(live_server)
+    api = live_server.api
+    page = open_page(url, lang, mobile=(lang == "ru"))
+    screenshot(page, f"manager-{lang}")
+    card = page.locator("article").first
+
+    # toggle a category off and save
+    card.locator('input[value="news"]').uncheck()
+    card.locator('button[value="save"]').click()
+    page.wait_for_url("**done=save**")
+    assert api.ok("subscriptions/get", **ident)["cats"] == ["receipts"]
+
+    # a bad field value: inline error, nothing saved
+    card = page.locator("article").first
+    card.locator('input[name="field.age"]').fill("thirty")
+    card.locator('button[value="save"]').click()
+    assert page.locator('[aria-invalid="true"]').count() == 1
+    assert page.locator(".error-text").is_visible()
+    screenshot(page, f"manager-field-error-{lang}")
+    assert api.ok("subscriptions/get", **ident)["custom_fields"] == {}
+    card = page.locator("article").first
+    card.locator('input[name="field.age"]').fill("30")
+    card.locator('button[value="save"]').click()
+    page.wait_for_url("**done=save**")
+    assert api.ok("subscriptions/get", **ident)["custom_fields"] == {"age": 30}
+
+    # suspend for 14 days: status and resume date shown
+    card = page.locator("article").first
+    card.locator("select").select_option("14")
+    card.locator('button[value="suspend"]').click()
+    page.wait_for_url("**done=suspend**")
+    sub = api.ok("subscriptions/get", **ident)
+    assert sub["status"] == "suspended"
+    card = page.locator("article").first
+    assert card.locator(".badge.suspended").is_visible()
+    assert {"en": "Paused until", "ru": "На паузе до"}[lang] in card.inner_text()
+    screenshot(page, f"manager-suspended-{lang}")
+
+    # resume, unsubscribe all, undo
+    card.locator('button[value="resume"]').click()
+    page.wait_for_url("**done=resume**")
+    assert api.ok("subscriptions/get", **ident)["status"] == "subscribed"
+    page.locator("article").first.locator('button[value="unsubscribe"]').click()
+    page.wait_for_url("**done=unsubscribe**")
+    assert api.ok("subscriptions/get", **ident)["status"] == "unsubscribed"
+    screenshot(page, f"manager-unsubscribed-{lang}")
+    page.locator('form.undo button[value="undo"]').click()
+    page.wait_for_url("**done=undo**")
+    assert api.ok("subscriptions/get", **ident)["status"] == "subscribed"
+    assert page.locator("form.undo").count() == 0
