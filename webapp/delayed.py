@@ -1,32 +1,44 @@
-"""Delayed work on RQ: scheduling the trigger of a delayed-unsubscribe timer, and the sweeper.
+"""Delayed work on RQ: the triggers of delayed-unsubscribe timers, and the sweeper.
 
-The pending record in Redis (see unsubscribe.py) is the truth; an RQ job is only a trigger. Facts this
-design follows (shared/reference/standards.md §2):
-- RQ's scheduler polls once a second and scores jobs in whole seconds, so a job is scheduled for the
-  second *after* the deadline (never before it) and re-checks the deadline when it runs;
+The pending record in Redis (see unsubscribe.py, "delayed mode") is the truth and `pending_due` indexes it by
+deadline; RQ jobs and sweepers are only triggers, and every trigger goes through `unsubscribe.fire_timers`,
+which settles a timer atomically (Lua compare-and-set) only if it is still pending and due. Facts this design
+follows (shared/reference/standards.md §2):
+- RQ's scheduler polls once a second, scores jobs in whole seconds and moves at most 1000 due jobs per queue
+  per poll, so one job per timer could not keep up with bursts of deadlines and would cost a job hash per
+  pending timer. A timer's trigger is instead a *tick*: one job per deadline second (unique job id, RQ >= 3.0
+  honours `unique` for enqueue_at), scheduled for the second *after* the deadline, that fires every timer due
+  by then. Arming many timers ending in the same second schedules one job;
 - job.cancel() races with the scheduler, so a cancel never touches RQ: it deletes the pending record and
-  the job, whenever it runs, finds nothing to do;
+  the tick, whenever it runs, finds nothing to do;
 - a job `ttl` shorter than its delay silently loses it, so jobs keep ttl=None;
-- a standby scheduler may take many minutes to take over and jobs vanish with a Redis that lost writes,
-  so every worker also runs `sweep_once` every SWEEP_INTERVAL seconds, firing overdue records directly.
+- a standby scheduler takes over only after the dead one's lock expires (61 s) and RQ jobs vanish with a
+  Redis that lost writes, so every worker process also runs a `Sweeper` thread that fires due timers from
+  `pending_due` every SWEEP_INTERVAL seconds. The sweepers are what makes deadlines accurate (a tick runs
+  0-2 s after its deadline); ticks keep timers firing under a plain `rq worker --with-scheduler`.
 The JSON serializer is used because RQ's default, pickle, must never load data an attacker can shape.
 """
-import hashlib
 import logging
 import math
+import random
+import re
 import threading
 import time
 from datetime import datetime, timezone
 
 from rq import Queue
+from rq.exceptions import DuplicateJobError
 from rq.serializers import JSONSerializer
 
-from .unsubscribe import due_timers, fire_timer
+from .unsubscribe import FIRE_BATCH, due_timers, fire_timers
 
 log = logging.getLogger("workers.sweeper")
-FIRE_JOB = "workers.jobs.fire_delayed_unsubscribe"
-SWEEP_INTERVAL = 0.5  # seconds between sweeps in each worker
-SWEEP_GRACE = 1.0  # seconds a due timer is left to its RQ job before the sweeper fires it
+FIRE_JOB = "workers.jobs.fire_delayed_unsubscribe"  # fires one named timer (kept for jobs already queued)
+TICK_JOB = "workers.jobs.fire_due_timers"  # fires every due timer
+SWEEP_INTERVAL = 0.25  # seconds between sweeps in each worker process
+SWEEP_GRACE = 0.0  # seconds past its deadline before a sweeper fires a timer
+TICK_BUDGET = 60.0  # seconds a tick job may spend on a backlog before it leaves the rest to the next one
+TICK_TIMEOUT = 180  # RQ job timeout of a tick, seconds
 FAILED_JOB_TTL = 86400  # seconds a failed trigger stays inspectable
 
 
@@ -35,28 +47,43 @@ def timer_queue(rq_redis, name):
     return Queue(name, connection=rq_redis, serializer=JSONSerializer)
 
 
-def timer_job_id(db_id, profile_id, hash_id, deadline):
-    """RQ job ids allow only [A-Za-z0-9_-]; profile ids may hold other characters, so hash the key."""
-    digest = hashlib.sha256(f"{db_id}|{profile_id}|{hash_id}|{int(deadline * 1000)}".encode()).hexdigest()
-    return f"timer-{digest[:32]}"
+def tick_job_id(queue_name, second):
+    """RQ job ids allow only [A-Za-z0-9_-]: one id per queue and whole epoch second."""
+    return f"timers-{re.sub(r'[^A-Za-z0-9_-]', '_', queue_name)}-{int(second)}"
 
 
 def schedule_timer(queue, db_id, profile_id, hash_id, deadline):
-    """Enqueue the trigger for one armed timer at the first whole second not before its deadline."""
-    run_at = datetime.fromtimestamp(math.ceil(deadline), tz=timezone.utc)
-    queue.enqueue_at(run_at, FIRE_JOB, db_id, profile_id, hash_id,
-                     job_id=timer_job_id(db_id, profile_id, hash_id, deadline),
-                     result_ttl=0, failure_ttl=FAILED_JOB_TTL, ttl=None)
+    """Make sure a tick runs at the first whole second not before `deadline` (the timer db_id/profile_id/
+    hash_id is fired by it with every other timer due by then). Idempotent: one job per second."""
+    second = math.ceil(deadline)
+    try:
+        queue.enqueue_at(datetime.fromtimestamp(second, tz=timezone.utc), TICK_JOB,
+                         job_id=tick_job_id(queue.name, second), unique=True, result_ttl=0,
+                         failure_ttl=FAILED_JOB_TTL, ttl=None, job_timeout=TICK_TIMEOUT)
+    except DuplicateJobError:
+        pass  # this second's tick is already scheduled (or running: the sweepers catch what it misses)
 
 
-def sweep_once(r, now=None, grace=SWEEP_GRACE, limit=1000):
-    """Fire every timer overdue by more than `grace` seconds; return how many fired."""
-    now = time.time() if now is None else now
-    return sum(1 for key in due_timers(r, now - grace, limit) if fire_timer(r, *key))
+def sweep_once(r, now=None, grace=SWEEP_GRACE, limit=FIRE_BATCH):
+    """Fire up to `limit` timers due by `now` - `grace` (now: the Redis clock); return how many fired."""
+    due = due_timers(r, now, limit, grace)
+    if not due:
+        return 0
+    return sum(1 for code in fire_timers(r, due, now).values() if code in ("fired", "dropped"))
+
+
+def fire_due(r, budget=TICK_BUDGET, grace=SWEEP_GRACE, limit=FIRE_BATCH):
+    """Sweep until fewer than a full batch fire (or `budget` seconds pass); return how many fired."""
+    started, total = time.monotonic(), 0
+    while True:
+        fired = sweep_once(r, grace=grace, limit=limit)
+        total += fired
+        if fired < limit or time.monotonic() - started > budget:
+            return total
 
 
 class Sweeper(threading.Thread):
-    """Background thread of a worker process running sweep_once until stopped."""
+    """Background thread of a worker process firing due timers every `interval` seconds until stopped."""
 
     def __init__(self, connect, interval=SWEEP_INTERVAL, grace=SWEEP_GRACE):
         super().__init__(name="timer-sweeper", daemon=True)
@@ -65,8 +92,19 @@ class Sweeper(threading.Thread):
 
     def run(self):
         r = self.connect()
-        while not self.stopped.wait(self.interval):
+        failing = False
+        # Workers started together would sweep in lockstep and race for the same timers: start at a random phase.
+        self.stopped.wait(random.uniform(0, self.interval))
+        while not self.stopped.is_set():
             try:
-                sweep_once(r, grace=self.grace)
+                fired = fire_due(r, budget=self.interval * 4, grace=self.grace)
+                if failing:
+                    log.warning("sweeper reconnected")
+                    failing = False
+                if fired:
+                    log.debug("sweeper fired %d timers", fired)
             except Exception:  # noqa: BLE001 - a Redis outage must not kill the sweeper; it retries next tick
-                log.exception("sweep failed; retrying")
+                if not failing:
+                    log.exception("sweep failed; retrying every %.2f s", self.interval)
+                failing = True
+            self.stopped.wait(self.interval)

@@ -15,9 +15,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from . import keys
+from . import events, keys, scripts
 from .errors import Blocked, Conflict, InvalidInput, NoSuchSubscription
-from .resources import get_resource
+from .resources import get_resource, get_resources
 from .subscriptions import Status, state_of, subscribed_cats, update_profile
 from .tokens import read_smid
 from .validation import now_iso
@@ -163,9 +163,28 @@ def undo(r, ctx, evidence=None):
 
 
 # -- delayed mode -------------------------------------------------------------------------------------
+#
+# The pending record (keys.pending_unsubscribe) is the truth, indexed by deadline in keys.pending_due. Every
+# step that settles it is atomic against the others:
+# - cancel_timer and unsubscribe ("now") delete it in a WATCH/MULTI transaction that also watches the record;
+# - fire_timers (the worker's RQ job, its sweeper and fire_timer) read the timer's state in one pipeline,
+#   build the new subscription and the chained ledger event in Python, and apply them with the Lua script
+#   scripts.FIRE_TIMERS only if the record, the subscription and the ledger are still what was read and the
+#   deadline has passed. A cancel that committed first leaves nothing to fire; a cancel that comes after the
+#   fire finds no record and answers "unsubscribed". Duplicate or late runs find nothing and change nothing.
+# Deadlines come from the Redis server clock (TIME), and the Lua script decides "due" by the same clock.
+
+FIRE_BATCH = 500  # timers settled per Lua call
+FIRE_ATTEMPTS = 5  # reads-and-applies of a timer whose state changed under us, before leaving it to the next sweep
+
 
 def _due_member(db_id, profile_id, hash_id):
     return f"{db_id}|{profile_id}|{hash_id}"
+
+
+def _parse_member(member):
+    db_id, profile_id, hash_id = member.split("|")
+    return int(db_id), profile_id, hash_id
 
 
 def _drop_pending(pipe, db_id, profile_id, hash_id):
@@ -173,8 +192,13 @@ def _drop_pending(pipe, db_id, profile_id, hash_id):
     pipe.zrem(keys.pending_due(), _due_member(db_id, profile_id, hash_id))
 
 
+def _server_time(client):
+    seconds, micros = client.time()
+    return seconds + micros / 1_000_000
+
+
 def read_pending(r, ctx):
-    """The pending timer of this subscription as {"deadline", "scope", "smid"}, or None."""
+    """The pending timer of this subscription as {"deadline", "scope", "smid", "armed_at", "evidence"}, or None."""
     raw = r.hgetall(keys.pending_unsubscribe(*ctx.key))
     return _decode_pending(raw)
 
@@ -186,11 +210,28 @@ def _decode_pending(raw):
             "armed_at": float(raw["armed_at"]), "evidence": json.loads(raw.get("evidence", "{}"))}
 
 
+def pending_fields(ctx, scope, now, deadline, evidence=None):
+    """The pending record's hash fields for a timer armed at `now` (epoch seconds) ending at `deadline`."""
+    return {"deadline": repr(deadline), "armed_at": repr(now), "scope": json.dumps(scope),
+            "smid": ctx.token, "evidence": json.dumps(_evidence(ctx, evidence))}
+
+
+def queue_pending_writes(pipe, db_id, profile_id, hash_id, fields):
+    """Add the writes that store a new pending record (and index it by deadline) to `pipe`."""
+    pending_key = keys.pending_unsubscribe(db_id, profile_id, hash_id)
+    deadline = float(fields["deadline"])
+    pipe.hset(pending_key, mapping=fields)
+    # Kept a day past the deadline so a late sweeper still finds it; settled records are deleted.
+    pipe.expireat(pending_key, int(deadline) + 86400)
+    pipe.zadd(keys.pending_due(), {_due_member(db_id, profile_id, hash_id): deadline})
+
+
 def arm_timer(r, ctx, scope, unit_seconds, evidence=None, on_armed=None):
     """Start the delayed unsubscribe (idempotent: an existing timer keeps its deadline).
 
     Returns {"state": "pending", "deadline": epoch seconds} or {"state": "unsubscribed"} when there is nothing
-    left to stop. `on_armed(db_id, profile_id, hash_id, deadline)` schedules the trigger for a new timer.
+    left to stop. `on_armed(db_id, profile_id, hash_id, deadline)` schedules the trigger for a new timer; if it
+    fails the timer stays armed and the workers' sweepers fire it. The deadline is taken from the Redis clock.
     """
     _check_not_blocked(ctx)
     db_id, profile_id, hash_id = ctx.key
@@ -204,18 +245,10 @@ def arm_timer(r, ctx, scope, unit_seconds, evidence=None, on_armed=None):
         record = pc.records[hash_id]
         if unsubscribed_record(ctx.resource, record, scope) == record:
             return {"state": "unsubscribed", "new": False}
-        now = time.time()
-        deadline = now + seconds
-        fields = {"deadline": repr(deadline), "armed_at": repr(now), "scope": json.dumps(scope),
-                  "smid": ctx.token, "evidence": json.dumps(_evidence(ctx, evidence))}
-
-        def write(pipe):
-            pipe.hset(pending_key, mapping=fields)
-            # Kept a day past the deadline so a late sweeper still finds it; settled records are deleted.
-            pipe.expireat(pending_key, int(deadline) + 86400)
-            pipe.zadd(keys.pending_due(), {_due_member(db_id, profile_id, hash_id): deadline})
-        pc.also(write)
-        return {"state": "pending", "deadline": deadline, "new": True}
+        now = _server_time(pc.pipe)
+        fields = pending_fields(ctx, scope, now, now + seconds, evidence)
+        pc.also(lambda pipe: queue_pending_writes(pipe, db_id, profile_id, hash_id, fields))
+        return {"state": "pending", "deadline": float(fields["deadline"]), "new": True}
 
     result = update_profile(r, db_id, profile_id, change, watch=(pending_key,))[0]
     if result.pop("new") and on_armed:
@@ -227,8 +260,9 @@ def arm_timer(r, ctx, scope, unit_seconds, evidence=None, on_armed=None):
 
 
 def cancel_timer(r, ctx, evidence=None):
-    """Cancel a pending timer. Returns "cancelled", or "unsubscribed" when the timer already fired (or the
-    subscription is not subscribed any more), or "none" when there was no timer."""
+    """Cancel a pending timer. Returns "cancelled"; or "unsubscribed" when the timer already fired (also when
+    it stopped only some categories) or the subscription is not subscribed any more; or "none" when there was
+    no timer. "cancelled" is final: a timer whose cancel was answered so never fires."""
     db_id, profile_id, hash_id = ctx.key
     pending_key = keys.pending_unsubscribe(db_id, profile_id, hash_id)
 
@@ -239,43 +273,91 @@ def cancel_timer(r, ctx, evidence=None):
         record = pc.records.get(hash_id)
         if record and record["status"] != Status.SUBSCRIBED:
             return "unsubscribed"
+        # A timer that stopped only some categories leaves the subscription subscribed: its ledger says it fired.
+        recent = [json.loads(x) for x in pc.pipe.lrange(keys.profile_events(db_id, profile_id), -50, -1)]
+        mine = [e for e in recent if e["hash_id"] == hash_id]
+        if mine and mine[-1]["method"] == "timer":
+            return "unsubscribed"
         return "none"
 
     return update_profile(r, db_id, profile_id, change, watch=(pending_key,))[0]
 
 
-def fire_timer(r, db_id, profile_id, hash_id, now=None):
-    """Settle one due timer (the worker's job and the sweeper call this). A no-op unless the pending record
-    still exists and is due, so duplicate, late or cancelled runs change nothing. Returns True if it fired."""
-    pending_key = keys.pending_unsubscribe(db_id, profile_id, hash_id)
-
-    def change(pc):
-        pending = _decode_pending(pc.pipe.hgetall(pending_key))
-        if pending is None:
-            pc.also(lambda pipe: pipe.zrem(keys.pending_due(), _due_member(db_id, profile_id, hash_id)))
-            return False
-        if pending["deadline"] > (time.time() if now is None else now):
-            return False
-        pc.also(lambda pipe: _drop_pending(pipe, db_id, profile_id, hash_id))
-        record = pc.records.get(hash_id)
-        if record is None:
-            return False
-        resource = get_resource(r, record["resource_id"])
+def _settlement(db_id, profile_id, hash_id, pending_raw, sub_raw, ledger_len, last_raw, resources):
+    """Keys and args of scripts.FIRE_TIMERS for one timer, from what was read (see fire_timers)."""
+    pending = _decode_pending(pending_raw)
+    new_sub = event_raw = ref = ""
+    record = json.loads(sub_raw) if sub_raw else None
+    if pending is not None and record is not None:
+        # A resource deleted since the timer started: its categories are unknown, so the whole subscription stops.
+        resource = resources.get(record["resource_id"]) or {"categories": []}
         new = unsubscribed_record(resource, record, pending["scope"])
         if new != record:
             new["updated_at"] = now_iso()
-            pc.save(hash_id, new, resource, method="timer", smid=pending["smid"], evidence=pending["evidence"])
-        return True
+            # Encoded exactly as subscriptions.ProfileChange.flush and events.queue_append do.
+            new_sub = json.dumps(new, separators=(",", ":"), ensure_ascii=False)
+            before, after = state_of(resource, record), state_of(resource, new)
+            if before != after:
+                event = events.new_event(json.loads(last_raw) if last_raw else None, db_id=db_id,
+                                         profile_id=profile_id, resource_id=record["resource_id"],
+                                         channel=record["channel"], hash_id=hash_id, method="timer",
+                                         before=before, after=after, smid=pending["smid"],
+                                         evidence=pending["evidence"])
+                event_raw = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+                ref = f"{db_id}|{profile_id}|{event['seq']}"
+    item_keys = (keys.pending_unsubscribe(db_id, profile_id, hash_id), keys.profile_subscriptions(db_id, profile_id),
+                 keys.profile_events(db_id, profile_id), keys.db_profiles(db_id))
+    item_args = (_due_member(db_id, profile_id, hash_id), hash_id,
+                 (pending_raw or {}).get("deadline", ""), (pending_raw or {}).get("armed_at", ""),
+                 sub_raw or "", ledger_len, new_sub, event_raw, ref, profile_id)
+    return item_keys, item_args, record is not None
 
-    return update_profile(r, db_id, profile_id, change, watch=(pending_key,))[0]
+
+def _fire_round(r, timers, now):
+    with r.pipeline(transaction=False) as pipe:
+        for db_id, profile_id, hash_id in timers:
+            events_key = keys.profile_events(db_id, profile_id)
+            pipe.hgetall(keys.pending_unsubscribe(db_id, profile_id, hash_id))
+            pipe.hget(keys.profile_subscriptions(db_id, profile_id), hash_id)
+            pipe.llen(events_key)
+            pipe.lindex(events_key, -1)
+        replies = pipe.execute()
+    reads = [replies[i:i + 4] for i in range(0, len(replies), 4)]
+    resources = get_resources(r, [json.loads(sub)["resource_id"] for pending, sub, _n, _l in reads if pending and sub])
+    settlements = [_settlement(*timer, *read, resources) for timer, read in zip(timers, reads)]
+    codes = scripts.fire_timers(r, keys.pending_due(), keys.events_timeline(),
+                                [(k, a) for k, a, _has in settlements], now)
+    # A timer whose subscription no longer exists is settled without a change: report it as "dropped".
+    return {timer: ("dropped" if code == "fired" and not has_sub else code)
+            for timer, code, (_k, _a, has_sub) in zip(timers, codes, settlements)}
 
 
-def due_timers(r, now=None, limit=1000):
-    """(db_id, profile_id, hash_id) of timers whose deadline has passed, oldest first."""
-    members = r.zrangebyscore(keys.pending_due(), "-inf", time.time() if now is None else now, start=0, num=limit)
-    out = []
-    for m in members:
-        db_id, profile_id, hash_id = m.split("|")
-        out.append((int(db_id), profile_id, hash_id))
-    return out
+def fire_timers(r, timers, now=None):
+    """Settle the given timers [(db_id, profile_id, hash_id)] that are due (by the Redis clock, or `now`).
 
+    Returns {timer: code}: "fired" (unsubscribed as the record said), "dropped" (settled, but the subscription
+    no longer exists), "gone" (nothing pending: cancelled or settled before), "early" (not due yet) or
+    "changed" (kept changing under us FIRE_ATTEMPTS times; the next sweep retries it).
+    """
+    todo = list(dict.fromkeys((int(d), p, h) for d, p, h in timers))
+    results = {}
+    for _attempt in range(FIRE_ATTEMPTS):
+        if not todo:
+            break
+        for start in range(0, len(todo), FIRE_BATCH):
+            results.update(_fire_round(r, todo[start:start + FIRE_BATCH], now))
+        todo = [t for t in todo if results[t] == "changed"]
+    return results
+
+
+def fire_timer(r, db_id, profile_id, hash_id, now=None):
+    """Settle one due timer. A no-op unless the pending record still exists and is due, so duplicate, late or
+    cancelled runs change nothing. Returns True if it fired (the record was settled by the timer)."""
+    return fire_timers(r, [(db_id, profile_id, hash_id)], now)[(int(db_id), profile_id, hash_id)] in ("fired",
+                                                                                                     "dropped")
+
+
+def due_timers(r, now=None, limit=1000, grace=0.0):
+    """(db_id, profile_id, hash_id) of timers whose deadline is at most `now` - `grace` (now: the Redis clock),
+    oldest first."""
+    return [_parse_member(m) for m in scripts.due_timer_members(r, keys.pending_due(), now, grace, limit)]

@@ -1,6 +1,7 @@
 """Job functions, enqueued by dotted path with plain ids. Each re-reads Redis and acts only if still due."""
 import os
 
+from webapp.delayed import fire_due
 from webapp.store import connect
 from webapp.unsubscribe import fire_timer
 
@@ -12,6 +13,12 @@ def _redis():
     if _client is None:
         _client = connect(os.environ["REDIS_URL"])
     return _client
+
+
+def fire_due_timers():
+    """A timer tick (see webapp.delayed.schedule_timer): settle every delayed unsubscribe that is due.
+    Returns how many fired; duplicate or late ticks find nothing left and change nothing."""
+    return fire_due(_redis())
 
 
 def fire_delayed_unsubscribe(db_id, profile_id, hash_id):

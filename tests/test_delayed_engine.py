@@ -1,0 +1,226 @@
+"""Delayed mode's state machine against a real redis-server: arming, cancelling, firing (Lua compare-and-set),
+duplicate and late runs of the worker's jobs, and the RQ triggers (one tick job per deadline second)."""
+import json
+import time
+
+import pytest
+from rq.registry import ScheduledJobRegistry
+
+from test_delayed_support import (assert_fired_once, delayed_contexts, status_of, timer_events, wait_until,
+                                  workers)  # noqa: F401 - the fixture
+from webapp import delayed, events, keys, scripts
+from webapp import unsubscribe as u
+from webapp.resources import delete_resource
+from webapp.subscriptions import Status, set_subscription
+from workers import jobs
+
+UNIT = 0.2  # seconds per timer "minute" in these tests
+
+
+@pytest.fixture
+def job_env(redis_url, monkeypatch):
+    """Let workers.jobs talk to the test Redis in this process, as the worker process would."""
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setattr(jobs, "_client", None)
+
+
+def app_state(r):
+    """The service's keys and contents (RQ's own keys, which hold binary data, left out)."""
+    readers = {"string": r.get, "hash": r.hgetall, "list": lambda k: r.lrange(k, 0, -1), "set": r.smembers,
+               "zset": lambda k: r.zrange(k, 0, -1, withscores=True), "stream": r.xrange}
+    return {k: readers[r.type(k)](k) for k in r.scan_iter(match=keys.PREFIX + ":*", count=1000)}
+
+
+def arm(r, ctx, unit=UNIT, **kw):
+    return u.arm_timer(r, ctx, u.resolve_scope(ctx), unit, **kw)
+
+
+def sleep_past(result, extra=0.05):
+    time.sleep(max(0.0, result["deadline"] - time.time() + extra))
+
+
+def test_arm_is_idempotent_and_uses_the_redis_clock(app, r):
+    (ctx,) = delayed_contexts(app, r, 1, timer_minutes=3)
+    before = time.time()
+    first = arm(r, ctx, unit=10)
+    again = arm(r, ctx, unit=10)
+    assert first["state"] == "pending" and again == first
+    assert before + 29 < first["deadline"] < time.time() + 31
+    pending = u.read_pending(r, ctx)
+    assert pending["deadline"] == first["deadline"] and pending["scope"] == {"cats": None}
+    assert r.zscore(keys.pending_due(), f"{ctx.key[0]}|{ctx.key[1]}|{ctx.key[2]}") == first["deadline"]
+    assert 0 < r.ttl(keys.pending_unsubscribe(*ctx.key)) <= 30 + 86400 + 1
+
+
+def test_timer_fires_at_deadline_with_the_ledger_format_of_other_changes(app, r):
+    timed, now_ctx = delayed_contexts(app, r, 2, timer_minutes=1)
+    result = arm(r, timed)
+    assert u.fire_timer(r, *timed.key) is False                   # not due yet: nothing changes
+    assert status_of(r, timed) == Status.SUBSCRIBED
+    sleep_past(result)
+    assert u.fire_timer(r, *timed.key) is True
+    u.unsubscribe(r, now_ctx, u.resolve_scope(now_ctx), "page_now")  # the WATCH/MULTI path, for comparison
+    (event,) = timer_events(r, timed)
+    now_event = events.list_events(r, 1, now_ctx.key[1])[0][0]
+    assert set(event) == set(now_event) and event["seq"] == 2
+    assert event["before"] == {"status": "subscribed", "cats": ["news", "receipts"]}
+    assert event["after"] == {"status": "unsubscribed", "cats": ["news", "receipts"]}
+    assert event["smid"] == timed.token and event["evidence"]["seconds_since_send"] is not None
+    assert status_of(r, timed) == Status.UNSUBSCRIBED
+    assert_fired_once(r, [timed])
+    timeline = [f["ref"] for _id, f in r.xrange(keys.events_timeline())]
+    assert f"1|{timed.key[1]}|2" in timeline
+    sub = json.loads(r.hget(keys.profile_subscriptions(1, timed.key[1]), timed.key[2]))
+    assert sub["status"] == Status.UNSUBSCRIBED and sub["updated_at"]
+
+
+def test_category_timer_stops_only_that_category_and_a_late_cancel_says_unsubscribed(app, r):
+    (ctx,) = delayed_contexts(app, r, 1, timer_minutes=1, category="news")
+    sleep_past(arm(r, ctx))
+    assert u.fire_timer(r, *ctx.key) is True
+    (event,) = timer_events(r, ctx)
+    assert event["after"] == {"status": "subscribed", "cats": ["receipts"]}
+    assert u.cancel_timer(r, ctx) == "unsubscribed"               # fired already, though still subscribed
+    assert u.arm_timer(r, ctx, u.resolve_scope(ctx), UNIT) == {"state": "unsubscribed"}  # nothing left to stop
+
+
+def test_cancel_before_deadline_wins_and_cancel_after_fire_says_unsubscribed(app, r):
+    cancelled, fired = delayed_contexts(app, r, 2, timer_minutes=1)
+    arm(r, cancelled)
+    result = arm(r, fired)
+    assert u.cancel_timer(r, cancelled) == "cancelled"
+    assert u.cancel_timer(r, cancelled) == "none"
+    sleep_past(result)
+    codes = u.fire_timers(r, [cancelled.key, fired.key])
+    assert codes == {cancelled.key: "gone", fired.key: "fired"}
+    assert status_of(r, cancelled) == Status.SUBSCRIBED and timer_events(r, cancelled) == []
+    assert u.cancel_timer(r, fired) == "unsubscribed"
+    assert r.zcard(keys.pending_due()) == 0
+
+
+def test_duplicate_and_late_job_runs_are_noops(app, r, job_env):
+    fired, cancelled = delayed_contexts(app, r, 2, timer_minutes=1)
+    result = arm(r, fired)
+    arm(r, cancelled)
+    assert u.cancel_timer(r, cancelled) == "cancelled"
+    sleep_past(result)
+    assert jobs.fire_delayed_unsubscribe(*fired.key) is True
+    state = app_state(r)
+    assert jobs.fire_delayed_unsubscribe(*fired.key) is False     # duplicate run
+    assert jobs.fire_delayed_unsubscribe(*cancelled.key) is False  # run after the cancel
+    assert jobs.fire_due_timers() == 0                            # a late tick
+    assert app_state(r) == state
+    assert_fired_once(r, [fired])
+    assert status_of(r, cancelled) == Status.SUBSCRIBED and timer_events(r, cancelled) == []
+
+
+def test_duplicate_and_late_jobs_run_by_a_real_worker_are_noops(app, r, redis_url, workers):
+    fired, cancelled = delayed_contexts(app, r, 2, timer_minutes=1)
+    result = arm(r, fired)
+    arm(r, cancelled)
+    u.cancel_timer(r, cancelled)
+    sleep_past(result)
+    assert u.fire_timer(r, *fired.key)
+    state = app_state(r)
+    import redis as redis_py
+    queue = delayed.timer_queue(redis_py.Redis.from_url(redis_url), "unsubscribe")
+    ids = [queue.enqueue(delayed.FIRE_JOB, *fired.key, result_ttl=60).id,
+           queue.enqueue(delayed.FIRE_JOB, *fired.key, result_ttl=60).id,
+           queue.enqueue(delayed.FIRE_JOB, *cancelled.key, result_ttl=60).id,
+           queue.enqueue(delayed.TICK_JOB, result_ttl=60).id]
+    workers.start()
+    jobs_done = wait_until(lambda: all(j.get_status() == "finished" for j in queue.job_class.fetch_many(
+        ids, connection=queue.connection, serializer=queue.serializer)) and queue.job_class.fetch_many(
+        ids, connection=queue.connection, serializer=queue.serializer), 15)
+    assert [j.return_value() for j in jobs_done] == [False, False, False, 0]
+    assert app_state(r) == state
+
+
+def test_fire_is_a_compare_and_set_against_what_it_read(app, r):
+    """The Lua step refuses to apply a settlement computed from a state that changed meanwhile."""
+    a, b, c = delayed_contexts(app, r, 3, timer_minutes=1)
+    result = [arm(r, ctx) for ctx in (a, b, c)][-1]
+    sleep_past(result)
+
+    def settle(ctx):
+        db_id, profile_id, hash_id = ctx.key
+        ev = keys.profile_events(db_id, profile_id)
+        read = (r.hgetall(keys.pending_unsubscribe(*ctx.key)), r.hget(keys.profile_subscriptions(db_id, profile_id),
+                hash_id), r.llen(ev), r.lindex(ev, -1))
+        res = {ctx.resource["id"]: ctx.resource}
+        item_keys, item_args, _has = u._settlement(db_id, profile_id, hash_id, *read, res)
+        return lambda: scripts.fire_timers(r, keys.pending_due(), keys.events_timeline(), [(item_keys, item_args)])
+
+    apply_a, apply_b, apply_c = settle(a), settle(b), settle(c)
+    assert u.cancel_timer(r, a) == "cancelled"                    # cancelled after the read
+    set_subscription(r, {"db_id": 1, "profile_id": b.key[1], "resource_id": b.resource["id"], "channel": "email",
+                         "email": "u1@example.com", "status": "suspended"})  # changed after the read
+    assert apply_a() == ["gone"] and apply_b() == ["changed"] and apply_c() == ["fired"]
+    assert apply_c() == ["gone"]                                  # replaying the same settlement
+    assert timer_events(r, a) == [] and timer_events(r, b) == [] and len(timer_events(r, c)) == 1
+    assert u.fire_timer(r, *b.key) is True                        # re-read: settled, a suspended one stays so
+    assert status_of(r, b) == Status.SUSPENDED and not u.read_pending(r, b)
+    for ctx in (a, b, c):
+        assert events.verify_chain(r, 1, ctx.key[1]) is None
+
+
+def test_rearmed_timer_is_not_fired_by_a_stale_trigger(app, r):
+    (ctx,) = delayed_contexts(app, r, 1, timer_minutes=1)
+    sleep_past(arm(r, ctx))
+    u.cancel_timer(r, ctx)
+    second = arm(r, ctx, unit=30)                                  # a new timer, 30 s away
+    assert u.fire_timer(r, *ctx.key) is False
+    assert delayed.sweep_once(r) == 0
+    assert u.read_pending(r, ctx)["deadline"] == second["deadline"]
+    assert u.fire_timer(r, *ctx.key, now=second["deadline"] + 0.001) is True
+
+
+def test_timer_of_a_deleted_subscription_or_resource(app, r):
+    gone_sub, gone_res = delayed_contexts(app, r, 2, timer_minutes=1, category="news")
+    arm(r, gone_sub)
+    result = arm(r, gone_res)
+    r.hdel(keys.profile_subscriptions(1, gone_sub.key[1]), gone_sub.key[2])
+    delete_resource(r, gone_res.resource["id"])
+    sleep_past(result)
+    assert u.fire_timers(r, [gone_sub.key, gone_res.key]) == {gone_sub.key: "dropped", gone_res.key: "fired"}
+    assert status_of(r, gone_res) == Status.UNSUBSCRIBED           # categories unknown: the whole subscription
+    assert r.zcard(keys.pending_due()) == 0 and not r.keys("us:*:pending:*")
+
+
+def test_sweep_fires_in_batches_and_several_timers_of_one_profile(app, r):
+    contexts = delayed_contexts(app, r, 30, timer_minutes=1)
+    contexts += delayed_contexts(app, r, 1, timer_minutes=1, prefix="p")  # a 2nd subscription of profile p-0
+    [arm(r, ctx) for ctx in contexts]
+    wait_until(lambda: r.zcount(keys.pending_due(), "-inf", time.time() - 0.01) == len(contexts), 5)
+    assert delayed.fire_due(r, limit=7) == len(contexts)
+    assert_fired_once(r, contexts)
+    assert len(events.list_events(r, 1, "p-0")[0]) == 4            # two api events, two timer events
+
+
+def test_one_tick_job_per_deadline_second(app, r, redis_url):
+    import redis as redis_py
+    queue = delayed.timer_queue(redis_py.Redis.from_url(redis_url), "unsubscribe")
+    contexts = delayed_contexts(app, r, 40, timer_minutes=1)
+    results = [arm(r, ctx, unit=5, on_armed=lambda *key: delayed.schedule_timer(queue, *key)) for ctx in contexts]
+    seconds = {int(-(-res["deadline"] // 1)) for res in results}
+    registry = ScheduledJobRegistry(queue=queue)
+    assert len(registry) == len(seconds) <= 2
+    for job_id in registry.get_job_ids():
+        job = queue.fetch_job(job_id)
+        assert job.func_name == delayed.TICK_JOB and job.ttl is None and job.result_ttl == 0
+        assert registry.get_expiration_time(job).timestamp() in seconds
+    delayed.schedule_timer(queue, *contexts[0].key, results[0]["deadline"])  # scheduling again adds nothing
+    assert len(registry) == len(seconds)
+
+
+def test_a_failing_trigger_leaves_the_timer_armed(app, r, caplog):
+    (ctx,) = delayed_contexts(app, r, 1, timer_minutes=1)
+
+    def broken(*_key):
+        raise ConnectionError("RQ unavailable")
+
+    result = arm(r, ctx, on_armed=broken)
+    assert result["state"] == "pending" and u.read_pending(r, ctx)
+    assert "sweeper will fire it" in caplog.text
+    sleep_past(result)
+    assert delayed.sweep_once(r) == 1

@@ -1,0 +1,127 @@
+"""Helpers for the delayed-mode tests (no tests here): delayed-mode subscriptions with their SMID contexts, real
+`python -m workers` processes killed at teardown, and ledger checks."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import API_TOKEN, ROOT, SIGNING_KEYS, email_resource
+from webapp import events, keys
+from webapp.resources import add_resource
+from webapp.subscriptions import Status, set_subscription
+from webapp.tokens import issue_smid
+from webapp.unsubscribe import open_smid
+
+
+def delayed_contexts(app, r, n, timer_minutes=3, category=None, db_id=1, prefix="p"):
+    """A delayed-mode resource and `n` subscriptions (one profile each); returns their unsubscribe Contexts."""
+    resource = add_resource(r, email_resource(unsubscribe={"mode": "delayed", "timer_minutes": timer_minutes}))
+    ring = app.extensions["signing_keys"]
+    contexts = []
+    for i in range(n):
+        sub, _new = set_subscription(r, {"db_id": db_id, "profile_id": f"{prefix}-{i}", "resource_id": resource["id"],
+                                   "channel": "email", "email": f"u{i}@example.com"})
+        smid = issue_smid(ring, resource["id"], db_id, sub["profile_id"], sub["hash_id"], category)
+        contexts.append(open_smid(r, ring, smid))
+    return contexts
+
+
+def status_of(r, ctx):
+    import json
+    db_id, profile_id, hash_id = ctx.key
+    return Status(json.loads(r.hget(keys.profile_subscriptions(db_id, profile_id), hash_id))["status"])
+
+
+def timer_events(r, ctx):
+    db_id, profile_id, hash_id = ctx.key
+    items, _next = events.list_events(r, db_id, profile_id, limit=1000)
+    return [e for e in items if e["hash_id"] == hash_id and e["method"] == "timer"]
+
+
+def fired_at(r, ctx):
+    """Commit time (Redis clock, ms precision) of the subscription's timer event, from the timeline stream."""
+    db_id, profile_id, _hash_id = ctx.key
+    (event,) = timer_events(r, ctx)
+    ref = f"{db_id}|{profile_id}|{event['seq']}"
+    for entry_id, fields in r.xrange(keys.events_timeline()):
+        if fields["ref"] == ref:
+            return int(entry_id.split("-")[0]) / 1000
+    raise AssertionError(f"no timeline entry for {ref}")
+
+
+def assert_fired_once(r, contexts):
+    """Each subscription has exactly one timer event, no pending record, and an intact chain."""
+    for ctx in contexts:
+        assert len(timer_events(r, ctx)) == 1, ctx.key
+        assert r.exists(keys.pending_unsubscribe(*ctx.key)) == 0
+        assert events.verify_chain(r, ctx.key[0], ctx.key[1]) is None
+    assert r.zcard(keys.pending_due()) == 0
+
+
+def wait_until(predicate, timeout, interval=0.05):
+    """Poll `predicate` until it is truthy; return its value, or raise after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+class WorkerProcesses:
+    """Real worker processes (`python -m workers`, or any command) in their own process groups."""
+
+    def __init__(self, redis_url, log_dir):
+        self.redis_url, self.log_dir = redis_url, log_dir
+        self.procs = []
+
+    def env(self, **extra):
+        return {**os.environ, "REDIS_URL": self.redis_url, "API_TOKEN": API_TOKEN, "SIGNING_KEYS": SIGNING_KEYS,
+                "VAR_DIR": str(self.log_dir), "PYTHONPATH": ROOT, "TIME_UNIT_SECONDS": "1", **extra}
+
+    def start(self, args=None, ready=True, **extra_env):
+        """Start a worker (default `python -m workers`); wait until it has registered with RQ."""
+        import redis
+        n = len(self.procs)
+        log = open(os.path.join(self.log_dir, f"worker-{n}.log"), "wb")
+        proc = subprocess.Popen(args or [sys.executable, "-m", "workers"], cwd=ROOT, env=self.env(**extra_env),
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self.procs.append(proc)
+        if ready:
+            client = redis.Redis.from_url(self.redis_url)
+            try:
+                wait_until(lambda: proc.poll() is not None or any(
+                    int(client.hget(k, "pid") or 0) == proc.pid for k in client.smembers("rq:workers")), 20)
+            finally:
+                client.close()
+            assert proc.poll() is None, self.log(n)
+        return proc
+
+    def kill(self, proc):
+        """SIGKILL the worker and everything it forked (its RQ scheduler and work horse)."""
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+    def log(self, n):
+        with open(os.path.join(self.log_dir, f"worker-{n}.log"), errors="replace") as f:
+            return f.read()
+
+    def close(self):
+        for proc in self.procs:
+            self.kill(proc)
+
+
+@pytest.fixture
+def workers(redis_url, tmp_path):
+    procs = WorkerProcesses(redis_url, tmp_path)
+    yield procs
+    procs.close()
