@@ -7,9 +7,12 @@ the envelope with a non-zero `error` and a 4xx status. Views parse, call core, w
 import base64
 import functools
 
-from flask import Blueprint, current_app, jsonify, request
+import json
+from datetime import datetime
 
-from . import keys, resources, subscriptions, unsubscribe
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from . import events, keys, resources, subscriptions, unsubscribe
 from .errors import Forbidden, InvalidInput, NotAuthorized, ServiceError
 from .headers import message_links
 from .openapi import build_spec
@@ -266,3 +269,62 @@ def profiles_message_unsub(data):
     result = unsubscribe.unsubscribe(r, ctx, scope, "api", {"ip": request.remote_addr,
                                                             "user_agent": request.user_agent.string[:512]})
     return Reply(result["state"], profile_id=ctx.smid.profile_id)
+
+
+# -- the consent ledger ---------------------------------------------------------------------------------
+
+@endpoint("events/list")
+def events_list(data):
+    """One profile's history, newest first; page with from_id (an event `seq`) and limit."""
+    no_unknown_keys(data, ("token", "db_id", "profile_id", "from_id", "limit"))
+    db_id = as_int(data.get("db_id"), "db_id", 1)
+    profile_id = as_profile_id(data.get("profile_id"))
+    from_id = as_int(data["from_id"], "from_id", 1) if data.get("from_id") is not None else None
+    limit = as_int(data.get("limit", 50), "limit", 1, 500)
+    items, next_from = events.list_events(get_redis(), db_id, profile_id, from_id, limit)
+    return Reply(items, next_from_id=next_from)
+
+
+def _time_ms(value, field):
+    """RFC 3339 or milliseconds since the epoch."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            if moment.tzinfo is not None:
+                return int(moment.timestamp() * 1000)
+        except ValueError:
+            pass
+    raise InvalidInput(f"{field} must be an RFC 3339 time with a zone, or milliseconds since the epoch",
+                       field=field)
+
+
+@bp.post("/events/export")
+def events_export():
+    """A time range of events as JSON lines (application/x-ndjson); errors keep the JSON envelope."""
+    try:
+        data = _request_json()
+        _check_token(data)
+        no_unknown_keys(data, ("token", "from", "to"))
+        start = _time_ms(data.get("from", 0), "from")
+        end = _time_ms(data["to"], "to") if data.get("to") is not None else int(datetime.now().timestamp() * 1000)
+        if end < start:
+            raise InvalidInput("to must not be before from", field="to")
+    except ServiceError as exc:
+        return error_envelope(exc)
+    lines = (json.dumps(e, ensure_ascii=False, separators=(",", ":")) + "\n"
+             for e in events.export_events(get_redis(), start, end))
+    return Response(lines, mimetype="application/x-ndjson")
+
+
+@endpoint("events/verify")
+def events_verify(data):
+    """Walk the hash chains (one profile, one database or all) and name the first entry that does not match."""
+    no_unknown_keys(data, ("token", "db_id", "profile_id"))
+    db_id = as_int(data["db_id"], "db_id", 1) if data.get("db_id") is not None else None
+    profile_id = as_profile_id(data["profile_id"]) if data.get("profile_id") is not None else None
+    if profile_id is not None and db_id is None:
+        raise InvalidInput("db_id is required with profile_id", field="db_id")
+    problem = events.verify_all(get_redis(), db_id, profile_id)
+    return Reply({"ok": problem is None, "first_bad": problem})

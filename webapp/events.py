@@ -78,3 +78,44 @@ def verify_chain(r, db_id, profile_id):
             return {"seq": expected_seq, "id": event.get("id"), "problem": "entry was altered"}
         prev_hash, expected_seq = event["hash"], expected_seq + 1
     return None
+
+
+def export_events(r, start_ms, end_ms, batch=500):
+    """Yield every event appended between two times (ms since the epoch, inclusive), oldest first."""
+    cursor = f"{int(start_ms)}-0"
+    end = f"{int(end_ms)}-{2 ** 64 - 1}"
+    while True:
+        entries = r.xrange(keys.events_timeline(), cursor, end, count=batch)
+        if not entries:
+            return
+        refs = [fields["ref"].split("|") for _id, fields in entries]
+        with r.pipeline(transaction=False) as pipe:
+            for db_id, profile_id, seq in refs:
+                pipe.lindex(keys.profile_events(db_id, profile_id), int(seq) - 1)
+            raws = pipe.execute()
+        for (db_id, profile_id, seq), raw in zip(refs, raws):
+            yield json.loads(raw) if raw else {"db_id": int(db_id), "profile_id": profile_id, "seq": int(seq),
+                                               "missing": True}
+        if len(entries) < batch:
+            return
+        last_ms, last_seq = entries[-1][0].split("-")
+        cursor = f"{last_ms}-{int(last_seq) + 1}"
+
+
+def verify_all(r, db_id=None, profile_id=None):
+    """Verify one profile's chain, or every chain; return None or the first problem with its profile."""
+    if profile_id is not None:
+        targets = [(db_id, profile_id)]
+    else:
+        pattern = f"{keys.PREFIX}:{{{db_id if db_id is not None else '*'}:*}}:events"
+        targets = []
+        for key in r.scan_iter(match=pattern, count=1000):
+            tag = key[len(keys.PREFIX) + 2:key.index("}")]
+            db, _, pid = tag.partition(":")
+            targets.append((int(db), pid))
+        targets.sort()
+    for db, pid in targets:
+        problem = verify_chain(r, db, pid)
+        if problem:
+            return {"db_id": db, "profile_id": pid, **problem}
+    return None

@@ -82,6 +82,13 @@ ENDPOINTS = {
                                {"smid": {"type": "string"}, "rtoken": {"type": "string"},
                                 "categories": {"type": "array", "items": {"type": "string"}}},
                                ["smid", "rtoken"]),
+    "events/list": ("One profile's events, newest first, paged by from_id (seq)/limit",
+                    {"db_id": ID, "profile_id": {"type": "string"}, "from_id": {"type": "integer", "minimum": 1},
+                     "limit": {"type": "integer", "minimum": 1, "maximum": 500}}, ["db_id", "profile_id"]),
+    "events/export": ("Events in a time range as JSON lines (application/x-ndjson)",
+                      {"from": {"type": ["string", "integer"]}, "to": {"type": ["string", "integer"]}}, []),
+    "events/verify": ("Walk the hash chains; `first_bad` names the first entry that does not match",
+                      {"db_id": ID, "profile_id": {"type": "string"}}, []),
 }
 
 

@@ -1,0 +1,75 @@
+"""The consent ledger API: history, export as JSON lines, and verification that catches tampering."""
+import json
+
+from conftest import redis_state
+
+
+def make_history(api, resource, profile_id="p-42", email="ann@example.com"):
+    ident = {"db_id": 1, "profile_id": profile_id, "resource_id": resource["id"], "channel": "email",
+             "email": email}
+    api.ok("subscriptions/set", **ident)
+    api.ok("subscriptions/set", **ident, cats=["receipts"])
+    api.ok("subscriptions/set", **ident, status="unsubscribed")
+    return ident
+
+
+def test_list_newest_first_and_paged(api, resource):
+    make_history(api, resource)
+    resp = api.call("events/list", db_id=1, profile_id="p-42", limit=2).get_json()
+    first = resp["data"]
+    assert [e["seq"] for e in first] == [3, 2] and resp["next_from_id"] == 1
+    assert first[0]["after"] == {"status": "unsubscribed", "cats": ["receipts"]}
+    for key in ("id", "at", "db_id", "profile_id", "resource_id", "channel", "hash_id", "method", "before",
+                "after", "smid", "evidence", "prev_hash", "hash"):
+        assert key in first[0]
+    rest = api.call("events/list", db_id=1, profile_id="p-42", from_id=1, limit=2).get_json()
+    assert [e["seq"] for e in rest["data"]] == [1] and rest["next_from_id"] is None
+
+
+def test_export_json_lines(api, client, resource):
+    make_history(api, resource)
+    make_history(api, resource, "p-43", "bob@example.com")
+    resp = client.post("/api/v1.1/events/export", json={"token": "test-api-token", "from": 0})
+    assert resp.status_code == 200 and resp.mimetype == "application/x-ndjson"
+    lines = [json.loads(x) for x in resp.get_data(as_text=True).splitlines()]
+    assert len(lines) == 6 and [e["at"] for e in lines] == sorted(e["at"] for e in lines)
+    empty = client.post("/api/v1.1/events/export", json={"token": "test-api-token",
+                                                         "from": "2000-01-01T00:00:00Z", "to": "2000-01-02T00:00:00Z"})
+    assert empty.get_data(as_text=True) == ""
+    bad = client.post("/api/v1.1/events/export", json={"token": "test-api-token", "from": "yesterday"})
+    assert bad.status_code == 400 and bad.get_json()["error"] != 0
+    assert client.post("/api/v1.1/events/export", json={"from": 0}).status_code == 401
+
+
+def test_verify_names_an_edited_entry(api, r, resource):
+    make_history(api, resource)
+    make_history(api, resource, "p-43", "bob@example.com")
+    assert api.ok("events/verify") == {"ok": True, "first_bad": None}
+    key = "us:{1:p-43}:events"
+    entry = json.loads(r.lindex(key, 1))
+    entry["after"]["cats"] = ["news", "receipts"]       # someone rewrites history
+    r.lset(key, 1, json.dumps(entry))
+    result = api.ok("events/verify")
+    assert result["ok"] is False
+    assert result["first_bad"] == {"db_id": 1, "profile_id": "p-43", "seq": 2, "id": entry["id"],
+                                   "problem": "entry was altered"}
+    assert api.ok("events/verify", db_id=1, profile_id="p-42")["ok"] is True
+
+
+def test_verify_names_a_removed_entry(api, r, resource):
+    make_history(api, resource)
+    removed = json.loads(r.lindex("us:{1:p-42}:events", 1))
+    r.lrem("us:{1:p-42}:events", 1, r.lindex("us:{1:p-42}:events", 1))
+    result = api.ok("events/verify", db_id=1, profile_id="p-42")
+    assert result["first_bad"]["seq"] == 2 and result["first_bad"]["problem"] == "entry missing or out of order"
+    assert result["first_bad"]["id"] != removed["id"]
+
+
+def test_ledger_api_validation_writes_nothing(api, r, resource):
+    make_history(api, resource)
+    before = redis_state(r)
+    api.fail("events/list", 400, db_id=1)
+    api.fail("events/list", 400, db_id=1, profile_id="p-42", limit=0)
+    api.fail("events/verify", 400, profile_id="p-42")
+    api.fail("events/list", 401, token="nope", db_id=1, profile_id="p-42")
+    assert redis_state(r) == before
