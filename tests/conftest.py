@@ -231,3 +231,12 @@ def screenshot(page, name):
     path = os.path.join(folder, f"{name}.png")
     page.screenshot(path=path, full_page=True)
     return path
+
+
+@pytest.fixture
+def receiver():
+    """A real HTTP server on 127.0.0.1 that records webhook deliveries."""
+    from receiver import Receiver
+    rec = Receiver()
+    yield rec
+    rec.close()

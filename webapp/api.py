@@ -12,7 +12,7 @@ from datetime import datetime
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from . import events, keys, resources, subscriptions, unsubscribe
+from . import events, keys, resources, subscriptions, unsubscribe, webhooks
 from .errors import Forbidden, InvalidInput, NotAuthorized, ServiceError
 from .headers import message_links
 from .openapi import build_spec
@@ -90,16 +90,24 @@ def _resource_id(data):
 
 # -- resources ----------------------------------------------------------------------------------------
 
+def _with_call_url_outbox(res):
+    """A resource that asks for the list-unsubscribe call URL needs its delivery target to exist."""
+    if res["unsubscribe"]["list_unsubscribe"].get("called_url"):
+        webhooks.ensure_group(get_redis(), webhooks.CALLED_URL)
+    return public_resource(res)
+
+
 @endpoint("resources/add")
 def resources_add(data):
-    return public_resource(resources.add_resource(get_redis(), {k: v for k, v in data.items() if k != "token"}))
+    res = resources.add_resource(get_redis(), {k: v for k, v in data.items() if k != "token"})
+    return _with_call_url_outbox(res)
 
 
 @endpoint("resources/update")
 def resources_update(data):
     rid = _resource_id(data)
     changes = {k: v for k, v in data.items() if k not in ("token", "id")}
-    return public_resource(resources.update_resource(get_redis(), rid, changes))
+    return _with_call_url_outbox(resources.update_resource(get_redis(), rid, changes))
 
 
 @endpoint("resources/get")
@@ -328,3 +336,25 @@ def events_verify(data):
         raise InvalidInput("db_id is required with profile_id", field="db_id")
     problem = events.verify_all(get_redis(), db_id, profile_id)
     return Reply({"ok": problem is None, "first_bad": problem})
+
+
+# -- outgoing webhooks ----------------------------------------------------------------------------------
+
+@endpoint("webhooks/add")
+def webhooks_add(data):
+    """A target URL for every event (of one resource when resource_id is given), signed with `secret`."""
+    return webhooks.add_webhook(get_redis(), data)
+
+
+@endpoint("webhooks/list")
+def webhooks_list(data):
+    no_unknown_keys(data, ("token",))
+    return webhooks.list_webhooks(get_redis())
+
+
+@endpoint("webhooks/delete")
+def webhooks_delete(data):
+    no_unknown_keys(data, ("token", "id"))
+    webhook_id = as_int(data.get("id"), "id", 1)
+    webhooks.delete_webhook(get_redis(), webhook_id)
+    return {"id": webhook_id}

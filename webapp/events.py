@@ -42,7 +42,9 @@ def queue_append(pipe, event):
     """Add the event's writes to a MULTI pipeline."""
     pipe.rpush(keys.profile_events(event["db_id"], event["profile_id"]),
                json.dumps(event, separators=(",", ":"), ensure_ascii=False))
-    pipe.xadd(keys.events_timeline(), {"ref": f"{event['db_id']}|{event['profile_id']}|{event['seq']}"})
+    # rid and method let webhook deliverers filter without loading the event.
+    pipe.xadd(keys.events_timeline(), {"ref": f"{event['db_id']}|{event['profile_id']}|{event['seq']}",
+                                       "rid": event["resource_id"], "method": event["method"]})
 
 
 def last_event(pipe, db_id, profile_id):
@@ -80,6 +82,14 @@ def verify_chain(r, db_id, profile_id):
     return None
 
 
+def load_refs(r, refs):
+    """Events for [(db_id, profile_id, seq)] (None where an entry is gone), one round trip."""
+    with r.pipeline(transaction=False) as pipe:
+        for db_id, profile_id, seq in refs:
+            pipe.lindex(keys.profile_events(db_id, profile_id), int(seq) - 1)
+        return [json.loads(raw) if raw else None for raw in pipe.execute()]
+
+
 def export_events(r, start_ms, end_ms, batch=500):
     """Yield every event appended between two times (ms since the epoch, inclusive), oldest first."""
     cursor = f"{int(start_ms)}-0"
@@ -89,13 +99,8 @@ def export_events(r, start_ms, end_ms, batch=500):
         if not entries:
             return
         refs = [fields["ref"].split("|") for _id, fields in entries]
-        with r.pipeline(transaction=False) as pipe:
-            for db_id, profile_id, seq in refs:
-                pipe.lindex(keys.profile_events(db_id, profile_id), int(seq) - 1)
-            raws = pipe.execute()
-        for (db_id, profile_id, seq), raw in zip(refs, raws):
-            yield json.loads(raw) if raw else {"db_id": int(db_id), "profile_id": profile_id, "seq": int(seq),
-                                               "missing": True}
+        for (db_id, profile_id, seq), event in zip(refs, load_refs(r, refs)):
+            yield event or {"db_id": int(db_id), "profile_id": profile_id, "seq": int(seq), "missing": True}
         if len(entries) < batch:
             return
         last_ms, last_seq = entries[-1][0].split("-")

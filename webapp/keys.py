@@ -15,7 +15,11 @@ live in one Redis Cluster slot and can be changed together in one MULTI/EXEC or 
 | us:pending:due                         | zset   | delayed timers: member "db|pid|hash_id", score = deadline | never (members removed when settled) |
 | us:{<db_id>:<pid>}:manager_undo        | hash   | preferences (last manager change) | 10 minutes |
 | us:suspensions:due                     | zset   | preferences.suspend: "db|pid|hash_id" by end time | never (members removed on resume) |
-| us:events:timeline                     | stream | events.append (global index)  | never   |
+| us:events:timeline                     | stream | events.append (global index, webhook outbox) | never |
+| us:webhooks                            | hash   | webhooks.add_webhook (id -> JSON) | never |
+| us:webhook:next_id                     | string | webhooks.add_webhook (INCR)   | never   |
+| us:delivery:<group>                    | hash   | webhooks.deliver: last error/success, failures, next attempt | never |
+| us:ratelimit:LIMITER/...               | string | Flask-Limiter counters (sdk)  | end of the window |
 
 Subscriptions are stored one JSON document per hash field, keyed by `hash_id`, a short stable hash of
 (resource_id, channel, address): the SMID names it, so no address appears in a URL.
@@ -86,3 +90,24 @@ def suspensions_due():
 def events_timeline():
     """Stream: a global, time-ordered index of events (profile reference + sequence number)."""
     return f"{PREFIX}:events:timeline"
+
+
+def rate_limits():
+    """Prefix of the SDK endpoint's rate-limit counters (Flask-Limiter's own key layout follows it)."""
+    return f"{PREFIX}:ratelimit"
+
+
+def webhooks():
+    """Hash: webhook id -> JSON {id, url, resource_id, secret, created_at}."""
+    return f"{PREFIX}:webhooks"
+
+
+def webhook_next_id():
+    """String counter (INCR) for webhook ids."""
+    return f"{PREFIX}:webhook:next_id"
+
+
+def delivery_state(group):
+    """Hash: one delivery target's state (last_error, last_error_at, last_success_at, failures,
+    next_attempt_at). The target's read position lives in its consumer group on the timeline."""
+    return f"{PREFIX}:delivery:{group}"

@@ -89,6 +89,11 @@ ENDPOINTS = {
                       {"from": {"type": ["string", "integer"]}, "to": {"type": ["string", "integer"]}}, []),
     "events/verify": ("Walk the hash chains; `first_bad` names the first entry that does not match",
                       {"db_id": ID, "profile_id": {"type": "string"}}, []),
+    "webhooks/add": ("A webhook target: every event (of one resource) is POSTed, signed with the secret",
+                     {"url": {"type": "string"}, "resource_id": ID, "secret": {"type": "string", "minLength": 16}},
+                     ["url"]),
+    "webhooks/list": ("Webhooks with last error, last success and backlog", {}, []),
+    "webhooks/delete": ("Remove a webhook", {"id": ID}, ["id"]),
 }
 
 

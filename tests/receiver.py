@@ -1,0 +1,61 @@
+"""A real HTTP receiver for webhook tests: records every request; answers from a script of behaviours."""
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Receiver:
+    """`behaviours` is a list consumed per request: an int status, ("sleep", seconds, status), or "ok".
+    When it runs out, every request gets 200."""
+
+    def __init__(self):
+        self.requests = []
+        self.behaviours = []
+        self.lock = threading.Lock()
+        self.in_flight = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver.lock:
+                    behaviour = receiver.behaviours.pop(0) if receiver.behaviours else 200
+                    receiver.requests.append({"path": self.path, "headers": dict(self.headers), "body": body,
+                                              "at": time.time(), "answered": behaviour})
+                status = behaviour
+                if isinstance(behaviour, tuple):
+                    receiver.in_flight.set()
+                    _, seconds, status = behaviour
+                    time.sleep(seconds)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"ok")
+                except OSError:
+                    pass  # the caller gave up (timeout) or died
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def bodies(self):
+        return [json.loads(r["body"]) for r in self.requests]
+
+    def wait_for(self, count, timeout=15.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if len(self.requests) >= count:
+                return self.requests
+            time.sleep(0.05)
+        raise AssertionError(f"expected {count} requests, got {len(self.requests)}")
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,121 @@
+"""Outgoing webhooks and the list-unsubscribe call URL, delivered to a real HTTP receiver."""
+import hashlib
+import hmac
+import json
+
+import pytest
+
+from conftest import email_resource, redis_state
+from webapp import webhooks
+
+SECRET = "s3cret-webhook-key-123"
+
+
+def change(api, resource, status="unsubscribed", profile_id="p-42"):
+    ident = {"db_id": 1, "profile_id": profile_id, "resource_id": resource["id"], "channel": "email",
+             "email": f"{profile_id}@example.com"}
+    api.ok("subscriptions/set", **ident)
+    api.ok("subscriptions/set", **ident, status=status)
+    return ident
+
+
+def test_delivery_is_signed_and_verifiable(api, r, resource, receiver):
+    hook = api.ok("webhooks/add", url=receiver.url, secret=SECRET)
+    change(api, resource)
+    result = webhooks.deliver(r, webhooks.group_name(hook["id"]))
+    assert result == {"sent": 2, "skipped": 0, "error": None}
+    first, second = receiver.requests
+    for req in receiver.requests:
+        h = req["headers"]
+        expected = "sha256=" + hmac.new(SECRET.encode(), f"{h['X-Webhook-Timestamp']}.".encode() + req["body"],
+                                        hashlib.sha256).hexdigest()
+        assert h["X-Webhook-Signature"] == expected
+        assert h["X-Webhook-Id"] == json.loads(req["body"])["id"]
+        assert h["Content-Type"] == "application/json"
+    assert json.loads(second["body"])["after"]["status"] == "unsubscribed"     # in order
+    assert json.loads(first["body"])["before"] is None
+    listed = api.ok("webhooks/list")[0]
+    assert listed["backlog"] == 0 and listed["last_error"] is None and listed["last_success_at"]
+    assert SECRET not in json.dumps(listed)
+
+
+def test_resource_filter(api, r, resource, receiver):
+    other = api.ok("resources/add", **email_resource(name="Other"))
+    hook = api.ok("webhooks/add", url=receiver.url, resource_id=other["id"], secret=SECRET)
+    change(api, resource)
+    change(api, other, profile_id="p-7")
+    result = webhooks.deliver(r, webhooks.group_name(hook["id"]))
+    assert result["sent"] == 2 and result["skipped"] == 2
+    assert {b["resource_id"] for b in receiver.bodies()} == {other["id"]}
+
+
+def test_retries_after_500s_with_backoff(api, r, resource, receiver):
+    hook = api.ok("webhooks/add", url=receiver.url, secret=SECRET)
+    group = webhooks.group_name(hook["id"])
+    change(api, resource)
+    receiver.behaviours = [500, 503]
+    assert webhooks.deliver(r, group, now=1000.0)["error"] == "HTTP 500"
+    state = webhooks.target_state(r, group)
+    assert state["backlog"] == 2 and state["failures"] == 1 and state["next_attempt_at"] == 1001.0
+    assert webhooks.due_targets(r, now=1000.5) == [] and webhooks.due_targets(r, now=1001.0) == [group]
+    assert webhooks.deliver(r, group, now=1001.0)["error"] == "HTTP 503"
+    assert webhooks.target_state(r, group)["next_attempt_at"] == 1003.0        # doubled
+    listed = api.ok("webhooks/list")[0]
+    assert listed["last_error"] == "HTTP 503" and listed["backlog"] == 2
+    assert webhooks.deliver(r, group)["sent"] == 2
+    ids = [req["headers"]["X-Webhook-Id"] for req in receiver.requests]
+    assert ids[0] == ids[1] == ids[2] and ids[3] != ids[0]                    # same event retried, then next
+    assert webhooks.target_state(r, group)["backlog"] == 0
+
+
+def test_timeouts_count_as_failures(api, r, resource, receiver):
+    hook = api.ok("webhooks/add", url=receiver.url, secret=SECRET)
+    change(api, resource)
+    receiver.behaviours = [("sleep", 1.5, 200)]
+    result = webhooks.deliver(r, webhooks.group_name(hook["id"]), timeout=0.5)
+    assert result["error"] and "timed out" in result["error"].lower()
+    assert webhooks.deliver(r, webhooks.group_name(hook["id"]), timeout=2)["sent"] == 2
+
+
+def test_unreachable_target(api, r, resource):
+    hook = api.ok("webhooks/add", url="http://127.0.0.1:9/hook", secret=SECRET)
+    change(api, resource)
+    result = webhooks.deliver(r, webhooks.group_name(hook["id"]), timeout=1)
+    assert result["error"] and result["sent"] == 0
+
+
+def test_call_url_after_one_click(api, client, r, receiver):
+    res = api.ok("resources/add", **email_resource(unsubscribe={
+        "mode": "confirm", "list_unsubscribe": {"enabled": True, "called_url": receiver.url}}))
+    ident = {"db_id": 1, "profile_id": "p-42", "resource_id": res["id"], "channel": "email",
+             "email": "ann@example.com"}
+    api.ok("subscriptions/set", **ident)
+    links = api.ok("messages/links", **ident)
+    path = links["unsubscribe_url"].removeprefix("https://unsub.example")
+    assert client.post(path, data={"List-Unsubscribe": "One-Click"}).status_code == 200
+    assert client.post(path, data={"List-Unsubscribe": "One-Click"}).status_code == 200   # replay: no 2nd call
+    assert webhooks.deliver(r, webhooks.CALLED_URL) == {"sent": 1, "skipped": 1, "error": None}
+    (call,) = receiver.bodies()
+    assert call["smid"] == links["smid"] and call["result"] == "unsubscribed" and call["profile_id"] == "p-42"
+    sig = receiver.requests[0]["headers"]["X-Webhook-Signature"]
+    ts = receiver.requests[0]["headers"]["X-Webhook-Timestamp"]
+    assert sig == "sha256=" + hmac.new(res["rtoken"].encode(), f"{ts}.".encode() + receiver.requests[0]["body"],
+                                       hashlib.sha256).hexdigest()
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"url": "ftp://x"}, "absolute"), ({"url": "https://x.example", "secret": "short"}, "16"),
+    ({"url": "https://x.example", "resource_id": 999}, "does not exist"), ({}, "absolute"),
+])
+def test_add_validation_writes_nothing(api, r, body, message):
+    before = redis_state(r)
+    status = 404 if "resource_id" in body else 400
+    assert message in api.fail("webhooks/add", status, **body)
+    assert redis_state(r) == before
+
+
+def test_delete(api, r, receiver):
+    hook = api.ok("webhooks/add", url=receiver.url, secret=SECRET)
+    api.ok("webhooks/delete", id=hook["id"])
+    assert api.ok("webhooks/list") == []
+    api.fail("webhooks/delete", 404, id=hook["id"])

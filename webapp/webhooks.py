@@ -1,0 +1,212 @@
+"""Outgoing webhooks and the list-unsubscribe "call URL": telling other systems about every change.
+
+The global event timeline (keys.events_timeline, a stream written in the same MULTI as each change) is the
+outbox. Every delivery target reads it through its own consumer group, so nothing is lost:
+- `wh:<id>` for each webhook (events of its resource, or all), and `called_url` for the one-click call;
+- a delivery (an RQ job, `workers.jobs.deliver_target`) first re-sends what it read but never acknowledged
+  (a worker killed mid-delivery leaves entries pending), then reads new entries; it POSTs them in order and
+  XACKs each after a 2xx. The first failure stops the batch and sets the target's next attempt with
+  exponential backoff; the dispatcher (every worker's sweeper) enqueues one job per target that has work and
+  whose backoff has passed. Delivery is at least once; receivers de-duplicate on X-Webhook-Id.
+Signature: X-Webhook-Signature: sha256=<hex HMAC-SHA256 of "<X-Webhook-Timestamp>.<body>" with the secret>.
+"""
+import hashlib
+import hmac
+import json
+import secrets
+import time
+import urllib.error
+import urllib.request
+
+from redis.exceptions import ResponseError
+
+from . import keys
+from .errors import InvalidInput, NotFound
+from .events import load_refs
+from .resources import get_resource, get_resources
+from .validation import as_int, as_object, as_text, as_url, no_unknown_keys, now_iso
+
+CALLED_URL = "called_url"
+BATCH = 100
+BACKOFF_BASE = 1.0  # seconds before the first retry; doubled per failure
+BACKOFF_MAX = 3600.0  # seconds, the longest wait between attempts
+USER_AGENT = "unsubscribe-service-webhooks/1"
+
+
+def group_name(webhook_id):
+    return f"wh:{webhook_id}"
+
+
+def ensure_group(r, group):
+    """Create a consumer group on the timeline that sees events from now on (idempotent)."""
+    try:
+        r.xgroup_create(keys.events_timeline(), group, id="$", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def add_webhook(r, data):
+    data = as_object(data, "request")
+    no_unknown_keys(data, ("token", "url", "resource_id", "secret"))
+    url = as_url(data.get("url"), "url")
+    rid = data.get("resource_id")
+    if rid is not None:
+        rid = as_int(rid, "resource_id", 1)
+        get_resource(r, rid)
+    secret = data.get("secret")
+    secret = as_text(secret, "secret", 256, allow_empty=False) if secret is not None else secrets.token_urlsafe(24)
+    if len(secret) < 16:
+        raise InvalidInput("secret must be at least 16 characters", field="secret")
+    webhook = {"id": r.incr(keys.webhook_next_id()), "url": url, "resource_id": rid, "secret": secret,
+               "created_at": now_iso()}
+    ensure_group(r, group_name(webhook["id"]))
+    r.hset(keys.webhooks(), webhook["id"], json.dumps(webhook))
+    return webhook
+
+
+def list_webhooks(r):
+    """Every webhook with its delivery state: last error, last success, backlog (undelivered events)."""
+    out = []
+    for raw in r.hvals(keys.webhooks()):
+        hook = json.loads(raw)
+        out.append({**{k: v for k, v in hook.items() if k != "secret"}, "secret": hook["secret"][:4] + "…",
+                    **target_state(r, group_name(hook["id"]))})
+    return sorted(out, key=lambda h: h["id"])
+
+
+def delete_webhook(r, webhook_id):
+    if not r.hdel(keys.webhooks(), webhook_id):
+        raise NotFound(f"webhook {webhook_id} does not exist")
+    try:
+        r.xgroup_destroy(keys.events_timeline(), group_name(webhook_id))
+    except ResponseError:
+        pass
+    r.delete(keys.delivery_state(group_name(webhook_id)))
+
+
+def backlog(r, group):
+    """Events the target has not acknowledged yet (read but unacknowledged, plus not yet read)."""
+    try:
+        groups = r.xinfo_groups(keys.events_timeline())
+    except ResponseError:
+        return 0
+    for g in groups:
+        if g["name"] == group:
+            return int(g.get("pending") or 0) + int(g.get("lag") or 0)
+    return 0
+
+
+def target_state(r, group):
+    state = r.hgetall(keys.delivery_state(group))
+    return {"backlog": backlog(r, group), "last_error": state.get("last_error"),
+            "last_error_at": state.get("last_error_at"), "last_success_at": state.get("last_success_at"),
+            "failures": int(state.get("failures", 0)),
+            "next_attempt_at": float(state["next_attempt_at"]) if state.get("next_attempt_at") else None}
+
+
+def targets(r):
+    """Every delivery target's consumer group name."""
+    return [group_name(json.loads(raw)["id"]) for raw in r.hvals(keys.webhooks())] + [CALLED_URL]
+
+
+def sign(secret, timestamp, body):
+    return "sha256=" + hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+
+
+def post_json(url, payload, event_id, secret, timeout):
+    """POST one event; return None on 2xx, else a short error text (never raises for HTTP problems)."""
+    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    ts = str(int(time.time()))
+    headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, "X-Webhook-Id": event_id,
+               "X-Webhook-Timestamp": ts}
+    if secret:
+        headers["X-Webhook-Signature"] = sign(secret, ts, body)
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            resp.read(1024)
+            return None if 200 <= resp.status < 300 else f"HTTP {resp.status}"
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:  # refused, timed out, bad answer
+        reason = getattr(exc, "reason", exc)
+        return f"{type(reason).__name__}: {reason}"[:200]
+
+
+def _plan(r, group, entry_fields, event):
+    """(url, payload, secret) to send for this entry, or None when the target does not want it."""
+    if group == CALLED_URL:
+        if entry_fields.get("method") != "one_click":
+            return None
+        resource = get_resources(r, [event["resource_id"]]).get(event["resource_id"])
+        url = resource and resource["unsubscribe"]["list_unsubscribe"].get("called_url")
+        if not url:
+            return None
+        payload = {"smid": event["smid"], "result": event["after"]["status"], "cats": event["after"]["cats"],
+                   "resource_id": event["resource_id"], "profile_id": event["profile_id"], "event_id": event["id"],
+                   "at": event["at"]}
+        return url, payload, resource["rtoken"]
+    hook_raw = r.hget(keys.webhooks(), group.split(":", 1)[1])
+    if hook_raw is None:
+        return None
+    hook = json.loads(hook_raw)
+    if hook["resource_id"] is not None and str(hook["resource_id"]) != entry_fields.get("rid"):
+        return None
+    return hook["url"], event, hook["secret"]
+
+
+def deliver(r, group, timeout=5.0, consumer="deliverer", now=None):
+    """Send the target's pending, then new, timeline entries in order; stop at the first failure.
+
+    Returns {"sent": n, "skipped": n, "error": text or None}. Safe to run again at any time: only
+    acknowledged entries are never sent again.
+    """
+    ensure_group(r, group)
+    sent = skipped = 0
+    for start in ("0", ">"):
+        while True:
+            reply = r.xreadgroup(group, consumer, {keys.events_timeline(): start}, count=BATCH)
+            entries = reply[0][1] if reply else []
+            entries = [(eid, f) for eid, f in entries if f]  # a trimmed entry comes back without fields
+            if not entries:
+                break
+            refs = [f["ref"].split("|") for _eid, f in entries]
+            for (entry_id, fields), event in zip(entries, load_refs(r, refs)):
+                plan = _plan(r, group, fields, event) if event else None
+                if plan:
+                    error = post_json(plan[0], plan[1], event["id"], plan[2], timeout)
+                    if error:
+                        _record_failure(r, group, error, now)
+                        return {"sent": sent, "skipped": skipped, "error": error}
+                    sent += 1
+                else:
+                    skipped += 1
+                r.xack(keys.events_timeline(), group, entry_id)
+            if start == "0" and len(entries) < BATCH:
+                break
+    if sent:
+        r.hset(keys.delivery_state(group), mapping={"last_success_at": now_iso(), "failures": 0})
+    r.hdel(keys.delivery_state(group), "next_attempt_at")
+    return {"sent": sent, "skipped": skipped, "error": None}
+
+
+def _record_failure(r, group, error, now=None):
+    now = time.time() if now is None else now
+    failures = r.hincrby(keys.delivery_state(group), "failures", 1)
+    wait = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (failures - 1))
+    r.hset(keys.delivery_state(group), mapping={"last_error": error, "last_error_at": now_iso(),
+                                                "next_attempt_at": repr(now + wait)})
+
+
+def due_targets(r, now=None):
+    """Targets with undelivered events whose backoff has passed (the dispatcher enqueues these)."""
+    now = time.time() if now is None else now
+    due = []
+    for group in targets(r):
+        if backlog(r, group) == 0:
+            continue
+        nxt = r.hget(keys.delivery_state(group), "next_attempt_at")
+        if nxt is None or float(nxt) <= now:
+            due.append(group)
+    return due
