@@ -51,11 +51,14 @@ def create_app(test_config=None):
 
     store.init_app(app)
     csrf.init_app(app)
-    from . import api, locale, manager, pages
+    from . import api, locale, manager, pages, sdk
     locale.init_app(app)
     app.register_blueprint(api.bp)
     csrf.exempt(api.bp)
     app.register_blueprint(pages.bp)
+    app.register_blueprint(sdk.bp)
+    csrf.exempt(sdk.bp)
+    sdk.init_rate_limits(app)
     app.register_blueprint(manager.bp)
     _register_error_handlers(app)
     return app

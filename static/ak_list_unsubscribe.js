@@ -1,0 +1,200 @@
+/*
+ * AkUnsub: the unsubscribe SDK for a customer's own unsubscribe page. Dependency-free ES2017, no build step.
+ *
+ *   <script src="https://UNSUB-HOST/ak_list_unsubscribe.js?id=MXwx"></script>
+ *   <script>const akUnsub = new AkUnsub();</script>
+ *
+ * new AkUnsub({rtoken?, pxl_domain?})
+ *   pxl_domain: where the unsubscribe service is, "host[:port]" (https is assumed) or "http(s)://host[:port]";
+ *   by default the host that served this script. rtoken: the resource token, checked by the service when given.
+ * akUnsub.confirmUnsub(smid?, categories?) / akUnsub.cancelUnsub(smid?, categories?)
+ *   Promises resolving with the resulting state {mode, result, status, cats, categories, pending} or rejecting
+ *   with an Error whose message says what went wrong (err.status and err.reason carry the details). With no
+ *   smid, the SMID found in the page's URL is used. AkUnsub.confirmUnsub(...) / AkUnsub.cancelUnsub(...) call
+ *   the last constructed instance.
+ *
+ * The SMID in the page's URL: put {send_message_id} into the resource's page_url as a query parameter, e.g.
+ * https://shop.example/unsubscribe?smid={send_message_id}. Parameters named "smid" or "send_message_id" are tried
+ * first, then any other parameter whose value looks like a SMID; the service decides which one verifies.
+ * When one is found, constructing AkUnsub does what the hosted page does when shown (once the page is visible):
+ * instant mode unsubscribes, delayed mode starts the timer, confirm mode waits for confirmUnsub. The outcome is
+ * the promise akUnsub.ready (null when the URL has no SMID); akUnsub.smid is the SMID it used.
+ */
+(function (global) {
+  "use strict";
+
+  // Filled in by /ak_list_unsubscribe.js?id=...: {"pxl_domain": "...", "resource_id": N}.
+  const SERVED = /*@ak-defaults*/null;
+  const script = document.currentScript;
+  const SCRIPT_ORIGIN = script && script.src ? new URL(script.src, location.href).origin : location.origin;
+  const PREFERRED_PARAMS = ["smid", "send_message_id"];
+  const MAX_CANDIDATES = 3;
+  let lastInstance = null;
+
+  function normalizeDomain(value) {
+    const text = String(value).trim().replace(/\/+$/, "");
+    const url = new URL(text.indexOf("://") >= 0 ? text : "https://" + text);
+    if (url.protocol !== "https:" && url.protocol !== "http:") {
+      throw new TypeError("AkUnsub: pxl_domain must be an http(s) host, got " + value);
+    }
+    return url.origin;
+  }
+
+  // A SMID is base64url of a record whose first byte is its format (1); the service checks the signature.
+  function looksLikeSmid(value) {
+    if (!/^[A-Za-z0-9_-]{20,160}$/.test(value)) return false;
+    try {
+      return atob(value.slice(0, 4).replace(/-/g, "+").replace(/_/g, "/")).charCodeAt(0) === 1;
+    } catch (e) {
+      return false;
+    }
+  }
+
+  function smidCandidates(search) {
+    const params = new URLSearchParams(search);
+    const found = [];
+    const add = (v) => { if (v && looksLikeSmid(v) && found.indexOf(v) < 0) found.push(v); };
+    PREFERRED_PARAMS.forEach((name) => params.getAll(name).forEach(add));
+    params.forEach((value, name) => { if (PREFERRED_PARAMS.indexOf(name) < 0) add(value); });
+    return found.slice(0, MAX_CANDIDATES);
+  }
+
+  function whenVisible() {
+    return new Promise((resolve) => {
+      if (document.visibilityState === "visible") return resolve();
+      const onChange = () => {
+        if (document.visibilityState !== "visible") return;
+        document.removeEventListener("visibilitychange", onChange);
+        resolve();
+      };
+      document.addEventListener("visibilitychange", onChange);
+    });
+  }
+
+  function sdkError(message, status, reason) {
+    const err = new Error(message);
+    err.name = "AkUnsubError";
+    err.status = status || 0;
+    err.reason = reason || "error";
+    return err;
+  }
+
+  function reported(promise) {
+    // The page may not look at akUnsub.ready: say what went wrong in the console instead of an unhandled rejection.
+    promise.catch((err) => { if (global.console) console.warn("AkUnsub:", err.message); });
+    return promise;
+  }
+
+  class AkUnsub {
+    constructor(options) {
+      const opts = options || {};
+      const served = SERVED || {};
+      this.rtoken = opts.rtoken || null;
+      this.pxlDomain = normalizeDomain(opts.pxl_domain || served.pxl_domain || SCRIPT_ORIGIN);
+      this.resourceId = served.resource_id || null;
+      this.candidates = smidCandidates(location.search);
+      this.smid = this.candidates[0] || null;
+      lastInstance = this;
+      this.ready = reported(this.candidates.length ? whenVisible().then(() => this._show()) : Promise.resolve(null));
+    }
+
+    confirmUnsub(smid, categories) {
+      return this._call("confirm", smid, categories);
+    }
+
+    cancelUnsub(smid, categories) {
+      return this._call("cancel", smid, categories);
+    }
+
+    static confirmUnsub(smid, categories) {
+      return AkUnsub._last().then((sdk) => sdk.confirmUnsub(smid, categories));
+    }
+
+    static cancelUnsub(smid, categories) {
+      return AkUnsub._last().then((sdk) => sdk.cancelUnsub(smid, categories));
+    }
+
+    static _last() {
+      return lastInstance ? Promise.resolve(lastInstance)
+        : Promise.reject(sdkError("AkUnsub: create it first with new AkUnsub()", 0, "not_initialised"));
+    }
+
+    async _show() {
+      let lastError = null;
+      for (const smid of this.candidates) {
+        try {
+          const state = await this._call("show", smid);
+          this.smid = smid;
+          return state;
+        } catch (err) {
+          if (err.reason !== "unknown_smid") throw err;  // only an unverifiable value makes us try the next one
+          lastError = err;
+        }
+      }
+      this.smid = null;
+      throw lastError;
+    }
+
+    async _call(action, smid, categories) {
+      const id = smid === undefined || smid === null ? this.smid : smid;
+      if (typeof id !== "string" || !id) {
+        throw sdkError("AkUnsub: a SMID is required (none was given and none is in the page's URL)", 0, "invalid");
+      }
+      if (categories !== undefined && categories !== null &&
+          (!Array.isArray(categories) || !categories.every((c) => typeof c === "string"))) {
+        throw sdkError("AkUnsub: categories must be an array of category names", 0, "invalid");
+      }
+      if (!this.resourceId) {
+        throw sdkError("AkUnsub: load this script from /ak_list_unsubscribe.js?id=... (the resource is unknown)",
+          0, "not_initialised");
+      }
+      const body = {smid: id, action: action, resource_id: this.resourceId};
+      if (categories) body.categories = categories;
+      if (this.rtoken) body.rtoken = this.rtoken;
+      const base = this.pxlDomain + "/sdk/v1/" + encodeURIComponent(this.resourceId);
+      let response;
+      try {
+        response = await fetch(base + "/unsubscribe", {
+          method: "POST", mode: "cors", credentials: "omit", cache: "no-store", referrerPolicy: "no-referrer",
+          headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
+        });
+      } catch (e) {
+        throw await this._explainFailure(base);
+      }
+      let data = null;
+      try {
+        data = await response.json();
+      } catch (e) {
+        data = null;
+      }
+      if (!response.ok || !data || data.error) {
+        let message = (data && data.error_text) || ("the unsubscribe service answered HTTP " + response.status);
+        const retry = parseInt(response.headers.get("Retry-After"), 10);
+        if (response.status === 429 && retry >= 0) message += " (try again in " + retry + " s)";
+        throw sdkError(message, response.status, (data && data.reason) ||
+          (response.status === 429 ? "rate_limited" : "error"));
+      }
+      delete data.error;
+      return data;
+    }
+
+    // A refused preflight and a network failure look the same to a script; ask which one it was.
+    async _explainFailure(base) {
+      try {
+        const probe = await fetch(base + "/origin", {credentials: "omit", cache: "no-store"});
+        const info = await probe.json();
+        if (probe.status === 404) return sdkError(info.error_text, 404, "unknown_resource");
+        if (info && info.allowed === false) {
+          return sdkError("This page's origin " + location.origin + " is not allowed to unsubscribe for this " +
+            "resource: add it to the resource's URLs", 403, "forbidden_origin");
+        }
+      } catch (e) {
+        // unreachable too: a network failure
+      }
+      return sdkError("Could not reach the unsubscribe service at " + this.pxlDomain +
+        " (network error); please try again", 0, "network");
+    }
+  }
+
+  global.AkUnsub = AkUnsub;
+})(window);

@@ -1,0 +1,335 @@
+"""The AkUnsub SDK's endpoint and script (contract §5), through the Flask test client against a real Redis.
+
+Refusals are proved to change nothing by comparing redis_state before and after. The rate limiter's own counters
+are Redis keys too (under keys.rate_limits(), "us:ratelimit:"): `store_state` leaves them out, since counting a
+refused request is the point of a limiter and is not a change of any subscription."""
+import base64
+import json
+import time
+
+import pytest
+
+from conftest import email_resource, redis_state
+from webapp import keys
+from webapp.delayed import sweep_once
+from webapp.sdk import limiter_storage_uri, origin_of, parse_script_id
+
+ORIGIN = "https://shop.example"
+CATEGORIES = [{"title": "News", "api_name": "news", "required": False},
+              {"title": "Promotions", "api_name": "promo", "required": False},
+              {"title": "Receipts", "api_name": "receipts", "required": True}]
+
+
+def store_state(r):
+    prefix = keys.rate_limits() + ":"
+    return {k: v for k, v in redis_state(r).items() if not k.startswith(prefix)}
+
+
+def make(api, mode="instant", profile_id="p-42", category=None, **resource):
+    """A resource in `mode`, a subscription to it and the SMID of one message: (resource, ident, smid)."""
+    body = email_resource(url="https://shop.example/unsubscribe", urls=["https://promo.example:8443/"],
+                          categories=CATEGORIES, unsubscribe={"mode": mode, "timer_minutes": 30,
+                                                              "blocked_text": "Service messages cannot be stopped"})
+    body.update(resource)
+    res = api.ok("resources/add", **body)
+    ident = {"db_id": 1, "profile_id": profile_id, "resource_id": res["id"], "channel": "email",
+             "email": f"{profile_id}@example.com"}
+    api.ok("subscriptions/set", **ident)
+    links = api.ok("messages/links", **ident, **({"category": category} if category else {}))
+    return res, ident, links["smid"]
+
+
+def call(client, rid, origin=ORIGIN, **body):
+    headers = {"Origin": origin} if origin else {}
+    return client.post(f"/sdk/v1/{rid}/unsubscribe", json=body, headers=headers)
+
+
+def sub(api, ident):
+    got = api.ok("subscriptions/get", **ident)
+    return got["status"], got["cats"]
+
+
+def last_event(r, ident):
+    return json.loads(r.lindex(keys.profile_events(ident["db_id"], ident["profile_id"]), -1))
+
+
+# -- changes ------------------------------------------------------------------------------------------
+
+def test_confirm_unsubscribes_the_chosen_categories_with_evidence(client, api, r):
+    res, ident, smid = make(api, "confirm")
+    resp = client.post(f"/sdk/v1/{res['id']}/unsubscribe", json={"smid": smid, "action": "confirm",
+                                                                   "categories": ["promo"], "rtoken": res["rtoken"]},
+                       headers={"Origin": ORIGIN, "User-Agent": "sdk-test/1", "Accept-Language": "ru"})
+    assert resp.status_code == 200, resp.get_json()
+    body = resp.get_json()
+    assert body["result"] == "unsubscribed" and body["status"] == "subscribed"
+    assert body["cats"] == ["news", "receipts"]
+    assert {c["api_name"]: c["subscribed"] for c in body["categories"]} == {"news": True, "promo": False,
+                                                                             "receipts": True}
+    assert sub(api, ident) == ("subscribed", ["news", "receipts"])
+    event = last_event(r, ident)
+    assert event["method"] == "sdk" and event["smid"] == smid
+    assert event["evidence"]["ip"] == "127.0.0.1" and event["evidence"]["user_agent"] == "sdk-test/1"
+    assert event["evidence"]["locale"] == "ru"
+    assert resp.headers["Access-Control-Allow-Origin"] == ORIGIN and "Origin" in resp.headers["Vary"]
+
+
+def test_confirm_without_categories_stops_the_message_scope(client, api):
+    res, ident, smid = make(api, "confirm", category="news")
+    assert call(client, res["id"], smid=smid, action="confirm").get_json()["cats"] == ["promo", "receipts"]
+    res, ident, smid = make(api, "confirm", profile_id="p-43")
+    assert call(client, res["id"], smid=smid, action="confirm").get_json()["status"] == "unsubscribed"
+    assert sub(api, ident)[0] == "unsubscribed"
+
+
+def test_show_in_each_mode(client, api, r):
+    res, ident, smid = make(api, "instant")
+    body = call(client, res["id"], smid=smid, action="show").get_json()
+    assert (body["mode"], body["result"], body["status"]) == ("instant", "unsubscribed", "unsubscribed")
+    assert last_event(r, ident)["method"] == "sdk"
+
+    res, ident, smid = make(api, "confirm", profile_id="p-43")
+    before = store_state(r)
+    body = call(client, res["id"], smid=smid, action="show").get_json()
+    assert (body["mode"], body["result"], body["status"]) == ("confirm", "waiting", "subscribed")
+    assert store_state(r) == before                                    # confirm: showing changes nothing
+
+    res, ident, smid = make(api, "delayed", profile_id="p-44")
+    body = call(client, res["id"], smid=smid, action="show").get_json()
+    assert (body["mode"], body["result"], body["status"]) == ("delayed", "pending", "subscribed")
+    assert 25 <= body["pending"]["seconds_left"] <= 30                  # 30 "minutes" of 1 s in tests
+    again = call(client, res["id"], smid=smid, action="show").get_json()
+    assert again["pending"]["deadline"] == body["pending"]["deadline"]  # the same timer, not a new one
+    assert r.zcard(keys.pending_due()) == 1
+
+
+def test_delayed_confirm_settles_now_and_cancel_stops_the_timer(client, api, r):
+    res, ident, smid = make(api, "delayed")
+    call(client, res["id"], smid=smid, action="show")
+    body = call(client, res["id"], smid=smid, action="confirm").get_json()
+    assert body["status"] == "unsubscribed" and body["pending"] is None
+    assert r.zcard(keys.pending_due()) == 0
+
+    res, ident, smid = make(api, "delayed", profile_id="p-43")
+    call(client, res["id"], smid=smid, action="show")
+    assert r.exists(keys.pending_unsubscribe(1, "p-43", ident_hash(api, ident)))
+    body = call(client, res["id"], smid=smid, action="cancel", categories=["news"]).get_json()
+    assert (body["result"], body["status"], body["pending"]) == ("cancelled", "subscribed", None)
+    assert not r.exists(keys.pending_unsubscribe(1, "p-43", ident_hash(api, ident)))
+    assert r.zcard(keys.pending_due()) == 0
+    assert sweep_once(r, now=time.time() + 3600) == 0                  # nothing left to fire, even later
+    assert sub(api, ident)[0] == "subscribed"
+    assert call(client, res["id"], smid=smid, action="cancel").get_json()["result"] == "none"
+
+
+def ident_hash(api, ident):
+    return api.ok("subscriptions/get", **ident)["hash_id"]
+
+
+# -- refusals: 4xx and no change ----------------------------------------------------------------------
+
+def forged(smid):
+    return smid[:-3] + ("AAA" if smid[-3:] != "AAA" else "BBB")
+
+
+REFUSALS = {
+    # name: (how to send, expected status, words in the error)
+    "forged smid": (lambda c, res, other, smid: call(c, res["id"], smid=forged(smid), action="confirm"),
+                    404, "Unknown or invalid SMID"),
+    "not a smid": (lambda c, res, other, smid: call(c, res["id"], smid="hello", action="confirm"),
+                   404, "Unknown or invalid SMID"),
+    "smid of another resource": (lambda c, res, other, smid: call(c, other["id"], smid=smid, action="confirm"),
+                                 403, "not sent for this resource"),
+    "wrong rtoken": (lambda c, res, other, smid: call(c, res["id"], smid=smid, action="confirm",
+                                                      rtoken=other["rtoken"]), 403, "rtoken"),
+    "required category": (lambda c, res, other, smid: call(c, res["id"], smid=smid, action="confirm",
+                                                           categories=["receipts"]), 400, "required"),
+    "unknown action": (lambda c, res, other, smid: call(c, res["id"], smid=smid, action="drop"), 400, "action"),
+    "json as text/plain": (lambda c, res, other, smid: c.post(
+        f"/sdk/v1/{res['id']}/unsubscribe", data=json.dumps({"smid": smid, "action": "confirm"}),
+        content_type="text/plain", headers={"Origin": ORIGIN}), 415, "application/json"),
+    "simple form post": (lambda c, res, other, smid: c.post(
+        f"/sdk/v1/{res['id']}/unsubscribe", data={"smid": smid, "action": "confirm"},
+        headers={"Origin": ORIGIN}), 415, "application/json"),
+    "unlisted origin": (lambda c, res, other, smid: call(c, res["id"], origin="https://evil.example", smid=smid,
+                                                         action="confirm"), 403, "https://evil.example"),
+    "other port": (lambda c, res, other, smid: call(c, res["id"], origin="https://shop.example:8443", smid=smid,
+                                                    action="confirm"), 403, "not allowed"),
+    "http instead of https": (lambda c, res, other, smid: call(c, res["id"], origin="http://shop.example",
+                                                               smid=smid, action="confirm"), 403, "not allowed"),
+    "lookalike host": (lambda c, res, other, smid: call(c, res["id"], origin="https://shop.example.evil.example",
+                                                        smid=smid, action="confirm"), 403, "not allowed"),
+    "no origin": (lambda c, res, other, smid: call(c, res["id"], origin=None, smid=smid, action="confirm"),
+                  403, "origin"),
+    "opaque origin": (lambda c, res, other, smid: call(c, res["id"], origin="null", smid=smid, action="confirm"),
+                      403, "origin"),
+    "unknown resource": (lambda c, res, other, smid: call(c, 999, smid=smid, action="confirm"), 404,
+                         "Unknown resource"),
+}
+
+
+@pytest.mark.parametrize("name", REFUSALS)
+def test_refusals_change_nothing(client, api, r, name):
+    send, status, words = REFUSALS[name]
+    res, ident, smid = make(api, "instant")
+    other = api.ok("resources/add", **email_resource(name="Other", url=ORIGIN, urls=[]))
+    before = store_state(r)
+    resp = send(client, res, other, smid)
+    assert resp.status_code == status, resp.get_json()
+    assert words in resp.get_json()["error_text"]
+    assert "Origin" in resp.headers["Vary"]
+    assert store_state(r) == before
+    if "origin" in name or name in ("other port", "http instead of https", "lookalike host"):
+        assert "Access-Control-Allow-Origin" not in resp.headers
+
+
+@pytest.mark.parametrize("action", ["show", "confirm"])
+def test_blocked_resource_refuses_with_its_text(client, api, r, action):
+    res, ident, smid = make(api, "blocked")
+    before = store_state(r)
+    resp = call(client, res["id"], smid=smid, action=action)
+    assert resp.status_code == 403
+    assert resp.get_json()["error_text"] == "Service messages cannot be stopped"
+    assert resp.get_json()["reason"] == "blocked"
+    assert store_state(r) == before
+
+
+def test_rate_limit_per_smid(app, client, api, r):
+    app.config["SDK_RATE_LIMIT_PER_SMID"] = "3 per minute"
+    res, ident, smid = make(api, "instant")
+    other_res, other_ident, other_smid = make(api, "confirm", profile_id="p-43")
+    for _ in range(3):
+        assert call(client, res["id"], smid=forged(smid), action="confirm").status_code == 404
+    before = store_state(r)
+    # the forged value counts for itself only: the real SMID has its own budget ...
+    for _ in range(3):
+        assert call(client, other_res["id"], smid=other_smid, action="show").status_code == 200
+    # ... and once it is spent, even a valid request is refused before any change
+    resp = call(client, other_res["id"], smid=other_smid, action="confirm")
+    assert resp.status_code == 429
+    assert resp.get_json() == {"error": 429, "error_text": "Too many requests for this message"}
+    assert 1 <= int(resp.headers["Retry-After"]) <= 61
+    assert resp.headers["Access-Control-Allow-Origin"] == ORIGIN and "Origin" in resp.headers["Vary"]
+    assert store_state(r) == before
+    assert any(k.startswith("us:ratelimit:") for k in r.keys("*"))  # the counters the comparison leaves out
+    assert call(client, res["id"], smid=smid, action="confirm").status_code == 200
+
+
+def test_rate_limit_per_ip(app, client, api, r):
+    app.config["SDK_RATE_LIMIT_PER_IP"] = "4 per minute"
+    made = [make(api, "instant", profile_id=f"p-{i}") for i in range(5)]
+    for res, ident, smid in made[:4]:
+        assert call(client, res["id"], smid=smid, action="confirm").status_code == 200
+    before = store_state(r)
+    res, ident, smid = made[4]
+    resp = call(client, res["id"], smid=smid, action="confirm")
+    assert resp.status_code == 429 and resp.get_json()["error_text"] == "Too many requests from this address"
+    assert int(resp.headers["Retry-After"]) >= 1
+    assert store_state(r) == before and sub(api, ident)[0] == "subscribed"
+    # another address is not limited
+    other = client.post(f"/sdk/v1/{res['id']}/unsubscribe", json={"smid": smid, "action": "confirm"},
+                        headers={"Origin": ORIGIN}, environ_base={"REMOTE_ADDR": "192.0.2.7"})
+    assert other.status_code == 200 and sub(api, ident)[0] == "unsubscribed"
+
+
+# -- CORS ---------------------------------------------------------------------------------------------
+
+def preflight(client, rid, origin):
+    return client.options(f"/sdk/v1/{rid}/unsubscribe", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+
+
+@pytest.mark.parametrize("origin", [ORIGIN, "https://promo.example:8443"])
+def test_preflight_allows_the_resource_origins(client, api, r, origin):
+    res, ident, smid = make(api, "instant")
+    before = store_state(r)
+    resp = preflight(client, res["id"], origin)
+    assert resp.status_code == 204
+    assert resp.headers["Access-Control-Allow-Origin"] == origin
+    assert resp.headers["Access-Control-Allow-Methods"] == "POST"
+    assert resp.headers["Access-Control-Allow-Headers"] == "Content-Type"
+    assert resp.headers["Access-Control-Max-Age"] == "7200"
+    assert "Origin" in resp.headers["Vary"]
+    assert "Access-Control-Allow-Credentials" not in resp.headers
+    assert store_state(r) == before
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example", "https://promo.example", "http://shop.example", "null"])
+def test_preflight_refuses_other_origins(client, api, origin):
+    res, ident, smid = make(api, "instant")
+    resp = preflight(client, res["id"], origin)
+    assert resp.status_code == 403
+    assert "Access-Control-Allow-Origin" not in resp.headers and "Origin" in resp.headers["Vary"]
+    assert preflight(client, 999, ORIGIN).status_code == 404
+
+
+def test_vary_origin_on_every_sdk_answer(client, api):
+    res, ident, smid = make(api, "instant")
+    answers = [client.get(f"/sdk/v1/{res['id']}/unsubscribe", headers={"Origin": ORIGIN}),  # 405
+               client.post("/sdk/v1/nope", headers={"Origin": ORIGIN}),                       # 404
+               call(client, res["id"], smid=smid, action="show"),
+               client.get(f"/sdk/v1/{res['id']}/origin", headers={"Origin": ORIGIN})]
+    assert [a.status_code for a in answers] == [405, 404, 200, 200]
+    for answer in answers:
+        assert "Origin" in answer.headers["Vary"] and answer.is_json
+
+
+def test_origin_probe_tells_the_page_why(client, api):
+    res, ident, smid = make(api, "instant")
+    ok = client.get(f"/sdk/v1/{res['id']}/origin", headers={"Origin": ORIGIN})
+    assert ok.get_json() == {"origin": ORIGIN, "allowed": True}
+    no = client.get(f"/sdk/v1/{res['id']}/origin", headers={"Origin": "https://evil.example"})
+    assert no.get_json() == {"origin": "https://evil.example", "allowed": False}
+    assert no.headers["Access-Control-Allow-Origin"] == "*"
+    assert client.get("/sdk/v1/999/origin").status_code == 404
+
+
+def test_origin_of():
+    assert origin_of("https://Shop.Example:443/a?b#c") == "https://shop.example"
+    assert origin_of("http://127.0.0.1:8080/x") == "http://127.0.0.1:8080"
+    assert origin_of("http://[::1]:80/") == "http://[::1]"
+    assert origin_of("https://пример.рф/") == "https://xn--e1afmkfd.xn--p1ai"
+    assert origin_of("https://shop.example/path", strict=True) is None
+    assert origin_of("ftp://shop.example") is None and origin_of("null", strict=True) is None
+
+
+# -- the script ---------------------------------------------------------------------------------------
+
+def test_script_is_served_with_the_resource_defaults(client, api):
+    res, ident, smid = make(api, "instant")
+    url = api.ok("resources/get", id=res["id"])["sdk_script_url"]
+    assert url == "https://unsub.example/ak_list_unsubscribe.js?id=" + base64.b64encode(
+        f"1|{res['id']}".encode()).decode()
+    resp = client.get(url.removeprefix("https://unsub.example"))
+    assert resp.status_code == 200
+    assert resp.headers["Content-Type"] == "application/javascript; charset=utf-8"
+    assert resp.headers["Cache-Control"] == "public, max-age=300"
+    assert resp.headers["ETag"]
+    text = resp.get_data(as_text=True)
+    assert "class AkUnsub" in text and "@ak-defaults" not in text
+    assert f'{{"pxl_domain":"https://unsub.example","resource_id":{res["id"]}}}' in text
+    assert res["rtoken"] not in text                                    # the rtoken is a server-side secret
+    again = client.get(url.removeprefix("https://unsub.example"), headers={"If-None-Match": resp.headers["ETag"]})
+    assert again.status_code == 304
+    unpadded = base64.urlsafe_b64encode(f"1|{res['id']}".encode()).decode().rstrip("=")
+    assert client.get(f"/ak_list_unsubscribe.js?id={unpadded}").status_code == 200
+    assert client.head(url.removeprefix("https://unsub.example")).status_code == 200
+
+
+@pytest.mark.parametrize("sid", ["", "!!!", base64.b64encode(b"1|999").decode(), base64.b64encode(b"2|1").decode(),
+                                 base64.b64encode(b"1|abc").decode(), base64.b64encode(b"1|").decode(),
+                                 base64.b64encode(b"1|01").decode(), base64.b64encode(b"\xff\xfe").decode(),
+                                 "A" * 100, None])
+def test_script_404_for_unknown_or_malformed_ids(client, api, sid):
+    make(api, "instant")
+    resp = client.get("/ak_list_unsubscribe.js" + (f"?id={sid}" if sid is not None else ""))
+    assert resp.status_code == 404
+    assert resp.headers["Content-Type"] == "application/javascript; charset=utf-8"
+    assert resp.get_data(as_text=True).startswith("/*") and resp.headers["Cache-Control"] == "no-store"
+
+
+def test_parse_script_id_and_storage_uri():
+    assert parse_script_id("MXw3Mw==") == 73 and parse_script_id("MXw3Mw") == 73
+    assert parse_script_id("MXw3Mw=") == 73 and parse_script_id(None) is None
+    assert limiter_storage_uri("unix:///tmp/r.sock") == "redis+unix:///tmp/r.sock"
+    assert limiter_storage_uri("redis://h:6379/0") == "redis://h:6379/0"

@@ -1,0 +1,398 @@
+"""The AkUnsub JS SDK (contract §5): the script at /ak_list_unsubscribe.js and the JSON endpoint it calls.
+
+GET /ak_list_unsubscribe.js?id=<base64 of "account|resource">
+    static/ak_list_unsubscribe.js with the resource's defaults filled in (pxl_domain = PUBLIC_BASE_URL, resource
+    id). Public and cacheable (5 minutes, ETag); 404 with a JS comment for an unknown or malformed id. The rtoken
+    is never put in the script: it is a secret of the customer's server.
+
+POST /sdk/v1/<resource_id>/unsubscribe   {"smid", "action": "confirm"|"cancel"|"show", "categories"?, "rtoken"?}
+    The resource is in the path so that a preflight, which has no body, can be answered for exactly that
+    resource's origins. Checks, all before any change: the Origin header is one of the resource's URLs
+    (`url`, `urls`; scheme://host[:port] compared exactly) else 403; Content-Type is application/json else 415
+    (a form or text/plain POST is a CORS "simple request" that skips the preflight); the SMID verifies (404),
+    belongs to this resource (403), and the rtoken, when given, matches (403). Blocked resources answer 403.
+    Answers {"error": 0, "mode", "result", "status", "cats", "categories", "pending"}; errors
+    {"error": <http status>, "error_text": <readable>, "reason": <word>}.
+OPTIONS on the same URL: the preflight; Access-Control-Allow-Origin is the exact origin, only when allowed.
+GET /sdk/v1/<resource_id>/origin
+    Read-only {"origin", "allowed"} for any origin: after a failed fetch (a refused preflight and a network error
+    look the same to a script) the SDK asks this to tell the page which one it was.
+
+Every /sdk/ response carries `Vary: Origin`. Cookies are never used (the SDK fetches with credentials 'omit'),
+so the blueprint is exempt from CSRF; the Origin allow-list plus the forced preflight stand in for it, and the
+signed SMID is the authorization (a non-browser client can forge Origin, never a SMID).
+
+Rate limits (Flask-Limiter, Redis storage under keys.rate_limits()): POSTs per client IP and per SMID (taken from
+the JSON body), from app config SDK_RATE_LIMIT_PER_IP / SDK_RATE_LIMIT_PER_SMID, read on every request. Over the
+limit: 429 JSON with Retry-After (seconds until the breached window resets).
+"""
+import base64
+import binascii
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from functools import wraps
+from urllib.parse import urlsplit
+
+from flask import Blueprint, current_app, g, jsonify, make_response, request
+
+from . import keys, unsubscribe
+from .delayed import schedule_timer
+from .errors import BadToken, Blocked, Forbidden, InvalidInput, NoSuchResource, NotFound, ServiceError
+from .locale import choose_locale
+from .resources import get_resource
+from .store import get_redis, get_timer_queue
+from .subscriptions import state_of
+from .tokens import SMID_MAX_CHARS, same_secret
+
+bp = Blueprint("sdk", __name__)
+
+ACTIONS = ("confirm", "cancel", "show")
+PREFLIGHT_MAX_AGE = 7200  # Chromium caps Access-Control-Max-Age at 2 hours
+SCRIPT_MAX_AGE = 300
+SCRIPT_FILE = "ak_list_unsubscribe.js"
+DEFAULTS_MARKER = "/*@ak-defaults*/null"
+RATE_LIMIT_DEFAULTS = {"SDK_RATE_LIMIT_PER_IP": "120 per minute", "SDK_RATE_LIMIT_PER_SMID": "20 per minute"}
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_SCRIPT_ID_RE = re.compile(r"^[A-Za-z0-9+/_-]{1,64}={0,2}$")
+
+
+class SdkError(ServiceError):
+    """A refusal with a machine-readable `reason` next to the readable message."""
+
+    def __init__(self, status, reason, message):
+        super().__init__(message)
+        self.status = self.code = status
+        self.reason = reason
+
+
+# -- origins ------------------------------------------------------------------------------------------
+
+def origin_of(url, strict=False):
+    """scheme://host[:port] of an http(s) URL, lower-cased, default port dropped; None if it is not one.
+
+    strict: `url` is an Origin header value, so it must be exactly an origin (no path, query or user)."""
+    if not isinstance(url, str):
+        return None
+    try:
+        parts = urlsplit(url.strip())
+        scheme, host, port = parts.scheme.lower(), parts.hostname, parts.port
+    except ValueError:
+        return None
+    if scheme not in _DEFAULT_PORTS or not host:
+        return None
+    if strict and (parts.path or parts.query or parts.fragment or parts.username or parts.password):
+        return None
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    if ":" in host:
+        host = f"[{host}]"  # IPv6 literal
+    if port == _DEFAULT_PORTS[scheme]:
+        port = None
+    return f"{scheme}://{host}" + (f":{port}" if port else "")
+
+
+def allowed_origins(resource):
+    """The origins of the resource's `url` and `urls`: the customer's own sites."""
+    found = (origin_of(u) for u in [resource.get("url"), *(resource.get("urls") or [])] if u)
+    return {o for o in found if o}
+
+
+def request_origin():
+    """The caller's Origin, normalised; None when absent or not an http(s) origin (e.g. "null")."""
+    return origin_of(request.headers.get("Origin"), strict=True)
+
+
+def _load_resource(resource_id):
+    """The resource of this request, read once per request; None when it does not exist."""
+    if "sdk_resource" not in g:
+        try:
+            g.sdk_resource = get_resource(get_redis(), resource_id)
+        except NoSuchResource:
+            g.sdk_resource = None
+    return g.sdk_resource
+
+
+def cors_allowed_origin():
+    """The request's Origin if the resource named in the URL lists it, else None."""
+    resource_id = (request.view_args or {}).get("resource_id")
+    origin = request_origin()
+    if resource_id is None or origin is None:
+        return None
+    resource = _load_resource(resource_id)
+    return origin if resource and origin in allowed_origins(resource) else None
+
+
+def cors_checked(view):
+    """Answer the preflight, and refuse (403, before the view runs) a POST from an origin the resource does
+    not list. The response headers are added by add_cors_headers."""
+
+    @wraps(view)
+    def wrapper(resource_id, **kwargs):
+        try:
+            resource = _load_resource(resource_id)
+            if resource is None:
+                raise SdkError(404, "unknown_resource", f"Unknown resource {resource_id}: check the script's id")
+            origin = request_origin()
+            if origin is None:
+                raise SdkError(403, "forbidden_origin",
+                               "This request has no web page origin: the SDK must be used from a page of one of "
+                               "the resource's sites")
+            if origin not in allowed_origins(resource):
+                raise SdkError(403, "forbidden_origin",
+                               f"The origin {origin} is not allowed for this resource: add it to the resource's URLs")
+            if request.method == "OPTIONS":
+                resp = make_response("", 204)
+                del resp.headers["Content-Type"]
+                resp.headers["Access-Control-Allow-Methods"] = "POST"
+                resp.headers["Access-Control-Allow-Headers"] = "Content-Type"
+                resp.headers["Access-Control-Max-Age"] = str(PREFLIGHT_MAX_AGE)
+                return resp
+        except SdkError as exc:
+            return error_response(exc)
+        return view(resource, **kwargs)
+
+    return wrapper
+
+
+@bp.after_app_request
+def add_cors_headers(resp):
+    """Vary: Origin on every /sdk/ answer; Access-Control-Allow-Origin only for an allowed origin (429s too,
+    so that the page can read why)."""
+    if not request.path.startswith("/sdk/"):
+        return resp
+    resp.vary.add("Origin")
+    resp.headers.setdefault("Cache-Control", "no-store")
+    if resp.status_code == 429:
+        resp.headers["Retry-After"] = str(retry_after_seconds())
+    if "Access-Control-Allow-Origin" not in resp.headers:
+        origin = cors_allowed_origin()
+        if origin:
+            resp.headers["Access-Control-Allow-Origin"] = origin
+            resp.headers["Access-Control-Expose-Headers"] = "Retry-After"
+    return resp
+
+
+def error_response(exc):
+    if isinstance(exc, SdkError):
+        reason = exc.reason
+    elif isinstance(exc, Blocked):
+        reason = "blocked"
+    elif isinstance(exc, BadToken):
+        reason = "unknown_smid"
+    elif isinstance(exc, NotFound):
+        reason = "not_found"
+    elif isinstance(exc, InvalidInput):
+        reason = "invalid"
+    elif isinstance(exc, Forbidden):
+        reason = "forbidden"
+    else:
+        reason = "error"
+    message = exc.message
+    if isinstance(exc, BadToken):
+        message = "Unknown or invalid SMID (message id): it was altered or cut, or it is not a SMID"
+    return jsonify({"error": exc.status, "error_text": message, "reason": reason}), exc.status
+
+
+# -- the endpoint -------------------------------------------------------------------------------------
+
+def sdk_evidence(ctx):
+    """What the ledger keeps about who asked: IP, user agent, and the language the person's page would use."""
+    locale = choose_locale(None, ctx.record.get("locale"), ctx.resource.get("default_locale"),
+                           request.accept_languages, current_app.config["DEFAULT_LOCALE"])
+    return {"ip": request.remote_addr, "user_agent": (request.user_agent.string or "")[:512], "locale": locale}
+
+
+def _json_body():
+    if request.mimetype != "application/json":
+        raise SdkError(415, "unsupported_media_type", "Send the request as Content-Type: application/json")
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise SdkError(400, "invalid", "The request body must be a JSON object")
+    return body
+
+
+def _state(r, ctx, result):
+    raw = r.hget(keys.profile_subscriptions(*ctx.key[:2]), ctx.smid.hash_id)
+    record = json.loads(raw) if raw else ctx.record
+    state = state_of(ctx.resource, record)
+    pending = unsubscribe.read_pending(r, ctx) if ctx.mode == "delayed" else None
+    return {
+        "error": 0, "mode": ctx.mode, "result": result, "status": state["status"], "cats": state["cats"],
+        "categories": [{"api_name": c["api_name"], "title": c["title"], "required": c["required"],
+                        "subscribed": c["api_name"] in state["cats"] and state["status"] == "subscribed"}
+                       for c in ctx.resource["categories"]],
+        "pending": ({"deadline": pending["deadline"], "seconds_left": max(0, int(pending["deadline"] - time.time()))}
+                    if pending else None),
+    }
+
+
+@bp.route("/sdk/v1/<int:resource_id>/unsubscribe", methods=["POST", "OPTIONS"], provide_automatic_options=False)
+@cors_checked
+def sdk_unsubscribe(resource):
+    r = get_redis()
+    try:
+        body = _json_body()
+        action = body.get("action", "confirm")
+        if action not in ACTIONS:
+            raise SdkError(400, "invalid", "action must be one of: " + ", ".join(ACTIONS))
+        if "resource_id" in body and body["resource_id"] != resource["id"]:
+            raise SdkError(400, "invalid", "resource_id does not match the script's resource")
+        smid = body.get("smid")
+        if not isinstance(smid, str) or not smid:
+            raise SdkError(400, "invalid", "smid is required (the message id from the page's URL)")
+        ctx = unsubscribe.open_smid(r, current_app.extensions["signing_keys"], smid)
+        if ctx.resource["id"] != resource["id"]:
+            raise SdkError(403, "wrong_resource", "This message was not sent for this resource")
+        rtoken = body.get("rtoken")
+        if rtoken is not None and not same_secret(rtoken, ctx.resource["rtoken"]):
+            raise SdkError(403, "bad_rtoken", "The resource token (rtoken) does not match this resource")
+        categories = body.get("categories")
+        if action == "confirm":
+            scope = unsubscribe.resolve_scope(ctx, categories)
+            unsubscribe.unsubscribe(r, ctx, scope, "sdk", sdk_evidence(ctx))
+            result = "unsubscribed"
+        elif action == "cancel":
+            if categories is not None:  # checked, but a cancel stops the whole pending timer
+                unsubscribe.resolve_scope(ctx, categories, by_person=False)
+            result = unsubscribe.cancel_timer(r, ctx, sdk_evidence(ctx))
+        else:  # "show": what the hosted page does when a real browser displays it
+            result = show(r, ctx)
+    except ServiceError as exc:
+        return error_response(exc)
+    return jsonify(_state(r, ctx, result))
+
+
+def show(r, ctx):
+    if ctx.mode == "blocked":
+        raise Blocked(ctx.resource["unsubscribe"].get("blocked_text") or "This subscription cannot be cancelled")
+    scope = unsubscribe.resolve_scope(ctx)
+    if ctx.mode == "instant":
+        unsubscribe.unsubscribe(r, ctx, scope, "sdk", sdk_evidence(ctx))
+        return "unsubscribed"
+    if ctx.mode == "delayed":
+        queue = get_timer_queue()
+        armed = unsubscribe.arm_timer(r, ctx, scope, current_app.config["TIME_UNIT_SECONDS"], sdk_evidence(ctx),
+                                      on_armed=lambda *key: schedule_timer(queue, *key))
+        return armed["state"]
+    return "waiting"  # confirm: nothing changes until confirmUnsub
+
+
+@bp.route("/sdk/v1/<int:resource_id>/origin", methods=["GET"])
+def sdk_origin(resource_id):
+    resource = _load_resource(resource_id)
+    if resource is None:
+        return error_response(SdkError(404, "unknown_resource", f"Unknown resource {resource_id}"))
+    origin = request_origin()
+    resp = jsonify({"origin": origin, "allowed": bool(origin and origin in allowed_origins(resource))})
+    resp.headers["Access-Control-Allow-Origin"] = "*"  # read-only, no credentials: any page may ask
+    return resp
+
+
+# -- the script ---------------------------------------------------------------------------------------
+
+def _script_source():
+    path = os.path.join(current_app.static_folder, SCRIPT_FILE)
+    stamp = os.stat(path).st_mtime_ns
+    cached = current_app.extensions.get("sdk_script")
+    if cached is None or cached[0] != stamp:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        if DEFAULTS_MARKER not in source:
+            raise RuntimeError(f"{SCRIPT_FILE} lost its defaults marker {DEFAULTS_MARKER}")
+        cached = current_app.extensions["sdk_script"] = (stamp, source)
+    return cached[1]
+
+
+def parse_script_id(value):
+    """The resource id of an `id` parameter: base64 (standard or URL-safe, padding optional) of "1|<id>"."""
+    if not isinstance(value, str) or not _SCRIPT_ID_RE.match(value):
+        return None
+    value = value.rstrip("=").replace("-", "+").replace("_", "/")
+    try:
+        text = base64.b64decode(value + "=" * (-len(value) % 4), validate=True).decode("ascii")
+    except (binascii.Error, ValueError):
+        return None
+    account, sep, resource = text.partition("|")
+    if account != "1" or not sep or not resource.isdigit() or len(resource) > 12 or resource.startswith("0"):
+        return None
+    return int(resource)
+
+
+def _js(body, status):
+    resp = make_response(body, status)
+    resp.headers["Content-Type"] = "application/javascript; charset=utf-8"
+    return resp
+
+
+@bp.route("/ak_list_unsubscribe.js", methods=["GET"])
+def sdk_script():
+    resource_id = parse_script_id(request.args.get("id"))
+    resource = _load_resource(resource_id) if resource_id is not None else None
+    if resource is None:
+        resp = _js("/* AkUnsub: unknown or malformed resource id */\n", 404)
+        resp.headers["Cache-Control"] = "no-store"
+        return resp
+    defaults = {"pxl_domain": current_app.config["PUBLIC_BASE_URL"].rstrip("/"), "resource_id": resource["id"]}
+    # From config and the store only, never from the Host header: this answer is cached publicly.
+    literal = json.dumps(defaults, separators=(",", ":")).replace("<", "\\u003c")
+    body = _script_source().replace(DEFAULTS_MARKER, literal, 1)
+    resp = _js(body, 200)
+    resp.headers["Cache-Control"] = f"public, max-age={SCRIPT_MAX_AGE}"
+    resp.headers["Cross-Origin-Resource-Policy"] = "cross-origin"  # loadable from pages that require CORP
+    resp.set_etag(hashlib.sha256(body.encode()).hexdigest()[:32])
+    return resp.make_conditional(request)
+
+
+# -- rate limits --------------------------------------------------------------------------------------
+
+def limiter_storage_uri(redis_url):
+    """The `limits` library spells a unix-socket Redis URL redis+unix:///path."""
+    if redis_url.startswith("unix://"):
+        return "redis+" + redis_url
+    return redis_url
+
+
+def retry_after_seconds():
+    """Seconds until the breached limit's window resets (at least 1)."""
+    limiter = current_app.extensions.get("sdk_limiter")
+    resets = [lim.reset_at for lim in (limiter.current_limits if limiter else []) if lim.breached]
+    return max(1, math.ceil(max(resets, default=0) - time.time()))
+
+
+def _client_ip():
+    return request.remote_addr or "unknown"
+
+
+def _smid_key():
+    body = request.get_json(silent=True) if request.mimetype == "application/json" else None
+    smid = body.get("smid") if isinstance(body, dict) else None
+    if not isinstance(smid, str) or not 0 < len(smid) <= SMID_MAX_CHARS:
+        return "-"
+    return smid
+
+
+def init_rate_limits(app):
+    """A Flask-Limiter instance of this app (the extension keeps its storage per instance, so one per app)."""
+    from flask_limiter import Limiter
+
+    for name, value in RATE_LIMIT_DEFAULTS.items():
+        app.config.setdefault(name, value)
+    limiter = Limiter(
+        _client_ip, storage_uri=limiter_storage_uri(app.config["REDIS_URL"]),
+        storage_options={"key_prefix": keys.rate_limits()}, strategy="fixed-window", headers_enabled=False,
+    )
+    limiter.limit(lambda: current_app.config["SDK_RATE_LIMIT_PER_IP"], key_func=_client_ip, methods=["POST"],
+                  scope="sdk-ip", error_message="Too many requests from this address")(bp)
+    limiter.limit(lambda: current_app.config["SDK_RATE_LIMIT_PER_SMID"], key_func=_smid_key, methods=["POST"],
+                  scope="sdk-smid", error_message="Too many requests for this message")(bp)
+    limiter.init_app(app)
+    app.extensions["sdk_limiter"] = limiter
+    return limiter
+
