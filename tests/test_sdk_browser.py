@@ -1,0 +1,228 @@
+"""The AkUnsub SDK in real Chromium, across origins: a customer's page served by a tiny HTTP server on another port
+of 127.0.0.1 loads the script from the live server and calls the endpoint with CORS. Screenshots of the example
+page land in test-artifacts/screens/."""
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import quote, urlsplit
+
+import pytest
+
+from conftest import ROOT, email_resource, redis_state, screenshot
+from webapp import keys
+from webapp.delayed import sweep_once
+
+pytestmark = pytest.mark.browser
+EXAMPLE_SCRIPT_URL = "https://unsub.example.com/ak_list_unsubscribe.js?id=MXwx"
+CATEGORIES = [{"title": "News", "api_name": "news", "required": False},
+              {"title": "Promotions", "api_name": "promo", "required": False},
+              {"title": "Receipts", "api_name": "receipts", "required": True}]
+
+
+class Site:
+    """A customer's web site: serves the HTML put into `pages` (path -> text) on its own port."""
+
+    def __init__(self):
+        self.pages = {}
+        site = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = site.pages.get(urlsplit(self.path).path)
+                data = (body or "not found").encode()
+                self.send_response(200 if body else 404)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.origin = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def sites():
+    shop, other = Site(), Site()
+    yield shop, other
+    shop.close()
+    other.close()
+
+
+def store_state(r):
+    prefix = keys.rate_limits() + ":"
+    return {k: v for k, v in redis_state(r).items() if not k.startswith(prefix)}
+
+
+def setup(live, site, mode, profile_id="p-42"):
+    """A resource in `mode` whose urls list `site`'s origin, a subscription and one message's SMID."""
+    api = live.api
+    res = api.ok("resources/add", **email_resource(
+        url="https://shop.example/", urls=[site.origin + "/"], categories=CATEGORIES,
+        unsubscribe={"mode": mode, "timer_minutes": 30}))
+    ident = {"db_id": 1, "profile_id": profile_id, "resource_id": res["id"], "channel": "email",
+             "email": "ann@example.com"}
+    sub = api.ok("subscriptions/set", **ident)
+    smid = api.ok("messages/links", **ident)["smid"]
+    return res, ident, smid, sub["hash_id"]
+
+
+def page_html(script_url, options="{}"):
+    """A bare customer page: the SDK, one instance, and `run(promise)` that shows the outcome in #out."""
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Shop</title>
+<script src="{script_url}"></script></head><body><p id="out">-</p><script>
+const out = document.getElementById("out");
+window.run = (p) => p.then(
+  (s) => {{ out.textContent = s ? "state: " + s.result + " " + s.status + " " + s.cats.join(",") : "no smid";
+           return {{state: s}}; }},
+  (e) => {{ out.textContent = "error: " + e.message; return {{error: e.message}}; }});
+window.akUnsub = new AkUnsub({options});
+</script></body></html>"""
+
+
+def status(live, ident):
+    got = live.api.ok("subscriptions/get", **ident)
+    return got["status"], got["cats"]
+
+
+def test_confirm_from_another_origin_respects_categories(live_server, sites, open_page, r):
+    shop, _ = sites
+    res, ident, smid, _hash = setup(live_server, shop, "confirm")
+    shop.pages["/plain.html"] = page_html(res["sdk_script_url"], "{rtoken: %r}" % res["rtoken"])
+    page = open_page(shop.origin + "/plain.html")
+    assert page.evaluate("run(akUnsub.ready)") == {"state": None}           # no SMID in this page's URL
+    got = page.evaluate("([s, c]) => run(AkUnsub.confirmUnsub(s, c))", [smid, ["promo"]])
+    assert got["state"]["result"] == "unsubscribed" and got["state"]["cats"] == ["news", "receipts"]
+    assert page.locator("#out").inner_text() == "state: unsubscribed subscribed news,receipts"
+    assert status(live_server, ident) == ("subscribed", ["news", "receipts"])
+    got = page.evaluate("([s, c]) => run(akUnsub.confirmUnsub(s, c))", [smid, ["receipts"]])
+    assert got["error"] == "category 'receipts' is required and cannot be unsubscribed"
+    assert status(live_server, ident) == ("subscribed", ["news", "receipts"])
+
+
+def test_cancel_during_delayed_timer_stops_it(live_server, sites, open_page, r):
+    shop, _ = sites
+    res, ident, smid, hash_id = setup(live_server, shop, "delayed")
+    shop.pages["/unsubscribe.html"] = page_html(res["sdk_script_url"])
+    page = open_page(shop.origin + "/unsubscribe.html?smid=" + quote(smid))
+    armed = page.evaluate("run(akUnsub.ready)")["state"]                     # constructing started the timer
+    assert armed["result"] == "pending" and 25 <= armed["pending"]["seconds_left"] <= 30
+    pending_key = keys.pending_unsubscribe(1, "p-42", hash_id)
+    assert r.exists(pending_key) and r.zcard(keys.pending_due()) == 1
+    got = page.evaluate("([s, c]) => run(akUnsub.cancelUnsub(s, c))", [smid, ["news"]])
+    assert got["state"]["result"] == "cancelled" and got["state"]["pending"] is None
+    assert not r.exists(pending_key) and r.zcard(keys.pending_due()) == 0
+    assert sweep_once(r, now=time.time() + 3600) == 0                        # the workers' sweep finds nothing
+    assert status(live_server, ident) == ("subscribed", ["news", "promo", "receipts"])
+
+
+def test_unlisted_origin_gets_a_readable_error_and_changes_nothing(live_server, sites, open_page, r):
+    shop, other = sites
+    res, ident, smid, _hash = setup(live_server, shop, "instant")
+    other.pages["/unsubscribe.html"] = page_html(res["sdk_script_url"])
+    before = store_state(r)
+    page = open_page(other.origin + "/unsubscribe.html?smid=" + quote(smid))  # instant: would unsubscribe
+    expected = (f"This page's origin {other.origin} is not allowed to unsubscribe for this resource: "
+                "add it to the resource's URLs")
+    assert page.evaluate("run(akUnsub.ready)") == {"error": expected}
+    assert page.evaluate("(s) => run(akUnsub.confirmUnsub(s))", smid) == {"error": expected}
+    assert page.locator("#out").inner_text() == "error: " + expected
+    assert store_state(r) == before and status(live_server, ident)[0] == "subscribed"
+
+
+def test_network_failure_is_readable(live_server, sites, open_page, r):
+    shop, _ = sites
+    res, ident, smid, _hash = setup(live_server, shop, "confirm")
+    shop.pages["/down.html"] = page_html(res["sdk_script_url"], "{pxl_domain: 'http://127.0.0.1:9'}")
+    page = open_page(shop.origin + "/down.html")
+    got = page.evaluate("(s) => run(akUnsub.confirmUnsub(s))", smid)
+    assert got["error"] == ("Could not reach the unsubscribe service at http://127.0.0.1:9 (network error); "
+                            "please try again")
+
+
+def test_constructing_with_the_smid_in_the_url_in_instant_mode_unsubscribes(live_server, sites, open_page, r):
+    shop, _ = sites
+    res, ident, smid, _hash = setup(live_server, shop, "instant")
+    shop.pages["/bye.html"] = page_html(res["sdk_script_url"])
+    # any query parameter whose value verifies: here "m", next to values that are not SMIDs
+    page = open_page(f"{shop.origin}/bye.html?utm_source=mail&m={quote(smid)}&id=42")
+    got = page.evaluate("run(akUnsub.ready)")["state"]
+    assert (got["mode"], got["result"], got["status"]) == ("instant", "unsubscribed", "unsubscribed")
+    assert page.evaluate("akUnsub.smid") == smid
+    assert status(live_server, ident)[0] == "unsubscribed"
+
+
+def test_constructing_in_confirm_mode_waits_for_confirm(live_server, sites, open_page, r):
+    shop, _ = sites
+    res, ident, smid, _hash = setup(live_server, shop, "confirm")
+    shop.pages["/confirm.html"] = page_html(res["sdk_script_url"])
+    before = store_state(r)
+    page = open_page(f"{shop.origin}/confirm.html?smid={quote(smid)}")
+    got = page.evaluate("run(akUnsub.ready)")["state"]
+    assert (got["mode"], got["result"], got["status"]) == ("confirm", "waiting", "subscribed")
+    page.wait_for_timeout(200)
+    assert store_state(r) == before                                          # showing changed nothing
+    got = page.evaluate("run(akUnsub.confirmUnsub())")["state"]              # the SMID from the URL
+    assert got["status"] == "unsubscribed"
+    assert status(live_server, ident)[0] == "unsubscribed"
+
+
+def test_hidden_page_waits_until_visible(live_server, sites, browser, r):
+    shop, _ = sites
+    res, ident, smid, _hash = setup(live_server, shop, "instant")
+    shop.pages["/hidden.html"] = page_html(res["sdk_script_url"])
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        # A prerendered or background page: visibilityState is "hidden" until we say otherwise.
+        page.add_init_script("window.__vis = 'hidden'; Object.defineProperty(document, 'visibilityState', "
+                             "{get: () => window.__vis});")
+        page.goto(f"{shop.origin}/hidden.html?smid={quote(smid)}")
+        page.wait_for_timeout(300)
+        assert status(live_server, ident)[0] == "subscribed"
+        page.evaluate("window.__vis = 'visible'; document.dispatchEvent(new Event('visibilitychange'))")
+        assert page.evaluate("run(akUnsub.ready)")["state"]["status"] == "unsubscribed"
+        assert status(live_server, ident)[0] == "unsubscribed"
+    finally:
+        context.close()
+
+
+def test_example_page(live_server, sites, open_page, r):
+    shop, _ = sites
+    res, ident, smid, _hash = setup(live_server, shop, "confirm")
+    with open(os.path.join(ROOT, "docs", "sdk-example.html"), encoding="utf-8") as f:
+        example = f.read()
+    assert EXAMPLE_SCRIPT_URL in example
+    shop.pages["/unsubscribe.html"] = example.replace(EXAMPLE_SCRIPT_URL, res["sdk_script_url"])
+    page = open_page(f"{shop.origin}/unsubscribe.html?smid={quote(smid)}")
+    page.locator("#choose").wait_for()
+    assert page.locator("#status").inner_text() == "Choose what to stop."
+    assert page.locator('input[name="categories"]').count() == 2                # required Receipts is not offered
+    assert page.locator("#continues").inner_text() == "These continue: Receipts."
+    screenshot(page, "sdk-example-confirm")
+    page.locator('input[value="news"]').uncheck()
+    page.get_by_role("button", name="Confirm unsubscribe").click()
+    page.get_by_text("Done. You still get: News, Receipts.").wait_for()
+    assert status(live_server, ident) == ("subscribed", ["news", "receipts"])
+    screenshot(page, "sdk-example-done")
+
+    res, ident, smid, _hash = setup(live_server, shop, "delayed", profile_id="p-43")
+    shop.pages["/delayed.html"] = example.replace(EXAMPLE_SCRIPT_URL, res["sdk_script_url"])
+    page = open_page(f"{shop.origin}/delayed.html?smid={quote(smid)}")
+    page.locator("#timer").wait_for()
+    assert page.locator("#status").inner_text() == "You will be unsubscribed in 1 min. Changed your mind?"
+    screenshot(page, "sdk-example-delayed")
+    page.get_by_role("button", name="Keep my subscription").click()
+    page.get_by_text("Your subscription continues.").wait_for()
+    assert r.zcard(keys.pending_due()) == 0 and status(live_server, ident)[0] == "subscribed"
