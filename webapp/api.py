@@ -12,7 +12,7 @@ from datetime import datetime
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from . import events, keys, resources, subscriptions, unsubscribe, webhooks
+from . import events, keys, resources, scanner, subscriptions, unsubscribe, webhooks
 from .errors import Forbidden, InvalidInput, NotAuthorized, ServiceError
 from .headers import message_links
 from .openapi import build_spec
@@ -324,6 +324,34 @@ def events_export():
     lines = (json.dumps(e, ensure_ascii=False, separators=(",", ":")) + "\n"
              for e in events.export_events(get_redis(), start, end))
     return Response(lines, mimetype="application/x-ndjson")
+
+
+def _review_range(data, extra=()):
+    no_unknown_keys(data, ("token", "from", "to", "domain_burst", "domain_window") + extra)
+    start = _time_ms(data.get("from", 0), "from")
+    end = _time_ms(data["to"], "to") if data.get("to") is not None else int(datetime.now().timestamp() * 1000)
+    thresholds = {}
+    if data.get("domain_burst") is not None:
+        thresholds["DOMAIN_BURST"] = as_int(data["domain_burst"], "domain_burst", 2, 100000)
+    if data.get("domain_window") is not None:
+        thresholds["DOMAIN_WINDOW"] = as_int(data["domain_window"], "domain_window", 1, 86400)
+    return scanner.flagged_changes(get_redis(), start, end, thresholds)
+
+
+@endpoint("events/flagged")
+def events_flagged(data):
+    """Changes in a time range whose evidence looks like a link scanner, with the reasons."""
+    flagged = _review_range(data)
+    return Reply(scanner.to_json(flagged), total_count=len(flagged))
+
+
+@endpoint("events/revert_flagged")
+def events_revert_flagged(data):
+    """Revert the flagged changes of a range (or only `ids` among them) to their before-state."""
+    flagged = _review_range(data, ("ids",))
+    ids = as_list(data["ids"], "ids", 10000) if data.get("ids") is not None else None
+    reverted, skipped = scanner.revert(get_redis(), flagged, ids)
+    return {"reverted": reverted, "skipped": skipped}
 
 
 @endpoint("events/verify")

@@ -16,6 +16,7 @@ live in one Redis Cluster slot and can be changed together in one MULTI/EXEC or 
 | us:{<db_id>:<pid>}:manager_undo        | hash   | preferences (last manager change) | 10 minutes |
 | us:suspensions:due                     | zset   | preferences.suspend: "db|pid|hash_id" by end time | never (members removed on resume) |
 | us:events:timeline                     | stream | events.append (global index, webhook outbox) | never |
+| us:views:<sha256(smid)[:24]>           | hash   | pages GET/HEAD: {GET: n, HEAD: n} (scanner evidence) | 10 minutes |
 | us:webhooks                            | hash   | webhooks.add_webhook (id -> JSON) | never |
 | us:webhook:next_id                     | string | webhooks.add_webhook (INCR)   | never   |
 | us:delivery:<group>                    | hash   | webhooks.deliver: last error/success, failures, next attempt | never |
@@ -111,3 +112,8 @@ def delivery_state(group):
     """Hash: one delivery target's state (last_error, last_error_at, last_success_at, failures,
     next_attempt_at). The target's read position lives in its consumer group on the timeline."""
     return f"{PREFIX}:delivery:{group}"
+
+
+def page_views(digest):
+    """Hash: recent GET/HEAD counts of one SMID's page, keyed by a digest of the SMID (telemetry only)."""
+    return f"{PREFIX}:views:{digest}"

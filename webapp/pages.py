@@ -106,6 +106,7 @@ def unsubscribe_page(smid):
         ctx = open_page_context(smid)
     except ServiceError as exc:
         return error_page(exc)
+    unsubscribe.record_view(get_redis(), ctx, request.method)
     page_url = ctx.resource["unsubscribe"].get("page_url")
     if page_url and ctx.mode != "blocked":
         # The target comes only from the resource's stored settings: no open redirect.

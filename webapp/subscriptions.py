@@ -101,6 +101,16 @@ def state_of(resource, record):
     return {"status": Status(record["status"]).word, "cats": subscribed_cats(resource, record)}
 
 
+def with_state(resource, record, state):
+    """The record set back to a ledger state {"status": word, "cats": [...]} (for undo and revert)."""
+    kept = set(state["cats"])
+    restored = dict(record, status=int(Status[state["status"].upper()]), updated_at=now_iso())
+    restored["uncats"] = [c["api_name"] for c in resource["categories"] if c["api_name"] not in kept]
+    if restored["status"] != Status.SUSPENDED:
+        restored.pop("suspended_until", None)
+    return restored
+
+
 def extended_form(resource, db_id, profile_id, hash_id, record):
     """The seed's extended subscription object (status as a word, cats still subscribed)."""
     out = {"resource_id": record["resource_id"], "db_id": db_id, "profile_id": profile_id,

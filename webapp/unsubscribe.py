@@ -10,20 +10,22 @@ Rules (contract §4):
   scope and evidence. The record is the truth: the timer job, "unsubscribe now" and a cancel each settle it
   under WATCH, so whichever comes first wins and the other sees it is gone. Arming twice keeps the deadline.
 """
+import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import events, keys, scripts
-from .errors import Blocked, Conflict, InvalidInput, NoSuchSubscription
+from .errors import Blocked, Conflict, InvalidInput, NoSuchResource, NoSuchSubscription
 from .resources import get_resource, get_resources
-from .subscriptions import Status, state_of, subscribed_cats, update_profile
+from .subscriptions import Status, state_of, subscribed_cats, update_profile, with_state
 from .tokens import read_smid
 from .validation import now_iso
 
 log = logging.getLogger(__name__)
 UNDO_WINDOW_SECONDS = 600
+VIEW_TTL_SECONDS = 600  # how long a SMID's page-view counts are kept
 UNDOABLE_METHODS = ("page_instant", "page_confirm", "timer", "page_now", "sdk")
 FINAL_STATUSES = (Status.COMPLAINED, Status.HARDBOUNCED, Status.INVALID)
 
@@ -34,6 +36,7 @@ class Context:
     smid: object
     resource: dict
     record: dict
+    views: dict = field(default_factory=dict)  # recent GET/HEAD counts of this SMID's page (scanner evidence)
 
     @property
     def key(self):
@@ -48,12 +51,33 @@ def open_smid(r, ring, token):
     """Verify the SMID and load its resource and subscription. Raises BadToken, NoSuchResource,
     NoSuchSubscription (also for a soft-deleted subscription)."""
     smid = read_smid(ring, token)
-    resource = get_resource(r, smid.resource_id)
-    raw = r.hget(keys.profile_subscriptions(smid.db_id, smid.profile_id), smid.hash_id)
+    with r.pipeline(transaction=False) as pipe:  # one round trip for the three reads
+        pipe.get(keys.resource(smid.resource_id))
+        pipe.hget(keys.profile_subscriptions(smid.db_id, smid.profile_id), smid.hash_id)
+        pipe.hgetall(keys.page_views(view_digest(token)))
+        resource_raw, raw, views = pipe.execute()
+    if resource_raw is None:
+        raise NoSuchResource(f"resource {smid.resource_id} does not exist")
+    resource = json.loads(resource_raw)
     record = json.loads(raw) if raw else None
     if record is None or record.get("is_delete") or record["resource_id"] != resource["id"]:
         raise NoSuchSubscription("this subscription no longer exists")
-    return Context(token, smid, resource, record)
+    return Context(token, smid, resource, record, {k: int(v) for k, v in views.items()})
+
+
+def view_digest(token):
+    """Page-view counters are keyed by a digest, so Redis keys never hold a whole SMID."""
+    return hashlib.sha256(token.encode()).hexdigest()[:24]
+
+
+def record_view(r, ctx, method):
+    """Count a GET or HEAD of the SMID's page for a few minutes: scanners fetch, people click. This is
+    telemetry, not subscription state; it never changes what the person receives."""
+    key = keys.page_views(view_digest(ctx.token))
+    with r.pipeline(transaction=False) as pipe:
+        pipe.hincrby(key, method, 1)
+        pipe.expire(key, VIEW_TTL_SECONDS)
+        pipe.execute()
 
 
 def resolve_scope(ctx, categories=None, by_person=True):
@@ -105,7 +129,12 @@ def _check_not_blocked(ctx):
 
 
 def _evidence(ctx, evidence):
-    return {"seconds_since_send": max(0, int(time.time()) - ctx.smid.sent_at), **(evidence or {})}
+    """The ledger's evidence: time since send, the page's recent GET/HEAD counts and the recipient's mail
+    domain (the signals the scanner review in scanner.py looks at), plus what the caller saw."""
+    email = ctx.record["address"].get("email")
+    return {"seconds_since_send": max(0, int(time.time()) - ctx.smid.sent_at),
+            "page_views": dict(ctx.views), "recipient_domain": email.rpartition("@")[2] if email else None,
+            **(evidence or {})}
 
 
 def unsubscribe(r, ctx, scope, method, evidence=None, allow_blocked=False):
@@ -151,10 +180,7 @@ def undo(r, ctx, evidence=None):
             raise Conflict("there is no recent unsubscribe to undo")
         if Status(record["status"]) in FINAL_STATUSES:
             raise Conflict("this subscription cannot be restored")
-        before = last["before"]
-        restored = dict(record, status=int(Status[before["status"].upper()]), updated_at=now_iso())
-        kept = set(before["cats"])
-        restored["uncats"] = [c["api_name"] for c in ctx.resource["categories"] if c["api_name"] not in kept]
+        restored = with_state(ctx.resource, record, last["before"])
         pc.save(hash_id, restored, ctx.resource, method="page_undo", smid=ctx.token,
                 evidence=_evidence(ctx, evidence))
         return {"changed": True, "state": state_of(ctx.resource, restored)}

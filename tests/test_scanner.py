@@ -1,0 +1,76 @@
+"""A scanner-like burst is flagged from its evidence, and the revert API restores exactly those changes."""
+import re
+import time
+
+from conftest import email_resource, redis_state
+
+
+def csrf(html):
+    return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+
+
+def subscribe(api, res, profile_id, email, sent_at=None):
+    ident = {"db_id": 1, "profile_id": profile_id, "resource_id": res["id"], "channel": "email", "email": email}
+    api.ok("subscriptions/set", **ident)
+    links = api.ok("messages/links", **ident, **({"sent_at": sent_at} if sent_at else {}))
+    return ident, links["unsubscribe_url"].removeprefix("https://unsub.example")
+
+
+def test_scanner_burst_is_flagged_and_reverted_exactly(api, app, r):
+    res = api.ok("resources/add", **email_resource(unsubscribe={"mode": "confirm"}, categories=[]))
+    scanned, genuine = [], []
+    # A scanner: right after the send, HEAD then GET twice, then its JavaScript submits the form.
+    for i in range(6):
+        ident, path = subscribe(api, res, f"corp{i}", f"user{i}@corp.example")
+        bot = app.test_client()
+        bot.head(path, headers={"User-Agent": "Mozilla/5.0"})
+        bot.get(path)
+        html = bot.get(path).get_data(as_text=True)
+        assert bot.post(path, data={"action": "unsubscribe", "csrf_token": csrf(html)}).status_code == 303
+        scanned.append(ident)
+    # People: an hour after the send, one look at the page, one click.
+    for i in range(3):
+        ident, path = subscribe(api, res, f"person{i}", f"person{i}@home{i}.example", sent_at=int(time.time()) - 3600)
+        person = app.test_client()
+        html = person.get(path).get_data(as_text=True)
+        person.post(path, data={"action": "unsubscribe", "csrf_token": csrf(html)})
+        genuine.append(ident)
+    # A mailbox provider's one-click right after the send is never flagged.
+    ident, path = subscribe(api, res, "oneclick", "oc@corp.example")
+    app.test_client().post(path, data={"List-Unsubscribe": "One-Click"})
+
+    resp = api.call("events/flagged", **{"from": 0}, domain_burst=5).get_json()
+    flagged = resp["data"]
+    assert resp["total_count"] == 6
+    assert sorted(f["event"]["profile_id"] for f in flagged) == [f"corp{i}" for i in range(6)]
+    assert all({"fast", "head_request", "get_burst", "domain_burst"} <= set(f["flags"]) for f in flagged)
+
+    result = api.ok("events/revert_flagged", **{"from": 0}, domain_burst=5)
+    assert len(result["reverted"]) == 6 and result["skipped"] == []
+    for ident in scanned:
+        assert api.ok("subscriptions/get", **ident)["status"] == "subscribed"
+    for ident in genuine:
+        assert api.ok("subscriptions/get", **ident)["status"] == "unsubscribed"
+    assert api.ok("subscriptions/get", **ident)["status"] == "unsubscribed"            # the one-click
+    methods = [e["method"] for e in api.ok("events/list", db_id=1, profile_id="corp0")]
+    assert methods == ["revert", "page_confirm", "api"]
+
+    # Reverting again changes nothing: the revert events are not reviewed, the reverted ones are skipped.
+    before = redis_state(r)
+    again = api.ok("events/revert_flagged", **{"from": 0}, domain_burst=5)
+    assert again["reverted"] == [] and {s["reason"] for s in again["skipped"]} == {"changed since"}
+    assert redis_state(r) == before
+
+
+def test_a_later_change_by_the_person_wins(api, app, r):
+    res = api.ok("resources/add", **email_resource(unsubscribe={"mode": "confirm"}, categories=[]))
+    ident, path = subscribe(api, res, "p1", "a@corp.example")
+    bot = app.test_client()
+    bot.head(path)
+    html = bot.get(path).get_data(as_text=True)
+    bot.post(path, data={"action": "unsubscribe", "csrf_token": csrf(html)})
+    api.ok("subscriptions/set", **ident, status="complained")
+    result = api.ok("events/revert_flagged", **{"from": 0})
+    assert result["reverted"] == [] and result["skipped"][0]["reason"] == "changed since"
+    assert api.ok("subscriptions/get", **ident)["status"] == "complained"
+    assert "not a flagged change" in api.fail("events/revert_flagged", 400, ids=["nope"], **{"from": 0})

@@ -1,0 +1,113 @@
+"""Scanner review: find changes whose evidence looks automated, and revert them in bulk.
+
+Link scanners (Safe Links, Barracuda, Mimecast...) fetch every URL in a message, some with HEAD, some
+several times, some running the page's script within seconds of delivery; after a scanner update they hit a
+whole recipient domain at once. Each change's evidence (unsubscribe._evidence) keeps the seconds since the
+send, the page's recent GET/HEAD counts and the recipient's domain; this module reads the ledger over a
+time range and flags:
+- `fast`: the change came less than FAST_SECONDS after the send;
+- `head_request`: the page was fetched with HEAD (browsers do not navigate with HEAD);
+- `get_burst`: the page was fetched GET_BURST or more times shortly before the change;
+- `domain_burst`: DOMAIN_BURST or more changes for one resource and recipient domain within DOMAIN_WINDOW
+  seconds, each within DOMAIN_WINDOW of its send.
+Only changes made by a browser are reviewed (pages, SDK, and timers they started); RFC 8058 one-click and
+the API are a mailbox provider's or a platform's explicit request and are never flagged.
+"""
+from .errors import InvalidInput
+from .events import export_events
+from .resources import get_resources
+from .subscriptions import Status, state_of, update_profile, with_state
+from .unsubscribe import FINAL_STATUSES
+
+REVIEWED_METHODS = ("page_instant", "page_confirm", "page_now", "sdk", "timer")
+FAST_SECONDS = 30
+GET_BURST = 3
+DOMAIN_BURST = 10
+DOMAIN_WINDOW = 600
+
+
+def flags_of(event):
+    """The per-event flags (everything but domain_burst, which needs the neighbours)."""
+    evidence = event.get("evidence") or {}
+    flags = []
+    seconds = evidence.get("seconds_since_send")
+    if seconds is not None and seconds < FAST_SECONDS:
+        flags.append("fast")
+    views = evidence.get("page_views") or {}
+    if views.get("HEAD"):
+        flags.append("head_request")
+    if views.get("GET", 0) + views.get("HEAD", 0) >= GET_BURST:
+        flags.append("get_burst")
+    return flags
+
+
+def review(events, thresholds=None):
+    """[(event, flags)] for the reviewed events that carry at least one flag, oldest first."""
+    t = {"DOMAIN_BURST": DOMAIN_BURST, "DOMAIN_WINDOW": DOMAIN_WINDOW, **(thresholds or {})}
+    reviewed = [e for e in events if e.get("method") in REVIEWED_METHODS and e.get("before")
+                and e["after"] != e["before"]]
+    flagged = {e["id"]: flags_of(e) for e in reviewed}
+    groups = {}
+    for e in reviewed:
+        ev = e.get("evidence") or {}
+        seconds = ev.get("seconds_since_send")
+        if ev.get("recipient_domain") and seconds is not None and seconds < t["DOMAIN_WINDOW"]:
+            groups.setdefault((e["resource_id"], ev["recipient_domain"]), []).append(e)
+    for members in groups.values():
+        members.sort(key=lambda e: e["id"])
+        times = [int(e["id"][:13]) / 1000 for e in members]
+        start = 0
+        for end in range(len(members)):  # sliding window over change times
+            while times[end] - times[start] > t["DOMAIN_WINDOW"]:
+                start += 1
+            if end - start + 1 >= t["DOMAIN_BURST"]:
+                for e in members[start:end + 1]:
+                    if "domain_burst" not in flagged[e["id"]]:
+                        flagged[e["id"]].append("domain_burst")
+    return [(e, flagged[e["id"]]) for e in reviewed if flagged[e["id"]]]
+
+
+def flagged_changes(r, start_ms, end_ms, thresholds=None):
+    return review(export_events(r, start_ms, end_ms), thresholds)
+
+
+def revert(r, flagged, only_ids=None):
+    """Put each flagged change's subscription back to its `before` state, if it is still in the `after`
+    state (a later change by the person wins). Returns (reverted ids, [{id, reason}] skipped)."""
+    reverted, skipped = [], []
+    wanted = set(only_ids) if only_ids is not None else None
+    if wanted is not None:
+        unknown = wanted - {e["id"] for e, _ in flagged}
+        if unknown:
+            raise InvalidInput(f"event {sorted(unknown)[0]} is not a flagged change in this range", field="ids")
+    resources = get_resources(r, [e["resource_id"] for e, _ in flagged])
+    for event, flags in flagged:
+        if wanted is not None and event["id"] not in wanted:
+            continue
+        resource = resources.get(event["resource_id"])
+        if resource is None:
+            skipped.append({"id": event["id"], "reason": "resource deleted"})
+            continue
+
+        def change(pc, event=event, resource=resource, flags=flags):
+            record = pc.records.get(event["hash_id"])
+            if record is None:
+                return "subscription deleted"
+            if state_of(resource, record) != event["after"]:
+                return "changed since"
+            if Status(record["status"]) in FINAL_STATUSES:
+                return "final status"
+            pc.save(event["hash_id"], with_state(resource, record, event["before"]), resource, method="revert",
+                    smid=event.get("smid"), evidence={"reverted_event": event["id"], "flags": flags})
+            return None
+
+        reason = update_profile(r, event["db_id"], event["profile_id"], change)[0]
+        if reason:
+            skipped.append({"id": event["id"], "reason": reason})
+        else:
+            reverted.append(event["id"])
+    return reverted, skipped
+
+
+def to_json(flagged):
+    return [{"event": e, "flags": flags} for e, flags in flagged]
