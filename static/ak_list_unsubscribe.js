@@ -5,7 +5,7 @@
  *   <script>const akUnsub = new AkUnsub();</script>
  *
  * new AkUnsub({rtoken?, pxl_domain?})
- *   pxl_domain: where the unsubscribe service is, "host[:port]" (https is assumed) or "http(s)://host[:port]";
+ *   pxl_domain: where the unsubscribe service is, "host[:port]" (https is assumed) or "http(s)://host[:port][/prefix]";
  *   by default the host that served this script. rtoken: the resource token, checked by the service when given.
  * akUnsub.confirmUnsub(smid?, categories?) / akUnsub.cancelUnsub(smid?, categories?)
  *   Promises resolving with the resulting state {mode, result, status, cats, categories, pending} or rejecting
@@ -37,7 +37,7 @@
     if (url.protocol !== "https:" && url.protocol !== "http:") {
       throw new TypeError("AkUnsub: pxl_domain must be an http(s) host, got " + value);
     }
-    return url.origin;
+    return (url.origin + url.pathname).replace(/\/+$/, "");  // a path prefix (service mounted under one) is kept
   }
 
   // A SMID is base64url of a record whose first byte is its format (1); the service checks the signature.
