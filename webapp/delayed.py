@@ -28,8 +28,10 @@ from datetime import datetime, timezone
 
 from rq import Queue
 from rq.exceptions import DuplicateJobError
+from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 
+from . import scripts
 from .unsubscribe import FIRE_BATCH, due_timers, fire_timers
 
 log = logging.getLogger("workers.sweeper")
@@ -40,6 +42,9 @@ SWEEP_GRACE = 0.0  # seconds past its deadline before a sweeper fires a timer
 TICK_BUDGET = 60.0  # seconds a tick job may spend on a backlog before it leaves the rest to the next one
 TICK_TIMEOUT = 180  # RQ job timeout of a tick, seconds
 FAILED_JOB_TTL = 86400  # seconds a failed trigger stays inspectable
+SCHEDULER_LOCK_TTL = 61  # RQ's scheduler lock: set to interval (1 s) + 60 s and refreshed every second
+SCHEDULER_STALE = 5  # seconds without a refresh after which the lock's holder is taken for dead
+SCHEDULER_CHECK_INTERVAL = 2.0  # seconds between a sweeper's looks at the scheduler locks
 
 
 def timer_queue(rq_redis, name):
@@ -82,22 +87,47 @@ def fire_due(r, budget=TICK_BUDGET, grace=SWEEP_GRACE, limit=FIRE_BATCH):
             return total
 
 
-class Sweeper(threading.Thread):
-    """Background thread of a worker process firing due timers every `interval` seconds until stopped."""
+def release_dead_scheduler_lock(r, queue_name, stale=SCHEDULER_STALE):
+    """Delete the RQ scheduler lock of `queue_name` if its holder has not refreshed it for `stale` seconds.
 
-    def __init__(self, connect, interval=SWEEP_INTERVAL, grace=SWEEP_GRACE):
+    A scheduler killed with its worker (kill -9, a lost machine) keeps its lock until it expires, 61 s later,
+    and only then can another worker's scheduler take the queue over. A live scheduler refreshes the lock every
+    second, so a lock `stale` seconds old has a dead holder: releasing it lets the next worker maintenance run
+    (every MAINTENANCE_INTERVAL seconds, workers/__main__.py) start a scheduler. Should a slow but live holder
+    lose it, RQ (>= 2.11) notices at its next heartbeat and leaves the queue to the new holder. Returns True
+    if a lock was released.
+    """
+    released = scripts.release_stale_lock(r, RQScheduler.get_locking_key(queue_name),
+                                          (SCHEDULER_LOCK_TTL - stale) * 1000)
+    if released:
+        log.warning("released the RQ scheduler lock of queue %s: its holder stopped refreshing it %d s ago",
+                    queue_name, stale)
+    return released
+
+
+class Sweeper(threading.Thread):
+    """Background thread of a worker process firing due timers every `interval` seconds until stopped, and
+    releasing the RQ scheduler lock of `queue_names` when its holder has died."""
+
+    def __init__(self, connect, interval=SWEEP_INTERVAL, grace=SWEEP_GRACE, queue_names=()):
         super().__init__(name="timer-sweeper", daemon=True)
         self.connect, self.interval, self.grace = connect, interval, grace
+        self.queue_names = tuple(queue_names)
         self.stopped = threading.Event()
 
     def run(self):
         r = self.connect()
         failing = False
+        next_lock_check = 0.0
         # Workers started together would sweep in lockstep and race for the same timers: start at a random phase.
         self.stopped.wait(random.uniform(0, self.interval))
         while not self.stopped.is_set():
             try:
                 fired = fire_due(r, budget=self.interval * 4, grace=self.grace)
+                if self.queue_names and time.monotonic() >= next_lock_check:
+                    next_lock_check = time.monotonic() + SCHEDULER_CHECK_INTERVAL
+                    for name in self.queue_names:
+                        release_dead_scheduler_lock(r, name)
                 if failing:
                     log.warning("sweeper reconnected")
                     failing = False

@@ -1,8 +1,15 @@
 """`python -m workers`: one RQ worker with its scheduler and the timer sweeper.
 
-Settings come from the environment like the web app's (REDIS_URL, RQ_QUEUE). Worker TTL and maintenance
-interval are short so a dead worker is noticed and its scheduler duties retried within about a minute
-(RQ's defaults: 420 s and 600 s); timers never wait for that, because every worker's sweeper fires them.
+Settings come from the environment like the web app's (REDIS_URL, RQ_QUEUE). What a dead worker leaves
+behind, and who takes it over:
+- due timers: every worker process runs a Sweeper thread (webapp/delayed.py) that fires them from Redis every
+  0.25 s, so a surviving (or restarted) worker fires them at once; no RQ machinery is waited for;
+- the RQ scheduler (moves scheduled jobs, e.g. timer ticks, into the queue): its lock is refreshed every
+  second; a sweeper releases it once it is SCHEDULER_STALE (5 s) old, and a live worker's next maintenance run
+  (every MAINTENANCE_INTERVAL, checked at least every WORKER_TTL - 15 s) starts a scheduler: about 5-15 s,
+  instead of RQ's 61 s lock expiry plus its default 600 s maintenance interval;
+- a job the dead worker was running is failed as abandoned by the others' maintenance once its heartbeat
+  expires (about 90 s); a lost tick is harmless, the sweepers have fired its timers.
 """
 import logging
 import os
@@ -16,8 +23,8 @@ from webapp.config import load_settings
 from webapp.delayed import Sweeper, timer_queue
 from webapp.store import connect
 
-WORKER_TTL = 30  # seconds; RQ's default is 420
-MAINTENANCE_INTERVAL = 15  # seconds; RQ's default is 600
+WORKER_TTL = 20  # seconds; RQ's default is 420. The idle worker wakes every WORKER_TTL - 15 s for maintenance
+MAINTENANCE_INTERVAL = 5  # seconds; RQ's default is 600. Also how often an idle worker tries to be the scheduler
 
 
 def main():
@@ -29,7 +36,7 @@ def main():
     os.environ["REDIS_URL"] = url
     rq_redis = redis.Redis.from_url(url)
     queue = timer_queue(rq_redis, settings["RQ_QUEUE"])
-    sweeper = Sweeper(lambda: connect(url))
+    sweeper = Sweeper(lambda: connect(url), queue_names=[queue.name])
     sweeper.start()
     worker = Worker([queue], connection=rq_redis, serializer=JSONSerializer, worker_ttl=WORKER_TTL,
                     maintenance_interval=MAINTENANCE_INTERVAL)

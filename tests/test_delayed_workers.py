@@ -1,0 +1,271 @@
+"""Delayed mode end to end with real worker processes (`python -m workers`, and a plain `rq worker`) against real
+redis-servers: deadline accuracy, the cancel race, kill -9 of a worker, a Redis restart with AOF, a worker that
+was down past the deadlines, and a dead worker's duties taken over. Timers are seconds long (TIME_UNIT_SECONDS=1,
+or an explicit unit), never real minutes."""
+import os
+import random
+import shutil
+import sys
+import time
+
+import pytest
+import redis
+
+from conftest import API_TOKEN, SIGNING_KEYS, start_redis_server
+from test_delayed_support import (WorkerProcesses, assert_fired_once, delayed_contexts, fired_at, status_of,
+                                  timer_events, wait_until, workers)  # noqa: F401 - the fixture
+from webapp import create_app, delayed, keys
+from webapp import unsubscribe as u
+from webapp.subscriptions import Status
+
+QUEUE = "unsubscribe"  # config.DEFAULTS["RQ_QUEUE"], what `python -m workers` listens on
+
+
+@pytest.fixture
+def queue(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    yield delayed.timer_queue(client, QUEUE)
+    client.close()
+
+
+def arm_at(r, queue, ctx, deadline, timer_minutes):
+    """Arm through arm_timer (with its RQ trigger) choosing the unit so that the timer ends near `deadline`."""
+    unit = (deadline - time.time()) / timer_minutes
+    result = u.arm_timer(r, ctx, u.resolve_scope(ctx), unit,
+                         on_armed=lambda *key: delayed.schedule_timer(queue, *key))
+    assert result["state"] == "pending"
+    return result["deadline"]
+
+
+def flip_times(r, contexts, timeout):
+    """Poll the subscriptions until every one is unsubscribed; return {key: first time seen unsubscribed}."""
+    seen = {}
+    stop = time.time() + timeout
+    while len(seen) < len(contexts) and time.time() < stop:
+        with r.pipeline(transaction=False) as pipe:
+            for ctx in contexts:
+                pipe.hget(keys.profile_subscriptions(*ctx.key[:2]), ctx.key[2])
+            raws = pipe.execute()
+        now = time.time()
+        for ctx, raw in zip(contexts, raws):
+            if ctx.key not in seen and '"status":1' in raw:
+                seen[ctx.key] = now
+        time.sleep(0.02)
+    assert len(seen) == len(contexts), f"{len(contexts) - len(seen)} timers did not fire within {timeout} s"
+    return seen
+
+
+def test_status_flips_within_two_seconds_after_the_deadline(app, r, workers, queue):
+    assert app.config["TIME_UNIT_SECONDS"] == 1
+    workers.start()
+    contexts = delayed_contexts(app, r, 20, timer_minutes=3)
+    deadlines = {}
+    for ctx in contexts:  # the page's call: timer_minutes=3 with a 1-second unit, i.e. 3 s
+        result = u.arm_timer(r, ctx, u.resolve_scope(ctx), app.config["TIME_UNIT_SECONDS"],
+                             on_armed=lambda *key: delayed.schedule_timer(queue, *key))
+        deadlines[ctx.key] = result["deadline"]
+        time.sleep(0.05)  # deadlines spread over a second
+    assert all(2.9 < d - time.time() < 3.1 for d in list(deadlines.values())[-1:])
+    flipped = flip_times(r, contexts, timeout=8)
+    for ctx in contexts:
+        deadline = deadlines[ctx.key]
+        assert deadline <= fired_at(r, ctx) <= flipped[ctx.key] <= deadline + 2.0
+    assert_fired_once(r, contexts)
+
+
+def test_cancels_before_the_deadline_always_win(app, r, workers, queue):
+    """1,000 timers cancelled 0-500 ms before their deadline, against two workers' sweepers and RQ ticks."""
+    workers.start()
+    workers.start()
+    contexts = delayed_contexts(app, r, 1000, timer_minutes=3)
+    late = delayed_contexts(app, r, 30, timer_minutes=3, prefix="late")  # cancelled after they fired
+    rng = random.Random(8058)
+    start = time.time() + 3.0
+    plan = []
+    for ctx in contexts:
+        deadline = arm_at(r, queue, ctx, start + rng.uniform(0, 2.0), 3)
+        plan.append((deadline - rng.uniform(0, 0.5), deadline, ctx))
+    late_deadlines = [arm_at(r, queue, ctx, start + 0.5, 3) for ctx in late]
+    assert time.time() < start - 0.5, "arming took too long for the planned cancel times"
+    outcomes = []
+    for cancel_at, deadline, ctx in sorted(plan, key=lambda p: p[0]):
+        time.sleep(max(0.0, cancel_at - time.time()))
+        answer = u.cancel_timer(r, ctx)
+        outcomes.append((ctx, deadline, answer, time.time()))
+    time.sleep(max(0.0, max(late_deadlines) + 1.5 - time.time()))
+    late_answers = [u.cancel_timer(r, ctx) for ctx in late]
+    time.sleep(max(0.0, max(d for _c, d, _ctx in plan) + 1.5 - time.time()))  # room for a wrong fire to happen
+
+    in_time = [(ctx, answer) for ctx, deadline, answer, done in outcomes if done < deadline]
+    # Cancels are sent on schedule from one thread; one that CPU contention delays past its deadline is not a
+    # "before the deadline" cancel any more (its answer is checked below for consistency instead).
+    assert len(in_time) >= 950, f"only {len(in_time)} of 1000 cancels were answered before their deadline"
+    assert {answer for _ctx, answer in in_time} == {"cancelled"}
+    for ctx, _deadline, answer, _done in outcomes:  # a cancel answered after its deadline may have lost the race
+        assert answer in ("cancelled", "unsubscribed")
+        assert len(timer_events(r, ctx)) == (1 if answer == "unsubscribed" else 0)
+        assert status_of(r, ctx) == (Status.UNSUBSCRIBED if answer == "unsubscribed" else Status.SUBSCRIBED)
+    unsubscribed = sum(answer == "unsubscribed" for _c, _d, answer, _t in outcomes)
+    print(f"{len(in_time)} cancels answered before the deadline, all 'cancelled'; {1000 - len(in_time)} after it, "
+          f"{unsubscribed} of which lost the race")
+    assert late_answers == ["unsubscribed"] * len(late)  # the clear "already unsubscribed" answer
+    assert_fired_once(r, late)
+    assert r.zcard(keys.pending_due()) == 0 and not r.keys("us:*:pending:*")
+
+
+def test_kill_9_of_a_worker_mid_burst_a_new_worker_fires_every_timer_once(app, r, workers, queue):
+    first = workers.start()
+    burst = delayed_contexts(app, r, 1000, timer_minutes=1, prefix="burst")
+    later = delayed_contexts(app, r, 100, timer_minutes=1, prefix="later")
+    start = time.time() + 2.0
+    for ctx in burst:
+        arm_at(r, queue, ctx, start, 1)
+    for ctx in later:
+        arm_at(r, queue, ctx, start + 2.0, 1)
+    ledger = r.xlen(keys.events_timeline())
+    wait_until(lambda: r.xlen(keys.events_timeline()) > ledger, timeout=10, interval=0.001)
+    workers.kill(first)  # SIGKILL to the worker, its scheduler and any work horse
+    fired_before_kill = r.xlen(keys.events_timeline()) - ledger
+    assert fired_before_kill < len(burst) + len(later)
+    workers.start()
+    wait_until(lambda: r.zcard(keys.pending_due()) == 0, timeout=15)
+    time.sleep(0.5)
+    assert_fired_once(r, burst + later)
+    assert r.xlen(keys.events_timeline()) - ledger == len(burst) + len(later)
+    print(f"{fired_before_kill} of {len(burst) + len(later)} timers had fired when the worker was killed")
+
+
+def test_timers_still_fire_after_redis_restarts_with_aof(tmp_path):
+    workdir = str(tmp_path / "redis")
+    os.makedirs(workdir)
+    proc, url = start_redis_server(workdir, appendonly=True)
+    procs = WorkerProcesses(url, tmp_path)
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        app = create_app({"TESTING": True, "REDIS_URL": url, "API_TOKEN": API_TOKEN, "SIGNING_KEYS": SIGNING_KEYS,
+                          "PUBLIC_BASE_URL": "https://unsub.example", "VAR_DIR": str(tmp_path),
+                          "TIME_UNIT_SECONDS": 1})
+        rq_queue = delayed.timer_queue(redis.Redis.from_url(url), QUEUE)
+        worker = procs.start()
+        contexts = delayed_contexts(app, client, 100, timer_minutes=1)
+        start = time.time() + 4.0
+        deadlines = {ctx.key: arm_at(client, rq_queue, ctx, start + random.uniform(0, 1.0), 1) for ctx in contexts}
+        time.sleep(1.5)  # appendfsync everysec: what was acknowledged a second ago is on disk
+        proc.kill()  # a crash, not a clean shutdown
+        proc.wait(timeout=10)
+        time.sleep(0.5)
+        proc, _url = start_redis_server(workdir, appendonly=True)
+        assert client.zcard(keys.pending_due()) == len(contexts)
+        flipped = flip_times(client, contexts, timeout=10)
+        for ctx in contexts:
+            assert deadlines[ctx.key] <= fired_at(client, ctx) <= flipped[ctx.key] <= deadlines[ctx.key] + 2.0
+        assert_fired_once(client, contexts)
+        assert worker.poll() is None
+    finally:
+        client.close()
+        procs.close()
+        proc.kill()
+        proc.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_timers_fire_within_seconds_of_a_worker_coming_back(app, r, workers, queue):
+    contexts = delayed_contexts(app, r, 50, timer_minutes=1)
+    deadline = max(arm_at(r, queue, ctx, time.time() + 1.0, 1) for ctx in contexts)
+    time.sleep(max(0.0, deadline + 3.0 - time.time()))
+    assert all(status_of(r, ctx) == Status.SUBSCRIBED for ctx in contexts)  # nobody to fire them
+    started = time.time()
+    workers.start(ready=False)
+    flipped = flip_times(r, contexts, timeout=10)
+    took = max(flipped.values()) - started
+    assert took < 5.0  # interpreter start-up included
+    print(f"all fired {took:.2f} s after the worker was started")
+    assert_fired_once(r, contexts)
+
+
+def test_a_plain_rq_worker_fires_timers_through_the_tick_jobs(app, r, workers, queue, redis_url):
+    """Without our sweeper (a stock `rq worker --with-scheduler`), the RQ ticks alone fire the timers."""
+    rq_cli = os.path.join(os.path.dirname(sys.executable), "rq")
+    workers.start([rq_cli, "worker", "--with-scheduler", "-S", "rq.serializers.JSONSerializer", "-u", redis_url,
+                   QUEUE])
+    contexts = delayed_contexts(app, r, 20, timer_minutes=1)
+    deadlines = {ctx.key: arm_at(r, queue, ctx, time.time() + 1.5 + i * 0.05, 1) for i, ctx in enumerate(contexts)}
+    flipped = flip_times(r, contexts, timeout=10)
+    for ctx in contexts:  # the tick runs in the whole second after the deadline, polled once a second
+        assert deadlines[ctx.key] <= flipped[ctx.key] <= deadlines[ctx.key] + 3.0
+    assert_fired_once(r, contexts)
+
+
+def test_a_dead_workers_duties_are_taken_over(app, r, workers, queue, redis_url):
+    """kill -9 of the worker holding the RQ scheduler: the survivor's sweeper fires timers at their deadline,
+    and the survivor's scheduler takes the queue over within seconds (RQ alone: 61 s lock expiry + maintenance)."""
+    lock_key = "rq:scheduler-lock:" + QUEUE
+    first = workers.start()
+    wait_until(lambda: r.get(lock_key), timeout=10)
+    dead_scheduler = r.get(lock_key)
+    workers.start()
+    workers.kill(first)
+    killed_at = time.time()
+    contexts = delayed_contexts(app, r, 20, timer_minutes=1)
+    deadlines = {ctx.key: arm_at(r, queue, ctx, time.time() + 1.0, 1) for ctx in contexts}
+    flipped = flip_times(r, contexts, timeout=5)
+    assert all(flipped[k] <= d + 2.0 for k, d in deadlines.items())
+    assert_fired_once(r, contexts)
+    holder = wait_until(lambda: (r.get(lock_key) or dead_scheduler) != dead_scheduler and r.get(lock_key),
+                        timeout=30, interval=0.2)
+    took = time.time() - killed_at
+    assert holder and took < 20
+    # the new scheduler moves scheduled jobs again: the ticks of the timers above are enqueued and run
+    from rq.registry import ScheduledJobRegistry
+    wait_until(lambda: len(ScheduledJobRegistry(queue=queue)) == 0, timeout=10)
+    print(f"RQ scheduler taken over {took:.1f} s after the kill")
+
+
+def test_sweeper_survives_a_redis_outage_in_process(tmp_path):
+    """The Sweeper thread keeps going when Redis goes away and comes back."""
+    workdir = str(tmp_path / "redis")
+    os.makedirs(workdir)
+    proc, url = start_redis_server(workdir, appendonly=True)
+    from webapp.store import connect
+    sweeper = delayed.Sweeper(lambda: connect(url), interval=0.05)
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        app = create_app({"TESTING": True, "REDIS_URL": url, "API_TOKEN": API_TOKEN, "SIGNING_KEYS": SIGNING_KEYS,
+                          "PUBLIC_BASE_URL": "https://unsub.example", "VAR_DIR": str(tmp_path),
+                          "TIME_UNIT_SECONDS": 1})
+        (ctx,) = delayed_contexts(app, client, 1, timer_minutes=1)
+        sweeper.start()
+        u.arm_timer(client, ctx, u.resolve_scope(ctx), 2.5)
+        time.sleep(1.2)
+        client.shutdown()  # saves the AOF and exits
+        proc.wait(timeout=10)
+        time.sleep(0.3)
+        proc, _url = start_redis_server(workdir, appendonly=True)
+        wait_until(lambda: status_of(client, ctx) == Status.UNSUBSCRIBED, timeout=5)
+        assert sweeper.is_alive()
+    finally:
+        sweeper.stopped.set()
+        sweeper.join(timeout=5)
+        client.close()
+        proc.kill()
+        proc.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_sweepers_in_threads_never_fire_twice(app, r):
+    """Four sweepers racing over 400 due timers: each timer fires exactly once."""
+    from webapp.store import connect
+    contexts = delayed_contexts(app, r, 400, timer_minutes=1)
+    for ctx in contexts:
+        u.arm_timer(r, ctx, u.resolve_scope(ctx), 0.5)
+    url = r.connection_pool.connection_kwargs["path"]
+    sweepers = [delayed.Sweeper(lambda: connect(f"unix://{url}"), interval=0.01) for _ in range(4)]
+    for s in sweepers:
+        s.start()
+    try:
+        wait_until(lambda: r.zcard(keys.pending_due()) == 0, timeout=10)
+    finally:
+        for s in sweepers:
+            s.stopped.set()
+            s.join(timeout=5)
+    assert_fired_once(r, contexts)
