@@ -6,11 +6,14 @@ import os
 
 from flask import Flask, jsonify, render_template, request
 from flask_wtf.csrf import CSRFProtect
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import store
 from .config import DEFAULTS, https_warning, load_settings, parse_signing_keys
+from .redact import redact
 from .tokens import SigningKeys
 
 csrf = CSRFProtect()
@@ -75,11 +78,22 @@ def _register_error_handlers(app):
             return jsonify({"error": exc.code, "error_text": exc.description or exc.name}), exc.code
         return render_template("message.html", status=exc.code), exc.code
 
+    @app.errorhandler(RedisConnectionError)
+    @app.errorhandler(RedisTimeoutError)
+    def store_unavailable(exc):
+        # Redis is down or restarting: nothing was changed; say so and ask to retry, never a 500.
+        log.error("Redis unavailable on %s %s: %s", request.method, redact(request.path), exc)
+        if request.path.startswith("/api/"):
+            return envelope(None, 503, 503, "Storage is unavailable; nothing was changed, retry shortly")
+        if request.path.startswith("/sdk/"):
+            return jsonify({"error": 503, "error_text": "Service unavailable, retry shortly"}), 503
+        return render_template("message.html", status=503), 503, {"Retry-After": "5"}
+
     @app.errorhandler(Exception)
     def unexpected(exc):
         if isinstance(exc, HTTPException):
             return http_error(exc)
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.exception("unhandled error on %s %s", request.method, redact(request.path))
         if request.path.startswith("/api/"):
             return envelope(None, 500, 500, "Internal error")
         return render_template("message.html", status=500), 500
