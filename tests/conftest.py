@@ -101,7 +101,7 @@ def api(client):
     return ApiActions(client)
 
 
-TELEMETRY_PREFIXES = ("us:views:", "LIMITS:", "us:limits:")
+TELEMETRY_PREFIXES = ("us:views:", "us:ratelimit:")
 
 
 def redis_state(r):
@@ -246,3 +246,10 @@ def receiver():
     rec = Receiver()
     yield rec
     rec.close()
+
+
+def pytest_terminal_summary(terminalreporter):
+    fuzz = sys.modules.get("test_fuzz")
+    if fuzz is not None and fuzz.GENERATED["requests"]:
+        terminalreporter.write_line(f"fuzz: {fuzz.GENERATED['requests']} generated requests "
+                                    f"(FUZZ_EXAMPLES={fuzz.EXAMPLES})")
