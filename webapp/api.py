@@ -84,6 +84,11 @@ def public_resource(res):
     return {**res, "sdk_script_url": f"{base}/ak_list_unsubscribe.js?id={sdk_id}"}
 
 
+def optional(data, key, check, *args):
+    """data[key] checked by check(value, key, *args), or None when absent or null."""
+    return check(data[key], key, *args) if data.get(key) is not None else None
+
+
 def _resource_id(data):
     return as_int(data.get("id", data.get("resource_id")), "id", 1)
 
@@ -154,7 +159,7 @@ def subscriptions_list(data):
     no_unknown_keys(data, ("token", "db_id", "profile_id", "resource_id", "channel"))
     db_id = as_int(data.get("db_id"), "db_id", 1)
     profile_id = as_profile_id(data.get("profile_id"))
-    rid = as_int(data["resource_id"], "resource_id", 1) if data.get("resource_id") is not None else None
+    rid = optional(data, "resource_id", as_int, 1)
     items = subscriptions.list_subscriptions(get_redis(), db_id, profile_id, rid, data.get("channel"))
     return Reply(items, total_count=len(items))
 
@@ -173,7 +178,7 @@ def _bulk_status(data, from_status, to_status):
     no_unknown_keys(data, ("token", "db_id", "profile_id", "resource_id", "channel"))
     r = get_redis()
     db_id = as_int(data.get("db_id"), "db_id", 1)
-    rid = as_int(data["resource_id"], "resource_id", 1) if data.get("resource_id") is not None else None
+    rid = optional(data, "resource_id", as_int, 1)
     if rid is not None:
         resources.get_resource(r, rid)
     channel = data.get("channel")
@@ -287,7 +292,7 @@ def events_list(data):
     no_unknown_keys(data, ("token", "db_id", "profile_id", "from_id", "limit"))
     db_id = as_int(data.get("db_id"), "db_id", 1)
     profile_id = as_profile_id(data.get("profile_id"))
-    from_id = as_int(data["from_id"], "from_id", 1) if data.get("from_id") is not None else None
+    from_id = optional(data, "from_id", as_int, 1)
     limit = as_int(data.get("limit", 50), "limit", 1, 500)
     items, next_from = events.list_events(get_redis(), db_id, profile_id, from_id, limit)
     return Reply(items, next_from_id=next_from)
@@ -349,7 +354,7 @@ def events_flagged(data):
 def events_revert_flagged(data):
     """Revert the flagged changes of a range (or only `ids` among them) to their before-state."""
     flagged = _review_range(data, ("ids",))
-    ids = as_list(data["ids"], "ids", 10000) if data.get("ids") is not None else None
+    ids = optional(data, "ids", as_list, 10000)
     reverted, skipped = scanner.revert(get_redis(), flagged, ids)
     return {"reverted": reverted, "skipped": skipped}
 
@@ -358,8 +363,8 @@ def events_revert_flagged(data):
 def events_verify(data):
     """Walk the hash chains (one profile, one database or all) and name the first entry that does not match."""
     no_unknown_keys(data, ("token", "db_id", "profile_id"))
-    db_id = as_int(data["db_id"], "db_id", 1) if data.get("db_id") is not None else None
-    profile_id = as_profile_id(data["profile_id"]) if data.get("profile_id") is not None else None
+    db_id = optional(data, "db_id", as_int, 1)
+    profile_id = optional(data, "profile_id", as_profile_id)
     if profile_id is not None and db_id is None:
         raise InvalidInput("db_id is required with profile_id", field="db_id")
     problem = events.verify_all(get_redis(), db_id, profile_id)
