@@ -144,12 +144,11 @@ def test_fire_is_a_compare_and_set_against_what_it_read(app, r):
 
     def settle(ctx):
         db_id, profile_id, hash_id = ctx.key
-        ev = keys.profile_events(db_id, profile_id)
-        read = (r.hgetall(keys.pending_unsubscribe(*ctx.key)), r.hget(keys.profile_subscriptions(db_id, profile_id),
-                hash_id), r.llen(ev), r.lindex(ev, -1))
-        res = {ctx.resource["id"]: ctx.resource}
-        item_keys, item_args, _has = u._settlement(db_id, profile_id, hash_id, *read, res)
-        return lambda: scripts.fire_timers(r, keys.pending_due(), keys.events_timeline(), [(item_keys, item_args)])
+        (row,) = scripts.read_timers(r, [(keys.pending_unsubscribe(*ctx.key), keys.profile_subscriptions(
+            db_id, profile_id), keys.profile_events(db_id, profile_id), hash_id)])
+        item_keys, values, _has = u._settlement(db_id, profile_id, hash_id, row, {ctx.resource["id"]: ctx.resource},
+                                                "2026-01-01T00:00:00.000Z")
+        return lambda: scripts.fire_timers(r, keys.pending_due(), keys.events_timeline(), [(item_keys, values)])
 
     apply_a, apply_b, apply_c = settle(a), settle(b), settle(c)
     assert u.cancel_timer(r, a) == "cancelled"                    # cancelled after the read
@@ -224,3 +223,17 @@ def test_a_failing_trigger_leaves_the_timer_armed(app, r, caplog):
     assert "sweeper will fire it" in caplog.text
     sleep_past(result)
     assert delayed.sweep_once(r) == 1
+
+
+def test_a_tick_in_a_sweeper_worker_only_backs_the_sweeper_up(app, r, job_env, monkeypatch):
+    fresh, stale = delayed_contexts(app, r, 2, timer_minutes=1)
+    arm(r, stale, unit=0.1)
+    time.sleep(1.2)
+    sleep_past(arm(r, fresh, unit=0.1))
+    monkeypatch.setattr(delayed, "_sweeper_process", True)    # as in `python -m workers` (mark_sweeper_process)
+    assert delayed.tick_grace() == delayed.TICK_GRACE
+    assert jobs.fire_due_timers() == 1                        # only the one overdue by more than TICK_GRACE
+    assert len(timer_events(r, stale)) == 1 and u.read_pending(r, fresh)
+    monkeypatch.setattr(delayed, "_sweeper_process", False)   # a plain `rq worker`: the tick fires all that is due
+    assert jobs.fire_due_timers() == 1
+    assert_fired_once(r, [fresh, stale])

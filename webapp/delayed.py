@@ -15,7 +15,8 @@ follows (shared/reference/standards.md §2):
 - a standby scheduler takes over only after the dead one's lock expires (61 s) and RQ jobs vanish with a
   Redis that lost writes, so every worker process also runs a `Sweeper` thread that fires due timers from
   `pending_due` every SWEEP_INTERVAL seconds. The sweepers are what makes deadlines accurate (a tick runs
-  0-2 s after its deadline); ticks keep timers firing under a plain `rq worker --with-scheduler`.
+  0-2 s after its deadline, and in such a worker only backs the sweeper up, see tick_grace); ticks keep
+  timers firing under a plain `rq worker --with-scheduler`.
 The JSON serializer is used because RQ's default, pickle, must never load data an attacker can shape.
 """
 import logging
@@ -37,8 +38,9 @@ from .unsubscribe import FIRE_BATCH, due_timers, fire_timers
 log = logging.getLogger("workers.sweeper")
 FIRE_JOB = "workers.jobs.fire_delayed_unsubscribe"  # fires one named timer (kept for jobs already queued)
 TICK_JOB = "workers.jobs.fire_due_timers"  # fires every due timer
-SWEEP_INTERVAL = 0.25  # seconds between sweeps in each worker process
+SWEEP_INTERVAL = 0.1  # seconds between sweeps in each worker process
 SWEEP_GRACE = 0.0  # seconds past its deadline before a sweeper fires a timer
+TICK_GRACE = 1.0  # in a worker process that runs a sweeper, ticks fire only timers this overdue (a back-up)
 TICK_BUDGET = 60.0  # seconds a tick job may spend on a backlog before it leaves the rest to the next one
 TICK_TIMEOUT = 180  # RQ job timeout of a tick, seconds
 FAILED_JOB_TTL = 86400  # seconds a failed trigger stays inspectable
@@ -75,6 +77,23 @@ def sweep_once(r, now=None, grace=SWEEP_GRACE, limit=FIRE_BATCH):
     if not due:
         return 0
     return sum(1 for code in fire_timers(r, due, now).values() if code in ("fired", "dropped"))
+
+
+_sweeper_process = False
+
+
+def mark_sweeper_process():
+    """Called by a worker process that runs a Sweeper (`python -m workers`), before it forks work horses."""
+    global _sweeper_process
+    _sweeper_process = True
+
+
+def tick_grace():
+    """Grace of a tick job: in a worker that also runs a Sweeper (its work horse inherits this module's state)
+    the sweeper fires timers on time and the tick only backs it up, firing what is more than TICK_GRACE
+    overdue, so the two seldom do the same work. Under a plain `rq worker` the tick is the only trigger and
+    fires everything due."""
+    return TICK_GRACE if _sweeper_process else 0.0
 
 
 def fire_due(r, budget=TICK_BUDGET, grace=SWEEP_GRACE, limit=FIRE_BATCH):

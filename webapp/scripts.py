@@ -1,6 +1,7 @@
 """Lua scripts for multi-key steps done in one round trip. Each lists its KEYS and ARGV."""
 import functools
 import hashlib
+import json
 
 from redis.exceptions import NoScriptError
 
@@ -58,16 +59,38 @@ now = now - tonumber(ARGV[2])
 return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%.6f', now), 'LIMIT', 0, tonumber(ARGV[3]))
 """
 
-# Compare-and-settle a batch of timers: the Lua equivalent of fire_timer's WATCH/MULTI, for many timers in one
-# round trip. The caller read each timer's state (pending record, subscription JSON, ledger length) and built
-# the new subscription JSON and ledger event in Python (events are SHA-256 chained there); for each timer this
-# script applies them only if nothing it read has changed and the deadline has passed.
+# What fire_timers needs to know of a batch of timers, read in one call and answered as one JSON document (one
+# reply to parse instead of several per timer).
+# KEYS: 3 per timer: keys.pending_unsubscribe, keys.profile_subscriptions, keys.profile_events. ARGV: the
+# timers' hash_ids. Returns a JSON array with, per timer: [deadline, armed_at, scope, smid, evidence (the
+# pending record's fields), subscription JSON, ledger length, last event's seq, last event's hash], "" (or 0)
+# for what does not exist. Read-only.
+READ_TIMERS = """
+local out = {}
+for i = 1, #ARGV do
+  local p = redis.call('HMGET', KEYS[3 * i - 2], 'deadline', 'armed_at', 'scope', 'smid', 'evidence')
+  local sub = redis.call('HGET', KEYS[3 * i - 1], ARGV[i])
+  local n = redis.call('LLEN', KEYS[3 * i])
+  local seq, hash = 0, ''
+  if n > 0 then
+    local last = cjson.decode(redis.call('LINDEX', KEYS[3 * i], -1))
+    seq, hash = last['seq'], last['hash']
+  end
+  out[i] = {p[1] or '', p[2] or '', p[3] or '', p[4] or '', p[5] or '', sub or '', n, seq, hash}
+end
+return cjson.encode(out)
+"""
+
+# Compare-and-settle a batch of timers: the Lua equivalent of a WATCH/MULTI per timer, for many timers in one
+# call. The caller read each timer's state (READ_TIMERS) and built the new subscription JSON and the chained
+# ledger event in Python (events are SHA-256 chained there); for each timer this script applies them only if
+# nothing it read has changed and the deadline has passed.
 # KEYS[1]: keys.pending_due(); KEYS[2]: keys.events_timeline(); then 4 per timer: keys.pending_unsubscribe,
 #   keys.profile_subscriptions, keys.profile_events, keys.db_profiles.
-# ARGV[1]: "now" in epoch seconds, or "" for the server clock; then 10 per timer: due member, hash_id,
-#   deadline and armed_at as read ("" when the record was missing), subscription JSON as read ("" = none),
-#   ledger length as read, new subscription JSON ("" = unchanged), event JSON ("" = none), timeline ref,
-#   profile_id.
+# ARGV[1]: "now" in epoch seconds, or "" for the server clock; ARGV[2]: a JSON array with, per timer: [due
+#   member, hash_id, deadline and armed_at as read ("" when there was no pending record), subscription JSON as
+#   read ("" = none), ledger length as read, new subscription JSON ("" = unchanged), event JSON ("" = none),
+#   timeline ref, profile_id].
 # Returns one code per timer: "fired" (settled: pending record and due entry deleted, subscription and event
 # written), "gone" (no pending record: cancelled or settled already; its due entry is removed), "early" (not
 # due yet), "changed" (something changed since it was read: read again and retry).
@@ -79,38 +102,34 @@ if not now then
 end
 local due, timeline = KEYS[1], KEYS[2]
 local out = {}
-for i = 0, (#KEYS - 2) / 4 - 1 do
-  local pending, subs, events, profiles = KEYS[3 + 4 * i], KEYS[4 + 4 * i], KEYS[5 + 4 * i], KEYS[6 + 4 * i]
-  local a = 2 + 10 * i
-  local member, hash_id = ARGV[a], ARGV[a + 1]
+for i, item in ipairs(cjson.decode(ARGV[2])) do
+  local pending, subs, events, profiles = KEYS[4 * i - 1], KEYS[4 * i], KEYS[4 * i + 1], KEYS[4 * i + 2]
+  local member, hash_id, deadline, armed_at, expected, length, new_sub, event, ref, profile_id = unpack(item)
   local p = redis.call('HMGET', pending, 'deadline', 'armed_at')
   local code
   if not p[1] then
     redis.call('ZREM', due, member)
     code = 'gone'
-  elseif p[1] ~= ARGV[a + 2] or p[2] ~= ARGV[a + 3] then
+  elseif p[1] ~= deadline or p[2] ~= armed_at then
     code = 'changed'
   elseif tonumber(p[1]) > now then
     code = 'early'
+  elseif (redis.call('HGET', subs, hash_id) or '') ~= expected or redis.call('LLEN', events) ~= length then
+    code = 'changed'
   else
-    local current = redis.call('HGET', subs, hash_id) or ''
-    if current ~= ARGV[a + 4] or redis.call('LLEN', events) ~= tonumber(ARGV[a + 5]) then
-      code = 'changed'
-    else
-      redis.call('DEL', pending)
-      redis.call('ZREM', due, member)
-      if ARGV[a + 6] ~= '' then
-        redis.call('HSET', subs, hash_id, ARGV[a + 6])
-        redis.call('SADD', profiles, ARGV[a + 9])
-      end
-      if ARGV[a + 7] ~= '' then
-        redis.call('RPUSH', events, ARGV[a + 7])
-        redis.call('XADD', timeline, '*', 'ref', ARGV[a + 8])
-      end
-      code = 'fired'
+    redis.call('DEL', pending)
+    redis.call('ZREM', due, member)
+    if new_sub ~= '' then
+      redis.call('HSET', subs, hash_id, new_sub)
+      redis.call('SADD', profiles, profile_id)
     end
+    if event ~= '' then
+      redis.call('RPUSH', events, event)
+      redis.call('XADD', timeline, '*', 'ref', ref)
+    end
+    code = 'fired'
   end
-  out[i + 1] = code
+  out[i] = code
 end
 return out
 """
@@ -122,16 +141,21 @@ def due_timer_members(r, due_key, now=None, grace=0.0, limit=1000):
                 read_only=True)
 
 
+def read_timers(r, timers):
+    """Run READ_TIMERS; `timers` is [(pending key, subscriptions key, events key, hash_id)]. Returns its rows."""
+    if not timers:
+        return []
+    return json.loads(_run(r, READ_TIMERS, [k for t in timers for k in t[:3]], [t[3] for t in timers],
+                           read_only=True))
+
+
 def fire_timers(r, due_key, timeline_key, items, now=None):
-    """Run FIRE_TIMERS; `items` is [(4 keys, 10 args)] per timer as documented there. Returns the codes."""
+    """Run FIRE_TIMERS; `items` is [(4 keys, 10 values)] per timer as documented there. Returns the codes."""
     if not items:
         return []
-    keys = [due_key, timeline_key]
-    args = ["" if now is None else repr(float(now))]
-    for item_keys, item_args in items:
-        keys.extend(item_keys)
-        args.extend(item_args)
-    return _run(r, FIRE_TIMERS, keys, args)
+    keys = [due_key, timeline_key, *(k for item_keys, _values in items for k in item_keys)]
+    values = json.dumps([list(v) for _keys, v in items], ensure_ascii=False, separators=(",", ":"))
+    return _run(r, FIRE_TIMERS, keys, ["" if now is None else repr(float(now)), values])
 
 
 # KEYS[1]: a lock key whose holder refreshes it to a known TTL. ARGV[1]: milliseconds. Deletes the lock when its

@@ -309,53 +309,46 @@ def cancel_timer(r, ctx, evidence=None):
     return update_profile(r, db_id, profile_id, change, watch=(pending_key,))[0]
 
 
-def _settlement(db_id, profile_id, hash_id, pending_raw, sub_raw, ledger_len, last_raw, resources):
-    """Keys and args of scripts.FIRE_TIMERS for one timer, from what was read (see fire_timers)."""
-    pending = _decode_pending(pending_raw)
+def _settlement(db_id, profile_id, hash_id, row, resources, now_text):
+    """(keys, values, subscription exists) for scripts.FIRE_TIMERS, from the timer's scripts.READ_TIMERS row."""
+    deadline, armed_at, scope, smid, evidence, sub_raw, ledger_len, last_seq, last_hash = row
     new_sub = event_raw = ref = ""
     record = json.loads(sub_raw) if sub_raw else None
-    if pending is not None and record is not None:
+    if deadline and record is not None:
         # A resource deleted since the timer started: its categories are unknown, so the whole subscription stops.
         resource = resources.get(record["resource_id"]) or {"categories": []}
-        new = unsubscribed_record(resource, record, pending["scope"])
+        new = unsubscribed_record(resource, record, json.loads(scope))
         if new != record:
-            new["updated_at"] = now_iso()
+            new["updated_at"] = now_text
             # Encoded exactly as subscriptions.ProfileChange.flush and events.queue_append do.
             new_sub = json.dumps(new, separators=(",", ":"), ensure_ascii=False)
             before, after = state_of(resource, record), state_of(resource, new)
-            if before != after:
-                event = events.new_event(json.loads(last_raw) if last_raw else None, db_id=db_id,
-                                         profile_id=profile_id, resource_id=record["resource_id"],
-                                         channel=record["channel"], hash_id=hash_id, method="timer",
-                                         before=before, after=after, smid=pending["smid"],
-                                         evidence=pending["evidence"])
+            if before != after:  # as ProfileChange.save: an event for every change of status or categories
+                last = {"seq": last_seq, "hash": last_hash} if ledger_len else None
+                event = events.new_event(last, db_id=db_id, profile_id=profile_id,
+                                         resource_id=record["resource_id"], channel=record["channel"],
+                                         hash_id=hash_id, method="timer", before=before, after=after, smid=smid,
+                                         evidence=json.loads(evidence or "{}"))
                 event_raw = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
                 ref = f"{db_id}|{profile_id}|{event['seq']}"
     item_keys = (keys.pending_unsubscribe(db_id, profile_id, hash_id), keys.profile_subscriptions(db_id, profile_id),
                  keys.profile_events(db_id, profile_id), keys.db_profiles(db_id))
-    item_args = (_due_member(db_id, profile_id, hash_id), hash_id,
-                 (pending_raw or {}).get("deadline", ""), (pending_raw or {}).get("armed_at", ""),
-                 sub_raw or "", ledger_len, new_sub, event_raw, ref, profile_id)
-    return item_keys, item_args, record is not None
+    values = (_due_member(db_id, profile_id, hash_id), hash_id, deadline, armed_at, sub_raw, ledger_len, new_sub,
+              event_raw, ref, profile_id)
+    return item_keys, values, record is not None
 
 
 def _fire_round(r, timers, now):
-    with r.pipeline(transaction=False) as pipe:
-        for db_id, profile_id, hash_id in timers:
-            events_key = keys.profile_events(db_id, profile_id)
-            pipe.hgetall(keys.pending_unsubscribe(db_id, profile_id, hash_id))
-            pipe.hget(keys.profile_subscriptions(db_id, profile_id), hash_id)
-            pipe.llen(events_key)
-            pipe.lindex(events_key, -1)
-        replies = pipe.execute()
-    reads = [replies[i:i + 4] for i in range(0, len(replies), 4)]
-    resources = get_resources(r, [json.loads(sub)["resource_id"] for pending, sub, _n, _l in reads if pending and sub])
-    settlements = [_settlement(*timer, *read, resources) for timer, read in zip(timers, reads)]
+    rows = scripts.read_timers(r, [(keys.pending_unsubscribe(d, p, h), keys.profile_subscriptions(d, p),
+                                    keys.profile_events(d, p), h) for d, p, h in timers])
+    resources = get_resources(r, [json.loads(row[5])["resource_id"] for row in rows if row[0] and row[5]])
+    now_text = now_iso()
+    settlements = [_settlement(*timer, row, resources, now_text) for timer, row in zip(timers, rows)]
     codes = scripts.fire_timers(r, keys.pending_due(), keys.events_timeline(),
-                                [(k, a) for k, a, _has in settlements], now)
+                                [(k, v) for k, v, _has in settlements], now)
     # A timer whose subscription no longer exists is settled without a change: report it as "dropped".
     return {timer: ("dropped" if code == "fired" and not has_sub else code)
-            for timer, code, (_k, _a, has_sub) in zip(timers, codes, settlements)}
+            for timer, code, (_k, _v, has_sub) in zip(timers, codes, settlements)}
 
 
 def fire_timers(r, timers, now=None):

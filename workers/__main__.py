@@ -3,7 +3,7 @@
 Settings come from the environment like the web app's (REDIS_URL, RQ_QUEUE). What a dead worker leaves
 behind, and who takes it over:
 - due timers: every worker process runs a Sweeper thread (webapp/delayed.py) that fires them from Redis every
-  0.25 s, so a surviving (or restarted) worker fires them at once; no RQ machinery is waited for;
+  0.1 s, so a surviving (or restarted) worker fires them at once; no RQ machinery is waited for;
 - the RQ scheduler (moves scheduled jobs, e.g. timer ticks, into the queue): its lock is refreshed every
   second; a sweeper releases it once it is SCHEDULER_STALE (5 s) old, and a live worker's next maintenance run
   (every MAINTENANCE_INTERVAL, checked at least every WORKER_TTL - 15 s) starts a scheduler: about 5-15 s,
@@ -20,8 +20,7 @@ from rq import Worker
 from rq.serializers import JSONSerializer
 
 from webapp.config import load_settings
-from webapp.delayed import Sweeper, timer_queue
-from webapp.store import connect
+from webapp.delayed import Sweeper, mark_sweeper_process, timer_queue
 
 WORKER_TTL = 20  # seconds; RQ's default is 420. The idle worker wakes every WORKER_TTL - 15 s for maintenance
 MAINTENANCE_INTERVAL = 5  # seconds; RQ's default is 600. Also how often an idle worker tries to be the scheduler
@@ -36,8 +35,12 @@ def main():
     os.environ["REDIS_URL"] = url
     rq_redis = redis.Redis.from_url(url)
     queue = timer_queue(rq_redis, settings["RQ_QUEUE"])
-    sweeper = Sweeper(lambda: connect(url), queue_names=[queue.name])
+    # Timeouts, so that a half-open connection cannot stall the sweeper for good (it reconnects and retries).
+    sweeper = Sweeper(lambda: redis.Redis.from_url(url, decode_responses=True, socket_timeout=30,
+                                                   socket_connect_timeout=5, health_check_interval=30),
+                      queue_names=[queue.name])
     sweeper.start()
+    mark_sweeper_process()
     worker = Worker([queue], connection=rq_redis, serializer=JSONSerializer, worker_ttl=WORKER_TTL,
                     maintenance_interval=MAINTENANCE_INTERVAL)
     try:

@@ -1,7 +1,7 @@
 """Job functions, enqueued by dotted path with plain ids. Each re-reads Redis and acts only if still due."""
 import os
 
-from webapp.delayed import fire_due
+from webapp.delayed import fire_due, tick_grace
 from webapp.store import connect
 from webapp.unsubscribe import fire_timer
 
@@ -18,7 +18,7 @@ def _redis():
 def fire_due_timers():
     """A timer tick (see webapp.delayed.schedule_timer): settle every delayed unsubscribe that is due.
     Returns how many fired; duplicate or late ticks find nothing left and change nothing."""
-    return fire_due(_redis())
+    return fire_due(_redis(), grace=tick_grace())
 
 
 def fire_delayed_unsubscribe(db_id, profile_id, hash_id):
