@@ -42,7 +42,8 @@ def timer_events(r, ctx):
 
 
 def fired_at(r, ctx):
-    """Commit time (Redis clock, ms precision) of the subscription's timer event, from the timeline stream."""
+    """Commit time (Redis clock, whole ms rounded down) of the subscription's timer event, from its entry id in
+    the timeline stream."""
     db_id, profile_id, _hash_id = ctx.key
     (event,) = timer_events(r, ctx)
     ref = f"{db_id}|{profile_id}|{event['seq']}"

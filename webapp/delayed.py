@@ -141,6 +141,7 @@ class Sweeper(threading.Thread):
         # Workers started together would sweep in lockstep and race for the same timers: start at a random phase.
         self.stopped.wait(random.uniform(0, self.interval))
         while not self.stopped.is_set():
+            fired = 0
             try:
                 fired = fire_due(r, budget=self.interval * 4, grace=self.grace)
                 if self.queue_names and time.monotonic() >= next_lock_check:
@@ -156,4 +157,5 @@ class Sweeper(threading.Thread):
                 if not failing:
                     log.exception("sweep failed; retrying every %.2f s", self.interval)
                 failing = True
-            self.stopped.wait(self.interval)
+            if fired < FIRE_BATCH:  # else a backlog is left: go on without pausing
+                self.stopped.wait(self.interval)
