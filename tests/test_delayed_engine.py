@@ -237,3 +237,29 @@ def test_a_tick_in_a_sweeper_worker_only_backs_the_sweeper_up(app, r, job_env, m
     monkeypatch.setattr(delayed, "_sweeper_process", False)   # a plain `rq worker`: the tick fires all that is due
     assert jobs.fire_due_timers() == 1
     assert_fired_once(r, [fresh, stale])
+
+
+def test_a_broken_record_does_not_hold_up_the_other_timers(app, r, caplog, monkeypatch):
+    bad_ledger, bad_subs, good = delayed_contexts(app, r, 3, timer_minutes=1)
+    result = [arm(r, ctx) for ctx in (bad_ledger, bad_subs, good)][-1]
+    r.rpush(keys.profile_events(1, bad_ledger.key[1]), "not json")
+    sleep_past(result)
+    subs_key = keys.profile_subscriptions(1, bad_subs.key[1])
+    saved = r.hgetall(subs_key)
+
+    def break_subs_after_read(*a, **kw):  # the subscriptions key turns into a string between read and settle
+        r.delete(subs_key)
+        r.set(subs_key, "oops")
+        return real_fire(*a, **kw)
+
+    real_fire = scripts.fire_timers
+    monkeypatch.setattr(scripts, "fire_timers", break_subs_after_read)
+    codes = u.fire_timers(r, [bad_ledger.key, bad_subs.key, good.key])
+    monkeypatch.setattr(scripts, "fire_timers", real_fire)
+    assert codes == {bad_ledger.key: "broken", bad_subs.key: "broken", good.key: "fired"}
+    assert "cannot be fired" in caplog.text
+    assert u.fire_timers(r, [bad_subs.key]) == {bad_subs.key: "broken"}   # unreadable now in the read step too
+    r.delete(subs_key)
+    r.hset(subs_key, mapping=saved)
+    assert u.fire_timer(r, *bad_subs.key) is True                           # repaired: fires
+    assert u.read_pending(r, bad_ledger) and len(timer_events(r, good)) == 1

@@ -64,10 +64,10 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%.6f', now), 
 # KEYS: 3 per timer: keys.pending_unsubscribe, keys.profile_subscriptions, keys.profile_events. ARGV: the
 # timers' hash_ids. Returns a JSON array with, per timer: [deadline, armed_at, scope, smid, evidence (the
 # pending record's fields), subscription JSON, ledger length, last event's seq, last event's hash], "" (or 0)
-# for what does not exist. Read-only.
+# for what does not exist; or [error text] for a timer whose data cannot be read (a key of the wrong type, a
+# ledger entry that is not JSON), so that one broken record does not hold up the others. Read-only.
 READ_TIMERS = """
-local out = {}
-for i = 1, #ARGV do
+local function read(i)
   local p = redis.call('HMGET', KEYS[3 * i - 2], 'deadline', 'armed_at', 'scope', 'smid', 'evidence')
   local sub = redis.call('HGET', KEYS[3 * i - 1], ARGV[i])
   local n = redis.call('LLEN', KEYS[3 * i])
@@ -75,8 +75,20 @@ for i = 1, #ARGV do
   if n > 0 then
     local last = cjson.decode(redis.call('LINDEX', KEYS[3 * i], -1))
     seq, hash = last['seq'], last['hash']
+    if type(seq) ~= 'number' or type(hash) ~= 'string' then
+      error('the last ledger entry has no seq or hash')
+    end
   end
-  out[i] = {p[1] or '', p[2] or '', p[3] or '', p[4] or '', p[5] or '', sub or '', n, seq, hash}
+  return {p[1] or '', p[2] or '', p[3] or '', p[4] or '', p[5] or '', sub or '', n, seq, hash}
+end
+local out = {}
+for i = 1, #ARGV do
+  local ok, row = pcall(read, i)
+  if ok then
+    out[i] = row
+  else
+    out[i] = {type(row) == 'table' and row['err'] or tostring(row)}
+  end
 end
 return cjson.encode(out)
 """
@@ -93,7 +105,8 @@ return cjson.encode(out)
 #   timeline ref, profile_id].
 # Returns one code per timer: "fired" (settled: pending record and due entry deleted, subscription and event
 # written), "gone" (no pending record: cancelled or settled already; its due entry is removed), "early" (not
-# due yet), "changed" (something changed since it was read: read again and retry).
+# due yet), "changed" (something changed since it was read: read again and retry), "broken" (its keys cannot
+# be checked, e.g. one holds the wrong type; nothing written).
 FIRE_TIMERS = """
 local now = tonumber(ARGV[1])
 if not now then
@@ -101,22 +114,30 @@ if not now then
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 local due, timeline = KEYS[1], KEYS[2]
+
+local function check(pending, subs, events, member, hash_id, deadline, armed_at, expected, length)
+  local p = redis.call('HMGET', pending, 'deadline', 'armed_at')
+  if not p[1] then
+    redis.call('ZREM', due, member)
+    return 'gone'
+  elseif p[1] ~= deadline or p[2] ~= armed_at then
+    return 'changed'
+  elseif tonumber(p[1]) > now then
+    return 'early'
+  elseif (redis.call('HGET', subs, hash_id) or '') ~= expected or redis.call('LLEN', events) ~= length then
+    return 'changed'
+  end
+  return nil
+end
+
 local out = {}
 for i, item in ipairs(cjson.decode(ARGV[2])) do
   local pending, subs, events, profiles = KEYS[4 * i - 1], KEYS[4 * i], KEYS[4 * i + 1], KEYS[4 * i + 2]
   local member, hash_id, deadline, armed_at, expected, length, new_sub, event, ref, profile_id = unpack(item)
-  local p = redis.call('HMGET', pending, 'deadline', 'armed_at')
-  local code
-  if not p[1] then
-    redis.call('ZREM', due, member)
-    code = 'gone'
-  elseif p[1] ~= deadline or p[2] ~= armed_at then
-    code = 'changed'
-  elseif tonumber(p[1]) > now then
-    code = 'early'
-  elseif (redis.call('HGET', subs, hash_id) or '') ~= expected or redis.call('LLEN', events) ~= length then
-    code = 'changed'
-  else
+  local ok, code = pcall(check, pending, subs, events, member, hash_id, deadline, armed_at, expected, length)
+  if not ok then
+    code = 'broken'
+  elseif code == nil then
     redis.call('DEL', pending)
     redis.call('ZREM', due, member)
     if new_sub ~= '' then

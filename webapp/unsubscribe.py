@@ -193,15 +193,16 @@ def undo(r, ctx, evidence=None):
 # The pending record (keys.pending_unsubscribe) is the truth, indexed by deadline in keys.pending_due. Every
 # step that settles it is atomic against the others:
 # - cancel_timer and unsubscribe ("now") delete it in a WATCH/MULTI transaction that also watches the record;
-# - fire_timers (the worker's RQ job, its sweeper and fire_timer) read the timer's state in one pipeline,
-#   build the new subscription and the chained ledger event in Python, and apply them with the Lua script
-#   scripts.FIRE_TIMERS only if the record, the subscription and the ledger are still what was read and the
-#   deadline has passed. A cancel that committed first leaves nothing to fire; a cancel that comes after the
+# - fire_timers (the workers' sweepers, the RQ tick job and fire_timer) read a batch of timers in one Lua call
+#   (scripts.READ_TIMERS), build each new subscription and chained ledger event in Python, and apply them with
+#   one Lua call (scripts.FIRE_TIMERS) that writes a timer's changes only if its record, subscription and
+#   ledger are still what was read and its deadline has passed. A cancel that committed first leaves nothing to fire; a cancel that comes after the
 #   fire finds no record and answers "unsubscribed". Duplicate or late runs find nothing and change nothing.
 # Deadlines come from the Redis server clock (TIME), and the Lua script decides "due" by the same clock.
 
 FIRE_BATCH = 500  # timers settled per Lua call
 FIRE_ATTEMPTS = 5  # reads-and-applies of a timer whose state changed under us, before leaving it to the next sweep
+_reported_broken = set()  # due members already logged as unreadable (each is logged once per process)
 
 
 def _due_member(db_id, profile_id, hash_id):
@@ -341,22 +342,49 @@ def _settlement(db_id, profile_id, hash_id, row, resources, now_text):
 def _fire_round(r, timers, now):
     rows = scripts.read_timers(r, [(keys.pending_unsubscribe(d, p, h), keys.profile_subscriptions(d, p),
                                     keys.profile_events(d, p), h) for d, p, h in timers])
-    resources = get_resources(r, [json.loads(row[5])["resource_id"] for row in rows if row[0] and row[5]])
+    resources = get_resources(r, [rid for rid in map(_resource_id, rows) if rid is not None])
     now_text = now_iso()
-    settlements = [_settlement(*timer, row, resources, now_text) for timer, row in zip(timers, rows)]
+    results, todo, settlements = {}, [], []
+    for timer, row in zip(timers, rows):
+        try:
+            if len(row) != 9:
+                raise ValueError(row[0])
+            settlements.append(_settlement(*timer, row, resources, now_text))
+            todo.append(timer)
+        except Exception as exc:  # noqa: BLE001 - one unreadable record must not hold up the other timers
+            results[timer] = _broken(timer, exc)
     codes = scripts.fire_timers(r, keys.pending_due(), keys.events_timeline(),
                                 [(k, v) for k, v, _has in settlements], now)
-    # A timer whose subscription no longer exists is settled without a change: report it as "dropped".
-    return {timer: ("dropped" if code == "fired" and not has_sub else code)
-            for timer, code, (_k, _v, has_sub) in zip(timers, codes, settlements)}
+    for timer, code, (_k, _v, has_sub) in zip(todo, codes, settlements):
+        # A timer whose subscription no longer exists is settled without a change: report it as "dropped".
+        results[timer] = "dropped" if code == "fired" and not has_sub else code
+        if code == "broken":
+            _broken(timer, "a key has the wrong type")
+    return results
+
+
+def _resource_id(row):
+    try:
+        return json.loads(row[5])["resource_id"] if len(row) == 9 and row[0] and row[5] else None
+    except (ValueError, KeyError, TypeError):
+        return None  # _settlement reports it
+
+
+def _broken(timer, reason):
+    member = _due_member(*timer)
+    if member not in _reported_broken and len(_reported_broken) < 10000:
+        _reported_broken.add(member)
+        log.error("delayed unsubscribe %s cannot be fired, its data is broken (%s); it stays pending", member, reason)
+    return "broken"
 
 
 def fire_timers(r, timers, now=None):
     """Settle the given timers [(db_id, profile_id, hash_id)] that are due (by the Redis clock, or `now`).
 
     Returns {timer: code}: "fired" (unsubscribed as the record said), "dropped" (settled, but the subscription
-    no longer exists), "gone" (nothing pending: cancelled or settled before), "early" (not due yet) or
-    "changed" (kept changing under us FIRE_ATTEMPTS times; the next sweep retries it).
+    no longer exists), "gone" (nothing pending: cancelled or settled before), "early" (not due yet),
+    "changed" (kept changing under us FIRE_ATTEMPTS times; the next sweep retries it) or "broken" (its data
+    cannot be read or has the wrong type: logged once, left pending, the other timers go on).
     """
     todo = list(dict.fromkeys((int(d), p, h) for d, p, h in timers))
     results = {}
