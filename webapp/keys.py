@@ -19,6 +19,8 @@ live in one Redis Cluster slot and can be changed together in one MULTI/EXEC or 
 | us:views:<sha256(smid)[:24]>           | hash   | pages GET/HEAD: {GET: n, HEAD: n} (scanner evidence) | 10 minutes |
 | us:webhooks                            | hash   | webhooks.add_webhook (id -> JSON) | never |
 | us:webhook:next_id                     | string | webhooks.add_webhook (INCR)   | never   |
+| us:delivery:<group>:lock               | string | workers.jobs.deliver_target (SET NX EX, refreshed) | timeout + 5 s |
+| us:delivery:<group>:queued             | string | workers.housekeeping (SET NX EX) | 60 s |
 | us:delivery:<group>                    | hash   | webhooks.deliver: last error/success, failures, next attempt | never |
 | us:ratelimit:LIMITER/...               | string | Flask-Limiter counters (sdk)  | end of the window |
 
@@ -117,3 +119,13 @@ def delivery_state(group):
 def page_views(digest):
     """Hash: recent GET/HEAD counts of one SMID's page, keyed by a digest of the SMID (telemetry only)."""
     return f"{PREFIX}:views:{digest}"
+
+
+def delivery_lock(group):
+    """String: held by the one delivery job running for a target (SET NX EX; a killed job's lock expires)."""
+    return f"{PREFIX}:delivery:{group}:lock"
+
+
+def delivery_queued(group):
+    """String: a delivery job for the target is queued (cleared when it starts; expires if it is lost)."""
+    return f"{PREFIX}:delivery:{group}:queued"

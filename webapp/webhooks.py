@@ -156,7 +156,7 @@ def _plan(r, group, entry_fields, event):
     return hook["url"], event, hook["secret"]
 
 
-def deliver(r, group, timeout=5.0, consumer="deliverer", now=None):
+def deliver(r, group, timeout=5.0, consumer="deliverer", now=None, heartbeat=None):
     """Send the target's pending, then new, timeline entries in order; stop at the first failure.
 
     Returns {"sent": n, "skipped": n, "error": text or None}. Safe to run again at any time: only
@@ -175,6 +175,8 @@ def deliver(r, group, timeout=5.0, consumer="deliverer", now=None):
             for (entry_id, fields), event in zip(entries, load_refs(r, refs)):
                 plan = _plan(r, group, fields, event) if event else None
                 if plan:
+                    if heartbeat:
+                        heartbeat()
                     error = post_json(plan[0], plan[1], event["id"], plan[2], timeout)
                     if error:
                         _record_failure(r, group, error, now)

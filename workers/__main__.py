@@ -8,6 +8,8 @@ behind, and who takes it over:
   second; a sweeper releases it once it is SCHEDULER_STALE (5 s) old, and a live worker's next maintenance run
   (every MAINTENANCE_INTERVAL, checked at least every WORKER_TTL - 15 s) starts a scheduler: about 5-15 s,
   instead of RQ's 61 s lock expiry plus its default 600 s maintenance interval;
+- suspensions ending and webhook deliveries: every worker's Housekeeper thread (workers/housekeeping.py);
+  a delivery cut off by the kill left its events unacknowledged, and the next delivery job re-sends them;
 - a job the dead worker was running is failed as abandoned by the others' maintenance once its heartbeat
   expires (about 90 s); a lost tick is harmless, the sweepers have fired its timers.
 """
@@ -21,6 +23,7 @@ from rq.serializers import JSONSerializer
 
 from webapp.config import load_settings
 from webapp.delayed import Sweeper, mark_sweeper_process, timer_queue
+from workers.housekeeping import Housekeeper
 
 WORKER_TTL = 20  # seconds; RQ's default is 420. The idle worker wakes every WORKER_TTL - 15 s for maintenance
 MAINTENANCE_INTERVAL = 5  # seconds; RQ's default is 600. Also how often an idle worker tries to be the scheduler
@@ -41,12 +44,16 @@ def main():
                       queue_names=[queue.name])
     sweeper.start()
     mark_sweeper_process()
+    housekeeper = Housekeeper(lambda: redis.Redis.from_url(url, decode_responses=True, socket_timeout=30,
+                                                           socket_connect_timeout=5), queue)
+    housekeeper.start()
     worker = Worker([queue], connection=rq_redis, serializer=JSONSerializer, worker_ttl=WORKER_TTL,
                     maintenance_interval=MAINTENANCE_INTERVAL)
     try:
         worker.work(with_scheduler=True, logging_level="INFO")
     finally:
         sweeper.stopped.set()
+        housekeeper.stopped.set()
 
 
 if __name__ == "__main__":

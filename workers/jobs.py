@@ -1,9 +1,12 @@
 """Job functions, enqueued by dotted path with plain ids. Each re-reads Redis and acts only if still due."""
 import os
 
+from webapp import keys
 from webapp.delayed import fire_due, tick_grace
 from webapp.store import connect
 from webapp.unsubscribe import fire_timer
+from webapp.webhooks import deliver
+
 
 _client = None
 
@@ -19,6 +22,28 @@ def fire_due_timers():
     """A timer tick (see webapp.delayed.schedule_timer): settle every delayed unsubscribe that is due.
     Returns how many fired; duplicate or late ticks find nothing left and change nothing."""
     return fire_due(_redis(), grace=tick_grace())
+
+
+def deliver_target(group):
+    """Deliver a webhook or call-URL target's undelivered events in order (see webapp.webhooks). One run
+    at a time per target: a lock refreshed before each event, so a killed run frees the target within
+    seconds; a failure leaves the rest for the next attempt after backoff."""
+    r = _redis()
+    r.delete(keys.delivery_queued(group))
+    timeout = float(os.environ.get("WEBHOOK_TIMEOUT_SECONDS", "5"))
+    lock, token, ttl = keys.delivery_lock(group), os.urandom(8).hex(), int(timeout) + 5
+    if not r.set(lock, token, nx=True, ex=ttl):
+        return {"skipped": "another delivery of this target is running"}
+
+    def heartbeat():
+        if r.get(lock) != token or not r.expire(lock, ttl):
+            raise RuntimeError("lost the delivery lock")
+
+    try:
+        return deliver(r, group, timeout=timeout, heartbeat=heartbeat)
+    finally:
+        if r.get(lock) == token:
+            r.delete(lock)
 
 
 def fire_delayed_unsubscribe(db_id, profile_id, hash_id):

@@ -1,0 +1,85 @@
+"""What real `python -m workers` processes do besides timers: webhook and call-URL delivery (with a worker
+killed mid-delivery) and the end of suspensions (across a worker restart)."""
+import json
+import re
+
+from conftest import email_resource
+from test_delayed_support import wait_until, workers  # noqa: F401  (fixture)
+from webapp import webhooks
+
+SECRET = "s3cret-webhook-key-123"
+
+
+def set_up(api, receiver, **resource_kw):
+    res = api.ok("resources/add", **email_resource(**resource_kw))
+    ident = {"db_id": 1, "profile_id": "p-42", "resource_id": res["id"], "channel": "email",
+             "email": "ann@example.com"}
+    return res, ident
+
+
+def test_worker_delivers_webhooks_and_retries_after_500s(api, r, receiver, workers):  # noqa: F811
+    hook = api.ok("webhooks/add", url=receiver.url, secret=SECRET)
+    _res, ident = set_up(api, receiver)
+    receiver.behaviours = [500, 503]
+    api.ok("subscriptions/set", **ident)
+    api.ok("subscriptions/set", **ident, status="unsubscribed")
+    workers.start()
+    requests = receiver.wait_for(4, timeout=20)         # 500, 503, then both events
+    ids = [req["headers"]["X-Webhook-Id"] for req in requests]
+    assert ids[0] == ids[1] == ids[2] and ids[3] != ids[0]
+    assert requests[2]["at"] - requests[1]["at"] >= 1.5   # backoff doubled: 1 s, then 2 s
+    wait_until(lambda: webhooks.target_state(r, webhooks.group_name(hook["id"]))["backlog"] == 0, 10)
+
+
+def test_no_event_lost_when_the_worker_dies_mid_delivery(api, r, receiver, workers):  # noqa: F811
+    hook = api.ok("webhooks/add", url=receiver.url, secret=SECRET)
+    _res, ident = set_up(api, receiver)
+    receiver.behaviours = [("sleep", 30, 200)]            # the first delivery hangs...
+    api.ok("subscriptions/set", **ident)
+    api.ok("subscriptions/set", **ident, status="unsubscribed")
+    first = workers.start(WEBHOOK_TIMEOUT_SECONDS="2")
+    assert receiver.in_flight.wait(20)
+    workers.kill(first)                                  # ...and its worker is killed mid-delivery
+    workers.start(WEBHOOK_TIMEOUT_SECONDS="2")
+    wait_until(lambda: webhooks.target_state(r, webhooks.group_name(hook["id"]))["backlog"] == 0, 30)
+    delivered = [json.loads(req["body"])["id"] for req in receiver.requests]
+    event_ids = [e["id"] for e in api.ok("events/list", db_id=1, profile_id="p-42")][::-1]
+    assert set(delivered) == set(event_ids) and delivered[0] == delivered[1] == event_ids[0]
+
+
+def test_worker_calls_the_call_url_after_one_click(api, client, r, receiver, workers):  # noqa: F811
+    res, ident = set_up(api, receiver, unsubscribe={"mode": "confirm",
+                                                    "list_unsubscribe": {"enabled": True, "called_url": receiver.url}})
+    api.ok("subscriptions/set", **ident)
+    links = api.ok("messages/links", **ident)
+    workers.start()
+    assert client.post(links["unsubscribe_url"].removeprefix("https://unsub.example"),
+                       data={"List-Unsubscribe": "One-Click"}).status_code == 200
+    (call,) = receiver.wait_for(1)
+    body = json.loads(call["body"])
+    assert body["smid"] == links["smid"] and body["result"] == "unsubscribed"
+
+
+def test_suspension_ends_even_after_a_worker_restart(api, app, client, r, workers):  # noqa: F811
+    app.config["SUSPEND_DAY_SECONDS"] = 0.25             # 14 "days" = 3.5 s
+    res = api.ok("resources/add", **email_resource())
+    ident = {"db_id": 1, "profile_id": "p-42", "resource_id": res["id"], "channel": "email",
+             "email": "ann@example.com"}
+    api.ok("subscriptions/set", **ident)
+    path = api.ok("messages/links", **ident)["manage_url"].removeprefix("https://unsub.example")
+    html = client.get(path).get_data(as_text=True)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+    sub = api.ok("subscriptions/get", **ident)
+    client.post(path, data={"csrf_token": token, "action": "suspend", "hash_id": sub["hash_id"], "days": "14"})
+    assert api.ok("subscriptions/get", **ident)["status"] == "suspended"
+    first = workers.start()
+    workers.kill(first)                                  # the only worker dies before the end...
+    until = api.ok("subscriptions/get", **ident)["suspended_until"]
+    import time
+    from datetime import datetime
+    end = datetime.fromisoformat(until.replace("Z", "+00:00")).timestamp()
+    time.sleep(max(0, end - time.time()) + 0.5)
+    assert api.ok("subscriptions/get", **ident)["status"] == "suspended"
+    workers.start()                                      # ...and a new one resumes it at once
+    wait_until(lambda: api.ok("subscriptions/get", **ident)["status"] == "subscribed", 5)
+    assert api.ok("events/list", db_id=1, profile_id="p-42")[0]["method"] == "suspend_expiry"

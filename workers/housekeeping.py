@@ -1,0 +1,54 @@
+"""The worker's housekeeping thread: everything besides timers that must happen on time.
+
+Every HOUSEKEEPING_INTERVAL seconds, in every worker process (each step is idempotent, so several workers
+doing it at once is safe):
+- suspensions that have run their course go back to `subscribed` (preferences.resume_due_suspensions);
+- each webhook / call-URL target with undelivered events and no backoff pending gets one delivery job
+  (`workers.jobs.deliver_target`), never two at once, so a slow target never piles up jobs.
+"""
+import logging
+import threading
+
+from webapp import keys, preferences, webhooks
+
+log = logging.getLogger("workers.housekeeping")
+HOUSEKEEPING_INTERVAL = 0.5  # seconds
+DELIVERY_JOB = "workers.jobs.deliver_target"
+DELIVERY_TIMEOUT = 600  # seconds an RQ delivery job may run (a batch of slow targets)
+QUEUED_MARKER_SECONDS = 60  # a lost delivery job is replaced after this long
+
+
+def enqueue_deliveries(r, queue):
+    """One delivery job per target that has work and none queued or running; returns the targets enqueued.
+
+    A target's `queued` marker (set here, cleared when the job starts, expiring on its own if the job is
+    lost) and its delivery lock (held while a job runs, refreshed per event, expiring soon after a killed
+    job) keep it to one job at a time without waiting for RQ to notice a dead worker."""
+    enqueued = []
+    for group in webhooks.due_targets(r):
+        if r.exists(keys.delivery_lock(group)):
+            continue
+        if r.set(keys.delivery_queued(group), "1", nx=True, ex=QUEUED_MARKER_SECONDS):
+            queue.enqueue(DELIVERY_JOB, group, result_ttl=0, failure_ttl=86400, job_timeout=DELIVERY_TIMEOUT)
+            enqueued.append(group)
+    return enqueued
+
+
+class Housekeeper(threading.Thread):
+    def __init__(self, connect, queue, interval=HOUSEKEEPING_INTERVAL):
+        super().__init__(name="housekeeping", daemon=True)
+        self.connect, self.queue, self.interval = connect, queue, interval
+        self.stopped = threading.Event()
+
+    def run(self):
+        r = self.connect()
+        failing = False
+        while not self.stopped.wait(self.interval):
+            try:
+                preferences.resume_due_suspensions(r)
+                enqueue_deliveries(r, self.queue)
+                failing = False
+            except Exception:  # noqa: BLE001 - a Redis outage must not end housekeeping; it retries next tick
+                if not failing:
+                    log.exception("housekeeping failed; retrying every %.1f s", self.interval)
+                failing = True
