@@ -144,8 +144,8 @@ def test_fire_is_a_compare_and_set_against_what_it_read(app, r):
 
     def settle(ctx):
         db_id, profile_id, hash_id = ctx.key
-        (row,) = scripts.read_timers(r, [(keys.pending_unsubscribe(*ctx.key), keys.profile_subscriptions(
-            db_id, profile_id), keys.profile_events(db_id, profile_id), hash_id)])
+        (row,) = scripts.claim_timers(r, [(keys.pending_unsubscribe(*ctx.key), keys.profile_subscriptions(
+            db_id, profile_id), keys.profile_events(db_id, profile_id), hash_id)], "test", 0.0)
         item_keys, values, _has = u._settlement(db_id, profile_id, hash_id, row, {ctx.resource["id"]: ctx.resource},
                                                 "2026-01-01T00:00:00.000Z")
         return lambda: scripts.fire_timers(r, keys.pending_due(), keys.events_timeline(), [(item_keys, values)])
@@ -258,8 +258,25 @@ def test_a_broken_record_does_not_hold_up_the_other_timers(app, r, caplog, monke
     monkeypatch.setattr(scripts, "fire_timers", real_fire)
     assert codes == {bad_ledger.key: "broken", bad_subs.key: "broken", good.key: "fired"}
     assert "cannot be fired" in caplog.text
+    for ctx in (bad_ledger, bad_subs):
+        assert r.hdel(keys.pending_unsubscribe(*ctx.key), "lease") == 1     # as if its lease had run out
     assert u.fire_timers(r, [bad_subs.key]) == {bad_subs.key: "broken"}   # unreadable now in the read step too
+    r.hdel(keys.pending_unsubscribe(*bad_subs.key), "lease")
     r.delete(subs_key)
     r.hset(subs_key, mapping=saved)
     assert u.fire_timer(r, *bad_subs.key) is True                           # repaired: fires
     assert u.read_pending(r, bad_ledger) and len(timer_events(r, good)) == 1
+
+
+def test_a_claimed_timer_is_left_to_its_claimer_until_the_lease_runs_out(app, r):
+    (ctx,) = delayed_contexts(app, r, 1, timer_minutes=1)
+    sleep_past(arm(r, ctx))
+    pending_key = keys.pending_unsubscribe(*ctx.key)
+    item = [(pending_key, keys.profile_subscriptions(1, ctx.key[1]), keys.profile_events(1, ctx.key[1]), ctx.key[2])]
+    (row,) = scripts.claim_timers(r, item, "another-firer", u.FIRE_LEASE)  # e.g. a sweeper that then died
+    assert len(row) == 9 and r.hget(pending_key, "lease").endswith("|another-firer")
+    assert u.fire_timers(r, [ctx.key]) == {ctx.key: "leased"}
+    assert scripts.claim_timers(r, item, "another-firer", u.FIRE_LEASE)[0] == row  # its claimer may read again
+    later = time.time() + u.FIRE_LEASE + 0.01
+    assert u.fire_timer(r, *ctx.key, now=later) is True                     # the lease ran out
+    assert_fired_once(r, [ctx])

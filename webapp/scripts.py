@@ -59,17 +59,38 @@ now = now - tonumber(ARGV[2])
 return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%.6f', now), 'LIMIT', 0, tonumber(ARGV[3]))
 """
 
-# What fire_timers needs to know of a batch of timers, read in one call and answered as one JSON document (one
-# reply to parse instead of several per timer).
-# KEYS: 3 per timer: keys.pending_unsubscribe, keys.profile_subscriptions, keys.profile_events. ARGV: the
-# timers' hash_ids. Returns a JSON array with, per timer: [deadline, armed_at, scope, smid, evidence (the
-# pending record's fields), subscription JSON, ledger length, last event's seq, last event's hash], "" (or 0)
-# for what does not exist; or [error text] for a timer whose data cannot be read (a key of the wrong type, a
-# ledger entry that is not JSON), so that one broken record does not hold up the others. Read-only.
-READ_TIMERS = """
-local function read(i)
-  local p = redis.call('HMGET', KEYS[3 * i - 2], 'deadline', 'armed_at', 'scope', 'smid', 'evidence')
-  local sub = redis.call('HGET', KEYS[3 * i - 1], ARGV[i])
+# Claim a batch of timers for settling and read what fire_timers needs to know of them, answered as one JSON
+# document (one reply to parse instead of several per timer). A due timer is leased to the caller for a few
+# seconds (field "lease" of its pending record: "<until>|<owner>"), so that concurrent sweepers and ticks do
+# not all compute the same settlements; a lease only saves work, FIRE_TIMERS alone decides what fires.
+# KEYS: 3 per timer: keys.pending_unsubscribe, keys.profile_subscriptions, keys.profile_events.
+# ARGV[1]: "now" in epoch seconds, or "" for the server clock; ARGV[2]: lease seconds; ARGV[3]: the caller's
+# owner token; then the timers' hash_ids.
+# Returns a JSON array with, per timer: [deadline, armed_at, scope, smid, evidence (the pending record's
+# fields), subscription JSON, ledger length, last event's seq, last event's hash], "" (or 0) for what does not
+# exist; or ["leased"] when another caller holds an unexpired lease on it; or [error text] when its data cannot
+# be read (a key of the wrong type, a ledger entry that is not JSON), so one broken record holds up no other.
+CLAIM_TIMERS = """
+local now = tonumber(ARGV[1])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local lease = string.format('%.6f', now + tonumber(ARGV[2])) .. '|' .. ARGV[3]
+
+local function claim(i)
+  local pending = KEYS[3 * i - 2]
+  local p = redis.call('HMGET', pending, 'deadline', 'armed_at', 'scope', 'smid', 'evidence', 'lease')
+  if p[1] and p[6] then
+    local bar = string.find(p[6], '|', 1, true)
+    if string.sub(p[6], bar + 1) ~= ARGV[3] and tonumber(string.sub(p[6], 1, bar - 1)) > now then
+      return {'leased'}
+    end
+  end
+  if p[1] and tonumber(p[1]) <= now then
+    redis.call('HSET', pending, 'lease', lease)
+  end
+  local sub = redis.call('HGET', KEYS[3 * i - 1], ARGV[i + 3])
   local n = redis.call('LLEN', KEYS[3 * i])
   local seq, hash = 0, ''
   if n > 0 then
@@ -81,9 +102,10 @@ local function read(i)
   end
   return {p[1] or '', p[2] or '', p[3] or '', p[4] or '', p[5] or '', sub or '', n, seq, hash}
 end
+
 local out = {}
-for i = 1, #ARGV do
-  local ok, row = pcall(read, i)
+for i = 1, #ARGV - 3 do
+  local ok, row = pcall(claim, i)
   if ok then
     out[i] = row
   else
@@ -94,7 +116,7 @@ return cjson.encode(out)
 """
 
 # Compare-and-settle a batch of timers: the Lua equivalent of a WATCH/MULTI per timer, for many timers in one
-# call. The caller read each timer's state (READ_TIMERS) and built the new subscription JSON and the chained
+# call. The caller read each timer's state (CLAIM_TIMERS) and built the new subscription JSON and the chained
 # ledger event in Python (events are SHA-256 chained there); for each timer this script applies them only if
 # nothing it read has changed and the deadline has passed.
 # KEYS[1]: keys.pending_due(); KEYS[2]: keys.events_timeline(); then 4 per timer: keys.pending_unsubscribe,
@@ -162,12 +184,12 @@ def due_timer_members(r, due_key, now=None, grace=0.0, limit=1000):
                 read_only=True)
 
 
-def read_timers(r, timers):
-    """Run READ_TIMERS; `timers` is [(pending key, subscriptions key, events key, hash_id)]. Returns its rows."""
+def claim_timers(r, timers, owner, lease, now=None):
+    """Run CLAIM_TIMERS; `timers` is [(pending key, subscriptions key, events key, hash_id)]. Returns its rows."""
     if not timers:
         return []
-    return json.loads(_run(r, READ_TIMERS, [k for t in timers for k in t[:3]], [t[3] for t in timers],
-                           read_only=True))
+    args = ["" if now is None else repr(float(now)), repr(float(lease)), owner, *(t[3] for t in timers)]
+    return json.loads(_run(r, CLAIM_TIMERS, [k for t in timers for k in t[:3]], args))
 
 
 def fire_timers(r, due_key, timeline_key, items, now=None):

@@ -13,6 +13,7 @@ Rules (contract §4):
 import hashlib
 import json
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -56,6 +57,12 @@ def open_smid(r, ring, token):
         pipe.hget(keys.profile_subscriptions(smid.db_id, smid.profile_id), smid.hash_id)
         pipe.hgetall(keys.page_views(view_digest(token)))
         resource_raw, raw, views = pipe.execute()
+    return context_from(token, smid, resource_raw, raw, views)
+
+
+def context_from(token, smid, resource_raw, raw, views):
+    """open_smid's checks of what it read (None where a key or field is missing); returns the Context.
+    Also used by hotpaths.py, which reads the same keys in one Lua call together with what its caller needs."""
     if resource_raw is None:
         raise NoSuchResource(f"resource {smid.resource_id} does not exist")
     resource = json.loads(resource_raw)
@@ -194,14 +201,16 @@ def undo(r, ctx, evidence=None):
 # step that settles it is atomic against the others:
 # - cancel_timer and unsubscribe ("now") delete it in a WATCH/MULTI transaction that also watches the record;
 # - fire_timers (the workers' sweepers, the RQ tick job and fire_timer) read a batch of timers in one Lua call
-#   (scripts.READ_TIMERS), build each new subscription and chained ledger event in Python, and apply them with
-#   one Lua call (scripts.FIRE_TIMERS) that writes a timer's changes only if its record, subscription and
-#   ledger are still what was read and its deadline has passed. A cancel that committed first leaves nothing to fire; a cancel that comes after the
+#   (scripts.CLAIM_TIMERS, which also leases due ones to the caller for FIRE_LEASE seconds so that concurrent
+#   firers do not all do the same work), build each new subscription and chained ledger event in Python, and
+#   apply them with one Lua call (scripts.FIRE_TIMERS) that writes a timer's changes only if its record,
+#   subscription and ledger are still what was read and its deadline has passed. A cancel that committed first leaves nothing to fire; a cancel that comes after the
 #   fire finds no record and answers "unsubscribed". Duplicate or late runs find nothing and change nothing.
 # Deadlines come from the Redis server clock (TIME), and the Lua script decides "due" by the same clock.
 
 FIRE_BATCH = 500  # timers settled per Lua call
 FIRE_ATTEMPTS = 5  # reads-and-applies of a timer whose state changed under us, before leaving it to the next sweep
+FIRE_LEASE = 3.0  # seconds other firers leave a claimed timer alone (if its claimer dies, it waits this long)
 _reported_broken = set()  # due members already logged as unreadable (each is logged once per process)
 
 
@@ -311,7 +320,7 @@ def cancel_timer(r, ctx, evidence=None):
 
 
 def _settlement(db_id, profile_id, hash_id, row, resources, now_text):
-    """(keys, values, subscription exists) for scripts.FIRE_TIMERS, from the timer's scripts.READ_TIMERS row."""
+    """(keys, values, subscription exists) for scripts.FIRE_TIMERS, from the timer's scripts.CLAIM_TIMERS row."""
     deadline, armed_at, scope, smid, evidence, sub_raw, ledger_len, last_seq, last_hash = row
     new_sub = event_raw = ref = ""
     record = json.loads(sub_raw) if sub_raw else None
@@ -339,13 +348,16 @@ def _settlement(db_id, profile_id, hash_id, row, resources, now_text):
     return item_keys, values, record is not None
 
 
-def _fire_round(r, timers, now):
-    rows = scripts.read_timers(r, [(keys.pending_unsubscribe(d, p, h), keys.profile_subscriptions(d, p),
-                                    keys.profile_events(d, p), h) for d, p, h in timers])
+def _fire_round(r, timers, now, owner):
+    rows = scripts.claim_timers(r, [(keys.pending_unsubscribe(d, p, h), keys.profile_subscriptions(d, p),
+                                     keys.profile_events(d, p), h) for d, p, h in timers], owner, FIRE_LEASE, now)
     resources = get_resources(r, [rid for rid in map(_resource_id, rows) if rid is not None])
     now_text = now_iso()
     results, todo, settlements = {}, [], []
     for timer, row in zip(timers, rows):
+        if row == ["leased"]:
+            results[timer] = "leased"
+            continue
         try:
             if len(row) != 9:
                 raise ValueError(row[0])
@@ -382,17 +394,18 @@ def fire_timers(r, timers, now=None):
     """Settle the given timers [(db_id, profile_id, hash_id)] that are due (by the Redis clock, or `now`).
 
     Returns {timer: code}: "fired" (unsubscribed as the record said), "dropped" (settled, but the subscription
-    no longer exists), "gone" (nothing pending: cancelled or settled before), "early" (not due yet),
+    no longer exists), "gone" (nothing pending: cancelled or settled before), "early" (not due yet), "leased"
+    (another firer is settling it right now; should it die, the lease runs out after FIRE_LEASE seconds),
     "changed" (kept changing under us FIRE_ATTEMPTS times; the next sweep retries it) or "broken" (its data
     cannot be read or has the wrong type: logged once, left pending, the other timers go on).
     """
     todo = list(dict.fromkeys((int(d), p, h) for d, p, h in timers))
-    results = {}
+    results, owner = {}, secrets.token_hex(8)
     for _attempt in range(FIRE_ATTEMPTS):
         if not todo:
             break
         for start in range(0, len(todo), FIRE_BATCH):
-            results.update(_fire_round(r, todo[start:start + FIRE_BATCH], now))
+            results.update(_fire_round(r, todo[start:start + FIRE_BATCH], now, owner))
         todo = [t for t in todo if results[t] == "changed"]
     return results
 
