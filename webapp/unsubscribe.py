@@ -204,8 +204,9 @@ def undo(r, ctx, evidence=None):
 #   (scripts.CLAIM_TIMERS, which also leases due ones to the caller for FIRE_LEASE seconds so that concurrent
 #   firers do not all do the same work), build each new subscription and chained ledger event in Python, and
 #   apply them with one Lua call (scripts.FIRE_TIMERS) that writes a timer's changes only if its record,
-#   subscription and ledger are still what was read and its deadline has passed. A cancel that committed first leaves nothing to fire; a cancel that comes after the
-#   fire finds no record and answers "unsubscribed". Duplicate or late runs find nothing and change nothing.
+#   subscription and ledger are still what was read and its deadline has passed.
+# A cancel that committed first leaves nothing to fire; a cancel that comes after the fire finds no record and
+# answers "unsubscribed". Duplicate or late runs find nothing and change nothing.
 # Deadlines come from the Redis server clock (TIME), and the Lua script decides "due" by the same clock.
 
 FIRE_BATCH = 500  # timers settled per Lua call
