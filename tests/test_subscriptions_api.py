@@ -181,3 +181,27 @@ def test_status_changes_are_recorded_as_chained_events(api, r, resource, subscri
     assert history[0]["before"]["status"] == "subscribed" and history[0]["after"]["status"] == "unsubscribed"
     assert history[0]["prev_hash"] == history[1]["hash"]
     assert events.verify_chain(r, 1, "p-42") is None
+
+
+BAD_ADDRESSES = [
+    ({"channel": "telegram_bot", "cc_data": {"id": "abc"}}, "numeric chat id"),
+    ({"channel": "telegram_bot", "cc_data": {}}, "cc_data.id is required"),
+    ({"channel": "telegram_bot", "cc_data": "12345"}, "cc_data must be an object"),
+    ({"channel": "whatsapp", "cc_data": {"phone": "79000000000"}}, "E.164"),
+    ({"channel": "viber", "cc_data": {"id": 5}}, "cc_data.phone is required"),
+    ({"channel": "notify", "cc_data": {"phone": "+0123"}}, "E.164"),
+    ({"channel": "push", "provider": "android-firebase"}, "subscription_id is required"),
+    ({"channel": "push", "subscription_id": "abc"}, "provider is required"),
+    ({"channel": "push", "provider": "", "subscription_id": "abc"}, "provider must not be empty"),
+    ({"channel": "max_bot", "cc_data": {"id": "not-a-number"}}, "numeric chat id"),
+]
+
+
+@pytest.mark.parametrize("body,message", BAD_ADDRESSES, ids=[m for _, m in BAD_ADDRESSES])
+def test_channel_addresses_are_validated(api, r, body, message):
+    res = api.ok("resources/add", **email_resource(
+        channels=["email", "sms", "push", "telegram_bot", "whatsapp", "viber", "notify", "max_bot"],
+        channel_settings={"email": {"from_email": "a@shop.example"}}))
+    before = redis_state(r)
+    assert message in api.fail("subscriptions/set", 400, db_id=1, profile_id="p1", resource_id=res["id"], **body)
+    assert redis_state(r) == before
