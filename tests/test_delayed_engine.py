@@ -280,3 +280,20 @@ def test_a_claimed_timer_is_left_to_its_claimer_until_the_lease_runs_out(app, r)
     later = time.time() + u.FIRE_LEASE + 0.01
     assert u.fire_timer(r, *ctx.key, now=later) is True                     # the lease ran out
     assert_fired_once(r, [ctx])
+
+
+def test_scheduler_lock_watch_releases_only_a_lock_nobody_refreshes(r):
+    live, dead = "rq:scheduler-lock:live", "rq:scheduler-lock:dead"
+    r.set(live, "scheduler-a", ex=61)
+    r.set(dead, "scheduler-b", ex=61)
+    watch = delayed.SchedulerLockWatch(["live", "dead"], stale=0.6)
+    assert watch.check(r) == []
+    released = []
+    for _ in range(4):
+        time.sleep(0.3)
+        r.expire(live, 61)                                         # what a live RQ scheduler does every second
+        released += watch.check(r)
+    assert released == ["dead"]
+    assert r.get(live) == "scheduler-a" and not r.exists(dead)
+    r.set(dead, "scheduler-c", ex=61)                              # a new holder starts a new watch
+    assert watch.check(r) == [] and r.get(dead) == "scheduler-c"

@@ -44,8 +44,7 @@ TICK_GRACE = 1.0  # in a worker process that runs a sweeper, ticks fire only tim
 TICK_BUDGET = 60.0  # seconds a tick job may spend on a backlog before it leaves the rest to the next one
 TICK_TIMEOUT = 180  # RQ job timeout of a tick, seconds
 FAILED_JOB_TTL = 86400  # seconds a failed trigger stays inspectable
-SCHEDULER_LOCK_TTL = 61  # RQ's scheduler lock: set to interval (1 s) + 60 s and refreshed every second
-SCHEDULER_STALE = 5  # seconds without a refresh after which the lock's holder is taken for dead
+SCHEDULER_STALE = 5  # seconds without a refresh (RQ refreshes every second) after which a lock's holder is dead
 SCHEDULER_CHECK_INTERVAL = 2.0  # seconds between a sweeper's looks at the scheduler locks
 
 
@@ -106,22 +105,42 @@ def fire_due(r, budget=TICK_BUDGET, grace=SWEEP_GRACE, limit=FIRE_BATCH):
             return total
 
 
-def release_dead_scheduler_lock(r, queue_name, stale=SCHEDULER_STALE):
-    """Delete the RQ scheduler lock of `queue_name` if its holder has not refreshed it for `stale` seconds.
+class SchedulerLockWatch:
+    """Releases RQ scheduler locks whose holder has died.
 
-    A scheduler killed with its worker (kill -9, a lost machine) keeps its lock until it expires, 61 s later,
-    and only then can another worker's scheduler take the queue over. A live scheduler refreshes the lock every
-    second, so a lock `stale` seconds old has a dead holder: releasing it lets the next worker maintenance run
-    (every MAINTENANCE_INTERVAL seconds, workers/__main__.py) start a scheduler. Should a slow but live holder
-    lose it, RQ (>= 2.11) notices at its next heartbeat and leaves the queue to the new holder. Returns True
-    if a lock was released.
+    A scheduler killed with its worker (kill -9, a lost machine) keeps its lock until the lock expires (RQ sets
+    61 s), and only then can another worker's scheduler take the queue over. A live scheduler refreshes its lock
+    every second, pushing its expiry forward; `check` notes each lock's owner and expiry time, and deletes a
+    lock (if it still has the same owner) whose expiry has not moved for `stale` seconds. The next maintenance
+    run of a live worker (every MAINTENANCE_INTERVAL seconds, workers/__main__.py) then starts a scheduler.
+    Should a slow but live holder lose its lock, RQ (>= 2.11) notices at its next heartbeat and leaves the
+    queue to the new holder.
     """
-    released = scripts.release_stale_lock(r, RQScheduler.get_locking_key(queue_name),
-                                          (SCHEDULER_LOCK_TTL - stale) * 1000)
-    if released:
-        log.warning("released the RQ scheduler lock of queue %s: its holder stopped refreshing it %d s ago",
-                    queue_name, stale)
-    return released
+
+    def __init__(self, queue_names, stale=SCHEDULER_STALE):
+        self.queue_names, self.stale = list(queue_names), stale
+        self.seen = {}  # queue name -> (owner, expiry as epoch seconds, monotonic time it was first seen)
+
+    def check(self, r):
+        """Look at every lock once; return the queue names whose lock was released."""
+        released = []
+        for name in self.queue_names:
+            key = RQScheduler.get_locking_key(name)
+            with r.pipeline(transaction=False) as pipe:
+                owner, left = pipe.get(key).pttl(key).execute()
+            if owner is None or left < 0:
+                self.seen.pop(name, None)
+                continue
+            expiry = time.time() + left / 1000
+            previous = self.seen.get(name)
+            if previous is None or previous[0] != owner or expiry > previous[1] + 0.5:
+                self.seen[name] = (owner, expiry, time.monotonic())  # new, or refreshed since last seen
+            elif time.monotonic() - previous[2] >= self.stale and scripts.release_lock(r, key, owner):
+                self.seen.pop(name, None)
+                released.append(name)
+                log.warning("released the RQ scheduler lock of queue %s: its holder %s stopped refreshing it",
+                            name, owner)
+        return released
 
 
 class Sweeper(threading.Thread):
@@ -131,7 +150,7 @@ class Sweeper(threading.Thread):
     def __init__(self, connect, interval=SWEEP_INTERVAL, grace=SWEEP_GRACE, queue_names=()):
         super().__init__(name="timer-sweeper", daemon=True)
         self.connect, self.interval, self.grace = connect, interval, grace
-        self.queue_names = tuple(queue_names)
+        self.locks = SchedulerLockWatch(queue_names)
         self.stopped = threading.Event()
 
     def run(self):
@@ -144,10 +163,9 @@ class Sweeper(threading.Thread):
             fired = 0
             try:
                 fired = fire_due(r, budget=self.interval * 4, grace=self.grace)
-                if self.queue_names and time.monotonic() >= next_lock_check:
+                if time.monotonic() >= next_lock_check:
                     next_lock_check = time.monotonic() + SCHEDULER_CHECK_INTERVAL
-                    for name in self.queue_names:
-                        release_dead_scheduler_lock(r, name)
+                    self.locks.check(r)
                 if failing:
                     log.warning("sweeper reconnected")
                     failing = False

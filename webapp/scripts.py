@@ -201,17 +201,14 @@ def fire_timers(r, due_key, timeline_key, items, now=None):
     return _run(r, FIRE_TIMERS, keys, ["" if now is None else repr(float(now)), values])
 
 
-# KEYS[1]: a lock key whose holder refreshes it to a known TTL. ARGV[1]: milliseconds. Deletes the lock when its
-# remaining time is below ARGV[1], i.e. its holder has not refreshed it for a while; returns 1 if deleted.
-RELEASE_STALE_LOCK = """
-local left = redis.call('PTTL', KEYS[1])
-if left >= 0 and left < tonumber(ARGV[1]) then
-  redis.call('DEL', KEYS[1])
-  return 1
+# KEYS[1]: a lock key; ARGV[1]: the owner it must still have. Deletes it only then; returns 1 if deleted.
+RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
 end
 return 0
 """
 
 
-def release_stale_lock(r, key, below_ms):
-    return _run(r, RELEASE_STALE_LOCK, [key], [int(below_ms)]) == 1
+def release_lock(r, key, owner):
+    return _run(r, RELEASE_LOCK, [key], [owner]) == 1
