@@ -3,11 +3,13 @@
 Settings come from the environment like the web app's (REDIS_URL, RQ_QUEUE). What a dead worker leaves
 behind, and who takes it over:
 - due timers: every worker process runs a Sweeper thread (webapp/delayed.py) that fires them from Redis every
-  0.1 s, so a surviving (or restarted) worker fires them at once; no RQ machinery is waited for;
-- the RQ scheduler (moves scheduled jobs, e.g. timer ticks, into the queue): its lock is refreshed every
-  second; a sweeper releases it once it is SCHEDULER_STALE (5 s) old, and a live worker's next maintenance run
-  (every MAINTENANCE_INTERVAL, checked at least every WORKER_TTL - 15 s) starts a scheduler: about 5-15 s,
-  instead of RQ's 61 s lock expiry plus its default 600 s maintenance interval;
+  0.1 s, so a surviving (or restarted) worker fires them at once; no RQ machinery is waited for. Timers a
+  killed sweeper had just claimed are left to it for unsubscribe.FIRE_LEASE (3 s), then fired by the others;
+- the RQ scheduler (moves scheduled jobs, e.g. timer ticks, into the queue): its holder refreshes its lock
+  every second; the sweepers release a lock not refreshed for SCHEDULER_STALE (5 s; they look every 2 s), and
+  a live worker's next maintenance run (every MAINTENANCE_INTERVAL, checked at least every WORKER_TTL - 15 s)
+  starts a scheduler: about 7-17 s after the death (10 s measured), instead of RQ's 61 s lock expiry plus its
+  default 600 s maintenance interval;
 - suspensions ending and webhook deliveries: every worker's Housekeeper thread (workers/housekeeping.py);
   a delivery cut off by the kill left its events unacknowledged, and the next delivery job re-sends them;
 - a job the dead worker was running is failed as abandoned by the others' maintenance once its heartbeat
