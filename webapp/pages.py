@@ -11,7 +11,7 @@ from flask import (Blueprint, current_app, jsonify, make_response, redirect, ren
                    url_for)
 from flask_babel import gettext as _
 
-from . import csrf, unsubscribe
+from . import csrf, hotpaths, unsubscribe
 from .delayed import schedule_timer
 from .errors import BadToken, Blocked, Conflict, InvalidInput, NotFound, ServiceError
 from .headers import manage_url
@@ -43,9 +43,13 @@ def mask_address(record):
     return "#" + str(address.get("cc_data", {}).get("id", ""))[-4:]
 
 
-def open_page_context(smid):
-    """open_smid plus the page language; raises ServiceError subclasses."""
-    ctx = unsubscribe.open_smid(get_redis(), current_app.extensions["signing_keys"], smid)
+def open_page_context(smid, count_view=None):
+    """open_smid plus the page language; raises ServiceError subclasses. With count_view ("GET" or "HEAD") it
+    also counts the page view (unsubscribe.record_view) once the SMID is open, in the same round trip."""
+    if count_view:
+        ctx = hotpaths.open_for_page(get_redis(), current_app.extensions["signing_keys"], smid, count_view)
+    else:
+        ctx = unsubscribe.open_smid(get_redis(), current_app.extensions["signing_keys"], smid)
     set_page_locale(ctx.record.get("locale"), ctx.resource.get("default_locale"))
     return ctx
 
@@ -103,10 +107,9 @@ def unsubscribe_page(smid):
         csrf.protect()
         return page_action(smid, request.form["action"])
     try:
-        ctx = open_page_context(smid)
+        ctx = open_page_context(smid, count_view=request.method)  # GET or HEAD
     except ServiceError as exc:
         return error_page(exc)
-    unsubscribe.record_view(get_redis(), ctx, request.method)
     page_url = ctx.resource["unsubscribe"].get("page_url")
     if page_url and ctx.mode != "blocked":
         # The target comes only from the resource's stored settings: no open redirect.
@@ -121,9 +124,9 @@ def one_click(smid):
     since the signed URL is what identifies the recipient). 200 with a tiny body, never a redirect."""
     r, ring = get_redis(), current_app.extensions["signing_keys"]
     try:
-        ctx = unsubscribe.open_smid(r, ring, smid)
-        unsubscribe.unsubscribe(r, ctx, unsubscribe.resolve_scope(ctx), "one_click",
-                                {"ip": request.remote_addr, "user_agent": (request.user_agent.string or "")[:512]})
+        # open_smid + unsubscribe(resolve_scope(ctx), "one_click"), in two round trips (see hotpaths.py).
+        hotpaths.one_click(r, ring, smid, {"ip": request.remote_addr,
+                                           "user_agent": (request.user_agent.string or "")[:512]})
     except Blocked:
         return plain("This subscription cannot be cancelled.\n", 403)
     except NotFound:

@@ -1,0 +1,202 @@
+"""webapp/hotpaths.py does exactly what the generic paths do: each case runs the generic path (open_smid +
+record_view, or open_smid + unsubscribe "one_click") and the fast path from the same Redis snapshot, and
+compares the raised error, the result and every key afterwards (event ids, times and hashes normalized)."""
+import json
+
+import pytest
+
+from conftest import email_resource
+from webapp import hotpaths, scripts, unsubscribe
+from webapp.errors import ServiceError
+
+EVIDENCE = {"ip": "203.0.113.7", "user_agent": "GoogleOneClick/1.0"}
+VOLATILE = ("id", "at", "updated_at", "hash", "prev_hash", "seconds_since_send")
+
+
+@pytest.fixture(autouse=True)
+def close_app_clients(app):
+    """Close the app's Redis clients after each test (the app fixture leaves them to the garbage collector,
+    whose ResourceWarning then lands in whichever test happens to collect them)."""
+    yield
+    if app.extensions.get("redis"):
+        app.extensions["redis"].close()
+    if app.extensions.get("timer_queue"):
+        app.extensions["timer_queue"].connection.close()
+
+
+def snapshot(r):
+    return {k: (r.dump(k), r.pttl(k)) for k in r.scan_iter(count=1000)}
+
+
+def restore(r, snap):
+    r.flushall()
+    for key, (blob, ttl) in snap.items():
+        r.restore(key, max(ttl, 0), blob, replace=True)
+
+
+def normalized(value):
+    if isinstance(value, str) and value[:1] == "{":
+        try:
+            return normalized(json.loads(value))
+        except ValueError:
+            return value
+    if isinstance(value, dict):
+        return {k: ("*" if k in VOLATILE else normalized(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [normalized(v) for v in value]
+    return value
+
+
+def state(r):
+    out = {}
+    for key in r.scan_iter(count=1000):
+        if key.startswith("rq:"):  # the timer's RQ trigger job (binary); neither path touches it
+            continue
+        kind = r.type(key)
+        if kind == "string":
+            value = r.get(key)
+        elif kind == "hash":
+            value = r.hgetall(key)
+        elif kind == "list":
+            value = r.lrange(key, 0, -1)
+        elif kind == "set":
+            value = sorted(r.smembers(key))
+        elif kind == "zset":
+            value = r.zrange(key, 0, -1)
+        elif kind == "stream":
+            value = [fields for _id, fields in r.xrange(key)]
+        else:
+            value = None
+        out[key] = (kind, normalized(value), r.ttl(key) > 0)
+    return out
+
+
+def outcome(fn):
+    try:
+        return ("ok", normalized(fn()))
+    except ServiceError as exc:
+        return (type(exc).__name__, exc.message)
+
+
+def same_as_generic(r, generic, fast):
+    snap = snapshot(r)
+    expected = outcome(generic), state(r)
+    restore(r, snap)
+    got = outcome(fast), state(r)
+    assert got == expected
+    return got[0]
+
+
+def link(api, mode="instant", category="news", profile="p-42", email="ann@example.com"):
+    res = api.ok("resources/add", **email_resource(unsubscribe={"mode": mode}))
+    body = {"db_id": 1, "profile_id": profile, "resource_id": res["id"], "channel": "email", "email": email}
+    api.ok("subscriptions/set", **body)
+    if category:
+        body["category"] = category
+    return res, api.ok("messages/links", **body)["smid"], body
+
+
+def one_click_both(app, r, token):
+    ring = app.extensions["signing_keys"]
+
+    def generic():
+        ctx = unsubscribe.open_smid(r, ring, token)
+        return unsubscribe.unsubscribe(r, ctx, unsubscribe.resolve_scope(ctx), "one_click", EVIDENCE)
+
+    return same_as_generic(r, generic, lambda: hotpaths.one_click(r, ring, token, EVIDENCE))
+
+
+def page_both(app, r, token, method="GET"):
+    ring = app.extensions["signing_keys"]
+
+    def generic():
+        ctx = unsubscribe.open_smid(r, ring, token)
+        unsubscribe.record_view(r, ctx, method)
+        return ctx.resource, ctx.record, ctx.views
+
+    def fast():
+        ctx = hotpaths.open_for_page(r, ring, token, method)
+        return ctx.resource, ctx.record, ctx.views
+
+    return same_as_generic(r, generic, fast)
+
+
+@pytest.mark.parametrize("category", ["news", None])
+def test_one_click_first_and_replay(api, app, r, category):
+    _res, token, _body = link(api, category=category)
+    app.test_client().get("/unsubscribe/" + token)  # a page view the evidence reports
+    assert one_click_both(app, r, token)[1]["changed"] is True
+    hotpaths.one_click(r, app.extensions["signing_keys"], token, EVIDENCE)
+    assert one_click_both(app, r, token)[1]["changed"] is False
+
+
+def start_timer(app, token):
+    client = app.test_client()
+    html = client.get("/unsubscribe/" + token).get_data(as_text=True)
+    csrf = html.split('name="csrf_token" value="')[1].split('"')[0]
+    assert client.post("/unsubscribe/" + token, data={"action": "start", "csrf_token": csrf}).status_code == 303
+
+
+def test_one_click_settles_a_pending_timer(api, app, r):
+    _res, token, _body = link(api, mode="delayed")
+    start_timer(app, token)
+    assert r.zcard("us:pending:due") == 1
+    assert one_click_both(app, r, token)[1]["changed"] is True
+    assert r.zcard("us:pending:due") == 0
+    # When the subscription is not subscribed any more, only the timer goes.
+    _res, token, body = link(api, mode="delayed", profile="p-43")
+    start_timer(app, token)
+    api.ok("subscriptions/set", **{k: v for k, v in body.items() if k != "category"}, status="unsubscribed")
+    assert r.zcard("us:pending:due") == 1
+    assert one_click_both(app, r, token)[1]["changed"] is False
+    assert r.zcard("us:pending:due") == 0
+
+
+def test_one_click_errors(api, app, r):
+    _res, blocked, _body = link(api, mode="blocked")
+    assert one_click_both(app, r, blocked)[0] == "Blocked"
+    _res, token, body = link(api, profile="p-43")
+    assert one_click_both(app, r, token[:-2] + "AA")[0] == "BadToken"
+    api.ok("subscriptions/delete", **{k: v for k, v in body.items() if k != "category"})
+    assert one_click_both(app, r, token)[0] == "NoSuchSubscription"
+    res, token, _body = link(api, profile="p-44")
+    api.ok("resources/delete", id=res["id"])
+    assert one_click_both(app, r, token)[0] == "NoSuchResource"
+
+
+def test_one_click_falls_back_when_something_changed_after_reading(api, app, r, monkeypatch):
+    _res, token, body = link(api, category="news")
+    read = hotpaths._read
+
+    def read_then_another_writer(*args, **kw):
+        reply = read(*args, **kw)
+        api.ok("subscriptions/set", **{k: v for k, v in body.items() if k != "category"}, cats=["receipts"])
+        return reply
+
+    ring = app.extensions["signing_keys"]
+    applied = []
+    run = scripts._run
+
+    def counting_run(r_, script, keys, args, read_only=False):
+        result = run(r_, script, keys, args, read_only)
+        if script is hotpaths.APPLY:
+            applied.append(result)
+        return result
+
+    monkeypatch.setattr(hotpaths, "_read", read_then_another_writer)
+    monkeypatch.setattr(scripts, "_run", counting_run)
+    result = hotpaths.one_click(r, ring, token, EVIDENCE)
+    assert applied == [0]  # the compare-and-set refused, so the generic path did the work
+    # The generic path saw the other writer's change: "news" was already stopped by it, so nothing changed.
+    assert result == {"changed": False, "state": {"status": "subscribed", "cats": ["receipts"]}}
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_page_open_counts_views_as_record_view(api, app, r, method):
+    _res, token, body = link(api, mode="confirm")
+    page_both(app, r, token, method)
+    hotpaths.open_for_page(r, app.extensions["signing_keys"], token, method)
+    assert page_both(app, r, token, method)[1][2] == {method: 2}
+    api.ok("subscriptions/delete", **{k: v for k, v in body.items() if k != "category"})
+    assert page_both(app, r, token, method)[0] == "NoSuchSubscription"  # no view counted either way
+    assert page_both(app, r, token[:-2] + "AA", method)[0] == "BadToken"
