@@ -46,11 +46,12 @@ class Services:
         self.procs.append(proc)
         return proc
 
-    def gunicorn(self, app_spec, workers=1, worker_class="sync"):
+    def gunicorn(self, app_spec, workers=1, worker_class="sync", threads=1):
         """Start gunicorn for `app_spec`; return (base_url, process)."""
         port = free_port()
         proc = self._spawn([sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "-w", str(workers),
-                            "-k", worker_class, "--log-level", "error", app_spec], env=self.env, cwd=ROOT)
+                            "-k", worker_class, "--threads", str(threads), "--log-level", "error", app_spec],
+                           env=self.env, cwd=ROOT)
         base = f"http://127.0.0.1:{port}"
         for _ in range(300):
             try:
@@ -112,3 +113,208 @@ def post_json(conn, path, body):
     if resp.status != 200:
         raise RuntimeError(f"{path}: HTTP {resp.status} {data[:200]!r}")
     return json.loads(data)
+
+
+# -- HTTP load helpers shared by bench/oneclick.py and bench/page.py -------------------------------------
+
+def split_base(base):
+    host, port = base.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def make_subscriptions(base, count, mode, category="news", threads=4):
+    """Create a resource in unsubscribe `mode` and `count` subscriptions (one profile each) through the API,
+    then issue one message link per subscription through messages/links_bulk. Returns the URL paths
+    (/unsubscribe/<smid>) in creation order."""
+    import http.client
+    from concurrent.futures import ThreadPoolExecutor
+
+    host, port = split_base(base)
+    auth = {"token": BENCH_TOKEN}
+    conn = http.client.HTTPConnection(host, port, timeout=60)
+    res = post_json(conn, "/api/v1.1/resources/add", {
+        **auth, "name": f"Bench {mode}", "channels": ["email"], "dbs_ids": [1],
+        "categories": [{"title": "News", "api_name": "news"}, {"title": "Offers", "api_name": "offers"},
+                       {"title": "Receipts", "api_name": "receipts", "required": True}],
+        "channel_settings": {"email": {"from_email": "news@shop.example", "list_id": "bench.shop.example"}},
+        "unsubscribe": {"mode": mode}})
+    rid = res["data"]["id"]
+
+    def add(chunk):
+        c = http.client.HTTPConnection(host, port, timeout=60)
+        for i in chunk:
+            # gunicorn sync workers close the connection after each reply; http.client reconnects.
+            post_json(c, "/api/v1.1/subscriptions/set", {
+                **auth, "db_id": 1, "profile_id": f"{mode[:2]}{i}", "resource_id": rid, "channel": "email",
+                "email": f"user{i}@example.com", "status": "subscribed"})
+        return len(chunk)
+
+    with ThreadPoolExecutor(threads) as pool:
+        assert sum(pool.map(add, [range(t, count, threads) for t in range(threads)])) == count
+    paths = []
+    for start in range(0, count, 1000):
+        msgs = [{"resource_id": rid, "db_id": 1, "profile_id": f"{mode[:2]}{i}", "channel": "email",
+                 "email": f"user{i}@example.com", "category": category}
+                for i in range(start, min(count, start + 1000))]
+        for link in post_json(conn, "/api/v1.1/messages/links_bulk", {**auth, "messages": msgs})["data"]:
+            paths.append("/unsubscribe/" + link["unsubscribe_url"].rsplit("/unsubscribe/", 1)[1])
+    return paths
+
+
+def write_wrk_script(directory, name, method, paths, body=None, headers=None, rate=None):
+    """A wrk Lua script that cycles through `paths` (each wrk thread starts at its own offset).
+
+    With `rate` (requests per second per wrk thread) it paces instead of going flat out: wrk calls delay()
+    before each request on a connection, and delay() hands out evenly spaced send times from one schedule
+    per thread (LuaJIT's ffi reads CLOCK_MONOTONIC). With many more connections than requests in flight the
+    schedule never waits for a reply, so this is an open-loop load at `rate`; a slot that finds no idle
+    connection is sent as soon as one frees up and counted in `late`."""
+    path = os.path.join(directory, name)
+    lua_paths = ",\n".join(json.dumps(p) for p in paths)  # JSON strings of ASCII are valid Lua strings
+    hdrs = "".join(f'wrk.headers[{json.dumps(k)}] = {json.dumps(v)}\n' for k, v in (headers or {}).items())
+    pacing = "" if rate is None else f"""
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct {{ long tv_sec; long tv_nsec; }} bench_timespec;
+int clock_gettime(int clk_id, bench_timespec *tp);
+]]
+local ts = ffi.new("bench_timespec")
+local function now_ms()
+  ffi.C.clock_gettime(1, ts)
+  return tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
+end
+local interval = 1000 / {float(rate)!r}
+local next_due = nil
+late = 0
+function delay()
+  local t = now_ms()
+  if next_due == nil then next_due = t end
+  local wait = next_due - t
+  next_due = next_due + interval
+  if wait < -1 then late = late + 1 end
+  if wait < 0 then return 0 end
+  return math.floor(wait + 0.5)
+end
+"""
+    with open(path, "w") as f:
+        f.write(f"""paths = {{
+{lua_paths}
+}}
+wrk.method = {json.dumps(method)}
+{f"wrk.body = {json.dumps(body)}" if body is not None else ""}
+{hdrs}{pacing}
+local counter = 1
+local nthreads = 0
+local threads = {{}}
+function setup(thread)
+  nthreads = nthreads + 1
+  thread:set("offset", nthreads * 7919)
+  table.insert(threads, thread)
+end
+function init(args)
+  counter = (offset or 0) % #paths + 1
+end
+function request()
+  local p = paths[counter]
+  counter = counter % #paths + 1
+  return wrk.format(nil, p)
+end
+function done(summary, latency, requests)
+  local late_total = 0
+  for _, t in ipairs(threads) do late_total = late_total + (t:get("late") or 0) end
+  io.write(string.format("BENCH errors=%d non2xx=%d late=%d\\n",
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    summary.errors.status, late_total))
+end
+""")
+    return path
+
+
+def _wrk_ms(text):
+    value, unit = float(text[:-2] if text.endswith(("us", "ms")) else text[:-1]), text.lstrip("0123456789.")
+    return value * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+
+
+def run_wrk(url, script, seconds, connections, threads=1):
+    """Run wrk with `script` (see write_wrk_script) and return its figures:
+    {"rps", "p50", "p99" (ms, from sending a request to the end of its reply), "requests", "errors" (socket
+    errors and timeouts), "non2xx", "late" (paced scripts: sends more than 1 ms behind schedule)}."""
+    out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s",
+                          "--timeout", "10s", "--latency", "-s", script, url],
+                         capture_output=True, text=True, timeout=seconds + 60).stdout
+    fig = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if line.startswith("Requests/sec:"):
+            fig["rps"] = float(parts[1])
+        elif len(parts) == 2 and parts[0] in ("50%", "99%"):
+            fig["p" + parts[0][:-1]] = _wrk_ms(parts[1])
+        elif "requests in" in line:
+            fig["requests"] = int(parts[0])
+        elif line.startswith("BENCH"):
+            fig.update({k: int(v) for k, v in (p.split("=") for p in parts[1:])})
+    if "rps" not in fig:
+        raise RuntimeError(f"wrk gave no figures:\n{out}")
+    return fig
+
+
+def compare_max(runs, seconds, rounds, connections):
+    """Max-rate wrk runs of several apps, interleaved: `rounds` rounds of seconds/rounds each per app, in turn,
+    so that a slow spell of a shared machine hits every app rather than one. `runs` is
+    {name: (base_url, wrk_script, pid_for_cpu)}. Returns {name: figures}: the median round's wrk figures
+    plus "rps_rounds" (every round's rate) and "cpu_ms" (server CPU ms per request over all rounds)."""
+    per_round = max(1.0, seconds / rounds)
+    results = {name: [] for name in runs}
+    cpu = {name: 0.0 for name in runs}
+    for _ in range(rounds):
+        for name, (base, script, pid) in runs.items():
+            cpu0 = tree_cpu_seconds(pid)
+            results[name].append(run_wrk(base, script, per_round, connections))
+            cpu[name] += tree_cpu_seconds(pid) - cpu0
+    out = {}
+    for name, figs in results.items():
+        ordered = sorted(figs, key=lambda f: f["rps"])
+        fig = dict(ordered[len(ordered) // 2])
+        fig["rps_rounds"] = [f["rps"] for f in figs]
+        fig["cpu_ms"] = cpu[name] * 1000 / max(1, sum(f["requests"] for f in figs))
+        fig["errors"] = sum(f.get("errors", 0) for f in figs)
+        fig["non2xx"] = sum(f.get("non2xx", 0) for f in figs)
+        out[name] = fig
+    return out
+
+
+def round_ratios(a, b):
+    """Per-round ratios of two compare_max results (rounds ran back to back, so each pair saw the same machine)."""
+    return sorted(x / y for x, y in zip(a["rps_rounds"], b["rps_rounds"]))
+
+
+def print_comparison(title, svc, bare, svc_half, bare_half, goal_ratio, notes=()):
+    """The table bench/oneclick.py and bench/page.py print: max rate, latency at half load, ratio, goals."""
+    ratios = round_ratios(svc, bare)
+    ratio = ratios[len(ratios) // 2]
+
+    def pair(a, b, fmt):
+        return f"{format(a, fmt):>12}{format(b, fmt):>12}"
+
+    print(f"\n{title}")
+    print(f"{'':30}{'service':>12}{'baseline':>12}")
+    print(f"{'max rate, median round (req/s)':30}{pair(svc['rps'], bare['rps'], ',.0f')}")
+    for i, (a, b) in enumerate(zip(svc["rps_rounds"], bare["rps_rounds"])):
+        print(f"{f'  round {i + 1} (req/s)':30}{pair(a, b, ',.0f')}   ratio {a / b:.2f}")
+    print(f"{'  p50 at max (ms)':30}{pair(svc['p50'], bare['p50'], '.2f')}")
+    print(f"{'  p99 at max (ms)':30}{pair(svc['p99'], bare['p99'], '.2f')}")
+    print(f"{'  server CPU per request (ms)':30}{pair(svc['cpu_ms'], bare['cpu_ms'], '.2f')}")
+    print(f"{'  socket errors / non-2xx':30}{svc['errors']:>8}/{svc['non2xx']:<3}{bare['errors']:>8}/{bare['non2xx']:<3}")
+    print(f"{'half load: offered (req/s)':30}{pair(svc['rps'] / 2, bare['rps'] / 2, ',.0f')}")
+    print(f"{'  achieved (req/s)':30}{pair(svc_half['rps'], bare_half['rps'], ',.0f')}")
+    print(f"{'  p50 (ms)':30}{pair(svc_half['p50'], bare_half['p50'], '.2f')}")
+    print(f"{'  p99 (ms)':30}{pair(svc_half['p99'], bare_half['p99'], '.2f')}")
+    print(f"{'  sends >1 ms behind schedule':30}{pair(svc_half.get('late', 0), bare_half.get('late', 0), 'd')}")
+    print(f"{'  socket errors / non-2xx':30}{svc_half.get('errors', 0):>8}/{svc_half.get('non2xx', 0):<3}"
+          f"{bare_half.get('errors', 0):>8}/{bare_half.get('non2xx', 0):<3}")
+    for note in notes:
+        print(note)
+    print(f"\nratio service/baseline (median of the per-round ratios): {ratio:.2f}")
+    print(f"goal ratio >= {goal_ratio:.2f}: {'MET' if ratio >= goal_ratio else 'NOT MET'};   "
+          f"goal p99 at half load < 10 ms: {svc_half['p99']:.2f} ms, {'MET' if svc_half['p99'] < 10 else 'NOT MET'}")
+    return ratio

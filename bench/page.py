@@ -1,0 +1,79 @@
+"""Unsubscribe page GET (confirm mode): throughput and latency against a bare Flask template render, same run.
+
+Starts a redis-server and two gunicorn apps with the same settings (--workers sync workers each, no access
+log): the service, and bench/baseline_app.py whose GET /page renders a one-line template without touching
+Redis. Creates --subscriptions subscriptions (one profile each; categories news, offers and a required
+receipts) to a resource in confirm mode through the API and issues one message link per subscription
+(category "news"), then:
+
+1. max rate: wrk, closed loop with --connections connections, GETs the unsubscribe pages, cycling through all
+   of them (the page the person sees before confirming: three categories, the CSRF-protected form, the
+   manager link), and the same against /page. The two alternate in --rounds rounds (a shared machine's slow
+   spells then hit both); the ratio is the median of the per-round ratios.
+2. half load: wrk paced by its Lua delay() hook to half of each app's own median max rate (evenly spaced
+   sends from one schedule, with many idle connections so that a send never waits for an earlier reply:
+   open loop), for --seconds each; p50/p99 from sending a request to the end of its reply.
+
+    .venv/bin/python bench/page.py [--seconds 10] [--rounds 3] [--subscriptions 10000] [--workers 2]
+"""
+import argparse
+import os
+import sys
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (Services, compare_max, make_subscriptions, print_comparison, run_wrk,  # noqa: E402
+                    write_wrk_script)
+
+PACED_CONNECTIONS = 32  # far more than the requests in flight at half load: a send never waits for a reply
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10,
+                        help="seconds per app for the max-rate phase (split into rounds) and for the half-load phase")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--subscriptions", type=int, default=10000)
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers, the same for both apps")
+    parser.add_argument("--worker-class", default="sync", help="gunicorn worker class, the same for both apps")
+    parser.add_argument("--threads", type=int, default=1, help="threads per worker (gthread), the same for both")
+    parser.add_argument("--connections", type=int, default=8, help="wrk connections for the max-rate runs")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    with Services() as services:
+        gconf = {"workers": args.workers, "worker_class": args.worker_class, "threads": args.threads}
+        base, proc = services.gunicorn("webapp:create_app()", **gconf)
+        bare_base, bare_proc = services.gunicorn("bench.baseline_app:app", **gconf)
+        t0 = time.perf_counter()
+        paths = make_subscriptions(base, args.subscriptions, "confirm")
+        setup = time.perf_counter() - t0
+        with urllib.request.urlopen(base + paths[0], timeout=10) as resp:
+            page_bytes = len(resp.read())
+            assert b'name="csrf_token"' in urllib.request.urlopen(base + paths[1], timeout=10).read()
+        with urllib.request.urlopen(bare_base + "/page", timeout=10) as resp:
+            bare_bytes = len(resp.read())
+        script = write_wrk_script(services.dir, "page.lua", "GET", paths)
+        bare_script = write_wrk_script(services.dir, "bare.lua", "GET", ["/page"])
+        run_wrk(base, script, 1, args.connections)  # warm-up
+        run_wrk(bare_base, bare_script, 1, args.connections)
+        res = compare_max({"svc": (base, script, proc.pid), "bare": (bare_base, bare_script, bare_proc.pid)},
+                          args.seconds, args.rounds, args.connections)
+        svc, bare = res["svc"], res["bare"]
+        svc_half = run_wrk(base, write_wrk_script(services.dir, "page_half.lua", "GET", paths, rate=svc["rps"] / 2),
+                           args.seconds, PACED_CONNECTIONS)
+        bare_half = run_wrk(bare_base, write_wrk_script(services.dir, "bare_half.lua", "GET", ["/page"],
+                                                        rate=bare["rps"] / 2), args.seconds, PACED_CONNECTIONS)
+    kind = args.worker_class + (f" x{args.threads} threads" if args.threads > 1 else "")
+    print_comparison(
+        f"unsubscribe page GET (confirm mode): gunicorn {args.workers} {kind} workers each, no access log; "
+        f"wrk -c{args.connections}, {args.rounds} rounds of {args.seconds / args.rounds:.1f}s per app; "
+        f"{len(paths):,} distinct SMIDs",
+        svc, bare, svc_half, bare_half, 0.7,
+        notes=[f"\npage sizes: service {page_bytes:,} bytes, baseline {bare_bytes:,} bytes",
+               f"setup: {len(paths):,} subscriptions + links through the API in {setup:.0f}s; "
+               f"whole run {time.perf_counter() - started:.0f}s"])
+
+
+if __name__ == "__main__":
+    main()
