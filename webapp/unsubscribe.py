@@ -7,8 +7,11 @@ Rules (contract §4):
 - people (pages, SDK) cannot drop `required` categories; the sending platform's API and RFC 8058 can;
 - a blocked resource changes nothing (Blocked), and GET/HEAD callers never reach this module's writers;
 - delayed mode keeps one pending record per subscription (keys.pending_unsubscribe) holding the deadline,
-  scope and evidence. The record is the truth: the timer job, "unsubscribe now" and a cancel each settle it
-  under WATCH, so whichever comes first wins and the other sees it is gone. Arming twice keeps the deadline.
+  scope and evidence, with deadlines on the Redis clock. The record is the truth: "unsubscribe now" and a
+  cancel settle it under WATCH/MULTI, and a firer (sweeper or RQ tick) settles it with a Lua compare-and-set
+  that writes only if the record, the subscription and the ledger are what it read; a Lua write breaks a
+  concurrent WATCH, so whichever comes first wins and the other sees it is gone. Arming twice keeps the
+  deadline.
 """
 import hashlib
 import json
