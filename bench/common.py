@@ -24,12 +24,12 @@ def free_port():
 class Services:
     """redis-server (unix socket, no persistence unless asked) and gunicorn apps, stopped on exit."""
 
-    def __init__(self, appendonly=False):
+    def __init__(self, appendonly=False, redis_args=()):
         self.dir = tempfile.mkdtemp(prefix="us-bench-")
         self.procs = []
         sock = os.path.join(self.dir, "redis.sock")
         self.redis_proc = self._spawn(["redis-server", "--port", "0", "--unixsocket", sock, "--dir", self.dir,
-                                       "--save", "", "--appendonly", "yes" if appendonly else "no"])
+                                       "--save", "", "--appendonly", "yes" if appendonly else "no", *redis_args])
         self.redis_url = f"unix://{sock}"
         for _ in range(200):
             try:

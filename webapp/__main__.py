@@ -15,6 +15,12 @@ from pathlib import Path
 from .config import https_warning, load_settings
 
 USAGE = "usage: python -m webapp run"
+# Memory settings of the local redis-server. A profile's subscriptions hash holds one JSON record of ~280 bytes
+# per subscription, over Redis's default 64-byte limit for the compact listpack encoding, so every profile's
+# hash was a full hashtable: 609 bytes per subscription at 1M profiles, 465 with this (bench/memory.py). A hash
+# whose values all fit in 512 bytes (within the entries limit) stays a listpack, where HGET/HSET on a few
+# entries are as fast; a larger one converts to a hashtable by itself. Use the same on a production Redis.
+REDIS_MEMORY_SETTINGS = ("--hash-max-listpack-value", "512")
 
 
 def start_local_redis(var_dir):
@@ -27,7 +33,7 @@ def start_local_redis(var_dir):
     proc = subprocess.Popen(
         ["redis-server", "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
          "--dir", str(data), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "3600 1 300 100",
-         "--daemonize", "no", "--loglevel", "warning"], start_new_session=True)
+         "--daemonize", "no", "--loglevel", "warning", *REDIS_MEMORY_SETTINGS], start_new_session=True)
     import redis
     url = f"unix://{sock}"
     for _ in range(200):
