@@ -6,10 +6,12 @@ import os
 from datetime import datetime
 
 from flask import g, request
-from flask_babel import Babel, format_date, format_datetime
+from babel import Locale
+from flask_babel import Babel, format_date, format_datetime, get_translations
 
 LOCALES = ("en", "ru")
 LANGUAGE_NAMES = {"en": "English", "ru": "Русский"}
+_BABEL_LOCALES = {code: Locale.parse(code) for code in LOCALES}  # parsed once (Locale.parse stats data files)
 
 
 def choose_locale(explicit=None, profile=None, resource_default=None, accept_languages=None, default="en"):
@@ -44,9 +46,39 @@ def _select():
     return g.locale
 
 
+def _translations():
+    """flask_babel.get_translations(), remembered for the request's locale and domain.
+
+    Flask-Babel's Jinja gettext looks the catalog up again for every string, several context-local lookups
+    each; a page has a dozen strings (a third of the unsubscribe page's render time). Flask-Babel keeps the
+    request's locale and domain objects in its namespace on `g` once looked up, so the catalog is kept next to
+    them and reused while they are the same objects (refresh() and force_locale() replace them)."""
+    ns = g.get("_flask_babel") if g else None
+    if ns is not None:
+        cached = getattr(ns, "us_translations", None)
+        if (cached is not None and cached[0] is getattr(ns, "babel_locale", None)
+                and cached[1] is getattr(ns, "babel_domain", None)):
+            return cached[2]
+    translations = get_translations()
+    ns = g.get("_flask_babel") if g else None
+    locale = getattr(ns, "babel_locale", None)
+    if locale is not None:
+        ns.us_translations = (locale, getattr(ns, "babel_domain", None), translations)
+    return translations
+
+
 def init_app(app):
     app.config.setdefault("BABEL_TRANSLATION_DIRECTORIES", os.path.join(os.path.dirname(__file__), "translations"))
-    Babel(app, locale_selector=_select)
+    # Flask-Babel passes what the selector returns to Locale.parse, which returns a Locale as it is.
+    Babel(app, locale_selector=lambda: _BABEL_LOCALES.get(_select()) or _select())
+    # The callables Flask-Babel installs, with the catalog looked up once per request (see _translations).
+    app.jinja_env.install_gettext_callables(
+        gettext=lambda s: _translations().ugettext(s),
+        ngettext=lambda s, p, n: _translations().ungettext(s, p, n),
+        newstyle=True,
+        pgettext=lambda c, s: _translations().upgettext(c, s),
+        npgettext=lambda c, s, p, n: _translations().unpgettext(c, s, p, n),
+    )
 
     @app.template_filter("localdate")
     def localdate(iso, with_time=False):
