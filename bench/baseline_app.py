@@ -1,8 +1,12 @@
 """Bare Flask endpoints used as same-run baselines by the benchmarks (no Redis, no signing)."""
-from flask import Flask, jsonify, render_template_string, request
+from flask import Flask, jsonify, render_template, render_template_string, request
+from jinja2 import DictLoader
 
 app = Flask(__name__)
 PAGE = "<!doctype html><html><body><main><h1>{{ title }}</h1><p>{{ text }}</p></main></body></html>"
+# A template loaded once and cached by Jinja, as an app's templates/ files are (render_template_string compiles
+# its source again on every call, which made the old /page several times slower than a real render).
+app.jinja_loader = DictLoader({"page.html": PAGE})
 
 
 @app.post("/echo_links")
@@ -21,4 +25,10 @@ def nothing():
 
 @app.get("/page")
 def page():
+    return render_template("page.html", title="Unsubscribe", text="A bare template render.")
+
+
+@app.get("/page_compiled_per_request")
+def page_compiled_per_request():
+    """The first /page: render_template_string, which compiles the template on every request."""
     return render_template_string(PAGE, title="Unsubscribe", text="A bare template render.")
