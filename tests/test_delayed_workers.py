@@ -117,12 +117,12 @@ def test_kill_9_of_a_worker_mid_burst_a_new_worker_fires_every_timer_once(app, r
     first = workers.start()
     burst = delayed_contexts(app, r, 1000, timer_minutes=1, prefix="burst")
     later = delayed_contexts(app, r, 100, timer_minutes=1, prefix="later")
+    ledger = r.xlen(keys.events_timeline())  # before arming: on a slow machine the first timers fire meanwhile
     start = time.time() + 2.0
     for ctx in burst:
         arm_at(r, queue, ctx, start, 1)
     for ctx in later:
         arm_at(r, queue, ctx, start + 2.0, 1)
-    ledger = r.xlen(keys.events_timeline())
     wait_until(lambda: r.xlen(keys.events_timeline()) > ledger, timeout=10, interval=0.001)
     workers.kill(first)  # SIGKILL to the worker, its scheduler and any work horse
     fired_before_kill = r.xlen(keys.events_timeline()) - ledger
