@@ -283,6 +283,27 @@ def compare_max(runs, seconds, rounds, connections):
     return out
 
 
+def compare_paced(runs, seconds, rounds, connections):
+    """Paced (half-load) wrk runs of several apps, interleaved like compare_max: `runs` is
+    {name: (base_url, paced_wrk_script)}. Returns {name: figures of the round with the median p99, plus
+    "p99_rounds" and the achieved rate, late sends and errors summed over the rounds}."""
+    per_round = max(1.0, seconds / rounds)
+    results = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, (base, script) in runs.items():
+            results[name].append(run_wrk(base, script, per_round, connections))
+    out = {}
+    for name, figs in results.items():
+        ordered = sorted(figs, key=lambda f: f["p99"])
+        fig = dict(ordered[len(ordered) // 2])
+        fig["p99_rounds"] = [f["p99"] for f in figs]
+        fig["rps"] = sum(f["rps"] for f in figs) / len(figs)
+        for k in ("late", "errors", "non2xx"):
+            fig[k] = sum(f.get(k, 0) for f in figs)
+        out[name] = fig
+    return out
+
+
 def round_ratios(a, b):
     """Per-round ratios of two compare_max results (rounds ran back to back, so each pair saw the same machine)."""
     return sorted(x / y for x, y in zip(a["rps_rounds"], b["rps_rounds"]))
@@ -307,8 +328,10 @@ def print_comparison(title, svc, bare, svc_half, bare_half, goal_ratio, notes=()
     print(f"{'  socket errors / non-2xx':30}{svc['errors']:>8}/{svc['non2xx']:<3}{bare['errors']:>8}/{bare['non2xx']:<3}")
     print(f"{'half load: offered (req/s)':30}{pair(svc['rps'] / 2, bare['rps'] / 2, ',.0f')}")
     print(f"{'  achieved (req/s)':30}{pair(svc_half['rps'], bare_half['rps'], ',.0f')}")
-    print(f"{'  p50 (ms)':30}{pair(svc_half['p50'], bare_half['p50'], '.2f')}")
-    print(f"{'  p99 (ms)':30}{pair(svc_half['p99'], bare_half['p99'], '.2f')}")
+    print(f"{'  p50, median-p99 round (ms)':30}{pair(svc_half['p50'], bare_half['p50'], '.2f')}")
+    print(f"{'  p99, median round (ms)':30}{pair(svc_half['p99'], bare_half['p99'], '.2f')}")
+    print(f"{'  p99, every round (ms)':30}{'/'.join(f'{x:.1f}' for x in svc_half['p99_rounds']):>12}"
+          f"{'/'.join(f'{x:.1f}' for x in bare_half['p99_rounds']):>12}")
     print(f"{'  sends >1 ms behind schedule':30}{pair(svc_half.get('late', 0), bare_half.get('late', 0), 'd')}")
     print(f"{'  socket errors / non-2xx':30}{svc_half.get('errors', 0):>8}/{svc_half.get('non2xx', 0):<3}"
           f"{bare_half.get('errors', 0):>8}/{bare_half.get('non2xx', 0):<3}")

@@ -13,7 +13,8 @@ API and issues one message link per subscription (category "news"), then:
    replays, as a provider's retries are. The table says how many requests changed something.
 2. half load: wrk paced by its Lua delay() hook to half of each app's own median max rate (evenly spaced
    sends from one schedule, with many idle connections so that a send never waits for an earlier reply:
-   open loop), for --seconds each; p50/p99 from sending a request to the end of its reply.
+   open loop), again alternating in --rounds rounds, --seconds per app in all; p50/p99 from sending a request
+   to the end of its reply, from the round with the median p99 (every round's p99 is printed too).
 
     .venv/bin/python bench/oneclick.py [--seconds 10] [--rounds 3] [--subscriptions 10000] [--workers 2]
 """
@@ -25,8 +26,8 @@ import time
 import redis
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (Services, compare_max, make_subscriptions, print_comparison, run_wrk,  # noqa: E402
-                    write_wrk_script)
+from common import (Services, compare_max, compare_paced, make_subscriptions, print_comparison,  # noqa: E402
+                    run_wrk, write_wrk_script)
 
 BODY = "List-Unsubscribe=One-Click"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -64,11 +65,12 @@ def main():
         svc, bare = res["svc"], res["bare"]
         changed = r.xlen("us:events:timeline") - events0
         measured = sum(x * args.seconds / args.rounds for x in svc["rps_rounds"])
-        svc_half = run_wrk(base, write_wrk_script(services.dir, "oneclick_half.lua", "POST", paths, BODY, FORM,
-                                                  rate=svc["rps"] / 2), args.seconds, PACED_CONNECTIONS)
-        bare_half = run_wrk(bare_base, write_wrk_script(services.dir, "nothing_half.lua", "POST", ["/nothing"],
-                                                        BODY, FORM, rate=bare["rps"] / 2),
-                            args.seconds, PACED_CONNECTIONS)
+        half = compare_paced({
+            "svc": (base, write_wrk_script(services.dir, "oneclick_half.lua", "POST", paths, BODY, FORM,
+                                           rate=svc["rps"] / 2)),
+            "bare": (bare_base, write_wrk_script(services.dir, "nothing_half.lua", "POST", ["/nothing"], BODY, FORM,
+                                                 rate=bare["rps"] / 2))}, args.seconds, args.rounds, PACED_CONNECTIONS)
+        svc_half, bare_half = half["svc"], half["bare"]
     kind = args.worker_class + (f" x{args.threads} threads" if args.threads > 1 else "")
     print_comparison(
         f"one-click POST: gunicorn {args.workers} {kind} workers each, no access log; wrk -c{args.connections}, "

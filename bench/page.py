@@ -12,7 +12,8 @@ receipts) to a resource in confirm mode through the API and issues one message l
    spells then hit both); the ratio is the median of the per-round ratios.
 2. half load: wrk paced by its Lua delay() hook to half of each app's own median max rate (evenly spaced
    sends from one schedule, with many idle connections so that a send never waits for an earlier reply:
-   open loop), for --seconds each; p50/p99 from sending a request to the end of its reply.
+   open loop), again alternating in --rounds rounds, --seconds per app in all; p50/p99 from sending a request
+   to the end of its reply, from the round with the median p99 (every round's p99 is printed too).
 
     .venv/bin/python bench/page.py [--seconds 10] [--rounds 3] [--subscriptions 10000] [--workers 2]
 """
@@ -23,8 +24,8 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (Services, compare_max, make_subscriptions, print_comparison, run_wrk,  # noqa: E402
-                    write_wrk_script)
+from common import (Services, compare_max, compare_paced, make_subscriptions, print_comparison,  # noqa: E402
+                    run_wrk, write_wrk_script)
 
 PACED_CONNECTIONS = 32  # far more than the requests in flight at half load: a send never waits for a reply
 
@@ -60,10 +61,11 @@ def main():
         res = compare_max({"svc": (base, script, proc.pid), "bare": (bare_base, bare_script, bare_proc.pid)},
                           args.seconds, args.rounds, args.connections)
         svc, bare = res["svc"], res["bare"]
-        svc_half = run_wrk(base, write_wrk_script(services.dir, "page_half.lua", "GET", paths, rate=svc["rps"] / 2),
-                           args.seconds, PACED_CONNECTIONS)
-        bare_half = run_wrk(bare_base, write_wrk_script(services.dir, "bare_half.lua", "GET", ["/page"],
-                                                        rate=bare["rps"] / 2), args.seconds, PACED_CONNECTIONS)
+        half = compare_paced({
+            "svc": (base, write_wrk_script(services.dir, "page_half.lua", "GET", paths, rate=svc["rps"] / 2)),
+            "bare": (bare_base, write_wrk_script(services.dir, "bare_half.lua", "GET", ["/page"], rate=bare["rps"] / 2))},
+            args.seconds, args.rounds, PACED_CONNECTIONS)
+        svc_half, bare_half = half["svc"], half["bare"]
     kind = args.worker_class + (f" x{args.threads} threads" if args.threads > 1 else "")
     print_comparison(
         f"unsubscribe page GET (confirm mode): gunicorn {args.workers} {kind} workers each, no access log; "
