@@ -1,4 +1,8 @@
-"""Bare Flask endpoints used as same-run baselines by the benchmarks (no Redis, no signing)."""
+"""Bare Flask endpoints used as same-run baselines by the benchmarks (no Redis, no signing), and one floor
+(/one_redis_call: one redis-py round trip and nothing else)."""
+import os
+
+import redis
 from flask import Flask, jsonify, render_template, render_template_string, request
 from jinja2 import DictLoader
 
@@ -32,3 +36,17 @@ def page():
 def page_compiled_per_request():
     """The first /page: render_template_string, which compiles the template on every request."""
     return render_template_string(PAGE, title="Unsubscribe", text="A bare template render.")
+
+
+_redis = None
+
+
+@app.post("/one_redis_call")
+def one_redis_call():
+    """The floor of any handler that makes one Redis call: one EVALSHA-sized round trip through redis-py (the
+    client the service uses, same options as webapp.store.connect) on REDIS_URL, then 204."""
+    global _redis
+    if _redis is None:
+        _redis = redis.Redis.from_url(os.environ["REDIS_URL"], decode_responses=True, health_check_interval=30)
+    _redis.get("bench:floor")
+    return "", 204

@@ -16,7 +16,7 @@ API and issues one message link per subscription (category "news"), then:
    open loop), again alternating in --rounds rounds, --seconds per app in all; p50/p99 from sending a request
    to the end of its reply, from the round with the median p99 (every round's p99 is printed too).
 
-    .venv/bin/python bench/oneclick.py [--seconds 10] [--rounds 3] [--subscriptions 10000] [--workers 2]
+    .venv/bin/python bench/oneclick.py [--seconds 10] [--rounds 3] [--subscriptions 10000] [--workers 2] [--floor]
 """
 import argparse
 import os
@@ -44,6 +44,8 @@ def main():
     parser.add_argument("--worker-class", default="sync", help="gunicorn worker class, the same for both apps")
     parser.add_argument("--threads", type=int, default=1, help="threads per worker (gthread), the same for both")
     parser.add_argument("--connections", type=int, default=8, help="wrk connections for the max-rate runs")
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure the max rate of a bare endpoint making one redis-py call (~+seconds)")
     args = parser.parse_args()
     started = time.perf_counter()
     with Services() as services:
@@ -60,8 +62,11 @@ def main():
         run_wrk(base, script, 1, args.connections)
         run_wrk(bare_base, bare_script, 1, args.connections)
         events0 = r.xlen("us:events:timeline")
-        res = compare_max({"svc": (base, script, proc.pid), "bare": (bare_base, bare_script, bare_proc.pid)},
-                          args.seconds, args.rounds, args.connections)
+        runs = {"svc": (base, script, proc.pid), "bare": (bare_base, bare_script, bare_proc.pid)}
+        if args.floor:
+            runs["floor"] = (bare_base, write_wrk_script(services.dir, "floor.lua", "POST", ["/one_redis_call"], BODY,
+                                                         FORM), bare_proc.pid)
+        res = compare_max(runs, args.seconds, args.rounds, args.connections)
         svc, bare = res["svc"], res["bare"]
         changed = r.xlen("us:events:timeline") - events0
         measured = sum(x * args.seconds / args.rounds for x in svc["rps_rounds"])
@@ -78,6 +83,9 @@ def main():
         svc, bare, svc_half, bare_half, 0.8,
         notes=[f"\nmax-rate requests that unsubscribed (wrote record + ledger event): {changed:,} of ~{measured:,.0f}; "
                f"the rest were idempotent replays",
+               *([f"floor: bare Flask endpoint making one redis-py call: {res['floor']['rps']:,.0f} req/s, "
+                  f"{res['floor']['rps'] / bare['rps']:.2f} of the baseline, "
+                  f"{res['floor']['cpu_ms']:.2f} ms server CPU per request"] if args.floor else []),
                f"setup: {len(paths):,} subscriptions + links through the API in {setup:.0f}s; "
                f"whole run {time.perf_counter() - started:.0f}s"])
 
