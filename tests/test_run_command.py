@@ -1,0 +1,81 @@
+"""`python -m webapp run`: starts its own Redis (AOF on, data in ./var), the web app and a worker; Ctrl-C
+stops all of it; without redis-server it says how to install it in one line."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+from conftest import ROOT
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "API_TOKEN", "SIGNING_KEYS",
+                                                              "PUBLIC_BASE_URL", "VAR_DIR")}
+    return {**env, "PYTHONPATH": ROOT, **extra}
+
+
+def test_run_starts_redis_web_and_worker_and_ctrl_c_stops_them(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "webapp", "run"], cwd=tmp_path, env=clean_env(PORT=str(port)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/static/pages.css", timeout=1).read()
+                break
+            except OSError:
+                time.sleep(0.2)
+        secrets_file = tmp_path / "var" / "dev-secrets.json"
+        token = json.loads(secrets_file.read_text())["API_TOKEN"]       # generated development default
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1.1/resources/list", data=b"{}",
+                                     headers={"Authorization": f"Bearer {token}",
+                                              "Content-Type": "application/json"})
+        assert json.loads(urllib.request.urlopen(req, timeout=5).read())["error"] == 0
+        assert (tmp_path / "var" / "redis" / "appendonlydir").is_dir()                  # AOF on, under ./var
+        children = subprocess.run(["pgrep", "-f", str(tmp_path / "var" / "redis")], capture_output=True,
+                                  text=True).stdout.split()
+        assert children                                                                # its own redis-server
+        deadline = time.time() + 20
+        while time.time() < deadline and not _worker_registered(tmp_path):
+            time.sleep(0.2)
+        assert _worker_registered(tmp_path)
+    finally:
+        proc.send_signal(signal.SIGINT)                                                # Ctrl-C
+        out, _ = proc.communicate(timeout=40)
+    assert proc.returncode == 0, out
+    assert subprocess.run(["pgrep", "-f", str(tmp_path / "var" / "redis")], capture_output=True).returncode == 1
+    assert f"127.0.0.1:{port}" in out
+
+
+def _worker_registered(tmp_path):
+    import redis
+    try:
+        client = redis.Redis.from_url(f"unix://{tmp_path}/var/redis/redis.sock")
+        return bool(client.smembers("rq:workers"))
+    except (redis.ConnectionError, FileNotFoundError):
+        return False
+
+
+def test_run_without_redis_server_says_how_to_install_it(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    os.symlink(sys.executable, bin_dir / "python")
+    env = clean_env(PATH=str(bin_dir))
+    assert shutil.which("redis-server", path=str(bin_dir)) is None
+    result = subprocess.run([sys.executable, "-m", "webapp", "run"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if "redis-server" in line]
+    assert lines == ["redis-server is not installed: sudo apt-get install -y redis-server (or set REDIS_URL)"]
