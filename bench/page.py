@@ -16,6 +16,7 @@ receipts) to a resource in confirm mode through the API and issues one message l
    to the end of its reply, from the round with the median p99 (every round's p99 is printed too).
 
     .venv/bin/python bench/page.py [--seconds 10] [--rounds 3] [--subscriptions 10000] [--workers 2]
+                                   [--baseline-path /page_compiled_per_request]
 """
 import argparse
 import os
@@ -40,6 +41,9 @@ def main():
     parser.add_argument("--worker-class", default="sync", help="gunicorn worker class, the same for both apps")
     parser.add_argument("--threads", type=int, default=1, help="threads per worker (gthread), the same for both")
     parser.add_argument("--connections", type=int, default=8, help="wrk connections for the max-rate runs")
+    parser.add_argument("--baseline-path", default="/page", choices=["/page", "/page_compiled_per_request"],
+                        help="the baseline: a cached template (default), or the template compiled on every request "
+                             "(render_template_string, the first version of bench/baseline_app.py's /page)")
     args = parser.parse_args()
     started = time.perf_counter()
     with Services() as services:
@@ -52,10 +56,10 @@ def main():
         with urllib.request.urlopen(base + paths[0], timeout=10) as resp:
             page_bytes = len(resp.read())
             assert b'name="csrf_token"' in urllib.request.urlopen(base + paths[1], timeout=10).read()
-        with urllib.request.urlopen(bare_base + "/page", timeout=10) as resp:
+        with urllib.request.urlopen(bare_base + args.baseline_path, timeout=10) as resp:
             bare_bytes = len(resp.read())
         script = write_wrk_script(services.dir, "page.lua", "GET", paths)
-        bare_script = write_wrk_script(services.dir, "bare.lua", "GET", ["/page"])
+        bare_script = write_wrk_script(services.dir, "bare.lua", "GET", [args.baseline_path])
         run_wrk(base, script, 1, args.connections)  # warm-up
         run_wrk(bare_base, bare_script, 1, args.connections)
         res = compare_max({"svc": (base, script, proc.pid), "bare": (bare_base, bare_script, bare_proc.pid)},
@@ -63,7 +67,8 @@ def main():
         svc, bare = res["svc"], res["bare"]
         half = compare_paced({
             "svc": (base, write_wrk_script(services.dir, "page_half.lua", "GET", paths, rate=svc["rps"] / 2)),
-            "bare": (bare_base, write_wrk_script(services.dir, "bare_half.lua", "GET", ["/page"], rate=bare["rps"] / 2))},
+            "bare": (bare_base, write_wrk_script(services.dir, "bare_half.lua", "GET", [args.baseline_path],
+                                                 rate=bare["rps"] / 2))},
             args.seconds, args.rounds, PACED_CONNECTIONS)
         svc_half, bare_half = half["svc"], half["bare"]
     kind = args.worker_class + (f" x{args.threads} threads" if args.threads > 1 else "")
@@ -72,7 +77,8 @@ def main():
         f"wrk -c{args.connections}, {args.rounds} rounds of {args.seconds / args.rounds:.1f}s per app; "
         f"{len(paths):,} distinct SMIDs",
         svc, bare, svc_half, bare_half, 0.7,
-        notes=[f"\npage sizes: service {page_bytes:,} bytes, baseline {bare_bytes:,} bytes",
+        notes=[f"\nbaseline GET {args.baseline_path}; page sizes: service {page_bytes:,} bytes, "
+               f"baseline {bare_bytes:,} bytes",
                f"setup: {len(paths):,} subscriptions + links through the API in {setup:.0f}s; "
                f"whole run {time.perf_counter() - started:.0f}s"])
 

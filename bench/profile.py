@@ -2,9 +2,10 @@
 
 Starts a redis-server and the service under gunicorn (--workers sync workers, as bench/oneclick.py and
 bench/page.py do), creates --subscriptions subscriptions and links through the API, drives the chosen path
-with wrk for --seconds and samples every worker with py-spy (pip install py-spy; needs ptrace, e.g. root).
-Prints the functions with the most samples, inclusive and self, and writes the collapsed stacks (for
-flamegraph tools or speedscope) to --out.
+with wrk for --seconds and samples every worker with py-spy (`.venv/bin/pip install py-spy`; needs ptrace,
+e.g. root). Prints the functions with the most samples of running threads (a thread waiting for a CPU counts,
+one blocked in a read does not), inclusive and self, and writes the collapsed stacks (for flamegraph tools or
+speedscope) to --out.
 
     .venv/bin/python bench/profile.py oneclick [--seconds 10]
     .venv/bin/python bench/profile.py page [--seconds 10]
@@ -12,6 +13,7 @@ flamegraph tools or speedscope) to --out.
 import argparse
 import collections
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -20,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Services, make_subscriptions, run_wrk, write_wrk_script  # noqa: E402
 
 PATHS = {
-    "oneclick": ("instant", "POST", "List-Unsubscribe=One-Click", {"Content-Type": "application/x-www-form-urlencoded"}),
+    "oneclick": ("instant", "POST", "List-Unsubscribe=One-Click",
+                 {"Content-Type": "application/x-www-form-urlencoded"}),
     "page": ("confirm", "GET", None, {}),
 }
 
@@ -43,9 +46,11 @@ def main():
         run_wrk(base, script, 1, 8)  # warm up
         load = threading.Thread(target=run_wrk, args=(base, script, args.seconds + 2, 8))
         load.start()
-        subprocess.run([os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "--pid", str(proc.pid), "--subprocesses", "--duration",
-                        str(int(args.seconds)), "--rate", "200", "--format", "raw", "--output", out,
-                        ], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        py_spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+        subprocess.run([py_spy, "record", "--pid", str(proc.pid), "--subprocesses",
+                        "--duration", str(int(args.seconds)), "--rate", "200", "--format", "raw", "--output", out],
+                       check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                        timeout=args.seconds + 60)
         load.join()
     inclusive, own, total = collections.Counter(), collections.Counter(), 0
@@ -53,23 +58,27 @@ def main():
         for line in f:
             stack, _, count = line.rstrip().rpartition(" ")
             count = int(count)
-            frames = [fr for fr in stack.split(";") if not fr.startswith("process ")]
+            # Functions without line numbers, so that one function's lines add up.
+            frames = [re.sub(r":\d+\)$", ")", fr) for fr in stack.split(";") if not fr.startswith("process ")]
             if not frames:
                 continue
             total += count
             for fr in set(frames):
                 inclusive[fr] += count
             own[frames[-1]] += count
-    idle = sum(c for fr, c in own.items() if "wait (selectors" in fr or "select (selectors" in fr
-               or "accept (" in fr or "sleep (gunicorn" in fr)
-    print(f"{args.path}: {total} samples over all workers, {idle} of them idle in gunicorn's wait/accept\n")
-    print(f"top {args.top} by inclusive samples (% of busy samples):")
-    busy = max(1, total - idle)
-    for fr, c in inclusive.most_common(args.top + 10)[:args.top]:
-        print(f"{100 * c / busy:6.1f}%  {fr}")
-    print(f"\ntop {args.top} by self samples:")
-    for fr, c in own.most_common(args.top):
-        print(f"{100 * c / busy:6.1f}%  {fr}")
+    print(f"{args.path}: {total} samples of the workers' running (not idle) threads over {args.seconds:.0f}s\n")
+    print(f"top {args.top} functions by inclusive samples (% of all), below the request handler:")
+    shown = 0
+    for fr, c in inclusive.most_common():
+        if 100 * c / total > 90:  # gunicorn's and runpy's frames around every request
+            continue
+        print(f"{100 * c / total:6.1f}%  {fr}")
+        shown += 1
+        if shown == args.top:
+            break
+    print(f"\ntop {args.top // 2} by self samples:")
+    for fr, c in own.most_common(args.top // 2):
+        print(f"{100 * c / total:6.1f}%  {fr}")
     print(f"\ncollapsed stacks in {out}")
 
 
