@@ -15,6 +15,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_TOKEN = "bench-token"
 
 
+def add_load_arguments(parser):
+    """The arguments every wrk benchmark takes, with the same meaning for the service and its baseline."""
+    parser.add_argument("--seconds", type=float, default=10,
+                        help="seconds per app for the max-rate phase (split into rounds) and for the half-load phase")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--subscriptions", type=int, default=10000)
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers, the same for both apps")
+    parser.add_argument("--worker-class", default="sync", help="gunicorn worker class, the same for both apps")
+    parser.add_argument("--threads", type=int, default=1, help="threads per worker (gthread), the same for both")
+    parser.add_argument("--connections", type=int, default=8, help="wrk connections for the max-rate runs")
+    return parser
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

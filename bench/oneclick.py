@@ -26,8 +26,8 @@ import time
 import redis
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (Services, compare_max, compare_paced, make_subscriptions, print_comparison,  # noqa: E402
-                    run_wrk, write_wrk_script)
+from common import (Services, add_load_arguments, compare_max, compare_paced, make_subscriptions,  # noqa: E402
+                    print_comparison, run_wrk, write_wrk_script)
 
 BODY = "List-Unsubscribe=One-Click"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -36,14 +36,7 @@ PACED_CONNECTIONS = 32  # far more than the requests in flight at half load: a s
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10,
-                        help="seconds per app for the max-rate phase (split into rounds) and for the half-load phase")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--subscriptions", type=int, default=10000)
-    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers, the same for both apps")
-    parser.add_argument("--worker-class", default="sync", help="gunicorn worker class, the same for both apps")
-    parser.add_argument("--threads", type=int, default=1, help="threads per worker (gthread), the same for both")
-    parser.add_argument("--connections", type=int, default=8, help="wrk connections for the max-rate runs")
+    add_load_arguments(parser)
     parser.add_argument("--floor", action="store_true",
                         help="also measure the max rate of a bare endpoint making one redis-py call (~+seconds)")
     args = parser.parse_args()

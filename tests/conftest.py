@@ -104,30 +104,30 @@ def api(client):
 TELEMETRY_PREFIXES = ("us:views:", "us:ratelimit:")
 
 
+def read_key(r, key, scores=True, stream_ids=True):
+    """(type, content) of one key; without scores/stream_ids the parts that carry times are left out."""
+    kind = r.type(key)
+    if kind == "string":
+        value = r.get(key)
+    elif kind == "hash":
+        value = r.hgetall(key)
+    elif kind == "list":
+        value = r.lrange(key, 0, -1)
+    elif kind == "set":
+        value = sorted(r.smembers(key))
+    elif kind == "zset":
+        value = r.zrange(key, 0, -1, withscores=scores)
+    elif kind == "stream":
+        value = r.xrange(key) if stream_ids else [fields for _id, fields in r.xrange(key)]
+    else:
+        value = None
+    return kind, value
+
+
 def redis_state(r):
     """Every key with its type and content: compare before/after to prove nothing was written.
     Telemetry keys (page-view counters, rate-limit counters) are left out: they are not subscription state."""
-    state = {}
-    for key in r.scan_iter(count=1000):
-        if key.startswith(TELEMETRY_PREFIXES):
-            continue
-        kind = r.type(key)
-        if kind == "string":
-            value = r.get(key)
-        elif kind == "hash":
-            value = r.hgetall(key)
-        elif kind == "list":
-            value = r.lrange(key, 0, -1)
-        elif kind == "set":
-            value = sorted(r.smembers(key))
-        elif kind == "zset":
-            value = r.zrange(key, 0, -1, withscores=True)
-        elif kind == "stream":
-            value = r.xrange(key)
-        else:
-            value = None
-        state[key] = (kind, value)
-    return state
+    return {key: read_key(r, key) for key in r.scan_iter(count=1000) if not key.startswith(TELEMETRY_PREFIXES)}
 
 
 def email_resource(**overrides):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import email_resource
+from conftest import email_resource, read_key
 from webapp import hotpaths, scripts, unsubscribe
 from webapp.errors import ServiceError
 
@@ -52,21 +52,7 @@ def state(r):
     for key in r.scan_iter(count=1000):
         if key.startswith("rq:"):  # the timer's RQ trigger job (binary); neither path touches it
             continue
-        kind = r.type(key)
-        if kind == "string":
-            value = r.get(key)
-        elif kind == "hash":
-            value = r.hgetall(key)
-        elif kind == "list":
-            value = r.lrange(key, 0, -1)
-        elif kind == "set":
-            value = sorted(r.smembers(key))
-        elif kind == "zset":
-            value = r.zrange(key, 0, -1)
-        elif kind == "stream":
-            value = [fields for _id, fields in r.xrange(key)]
-        else:
-            value = None
+        kind, value = read_key(r, key, scores=False, stream_ids=False)
         out[key] = (kind, normalized(value), r.ttl(key) > 0)
     return out
 
