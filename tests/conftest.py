@@ -58,11 +58,23 @@ def r(redis_url):
     client.close()
 
 
+def close_clients(app):
+    """Close the Redis connections an app opened (else they are garbage-collected open: ResourceWarning)."""
+    client = app.extensions.pop("redis", None)
+    if client is not None:
+        client.close()
+    queue = app.extensions.pop("timer_queue", None)
+    if queue is not None:
+        queue.connection.close()
+
+
 @pytest.fixture
 def app(r, redis_url, tmp_path):
-    return create_app({"TESTING": True, "REDIS_URL": redis_url, "API_TOKEN": API_TOKEN,
-                       "SIGNING_KEYS": SIGNING_KEYS, "PUBLIC_BASE_URL": "https://unsub.example",
-                       "VAR_DIR": str(tmp_path), "TIME_UNIT_SECONDS": 1})
+    application = create_app({"TESTING": True, "REDIS_URL": redis_url, "API_TOKEN": API_TOKEN,
+                              "SIGNING_KEYS": SIGNING_KEYS, "PUBLIC_BASE_URL": "https://unsub.example",
+                              "VAR_DIR": str(tmp_path), "TIME_UNIT_SECONDS": 1})
+    yield application
+    close_clients(application)
 
 
 @pytest.fixture
@@ -199,6 +211,7 @@ def live_server(redis_url, tmp_path_factory):
     app.config["PUBLIC_BASE_URL"] = live.url   # links are built per request from the config
     yield live
     server.shutdown()
+    close_clients(app)
 
 
 @pytest.fixture(scope="session")
