@@ -28,6 +28,18 @@ def add_load_arguments(parser):
     return parser
 
 
+def start_service_and_baseline(services, args):
+    """The service and the bare baseline under the same gunicorn settings: (base, proc, bare_base, bare_proc)."""
+    gconf = {"workers": args.workers, "worker_class": args.worker_class, "threads": args.threads}
+    base, proc = services.gunicorn("webapp:create_app()", **gconf)
+    bare_base, bare_proc = services.gunicorn("bench.baseline_app:app", **gconf)
+    return base, proc, bare_base, bare_proc
+
+
+def workers_label(args):
+    return f"gunicorn {args.workers} " + args.worker_class + (f" x{args.threads} threads" if args.threads > 1 else "")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

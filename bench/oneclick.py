@@ -27,7 +27,7 @@ import redis
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (Services, add_load_arguments, compare_max, compare_paced, make_subscriptions,  # noqa: E402
-                    print_comparison, run_wrk, write_wrk_script)
+                    print_comparison, run_wrk, start_service_and_baseline, workers_label, write_wrk_script)
 
 BODY = "List-Unsubscribe=One-Click"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -42,9 +42,7 @@ def main():
     args = parser.parse_args()
     started = time.perf_counter()
     with Services() as services:
-        gconf = {"workers": args.workers, "worker_class": args.worker_class, "threads": args.threads}
-        base, proc = services.gunicorn("webapp:create_app()", **gconf)
-        bare_base, bare_proc = services.gunicorn("bench.baseline_app:app", **gconf)
+        base, proc, bare_base, bare_proc = start_service_and_baseline(services, args)
         t0 = time.perf_counter()
         paths = make_subscriptions(base, args.subscriptions, "instant")
         setup = time.perf_counter() - t0
@@ -69,9 +67,8 @@ def main():
             "bare": (bare_base, write_wrk_script(services.dir, "nothing_half.lua", "POST", ["/nothing"], BODY, FORM,
                                                  rate=bare["rps"] / 2))}, args.seconds, args.rounds, PACED_CONNECTIONS)
         svc_half, bare_half = half["svc"], half["bare"]
-    kind = args.worker_class + (f" x{args.threads} threads" if args.threads > 1 else "")
     print_comparison(
-        f"one-click POST: gunicorn {args.workers} {kind} workers each, no access log; wrk -c{args.connections}, "
+        f"one-click POST: {workers_label(args)} workers each, no access log; wrk -c{args.connections}, "
         f"{args.rounds} rounds of {args.seconds / args.rounds:.1f}s per app; {len(paths):,} distinct SMIDs",
         svc, bare, svc_half, bare_half, 0.8,
         notes=[f"\nmax-rate requests that unsubscribed (wrote record + ledger event): {changed:,} of ~{measured:,.0f}; "

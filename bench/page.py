@@ -26,7 +26,7 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (Services, add_load_arguments, compare_max, compare_paced, make_subscriptions,  # noqa: E402
-                    print_comparison, run_wrk, write_wrk_script)
+                    print_comparison, run_wrk, start_service_and_baseline, workers_label, write_wrk_script)
 
 PACED_CONNECTIONS = 32  # far more than the requests in flight at half load: a send never waits for a reply
 
@@ -40,9 +40,7 @@ def main():
     args = parser.parse_args()
     started = time.perf_counter()
     with Services() as services:
-        gconf = {"workers": args.workers, "worker_class": args.worker_class, "threads": args.threads}
-        base, proc = services.gunicorn("webapp:create_app()", **gconf)
-        bare_base, bare_proc = services.gunicorn("bench.baseline_app:app", **gconf)
+        base, proc, bare_base, bare_proc = start_service_and_baseline(services, args)
         t0 = time.perf_counter()
         paths = make_subscriptions(base, args.subscriptions, "confirm")
         setup = time.perf_counter() - t0
@@ -64,9 +62,8 @@ def main():
                                                  rate=bare["rps"] / 2))},
             args.seconds, args.rounds, PACED_CONNECTIONS)
         svc_half, bare_half = half["svc"], half["bare"]
-    kind = args.worker_class + (f" x{args.threads} threads" if args.threads > 1 else "")
     print_comparison(
-        f"unsubscribe page GET (confirm mode): gunicorn {args.workers} {kind} workers each, no access log; "
+        f"unsubscribe page GET (confirm mode): {workers_label(args)} workers each, no access log; "
         f"wrk -c{args.connections}, {args.rounds} rounds of {args.seconds / args.rounds:.1f}s per app; "
         f"{len(paths):,} distinct SMIDs",
         svc, bare, svc_half, bare_half, 0.7,
