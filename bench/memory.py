@@ -6,9 +6,10 @@ local Redis with, webapp.__main__.REDIS_MEMORY_SETTINGS), in a fresh redis-serve
 1. one resource and one subscription are created through the real code (resources.add_resource,
    subscriptions.set_subscription); the record and creation ledger event it stored are the templates;
 2. INFO used_memory; then --subscriptions subscriptions, one profile each (profile ids of 8 characters,
-   addresses user0000042@example.com), written exactly as set_subscription stores them: the record JSON in the
-   profile's hash (keys.profile_subscriptions, field = subscriptions.make_hash_id) and the profile id in the
-   database's profile set (keys.db_profiles), as RESP through `redis-cli --pipe`, not through the API;
+   addresses user0000042@example.com), written exactly as set_subscription stores them: the stored record
+   (subscriptions.encode_record) in the profile's hash (keys.profile_subscriptions, field =
+   subscriptions.make_hash_id) and the profile id in the database's profile set (keys.db_profiles), as RESP
+   through `redis-cli --pipe`, not through the API;
    INFO used_memory again;
 3. the same for each subscription's creation ledger event (RPUSH to keys.profile_events, XADD to
    keys.events_timeline; the event is set_subscription's, with its own id, profile, hash_id and SHA-256);
@@ -61,17 +62,16 @@ def resp(*parts):
 
 
 def templates(r, rid):
-    """(record JSON template, stored event template, canonical event template) from the template subscription
+    """(record template, stored event template, canonical event template) from the template subscription
     set_subscription stored, with placeholders; each is checked to reproduce the stored original exactly."""
     data = {"db_id": 1, "profile_id": TEMPLATE_PID, "resource_id": rid, "channel": "email", "email": TEMPLATE_EMAIL}
     sub, _is_new = subscriptions.set_subscription(r, data)
     raw_record = r.hget(keys.profile_subscriptions(1, TEMPLATE_PID), sub["hash_id"])
     raw_event = r.lindex(keys.profile_events(1, TEMPLATE_PID), 0)
-    record, event = json.loads(raw_record), json.loads(raw_event)
-    assert record["address"] == {"email": TEMPLATE_EMAIL}
-    record["address"]["email"] = P_EMAIL
-    record_tpl = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
-    assert record_tpl.replace(P_EMAIL, TEMPLATE_EMAIL) == raw_record
+    event = json.loads(raw_event)
+    assert subscriptions.decode_record(raw_record)["address"] == {"email": TEMPLATE_EMAIL}
+    assert raw_record.count(TEMPLATE_EMAIL) == 1 and len(P_EMAIL) == len(TEMPLATE_EMAIL)
+    record_tpl = raw_record.replace(TEMPLATE_EMAIL, P_EMAIL)
     fields = {"id": (P_ID, event["id"]), "profile_id": (P_PID, TEMPLATE_PID), "hash_id": (P_HID, sub["hash_id"])}
     assert all(len(p) == len(v) for p, v in fields.values())
     for name, (placeholder, _value) in fields.items():
@@ -183,38 +183,6 @@ def breakdown(r, n):
     return rows
 
 
-def compact_record(record_tpl):
-    """PROJECTION ONLY (the code cannot read it): the record without its default-valued members."""
-    rec = json.loads(record_tpl)
-    for name, default in (("uncats", []), ("custom_fields", {}), ("is_delete", False), ("priority", 0)):
-        if rec.get(name) == default:
-            del rec[name]
-    rec["reg_info"] = {k: v for k, v in rec["reg_info"].items() if v is not None}
-    return json.dumps(rec, separators=(",", ":"), ensure_ascii=False)
-
-
-def positional_record(record_tpl):
-    """PROJECTION ONLY (the code cannot read it): the record as a positional array, times as epoch ms."""
-    rec = json.loads(record_tpl)
-    ms = 1795498529600
-    return json.dumps([rec["resource_id"], rec["channel"], rec["address"]["email"], rec["status"], rec["priority"],
-                       rec["uncats"], rec["custom_fields"], ms, rec["reg_info"]["ip"], rec["reg_info"]["url"], "api",
-                       int(rec["is_delete"]), ms], separators=(",", ":"), ensure_ascii=False)
-
-
-def projection(args, label, redis_args, transform):
-    """Bytes per subscription (no ledger) if records were stored as transform(record): a what-if for the
-    storage format, loaded the same way but not readable by the code (so not verified)."""
-    with Services(redis_args=redis_args) as services:
-        r = redis.Redis.from_url(services.redis_url, decode_responses=True)
-        rid = resources.add_resource(r, RESOURCE)["id"]
-        _sub, record_tpl, _e, _c = templates(r, rid)
-        tpl = transform(record_tpl)
-        m0 = used_memory(r)
-        pipe_in(services.redis_url, subscription_commands(args.subscriptions, rid, tpl))
-        return label, len(tpl.replace(P_EMAIL, profile(0)[1])), (used_memory(r) - m0) / args.subscriptions
-
-
 def measure(args, label, redis_args):
     t0 = time.perf_counter()
     with Services(redis_args=redis_args) as services:
@@ -242,8 +210,6 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subscriptions", type=int, default=1_000_000)
     parser.add_argument("--sample", type=int, default=300, help="subscriptions read back through the API")
-    parser.add_argument("--projections", action="store_true",
-                        help="also load two what-if record formats the code cannot read (no ledger; ~+40 s)")
     args = parser.parse_args()
     started = time.perf_counter()
     results = [measure(args, "redis-server defaults", ()),
@@ -268,16 +234,8 @@ def main():
         print(f"\nwhere the bytes go ({res['label']}): MEMORY USAGE of a sample key (with ledger loaded)")
         for label, encoding, size in res["rows"]:
             print(f"  {label:50}{encoding:>12}{size:10,.0f} B")
-        print(f"  record JSON {res['record_bytes']} B; keys in db: {res['keys']:,}; sample read back through the "
+        print(f"  stored record {res['record_bytes']} B; keys in db: {res['keys']:,}; sample read back through the "
               f"API: {res['checked']} subscriptions, all equal, ledger chains verified; {res['seconds']:.0f}s")
-    if args.projections:
-        print(f"\nwhat-if record formats (projections: loaded the same way with {' '.join(REDIS_MEMORY_SETTINGS)}, "
-              f"NOT readable by the code, no ledger):")
-        for label, size, per_sub in (projection(args, "JSON without default-valued members", REDIS_MEMORY_SETTINGS,
-                                                compact_record),
-                                     projection(args, "positional JSON array, epoch-ms times", REDIS_MEMORY_SETTINGS,
-                                                positional_record)):
-            print(f"  {label:46}record {size:4} B  ->  {per_sub:5,.0f} B per subscription")
     print(f"\nwhole run {time.perf_counter() - started:.0f}s")
 
 

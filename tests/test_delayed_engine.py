@@ -11,7 +11,7 @@ from test_delayed_support import (assert_fired_once, delayed_contexts, status_of
 from webapp import delayed, events, keys, scripts
 from webapp import unsubscribe as u
 from webapp.resources import delete_resource
-from webapp.subscriptions import Status, set_subscription
+from webapp.subscriptions import Status, decode_record, set_subscription
 from workers import jobs
 
 UNIT = 0.2  # seconds per timer "minute" in these tests
@@ -70,7 +70,7 @@ def test_timer_fires_at_deadline_with_the_ledger_format_of_other_changes(app, r)
     assert_fired_once(r, [timed])
     timeline = [f["ref"] for _id, f in r.xrange(keys.events_timeline())]
     assert f"1|{timed.key[1]}|2" in timeline
-    sub = json.loads(r.hget(keys.profile_subscriptions(1, timed.key[1]), timed.key[2]))
+    sub = decode_record(r.hget(keys.profile_subscriptions(1, timed.key[1]), timed.key[2]))
     assert sub["status"] == Status.UNSUBSCRIBED and sub["updated_at"]
 
 

@@ -30,9 +30,9 @@ def delayed_contexts(app, r, n, timer_minutes=3, category=None, db_id=1, prefix=
 
 
 def status_of(r, ctx):
-    import json
+    from webapp.subscriptions import decode_record
     db_id, profile_id, hash_id = ctx.key
-    return Status(json.loads(r.hget(keys.profile_subscriptions(db_id, profile_id), hash_id))["status"])
+    return Status(decode_record(r.hget(keys.profile_subscriptions(db_id, profile_id), hash_id))["status"])
 
 
 def timer_events(r, ctx):

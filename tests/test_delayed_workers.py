@@ -16,7 +16,7 @@ from test_delayed_support import (WorkerProcesses, assert_fired_once, delayed_co
                                   timer_events, wait_until, workers)  # noqa: F401 - the fixture
 from webapp import create_app, delayed, keys
 from webapp import unsubscribe as u
-from webapp.subscriptions import Status
+from webapp.subscriptions import Status, decode_record
 
 QUEUE = "unsubscribe"  # config.DEFAULTS["RQ_QUEUE"], what `python -m workers` listens on
 
@@ -48,7 +48,7 @@ def flip_times(r, contexts, timeout):
             raws = pipe.execute()
         now = time.time()
         for ctx, raw in zip(contexts, raws):
-            if ctx.key not in seen and '"status":1' in raw:
+            if ctx.key not in seen and decode_record(raw)["status"] == 1:
                 seen[ctx.key] = now
         time.sleep(0.02)
     assert len(seen) == len(contexts), f"{len(contexts) - len(seen)} timers did not fire within {timeout} s"

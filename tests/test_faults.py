@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from conftest import API_TOKEN, ROOT, SIGNING_KEYS, email_resource, start_redis_server
+from webapp.subscriptions import decode_record
 
 pytestmark = pytest.mark.faults
 
@@ -93,9 +94,8 @@ def make_links(server, count):
 
 
 def status_of(r, link_index):
-    import json
     raw = r.hvals(f"us:{{1:f{link_index}}}:subs")
-    return json.loads(raw[0])["status"] if raw else None
+    return decode_record(raw[0])["status"] if raw else None
 
 
 def stream_one_clicks(server, links, on_progress=None):

@@ -10,7 +10,7 @@ from webapp import hotpaths, scripts, unsubscribe
 from webapp.errors import ServiceError
 
 EVIDENCE = {"ip": "203.0.113.7", "user_agent": "GoogleOneClick/1.0"}
-VOLATILE = ("id", "at", "updated_at", "hash", "prev_hash", "seconds_since_send")
+VOLATILE = ("id", "at", "updated_at", "t", "hash", "prev_hash", "seconds_since_send")  # "t": a stored record's updated_at
 
 
 @pytest.fixture(autouse=True)

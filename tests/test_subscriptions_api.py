@@ -205,3 +205,77 @@ def test_channel_addresses_are_validated(api, r, body, message):
     before = redis_state(r)
     assert message in api.fail("subscriptions/set", 400, db_id=1, profile_id="p1", resource_id=res["id"], **body)
     assert redis_state(r) == before
+
+
+# The stored record format (subscriptions.encode_record / decode_record).
+
+def _stored(r, resource, profile_id="p-42", email="ann@example.com"):
+    from webapp import keys
+    from webapp.subscriptions import make_hash_id
+    return r.hget(keys.profile_subscriptions(1, profile_id), make_hash_id(resource["id"], "email", email))
+
+
+def test_records_are_stored_compactly(api, r, resource):
+    created = api.ok("subscriptions/set", **sub(resource, date="2025-07-23T11:27:05.487Z"))
+    raw = _stored(r, resource)
+    # One-letter names, the address as a plain string, times as epoch ms, defaults (status 0, priority 0,
+    # no opted-out categories, not deleted, no ip/url, source "api") left out.
+    assert raw.startswith('{"r":%d,"c":"email","a":"ann@example.com",' % resource["id"]), raw
+    assert '"d":1753270025487' in raw and "reg_info" not in raw and '"s"' not in raw and '"x"' not in raw
+    assert len(raw) <= 110, raw
+    assert api.ok("subscriptions/get", **sub(resource)) == created
+
+
+def test_records_stored_in_the_long_form_still_read(api, r, resource):
+    """A record written before the compact form (the code's own dict as plain JSON) reads the same."""
+    import json
+    from webapp.subscriptions import decode_record
+    created = api.ok("subscriptions/set", **sub(resource, status="unsubscribed", cats=["receipts"]))
+    key_raw = _stored(r, resource)
+    from webapp import keys
+    r.hset(keys.profile_subscriptions(1, "p-42"), created["hash_id"], json.dumps(decode_record(key_raw)))
+    assert '"resource_id"' in _stored(r, resource)
+    assert api.ok("subscriptions/get", **sub(resource)) == created
+
+
+def _records():
+    from hypothesis import strategies as st
+    from webapp.validation import format_time
+    from datetime import datetime, timezone
+    times = st.one_of(
+        st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(2200, 1, 1)).map(
+            lambda d: format_time(d.replace(tzinfo=timezone.utc))),
+        st.text(max_size=30), st.none())
+    text = st.text(max_size=20)
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 40, 2 ** 40), text)
+    address = st.one_of(st.builds(lambda e: {"email": e}, text), st.builds(lambda p: {"phone": p}, text),
+                        st.dictionaries(st.sampled_from(["provider", "subscription_id", "cc_data", "email"]), scalar,
+                                        max_size=3))
+    reg_info = st.one_of(st.fixed_dictionaries({"date": times, "ip": st.one_of(st.none(), text),
+                                                "url": st.one_of(st.none(), text),
+                                                "source": st.sampled_from(["api", "import", ""])}),
+                         st.dictionaries(text, scalar, max_size=3))
+    return st.fixed_dictionaries(
+        {"resource_id": st.integers(1, 2 ** 31), "channel": st.sampled_from(["email", "sms", "push", "viber", "x"]),
+         "address": address},
+        optional={"status": st.one_of(st.integers(0, 6), st.booleans()), "priority": st.integers(0, 2 ** 31),
+                  "uncats": st.lists(text, max_size=3), "custom_fields": st.dictionaries(text, scalar, max_size=3),
+                  "reg_info": reg_info, "is_delete": st.one_of(st.booleans(), st.integers(0, 1)),
+                  "updated_at": times, "suspended_until": times, "extra_member": scalar})
+
+
+def test_every_record_survives_the_stored_form():
+    """decode_record(encode_record(rec)) == rec, value types included, for any record (hypothesis)."""
+    import json
+    from hypothesis import given, settings
+    from webapp.subscriptions import _DEFAULTS, decode_record, encode_record
+
+    @settings(max_examples=400, deadline=None)
+    @given(_records())
+    def check(record):
+        # A record always carries the defaulted members (set_subscription writes them all).
+        full = {**{k: (v if not isinstance(v, (list, dict)) else type(v)()) for k, v in _DEFAULTS.items()}, **record}
+        back = decode_record(encode_record(full))
+        assert json.dumps(back, sort_keys=True) == json.dumps(full, sort_keys=True)
+        assert {k: type(v) for k, v in back.items()} == {k: type(v) for k, v in full.items()}
+    check()

@@ -19,7 +19,7 @@ changed since READ, the generic WATCH/MULTI path (unsubscribe.unsubscribe) runs 
 import json
 
 from . import events, keys, scripts, unsubscribe
-from .subscriptions import state_of
+from .subscriptions import encode_record, state_of
 from .tokens import read_smid
 from .validation import now_iso
 
@@ -42,9 +42,10 @@ local out = {res or '', sub or '', redis.call('HGETALL', KEYS[3])}
 if ARGV[3] ~= '' and res and sub then
   local ok, rec = pcall(cjson.decode, sub)
   if ok and type(rec) == 'table' then
-    local deleted = rec['is_delete']
+    -- subscriptions.encode_record's short names ("x" is_delete, "r" resource_id), or the old long form's
+    local deleted = rec['x'] or rec['is_delete']
     if deleted == cjson.null or deleted == 0 or deleted == '' then deleted = false end
-    if not deleted and rec['resource_id'] == tonumber(ARGV[2]) then
+    if not deleted and (rec['r'] or rec['resource_id']) == tonumber(ARGV[2]) then
       redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
       redis.call('EXPIRE', KEYS[3], ARGV[4])
     end
@@ -130,7 +131,7 @@ def one_click(r, ring, token, evidence):
     new_raw = event_raw = ref = ""
     if changed:
         new["updated_at"] = now_iso()
-        new_raw = json.dumps(new, separators=(",", ":"), ensure_ascii=False)
+        new_raw = encode_record(new)
         before, after = state_of(ctx.resource, record), state_of(ctx.resource, new)
         if before != after:
             event = events.new_event(json.loads(last_raw) if last_raw else None, db_id=db_id, profile_id=profile_id,

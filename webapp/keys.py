@@ -9,7 +9,7 @@ live in one Redis Cluster slot and can be changed together in one MULTI/EXEC or 
 | us:resources                           | zset   | resources.add/delete          | never   |
 | us:resource:<rid>                      | string | resources.add/update (JSON)   | never   |
 | us:db:<db_id>:profiles                 | set    | subscriptions (first sub)     | never   |
-| us:{<db_id>:<pid>}:subs                | hash   | subscriptions (hash_id->JSON) | never   |
+| us:{<db_id>:<pid>}:subs                | hash   | subscriptions (hash_id -> subscriptions.encode_record JSON) | never |
 | us:{<db_id>:<pid>}:events              | list   | events.append (JSON, chained) | never   |
 | us:{<db_id>:<pid>}:pending:<hash_id>   | hash   | unsubscribe.arm_timer: deadline, armed_at, scope, smid, evidence; `lease` (3 s claim by a firer) | deadline + 1 day |
 | us:pending:due                         | zset   | delayed timers: member "db|pid|hash_id", score = deadline | never (members removed when settled) |
@@ -24,7 +24,8 @@ live in one Redis Cluster slot and can be changed together in one MULTI/EXEC or 
 | us:delivery:<group>                    | hash   | webhooks.deliver: last error/success, failures, next attempt | never |
 | us:ratelimit:LIMITER/...               | string | Flask-Limiter counters (sdk)  | end of the window |
 
-Subscriptions are stored one JSON document per hash field, keyed by `hash_id`, a short stable hash of
+Subscriptions are stored one compact JSON document per hash field (short member names, defaults left out:
+subscriptions.encode_record), keyed by `hash_id`, a short stable hash of
 (resource_id, channel, address): the SMID names it, so no address appears in a URL.
 """
 
@@ -57,7 +58,7 @@ def db_profiles(db_id):
 
 
 def profile_subscriptions(db_id, profile_id):
-    """Hash: hash_id -> subscription JSON, for one profile."""
+    """Hash: hash_id -> the subscription as subscriptions.encode_record stores it, for one profile."""
     return f"{PREFIX}:{_profile_tag(db_id, profile_id)}:subs"
 
 

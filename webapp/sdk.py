@@ -45,7 +45,7 @@ from .errors import BadToken, Blocked, Forbidden, InvalidInput, NoSuchResource, 
 from .locale import choose_locale
 from .resources import get_resource
 from .store import get_redis, get_timer_queue
-from .subscriptions import state_of
+from .subscriptions import decode_record, state_of
 from .tokens import SMID_MAX_CHARS, same_secret
 
 bp = Blueprint("sdk", __name__)
@@ -220,7 +220,7 @@ def _json_body():
 
 def _state(r, ctx, result):
     raw = r.hget(keys.profile_subscriptions(*ctx.key[:2]), ctx.smid.hash_id)
-    record = json.loads(raw) if raw else ctx.record
+    record = decode_record(raw) if raw else ctx.record
     state = state_of(ctx.resource, record)
     pending = unsubscribe.read_pending(r, ctx) if ctx.mode == "delayed" else None
     return {

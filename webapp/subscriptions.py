@@ -1,6 +1,7 @@
 """Subscriptions: one profile's subscription to one resource over one channel and address.
 
-Storage: all subscriptions of a profile sit in one hash (`keys.profile_subscriptions`), hash_id -> JSON.
+Storage: all subscriptions of a profile sit in one hash (`keys.profile_subscriptions`), hash_id -> the record
+in its stored form (`encode_record`: short member names, defaults left out, times as epoch milliseconds).
 Every write goes through `update_profile`, which WATCHes the profile's keys, lets a change function edit
 records, and writes the records and their ledger events in one MULTI/EXEC (a concurrent writer makes it
 retry on fresh data). Categories are stored as the ones opted out of (`uncats`), so a category added to
@@ -8,13 +9,14 @@ the resource later reaches existing subscribers; the API shows `cats`, the categ
 """
 import hashlib
 import json
+from datetime import datetime, timedelta, timezone
 from enum import IntEnum
 
 from . import events, keys
 from .errors import InvalidInput, NoSuchSubscription
 from .resources import PHONE_CC_CHANNELS, get_resource, get_resources, validate_field_value
 from .validation import (as_chat_id, as_datetime, as_email, as_int, as_ip, as_list, as_object, as_phone,
-                         as_profile_id, as_text, as_url, no_unknown_keys, now_iso, require)
+                         as_profile_id, as_text, as_url, format_time, no_unknown_keys, now_iso, require)
 
 
 class Status(IntEnum):
@@ -70,6 +72,82 @@ def read_address(channel, data):
         return {"cc_data": {"phone": phone}}, phone
     chat_id = as_chat_id(require(cc, "id", "cc_data."))
     return {"cc_data": {"id": int(chat_id)}}, chat_id
+
+
+# The stored form of a record. At a million subscriptions every byte of the record counts (bench/memory.py):
+# one-letter member names, members at their default value left out, the channel's one address as a plain
+# string, reg_info flattened, and times as epoch milliseconds whenever that gives back the exact same text.
+# decode_record(encode_record(rec)) == rec for every record; a record stored in the old long form (it has
+# "resource_id") reads unchanged. Lua that looks inside a stored record (hotpaths.READ) uses the short names.
+_SHORT = {"resource_id": "r", "channel": "c", "address": "a", "status": "s", "priority": "p", "uncats": "u",
+          "custom_fields": "f", "is_delete": "x", "updated_at": "t", "suspended_until": "z"}
+_LONG = {short: name for name, short in _SHORT.items()}
+_DEFAULTS = {"status": 0, "priority": 0, "uncats": [], "custom_fields": {}, "is_delete": False}
+_REG_SHORT = {"date": "d", "ip": "i", "url": "l", "source": "o"}
+_REG_DEFAULTS = {"ip": None, "url": None, "source": "api"}
+_TIMES = ("updated_at", "suspended_until", "d")
+_STRING_ADDRESS = {"email": "email", "sms": "phone"}  # channel -> the address's one member
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MS = timedelta(milliseconds=1)
+
+
+def _time_to_ms(text):
+    try:
+        ms = (datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc) - _EPOCH) // _MS
+    except (TypeError, ValueError):
+        return text
+    return ms if _ms_to_time(ms) == text else text
+
+
+def _ms_to_time(ms):
+    return format_time(_EPOCH + ms * _MS)
+
+
+def _is_default(value, default):
+    return value == default and isinstance(value, bool) == isinstance(default, bool)
+
+
+def encode_record(record):
+    """The record as stored in Redis (compact JSON)."""
+    out = {}
+    for name, value in record.items():
+        if name in _DEFAULTS and _is_default(value, _DEFAULTS[name]):
+            continue
+        if name == "address" and list(value) == [_STRING_ADDRESS.get(record.get("channel"))]:
+            value = next(iter(value.values()))
+        if name == "reg_info" and isinstance(value, dict) and set(value) == set(_REG_SHORT):
+            for reg_name, short in _REG_SHORT.items():
+                if reg_name not in _REG_DEFAULTS or not _is_default(value[reg_name], _REG_DEFAULTS[reg_name]):
+                    out[short] = _time_to_ms(value[reg_name]) if short == "d" else value[reg_name]
+            continue
+        if name in _TIMES:
+            value = _time_to_ms(value)
+        out[_SHORT.get(name, name)] = value
+    return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
+
+
+def decode_record(raw):
+    """The record `encode_record` stored (raw JSON text), as the code works with it."""
+    stored = json.loads(raw)
+    if "resource_id" in stored:  # the long form
+        return stored
+    record = dict(_DEFAULTS, uncats=[], custom_fields={})
+    reg_info = None
+    for short, value in stored.items():
+        if short in _REG_SHORT.values():
+            reg_info = reg_info or {"date": None, **_REG_DEFAULTS}
+            reg_name = next(n for n, s in _REG_SHORT.items() if s == short)
+            reg_info[reg_name] = _ms_to_time(value) if short == "d" and isinstance(value, int) else value
+            continue
+        name = _LONG.get(short, short)
+        if name in _TIMES and isinstance(value, int):
+            value = _ms_to_time(value)
+        record[name] = value
+    if isinstance(record.get("address"), str):
+        record["address"] = {_STRING_ADDRESS[record["channel"]]: record["address"]}
+    if reg_info is not None:
+        record["reg_info"] = reg_info
+    return record
 
 
 def make_hash_id(resource_id, channel, identity):
@@ -180,8 +258,7 @@ class ProfileChange:
         pipe.multi()
         if self._saved:
             pipe.hset(keys.profile_subscriptions(self.db_id, self.profile_id),
-                      mapping={h: json.dumps(rec, separators=(",", ":"), ensure_ascii=False)
-                               for h, rec in self._saved.items()})
+                      mapping={h: encode_record(rec) for h, rec in self._saved.items()})
             pipe.sadd(keys.db_profiles(self.db_id), self.profile_id)
         for event in self._events:
             events.queue_append(pipe, event)
@@ -191,7 +268,7 @@ class ProfileChange:
 
 def load_records(r, db_id, profile_id):
     raw = r.hgetall(keys.profile_subscriptions(db_id, profile_id))
-    return {h: json.loads(v) for h, v in raw.items()}
+    return {h: decode_record(v) for h, v in raw.items()}
 
 
 def update_profile(r, db_id, profile_id, change, watch=()):
@@ -205,7 +282,7 @@ def update_profile(r, db_id, profile_id, change, watch=()):
     events_key = keys.profile_events(db_id, profile_id)
 
     def attempt(pipe):
-        records = {h: json.loads(v) for h, v in pipe.hgetall(subs_key).items()}
+        records = {h: decode_record(v) for h, v in pipe.hgetall(subs_key).items()}
         pc = ProfileChange(pipe, db_id, profile_id, records)
         result = change(pc)
         pc.flush()
@@ -305,7 +382,7 @@ def get_subscription(r, data):
     raw = r.hget(keys.profile_subscriptions(db_id, profile_id), hash_id)
     if raw is None:
         raise NoSuchSubscription("no such subscription")
-    return extended_form(resource, db_id, profile_id, hash_id, json.loads(raw))
+    return extended_form(resource, db_id, profile_id, hash_id, decode_record(raw))
 
 
 def list_subscriptions(r, db_id, profile_id, resource_id=None, channel=None):

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from . import events, keys, scripts
 from .errors import Blocked, Conflict, InvalidInput, NoSuchResource, NoSuchSubscription
 from .resources import get_resource, get_resources
-from .subscriptions import Status, state_of, subscribed_cats, update_profile, with_state
+from .subscriptions import (Status, decode_record, encode_record, state_of, subscribed_cats, update_profile,
+                            with_state)
 from .tokens import read_smid
 from .validation import now_iso
 
@@ -69,7 +70,7 @@ def context_from(token, smid, resource_raw, raw, views):
     if resource_raw is None:
         raise NoSuchResource(f"resource {smid.resource_id} does not exist")
     resource = json.loads(resource_raw)
-    record = json.loads(raw) if raw else None
+    record = decode_record(raw) if raw else None
     if record is None or record.get("is_delete") or record["resource_id"] != resource["id"]:
         raise NoSuchSubscription("this subscription no longer exists")
     return Context(token, smid, resource, record, {k: int(v) for k, v in views.items()})
@@ -327,7 +328,7 @@ def _settlement(db_id, profile_id, hash_id, row, resources, now_text):
     """(keys, values, subscription exists) for scripts.FIRE_TIMERS, from the timer's scripts.CLAIM_TIMERS row."""
     deadline, armed_at, scope, smid, evidence, sub_raw, ledger_len, last_seq, last_hash = row
     new_sub = event_raw = ref = ""
-    record = json.loads(sub_raw) if sub_raw else None
+    record = decode_record(sub_raw) if sub_raw else None
     if deadline and record is not None:
         # A resource deleted since the timer started: its categories are unknown, so the whole subscription stops.
         resource = resources.get(record["resource_id"]) or {"categories": []}
@@ -335,7 +336,7 @@ def _settlement(db_id, profile_id, hash_id, row, resources, now_text):
         if new != record:
             new["updated_at"] = now_text
             # Encoded exactly as subscriptions.ProfileChange.flush and events.queue_append do.
-            new_sub = json.dumps(new, separators=(",", ":"), ensure_ascii=False)
+            new_sub = encode_record(new)
             before, after = state_of(resource, record), state_of(resource, new)
             if before != after:  # as ProfileChange.save: an event for every change of status or categories
                 last = {"seq": last_seq, "hash": last_hash} if ledger_len else None
@@ -381,7 +382,7 @@ def _fire_round(r, timers, now, owner):
 
 def _resource_id(row):
     try:
-        return json.loads(row[5])["resource_id"] if len(row) == 9 and row[0] and row[5] else None
+        return decode_record(row[5])["resource_id"] if len(row) == 9 and row[0] and row[5] else None
     except (ValueError, KeyError, TypeError):
         return None  # _settlement reports it
 
