@@ -1,5 +1,6 @@
 """Shared fixtures: one real redis-server per session (unix socket in a temp dir), flushed before each test;
 the Flask app built against it; an ApiActions helper that posts to the API and unwraps the envelope."""
+import json
 import os
 import shutil
 import subprocess
@@ -140,6 +141,47 @@ def redis_state(r):
     """Every key with its type and content: compare before/after to prove nothing was written.
     Telemetry keys (page-view counters, rate-limit counters) are left out: they are not subscription state."""
     return {key: read_key(r, key) for key in r.scan_iter(count=1000) if not key.startswith(TELEMETRY_PREFIXES)}
+
+
+def snapshot(r):
+    """Every key's DUMP and TTL, to run two code paths from the same Redis state (see restore)."""
+    return {k: (r.dump(k), r.pttl(k)) for k in r.scan_iter(count=1000)}
+
+
+def restore(r, snap):
+    r.flushall()
+    for key, (blob, ttl) in snap.items():
+        r.restore(key, max(ttl, 0), blob, replace=True)
+
+
+# Members that differ between two runs of the same change: event ids, times and hashes ("t": a stored
+# record's updated_at, see subscriptions.encode_record).
+VOLATILE = ("id", "at", "updated_at", "t", "hash", "prev_hash", "seconds_since_send")
+
+
+def normalized(value):
+    """value with JSON inside strings parsed and VOLATILE members replaced by "*"."""
+    if isinstance(value, str) and value[:1] == "{":
+        try:
+            return normalized(json.loads(value))
+        except ValueError:
+            return value
+    if isinstance(value, dict):
+        return {k: ("*" if k in VOLATILE else normalized(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [normalized(v) for v in value]
+    return value
+
+
+def same_state(r):
+    """Every key, normalized: equal for two code paths that made the same changes."""
+    out = {}
+    for key in r.scan_iter(count=1000):
+        if key.startswith("rq:"):  # RQ's own (binary) job keys
+            continue
+        kind, value = read_key(r, key, scores=False, stream_ids=False)
+        out[key] = (kind, normalized(value), r.ttl(key) > 0)
+    return out
 
 
 def email_resource(**overrides):

@@ -1,16 +1,14 @@
 """webapp/hotpaths.py does exactly what the generic paths do: each case runs the generic path (open_smid +
 record_view, or open_smid + unsubscribe "one_click") and the fast path from the same Redis snapshot, and
 compares the raised error, the result and every key afterwards (event ids, times and hashes normalized)."""
-import json
-
 import pytest
 
-from conftest import email_resource, read_key
+from conftest import email_resource, normalized, restore, snapshot
+from conftest import same_state as state
 from webapp import hotpaths, scripts, unsubscribe
 from webapp.errors import ServiceError
 
 EVIDENCE = {"ip": "203.0.113.7", "user_agent": "GoogleOneClick/1.0"}
-VOLATILE = ("id", "at", "updated_at", "t", "hash", "prev_hash", "seconds_since_send")  # "t": a stored record's updated_at
 
 
 @pytest.fixture(autouse=True)
@@ -22,39 +20,6 @@ def close_app_clients(app):
         app.extensions["redis"].close()
     if app.extensions.get("timer_queue"):
         app.extensions["timer_queue"].connection.close()
-
-
-def snapshot(r):
-    return {k: (r.dump(k), r.pttl(k)) for k in r.scan_iter(count=1000)}
-
-
-def restore(r, snap):
-    r.flushall()
-    for key, (blob, ttl) in snap.items():
-        r.restore(key, max(ttl, 0), blob, replace=True)
-
-
-def normalized(value):
-    if isinstance(value, str) and value[:1] == "{":
-        try:
-            return normalized(json.loads(value))
-        except ValueError:
-            return value
-    if isinstance(value, dict):
-        return {k: ("*" if k in VOLATILE else normalized(v)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [normalized(v) for v in value]
-    return value
-
-
-def state(r):
-    out = {}
-    for key in r.scan_iter(count=1000):
-        if key.startswith("rq:"):  # the timer's RQ trigger job (binary); neither path touches it
-            continue
-        kind, value = read_key(r, key, scores=False, stream_ids=False)
-        out[key] = (kind, normalized(value), r.ttl(key) > 0)
-    return out
 
 
 def outcome(fn):
@@ -161,16 +126,16 @@ def test_one_click_falls_back_when_something_changed_after_reading(api, app, r, 
 
     ring = app.extensions["signing_keys"]
     applied = []
-    run = scripts._run
+    run = scripts.run_direct
 
-    def counting_run(r_, script, keys, args, read_only=False):
-        result = run(r_, script, keys, args, read_only)
+    def counting_run(r_, script, keys, args):
+        result = run(r_, script, keys, args)
         if script is hotpaths.APPLY:
             applied.append(result)
         return result
 
     monkeypatch.setattr(hotpaths, "_read", read_then_another_writer)
-    monkeypatch.setattr(scripts, "_run", counting_run)
+    monkeypatch.setattr(scripts, "run_direct", counting_run)
     result = hotpaths.one_click(r, ring, token, EVIDENCE)
     assert applied == [0]  # the compare-and-set refused, so the generic path did the work
     # The generic path saw the other writer's change: "news" was already stopped by it, so nothing changed.
@@ -186,3 +151,22 @@ def test_page_open_counts_views_as_record_view(api, app, r, method):
     api.ok("subscriptions/delete", **{k: v for k, v in body.items() if k != "category"})
     assert page_both(app, r, token, method)[0] == "NoSuchSubscription"  # no view counted either way
     assert page_both(app, r, token[:-2] + "AA", method)[0] == "BadToken"
+
+
+def test_direct_calls_survive_a_script_flush_and_a_dropped_connection(api, app, r, redis_url):
+    """scripts.run_direct: EVAL when Redis lost its script cache (a restart), and the full client's retry when
+    the pooled connection was closed under it."""
+    from webapp import store
+    _res, token, _body = link(api, category=None)
+    ring, client = app.extensions["signing_keys"], store.connect(redis_url)
+    try:
+        assert hotpaths.open_for_page(client, ring, token, "GET").views == {}
+        r.script_flush()
+        assert hotpaths.open_for_page(client, ring, token, "GET").views == {"GET": 1}
+        assert r.client_kill_filter(_type="normal", skipme=True) >= 1
+        assert hotpaths.one_click(client, ring, token, EVIDENCE)["changed"] is True
+        r.script_flush()
+        assert r.client_kill_filter(_type="normal", skipme=True) >= 1
+        assert hotpaths.one_click(client, ring, token, EVIDENCE)["changed"] is False
+    finally:
+        client.close()

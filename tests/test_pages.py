@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from conftest import email_resource, redis_state
+from conftest import email_resource, redis_state, restore, same_state, snapshot
 from webapp import events
 
 SCANNER_AGENTS = [
@@ -113,6 +113,65 @@ def test_one_click_records_evidence(api, client, r):
     assert 0 <= event["evidence"]["seconds_since_send"] < 60
     assert event["before"] == {"status": "subscribed", "cats": ["news", "receipts"]}
     assert event["after"]["status"] == "unsubscribed"
+
+
+URLENCODED = {"data": "List-Unsubscribe=One-Click", "content_type": "application/x-www-form-urlencoded"}
+# (name, mode, message category, appended to the path, request, answered by one_click_wsgi without Flask)
+FRONT_CASES = [
+    ("instant", "instant", None, "", URLENCODED, True),
+    ("confirm, category", "confirm", "news", "", URLENCODED, True),
+    ("delayed, trailing slash", "delayed", None, "/", URLENCODED, True),
+    ("charset parameter", "instant", None, "",
+     {"data": "List-Unsubscribe=One-Click", "content_type": "application/x-www-form-urlencoded; charset=utf-8"}, True),
+    ("blocked", "blocked", None, "", URLENCODED, False),
+    ("forged SMID", "instant", None, "A", URLENCODED, False),
+    ("multipart", "instant", None, "", {"data": {"List-Unsubscribe": "One-Click"}, "content_type": "multipart/form-data"},
+     False),
+    ("page form without CSRF", "confirm", None, "",
+     {"data": "action=unsubscribe&scope=all", "content_type": "application/x-www-form-urlencoded"}, False),
+    ("percent-encoded action", "confirm", None, "",
+     {"data": "act%69on=unsubscribe", "content_type": "application/x-www-form-urlencoded"}, False),
+    ("long body", "instant", None, "",
+     {"data": "List-Unsubscribe=One-Click&pad=" + "x" * 300, "content_type": "application/x-www-form-urlencoded"},
+     False),
+]
+
+
+@pytest.mark.parametrize("name,mode,category,suffix,kwargs,in_front", FRONT_CASES, ids=[c[0] for c in FRONT_CASES])
+def test_one_click_front_answers_exactly_as_flask(api, app, r, name, mode, category, suffix, kwargs, in_front):
+    """one_click_wsgi.py: from the same Redis state, a POST (then its replay) through the front and straight
+    to Flask give the same status, headers and body and leave the same keys; the front answers the plain
+    urlencoded success itself and leaves everything else to Flask."""
+    from werkzeug.test import Client
+    _res, path, _body = make_link(api, mode, category=category)
+    front = app.extensions["one_click_wsgi"]
+    flask_calls = []
+    flask_wsgi = front.flask_wsgi
+
+    def counting(environ, start_response):
+        flask_calls.append(environ["PATH_INFO"])
+        return flask_wsgi(environ, start_response)
+
+    def run(wsgi):
+        answers = []
+        for _attempt in range(2):
+            resp = Client(wsgi).post(path + suffix, environ_base={"REMOTE_ADDR": "203.0.113.7"},
+                                     headers={"User-Agent": "GoogleOneClick/1.0"}, **kwargs)
+            answers.append((resp.status, list(resp.headers), resp.get_data()))
+        return answers, same_state(r)
+
+    snap = snapshot(r)
+    front.flask_wsgi = counting
+    try:
+        through_front = run(front)
+    finally:
+        front.flask_wsgi = flask_wsgi
+    restore(r, snap)
+    straight_to_flask = run(flask_wsgi)
+    assert through_front == straight_to_flask
+    assert flask_calls == ([] if in_front else [path + suffix] * 2)
+    if in_front:
+        assert [status for status, _headers, _body in through_front[0]] == ["200 OK", "200 OK"]
 
 
 def csrf_token(html):

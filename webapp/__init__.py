@@ -45,6 +45,8 @@ def create_app(test_config=None):
         raise RuntimeError("REDIS_URL is not set: run `python -m webapp run` (it starts a local Redis) "
                            "or set REDIS_URL=redis://host:6379/0")
     app.extensions["signing_keys"] = SigningKeys(parse_signing_keys(app.config["SIGNING_KEYS"]))
+    from .one_click_wsgi import OneClickWSGI
+    app.wsgi_app = app.extensions["one_click_wsgi"] = OneClickWSGI(app, app.wsgi_app)  # inside ProxyFix
     if app.config["TRUSTED_PROXIES"]:
         n = app.config["TRUSTED_PROXIES"]
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n, x_port=n, x_prefix=n)

@@ -91,7 +91,7 @@ return 1
 
 def _read(r, smid, token, count_view="", for_unsubscribe=False):
     db_id, profile_id, hash_id = smid.db_id, smid.profile_id, smid.hash_id
-    return scripts._run(r, READ, (keys.resource(smid.resource_id), keys.profile_subscriptions(db_id, profile_id),
+    return scripts.run_direct(r, READ, (keys.resource(smid.resource_id), keys.profile_subscriptions(db_id, profile_id),
                                   keys.page_views(unsubscribe.view_digest(token)),
                                   keys.pending_unsubscribe(db_id, profile_id, hash_id),
                                   keys.profile_events(db_id, profile_id)),
@@ -140,7 +140,7 @@ def one_click(r, ring, token, evidence):
                                      evidence=unsubscribe._evidence(ctx, evidence))
             event_raw = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
             ref = f"{db_id}|{profile_id}|{event['seq']}"
-    applied = scripts._run(
+    applied = scripts.run_direct(
         r, APPLY, (keys.profile_subscriptions(db_id, profile_id), keys.profile_events(db_id, profile_id),
                    keys.pending_unsubscribe(db_id, profile_id, hash_id), keys.pending_due(),
                    keys.db_profiles(db_id), keys.events_timeline()),

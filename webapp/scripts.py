@@ -3,7 +3,7 @@ import functools
 import hashlib
 import json
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
 # KEYS[i]: a profile's subscriptions hash; ARGV[i]: a hash_id. Returns a string of "1"/"0", one per pair.
 # One EVAL instead of a pipeline of N HEXISTS: packing and parsing 1000 replies cost more than the lookups.
@@ -27,6 +27,27 @@ def subscriptions_exist(r, pairs):
 @functools.cache
 def _sha(script):
     return hashlib.sha1(script.encode()).hexdigest()
+
+
+def run_direct(r, script, keys, args):
+    """_run for the hot paths' one call per request (hotpaths.py): EVALSHA on a pooled connection without
+    redis-py's per-command layers (retry wrapper, response callbacks), which cost about as much as the
+    round trip itself. On a connection error the call is made again through _run, with redis-py's retries."""
+    pool = r.connection_pool
+    conn = pool.get_connection()
+    try:
+        conn.send_command("EVALSHA", _sha(script), len(keys), *keys, *args)
+        return conn.read_response()
+    except ResponseError:  # NoScriptError among them; the reply was read whole, the connection is fine
+        pass
+    except (ConnectionError, TimeoutError):
+        conn.disconnect()  # never hand a connection with a half-read reply back to the pool
+    except BaseException:
+        conn.disconnect()
+        raise
+    finally:
+        pool.release(conn)
+    return _run(r, script, keys, args)
 
 
 def _run(r, script, keys, args, read_only=False):

@@ -10,9 +10,14 @@ def connect(url):
 
 def get_redis():
     """The app's shared client (thread-safe; it pools connections)."""
-    client = current_app.extensions.get("redis")
+    return client_of(current_app)
+
+
+def client_of(app):
+    """get_redis for code that runs outside a request context (one_click_wsgi.py)."""
+    client = app.extensions.get("redis")
     if client is None:
-        client = current_app.extensions["redis"] = connect(current_app.config["REDIS_URL"])
+        client = app.extensions["redis"] = connect(app.config["REDIS_URL"])
     return client
 
 

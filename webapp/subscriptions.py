@@ -16,7 +16,7 @@ from . import events, keys
 from .errors import InvalidInput, NoSuchSubscription
 from .resources import PHONE_CC_CHANNELS, get_resource, get_resources, validate_field_value
 from .validation import (as_chat_id, as_datetime, as_email, as_int, as_ip, as_list, as_object, as_phone,
-                         as_profile_id, as_text, as_url, format_time, no_unknown_keys, now_iso, require)
+                         as_profile_id, as_text, as_url, no_unknown_keys, now_iso, require)
 
 
 class Status(IntEnum):
@@ -100,7 +100,10 @@ def _time_to_ms(text):
 
 
 def _ms_to_time(ms):
-    return format_time(_EPOCH + ms * _MS)
+    # validation.format_time's text (checked by _time_to_ms), without strftime: decoding runs on every request.
+    t = _EPOCH + ms * _MS
+    return (f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}."
+            f"{t.microsecond // 1000:03d}Z")
 
 
 def _is_default(value, default):

@@ -1,0 +1,65 @@
+"""RFC 8058 one-click POSTs answered in front of Flask.
+
+Mail providers POST `List-Unsubscribe=One-Click` to the unsubscribe URL of every message a person
+unsubscribes from, and retry it. Profiling that request under gunicorn (bench/profile.py oneclick) showed
+Flask's per-request machinery (request context, session, form parser, response object, after-request hooks)
+costing more than the unsubscribe itself. This WSGI layer answers the common case itself: a urlencoded
+one-click POST that succeeds. It runs the same code as pages.one_click (hotpaths.one_click with the same
+evidence) and sends the same status, body and headers. Every other request, and every one-click that does
+not end in success (unknown or forged link, blocked resource, Redis down, odd body, ...) goes to Flask
+unchanged, body included, and Flask answers it as it always has: re-running a one-click is safe, it is
+idempotent. tests/test_pages.py::test_one_click_front_answers_exactly_as_flask compares the two.
+"""
+import re
+from io import BytesIO
+from urllib.parse import parse_qsl
+
+from . import hotpaths
+from .errors import ServiceError
+from .pages import NOSNIFF, ONE_CLICK_DONE, PAGE_SECURITY_HEADERS
+from .store import client_of
+
+_PATH_RE = re.compile(r"/unsubscribe/([A-Za-z0-9_-]{1,200})/?")
+_MAX_BODY = 256  # "List-Unsubscribe=One-Click" is 26 bytes; anything much longer is not a provider's POST
+_BODY = ONE_CLICK_DONE.encode()
+# What Flask sends for pages.one_click's 200 (pages.plain + pages.security_headers), in the same order.
+_HEADERS = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(_BODY))),
+            ("Cache-Control", "no-store"), *PAGE_SECURITY_HEADERS, NOSNIFF]
+
+
+class OneClickWSGI:
+    def __init__(self, app, flask_wsgi):
+        self.app = app
+        self.flask_wsgi = flask_wsgi  # the wrapped app.wsgi_app
+
+    def __call__(self, environ, start_response):
+        if environ.get("REQUEST_METHOD") == "POST":
+            match = _PATH_RE.fullmatch(environ.get("PATH_INFO", ""))
+            if match and self._unsubscribed(environ, match.group(1)):
+                start_response("200 OK", list(_HEADERS))
+                return [_BODY]
+        return self.flask_wsgi(environ, start_response)
+
+    def _unsubscribed(self, environ, smid):
+        """True when this was a one-click POST and it succeeded; False leaves the request to Flask."""
+        if environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower() != "application/x-www-form-urlencoded":
+            return False  # multipart and bodiless one-clicks are rare: Flask's form parser handles them
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or "")
+        except ValueError:
+            return False
+        if not 0 <= length <= _MAX_BODY:
+            return False
+        body = environ["wsgi.input"].read(length)
+        environ["wsgi.input"] = BytesIO(body)  # so that Flask can read it again
+        environ["CONTENT_LENGTH"] = str(len(body))
+        if any(name == "action" for name, _ in parse_qsl(body.decode("latin-1"), keep_blank_values=True)):
+            return False  # a form of the unsubscribe page (pages.page_action), CSRF-checked by Flask
+        evidence = {"ip": environ.get("REMOTE_ADDR"), "user_agent": environ.get("HTTP_USER_AGENT", "")[:512]}
+        try:
+            hotpaths.one_click(client_of(self.app), self.app.extensions["signing_keys"], smid, evidence)
+        except Exception as exc:  # noqa: BLE001 - Flask runs it again and answers (or logs) whatever it is
+            if not isinstance(exc, ServiceError):
+                self.app.logger.debug("one-click left to Flask after %s", type(exc).__name__)
+            return False
+        return True
