@@ -28,7 +28,7 @@ def choose_locale(explicit=None, profile=None, resource_default=None, accept_lan
 
 def explicit_locale():
     """The language the person picked with the switcher (?lang=) or kept in a form field."""
-    value = request.args.get("lang") or request.form.get("lang")
+    value = request.args.get("lang") or (request.form.get("lang") if request.method == "POST" else None)
     return value if value in LOCALES else None
 
 
