@@ -9,7 +9,7 @@ live in one Redis Cluster slot and can be changed together in one MULTI/EXEC or 
 | us:resources                           | zset   | resources.add/delete          | never   |
 | us:resource:<rid>                      | string | resources.add/update (JSON)   | never   |
 | us:db:<db_id>:profiles                 | set    | subscriptions (first sub)     | never   |
-| us:{<db_id>:<pid>}:subs                | hash   | subscriptions (hash_id -> subscriptions.encode_record JSON) | never |
+| us:{<db_id>:<pid>}:subs                | hash   | subscriptions (hash_id->record, encode_record) | never |
 | us:{<db_id>:<pid>}:events              | list   | events.append (JSON, chained) | never   |
 | us:{<db_id>:<pid>}:pending:<hash_id>   | hash   | unsubscribe.arm_timer: deadline, armed_at, scope, smid, evidence; `lease` (3 s claim by a firer) | deadline + 1 day |
 | us:pending:due                         | zset   | delayed timers: member "db|pid|hash_id", score = deadline | never (members removed when settled) |

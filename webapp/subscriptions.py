@@ -85,7 +85,7 @@ _LONG = {short: name for name, short in _SHORT.items()}
 _DEFAULTS = {"status": 0, "priority": 0, "uncats": [], "custom_fields": {}, "is_delete": False}
 _REG_SHORT = {"date": "d", "ip": "i", "url": "l", "source": "o"}
 _REG_DEFAULTS = {"ip": None, "url": None, "source": "api"}
-_TIMES = ("updated_at", "suspended_until", "d")
+_TIMES = ("updated_at", "suspended_until")  # text (validation.format_time) or None, as is reg_info's date
 _STRING_ADDRESS = {"email": "email", "sms": "phone"}  # channel -> the address's one member
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MS = timedelta(milliseconds=1)
@@ -116,8 +116,9 @@ def encode_record(record):
     for name, value in record.items():
         if name in _DEFAULTS and _is_default(value, _DEFAULTS[name]):
             continue
-        if name == "address" and list(value) == [_STRING_ADDRESS.get(record.get("channel"))]:
-            value = next(iter(value.values()))
+        one_member = _STRING_ADDRESS.get(record.get("channel"))
+        if name == "address" and isinstance(value, dict) and list(value) == [one_member]:
+            value = value[one_member]
         if name == "reg_info" and isinstance(value, dict) and set(value) == set(_REG_SHORT):
             for reg_name, short in _REG_SHORT.items():
                 if reg_name not in _REG_DEFAULTS or not _is_default(value[reg_name], _REG_DEFAULTS[reg_name]):
@@ -140,10 +141,10 @@ def decode_record(raw):
         if short in _REG_SHORT.values():
             reg_info = reg_info or {"date": None, **_REG_DEFAULTS}
             reg_name = next(n for n, s in _REG_SHORT.items() if s == short)
-            reg_info[reg_name] = _ms_to_time(value) if short == "d" and isinstance(value, int) else value
+            reg_info[reg_name] = _ms_to_time(value) if short == "d" and type(value) is int else value
             continue
         name = _LONG.get(short, short)
-        if name in _TIMES and isinstance(value, int):
+        if name in _TIMES and type(value) is int:
             value = _ms_to_time(value)
         record[name] = value
     if isinstance(record.get("address"), str):
