@@ -57,6 +57,7 @@ def test_run_starts_redis_web_and_worker_and_ctrl_c_stops_them(tmp_path):
     assert proc.returncode == 0, out
     assert subprocess.run(["pgrep", "-f", str(tmp_path / "var" / "redis")], capture_output=True).returncode == 1
     assert f"127.0.0.1:{port}" in out
+    assert "hash-max-listpack-value" not in out and "appendonly is off" not in out  # run sets both
 
 
 def _worker_registered(tmp_path):

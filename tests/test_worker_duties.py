@@ -83,3 +83,20 @@ def test_suspension_ends_even_after_a_worker_restart(api, app, client, r, worker
     workers.start()                                      # ...and a new one resumes it at once
     wait_until(lambda: api.ok("subscriptions/get", **ident)["status"] == "subscribed", 5)
     assert api.ok("events/list", db_id=1, profile_id="p-42")[0]["method"] == "suspend_expiry"
+
+
+def test_worker_warns_about_redis_settings_that_cost_memory_or_data(r, workers):  # noqa: F811
+    """The test Redis runs with redis-server's defaults for both (listpack values up to 64 bytes, no AOF);
+    `python -m webapp run` sets both, so that start-up says nothing."""
+    from webapp.store import settings_advice
+    assert r.config_get("hash-max-listpack-value")["hash-max-listpack-value"] == "64"
+    workers.start()
+    log = workers.log(0)
+    assert "hash-max-listpack-value is 64: set it to 512" in log and "appendonly is off" in log
+    r.config_set("hash-max-listpack-value", 512)
+    r.config_set("appendonly", "yes")
+    try:
+        assert settings_advice(r) == []
+    finally:
+        r.config_set("appendonly", "no")
+        r.config_set("hash-max-listpack-value", 64)

@@ -21,6 +21,29 @@ def client_of(app):
     return client
 
 
+# A stored subscription record is 85-200 bytes (subscriptions.encode_record); Redis keeps a profile's hash as
+# a compact listpack only while every value is within hash-max-listpack-value (default 64), else a hashtable:
+# 257 instead of 385 bytes per subscription at a million (bench/memory.py).
+MIN_HASH_LISTPACK_VALUE = 256
+
+
+def settings_advice(client):
+    """Warnings about the Redis server's settings, for the logs at start-up (none when CONFIG is refused)."""
+    try:
+        config = client.config_get("hash-max-listpack-value")
+        config.update(client.config_get("appendonly"))
+    except redis.ResponseError:  # managed Redis services often disable CONFIG
+        return []
+    advice = []
+    if int(config.get("hash-max-listpack-value", MIN_HASH_LISTPACK_VALUE)) < MIN_HASH_LISTPACK_VALUE:
+        advice.append(f"Redis hash-max-listpack-value is {config['hash-max-listpack-value']}: set it to 512 "
+                      f"(subscriptions then take about a third less memory; see README, Production Redis)")
+    if config.get("appendonly") == "no":
+        advice.append("Redis appendonly is off: a restart loses every change since the last snapshot; "
+                      "set appendonly yes with appendfsync everysec (or always)")
+    return advice
+
+
 def init_app(app):
     app.extensions.pop("redis", None)
     app.extensions.pop("timer_queue", None)

@@ -25,6 +25,7 @@ from rq.serializers import JSONSerializer
 
 from webapp.config import load_settings
 from webapp.delayed import Sweeper, mark_sweeper_process, timer_queue
+from webapp.store import settings_advice
 from workers.housekeeping import Housekeeper
 
 WORKER_TTL = 20  # seconds; RQ's default is 420. The idle worker wakes every WORKER_TTL - 15 s for maintenance
@@ -39,6 +40,9 @@ def main():
         sys.exit("REDIS_URL is not set: run `python -m webapp run`, or set REDIS_URL")
     os.environ["REDIS_URL"] = url
     rq_redis = redis.Redis.from_url(url)
+    with redis.Redis.from_url(url, decode_responses=True) as client:
+        for advice in settings_advice(client):
+            logging.warning(advice)
     queue = timer_queue(rq_redis, settings["RQ_QUEUE"])
     # Timeouts, so that a half-open connection cannot stall the sweeper for good (it reconnects and retries).
     sweeper = Sweeper(lambda: redis.Redis.from_url(url, decode_responses=True, socket_timeout=30,
