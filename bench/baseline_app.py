@@ -4,13 +4,30 @@ import os
 
 import redis
 from flask import Flask, jsonify, render_template, render_template_string, request
-from jinja2 import DictLoader
+from jinja2 import ChoiceLoader, DictLoader, FileSystemLoader
 
-app = Flask(__name__)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+app = Flask(__name__, static_folder=os.path.join(ROOT, "static"))
 PAGE = "<!doctype html><html><body><main><h1>{{ title }}</h1><p>{{ text }}</p></main></body></html>"
 # A template loaded once and cached by Jinja, as an app's templates/ files are (render_template_string compiles
 # its source again on every call, which made the old /page several times slower than a real render).
-app.jinja_loader = DictLoader({"page.html": PAGE})
+# /page_same_template renders the service's own confirm page template (templates/), English, from fixed values.
+app.jinja_loader = ChoiceLoader([DictLoader({"page.html": PAGE}), FileSystemLoader(os.path.join(ROOT, "templates"))])
+app.jinja_env.add_extension("jinja2.ext.i18n")
+app.jinja_env.install_null_translations(newstyle=True)
+CONFIRM_VIEW = {
+    "smid": "A" * 62, "mode": "confirm", "address": "a•••e@example.com", "channel": "email", "status": "subscribed",
+    "state": "active", "whole": False, "stopped": [], "continuing": ["News", "Offers", "Receipts"],
+    "resource": {"name": "Weekly news"},
+    "choosable": [{"api_name": "news", "title": "News", "checked": True},
+                  {"api_name": "offers", "title": "Offers", "checked": False}],
+    "required": [{"api_name": "receipts", "title": "Receipts"}],
+    "scope": {"whole": False, "stops": ["News"], "continues": ["Offers", "Receipts"]},
+    "message_category": "News", "pending": None, "seconds_left": None, "timer_minutes": 10, "blocked_text": None,
+    "manage_url": "http://127.0.0.1/manage/" + "B" * 40, "done": None, "action_url": "/unsubscribe/" + "A" * 62,
+    "locales": ("en", "ru"), "current_locale": lambda: "en", "language_names": {"en": "English", "ru": "Русский"},
+    "csrf_token": lambda: "C" * 91,
+}
 
 
 @app.post("/echo_links")
@@ -30,6 +47,12 @@ def nothing():
 @app.get("/page")
 def page():
     return render_template("page.html", title="Unsubscribe", text="A bare template render.")
+
+
+@app.get("/page_same_template")
+def page_same_template():
+    """The service's confirm page template rendered from fixed values: no Redis, token, session or language."""
+    return render_template("unsubscribe/confirm.html", **CONFIRM_VIEW)
 
 
 @app.get("/page_compiled_per_request")

@@ -9,7 +9,9 @@ receipts) to a resource in confirm mode through the API and issues one message l
 1. max rate: wrk, closed loop with --connections connections, GETs the unsubscribe pages, cycling through all
    of them (the page the person sees before confirming: three categories, the CSRF-protected form, the
    manager link), and the same against /page. The two alternate in --rounds rounds (a shared machine's slow
-   spells then hit both); the ratio is the median of the per-round ratios.
+   spells then hit both); the ratio is the median of the per-round ratios. A third app run in the same
+   rounds, GET /page_same_template, renders the service's own confirm template (same size) from fixed values:
+   what the page costs without its Redis read, token check, language choice and CSRF session.
 2. half load: wrk paced by its Lua delay() hook to half of each app's own median max rate (evenly spaced
    sends from one schedule, with many idle connections so that a send never waits for an earlier reply:
    open loop), again alternating in --rounds rounds, --seconds per app in all; p50/p99 from sending a request
@@ -26,7 +28,8 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (Services, add_load_arguments, compare_max, compare_paced, make_subscriptions,  # noqa: E402
-                    print_comparison, run_wrk, start_service_and_baseline, workers_label, write_wrk_script)
+                    print_comparison, round_ratios, run_wrk, start_service_and_baseline, workers_label,
+                    write_wrk_script)
 
 PACED_CONNECTIONS = 32  # far more than the requests in flight at half load: a send never waits for a reply
 
@@ -53,9 +56,14 @@ def main():
         bare_script = write_wrk_script(services.dir, "bare.lua", "GET", [args.baseline_path])
         run_wrk(base, script, 1, args.connections)  # warm-up
         run_wrk(bare_base, bare_script, 1, args.connections)
-        res = compare_max({"svc": (base, script, proc.pid), "bare": (bare_base, bare_script, bare_proc.pid)},
+        same_script = write_wrk_script(services.dir, "same.lua", "GET", ["/page_same_template"])
+        with urllib.request.urlopen(bare_base + "/page_same_template", timeout=10) as resp:
+            same_bytes = len(resp.read())
+        run_wrk(bare_base, same_script, 1, args.connections)
+        res = compare_max({"svc": (base, script, proc.pid), "bare": (bare_base, bare_script, bare_proc.pid),
+                           "same": (bare_base, same_script, bare_proc.pid)},
                           args.seconds, args.rounds, args.connections)
-        svc, bare = res["svc"], res["bare"]
+        svc, bare, same = res["svc"], res["bare"], res["same"]
         half = compare_paced({
             "svc": (base, write_wrk_script(services.dir, "page_half.lua", "GET", paths, rate=svc["rps"] / 2)),
             "bare": (bare_base, write_wrk_script(services.dir, "bare_half.lua", "GET", [args.baseline_path],
@@ -69,6 +77,9 @@ def main():
         svc, bare, svc_half, bare_half, 0.7,
         notes=[f"\nbaseline GET {args.baseline_path}; page sizes: service {page_bytes:,} bytes, "
                f"baseline {bare_bytes:,} bytes",
+               f"the service's confirm template rendered bare (GET /page_same_template, {same_bytes:,} bytes): "
+               f"{same['rps']:,.0f} req/s, {same['cpu_ms']:.2f} ms server CPU per request; service/that: "
+               f"{sorted(round_ratios(svc, same))[args.rounds // 2]:.2f} (median of the per-round ratios)",
                f"setup: {len(paths):,} subscriptions + links through the API in {setup:.0f}s; "
                f"whole run {time.perf_counter() - started:.0f}s"])
 
