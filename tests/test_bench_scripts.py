@@ -1,0 +1,68 @@
+"""The benchmark scripts run from a clean checkout with their one documented command and print their figures.
+
+Short runs (seconds, a few dozen subscriptions): this checks that every script works end to end against real
+processes (redis-server, gunicorn, wrk, workers) and prints what the README quotes, not how fast anything is;
+the figures themselves come from full runs (README, Performance). bench/profile.py is left out: it needs
+py-spy and ptrace rights.
+"""
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.bench
+
+
+def run_bench(*args, timeout=240):
+    if shutil.which("wrk") is None and args[0] in ("oneclick.py", "page.py"):
+        pytest.fail("wrk is not installed: apt-get install wrk")
+    result = subprocess.run([sys.executable, f"bench/{args[0]}", *args[1:]], cwd=ROOT, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def number(pattern, text):
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not in:\n{text}"
+    return float(match.group(1).replace(",", ""))
+
+
+LOAD = ("--seconds", "2", "--rounds", "1", "--subscriptions", "30")
+
+
+def test_oneclick_bench():
+    out = run_bench("oneclick.py", *LOAD, "--floor")
+    assert number(r"max rate, median round \(req/s\)\s+([\d,]+)", out) > 0
+    assert number(r"ratio service/baseline \(median of the per-round ratios\): ([\d.]+)", out) > 0
+    assert number(r"floor: bare Flask endpoint making one redis-py call: ([\d,]+) req/s", out) > 0
+    assert re.search(r"goal ratio >= 0\.80: (MET|NOT MET);\s+goal p99 at half load < 10 ms: [\d.]+ ms", out)
+    assert "socket errors / non-2xx            0/0         0/0" in out
+
+
+def test_page_bench():
+    out = run_bench("page.py", *LOAD)
+    assert number(r"ratio service/baseline \(median of the per-round ratios\): ([\d.]+)", out) > 0
+    assert number(r"rendered bare \(GET /page_same_template, ([\d,]+) bytes\)", out) > 1000
+    assert re.search(r"goal ratio >= 0\.70: (MET|NOT MET)", out)
+
+
+def test_memory_bench():
+    out = run_bench("memory.py", "--subscriptions", "3000", "--sample", "20")
+    assert number(r"bytes per subscription, without ledger\s+([\d,]+)", out) > 0
+    assert out.count("sample read back through the API: 20 subscriptions, all equal, ledger chains verified") == 2
+
+
+def test_links_bench():
+    out = run_bench("links.py", "--seconds", "1")
+    assert number(r"links per server CPU-second\s+([\d,]+)", out) > 0
+
+
+def test_timers_bench():
+    out = run_bench("timers.py", "--timers", "200", "--lead", "3", "--spread", "2")
+    assert number(r"lateness \(event committed - deadline\): p50 (-?\d+) ms", out) >= 0
+    assert number(r"Redis memory per pending timer: (\d+) bytes", out) > 0
