@@ -12,7 +12,8 @@ local Redis with, webapp.__main__.REDIS_MEMORY_SETTINGS), in a fresh redis-serve
    through `redis-cli --pipe`, not through the API;
    INFO used_memory again;
 3. the same for each subscription's creation ledger event (RPUSH to keys.profile_events, XADD to
-   keys.events_timeline; the event is set_subscription's, with its own id, profile, hash_id and SHA-256);
+   keys.events_timeline; the event is set_subscription's, stored as events.encode_event does, with its own
+   id, profile, hash_id and SHA-256);
 4. a random sample is read back through the real API (POST /api/v1.1/subscriptions/get and events/verify on a
    Flask test client of the same Redis) and must equal what the API answers for the template subscription;
 5. MEMORY USAGE and OBJECT ENCODING of sample keys say where the bytes go.
@@ -68,7 +69,7 @@ def templates(r, rid):
     sub, _is_new = subscriptions.set_subscription(r, data)
     raw_record = r.hget(keys.profile_subscriptions(1, TEMPLATE_PID), sub["hash_id"])
     raw_event = r.lindex(keys.profile_events(1, TEMPLATE_PID), 0)
-    event = json.loads(raw_event)
+    event = events.decode_event(raw_event)
     assert subscriptions.decode_record(raw_record)["address"] == {"email": TEMPLATE_EMAIL}
     assert raw_record.count(TEMPLATE_EMAIL) == 1 and len(P_EMAIL) == len(TEMPLATE_EMAIL)
     record_tpl = raw_record.replace(TEMPLATE_EMAIL, P_EMAIL)
@@ -77,7 +78,7 @@ def templates(r, rid):
     for name, (placeholder, _value) in fields.items():
         event[name] = placeholder
     original_hash, event["hash"] = event["hash"], P_HASH
-    event_tpl = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+    event_tpl = events.encode_event(event)
     canonical_tpl = json.dumps({k: v for k, v in event.items() if k != "hash"}, sort_keys=True, separators=(",", ":"))
 
     def fill(tpl, values):

@@ -154,9 +154,8 @@ def restore(r, snap):
         r.restore(key, max(ttl, 0), blob, replace=True)
 
 
-# Members that differ between two runs of the same change: event ids, times and hashes ("t": a stored
-# record's updated_at, see subscriptions.encode_record).
-VOLATILE = ("id", "at", "updated_at", "t", "hash", "prev_hash", "seconds_since_send")
+# Members that differ between two runs of the same change: event ids, times and hashes.
+VOLATILE = ("id", "at", "updated_at", "hash", "prev_hash", "seconds_since_send")
 
 
 def normalized(value):
@@ -173,6 +172,18 @@ def normalized(value):
     return value
 
 
+def long_form(key, kind, value):
+    """Stored subscription records and ledger events as the code works with them (their stored forms use
+    one-letter names that would hide what VOLATILE names)."""
+    from webapp.events import decode_event
+    from webapp.subscriptions import decode_record
+    if key.endswith(":subs") and kind == "hash":
+        return {h: decode_record(v) for h, v in value.items()}
+    if key.endswith(":events") and kind == "list":
+        return [decode_event(v) for v in value]
+    return value
+
+
 def same_state(r):
     """Every key, normalized: equal for two code paths that made the same changes."""
     out = {}
@@ -180,7 +191,7 @@ def same_state(r):
         if key.startswith("rq:"):  # RQ's own (binary) job keys
             continue
         kind, value = read_key(r, key, scores=False, stream_ids=False)
-        out[key] = (kind, normalized(value), r.ttl(key) > 0)
+        out[key] = (kind, normalized(long_form(key, kind, value)), r.ttl(key) > 0)
     return out
 
 

@@ -2,6 +2,7 @@
 import json
 
 from conftest import redis_state
+from webapp import events
 
 
 def make_history(api, resource, profile_id="p-42", email="ann@example.com"):
@@ -46,9 +47,9 @@ def test_verify_names_an_edited_entry(api, r, resource):
     make_history(api, resource, "p-43", "bob@example.com")
     assert api.ok("events/verify") == {"ok": True, "first_bad": None}
     key = "us:{1:p-43}:events"
-    entry = json.loads(r.lindex(key, 1))
+    entry = events.decode_event(r.lindex(key, 1))
     entry["after"]["cats"] = ["news", "receipts"]       # someone rewrites history
-    r.lset(key, 1, json.dumps(entry))
+    r.lset(key, 1, events.encode_event(entry))
     result = api.ok("events/verify")
     assert result["ok"] is False
     assert result["first_bad"] == {"db_id": 1, "profile_id": "p-43", "seq": 2, "id": entry["id"],
@@ -58,7 +59,7 @@ def test_verify_names_an_edited_entry(api, r, resource):
 
 def test_verify_names_a_removed_entry(api, r, resource):
     make_history(api, resource)
-    removed = json.loads(r.lindex("us:{1:p-42}:events", 1))
+    removed = events.decode_event(r.lindex("us:{1:p-42}:events", 1))
     r.lrem("us:{1:p-42}:events", 1, r.lindex("us:{1:p-42}:events", 1))
     result = api.ok("events/verify", db_id=1, profile_id="p-42")
     assert result["first_bad"]["seq"] == 2 and result["first_bad"]["problem"] == "entry missing or out of order"
@@ -73,3 +74,55 @@ def test_ledger_api_validation_writes_nothing(api, r, resource):
     api.fail("events/verify", 400, profile_id="p-42")
     api.fail("events/list", 401, token="nope", db_id=1, profile_id="p-42")
     assert redis_state(r) == before
+
+
+# The stored event format (events.encode_event / decode_event).
+
+def test_events_are_stored_compactly_and_verify(api, r, resource):
+    make_history(api, resource)
+    raws = r.lrange("us:{1:p-42}:events", 0, -1)
+    first = raws[0]
+    assert first.startswith('{"i":"') and '"seq"' not in first and '"evidence"' not in first, first
+    assert '"b"' not in first and '"p"' not in first and '"s"' not in first  # no before, prev_hash, smid
+    assert len(first) <= 240, first
+    assert all(events.decode_event(raw)["hash"] == events.event_hash(events.decode_event(raw)) for raw in raws)
+    assert api.ok("events/verify", db_id=1, profile_id="p-42") == {"ok": True, "first_bad": None}
+
+
+def test_events_stored_in_the_long_form_still_read_and_verify(api, r, resource):
+    make_history(api, resource)
+    key = "us:{1:p-42}:events"
+    history = api.ok("events/list", db_id=1, profile_id="p-42")
+    for i, raw in enumerate(r.lrange(key, 0, -1)):
+        r.lset(key, i, json.dumps(events.decode_event(raw)))
+    assert '"seq"' in r.lindex(key, 0)
+    assert api.ok("events/list", db_id=1, profile_id="p-42") == history
+    assert api.ok("events/verify", db_id=1, profile_id="p-42") == {"ok": True, "first_bad": None}
+
+
+def test_every_event_survives_the_stored_form():
+    """decode_event(encode_event(e)) is e, member order and value types included, for any event new_event
+    builds (hypothesis); its hash still verifies."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    text = st.text(max_size=20)
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 40, 2 ** 40), text)
+    state = st.one_of(st.none(), st.fixed_dictionaries({"status": st.sampled_from(["subscribed", "unsubscribed"]),
+                                                        "cats": st.lists(text, max_size=3)}))
+    last = st.one_of(st.none(), st.builds(lambda seq, h: {"seq": seq, "hash": h}, st.integers(1, 10 ** 6),
+                                          st.text("0123456789abcdef", min_size=64, max_size=64)))
+    evidence = st.one_of(st.none(), st.dictionaries(
+        st.one_of(st.sampled_from(["ip", "user_agent", "seconds_since_send", "locale"]), text), scalar, max_size=5))
+
+    @settings(max_examples=300, deadline=None)
+    @given(last, st.integers(1, 2 ** 31), text, st.integers(1, 2 ** 31), st.sampled_from(["email", "sms"]),
+           st.text("0123456789abcdef", min_size=8, max_size=8), st.sampled_from(["api", "one_click", "timer"]),
+           state, state, st.one_of(st.none(), text), evidence)
+    def check(last, db_id, profile_id, resource_id, channel, hash_id, method, before, after, smid, evidence):
+        event = events.new_event(last, db_id=db_id, profile_id=profile_id, resource_id=resource_id,
+                                 channel=channel, hash_id=hash_id, method=method, before=before, after=after,
+                                 smid=smid, evidence=evidence)
+        back = events.decode_event(events.encode_event(event))
+        assert json.dumps(back) == json.dumps(event)  # same members, order and values
+        assert events.event_hash(back) == event["hash"]
+    check()

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import email_resource, redis_state
-from webapp import keys
+from webapp import events, keys
 from webapp.delayed import sweep_once
 from webapp.sdk import limiter_storage_uri, origin_of, parse_script_id
 
@@ -50,7 +50,7 @@ def sub(api, ident):
 
 
 def last_event(r, ident):
-    return json.loads(r.lindex(keys.profile_events(ident["db_id"], ident["profile_id"]), -1))
+    return events.decode_event(r.lindex(keys.profile_events(ident["db_id"], ident["profile_id"]), -1))
 
 
 # -- changes ------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ Each profile has its own chain (`keys.profile_events`, a list, oldest first): an
 previous event's hash (`prev_hash`) and its own `hash` = SHA-256 of its canonical JSON without `hash`.
 Events are appended in the same MULTI/EXEC as the change they describe, so a change without its event (or
 the reverse) cannot be stored. A global stream (`keys.events_timeline`) indexes events by time for export.
+Events are stored compactly (`encode_event`); every reader gets them back as they were hashed (`decode_event`).
 """
 import hashlib
 import json
@@ -11,7 +12,7 @@ import secrets
 import time
 
 from . import keys
-from .validation import now_iso
+from .validation import ms_to_time, now_iso, time_to_ms
 
 GENESIS_HASH = "0" * 64
 
@@ -38,10 +39,63 @@ def new_event(last, *, db_id, profile_id, resource_id, channel, hash_id, method,
     return event
 
 
+# The stored form of an event. Events are kept for good, one per change, so the ledger is most of what Redis
+# holds at scale (bench/memory.py): one-letter member names, "at" as epoch milliseconds, and members at their
+# usual value left out (no `before` or `smid`, the first event's prev_hash, evidence members that are None).
+# decode_event(encode_event(e)) == e for every event new_event builds, so hashes verify on what is read; an
+# event stored in the long form (it has "seq") reads unchanged. scripts.CLAIM_TIMERS reads "q" and "x".
+_EVENT_SHORT = {"id": "i", "at": "a", "db_id": "d", "profile_id": "u", "resource_id": "r", "channel": "c",
+                "hash_id": "h", "method": "m", "before": "b", "after": "f", "smid": "s", "evidence": "e",
+                "seq": "q", "prev_hash": "p", "hash": "x"}
+_EVENT_LONG = {short: name for name, short in _EVENT_SHORT.items()}
+_EVENT_DEFAULTS = {"before": None, "smid": None, "prev_hash": GENESIS_HASH}
+_EVIDENCE_DEFAULTS = ("ip", "user_agent", "seconds_since_send", "locale")  # None unless the caller knew it
+
+
+def encode_event(event):
+    """The event as stored in its profile's ledger list (compact JSON)."""
+    out = {}
+    for name, value in event.items():
+        if name in _EVENT_DEFAULTS and value == _EVENT_DEFAULTS[name]:
+            continue
+        if name == "evidence":
+            value = {k: v for k, v in value.items() if not (k in _EVIDENCE_DEFAULTS and v is None)}
+            if not value:
+                continue
+        elif name == "at":
+            value = time_to_ms(value)
+        out[_EVENT_SHORT.get(name, name)] = value
+    return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
+
+
+def decode_event(raw):
+    """The event `encode_event` stored (raw JSON text), exactly as new_event built and hashed it.
+    Raises ValueError for text that is not JSON."""
+    stored = json.loads(raw)
+    if not isinstance(stored, dict) or "seq" in stored:  # the long form (or not an event at all)
+        return stored
+    event = {}
+    for name, short in _EVENT_SHORT.items():  # new_event's member order
+        if short in stored:
+            value = stored[short]
+        elif name in _EVENT_DEFAULTS:
+            value = _EVENT_DEFAULTS[name]
+        elif name == "evidence":
+            value = {}
+        else:
+            continue
+        if name == "at" and type(value) is int:
+            value = ms_to_time(value)
+        elif name == "evidence":
+            value = {**dict.fromkeys(_EVIDENCE_DEFAULTS), **value}
+        event[name] = value
+    event.update((k, v) for k, v in stored.items() if k not in _EVENT_LONG)
+    return event
+
+
 def queue_append(pipe, event):
     """Add the event's writes to a MULTI pipeline."""
-    pipe.rpush(keys.profile_events(event["db_id"], event["profile_id"]),
-               json.dumps(event, separators=(",", ":"), ensure_ascii=False))
+    pipe.rpush(keys.profile_events(event["db_id"], event["profile_id"]), encode_event(event))
     # rid and method let webhook deliverers filter without loading the event.
     pipe.xadd(keys.events_timeline(), {"ref": f"{event['db_id']}|{event['profile_id']}|{event['seq']}",
                                        "rid": event["resource_id"], "method": event["method"]})
@@ -49,7 +103,7 @@ def queue_append(pipe, event):
 
 def last_event(pipe, db_id, profile_id):
     raw = pipe.lindex(keys.profile_events(db_id, profile_id), -1)
-    return json.loads(raw) if raw else None
+    return decode_event(raw) if raw else None
 
 
 def list_events(r, db_id, profile_id, from_seq=None, limit=50):
@@ -60,7 +114,7 @@ def list_events(r, db_id, profile_id, from_seq=None, limit=50):
     if top <= 0:
         return [], None
     start = max(0, top - limit)
-    items = [json.loads(x) for x in r.lrange(key, start, top - 1)][::-1]
+    items = [decode_event(x) for x in r.lrange(key, start, top - 1)][::-1]
     return items, (start if start > 0 else None)
 
 
@@ -69,8 +123,10 @@ def verify_chain(r, db_id, profile_id):
     prev_hash, expected_seq = GENESIS_HASH, 1
     for raw in r.lrange(keys.profile_events(db_id, profile_id), 0, -1):
         try:
-            event = json.loads(raw)
+            event = decode_event(raw)
         except ValueError:
+            event = None
+        if not isinstance(event, dict):
             return {"seq": expected_seq, "id": None, "problem": "entry is not JSON"}
         if event.get("seq") != expected_seq:
             return {"seq": expected_seq, "id": event.get("id"), "problem": "entry missing or out of order"}
@@ -87,7 +143,7 @@ def load_refs(r, refs):
     with r.pipeline(transaction=False) as pipe:
         for db_id, profile_id, seq in refs:
             pipe.lindex(keys.profile_events(db_id, profile_id), int(seq) - 1)
-        return [json.loads(raw) if raw else None for raw in pipe.execute()]
+        return [decode_event(raw) if raw else None for raw in pipe.execute()]
 
 
 def export_events(r, start_ms, end_ms, batch=500):

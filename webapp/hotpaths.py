@@ -16,8 +16,6 @@ the same functions (unsubscribe.context_from, resolve_scope, unsubscribed_record
 the same data; only the transport differs. If APPLY finds that the record, the ledger or the pending timer
 changed since READ, the generic WATCH/MULTI path (unsubscribe.unsubscribe) runs instead on fresh data.
 """
-import json
-
 from . import events, keys, scripts, unsubscribe
 from .subscriptions import encode_record, state_of
 from .tokens import read_smid
@@ -134,11 +132,12 @@ def one_click(r, ring, token, evidence):
         new_raw = encode_record(new)
         before, after = state_of(ctx.resource, record), state_of(ctx.resource, new)
         if before != after:
-            event = events.new_event(json.loads(last_raw) if last_raw else None, db_id=db_id, profile_id=profile_id,
+            last = events.decode_event(last_raw) if last_raw else None
+            event = events.new_event(last, db_id=db_id, profile_id=profile_id,
                                      resource_id=new["resource_id"], channel=new["channel"], hash_id=hash_id,
                                      method=ONE_CLICK, before=before, after=after, smid=token,
                                      evidence=unsubscribe._evidence(ctx, evidence))
-            event_raw = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+            event_raw = events.encode_event(event)
             ref = f"{db_id}|{profile_id}|{event['seq']}"
     applied = scripts.run_direct(
         r, APPLY, (keys.profile_subscriptions(db_id, profile_id), keys.profile_events(db_id, profile_id),

@@ -10,12 +10,12 @@ live in one Redis Cluster slot and can be changed together in one MULTI/EXEC or 
 | us:resource:<rid>                      | string | resources.add/update (JSON)   | never   |
 | us:db:<db_id>:profiles                 | set    | subscriptions (first sub)     | never   |
 | us:{<db_id>:<pid>}:subs                | hash   | subscriptions (hash_id->record, encode_record) | never |
-| us:{<db_id>:<pid>}:events              | list   | events.append (JSON, chained) | never   |
+| us:{<db_id>:<pid>}:events              | list   | events.queue_append (encode_event, chained) | never |
 | us:{<db_id>:<pid>}:pending:<hash_id>   | hash   | unsubscribe.arm_timer: deadline, armed_at, scope, smid, evidence; `lease` (3 s claim by a firer) | deadline + 1 day |
 | us:pending:due                         | zset   | delayed timers: member "db|pid|hash_id", score = deadline | never (members removed when settled) |
 | us:{<db_id>:<pid>}:manager_undo        | hash   | preferences (last manager change) | 10 minutes |
 | us:suspensions:due                     | zset   | preferences.suspend: "db|pid|hash_id" by end time | never (members removed on resume) |
-| us:events:timeline                     | stream | events.append (global index, webhook outbox) | never |
+| us:events:timeline                     | stream | events.queue_append (global index, webhook outbox) | never |
 | us:views:<sha256(smid)[:24]>           | hash   | pages GET/HEAD: {GET: n, HEAD: n} (scanner evidence) | 10 minutes |
 | us:webhooks                            | hash   | webhooks.add_webhook (id -> JSON) | never |
 | us:webhook:next_id                     | string | webhooks.add_webhook (INCR)   | never   |
@@ -63,7 +63,7 @@ def profile_subscriptions(db_id, profile_id):
 
 
 def profile_events(db_id, profile_id):
-    """List: the profile's hash-chained events, oldest first (append-only)."""
+    """List: the profile's hash-chained events as events.encode_event stores them, oldest first (append-only)."""
     return f"{PREFIX}:{_profile_tag(db_id, profile_id)}:events"
 
 

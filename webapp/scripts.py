@@ -116,7 +116,7 @@ local function claim(i)
   local seq, hash = 0, ''
   if n > 0 then
     local last = cjson.decode(redis.call('LINDEX', KEYS[3 * i], -1))
-    seq, hash = last['seq'], last['hash']
+    seq, hash = last['q'] or last['seq'], last['x'] or last['hash']  -- events.encode_event's names, or the long form
     if type(seq) ~= 'number' or type(hash) ~= 'string' then
       error('the last ledger entry has no seq or hash')
     end

@@ -9,14 +9,13 @@ the resource later reaches existing subscribers; the API shows `cats`, the categ
 """
 import hashlib
 import json
-from datetime import datetime, timedelta, timezone
 from enum import IntEnum
 
 from . import events, keys
 from .errors import InvalidInput, NoSuchSubscription
 from .resources import PHONE_CC_CHANNELS, get_resource, get_resources, validate_field_value
 from .validation import (as_chat_id, as_datetime, as_email, as_int, as_ip, as_list, as_object, as_phone,
-                         as_profile_id, as_text, as_url, no_unknown_keys, now_iso, require)
+                         as_profile_id, as_text, as_url, ms_to_time, no_unknown_keys, now_iso, require, time_to_ms)
 
 
 class Status(IntEnum):
@@ -87,23 +86,6 @@ _REG_SHORT = {"date": "d", "ip": "i", "url": "l", "source": "o"}
 _REG_DEFAULTS = {"ip": None, "url": None, "source": "api"}
 _TIMES = ("updated_at", "suspended_until")  # text (validation.format_time) or None, as is reg_info's date
 _STRING_ADDRESS = {"email": "email", "sms": "phone"}  # channel -> the address's one member
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_MS = timedelta(milliseconds=1)
-
-
-def _time_to_ms(text):
-    try:
-        ms = (datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc) - _EPOCH) // _MS
-    except (TypeError, ValueError):
-        return text
-    return ms if _ms_to_time(ms) == text else text
-
-
-def _ms_to_time(ms):
-    # validation.format_time's text (checked by _time_to_ms), without strftime: decoding runs on every request.
-    t = _EPOCH + ms * _MS
-    return (f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}."
-            f"{t.microsecond // 1000:03d}Z")
 
 
 def _is_default(value, default):
@@ -122,10 +104,10 @@ def encode_record(record):
         if name == "reg_info" and isinstance(value, dict) and set(value) == set(_REG_SHORT):
             for reg_name, short in _REG_SHORT.items():
                 if reg_name not in _REG_DEFAULTS or not _is_default(value[reg_name], _REG_DEFAULTS[reg_name]):
-                    out[short] = _time_to_ms(value[reg_name]) if short == "d" else value[reg_name]
+                    out[short] = time_to_ms(value[reg_name]) if short == "d" else value[reg_name]
             continue
         if name in _TIMES:
-            value = _time_to_ms(value)
+            value = time_to_ms(value)
         out[_SHORT.get(name, name)] = value
     return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
 
@@ -141,11 +123,11 @@ def decode_record(raw):
         if short in _REG_SHORT.values():
             reg_info = reg_info or {"date": None, **_REG_DEFAULTS}
             reg_name = next(n for n, s in _REG_SHORT.items() if s == short)
-            reg_info[reg_name] = _ms_to_time(value) if short == "d" and type(value) is int else value
+            reg_info[reg_name] = ms_to_time(value) if short == "d" and type(value) is int else value
             continue
         name = _LONG.get(short, short)
         if name in _TIMES and type(value) is int:
-            value = _ms_to_time(value)
+            value = ms_to_time(value)
         record[name] = value
     if isinstance(record.get("address"), str):
         record["address"] = {_STRING_ADDRESS[record["channel"]]: record["address"]}

@@ -183,7 +183,7 @@ def undo(r, ctx, evidence=None):
 
     def change(pc):
         record = pc.records.get(hash_id)
-        recent = [json.loads(x) for x in pc.pipe.lrange(keys.profile_events(db_id, profile_id), -50, -1)]
+        recent = [events.decode_event(x) for x in pc.pipe.lrange(keys.profile_events(db_id, profile_id), -50, -1)]
         mine = [e for e in recent if e["hash_id"] == hash_id]
         last = mine[-1] if mine else None
         if (last is None or last["smid"] != ctx.token or last["method"] not in UNDOABLE_METHODS
@@ -315,7 +315,7 @@ def cancel_timer(r, ctx, evidence=None):
         if record and record["status"] != Status.SUBSCRIBED:
             return "unsubscribed"
         # A timer that stopped only some categories leaves the subscription subscribed: its ledger says it fired.
-        recent = [json.loads(x) for x in pc.pipe.lrange(keys.profile_events(db_id, profile_id), -50, -1)]
+        recent = [events.decode_event(x) for x in pc.pipe.lrange(keys.profile_events(db_id, profile_id), -50, -1)]
         mine = [e for e in recent if e["hash_id"] == hash_id]
         if mine and mine[-1]["method"] == "timer":
             return "unsubscribed"
@@ -344,7 +344,7 @@ def _settlement(db_id, profile_id, hash_id, row, resources, now_text):
                                          resource_id=record["resource_id"], channel=record["channel"],
                                          hash_id=hash_id, method="timer", before=before, after=after, smid=smid,
                                          evidence=json.loads(evidence or "{}"))
-                event_raw = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+                event_raw = events.encode_event(event)
                 ref = f"{db_id}|{profile_id}|{event['seq']}"
     item_keys = (keys.pending_unsubscribe(db_id, profile_id, hash_id), keys.profile_subscriptions(db_id, profile_id),
                  keys.profile_events(db_id, profile_id), keys.db_profiles(db_id))

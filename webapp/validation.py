@@ -2,7 +2,7 @@
 import ipaddress
 import math
 import re
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from urllib.parse import urlsplit
 
 from .errors import InvalidInput
@@ -204,3 +204,24 @@ def format_time(moment):
 
 def now_iso():
     return format_time(datetime.now(timezone.utc))
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MS = timedelta(milliseconds=1)
+
+
+def time_to_ms(text):
+    """A format_time text as epoch milliseconds (for compact storage); anything else, or a text that would not
+    come back identical from ms_to_time, is returned as it is."""
+    try:
+        ms = (datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc) - _EPOCH) // _MS
+    except (TypeError, ValueError):
+        return text
+    return ms if ms_to_time(ms) == text else text
+
+
+def ms_to_time(ms):
+    """format_time's text of epoch milliseconds, without strftime: stored records decode on every request."""
+    t = _EPOCH + ms * _MS
+    return (f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}."
+            f"{t.microsecond // 1000:03d}Z")
