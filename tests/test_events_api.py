@@ -126,3 +126,17 @@ def test_every_event_survives_the_stored_form():
         assert json.dumps(back) == json.dumps(event)  # same members, order and values
         assert events.event_hash(back) == event["hash"]
     check()
+
+
+def test_verify_names_damaged_compact_entries(api, r, resource):
+    """Entries edited in their stored form (a member of the wrong type, a time out of range) are reported,
+    and listing them still works."""
+    for i, damage in enumerate(({"e": [1]}, {"e": "x"}, {"a": 10 ** 20}, {"a": -(10 ** 20)}, {"f": None})):
+        profile_id = f"p-d{i}"
+        key = f"us:{{1:{profile_id}}}:events"
+        make_history(api, resource, profile_id, f"d{i}@example.com")
+        entry = json.loads(r.lindex(key, 1))
+        r.lset(key, 1, json.dumps({**entry, **damage}))
+        result = api.ok("events/verify", db_id=1, profile_id=profile_id)
+        assert result["first_bad"]["seq"] == 2 and result["first_bad"]["problem"] == "entry was altered", damage
+        assert [e["seq"] for e in api.ok("events/list", db_id=1, profile_id=profile_id)] == [3, 2, 1]

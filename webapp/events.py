@@ -86,7 +86,7 @@ def decode_event(raw):
             continue
         if name == "at" and type(value) is int:
             value = ms_to_time(value)
-        elif name == "evidence":
+        elif name == "evidence" and isinstance(value, dict):  # anything else: a damaged entry, left to verify
             value = {**dict.fromkeys(_EVIDENCE_DEFAULTS), **value}
         event[name] = value
     event.update((k, v) for k, v in stored.items() if k not in _EVENT_LONG)

@@ -221,7 +221,11 @@ def time_to_ms(text):
 
 
 def ms_to_time(ms):
-    """format_time's text of epoch milliseconds, without strftime: stored records decode on every request."""
-    t = _EPOCH + ms * _MS
+    """format_time's text of epoch milliseconds, without strftime: stored records decode on every request.
+    A number no datetime can hold (only a damaged entry has one) is returned as it is."""
+    try:
+        t = _EPOCH + ms * _MS
+    except OverflowError:
+        return ms
     return (f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}."
             f"{t.microsecond // 1000:03d}Z")
