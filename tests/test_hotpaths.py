@@ -170,3 +170,13 @@ def test_direct_calls_survive_a_script_flush_and_a_dropped_connection(api, app, 
         assert hotpaths.one_click(client, ring, token, EVIDENCE)["changed"] is False
     finally:
         client.close()
+
+
+def test_direct_call_raises_an_error_reply_without_running_the_script_again(r):
+    """A script that wrote and then failed must not run twice (Lua does not roll back its writes)."""
+    import redis
+    script = "redis.call('INCR', KEYS[1]) return redis.error_reply('boom')"
+    for expected in ("1", "2"):  # the first call finds the script uncached (NOSCRIPT, then EVAL)
+        with pytest.raises(redis.ResponseError, match="boom"):
+            scripts.run_direct(r, script, ["t:count"], [])
+        assert r.get("t:count") == expected

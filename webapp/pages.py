@@ -119,6 +119,9 @@ def unsubscribe_page(smid):
     return no_store(make_response(render_template(f"unsubscribe/{ctx.mode}.html", **view)))
 
 
+ONE_CLICK_DONE = "Unsubscribed.\n"
+
+
 def one_click(smid):
     """RFC 8058: POST List-Unsubscribe=One-Click (either encoding; an empty or odd body is treated the same,
     since the signed URL is what identifies the recipient). 200 with a tiny body, never a redirect.
@@ -133,9 +136,6 @@ def one_click(smid):
     except NotFound:
         return plain("Unknown unsubscribe link.\n", 404)
     return plain(ONE_CLICK_DONE, 200)
-
-
-ONE_CLICK_DONE = "Unsubscribed.\n"
 
 
 def plain(text, status):

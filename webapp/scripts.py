@@ -38,8 +38,10 @@ def run_direct(r, script, keys, args):
     try:
         conn.send_command("EVALSHA", _sha(script), len(keys), *keys, *args)
         return conn.read_response()
-    except ResponseError:  # NoScriptError among them; the reply was read whole, the connection is fine
+    except NoScriptError:  # Redis restarted: _run sends the script with EVAL (the connection is fine)
         pass
+    except ResponseError:  # an error reply, read whole: the connection is fine
+        raise
     except (ConnectionError, TimeoutError):
         conn.disconnect()  # never hand a connection with a half-read reply back to the pool
     except BaseException:
