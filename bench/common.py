@@ -28,12 +28,22 @@ def add_load_arguments(parser):
     return parser
 
 
-def start_service_and_baseline(services, args):
-    """The service and the bare baseline under the same gunicorn settings: (base, proc, bare_base, bare_proc)."""
+def start_service_and_baseline(services, args, mode):
+    """The service and the bare baseline under the same gunicorn settings, and args.subscriptions links to a
+    resource in unsubscribe `mode` (make_subscriptions): (base, proc, bare_base, bare_proc, paths, setup
+    seconds)."""
     gconf = {"workers": args.workers, "worker_class": args.worker_class, "threads": args.threads}
     base, proc = services.gunicorn("webapp:create_app()", **gconf)
     bare_base, bare_proc = services.gunicorn("bench.baseline_app:app", **gconf)
-    return base, proc, bare_base, bare_proc
+    t0 = time.perf_counter()
+    paths = make_subscriptions(base, args.subscriptions, mode)
+    return base, proc, bare_base, bare_proc, paths, time.perf_counter() - t0
+
+
+def run_title(what, args, paths):
+    """The first line of bench/oneclick.py's and bench/page.py's table: what ran, and how."""
+    return (f"{what}: {workers_label(args)} workers each, no access log; wrk -c{args.connections}, "
+            f"{args.rounds} rounds of {args.seconds / args.rounds:.1f}s per app; {len(paths):,} distinct SMIDs")
 
 
 def workers_label(args):

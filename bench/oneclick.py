@@ -26,8 +26,8 @@ import time
 import redis
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (Services, add_load_arguments, compare_max, compare_paced, make_subscriptions,  # noqa: E402
-                    print_comparison, run_wrk, start_service_and_baseline, workers_label, write_wrk_script)
+from common import (Services, add_load_arguments, compare_max, compare_paced,  # noqa: E402
+                    print_comparison, run_wrk, run_title, start_service_and_baseline, write_wrk_script)
 
 BODY = "List-Unsubscribe=One-Click"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -42,10 +42,7 @@ def main():
     args = parser.parse_args()
     started = time.perf_counter()
     with Services() as services:
-        base, proc, bare_base, bare_proc = start_service_and_baseline(services, args)
-        t0 = time.perf_counter()
-        paths = make_subscriptions(base, args.subscriptions, "instant")
-        setup = time.perf_counter() - t0
+        base, proc, bare_base, bare_proc, paths, setup = start_service_and_baseline(services, args, "instant")
         r = redis.Redis.from_url(services.redis_url, decode_responses=True)
         script = write_wrk_script(services.dir, "oneclick.lua", "POST", paths, BODY, FORM)
         bare_script = write_wrk_script(services.dir, "nothing.lua", "POST", ["/nothing"], BODY, FORM)
@@ -68,8 +65,7 @@ def main():
                                                  rate=bare["rps"] / 2))}, args.seconds, args.rounds, PACED_CONNECTIONS)
         svc_half, bare_half = half["svc"], half["bare"]
     print_comparison(
-        f"one-click POST: {workers_label(args)} workers each, no access log; wrk -c{args.connections}, "
-        f"{args.rounds} rounds of {args.seconds / args.rounds:.1f}s per app; {len(paths):,} distinct SMIDs",
+        run_title("one-click POST", args, paths),
         svc, bare, svc_half, bare_half, 0.8,
         notes=[f"\nmax-rate requests that unsubscribed (wrote record + ledger event): {changed:,} of ~{measured:,.0f}; "
                f"the rest were idempotent replays",

@@ -27,8 +27,8 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (Services, add_load_arguments, compare_max, compare_paced, make_subscriptions,  # noqa: E402
-                    print_comparison, round_ratios, run_wrk, start_service_and_baseline, workers_label,
+from common import (Services, add_load_arguments, compare_max, compare_paced,  # noqa: E402
+                    print_comparison, round_ratios, run_wrk, run_title, start_service_and_baseline,
                     write_wrk_script)
 
 PACED_CONNECTIONS = 32  # far more than the requests in flight at half load: a send never waits for a reply
@@ -43,10 +43,7 @@ def main():
     args = parser.parse_args()
     started = time.perf_counter()
     with Services() as services:
-        base, proc, bare_base, bare_proc = start_service_and_baseline(services, args)
-        t0 = time.perf_counter()
-        paths = make_subscriptions(base, args.subscriptions, "confirm")
-        setup = time.perf_counter() - t0
+        base, proc, bare_base, bare_proc, paths, setup = start_service_and_baseline(services, args, "confirm")
         with urllib.request.urlopen(base + paths[0], timeout=10) as resp:
             page_bytes = len(resp.read())
             assert b'name="csrf_token"' in urllib.request.urlopen(base + paths[1], timeout=10).read()
@@ -71,9 +68,7 @@ def main():
             args.seconds, args.rounds, PACED_CONNECTIONS)
         svc_half, bare_half = half["svc"], half["bare"]
     print_comparison(
-        f"unsubscribe page GET (confirm mode): {workers_label(args)} workers each, no access log; "
-        f"wrk -c{args.connections}, {args.rounds} rounds of {args.seconds / args.rounds:.1f}s per app; "
-        f"{len(paths):,} distinct SMIDs",
+        run_title("unsubscribe page GET (confirm mode)", args, paths),
         svc, bare, svc_half, bare_half, 0.7,
         notes=[f"\nbaseline GET {args.baseline_path}; page sizes: service {page_bytes:,} bytes, "
                f"baseline {bare_bytes:,} bytes",

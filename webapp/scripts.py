@@ -69,15 +69,18 @@ def _run(r, script, keys, args, read_only=False):
 # so clock skew between web and worker hosts can neither fire a timer early nor let a cancel sent before the
 # deadline lose.
 
-# KEYS[1]: keys.pending_due(). ARGV[1]: "now" in epoch seconds, or "" for the server clock; ARGV[2]: seconds
-# to subtract from now (grace); ARGV[3]: limit. Returns the members ("db_id|profile_id|hash_id") due by then,
-# oldest deadline first. Read-only.
-DUE_TIMERS = """
+# The opening of the timer scripts: `now` is ARGV[1] (epoch seconds) when given, else the Redis server's clock.
+NOW_FROM_ARGV1 = """
 local now = tonumber(ARGV[1])
 if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
+end"""
+
+# KEYS[1]: keys.pending_due(). ARGV[1]: "now" in epoch seconds, or "" for the server clock; ARGV[2]: seconds
+# to subtract from now (grace); ARGV[3]: limit. Returns the members ("db_id|profile_id|hash_id") due by then,
+# oldest deadline first. Read-only.
+DUE_TIMERS = NOW_FROM_ARGV1 + """
 now = now - tonumber(ARGV[2])
 return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%.6f', now), 'LIMIT', 0, tonumber(ARGV[3]))
 """
@@ -93,12 +96,7 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%.6f', now), 
 # fields), subscription JSON, ledger length, last event's seq, last event's hash], "" (or 0) for what does not
 # exist; or ["leased"] when another caller holds an unexpired lease on it; or [error text] when its data cannot
 # be read (a key of the wrong type, a ledger entry that is not JSON), so one broken record holds up no other.
-CLAIM_TIMERS = """
-local now = tonumber(ARGV[1])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
+CLAIM_TIMERS = NOW_FROM_ARGV1 + """
 local lease = string.format('%.6f', now + tonumber(ARGV[2])) .. '|' .. ARGV[3]
 
 local function claim(i)
@@ -152,12 +150,7 @@ return cjson.encode(out)
 # written), "gone" (no pending record: cancelled or settled already; its due entry is removed), "early" (not
 # due yet), "changed" (something changed since it was read: read again and retry), "broken" (its keys cannot
 # be checked, e.g. one holds the wrong type; nothing written).
-FIRE_TIMERS = """
-local now = tonumber(ARGV[1])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
+FIRE_TIMERS = NOW_FROM_ARGV1 + """
 local due, timeline = KEYS[1], KEYS[2]
 
 local function check(pending, subs, events, member, hash_id, deadline, armed_at, expected, length)
