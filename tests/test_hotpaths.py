@@ -180,3 +180,27 @@ def test_direct_call_raises_an_error_reply_without_running_the_script_again(r):
         with pytest.raises(redis.ResponseError, match="boom"):
             scripts.run_direct(r, script, ["t:count"], [])
         assert r.get("t:count") == expected
+
+
+def test_direct_calls_hold_one_connection_per_thread_and_process(r):
+    """run_direct keeps a connection per thread (no checkout per call) and makes a new one in a forked child,
+    leaving the parent's connection intact (gunicorn forks its workers)."""
+    import os
+    import threading
+    script = "return redis.call('INCR', KEYS[1])"
+    pool = r.connection_pool
+    assert scripts.run_direct(r, script, ["t:n"], []) == 1
+    mine = scripts._direct_connection(pool)
+    assert scripts.run_direct(r, script, ["t:n"], []) == 2 and scripts._direct_connection(pool) is mine
+    other = []
+    worker = threading.Thread(target=lambda: other.append((scripts.run_direct(r, script, ["t:n"], []),
+                                                           scripts._direct_connection(pool))))
+    worker.start()
+    worker.join()
+    assert other[0][0] == 3 and other[0][1] is not mine
+    pid = os.fork()
+    if pid == 0:  # the child: a connection of its own that works
+        ok = scripts.run_direct(r, script, ["t:n"], []) == 4 and scripts._direct_connection(pool) is not mine
+        os._exit(0 if ok else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert scripts.run_direct(r, script, ["t:n"], []) == 5 and scripts._direct_connection(pool) is mine
