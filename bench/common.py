@@ -339,6 +339,26 @@ def compare_paced(runs, seconds, rounds, connections):
     return out
 
 
+PACED_CONNECTIONS = 32  # far more than the requests in flight at half load: a send never waits for a reply
+
+
+def compare_half_load(services, args, method, svc, bare, body=None, headers=None):
+    """compare_paced of the service and its baseline, each at half of its own median max rate. `svc` and
+    `bare` are (name, base_url, paths, compare_max figures). Returns (svc_half, bare_half)."""
+    runs = {}
+    for name, base, paths, max_figures in (svc, bare):
+        runs[name] = (base, write_wrk_script(services.dir, f"{name}_half.lua", method, paths, body, headers,
+                                             rate=max_figures["rps"] / 2))
+    half = compare_paced(runs, args.seconds, args.rounds, PACED_CONNECTIONS)
+    return half[svc[0]], half[bare[0]]
+
+
+def setup_note(paths, setup_seconds, started):
+    """The last note line of bench/oneclick.py's and bench/page.py's table."""
+    return (f"setup: {len(paths):,} subscriptions + links through the API in {setup_seconds:.0f}s; "
+            f"whole run {time.perf_counter() - started:.0f}s")
+
+
 def round_ratios(a, b):
     """Per-round ratios of two compare_max results (rounds ran back to back, so each pair saw the same machine)."""
     return sorted(x / y for x, y in zip(a["rps_rounds"], b["rps_rounds"]))

@@ -26,12 +26,11 @@ import time
 import redis
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (Services, add_load_arguments, compare_max, compare_paced,  # noqa: E402
-                    print_comparison, run_wrk, run_title, start_service_and_baseline, write_wrk_script)
+from common import (Services, add_load_arguments, compare_half_load, compare_max, print_comparison,  # noqa: E402
+                    run_title, run_wrk, setup_note, start_service_and_baseline, write_wrk_script)
 
 BODY = "List-Unsubscribe=One-Click"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
-PACED_CONNECTIONS = 32  # far more than the requests in flight at half load: a send never waits for a reply
 
 
 def main():
@@ -58,12 +57,8 @@ def main():
         svc, bare = res["svc"], res["bare"]
         changed = r.xlen("us:events:timeline") - events0
         measured = sum(x * args.seconds / args.rounds for x in svc["rps_rounds"])
-        half = compare_paced({
-            "svc": (base, write_wrk_script(services.dir, "oneclick_half.lua", "POST", paths, BODY, FORM,
-                                           rate=svc["rps"] / 2)),
-            "bare": (bare_base, write_wrk_script(services.dir, "nothing_half.lua", "POST", ["/nothing"], BODY, FORM,
-                                                 rate=bare["rps"] / 2))}, args.seconds, args.rounds, PACED_CONNECTIONS)
-        svc_half, bare_half = half["svc"], half["bare"]
+        svc_half, bare_half = compare_half_load(services, args, "POST", ("svc", base, paths, svc),
+                                                ("bare", bare_base, ["/nothing"], bare), BODY, FORM)
     print_comparison(
         run_title("one-click POST", args, paths),
         svc, bare, svc_half, bare_half, 0.8,
@@ -72,8 +67,7 @@ def main():
                *([f"floor: bare Flask endpoint making one redis-py call: {res['floor']['rps']:,.0f} req/s, "
                   f"{res['floor']['rps'] / bare['rps']:.2f} of the baseline, "
                   f"{res['floor']['cpu_ms']:.2f} ms server CPU per request"] if args.floor else []),
-               f"setup: {len(paths):,} subscriptions + links through the API in {setup:.0f}s; "
-               f"whole run {time.perf_counter() - started:.0f}s"])
+               setup_note(paths, setup, started)])
 
 
 if __name__ == "__main__":

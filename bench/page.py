@@ -27,11 +27,8 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (Services, add_load_arguments, compare_max, compare_paced,  # noqa: E402
-                    print_comparison, round_ratios, run_wrk, run_title, start_service_and_baseline,
-                    write_wrk_script)
-
-PACED_CONNECTIONS = 32  # far more than the requests in flight at half load: a send never waits for a reply
+from common import (Services, add_load_arguments, compare_half_load, compare_max, print_comparison,  # noqa: E402
+                    round_ratios, run_title, run_wrk, setup_note, start_service_and_baseline, write_wrk_script)
 
 
 def main():
@@ -61,12 +58,8 @@ def main():
                            "same": (bare_base, same_script, bare_proc.pid)},
                           args.seconds, args.rounds, args.connections)
         svc, bare, same = res["svc"], res["bare"], res["same"]
-        half = compare_paced({
-            "svc": (base, write_wrk_script(services.dir, "page_half.lua", "GET", paths, rate=svc["rps"] / 2)),
-            "bare": (bare_base, write_wrk_script(services.dir, "bare_half.lua", "GET", [args.baseline_path],
-                                                 rate=bare["rps"] / 2))},
-            args.seconds, args.rounds, PACED_CONNECTIONS)
-        svc_half, bare_half = half["svc"], half["bare"]
+        svc_half, bare_half = compare_half_load(services, args, "GET", ("svc", base, paths, svc),
+                                                ("bare", bare_base, [args.baseline_path], bare))
     print_comparison(
         run_title("unsubscribe page GET (confirm mode)", args, paths),
         svc, bare, svc_half, bare_half, 0.7,
@@ -75,8 +68,7 @@ def main():
                f"the service's confirm template rendered bare (GET /page_same_template, {same_bytes:,} bytes): "
                f"{same['rps']:,.0f} req/s, {same['cpu_ms']:.2f} ms server CPU per request; service/that: "
                f"{sorted(round_ratios(svc, same))[args.rounds // 2]:.2f} (median of the per-round ratios)",
-               f"setup: {len(paths):,} subscriptions + links through the API in {setup:.0f}s; "
-               f"whole run {time.perf_counter() - started:.0f}s"])
+               setup_note(paths, setup, started)])
 
 
 if __name__ == "__main__":
