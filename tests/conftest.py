@@ -114,6 +114,23 @@ def api(client):
     return ApiActions(client)
 
 
+@pytest.fixture
+def pages(api):
+    """The path of every page a person can reach, by name (one resource per unsubscribe mode)."""
+    out = {}
+    for mode in ("instant", "confirm", "blocked", "delayed"):
+        res = api.ok("resources/add", **email_resource(name=mode, unsubscribe={"mode": mode}))
+        ident = {"db_id": 1, "profile_id": "p-42", "resource_id": res["id"], "channel": "email",
+                 "email": f"{mode}@example.com"}
+        api.ok("subscriptions/set", **ident)
+        links = api.ok("messages/links", **ident)
+        out[f"unsubscribe-{mode}"] = links["unsubscribe_url"].removeprefix("https://unsub.example")
+        out["manage"] = links["manage_url"].removeprefix("https://unsub.example")
+    out["bad-link"] = "/unsubscribe/nope"
+    out["bad-manager"] = "/manage/nope"
+    return out
+
+
 TELEMETRY_PREFIXES = ("us:views:", "us:ratelimit:")
 
 
@@ -319,3 +336,4 @@ def pytest_terminal_summary(terminalreporter):
     if fuzz is not None and fuzz.GENERATED["requests"]:
         terminalreporter.write_line(f"fuzz: {fuzz.GENERATED['requests']} generated requests "
                                     f"(FUZZ_EXAMPLES={fuzz.EXAMPLES})")
+

@@ -3,28 +3,9 @@ checks, tokens kept out of logs."""
 import logging
 import re
 
-import pytest
-
-from conftest import API_TOKEN, email_resource
+from conftest import API_TOKEN
 from webapp import tokens
 from webapp.redact import redact
-
-
-@pytest.fixture
-def pages(api):
-    """The HTML of every page a person can reach, by name."""
-    out = {}
-    for mode in ("instant", "confirm", "blocked", "delayed"):
-        res = api.ok("resources/add", **email_resource(name=mode, unsubscribe={"mode": mode}))
-        ident = {"db_id": 1, "profile_id": "p-42", "resource_id": res["id"], "channel": "email",
-                 "email": f"{mode}@example.com"}
-        api.ok("subscriptions/set", **ident)
-        links = api.ok("messages/links", **ident)
-        out[f"unsubscribe-{mode}"] = links["unsubscribe_url"].removeprefix("https://unsub.example")
-        out["manage"] = links["manage_url"].removeprefix("https://unsub.example")
-    out["bad-link"] = "/unsubscribe/nope"
-    out["bad-manager"] = "/manage/nope"
-    return out
 
 
 def test_every_post_form_carries_a_csrf_token(client, pages):

@@ -1,12 +1,17 @@
-"""Every string on the pages has a Russian translation, and the compiled catalog matches its source."""
+"""Every string on the pages has a Russian translation, the compiled catalog matches its source, and the
+pages compiled per language (locale.render_page) say exactly what gettext at render time would."""
 import io
 import os
+import re
 
 from babel.messages.extract import extract_from_dir
 from babel.messages.mofile import read_mo
 from babel.messages.pofile import read_po
 
-from conftest import ROOT
+from flask import g, render_template, template_rendered
+
+from conftest import ROOT, email_resource
+from webapp import locale
 
 PO = os.path.join(ROOT, "webapp", "translations", "ru", "LC_MESSAGES", "messages.po")
 KEYWORDS = {"_": None, "gettext": None, "ngettext": (1, 2)}
@@ -40,3 +45,77 @@ def test_compiled_catalog_is_up_to_date():
         return {tuple(m.id) if isinstance(m.id, (list, tuple)) else m.id:
                 tuple(m.string) if isinstance(m.string, (list, tuple)) else m.string for m in catalog if m.id}
     assert as_dict(source) == as_dict(compiled)
+
+
+def visit_every_page(client, api, pages):
+    """GET every page in every language, including a resource name that needs escaping and the pages after a
+    change; returns what render_page rendered: [(template name, context)]."""
+    res = api.ok("resources/add", **email_resource(name='<b>"Tom & Jerry\'s" 100%</b>', unsubscribe={"mode": "confirm"}))
+    ident = {"db_id": 1, "profile_id": "p-esc", "resource_id": res["id"], "channel": "email", "email": "e@example.com"}
+    api.ok("subscriptions/set", **ident)
+    escaped = api.ok("messages/links", **ident)["unsubscribe_url"].removeprefix("https://unsub.example")
+    html = client.get(pages["unsubscribe-instant"]).get_data(as_text=True)
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+    captured = []
+
+    def keep(sender, template, context, **extra):
+        captured.append((template.name, dict(context)))
+
+    with template_rendered.connected_to(keep, client.application):
+        for path in [*pages.values(), escaped]:
+            for lang in locale.LOCALES:
+                client.get(f"{path}?lang={lang}")
+        client.post(pages["unsubscribe-instant"], data={"action": "unsubscribe", "csrf_token": csrf})
+        for lang in locale.LOCALES:
+            client.get(f"{pages['unsubscribe-instant']}?done=unsubscribed&lang={lang}")
+    return captured
+
+
+def test_pages_compiled_per_language_match_gettext_at_render_time(app, client, api, pages):
+    captured = visit_every_page(client, api, pages)
+    names = {name for name, _ in captured}
+    assert {f"{lang}:{page}" for lang in locale.LOCALES
+            for page in ("unsubscribe/instant.html", "unsubscribe/confirm.html", "unsubscribe/blocked.html",
+                         "unsubscribe/delayed.html", "manage.html", "message.html")} <= names
+    with app.test_request_context():
+        added_by_flask = {}
+        app.update_template_context(added_by_flask)  # g, request, session, csrf_token, current_locale, ...
+    seen = {}
+    for name, context in captured:
+        lang, _, plain = name.partition(locale.LOCALE_MARK)
+        view = {k: v for k, v in context.items() if k not in added_by_flask}
+        with app.test_request_context():
+            g.locale = lang
+            compiled = render_template(name, **view)
+            assert compiled == render_template(plain, **view), name  # the same request: the same CSRF token
+        seen.setdefault(plain, {})[lang] = compiled
+    confirm = seen["unsubscribe/confirm.html"]
+    assert "Подтвердить отписку" in confirm["ru"] and "Confirm unsubscribe" in confirm["en"]
+    assert "&lt;b&gt;&#34;Tom &amp; Jerry&#39;s&#34; 100%&lt;/b&gt;" in confirm["ru"] + confirm["en"]
+
+
+def test_compiled_pages_do_not_look_up_constant_strings_when_rendering(client, pages, monkeypatch):
+    lookups = []
+    real = locale._translations
+    monkeypatch.setattr(locale, "_translations", lambda: lookups.append(1) or real())
+    html = client.get(pages["unsubscribe-confirm"] + "?lang=ru").get_data(as_text=True)
+    assert "Подтвердить отписку" in html and lookups == []
+    html = client.get(pages["unsubscribe-delayed"] + "?lang=ru").get_data(as_text=True)
+    assert "минут" in html and lookups  # ngettext (plural forms) still asks the catalog when rendering
+
+
+def test_compiled_translation_keeps_gettext_escaping():
+    """newstyle gettext treats the translation as markup and escapes only the values (and always applies %)."""
+    from jinja2 import Environment
+
+    class Catalog:
+        def ugettext(self, text):
+            return {"Hi %(name)s": "Привет, <b>%(name)s</b> & 100%%", "Done.": "Готово &amp; <i>всё</i>."}[text]
+
+    env = Environment(autoescape=True, extensions=["jinja2.ext.i18n"])
+    env.install_gettext_callables(Catalog().ugettext, lambda s, p, n: s, newstyle=True)
+    source = '{{ _("Hi %(name)s", name=who) }}|{{ _("Done.") }}|{{ "x" ~ _("Done.") }}'
+    at_render = env.from_string(source).render(who="<Tom & 'Jerry'>")
+    compiled = env.from_string(locale._TranslateConstants(Catalog()).visit(env.parse(source)))
+    assert compiled.render(who="<Tom & 'Jerry'>") == at_render
+    assert at_render.startswith("Привет, <b>&lt;Tom &amp; &#39;Jerry&#39;&gt;</b> & 100%|Готово &amp; <i>всё</i>.|")

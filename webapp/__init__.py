@@ -4,7 +4,7 @@ import hmac
 import logging
 import os
 
-from flask import Flask, jsonify, render_template, request
+from flask import Flask, jsonify, request
 from flask_wtf.csrf import CSRFProtect
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -13,6 +13,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import store
 from .config import DEFAULTS, https_warning, load_settings, parse_signing_keys
+from .locale import PageEnvironment, render_page
 from .redact import redact
 from .tokens import SigningKeys
 
@@ -27,6 +28,7 @@ def create_app(test_config=None):
     settings = load_settings({**os.environ, **overrides} if overrides else None)
     app = Flask(__name__, template_folder=os.path.join(ROOT, "templates"),
                 static_folder=os.path.join(ROOT, "static"))
+    app.jinja_environment = PageEnvironment  # before anything creates app.jinja_env
     app.config.update(settings)
     ring = parse_signing_keys(settings["SIGNING_KEYS"])
     app.config.update({
@@ -78,7 +80,7 @@ def _register_error_handlers(app):
             return envelope(None, exc.code, exc.code, exc.description or exc.name)
         if request.path.startswith("/sdk/"):
             return jsonify({"error": exc.code, "error_text": exc.description or exc.name}), exc.code
-        return render_template("message.html", status=exc.code), exc.code
+        return render_page("message.html", status=exc.code), exc.code
 
     @app.errorhandler(RedisConnectionError)
     @app.errorhandler(RedisTimeoutError)
@@ -89,7 +91,7 @@ def _register_error_handlers(app):
             return envelope(None, 503, 503, "Storage is unavailable; nothing was changed, retry shortly")
         if request.path.startswith("/sdk/"):
             return jsonify({"error": 503, "error_text": "Service unavailable, retry shortly"}), 503
-        return render_template("message.html", status=503), 503, {"Retry-After": "5"}
+        return render_page("message.html", status=503), 503, {"Retry-After": "5"}
 
     @app.errorhandler(Exception)
     def unexpected(exc):
@@ -98,4 +100,4 @@ def _register_error_handlers(app):
         log.exception("unhandled error on %s %s", request.method, redact(request.path))
         if request.path.startswith("/api/"):
             return envelope(None, 500, 500, "Internal error")
-        return render_template("message.html", status=500), 500
+        return render_page("message.html", status=500), 500

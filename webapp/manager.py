@@ -6,11 +6,11 @@ change is a CSRF-protected POST followed by a 303 back to the page.
 """
 from urllib.parse import urlsplit
 
-from flask import Blueprint, current_app, make_response, redirect, render_template, request, url_for
+from flask import Blueprint, current_app, make_response, redirect, request, url_for
 
 from . import preferences
 from .errors import BadToken, InvalidFields, ServiceError
-from .locale import set_page_locale
+from .locale import render_page, set_page_locale
 from .pages import evidence, mask_address, no_store
 from .store import get_redis
 from .subscriptions import Status, subscribed_cats
@@ -78,7 +78,7 @@ def render_manager(token_str, token, status=200, errors=None, entered=None, fail
         if not groups or groups[-1]["resource"]["id"] != sub["resource"]["id"]:
             groups.append({"resource": sub["resource"], "subscriptions": []})
         groups[-1]["subscriptions"].append(sub)
-    html = render_template("manage.html", groups=groups, action_url=url_for("manager.manage", token=token_str),
+    html = render_page("manage.html", groups=groups, action_url=url_for("manager.manage", token=token_str),
                            undo_hash=preferences.undo_available(r, token.db_id, token.profile_id),
                            failed_hash=failed_hash, message=message, done=done,
                            suspend_days=preferences.SUSPEND_DAYS)
@@ -87,7 +87,7 @@ def render_manager(token_str, token, status=200, errors=None, entered=None, fail
 
 def not_found():
     set_page_locale()
-    return no_store(make_response(render_template("message.html", status=404), 404))
+    return no_store(make_response(render_page("message.html", status=404), 404))
 
 
 @bp.route("/manage/<token>/", methods=["GET", "POST"], strict_slashes=False)

@@ -7,15 +7,14 @@ form; any other POST to the URL is the RFC 8058 one-click (no cookies, no CSRF t
 import time
 from urllib.parse import quote
 
-from flask import (Blueprint, current_app, jsonify, make_response, redirect, render_template, request,
-                   url_for)
+from flask import Blueprint, current_app, jsonify, make_response, redirect, request, url_for
 from flask_babel import gettext as _
 
 from . import csrf, hotpaths, unsubscribe
 from .delayed import schedule_timer
 from .errors import BadToken, Blocked, Conflict, InvalidInput, NotFound, ServiceError
 from .headers import manage_url
-from .locale import LOCALES, set_page_locale
+from .locale import LOCALES, render_page, set_page_locale
 from .store import get_redis, get_timer_queue
 from .subscriptions import Status, subscribed_cats
 from .tokens import issue_manager_token
@@ -116,7 +115,7 @@ def unsubscribe_page(smid):
         return redirect(fill_page_url(page_url, ctx.token, ctx.resource["rtoken"]), code=302)
     done = request.args.get("done")
     view = page_view(ctx, done if done in ("unsubscribed", "undone", "cancelled", "started") else None)
-    return no_store(make_response(render_template(f"unsubscribe/{ctx.mode}.html", **view)))
+    return no_store(make_response(render_page(f"unsubscribe/{ctx.mode}.html", **view)))
 
 
 ONE_CLICK_DONE = "Unsubscribed.\n"
@@ -208,7 +207,7 @@ def error_page(exc):
     message = exc.message if isinstance(exc, (InvalidInput, Conflict, Blocked)) else None
     if isinstance(exc, Conflict):
         message = _("There is nothing to undo: the change is too old, or something changed since.")
-    return no_store(make_response(render_template("message.html", status=status, message=message), status))
+    return no_store(make_response(render_page("message.html", status=status, message=message), status))
 
 
 # Pages never load third-party code, never leak the SMID in a Referer, never render in frames.
