@@ -193,6 +193,42 @@ def test_confirm_needs_the_click_and_csrf(api, client, r):
     assert event["method"] == "page_confirm"
 
 
+def test_page_sets_no_cookie_and_its_forms_work_without_one(api, app, r):
+    """The form token is bound to the link, not a session: a browser that blocks cookies can still confirm."""
+    _res, path, body = make_link(api, "confirm")
+    no_cookies = app.test_client(use_cookies=False)
+    resp = no_cookies.get(path)
+    assert "Set-Cookie" not in resp.headers
+    token = csrf_token(resp.get_data(as_text=True))
+    resp = no_cookies.post(path, data={"action": "unsubscribe", "scope": "categories", "categories": ["news"],
+                                       "csrf_token": token})
+    assert resp.status_code == 303 and "Set-Cookie" not in resp.headers
+    assert get_sub(api, body)["cats"] == ["receipts"]
+
+
+def test_page_form_token_is_this_links_and_comes_from_this_site(api, client, r):
+    _res, path, _body = make_link(api, "instant", category=None)
+    _res2, other_path, _body2 = make_link(api, "instant", category=None, email="bob@example.com")
+    token = csrf_token(client.get(path).get_data(as_text=True))
+    other_token = csrf_token(client.get(other_path).get_data(as_text=True))
+    assert token != other_token
+    before = redis_state(r)
+    refused = [({"csrf_token": other_token}, {}),                           # another link's token
+               ({"csrf_token": token + "x"}, {}), ({"csrf_token": "t9." + token.split(".")[1]}, {}),
+               ({"csrf_token": token}, {"Origin": "https://evil.example"}),
+               ({"csrf_token": token}, {"Sec-Fetch-Site": "cross-site"}),
+               ({"csrf_token": token}, {"Sec-Fetch-Site": "same-site", "Origin": "https://unsub.example"})]
+    for form, headers in refused:
+        resp = client.post(path, data={"action": "unsubscribe", **form}, headers=headers)
+        assert resp.status_code == 400, (form, headers)
+    assert redis_state(r) == before
+    # What browsers send from the page itself: Origin "null" (its Referrer-Policy is no-referrer) or its own.
+    for headers in ({"Origin": "null", "Sec-Fetch-Site": "same-origin"}, {"Origin": "https://unsub.example"},
+                    {"Origin": "http://localhost"}):
+        resp = client.post(path, data={"action": "unsubscribe", "csrf_token": token}, headers=headers)
+        assert resp.status_code == 303, headers
+
+
 def test_confirm_refuses_required_category_and_empty_choice(api, client, r):
     _res, path, _body = make_link(api, "confirm")
     token = csrf_token(client.get(path).get_data(as_text=True))

@@ -3,11 +3,13 @@
 GET and HEAD only read: link scanners fetch every URL, so a page changes nothing until the browser POSTs
 (the page's own script, or a button when scripts are off). POST with a page `action` is a CSRF-protected
 form; any other POST to the URL is the RFC 8058 one-click (no cookies, no CSRF token, 200, never 3xx).
+The page's CSRF token is bound to the link, not to a session (check_page_form): the page sets no cookie.
 """
 import time
 from urllib.parse import quote
 
 from flask import Blueprint, current_app, jsonify, make_response, redirect, request, url_for
+from flask_wtf.csrf import CSRFError
 from flask_babel import gettext as _
 
 from . import csrf, hotpaths, unsubscribe
@@ -17,7 +19,8 @@ from .headers import manage_url
 from .locale import LOCALES, render_page, set_page_locale
 from .store import get_redis, get_timer_queue
 from .subscriptions import Status, subscribed_cats
-from .tokens import issue_manager_token
+from .sdk import origin_of
+from .tokens import issue_manager_token, issue_page_form_token, page_form_token_matches
 
 bp = Blueprint("pages", __name__)
 PAGE_ACTIONS = ("unsubscribe", "undo", "start", "cancel", "now")
@@ -88,6 +91,7 @@ def page_view(ctx, done=None):
         "manage_url": manage_url(base, issue_manager_token(current_app.extensions["signing_keys"],
                                                            ctx.smid.db_id, ctx.smid.profile_id, ctx.smid.hash_id)),
         "done": done, "action_url": url_for("pages.unsubscribe_page", smid=ctx.token),
+        "form_token": issue_page_form_token(current_app.extensions["signing_keys"], ctx.token),
         "locales": LOCALES,
     }
 
@@ -103,7 +107,7 @@ def unsubscribe_page(smid):
     if request.method == "POST":
         if request.form.get("action") is None:
             return one_click(smid)
-        csrf.protect()
+        check_page_form(smid)
         return page_action(smid, request.form["action"])
     try:
         ctx = open_page_context(smid, count_view=request.method)  # GET or HEAD
@@ -135,6 +139,21 @@ def one_click(smid):
     except NotFound:
         return plain("Unknown unsubscribe link.\n", 404)
     return plain(ONE_CLICK_DONE, 200)
+
+
+def check_page_form(smid):
+    """The CSRF check of a page form, before anything is read: the form carries this link's token
+    (tokens.issue_page_form_token), and the browser, where it says, sent it from this service's own origin.
+    Raises CSRFError (400)."""
+    if request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site"):
+        raise CSRFError("The form was sent from another site.")
+    origin = request.headers.get("Origin")
+    # "null" is what a browser sends from our pages, whose Referrer-Policy is no-referrer.
+    if origin not in (None, "null") and origin_of(origin, strict=True) not in (
+            origin_of(current_app.config["PUBLIC_BASE_URL"]), origin_of(request.host_url)):
+        raise CSRFError("The form was sent from another site.")
+    if not page_form_token_matches(current_app.extensions["signing_keys"], smid, request.form.get("csrf_token")):
+        raise CSRFError("The form's token is missing or is not this page's.")
 
 
 def plain(text, status):

@@ -28,6 +28,7 @@ PROFILE_ID_MAX = 40  # keeps every SMID within SMID_MAX_CHARS (see tests/test_to
 CATEGORY_MAX = 32
 
 _PURPOSE = {SMID_FORMAT: b"smid\x00", MANAGER_FORMAT: b"manager\x00"}
+_PAGE_FORM_PURPOSE = b"page-form\x00"
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,27 @@ def read_manager_token(keys, token):
     if len(rest) not in (0, 4):
         raise BadToken("token has trailing data")
     return ManagerToken(db_id, profile_id, rest.hex() or None)
+
+
+def issue_page_form_token(keys, smid):
+    """The CSRF token of the forms on a SMID's page: "kid.mac", a MAC of the SMID under the newest key.
+
+    Bound to the link rather than to a session, so the page sets no cookie, and its forms still work where a
+    mail app's browser blocks cookies or the session is gone. It proves no more than the SMID in the URL
+    already does, and nothing less: the page has no other authority (no login) for a forged POST to borrow,
+    and a site without the SMID can no more make this token than the SMID itself."""
+    kid = keys.current_kid
+    return f"{kid}.{_page_form_mac(keys, kid, smid)}"
+
+
+def page_form_token_matches(keys, smid, token):
+    """True when `token` is issue_page_form_token's for this SMID under any listed key."""
+    kid, dot, mac = token.rpartition(".") if isinstance(token, str) else ("", "", "")
+    return bool(dot) and keys.known(kid) and same_secret(mac, _page_form_mac(keys, kid, smid))
+
+
+def _page_form_mac(keys, kid, smid):
+    return base64.urlsafe_b64encode(keys.mac(kid, _PAGE_FORM_PURPOSE, smid.encode())).rstrip(b"=").decode("ascii")
 
 
 def new_resource_token():
