@@ -3,6 +3,9 @@ checks, tokens kept out of logs."""
 import logging
 import re
 
+import pytest
+from itsdangerous import BadSignature
+
 from conftest import API_TOKEN
 from webapp import tokens
 from webapp.redact import redact
@@ -81,3 +84,16 @@ def test_app_log_on_a_storage_outage_redacts_the_token(app, pages, caplog):
     smid = path.rsplit("/", 1)[1]
     assert caplog.records and all(smid not in rec.getMessage() for rec in caplog.records)
     assert any(smid[:8] in rec.getMessage() for rec in caplog.records)
+
+
+def test_session_signing_serializer_is_built_once_per_key(app):
+    sessions = app.session_interface
+    first = sessions.get_signing_serializer(app)
+    assert sessions.get_signing_serializer(app) is first
+    cookie = first.dumps({"csrf_token": "x"})
+    app.config["SECRET_KEY_FALLBACKS"] = [app.secret_key]
+    app.secret_key = "rotated"
+    rotated = sessions.get_signing_serializer(app)
+    assert rotated is not first and rotated.loads(cookie) == {"csrf_token": "x"}  # old cookies still open
+    with pytest.raises(BadSignature):
+        first.loads(rotated.dumps({"a": 1}))                                         # new ones use the new key

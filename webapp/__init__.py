@@ -5,6 +5,7 @@ import logging
 import os
 
 from flask import Flask, jsonify, request
+from flask.sessions import SecureCookieSessionInterface
 from flask_wtf.csrf import CSRFProtect
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -22,6 +23,22 @@ log = logging.getLogger("webapp")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+class CookieSessions(SecureCookieSessionInterface):
+    """Flask's signed-cookie sessions (the manager's CSRF token), with the signing serializer built once.
+
+    Flask builds it when it opens the session, on every request, and itsdangerous's constructor serializes
+    `{}` to learn what the serializer returns: about 40 µs per request for a page that has no cookie."""
+
+    def __init__(self):
+        self._serializer = (None, None)  # (the keys it was built for, the serializer)
+
+    def get_signing_serializer(self, app):
+        keys = (app.secret_key, tuple(app.config["SECRET_KEY_FALLBACKS"] or ()))
+        if self._serializer[0] != keys:
+            self._serializer = (keys, super().get_signing_serializer(app))
+        return self._serializer[1]
+
+
 def create_app(test_config=None):
     """Build the app from the environment, or from `test_config` laid over it (tests pass REDIS_URL etc.)."""
     overrides = {k: v for k, v in (test_config or {}).items() if k in DEFAULTS and v is not None}
@@ -29,6 +46,7 @@ def create_app(test_config=None):
     app = Flask(__name__, template_folder=os.path.join(ROOT, "templates"),
                 static_folder=os.path.join(ROOT, "static"))
     app.jinja_environment = PageEnvironment  # before anything creates app.jinja_env
+    app.session_interface = CookieSessions()
     app.config.update(settings)
     ring = parse_signing_keys(settings["SIGNING_KEYS"])
     app.config.update({
