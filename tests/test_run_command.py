@@ -25,18 +25,27 @@ def clean_env(**extra):
     return {**env, "PYTHONPATH": ROOT, **extra}
 
 
-def test_run_starts_redis_web_and_worker_and_ctrl_c_stops_them(tmp_path):
+def start_run(tmp_path):
+    """`python -m webapp run` in tmp_path, once it serves and its worker has registered: (process, port)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "webapp", "run"], cwd=tmp_path, env=clean_env(PORT=str(port)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/static/pages.css", timeout=1).read()
+            break
+        except OSError:
+            time.sleep(0.2)
+    deadline = time.time() + 20
+    while time.time() < deadline and not _worker_registered(tmp_path):
+        time.sleep(0.2)
+    return proc, port
+
+
+def test_run_starts_redis_web_and_worker_and_ctrl_c_stops_them(tmp_path):
+    proc, port = start_run(tmp_path)
     try:
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/static/pages.css", timeout=1).read()
-                break
-            except OSError:
-                time.sleep(0.2)
         secrets_file = tmp_path / "var" / "dev-secrets.json"
         token = json.loads(secrets_file.read_text())["API_TOKEN"]       # generated development default
         req = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1.1/resources/list", data=b"{}",
@@ -47,9 +56,6 @@ def test_run_starts_redis_web_and_worker_and_ctrl_c_stops_them(tmp_path):
         children = subprocess.run(["pgrep", "-f", str(tmp_path / "var" / "redis")], capture_output=True,
                                   text=True).stdout.split()
         assert children                                                                # its own redis-server
-        deadline = time.time() + 20
-        while time.time() < deadline and not _worker_registered(tmp_path):
-            time.sleep(0.2)
         assert _worker_registered(tmp_path)
     finally:
         proc.send_signal(signal.SIGINT)                                                # Ctrl-C
@@ -58,6 +64,31 @@ def test_run_starts_redis_web_and_worker_and_ctrl_c_stops_them(tmp_path):
     assert subprocess.run(["pgrep", "-f", str(tmp_path / "var" / "redis")], capture_output=True).returncode == 1
     assert f"127.0.0.1:{port}" in out
     assert "hash-max-listpack-value" not in out and "appendonly is off" not in out  # run sets both
+
+
+def test_a_second_ctrl_c_while_stopping_still_stops_everything(tmp_path):
+    proc, _port = start_run(tmp_path)
+    children = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+    assert len(children) == 3                                                      # redis, gunicorn, worker
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.1)                                                                # stopping: web and worker
+    assert proc.poll() is None and any(_alive(pid) for pid in children)            # take longer than this
+    proc.send_signal(signal.SIGINT)                                                # the impatient second Ctrl-C
+    out, _ = proc.communicate(timeout=40)
+    assert proc.returncode == 0 and "Traceback" not in out, out
+    # Each child leads its own process group: nothing of it is left (gunicorn's workers, RQ's scheduler).
+    left = subprocess.run(["pgrep", "-g", ",".join(map(str, children))], capture_output=True, text=True).stdout
+    assert not [pid for pid in left.split() if _alive(int(pid))]
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"                         # a zombie has exited
 
 
 def _worker_registered(tmp_path):

@@ -2,7 +2,8 @@
 
 Starts, when REDIS_URL is unset, a local redis-server (AOF on, appendfsync everysec, data in ./var/redis,
 reached over a unix socket); then the web app under gunicorn on 127.0.0.1:$PORT and one worker
-(`python -m workers`: RQ worker with scheduler and timer sweeper). Ctrl-C (or any part dying) stops all.
+(`python -m workers`: RQ worker with scheduler and timer sweeper). Ctrl-C (or any part dying) stops all; a
+second Ctrl-C while stopping kills the web app and the worker at once.
 """
 import os
 import shutil
@@ -89,6 +90,16 @@ def run():
     except KeyboardInterrupt:
         pass
     finally:
+        def hurry(*_):
+            # Another Ctrl-C while stopping: kill the web app and the worker now, each with the processes it
+            # started (gunicorn's workers, RQ's scheduler): each child leads its own process group. Raising
+            # here instead would leave them running. Redis still gets SIGTERM below and writes its AOF.
+            for name, proc in children:
+                if name != "redis" and proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+        signal.signal(signal.SIGTERM, hurry)
+        signal.signal(signal.SIGINT, hurry)
         # Web and worker first (the worker finishes its job), Redis last, so nobody loses its store.
         for _name, proc in reversed(children):
             if proc.poll() is None:
