@@ -145,12 +145,11 @@ def check_page_form(smid):
     """The CSRF check of a page form, before anything is read: the form carries this link's token
     (tokens.issue_page_form_token), and the browser, where it says, sent it from this service's own origin.
     Raises CSRFError (400)."""
-    if request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site"):
-        raise CSRFError("The form was sent from another site.")
     origin = request.headers.get("Origin")
     # "null" is what a browser sends from our pages, whose Referrer-Policy is no-referrer.
-    if origin not in (None, "null") and origin_of(origin, strict=True) not in (
-            origin_of(current_app.config["PUBLIC_BASE_URL"]), origin_of(request.host_url)):
+    if request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site") or (
+            origin not in (None, "null") and origin_of(origin, strict=True) not in (
+                origin_of(current_app.config["PUBLIC_BASE_URL"]), origin_of(request.host_url))):
         raise CSRFError("The form was sent from another site.")
     if not page_form_token_matches(current_app.extensions["signing_keys"], smid, request.form.get("csrf_token")):
         raise CSRFError("The form's token is missing or is not this page's.")

@@ -120,8 +120,12 @@ def _text(value):
 def _seal(keys, fmt, body):
     kid = keys.current_kid
     payload = bytes([fmt]) + _text(kid) + body
-    token = payload + keys.mac(kid, _PURPOSE[fmt], payload)
-    return base64.urlsafe_b64encode(token).rstrip(b"=").decode("ascii")
+    return _b64url(payload + keys.mac(kid, _PURPOSE[fmt], payload))
+
+
+def _b64url(raw):
+    """base64url without padding: the spelling of every token here."""
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
 def _open(keys, fmt, token):
@@ -132,7 +136,7 @@ def _open(keys, fmt, token):
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
     except (binascii.Error, ValueError):
         raise BadToken("token is not base64url") from None
-    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != token:
+    if _b64url(raw) != token:
         raise BadToken("token is not canonical base64url")  # no two spellings of one token
     payload, mac = raw[:-MAC_BYTES], raw[-MAC_BYTES:]
     reader = _Reader(payload)
@@ -199,7 +203,7 @@ def page_form_token_matches(keys, smid, token):
 
 
 def _page_form_mac(keys, kid, smid):
-    return base64.urlsafe_b64encode(keys.mac(kid, _PAGE_FORM_PURPOSE, smid.encode())).rstrip(b"=").decode("ascii")
+    return _b64url(keys.mac(kid, _PAGE_FORM_PURPOSE, smid.encode()))
 
 
 def new_resource_token():
