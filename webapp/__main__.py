@@ -91,12 +91,11 @@ def run():
         pass
     finally:
         def hurry(*_):
-            # Another Ctrl-C while stopping: kill the web app and the worker now, each with the processes it
-            # started (gunicorn's workers, RQ's scheduler): each child leads its own process group. Raising
-            # here instead would leave them running. Redis still gets SIGTERM below and writes its AOF.
+            # Another Ctrl-C while stopping: kill the web app and the worker now. Raising here instead would
+            # leave them running. Redis still gets SIGTERM below and writes its AOF.
             for name, proc in children:
-                if name != "redis" and proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                if name != "redis":
+                    kill_group(proc)
 
         signal.signal(signal.SIGTERM, hurry)
         signal.signal(signal.SIGINT, hurry)
@@ -107,8 +106,17 @@ def run():
                 try:
                     proc.wait(timeout=20)
                 except subprocess.TimeoutExpired:
-                    proc.kill()
+                    kill_group(proc)
     return exit_code
+
+
+def kill_group(proc):
+    """SIGKILL a child and every process it started (gunicorn's workers, RQ's scheduler): each child leads
+    its own process group (start_new_session), so killing the leader alone would leave those running."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the whole group has already exited
+        pass
 
 
 def main(argv):
