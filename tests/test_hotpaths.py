@@ -5,7 +5,7 @@ import pytest
 
 from conftest import email_resource, normalized, restore, snapshot
 from conftest import same_state as state
-from webapp import hotpaths, scripts, unsubscribe
+from webapp import direct, hotpaths, scripts, unsubscribe
 from webapp.errors import ServiceError
 
 EVIDENCE = {"ip": "203.0.113.7", "user_agent": "GoogleOneClick/1.0"}
@@ -190,17 +190,57 @@ def test_direct_calls_hold_one_connection_per_thread_and_process(r):
     script = "return redis.call('INCR', KEYS[1])"
     pool = r.connection_pool
     assert scripts.run_direct(r, script, ["t:n"], []) == 1
-    mine = scripts._direct_connection(pool)
-    assert scripts.run_direct(r, script, ["t:n"], []) == 2 and scripts._direct_connection(pool) is mine
+    mine = direct.held(pool)
+    assert scripts.run_direct(r, script, ["t:n"], []) == 2 and direct.held(pool) is mine
     other = []
     worker = threading.Thread(target=lambda: other.append((scripts.run_direct(r, script, ["t:n"], []),
-                                                           scripts._direct_connection(pool))))
+                                                           direct.held(pool))))
     worker.start()
     worker.join()
     assert other[0][0] == 3 and other[0][1] is not mine
     pid = os.fork()
     if pid == 0:  # the child: a connection of its own that works
-        ok = scripts.run_direct(r, script, ["t:n"], []) == 4 and scripts._direct_connection(pool) is not mine
+        ok = scripts.run_direct(r, script, ["t:n"], []) == 4 and direct.held(pool) is not mine
         os._exit(0 if ok else 1)
     assert os.waitpid(pid, 0)[1] == 0
-    assert scripts.run_direct(r, script, ["t:n"], []) == 5 and scripts._direct_connection(pool) is mine
+    assert scripts.run_direct(r, script, ["t:n"], []) == 5 and direct.held(pool) is mine
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_one_click_reads_the_same_over_either_protocol(api, app, r, redis_url, protocol):
+    """The one-click's plain MULTI/EXEC read (direct.read_transaction) answers HGETALL as a map on a RESP3
+    connection (redis-py's default) and as a flat list on RESP2; both give the generic path's result."""
+    import redis
+    _res, token, _body = link(api, category="news")
+    app.test_client().get("/unsubscribe/" + token)
+    app.test_client().head("/unsubscribe/" + token)
+    client = redis.Redis.from_url(redis_url, decode_responses=True, protocol=protocol)
+    try:
+        assert one_click_both(app, client, token)[1]["changed"] is True
+    finally:
+        client.close()
+
+
+def test_direct_read_transaction_raises_error_replies_and_keeps_its_connection(r):
+    """An error reply inside EXEC (a key of another type) is raised as redis-py's ResponseError after every
+    reply has been read, so the next call on the same connection gets its own replies."""
+    import redis
+    r.set("t:string", "x")
+    r.hset("t:hash", "f", "v")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        direct.read_transaction(r, [("GET", "t:string"), ("HGET", "t:string", "f")])
+    held = direct.held(r.connection_pool).conn
+    assert direct.read_transaction(r, [("HGET", "t:hash", "f"), ("GET", "t:none")]) == ["v", None]
+    assert direct.held(r.connection_pool).conn is held and held._sock is not None
+
+
+def test_direct_read_transaction_reconnects_once_after_a_dropped_connection(r, redis_url):
+    import redis
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        r.set("t:k", "1")
+        assert direct.read_transaction(client, [("GET", "t:k")]) == ["1"]
+        assert r.client_kill_filter(_type="normal", skipme=True) >= 1
+        assert direct.read_transaction(client, [("GET", "t:k")]) == ["1"]
+    finally:
+        client.close()

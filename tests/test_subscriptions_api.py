@@ -279,3 +279,29 @@ def test_every_record_survives_the_stored_form():
         assert json.dumps(back, sort_keys=True) == json.dumps(full, sort_keys=True)
         assert {k: type(v) for k, v in back.items()} == {k: type(v) for k, v in full.items()}
     check()
+
+
+def test_stored_times_read_back_as_datetime_formats_them():
+    """validation.ms_to_time (time.gmtime, for speed) gives the text datetime gives of the same instant (as
+    format_time, with the year in four digits) for every millisecond a datetime can hold, and anything outside
+    that range back as it is (a damaged entry)."""
+    from datetime import datetime, timedelta, timezone
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from webapp.validation import ms_to_time
+
+    def by_datetime(ms):
+        t = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(milliseconds=ms)
+        return f"{t.year:04d}-" + t.strftime("%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+    first, last = -62135596800000, 253402300799999  # 0001-01-01T00:00:00.000Z, 9999-12-31T23:59:59.999Z
+    for ms in (first, last, -1, 0, 1, 999, 1000, 951782400000):  # 951782400000: 2000-02-29
+        assert ms_to_time(ms) == by_datetime(ms)
+    for ms in (first - 1, last + 1, 10 ** 20, -10 ** 20):
+        assert ms_to_time(ms) == ms
+
+    @settings(max_examples=2000, deadline=None)
+    @given(st.integers(first, last))
+    def check(ms):
+        assert ms_to_time(ms) == by_datetime(ms)
+    check()

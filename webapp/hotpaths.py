@@ -16,7 +16,7 @@ the same functions (unsubscribe.context_from, resolve_scope, unsubscribed_record
 the same data; only the transport differs. If APPLY finds that the record, the ledger or the pending timer
 changed since READ, the generic WATCH/MULTI path (unsubscribe.unsubscribe) runs instead on fresh data.
 """
-from . import events, keys, scripts, unsubscribe
+from . import direct, events, keys, scripts, unsubscribe
 from .subscriptions import encode_record, state_of
 from .tokens import read_smid
 from .validation import now_iso
@@ -88,19 +88,29 @@ return 1
 
 
 def _read(r, smid, token, count_view="", for_unsubscribe=False):
+    """READ's reply. Without a view to count there is nothing to decide inside Redis, so the reads go as plain
+    commands in one MULTI/EXEC: the same snapshot and the same reply, at a fraction of a script's cost to
+    Redis (a cold EVALSHA took ~29 us of Redis CPU under load, its six reads ~6 us)."""
     db_id, profile_id, hash_id = smid.db_id, smid.profile_id, smid.hash_id
-    return scripts.run_direct(r, READ, (keys.resource(smid.resource_id), keys.profile_subscriptions(db_id, profile_id),
-                                  keys.page_views(unsubscribe.view_digest(token)),
-                                  keys.pending_unsubscribe(db_id, profile_id, hash_id),
-                                  keys.profile_events(db_id, profile_id)),
-                        (hash_id, smid.resource_id, count_view, unsubscribe.VIEW_TTL_SECONDS,
-                         "1" if for_unsubscribe else ""))
+    subs, views = keys.profile_subscriptions(db_id, profile_id), keys.page_views(unsubscribe.view_digest(token))
+    events_key = keys.profile_events(db_id, profile_id)
+    if count_view:
+        return scripts.run_direct(r, READ, (keys.resource(smid.resource_id), subs, views,
+                                            keys.pending_unsubscribe(db_id, profile_id, hash_id), events_key),
+                                  (hash_id, smid.resource_id, count_view, unsubscribe.VIEW_TTL_SECONDS,
+                                   "1" if for_unsubscribe else ""))
+    reads = [("GET", keys.resource(smid.resource_id)), ("HGET", subs, hash_id), ("HGETALL", views)]
+    if for_unsubscribe:
+        reads += [("EXISTS", keys.pending_unsubscribe(db_id, profile_id, hash_id)), ("LLEN", events_key),
+                  ("LINDEX", events_key, -1)]
+    reply = direct.read_transaction(r, reads)
+    return ["" if value is None else value for value in reply]  # as READ answers a missing key
 
 
 def _context(token, smid, reply):
-    views = reply[2]
+    views = reply[2]  # HGETALL: a flat list from Lua, a map from a RESP3 connection's MULTI/EXEC
     return unsubscribe.context_from(token, smid, reply[0] or None, reply[1] or None,
-                                    dict(zip(views[::2], views[1::2])))
+                                    views if isinstance(views, dict) else dict(zip(views[::2], views[1::2])))
 
 
 def open_for_page(r, ring, token, method):

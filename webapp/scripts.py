@@ -2,11 +2,10 @@
 import functools
 import hashlib
 import json
-import os
-import threading
-import weakref
 
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
+
+from . import direct
 
 # KEYS[i]: a profile's subscriptions hash; ARGV[i]: a hash_id. Returns a string of "1"/"0", one per pair.
 # One EVAL instead of a pipeline of N HEXISTS: packing and parsing 1000 replies cost more than the lookups.
@@ -33,40 +32,19 @@ def _sha(script):
 
 
 def run_direct(r, script, keys, args):
-    """_run for the hot paths' one call per request (hotpaths.py): EVALSHA on this thread's own connection
-    (_direct_connection) without redis-py's per-command layers (pool checkout and release, retry wrapper,
-    response callbacks), which cost about as much as the round trip itself. On a connection error the call is
-    made again through _run, with redis-py's retries."""
-    conn = _direct_connection(r.connection_pool)
+    """_run for the hot paths' one call per request (hotpaths.py): EVALSHA through direct.call, on this
+    thread's own connection without redis-py's per-command layers, which cost about as much as the round trip
+    itself. EVAL when Redis does not have the script (a restart); on a connection error the call is made again
+    through _run, with redis-py's retries. An error reply is raised as it is: a failed Lua script's writes
+    stay, so it must not run twice."""
     try:
-        conn.send_command("EVALSHA", _sha(script), len(keys), *keys, *args)
-        return conn.read_response()
-    except NoScriptError:  # Redis restarted: _run sends the script with EVAL (the connection is fine)
-        pass
-    except ResponseError:  # an error reply, read whole: the connection is fine
-        raise
+        return direct.call(r, direct.pack("EVALSHA", _sha(script), len(keys), *keys, *args), 1)[0]
+    except ResponseError as exc:
+        if not str(exc).startswith("NOSCRIPT"):
+            raise
     except (ConnectionError, TimeoutError):
-        conn.disconnect()  # never send on a connection with a half-read reply; the next call reconnects
-    except BaseException:
-        conn.disconnect()
-        raise
+        pass  # direct.call closed its connection; the next direct call reconnects
     return _run(r, script, keys, args)
-
-
-# Per thread, {pool: (pid, connection)}: run_direct's connections, made with the pool's own settings (URL,
-# password, TLS, timeouts, health checks) but held rather than checked out and back in for every call, which
-# cost a poll() and redis-py's bookkeeping each time. Weak keys: a discarded client's connection goes with it.
-_direct = threading.local()
-
-
-def _direct_connection(pool):
-    held = getattr(_direct, "connections", None)
-    if held is None:
-        held = _direct.connections = weakref.WeakKeyDictionary()
-    pid_and_connection = held.get(pool)
-    if pid_and_connection is None or pid_and_connection[0] != os.getpid():  # new, or inherited across a fork
-        pid_and_connection = held[pool] = (os.getpid(), pool.connection_class(**pool.connection_kwargs))
-    return pid_and_connection[1]
 
 
 def _run(r, script, keys, args, read_only=False):

@@ -83,6 +83,7 @@ _SHORT = {"resource_id": "r", "channel": "c", "address": "a", "status": "s", "pr
 _LONG = {short: name for name, short in _SHORT.items()}
 _DEFAULTS = {"status": 0, "priority": 0, "uncats": [], "custom_fields": {}, "is_delete": False}
 _REG_SHORT = {"date": "d", "ip": "i", "url": "l", "source": "o"}
+_REG_LONG = {short: name for name, short in _REG_SHORT.items()}
 _REG_DEFAULTS = {"ip": None, "url": None, "source": "api"}
 _TIMES = ("updated_at", "suspended_until")  # text (validation.format_time) or None, as is reg_info's date
 _STRING_ADDRESS = {"email": "email", "sms": "phone"}  # channel -> the address's one member
@@ -99,7 +100,8 @@ def encode_record(record):
         if name in _DEFAULTS and _is_default(value, _DEFAULTS[name]):
             continue
         one_member = _STRING_ADDRESS.get(record.get("channel"))
-        if name == "address" and isinstance(value, dict) and list(value) == [one_member]:
+        if name == "address" and isinstance(value, dict) and list(value) == [one_member] and isinstance(
+                value[one_member], str):  # decode_record expands only a string (a null stays {"email": null})
             value = value[one_member]
         if name == "reg_info" and isinstance(value, dict) and set(value) == set(_REG_SHORT):
             for reg_name, short in _REG_SHORT.items():
@@ -120,9 +122,9 @@ def decode_record(raw):
     record = dict(_DEFAULTS, uncats=[], custom_fields={})
     reg_info = None
     for short, value in stored.items():
-        if short in _REG_SHORT.values():
+        reg_name = _REG_LONG.get(short)
+        if reg_name:
             reg_info = reg_info or {"date": None, **_REG_DEFAULTS}
-            reg_name = next(n for n, s in _REG_SHORT.items() if s == short)
             reg_info[reg_name] = ms_to_time(value) if short == "d" and type(value) is int else value
             continue
         name = _LONG.get(short, short)

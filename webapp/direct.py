@@ -1,0 +1,118 @@
+"""The hot paths' own Redis transport (hotpaths.py): commands written and replies read on a connection each
+thread holds, without redis-py's per-command layers.
+
+Under load (bench/oneclick.py) redis-py's layers around a call (pool checkout and release, argument encoding,
+the retry wrapper, the parser's buffering, response callbacks, health checks) cost about as much client CPU
+as the round trip itself. Here a call is: the commands packed as RESP, one sendall, and recv into a hiredis
+Reader until every reply is in. redis-py still opens and closes the connection, so URL, password, TLS,
+timeouts and database are the pool's own. A socket error closes the connection and raises redis-py's
+ConnectionError, so that the caller can retry through the full client; an error reply is raised as
+redis-py's ResponseError once every reply has been read, so the connection stays usable.
+"""
+import os
+import threading
+import weakref
+
+import hiredis
+from redis.exceptions import ConnectionError, ResponseError
+
+
+def pack(*args):
+    """One command as RESP: an array of bulk strings (str, bytes or int arguments)."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        raw = arg if isinstance(arg, bytes) else str(arg).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+    return b"".join(out)
+
+
+class _Held:
+    """A thread's connection of one pool, and the Reader of its replies."""
+    __slots__ = ("pid", "conn", "encoding", "errors", "reader")
+
+    def __init__(self, pool):
+        self.pid = os.getpid()
+        self.conn = pool.connection_class(**pool.connection_kwargs)
+        settings = pool.connection_kwargs
+        self.encoding = settings.get("encoding", "utf-8") if settings.get("decode_responses") else None
+        self.errors = settings.get("encoding_errors", "strict")
+        self.reader = self._new_reader()
+
+    def _new_reader(self):
+        return hiredis.Reader(replyError=ResponseError, encoding=self.encoding, errors=self.errors)
+
+    def reset(self):
+        """Close the connection and drop anything half-read (the next call reconnects)."""
+        self.conn.disconnect()
+        self.reader = self._new_reader()
+
+
+# Per thread, {pool: _Held}: made with the pool's own settings but held rather than checked out and back in
+# for every call. Weak keys: a discarded client's connection goes with it. A forked child (gunicorn forks its
+# workers) makes its own rather than share its parent's socket.
+_local = threading.local()
+
+
+def held(pool):
+    connections = getattr(_local, "connections", None)
+    if connections is None:
+        connections = _local.connections = weakref.WeakKeyDictionary()
+    one = connections.get(pool)
+    if one is None or one.pid != os.getpid():
+        one = connections[pool] = _Held(pool)
+    return one
+
+
+def call(r, packed, count):
+    """Send `packed` (one or more packed commands) on this thread's connection of `r`'s pool and return their
+    `count` replies as a list. Raises ConnectionError (the connection is closed, nothing is half-read) or the
+    first error reply as ResponseError (after reading all of them)."""
+    one = held(r.connection_pool)
+    conn = one.conn
+    try:
+        if conn._sock is None:
+            conn.connect()
+        sock = conn._sock
+        sock.sendall(packed)
+        reader = one.reader
+        replies = []
+        while len(replies) < count:
+            reply = reader.gets()
+            if reply is False:
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionError("Redis closed the connection")
+                reader.feed(data)
+            else:
+                replies.append(reply)
+    except ConnectionError:
+        one.reset()
+        raise
+    except (OSError, hiredis.ProtocolError) as exc:
+        one.reset()
+        raise ConnectionError(f"Redis connection failed: {exc}") from exc
+    except BaseException:
+        one.reset()
+        raise
+    for reply in replies:
+        _raise_error(reply)
+    return replies
+
+
+def _raise_error(reply):
+    if isinstance(reply, ResponseError):
+        raise reply
+    if isinstance(reply, list):
+        for item in reply:
+            _raise_error(item)
+
+
+def read_transaction(r, commands):
+    """The commands (tuples of arguments) in one MULTI/EXEC, in one round trip: EXEC's list of replies, as
+    Redis sends them (no redis-py response callbacks: HGETALL is a flat list). For reads: a connection error
+    is retried once, on a new connection."""
+    packed = pack("MULTI") + b"".join(pack(*command) for command in commands) + pack("EXEC")
+    try:
+        return call(r, packed, len(commands) + 2)[-1]
+    except ConnectionError:  # a dropped connection (Redis restarted, an idle timeout): call reconnects
+        return call(r, packed, len(commands) + 2)[-1]
