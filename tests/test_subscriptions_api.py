@@ -305,3 +305,38 @@ def test_stored_times_read_back_as_datetime_formats_them():
     def check(ms):
         assert ms_to_time(ms) == by_datetime(ms)
     check()
+
+
+def test_times_are_stored_as_numbers_exactly_when_strptime_would():
+    """validation.time_to_ms (a pattern and calendar.timegm, for speed) turns a text into milliseconds exactly
+    when the strptime definition does, and into the same number: format_time's texts, any datetime's, odd
+    ones (2026-02-30, second 60, six-digit fractions, other digits) and any text at all stay as they are."""
+    from datetime import datetime, timedelta, timezone
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from webapp.validation import format_time, ms_to_time, time_to_ms
+
+    def by_strptime(text):
+        try:
+            moment = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+        except (TypeError, ValueError):
+            return text
+        ms = (moment - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(milliseconds=1)
+        return ms if ms_to_time(ms) == text else text
+
+    def same(text):
+        got, expected = time_to_ms(text), by_strptime(text)
+        assert (got, type(got)) == (expected, type(expected)), text
+
+    for text in ("2026-02-30T00:00:00.000Z", "0000-01-01T00:00:00.000Z", "2026-13-01T00:00:00.000Z",
+                 "2026-11-29T23:59:60.000Z", "2026-11-29T18:12:37.607000Z", "2026-11-29T18:12:37.6Z",
+                 "\uff12\uff10\uff12\uff16-11-29T18:12:37.607Z", "0001-01-01T00:00:00.000Z", None, 5, ""):
+        same(text)
+
+    @settings(max_examples=1500, deadline=None)
+    @given(st.one_of(st.datetimes().map(lambda d: format_time(d.replace(tzinfo=timezone.utc))),
+                     st.from_regex(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z", fullmatch=True),
+                     st.text(max_size=30)))
+    def check(text):
+        same(text)
+    check()

@@ -1,4 +1,5 @@
 """Small input checks shared by resources and subscriptions. Each raises InvalidInput naming the field."""
+import calendar
 import ipaddress
 import math
 import re
@@ -211,14 +212,23 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MS = timedelta(milliseconds=1)
 
 
+# format_time's text, the only kind time_to_ms turns into a number (ASCII digits only, as ms_to_time writes).
+_TIME_TEXT = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})\.([0-9]{3})Z")
+
+
 def time_to_ms(text):
     """A format_time text as epoch milliseconds (for compact storage); anything else, or a text that would not
-    come back identical from ms_to_time, is returned as it is."""
-    try:
-        ms = (datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc) - _EPOCH) // _MS
-    except (TypeError, ValueError):
+    come back identical from ms_to_time, is returned as it is. (A pattern and calendar.timegm rather than
+    strptime, which cost ~35 us a call: every write encodes two or three times.)"""
+    match = _TIME_TEXT.fullmatch(text) if type(text) is str else None
+    if match is None:
         return text
-    return ms if ms_to_time(ms) == text else text
+    fields = [int(x) for x in match.groups()]
+    try:
+        ms = calendar.timegm((*fields[:6], 0, 0, 0)) * 1000 + fields[6]
+    except ValueError:  # year 0, month 13
+        return text
+    return ms if ms_to_time(ms) == text else text  # 2026-02-30 and the like stay text
 
 
 # The milliseconds a datetime can hold (years 1 to 9999), the range format_time's text covers.
