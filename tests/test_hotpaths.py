@@ -117,7 +117,7 @@ def test_one_click_errors(api, app, r):
 
 def test_one_click_falls_back_when_something_changed_after_reading(api, app, r, monkeypatch):
     _res, token, body = link(api, category="news")
-    read = hotpaths._read
+    read = hotpaths._read_for_one_click
 
     def read_then_another_writer(*args, **kw):
         reply = read(*args, **kw)
@@ -134,7 +134,7 @@ def test_one_click_falls_back_when_something_changed_after_reading(api, app, r, 
             applied.append(result)
         return result
 
-    monkeypatch.setattr(hotpaths, "_read", read_then_another_writer)
+    monkeypatch.setattr(hotpaths, "_read_for_one_click", read_then_another_writer)
     monkeypatch.setattr(scripts, "run_direct", counting_run)
     result = hotpaths.one_click(r, ring, token, EVIDENCE)
     assert applied == [0]  # the compare-and-set refused, so the generic path did the work
@@ -208,7 +208,7 @@ def test_direct_calls_hold_one_connection_per_thread_and_process(r):
 
 @pytest.mark.parametrize("protocol", [2, 3])
 def test_one_click_reads_the_same_over_either_protocol(api, app, r, redis_url, protocol):
-    """The one-click's plain MULTI/EXEC read (direct.read_transaction) answers HGETALL as a map on a RESP3
+    """The one-click's plain pipelined reads (direct.reads) answer HGETALL as a map on a RESP3
     connection (redis-py's default) and as a flat list on RESP2; both give the generic path's result."""
     import redis
     _res, token, _body = link(api, category="news")
@@ -221,26 +221,57 @@ def test_one_click_reads_the_same_over_either_protocol(api, app, r, redis_url, p
         client.close()
 
 
-def test_direct_read_transaction_raises_error_replies_and_keeps_its_connection(r):
-    """An error reply inside EXEC (a key of another type) is raised as redis-py's ResponseError after every
-    reply has been read, so the next call on the same connection gets its own replies."""
+def test_direct_reads_raise_error_replies_and_keep_their_connection(r):
+    """An error reply (a key of another type) is raised as redis-py's ResponseError after every reply has been
+    read, so the next call on the same connection gets its own replies."""
     import redis
     r.set("t:string", "x")
     r.hset("t:hash", "f", "v")
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
-        direct.read_transaction(r, [("GET", "t:string"), ("HGET", "t:string", "f")])
+        direct.reads(r, [("GET", "t:string"), ("HGET", "t:string", "f"), ("GET", "t:string")])
     held = direct.held(r.connection_pool).conn
-    assert direct.read_transaction(r, [("HGET", "t:hash", "f"), ("GET", "t:none")]) == ["v", None]
+    assert direct.reads(r, [("HGET", "t:hash", "f"), ("GET", "t:none")]) == ["v", None]
     assert direct.held(r.connection_pool).conn is held and held._sock is not None
 
 
-def test_direct_read_transaction_reconnects_once_after_a_dropped_connection(r, redis_url):
+def test_direct_reads_reconnect_once_after_a_dropped_connection(r, redis_url):
     import redis
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
         r.set("t:k", "1")
-        assert direct.read_transaction(client, [("GET", "t:k")]) == ["1"]
+        assert direct.reads(client, [("GET", "t:k")]) == ["1"]
         assert r.client_kill_filter(_type="normal", skipme=True) >= 1
-        assert direct.read_transaction(client, [("GET", "t:k")]) == ["1"]
+        assert direct.reads(client, [("GET", "t:k")]) == ["1"]
     finally:
         client.close()
+
+
+def test_one_click_refuses_to_apply_after_another_ledger_entry(api, app, r, monkeypatch):
+    """APPLY's compare-and-set on the ledger: another subscription of the same profile changed between the
+    reads and APPLY (its record untouched by us, but the profile's chain grew), so APPLY writes nothing and
+    the generic path chains the event after the newcomer; the chain verifies."""
+    _res, token, _body = link(api, category="news")
+    _res2, _token2, other = link(api, category=None, email="ann@work.example")
+    read = hotpaths._read_for_one_click
+
+    def read_then_another_subscription_changes(*args, **kw):
+        reply = read(*args, **kw)
+        api.ok("subscriptions/set", **other, status="unsubscribed")
+        return reply
+
+    applied = []
+    run = scripts.run_direct
+
+    def counting_run(r_, script, keys, args):
+        result = run(r_, script, keys, args)
+        if script is hotpaths.APPLY:
+            applied.append(result)
+        return result
+
+    monkeypatch.setattr(hotpaths, "_read_for_one_click", read_then_another_subscription_changes)
+    monkeypatch.setattr(scripts, "run_direct", counting_run)
+    assert hotpaths.one_click(r, app.extensions["signing_keys"], token, EVIDENCE)["changed"] is True
+    assert applied == [0]
+    history = api.ok("events/list", db_id=1, profile_id="p-42")
+    assert [e["method"] for e in history][:2] == ["one_click", "api"]
+    assert api.ok("events/verify", db_id=1, profile_id="p-42")["ok"] is True

@@ -107,12 +107,13 @@ def _raise_error(reply):
             _raise_error(item)
 
 
-def read_transaction(r, commands):
-    """The commands (tuples of arguments) in one MULTI/EXEC, in one round trip: EXEC's list of replies, as
-    Redis sends them (no redis-py response callbacks: HGETALL is a flat list). For reads: a connection error
-    is retried once, on a new connection."""
-    packed = pack("MULTI") + b"".join(pack(*command) for command in commands) + pack("EXEC")
+def reads(r, commands):
+    """Read-only commands (tuples of arguments) in one round trip, pipelined: their replies as Redis sends
+    them (no redis-py response callbacks: HGETALL is a map on RESP3, a flat list on RESP2). Not a transaction
+    (each reply is as of its own command), which saves Redis the MULTI and EXEC. A connection error is retried
+    once, on a new connection."""
+    packed = b"".join(pack(*command) for command in commands)
     try:
-        return call(r, packed, len(commands) + 2)[-1]
+        return call(r, packed, len(commands))
     except ConnectionError:  # a dropped connection (Redis restarted, an idle timeout): call reconnects
-        return call(r, packed, len(commands) + 2)[-1]
+        return call(r, packed, len(commands))

@@ -1,20 +1,23 @@
-"""The two requests every sent message can cause at volume, in the fewest Redis round trips.
+"""The two requests every sent message can cause at volume, in the fewest Redis round trips and commands.
 
 Profiling both under gunicorn showed their time going mostly to Redis round trips (each one a socket write, a
-wake-up of redis-server and a blocking read, plus redis-py's packing and parsing per command), so these do
-the same reads and writes as the generic code paths in fewer calls:
+wake-up of redis-server and a blocking read) and, on this kind of VM, to every command and script Redis runs
+cold per request (a cold EVALSHA of six reads ~29 us of Redis CPU, each plain command a few us). So these do
+the same reads and writes as the generic code paths in fewer calls, on direct.py's transport:
 
 - the unsubscribe page GET/HEAD (`open_for_page`): open_smid's three reads and record_view's count in one
-  Lua call (READ), where they took two round trips;
-- the RFC 8058 one-click POST (`one_click`): open_smid's reads plus what the unsubscribe needs (READ), then
-  one compare-and-set Lua call (APPLY) that writes the new record and its chained ledger event; the generic
-  open_smid + unsubscribe took six round trips (three reads, WATCH, HGETALL, EXISTS, LINDEX, MULTI/EXEC).
-  A replay (nothing left to stop, no pending timer) writes nothing and needs READ only.
+  Lua call (PAGE_READ), where they took two round trips;
+- the RFC 8058 one-click POST (`one_click`): open_smid's reads plus what the unsubscribe needs as five plain
+  reads in one pipeline, then one compare-and-set Lua call (APPLY) that writes the new record and its
+  chained ledger event; the generic open_smid + unsubscribe took six round trips (three reads, WATCH,
+  HGETALL, EXISTS, LINDEX, MULTI/EXEC). A replay (nothing left to stop, no pending timer) writes nothing and
+  needs the reads only.
 
 Results, errors, records and ledger events are exactly those of the generic paths: the decisions are made by
 the same functions (unsubscribe.context_from, resolve_scope, unsubscribed_record, events.new_event, ...) on
-the same data; only the transport differs. If APPLY finds that the record, the ledger or the pending timer
-changed since READ, the generic WATCH/MULTI path (unsubscribe.unsubscribe) runs instead on fresh data.
+the same data; only the transport differs. The one-click's reads are not one snapshot (open_smid's pipeline
+is not either); APPLY writes only if the record, the last ledger entry and the pending timer are still what
+was read, else the generic WATCH/MULTI path (unsubscribe.unsubscribe) runs instead on fresh data.
 """
 from . import direct, events, keys, scripts, unsubscribe
 from .subscriptions import encode_record, state_of
@@ -23,21 +26,19 @@ from .validation import now_iso
 
 ONE_CLICK = "one_click"
 
-# What open_smid reads, optionally counting a page view and reading what the one-click needs, in one call.
-# KEYS[1]: keys.resource; KEYS[2]: keys.profile_subscriptions; KEYS[3]: keys.page_views; KEYS[4]:
-#   keys.pending_unsubscribe; KEYS[5]: keys.profile_events.
-# ARGV[1]: hash_id; ARGV[2]: the SMID's resource id; ARGV[3]: "GET"/"HEAD" to count a page view, else "";
-#   ARGV[4]: the view counts' TTL (seconds); ARGV[5]: "1" to read the pending timer and the ledger.
-# Returns {resource JSON, subscription JSON ("" when missing), [view counts as read, field, value, ...]} and,
-# with ARGV[5], {pending timer exists (0/1), ledger length, last ledger event JSON ("" when empty)}.
+# What open_smid reads and record_view's count, in one call.
+# KEYS[1]: keys.resource; KEYS[2]: keys.profile_subscriptions; KEYS[3]: keys.page_views.
+# ARGV[1]: hash_id; ARGV[2]: the SMID's resource id; ARGV[3]: "GET"/"HEAD", the view to count; ARGV[4]: the
+#   view counts' TTL (seconds).
+# Returns {resource JSON, subscription JSON ("" when missing), [view counts as read, field, value, ...]}.
 # The view is counted only when open_smid would succeed (record_view runs only then): the resource and the
 # subscription exist, the subscription is not deleted and belongs to the resource (resources are stored
 # under their own id, so the SMID's resource id is the resource's "id").
-READ = """
+PAGE_READ = """
 local res = redis.call('GET', KEYS[1])
 local sub = redis.call('HGET', KEYS[2], ARGV[1])
 local out = {res or '', sub or '', redis.call('HGETALL', KEYS[3])}
-if ARGV[3] ~= '' and res and sub then
+if res and sub then
   local ok, rec = pcall(cjson.decode, sub)
   if ok and type(rec) == 'table' then
     -- subscriptions.encode_record's short names ("x" is_delete, "r" resource_id), or the old long form's
@@ -49,27 +50,22 @@ if ARGV[3] ~= '' and res and sub then
     end
   end
 end
-if ARGV[5] == '1' then
-  local n = redis.call('LLEN', KEYS[5])
-  out[4] = redis.call('EXISTS', KEYS[4])
-  out[5] = n
-  out[6] = n > 0 and redis.call('LINDEX', KEYS[5], -1) or ''
-end
 return out
 """
 
 # Compare-and-set of one unsubscribe: the writes of ProfileChange.flush (record, profile set, ledger event,
-# timeline entry) and of dropping a pending timer, applied only if nothing READ saw has changed.
+# timeline entry) and of dropping a pending timer, applied only if nothing the reads saw has changed.
 # KEYS[1]: keys.profile_subscriptions; KEYS[2]: keys.profile_events; KEYS[3]: keys.pending_unsubscribe;
 #   KEYS[4]: keys.pending_due(); KEYS[5]: keys.db_profiles; KEYS[6]: keys.events_timeline().
-# ARGV[1]: hash_id; ARGV[2]: the subscription JSON as read; ARGV[3]: the ledger length as read; ARGV[4]: 1 if
-#   a pending timer was read, else 0; ARGV[5]: the new subscription JSON ("" = unchanged); ARGV[6]: the
+# ARGV[1]: hash_id; ARGV[2]: the subscription JSON as read; ARGV[3]: the last ledger entry as read ("" for
+#   none: the ledger only grows, so an unchanged last entry means no event came since); ARGV[4]: 1 if a
+#   pending timer was read, else 0; ARGV[5]: the new subscription JSON ("" = unchanged); ARGV[6]: the
 #   ledger event JSON ("" = none); ARGV[7]: its timeline ref "db|pid|seq"; ARGV[8]: resource id; ARGV[9]:
 #   method; ARGV[10]: the timer's member of KEYS[4]; ARGV[11]: profile id.
-# Returns 1 when applied, 0 (having written nothing) when the record, the ledger length or the timer changed.
+# Returns 1 when applied, 0 (having written nothing) when the record, the ledger or the timer changed.
 APPLY = """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
-if redis.call('LLEN', KEYS[2]) ~= tonumber(ARGV[3]) then return 0 end
+if (redis.call('LINDEX', KEYS[2], -1) or '') ~= ARGV[3] then return 0 end
 if redis.call('EXISTS', KEYS[3]) ~= tonumber(ARGV[4]) then return 0 end
 if ARGV[5] ~= '' then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[5])
@@ -87,28 +83,27 @@ return 1
 """
 
 
-def _read(r, smid, token, count_view="", for_unsubscribe=False):
-    """READ's reply. Without a view to count there is nothing to decide inside Redis, so the reads go as plain
-    commands in one MULTI/EXEC: the same snapshot and the same reply, at a fraction of a script's cost to
-    Redis (a cold EVALSHA took ~29 us of Redis CPU under load, its six reads ~6 us)."""
+def _read_for_page(r, smid, token, method):
+    return scripts.run_direct(r, PAGE_READ, (keys.resource(smid.resource_id),
+                                             keys.profile_subscriptions(smid.db_id, smid.profile_id),
+                                             keys.page_views(unsubscribe.view_digest(token))),
+                              (smid.hash_id, smid.resource_id, method, unsubscribe.VIEW_TTL_SECONDS))
+
+
+def _read_for_one_click(r, smid, token):
+    """[resource JSON, subscription JSON, view counts, pending timer exists (0/1), last ledger entry], ""
+    where a key or field is missing: plain reads, nothing to decide inside Redis."""
     db_id, profile_id, hash_id = smid.db_id, smid.profile_id, smid.hash_id
-    subs, views = keys.profile_subscriptions(db_id, profile_id), keys.page_views(unsubscribe.view_digest(token))
-    events_key = keys.profile_events(db_id, profile_id)
-    if count_view:
-        return scripts.run_direct(r, READ, (keys.resource(smid.resource_id), subs, views,
-                                            keys.pending_unsubscribe(db_id, profile_id, hash_id), events_key),
-                                  (hash_id, smid.resource_id, count_view, unsubscribe.VIEW_TTL_SECONDS,
-                                   "1" if for_unsubscribe else ""))
-    reads = [("GET", keys.resource(smid.resource_id)), ("HGET", subs, hash_id), ("HGETALL", views)]
-    if for_unsubscribe:
-        reads += [("EXISTS", keys.pending_unsubscribe(db_id, profile_id, hash_id)), ("LLEN", events_key),
-                  ("LINDEX", events_key, -1)]
-    reply = direct.read_transaction(r, reads)
-    return ["" if value is None else value for value in reply]  # as READ answers a missing key
+    reply = direct.reads(r, (("GET", keys.resource(smid.resource_id)),
+                             ("HGET", keys.profile_subscriptions(db_id, profile_id), hash_id),
+                             ("HGETALL", keys.page_views(unsubscribe.view_digest(token))),
+                             ("EXISTS", keys.pending_unsubscribe(db_id, profile_id, hash_id)),
+                             ("LINDEX", keys.profile_events(db_id, profile_id), -1)))
+    return ["" if value is None else value for value in reply]
 
 
 def _context(token, smid, reply):
-    views = reply[2]  # HGETALL: a flat list from Lua, a map from a RESP3 connection's MULTI/EXEC
+    views = reply[2]  # HGETALL: a flat list from Lua (and RESP2), a map from a RESP3 connection
     return unsubscribe.context_from(token, smid, reply[0] or None, reply[1] or None,
                                     views if isinstance(views, dict) else dict(zip(views[::2], views[1::2])))
 
@@ -117,16 +112,16 @@ def open_for_page(r, ring, token, method):
     """unsubscribe.open_smid, then unsubscribe.record_view(r, ctx, method) if it succeeded, in one round trip.
     Returns the Context (its view counts as read before this view); raises what open_smid raises."""
     smid = read_smid(ring, token)
-    return _context(token, smid, _read(r, smid, token, count_view=method))
+    return _context(token, smid, _read_for_page(r, smid, token, method))
 
 
 def one_click(r, ring, token, evidence):
     """open_smid, then unsubscribe(r, ctx, resolve_scope(ctx), "one_click", evidence), in two round trips
     (one for a replay). Returns {"changed": bool, "state": {...}}; raises what those raise."""
     smid = read_smid(ring, token)
-    reply = _read(r, smid, token, for_unsubscribe=True)
+    reply = _read_for_one_click(r, smid, token)
     ctx = _context(token, smid, reply)
-    pending, ledger_len, last_raw = reply[3], reply[4], reply[5]
+    pending, last_raw = reply[3], reply[4]
     scope = unsubscribe.resolve_scope(ctx)
     # What unsubscribe and its change function do, with ProfileChange.save and flush:
     unsubscribe._check_not_blocked(ctx)
@@ -153,7 +148,7 @@ def one_click(r, ring, token, evidence):
         r, APPLY, (keys.profile_subscriptions(db_id, profile_id), keys.profile_events(db_id, profile_id),
                    keys.pending_unsubscribe(db_id, profile_id, hash_id), keys.pending_due(),
                    keys.db_profiles(db_id), keys.events_timeline()),
-        (hash_id, reply[1], ledger_len, pending, new_raw, event_raw, ref, new["resource_id"], ONE_CLICK,
+        (hash_id, reply[1], last_raw, pending, new_raw, event_raw, ref, new["resource_id"], ONE_CLICK,
          unsubscribe._due_member(db_id, profile_id, hash_id), profile_id))
     if not applied:
         return unsubscribe.unsubscribe(r, ctx, scope, ONE_CLICK, evidence)
