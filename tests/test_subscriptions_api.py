@@ -340,3 +340,12 @@ def test_times_are_stored_as_numbers_exactly_when_strptime_would():
     def check(text):
         same(text)
     check()
+
+
+def test_now_iso_is_format_time_of_now():
+    from datetime import datetime, timezone
+    from webapp.validation import format_time, now_iso
+    for _ in range(1000):
+        before = format_time(datetime.now(timezone.utc))
+        now = now_iso()
+        assert before <= now <= format_time(datetime.now(timezone.utc)) and len(now) == len(before)

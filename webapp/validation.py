@@ -205,7 +205,8 @@ def format_time(moment):
 
 
 def now_iso():
-    return format_time(datetime.now(timezone.utc))
+    """format_time(datetime.now(timezone.utc)), by way of ms_to_time: a third of the cost (every write)."""
+    return ms_to_time(time.time_ns() // 1_000_000)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
