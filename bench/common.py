@@ -13,6 +13,8 @@ import redis
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_TOKEN = "bench-token"
+sys.path.insert(0, ROOT)
+from webapp.config import default_web_workers  # noqa: E402
 
 
 def add_load_arguments(parser):
@@ -21,7 +23,9 @@ def add_load_arguments(parser):
                         help="seconds per app for the max-rate phase (split into rounds) and for the half-load phase")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--subscriptions", type=int, default=10000)
-    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers, the same for both apps")
+    parser.add_argument("--workers", type=int, default=default_web_workers(),
+                        help="gunicorn workers, the same for both apps (default: what `python -m webapp run` starts, "
+                             f"two per core: {default_web_workers()} here)")
     parser.add_argument("--worker-class", default="sync", help="gunicorn worker class, the same for both apps")
     parser.add_argument("--threads", type=int, default=1, help="threads per worker (gthread), the same for both")
     parser.add_argument("--connections", type=int, default=8, help="wrk connections for the max-rate runs")

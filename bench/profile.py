@@ -19,7 +19,7 @@ import sys
 import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Services, make_subscriptions, run_wrk, write_wrk_script  # noqa: E402
+from common import Services, default_web_workers, make_subscriptions, run_wrk, write_wrk_script  # noqa: E402
 
 PATHS = {
     "oneclick": ("instant", "POST", "List-Unsubscribe=One-Click",
@@ -33,7 +33,7 @@ def main():
     parser.add_argument("path", choices=sorted(PATHS))
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--subscriptions", type=int, default=2000)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=default_web_workers())
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--out", default=None, help="collapsed stacks file (default: /tmp/profile-<path>.txt)")
     args = parser.parse_args()

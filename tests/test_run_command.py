@@ -10,6 +10,7 @@ import time
 import urllib.request
 
 from conftest import ROOT
+from webapp.config import default_web_workers, load_settings
 
 
 def free_port():
@@ -57,6 +58,13 @@ def test_run_starts_redis_web_and_worker_and_ctrl_c_stops_them(tmp_path):
                                   text=True).stdout.split()
         assert children                                                                # its own redis-server
         assert _worker_registered(tmp_path)
+        web, workers = _gunicorn_master(proc.pid), []
+        for _ in range(50):                                                            # forked one by one
+            workers = subprocess.run(["pgrep", "-P", str(web)], capture_output=True, text=True).stdout.split()
+            if len(workers) >= default_web_workers():
+                break
+            time.sleep(0.1)
+        assert len(workers) == default_web_workers()                                  # two per core
     finally:
         proc.send_signal(signal.SIGINT)                                                # Ctrl-C
         out, _ = proc.communicate(timeout=40)
@@ -80,6 +88,21 @@ def test_a_second_ctrl_c_while_stopping_still_stops_everything(tmp_path):
     # Each child leads its own process group: nothing of it is left (gunicorn's workers, RQ's scheduler).
     left = subprocess.run(["pgrep", "-g", ",".join(map(str, children))], capture_output=True, text=True).stdout
     assert not [pid for pid in left.split() if _alive(int(pid))]
+
+
+def _gunicorn_master(run_pid):
+    for pid in subprocess.run(["pgrep", "-P", str(run_pid)], capture_output=True, text=True).stdout.split():
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"gunicorn" in f.read():
+                return int(pid)
+    raise AssertionError("no gunicorn under `run`")
+
+
+def test_web_workers_default_to_two_per_core_and_can_be_set(tmp_path):
+    settings = load_settings({"VAR_DIR": str(tmp_path)}, dotenv_path=tmp_path / ".env")
+    assert settings["WEB_WORKERS"] == default_web_workers() == max(2, 2 * os.cpu_count())
+    assert load_settings({"VAR_DIR": str(tmp_path), "WEB_WORKERS": "3"},
+                         dotenv_path=tmp_path / ".env")["WEB_WORKERS"] == 3
 
 
 def _alive(pid):
