@@ -18,7 +18,7 @@ receipts) to a resource in confirm mode through the API and issues one message l
    to the end of its reply, from the round with the median p99 (every round's p99 is printed too).
 
     .venv/bin/python bench/page.py [--seconds 10] [--rounds 3] [--subscriptions 10000] [--workers 2]
-                                   [--baseline-path /page_compiled_per_request]
+                                   [--baseline-path /page_compiled_per_request] [--no-render]
 """
 import argparse
 import os
@@ -37,6 +37,9 @@ def main():
     parser.add_argument("--baseline-path", default="/page", choices=["/page", "/page_compiled_per_request"],
                         help="the baseline: a cached template (default), or the template compiled on every request "
                              "(render_template_string, the first version of bench/baseline_app.py's /page)")
+    parser.add_argument("--no-render", action="store_true",
+                        help="also measure the service with rendering replaced by a constant string "
+                             "(bench/no_render_app.py): the ratio no template work could beat")
     args = parser.parse_args()
     started = time.perf_counter()
     with Services() as services:
@@ -54,9 +57,16 @@ def main():
         with urllib.request.urlopen(bare_base + "/page_same_template", timeout=10) as resp:
             same_bytes = len(resp.read())
         run_wrk(bare_base, same_script, 1, args.connections)
-        res = compare_max({"svc": (base, script, proc.pid), "bare": (bare_base, bare_script, bare_proc.pid),
-                           "same": (bare_base, same_script, bare_proc.pid)},
-                          args.seconds, args.rounds, args.connections)
+        runs = {"svc": (base, script, proc.pid), "bare": (bare_base, bare_script, bare_proc.pid),
+                "same": (bare_base, same_script, bare_proc.pid)}
+        if args.no_render:
+            no_render_base, no_render_proc = services.gunicorn("bench.no_render_app:app", workers=args.workers,
+                                                               worker_class=args.worker_class, threads=args.threads)
+            with urllib.request.urlopen(no_render_base + paths[0], timeout=10) as resp:
+                assert set(resp.read()) == {ord("x")}  # the variant's constant page: nothing rendered
+            run_wrk(no_render_base, script, 1, args.connections)
+            runs["no_render"] = (no_render_base, script, no_render_proc.pid)
+        res = compare_max(runs, args.seconds, args.rounds, args.connections)
         svc, bare, same = res["svc"], res["bare"], res["same"]
         svc_half, bare_half = compare_half_load(services, args, "GET", ("svc", base, paths, svc),
                                                 ("bare", bare_base, [args.baseline_path], bare))
@@ -68,6 +78,10 @@ def main():
                f"the service's confirm template rendered bare (GET /page_same_template, {same_bytes:,} bytes): "
                f"{same['rps']:,.0f} req/s, {same['cpu_ms']:.2f} ms server CPU per request; service/that: "
                f"{sorted(round_ratios(svc, same))[args.rounds // 2]:.2f} (median of the per-round ratios)",
+               *([f"the service with rendering replaced by a constant string (bench/no_render_app.py): "
+                  f"{res['no_render']['rps']:,.0f} req/s, {res['no_render']['cpu_ms']:.2f} ms server CPU per request; "
+                  f"that/baseline: {sorted(round_ratios(res['no_render'], bare))[args.rounds // 2]:.2f}"]
+                 if args.no_render else []),
                setup_note(paths, setup, started)])
 
 

@@ -45,8 +45,9 @@ def test_oneclick_bench():
 
 
 def test_page_bench():
-    out = run_bench("page.py", *LOAD)
+    out = run_bench("page.py", *LOAD, "--no-render")
     assert number(r"ratio service/baseline \(median of the per-round ratios\): ([\d.]+)", out) > 0
+    assert number(r"replaced by a constant string \(bench/no_render_app.py\): ([\d,]+) req/s", out) > 0
     assert number(r"rendered bare \(GET /page_same_template, ([\d,]+) bytes\)", out) > 1000
     assert re.search(r"goal ratio >= 0\.70: (MET|NOT MET)", out)
 
