@@ -275,3 +275,19 @@ def test_one_click_refuses_to_apply_after_another_ledger_entry(api, app, r, monk
     history = api.ok("events/list", db_id=1, profile_id="p-42")
     assert [e["method"] for e in history][:2] == ["one_click", "api"]
     assert api.ok("events/verify", db_id=1, profile_id="p-42")["ok"] is True
+
+
+def test_direct_calls_skip_push_messages(r, redis_url):
+    """A RESP3 push (here a client-tracking invalidation, as a server's maintenance notice would be) arriving
+    on the held connection is not taken for the reply of the next command."""
+    import redis
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        r.set("t:tracked", "1")
+        assert direct.call(client, direct.pack("CLIENT", "TRACKING", "ON"), 1) == ["OK"]
+        assert direct.reads(client, [("GET", "t:tracked")]) == ["1"]   # now tracked for this connection
+        r.set("t:tracked", "2")                                          # the server pushes an invalidation
+        r.set("t:other", "x")
+        assert direct.reads(client, [("GET", "t:other"), ("GET", "t:tracked")]) == ["x", "2"]
+    finally:
+        client.close()

@@ -3,8 +3,8 @@ thread holds, without redis-py's per-command layers.
 
 Under load (bench/oneclick.py) redis-py's layers around a call (pool checkout and release, argument encoding,
 the retry wrapper, the parser's buffering, response callbacks, health checks) cost about as much client CPU
-as the round trip itself. Here a call is: the commands packed as RESP, one sendall, and recv into a hiredis
-Reader until every reply is in. redis-py still opens and closes the connection, so URL, password, TLS,
+as the round trip itself. Here a call is: the commands packed as RESP by hiredis, one sendall, and recv into
+a hiredis Reader until every reply is in (RESP3 push messages, which are not replies, are skipped). redis-py still opens and closes the connection, so URL, password, TLS,
 timeouts and database are the pool's own. A socket error closes the connection and raises redis-py's
 ConnectionError, so that the caller can retry through the full client; an error reply is raised as
 redis-py's ResponseError once every reply has been read, so the connection stays usable.
@@ -18,12 +18,8 @@ from redis.exceptions import ConnectionError, ResponseError
 
 
 def pack(*args):
-    """One command as RESP: an array of bulk strings (str, bytes or int arguments)."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        raw = arg if isinstance(arg, bytes) else str(arg).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
-    return b"".join(out)
+    """One command as RESP: an array of bulk strings (str, bytes, int or float arguments), packed in C."""
+    return hiredis.pack_command(args)
 
 
 class _Held:
@@ -83,7 +79,7 @@ def call(r, packed, count):
                 if not data:
                     raise ConnectionError("Redis closed the connection")
                 reader.feed(data)
-            else:
+            elif not isinstance(reply, hiredis.PushNotification):  # RESP3 pushes are not replies: skip them
                 replies.append(reply)
     except ConnectionError:
         one.reset()
