@@ -66,7 +66,7 @@ def call(r, packed, count):
     one = held(r.connection_pool)
     conn = one.conn
     try:
-        if conn._sock is None:
+        if conn._sock is None:  # redis-py's Connection keeps its socket there (redis-py 5 to 8)
             conn.connect()
         sock = conn._sock
         sock.sendall(packed)
