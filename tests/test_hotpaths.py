@@ -115,18 +115,14 @@ def test_one_click_errors(api, app, r):
     assert one_click_both(app, r, token)[0] == "NoSuchResource"
 
 
-def test_one_click_falls_back_when_something_changed_after_reading(api, app, r, monkeypatch):
-    _res, token, body = link(api, category="news")
-    read = hotpaths._read_for_one_click
+def another_writer_between_reads_and_apply(monkeypatch, write):
+    """Run `write()` right after one_click's reads; returns the list APPLY's answers are appended to."""
+    read, run, applied = hotpaths._read_for_one_click, scripts.run_direct, []
 
-    def read_then_another_writer(*args, **kw):
+    def read_then_write(*args, **kw):
         reply = read(*args, **kw)
-        api.ok("subscriptions/set", **{k: v for k, v in body.items() if k != "category"}, cats=["receipts"])
+        write()
         return reply
-
-    ring = app.extensions["signing_keys"]
-    applied = []
-    run = scripts.run_direct
 
     def counting_run(r_, script, keys, args):
         result = run(r_, script, keys, args)
@@ -134,9 +130,16 @@ def test_one_click_falls_back_when_something_changed_after_reading(api, app, r, 
             applied.append(result)
         return result
 
-    monkeypatch.setattr(hotpaths, "_read_for_one_click", read_then_another_writer)
+    monkeypatch.setattr(hotpaths, "_read_for_one_click", read_then_write)
     monkeypatch.setattr(scripts, "run_direct", counting_run)
-    result = hotpaths.one_click(r, ring, token, EVIDENCE)
+    return applied
+
+
+def test_one_click_falls_back_when_something_changed_after_reading(api, app, r, monkeypatch):
+    _res, token, body = link(api, category="news")
+    applied = another_writer_between_reads_and_apply(monkeypatch, lambda: api.ok(
+        "subscriptions/set", **{k: v for k, v in body.items() if k != "category"}, cats=["receipts"]))
+    result = hotpaths.one_click(r, app.extensions["signing_keys"], token, EVIDENCE)
     assert applied == [0]  # the compare-and-set refused, so the generic path did the work
     # The generic path saw the other writer's change: "news" was already stopped by it, so nothing changed.
     assert result == {"changed": False, "state": {"status": "subscribed", "cats": ["receipts"]}}
@@ -252,24 +255,8 @@ def test_one_click_refuses_to_apply_after_another_ledger_entry(api, app, r, monk
     the generic path chains the event after the newcomer; the chain verifies."""
     _res, token, _body = link(api, category="news")
     _res2, _token2, other = link(api, category=None, email="ann@work.example")
-    read = hotpaths._read_for_one_click
-
-    def read_then_another_subscription_changes(*args, **kw):
-        reply = read(*args, **kw)
-        api.ok("subscriptions/set", **other, status="unsubscribed")
-        return reply
-
-    applied = []
-    run = scripts.run_direct
-
-    def counting_run(r_, script, keys, args):
-        result = run(r_, script, keys, args)
-        if script is hotpaths.APPLY:
-            applied.append(result)
-        return result
-
-    monkeypatch.setattr(hotpaths, "_read_for_one_click", read_then_another_subscription_changes)
-    monkeypatch.setattr(scripts, "run_direct", counting_run)
+    applied = another_writer_between_reads_and_apply(
+        monkeypatch, lambda: api.ok("subscriptions/set", **other, status="unsubscribed"))
     assert hotpaths.one_click(r, app.extensions["signing_keys"], token, EVIDENCE)["changed"] is True
     assert applied == [0]
     history = api.ok("events/list", db_id=1, profile_id="p-42")
