@@ -308,7 +308,7 @@ def test_stored_times_read_back_as_datetime_formats_them():
 
 
 def test_times_are_stored_as_numbers_exactly_when_strptime_would():
-    """validation.time_to_ms (a pattern and calendar.timegm, for speed) turns a text into milliseconds exactly
+    """validation.time_to_ms (a pattern and a cached day count, for speed) turns a text into milliseconds exactly
     when the strptime definition does, and into the same number: format_time's texts, any datetime's, odd
     ones (2026-02-30, second 60, six-digit fractions, other digits) and any text at all stay as they are."""
     from datetime import datetime, timedelta, timezone
