@@ -16,7 +16,7 @@ API and issues one message link per subscription (category "news"), then:
    open loop), again alternating in --rounds rounds, --seconds per app in all; p50/p99 from sending a request
    to the end of its reply, from the round with the median p99 (every round's p99 is printed too).
 
-    .venv/bin/python bench/oneclick.py [--seconds 10] [--rounds 3] [--subscriptions 10000] [--workers 2] [--floor]
+    .venv/bin/python bench/oneclick.py [--seconds 10] [--rounds 3] [--subscriptions 10000] [--workers N] [--floor]
 """
 import argparse
 import os

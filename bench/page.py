@@ -17,7 +17,7 @@ receipts) to a resource in confirm mode through the API and issues one message l
    open loop), again alternating in --rounds rounds, --seconds per app in all; p50/p99 from sending a request
    to the end of its reply, from the round with the median p99 (every round's p99 is printed too).
 
-    .venv/bin/python bench/page.py [--seconds 10] [--rounds 3] [--subscriptions 10000] [--workers 2]
+    .venv/bin/python bench/page.py [--seconds 10] [--rounds 3] [--subscriptions 10000] [--workers N]
                                    [--baseline-path /page_compiled_per_request] [--no-render]
 """
 import argparse
