@@ -65,8 +65,8 @@ def run():
     port = settings["PORT"]
     conf = str(Path(__file__).with_name("gunicorn.conf.py"))
     web = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", conf, "--bind", f"127.0.0.1:{port}",
-                            "--workers", str(settings["WEB_WORKERS"]), "--log-level", "warning", "webapp:create_app()"], env=env,
-                           start_new_session=True)
+                            "--workers", str(settings["WEB_WORKERS"]), "--log-level", "warning",
+                            "webapp:create_app()"], env=env, start_new_session=True)
     children.append(("web", web))
     worker = subprocess.Popen([sys.executable, "-m", "workers"], env=env, start_new_session=True)
     children.append(("worker", worker))

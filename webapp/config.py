@@ -113,8 +113,8 @@ def load_settings(environ=None, dotenv_path=".env"):
 
 def default_web_workers():
     """Two sync gunicorn workers per CPU core (at least two). A sync worker waits out each Redis round trip
-    doing nothing, so one per core leaves cores idle: on a 2-core VM even a bare Flask endpoint served
-    ~15-25 % more requests a second with 4 workers than with 2 (bench/oneclick.py --workers)."""
+    doing nothing, so one per core leaves cores idle: on a 2-core VM even a bare Flask endpoint served about
+    14 % more requests a second with 4 workers than with 2 (medians of 5 alternating wrk rounds)."""
     return max(2, 2 * (os.cpu_count() or 1))
 
 

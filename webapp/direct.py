@@ -4,10 +4,11 @@ thread holds, without redis-py's per-command layers.
 Under load (bench/oneclick.py) redis-py's layers around a call (pool checkout and release, argument encoding,
 the retry wrapper, the parser's buffering, response callbacks, health checks) cost about as much client CPU
 as the round trip itself. Here a call is: the commands packed as RESP by hiredis, one sendall, and recv into
-a hiredis Reader until every reply is in (RESP3 push messages, which are not replies, are skipped). redis-py still opens and closes the connection, so URL, password, TLS,
-timeouts and database are the pool's own. A socket error closes the connection and raises redis-py's
-ConnectionError, so that the caller can retry through the full client; an error reply is raised as
-redis-py's ResponseError once every reply has been read, so the connection stays usable.
+a hiredis Reader until every reply is in (RESP3 push messages, which are not replies, are skipped). redis-py
+still opens and closes the connection, so URL, password, TLS, timeouts and database are the pool's own. A
+socket error closes the connection and raises redis-py's ConnectionError, so that the caller can retry
+through the full client; an error reply is raised as redis-py's ResponseError once every reply has been
+read, so the connection stays usable.
 """
 import os
 import threading
