@@ -5,8 +5,9 @@ import pytest
 
 from conftest import email_resource, normalized, restore, snapshot
 from conftest import same_state as state
-from webapp import direct, hotpaths, scripts, unsubscribe
+from webapp import direct, hotpaths, keys, scripts, unsubscribe
 from webapp.errors import ServiceError
+from webapp.tokens import read_smid
 
 EVIDENCE = {"ip": "203.0.113.7", "user_agent": "GoogleOneClick/1.0"}
 
@@ -61,8 +62,11 @@ def page_both(app, r, token, method="GET"):
     ring = app.extensions["signing_keys"]
 
     def generic():
-        ctx = unsubscribe.open_smid(r, ring, token)
-        unsubscribe.record_view(r, ctx, method)
+        read_smid(ring, token)  # a forged link: nothing read, nothing counted
+        try:
+            ctx = unsubscribe.open_smid(r, ring, token)
+        finally:
+            unsubscribe.record_view(r, token, method)  # counted also when the subscription is gone
         return ctx.resource, ctx.record, ctx.views
 
     def fast():
@@ -152,7 +156,8 @@ def test_page_open_counts_views_as_record_view(api, app, r, method):
     hotpaths.open_for_page(r, app.extensions["signing_keys"], token, method)
     assert page_both(app, r, token, method)[1][2] == {method: 2}
     api.ok("subscriptions/delete", **{k: v for k, v in body.items() if k != "category"})
-    assert page_both(app, r, token, method)[0] == "NoSuchSubscription"  # no view counted either way
+    assert page_both(app, r, token, method)[0] == "NoSuchSubscription"
+    assert r.hgetall(keys.page_views(unsubscribe.view_digest(token))) == {method: "4"}  # counted all the same
     assert page_both(app, r, token[:-2] + "AA", method)[0] == "BadToken"
 
 
@@ -211,7 +216,7 @@ def test_direct_calls_hold_one_connection_per_thread_and_process(r):
 
 @pytest.mark.parametrize("protocol", [2, 3])
 def test_one_click_reads_the_same_over_either_protocol(api, app, r, redis_url, protocol):
-    """The one-click's plain pipelined reads (direct.reads) answer HGETALL as a map on a RESP3
+    """The one-click's plain pipelined reads (direct.pipeline) answer HGETALL as a map on a RESP3
     connection (redis-py's default) and as a flat list on RESP2; both give the generic path's result."""
     import redis
     _res, token, _body = link(api, category="news")
@@ -231,9 +236,9 @@ def test_direct_reads_raise_error_replies_and_keep_their_connection(r):
     r.set("t:string", "x")
     r.hset("t:hash", "f", "v")
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
-        direct.reads(r, [("GET", "t:string"), ("HGET", "t:string", "f"), ("GET", "t:string")])
+        direct.pipeline(r, [("GET", "t:string"), ("HGET", "t:string", "f"), ("GET", "t:string")])
     held = direct.held(r.connection_pool).conn
-    assert direct.reads(r, [("HGET", "t:hash", "f"), ("GET", "t:none")]) == ["v", None]
+    assert direct.pipeline(r, [("HGET", "t:hash", "f"), ("GET", "t:none")]) == ["v", None]
     assert direct.held(r.connection_pool).conn is held and held._sock is not None
 
 
@@ -242,9 +247,9 @@ def test_direct_reads_reconnect_once_after_a_dropped_connection(r, redis_url):
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
         r.set("t:k", "1")
-        assert direct.reads(client, [("GET", "t:k")]) == ["1"]
+        assert direct.pipeline(client, [("GET", "t:k")]) == ["1"]
         assert r.client_kill_filter(_type="normal", skipme=True) >= 1
-        assert direct.reads(client, [("GET", "t:k")]) == ["1"]
+        assert direct.pipeline(client, [("GET", "t:k")]) == ["1"]
     finally:
         client.close()
 
@@ -272,9 +277,9 @@ def test_direct_calls_skip_push_messages(r, redis_url):
     try:
         r.set("t:tracked", "1")
         assert direct.call(client, direct.pack("CLIENT", "TRACKING", "ON"), 1) == ["OK"]
-        assert direct.reads(client, [("GET", "t:tracked")]) == ["1"]   # now tracked for this connection
+        assert direct.pipeline(client, [("GET", "t:tracked")]) == ["1"]   # now tracked for this connection
         r.set("t:tracked", "2")                                          # the server pushes an invalidation
         r.set("t:other", "x")
-        assert direct.reads(client, [("GET", "t:other"), ("GET", "t:tracked")]) == ["x", "2"]
+        assert direct.pipeline(client, [("GET", "t:other"), ("GET", "t:tracked")]) == ["x", "2"]
     finally:
         client.close()

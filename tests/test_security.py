@@ -28,12 +28,26 @@ def test_security_headers_on_every_page(client, pages):
         assert resp.headers["X-Content-Type-Options"] == "nosniff", name
         if name == "static":
             continue
+        for header in ("X-Content-Type-Options", "Content-Security-Policy", "Referrer-Policy", "X-Frame-Options"):
+            assert len(resp.headers.getlist(header)) == 1, (name, header)
         csp = resp.headers["Content-Security-Policy"]
         assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp, name
         assert resp.headers["Referrer-Policy"] == "no-referrer", name
         html = resp.get_data(as_text=True)
         assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", html), name       # no inline script
         assert not re.search(r"\son[a-z]+=", html), name                           # no inline handlers
+
+
+def test_security_headers_keep_what_a_view_set(app):
+    """The after-request hook adds the headers a view did not set, and leaves a view's own value alone."""
+    @app.get("/test-own-frame-policy")
+    def own_frame_policy():
+        return "framed", {"X-Frame-Options": "SAMEORIGIN", "x-content-type-options": "nosniff"}
+
+    resp = app.test_client().get("/test-own-frame-policy")
+    assert resp.headers.getlist("X-Frame-Options") == ["SAMEORIGIN"]
+    assert resp.headers.getlist("X-Content-Type-Options") == ["nosniff"]
+    assert resp.headers["Referrer-Policy"] == "no-referrer"
 
 
 def test_no_open_redirect(client, pages):

@@ -104,11 +104,12 @@ def _raise_error(reply):
             _raise_error(item)
 
 
-def reads(r, commands):
-    """Read-only commands (tuples of arguments) in one round trip, pipelined: their replies as Redis sends
-    them (no redis-py response callbacks: HGETALL is a map on RESP3, a flat list on RESP2). Not a transaction
-    (each reply is as of its own command), which saves Redis the MULTI and EXEC. A connection error is retried
-    once, on a new connection."""
+def pipeline(r, commands):
+    """Commands (tuples of arguments) in one round trip, pipelined: their replies as Redis sends them (no
+    redis-py response callbacks: HGETALL is a map on RESP3, a flat list on RESP2). Not a transaction (each
+    reply is as of its own command), which saves Redis the MULTI and EXEC. A connection error is retried once,
+    on a new connection, so the commands must be safe to run twice: reads, or a counter where a rare double
+    count does not matter (the page-view count)."""
     packed = b"".join(pack(*command) for command in commands)
     try:
         return call(r, packed, len(commands))

@@ -240,6 +240,10 @@ NOSNIFF = ("X-Content-Type-Options", "nosniff")  # on every answer, API included
 
 @bp.after_app_request
 def security_headers(resp):
+    # Names looked up in one pass: Headers.setdefault finds a missing name by raising and catching an
+    # HTTPException, a few microseconds each on every page.
+    present = set(resp.headers.keys(lower=True))
     for name, value in (PAGE_SECURITY_HEADERS if not request.path.startswith("/api/") else ()) + (NOSNIFF,):
-        resp.headers.setdefault(name, value)
+        if name.lower() not in present:
+            resp.headers.add(name, value)
     return resp

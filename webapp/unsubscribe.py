@@ -66,7 +66,7 @@ def open_smid(r, ring, token):
 
 def context_from(token, smid, resource_raw, raw, views):
     """open_smid's checks of what it read (None where a key or field is missing); returns the Context.
-    Also used by hotpaths.py, which reads the same keys in one Lua call together with what its caller needs."""
+    Also used by hotpaths.py, which reads the same keys in one pipeline together with what its caller needs."""
     if resource_raw is None:
         raise NoSuchResource(f"resource {smid.resource_id} does not exist")
     resource = json.loads(resource_raw)
@@ -81,10 +81,12 @@ def view_digest(token):
     return hashlib.sha256(token.encode()).hexdigest()[:24]
 
 
-def record_view(r, ctx, method):
+def record_view(r, token, method):
     """Count a GET or HEAD of the SMID's page for a few minutes: scanners fetch, people click. This is
-    telemetry, not subscription state; it never changes what the person receives."""
-    key = keys.page_views(view_digest(ctx.token))
+    telemetry, not subscription state; it never changes what the person receives. Every fetch of a validly
+    signed link counts, also one whose subscription or resource is gone (hotpaths.open_for_page counts in the
+    same round trip as its reads, before it knows)."""
+    key = keys.page_views(view_digest(token))
     with r.pipeline(transaction=False) as pipe:
         pipe.hincrby(key, method, 1)
         pipe.expire(key, VIEW_TTL_SECONDS)
