@@ -190,6 +190,8 @@ def make_subscriptions(base, count, mode, category="news", threads=4):
 
     with ThreadPoolExecutor(threads) as pool:
         assert sum(pool.map(add, [range(t, count, threads) for t in range(threads)])) == count
+    # A new connection: a gthread worker closes an idle keep-alive one (2 s) while the subscriptions are made.
+    conn = http.client.HTTPConnection(host, port, timeout=60)
     paths = []
     for start in range(0, count, 1000):
         msgs = [{"resource_id": rid, "db_id": 1, "profile_id": f"{mode[:2]}{i}", "channel": "email",
