@@ -73,22 +73,23 @@ def _read_for_one_click(r, smid, token):
     where a key or field is missing: plain reads, nothing to decide inside Redis."""
     db_id, profile_id, hash_id = smid.db_id, smid.profile_id, smid.hash_id
     reply = direct.pipeline(r, (("GET", keys.resource(smid.resource_id)),
-                             ("HGET", keys.profile_subscriptions(db_id, profile_id), hash_id),
-                             ("HGETALL", keys.page_views(unsubscribe.view_digest(token))),
-                             ("EXISTS", keys.pending_unsubscribe(db_id, profile_id, hash_id)),
-                             ("LINDEX", keys.profile_events(db_id, profile_id), -1)))
+                                ("HGET", keys.profile_subscriptions(db_id, profile_id), hash_id),
+                                ("HGETALL", keys.page_views(unsubscribe.view_digest(token))),
+                                ("EXISTS", keys.pending_unsubscribe(db_id, profile_id, hash_id)),
+                                ("LINDEX", keys.profile_events(db_id, profile_id), -1)))
     return ["" if value is None else value for value in reply]
 
 
 def _context(token, smid, reply):
-    views = reply[2]  # HGETALL: a flat list from Lua (and RESP2), a map from a RESP3 connection
+    views = reply[2]  # HGETALL: a flat list on a RESP2 connection, a map on RESP3
     return unsubscribe.context_from(token, smid, reply[0] or None, reply[1] or None,
                                     views if isinstance(views, dict) else dict(zip(views[::2], views[1::2])))
 
 
 def open_for_page(r, ring, token, method):
-    """unsubscribe.record_view(r, token, method), then unsubscribe.open_smid, in one round trip. Returns the
-    Context (its view counts as read before this view); raises what open_smid raises."""
+    """unsubscribe.open_smid and unsubscribe.record_view(r, token, method) in one round trip: the view is
+    counted for any validly signed link, also when open_smid then raises. Returns the Context (its view counts
+    as read before this view); raises what open_smid raises."""
     smid = read_smid(ring, token)
     return _context(token, smid, _read_for_page(r, smid, token, method))
 
