@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from . import events, keys, scripts
 from .errors import Blocked, Conflict, InvalidInput, NoSuchResource, NoSuchSubscription
-from .resources import get_resource, get_resources
+from .resources import get_resources
 from .subscriptions import (Status, decode_record, encode_record, state_of, subscribed_cats, update_profile,
                             with_state)
 from .tokens import read_smid
