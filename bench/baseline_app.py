@@ -51,7 +51,7 @@ def page():
 
 @app.get("/page_same_template")
 def page_same_template():
-    """The service's confirm page template rendered from fixed values: no Redis, token, session or language."""
+    """The service's confirm page template rendered from fixed values: no Redis, tokens or language choice."""
     return render_template("unsubscribe/confirm.html", **CONFIRM_VIEW)
 
 

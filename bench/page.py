@@ -11,7 +11,7 @@ receipts) to a resource in confirm mode through the API and issues one message l
    manager link), and the same against /page. The two alternate in --rounds rounds (a shared machine's slow
    spells then hit both); the ratio is the median of the per-round ratios. A third app run in the same
    rounds, GET /page_same_template, renders the service's own confirm template (same size) from fixed values:
-   what the page costs without its Redis read, token check, language choice and CSRF session.
+   what the page costs without its Redis read, token checks, language choice and form token.
 2. half load: wrk paced by its Lua delay() hook to half of each app's own median max rate (evenly spaced
    sends from one schedule, with many idle connections so that a send never waits for an earlier reply:
    open loop), again alternating in --rounds rounds, --seconds per app in all; p50/p99 from sending a request
