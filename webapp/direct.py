@@ -82,13 +82,10 @@ def call(r, packed, count):
                 reader.feed(data)
             elif not isinstance(reply, hiredis.PushNotification):  # RESP3 pushes are not replies: skip them
                 replies.append(reply)
-    except ConnectionError:
-        one.reset()
-        raise
     except (OSError, hiredis.ProtocolError) as exc:
         one.reset()
         raise ConnectionError(f"Redis connection failed: {exc}") from exc
-    except BaseException:
+    except BaseException:  # our ConnectionError above too: never reuse a connection with a half-read reply
         one.reset()
         raise
     for reply in replies:
