@@ -26,7 +26,7 @@ def free_port():
 
 
 class Gunicorn:
-    def __init__(self, redis_url, workers=2, workdir=None):
+    def __init__(self, redis_url, workers=2, workdir=None, worker_class="sync"):
         self.port = free_port()
         self.workdir = workdir or tempfile.mkdtemp(prefix="us-gunicorn-")
         self.log_path = os.path.join(self.workdir, "access.log")
@@ -34,18 +34,14 @@ class Gunicorn:
                "PUBLIC_BASE_URL": f"http://127.0.0.1:{self.port}", "VAR_DIR": self.workdir, "PYTHONPATH": ROOT}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "webapp", "gunicorn.conf.py"),
-             "-b", f"127.0.0.1:{self.port}", "-w", str(workers), "--access-logfile", self.log_path,
+             "-b", f"127.0.0.1:{self.port}", "-w", str(workers), "-k", worker_class, "--access-logfile", self.log_path,
              "--graceful-timeout", "2", "webapp:create_app()"],
             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 20
         while time.time() < deadline:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                conn.request("GET", "/static/pages.css")
-                if conn.getresponse().status == 200:
-                    return
-            except OSError:
-                time.sleep(0.1)
+            if self.get("/static/pages.css", timeout=2) == 200:
+                return
+            time.sleep(0.1)
         self.stop()
         raise RuntimeError("gunicorn did not start")
 
@@ -65,12 +61,27 @@ class Gunicorn:
         finally:
             conn.close()
 
+    def get(self, path, timeout=5):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status
+        except OSError:
+            return None
+        finally:
+            conn.close()
+
     def api(self, path, **body):
         import json
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        conn.request("POST", f"/api/v1.1/{path}", body=json.dumps({"token": API_TOKEN, **body}),
-                     headers={"Content-Type": "application/json"})
-        data = json.loads(conn.getresponse().read())
+        try:
+            conn.request("POST", f"/api/v1.1/{path}", body=json.dumps({"token": API_TOKEN, **body}),
+                         headers={"Content-Type": "application/json"})
+            data = json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
         assert data["error"] == 0, data
         return data["data"]
 

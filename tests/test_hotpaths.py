@@ -190,28 +190,59 @@ def test_direct_call_raises_an_error_reply_without_running_the_script_again(r):
         assert r.get("t:count") == expected
 
 
-def test_direct_calls_hold_one_connection_per_thread_and_process(r):
-    """run_direct keeps a connection per thread (no checkout per call) and makes a new one in a forked child,
-    leaving the parent's connection intact (gunicorn forks its workers)."""
+def test_direct_calls_reuse_an_idle_connection_and_never_share_a_busy_one(r):
+    """Calls one after another reuse one connection (no checkout per call); a call made while another is in
+    flight (here a thread blocked in BLPOP) gets a connection of its own and its own replies; afterwards both
+    connections are idle and reused. A forked child makes its own connection and leaves the parent's intact
+    (gunicorn forks its workers)."""
     import os
     import threading
     script = "return redis.call('INCR', KEYS[1])"
-    pool = r.connection_pool
+    idle = direct.idle_connections(r.connection_pool)
+    idle.clear()
     assert scripts.run_direct(r, script, ["t:n"], []) == 1
-    mine = direct.held(pool)
-    assert scripts.run_direct(r, script, ["t:n"], []) == 2 and direct.held(pool) is mine
-    other = []
-    worker = threading.Thread(target=lambda: other.append((scripts.run_direct(r, script, ["t:n"], []),
-                                                           direct.held(pool))))
-    worker.start()
-    worker.join()
-    assert other[0][0] == 3 and other[0][1] is not mine
+    mine = idle[-1]
+    assert scripts.run_direct(r, script, ["t:n"], []) == 2 and idle == [mine]
+    blocked = []
+    waiter = threading.Thread(target=lambda: blocked.append(direct.pipeline(r, [("BLPOP", "t:list", 5)])))
+    waiter.start()
+    for _ in range(500):  # until the waiter's BLPOP is in Redis (it has taken the idle connection)
+        if r.info("clients")["blocked_clients"]:
+            break
+        threading.Event().wait(0.01)
+    assert idle == []
+    assert direct.pipeline(r, [("GET", "t:n"), ("RPUSH", "t:list", "x")]) == ["2", 1]
+    waiter.join()
+    assert blocked == [[["t:list", "x"]]]
+    assert len(idle) == 2 and mine in idle
     pid = os.fork()
     if pid == 0:  # the child: a connection of its own that works
-        ok = scripts.run_direct(r, script, ["t:n"], []) == 4 and direct.held(pool) is not mine
+        ok = scripts.run_direct(r, script, ["t:n"], []) == 3 and mine not in idle and len(idle) == 1
         os._exit(0 if ok else 1)
     assert os.waitpid(pid, 0)[1] == 0
-    assert scripts.run_direct(r, script, ["t:n"], []) == 5 and direct.held(pool) is mine
+    assert scripts.run_direct(r, script, ["t:n"], []) == 4 and len(idle) == 2 and mine in idle
+
+
+def test_gevent_workers_open_a_redis_connection_per_call_in_flight_not_per_request(r, redis_url):
+    """Under gunicorn's gevent workers each request runs in a greenlet of its own, which threading.local
+    follows: a connection per thread would be a new Redis connection for every page view and one-click. The
+    idle list keeps them to the calls in flight at once (8 clients here), and every answer is right."""
+    from concurrent.futures import ThreadPoolExecutor
+    from test_faults import Gunicorn, make_links, status_of
+    server = Gunicorn(redis_url, workers=1, worker_class="gevent")
+    try:
+        links = make_links(server, 20)
+        before = r.info("stats")["total_connections_received"]
+        with ThreadPoolExecutor(8) as pool:
+            pages = list(pool.map(lambda path: server.get(path), links * 5))
+            clicks = list(pool.map(lambda path: server.post(path, "List-Unsubscribe=One-Click",
+                                                            "application/x-www-form-urlencoded"), links * 5))
+        opened = r.info("stats")["total_connections_received"] - before
+    finally:
+        server.stop()
+    assert pages == [200] * 100 and clicks == [200] * 100
+    assert [status_of(r, i) for i in range(20)] == [1] * 20
+    assert opened <= 2 * 8, f"{opened} Redis connections for 200 requests"
 
 
 @pytest.mark.parametrize("protocol", [2, 3])
@@ -237,9 +268,10 @@ def test_direct_reads_raise_error_replies_and_keep_their_connection(r):
     r.hset("t:hash", "f", "v")
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
         direct.pipeline(r, [("GET", "t:string"), ("HGET", "t:string", "f"), ("GET", "t:string")])
-    held = direct.held(r.connection_pool).conn
+    idle = direct.idle_connections(r.connection_pool)
+    held = idle[-1].conn
     assert direct.pipeline(r, [("HGET", "t:hash", "f"), ("GET", "t:none")]) == ["v", None]
-    assert direct.held(r.connection_pool).conn is held and held._sock is not None
+    assert idle[-1].conn is held and held._sock is not None
 
 
 def test_direct_reads_reconnect_once_after_a_dropped_connection(r, redis_url):

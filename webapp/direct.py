@@ -1,5 +1,5 @@
-"""The hot paths' own Redis transport (hotpaths.py): commands written and replies read on a connection each
-thread holds, without redis-py's per-command layers.
+"""The hot paths' own Redis transport (hotpaths.py): commands written and replies read on a connection of its
+own, without redis-py's per-command layers.
 
 Under load (bench/oneclick.py) redis-py's layers around a call (pool checkout and release, argument encoding,
 the retry wrapper, the parser's buffering, response callbacks, health checks) cost about as much client CPU
@@ -11,7 +11,6 @@ through the full client; an error reply is raised as redis-py's ResponseError on
 read, so the connection stays usable.
 """
 import os
-import threading
 import weakref
 
 import hiredis
@@ -24,7 +23,7 @@ def pack(*args):
 
 
 class _Held:
-    """A thread's connection of one pool, and the Reader of its replies."""
+    """A connection made with one pool's settings (not checked out of it), and the Reader of its replies."""
     __slots__ = ("pid", "conn", "encoding", "errors", "reader")
 
     def __init__(self, pool):
@@ -44,27 +43,43 @@ class _Held:
         self.reader = self._new_reader()
 
 
-# Per thread, {pool: _Held}: made with the pool's own settings but held rather than checked out and back in
-# for every call. Weak keys: a discarded client's connection goes with it. A forked child (gunicorn forks its
-# workers) makes its own rather than share its parent's socket.
-_local = threading.local()
+# Idle connections per pool, {pool: [_Held]}: a call takes one (or makes one) and puts it back when done, so
+# no two calls in flight share a connection, whoever runs them (a sync worker, the threads of a gthread worker,
+# the greenlets of a gevent one), and a process holds no more connections than it ever had calls in flight.
+# (A thread-local connection, as here before, became one connection per request under gevent, where a
+# "thread" is the request's greenlet.) list.pop and append are atomic under the GIL and never switch
+# greenlets. Weak keys: a discarded client's connections go with it. A forked child (gunicorn forks its
+# workers) makes its own rather than share its parent's sockets.
+_idle = weakref.WeakKeyDictionary()
 
 
-def held(pool):
-    connections = getattr(_local, "connections", None)
-    if connections is None:
-        connections = _local.connections = weakref.WeakKeyDictionary()
-    one = connections.get(pool)
-    if one is None or one.pid != os.getpid():
-        one = connections[pool] = _Held(pool)
-    return one
+def idle_connections(pool):
+    """This process's idle connections of `pool` (a list; the next call takes the last one)."""
+    idle = _idle.get(pool)
+    if idle is None:
+        idle = _idle.setdefault(pool, [])
+    return idle
+
+
+def _take(idle, pool):
+    pid = os.getpid()
+    while True:
+        try:
+            one = idle.pop()
+        except IndexError:
+            return _Held(pool)
+        if one.pid == pid:
+            return one
+        # a parent's connection, inherited by fork: dropped (redis-py shuts a socket down only in its own process)
 
 
 def call(r, packed, count):
-    """Send `packed` (one or more packed commands) on this thread's connection of `r`'s pool and return their
+    """Send `packed` (one or more packed commands) on an idle connection of `r`'s pool and return their
     `count` replies as a list. Raises ConnectionError (the connection is closed, nothing is half-read) or the
     first error reply as ResponseError (after reading all of them)."""
-    one = held(r.connection_pool)
+    pool = r.connection_pool
+    idle = idle_connections(pool)
+    one = _take(idle, pool)
     conn = one.conn
     try:
         if conn._sock is None:  # redis-py's Connection keeps its socket there (redis-py 5 to 8)
@@ -88,6 +103,8 @@ def call(r, packed, count):
     except BaseException:  # our ConnectionError above too: never reuse a connection with a half-read reply
         one.reset()
         raise
+    finally:
+        idle.append(one)
     for reply in replies:
         _raise_error(reply)
     return replies
