@@ -114,8 +114,9 @@ def test_compiled_translation_keeps_gettext_escaping():
 
     env = Environment(autoescape=True, extensions=["jinja2.ext.i18n"])
     env.install_gettext_callables(Catalog().ugettext, lambda s, p, n: s, newstyle=True)
-    source = '{{ _("Hi %(name)s", name=who) }}|{{ _("Done.") }}|{{ "x" ~ _("Done.") }}'
-    at_render = env.from_string(source).render(who="<Tom & 'Jerry'>")
-    compiled = env.from_string(locale._TranslateConstants(Catalog()).visit(env.parse(source)))
-    assert compiled.render(who="<Tom & 'Jerry'>") == at_render
+    source = '{{ _("Hi %(name)s", name=who) }}|{{ _("Done.") }}|{{ "x" ~ _("Done.") }}|{{ current_locale() }}'
+    at_render = env.from_string(source).render(who="<Tom & 'Jerry'>", current_locale=lambda: "ru")
+    compiled = env.from_string(locale._TranslateConstants(Catalog(), "ru").visit(env.parse(source)))
+    assert compiled.render(who="<Tom & 'Jerry'>") == at_render  # current_locale() is the copy's language
+    assert at_render.endswith("|ru")
     assert at_render.startswith("Привет, <b>&lt;Tom &amp; &#39;Jerry&#39;&gt;</b> & 100%|Готово &amp; <i>всё</i>.|")

@@ -86,16 +86,22 @@ def render_page(template_name, **context):
 class _TranslateConstants(NodeTransformer):
     """Replaces `_("constant", name=value, ...)` with what Jinja's newstyle gettext computes at render time:
     Markup(translation) % {name: value} when autoescaping (so values are escaped, the translation is not), else
-    the plain str % dict. Without variables that is a constant, which Jinja folds into the template's text."""
+    the plain str % dict. Without variables that is a constant, which Jinja folds into the template's text.
+    `current_locale()` becomes the copy's language: render_page renders the copy of the request's language (a
+    template function call costs about as much as rendering a line of the page)."""
 
-    def __init__(self, translations):
+    def __init__(self, translations, locale):
         self.translations = translations
+        self.locale = locale
 
     def visit_Concat(self, node):
         return node  # Jinja folds a constant `a ~ b` with str(), which would drop the Markup: left to render time
 
     def visit_Call(self, node):
         node = self.generic_visit(node)
+        if (isinstance(node.node, nodes.Name) and node.node.name == "current_locale" and not node.args
+                and not node.kwargs and node.dyn_args is None and node.dyn_kwargs is None):
+            return nodes.Const(self.locale, lineno=node.lineno)
         if not (isinstance(node.node, nodes.Name) and node.node.name in ("_", "gettext") and len(node.args) == 1
                 and isinstance(node.args[0], nodes.Const) and isinstance(node.args[0].value, str)
                 and node.dyn_args is None and node.dyn_kwargs is None):
@@ -141,7 +147,7 @@ class PageEnvironment(Environment):
         if mark and isinstance(source, str):
             with self.app.app_context(), force_locale(locale):  # its own `g`: the request's locale is untouched
                 translations = get_translations()
-            source = _TranslateConstants(translations).visit(self.parse(source, name, filename))
+            source = _TranslateConstants(translations, locale).visit(self.parse(source, name, filename))
         return super().compile(source, name, filename, raw, defer_init)
 
 
