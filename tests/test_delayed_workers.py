@@ -80,7 +80,7 @@ def test_cancels_before_the_deadline_always_win(app, r, workers, queue):
     contexts = delayed_contexts(app, r, 1000, timer_minutes=3)
     late = delayed_contexts(app, r, 30, timer_minutes=3, prefix="late")  # cancelled after they fired
     rng = random.Random(8058)
-    start = time.time() + 4.0
+    start = time.time() + 6.0  # arming the 1,030 timers takes about 2 s here; room for a machine twice as slow
     plan = []
     for ctx in contexts:
         deadline = arm_at(r, queue, ctx, start + rng.uniform(0, 2.0), 3)
@@ -148,7 +148,7 @@ def test_timers_still_fire_after_redis_restarts_with_aof(tmp_path):
         rq_queue = delayed.timer_queue(redis.Redis.from_url(url), QUEUE)
         worker = procs.start()
         contexts = delayed_contexts(app, client, 100, timer_minutes=1)
-        start = time.time() + 4.0
+        start = time.time() + 6.0  # arming the 1,030 timers takes about 2 s here; room for a machine twice as slow
         deadlines = {ctx.key: arm_at(client, rq_queue, ctx, start + random.uniform(0, 1.0), 1) for ctx in contexts}
         time.sleep(1.5)  # appendfsync everysec: what was acknowledged a second ago is on disk
         proc.kill()  # a crash, not a clean shutdown
