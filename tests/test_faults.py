@@ -49,10 +49,11 @@ class Gunicorn:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
 
-    def post(self, path, body, content_type, timeout=5):
+    def request(self, method, path, body=None, headers=None, timeout=5):
+        """The answer's status, or None when the connection failed."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
-            conn.request("POST", path, body=body, headers={"Content-Type": content_type})
+            conn.request(method, path, body=body, headers=headers or {})
             resp = conn.getresponse()
             resp.read()
             return resp.status
@@ -61,17 +62,11 @@ class Gunicorn:
         finally:
             conn.close()
 
+    def post(self, path, body, content_type, timeout=5):
+        return self.request("POST", path, body, {"Content-Type": content_type}, timeout)
+
     def get(self, path, timeout=5):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request("GET", path)
-            resp = conn.getresponse()
-            resp.read()
-            return resp.status
-        except OSError:
-            return None
-        finally:
-            conn.close()
+        return self.request("GET", path, timeout=timeout)
 
     def api(self, path, **body):
         import json

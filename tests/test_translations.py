@@ -1,6 +1,5 @@
 """Every string on the pages has a Russian translation, the compiled catalog matches its source, and the
 pages compiled per language (locale.render_page) say exactly what gettext at render time would."""
-import io
 import os
 import re
 
