@@ -29,6 +29,9 @@ def test_worker_delivers_webhooks_and_retries_after_500s(api, r, receiver, worke
     assert ids[0] == ids[1] == ids[2] and ids[3] != ids[0]
     assert requests[2]["at"] - requests[1]["at"] >= 1.5   # backoff doubled: 1 s, then 2 s
     wait_until(lambda: webhooks.target_state(r, webhooks.group_name(hook["id"]))["backlog"] == 0, 10)
+    log = workers.log(0)
+    # The worker's log says what it does, not its routine maintenance (RQ logs each run, every 5 s here).
+    assert "Listening on" in log and "registries" not in log, log
 
 
 def test_no_event_lost_when_the_worker_dies_mid_delivery(api, r, receiver, workers):  # noqa: F811

@@ -32,8 +32,17 @@ WORKER_TTL = 20  # seconds; RQ's default is 420. The idle worker wakes every WOR
 MAINTENANCE_INTERVAL = 5  # seconds; RQ's default is 600. Also how often an idle worker tries to be the scheduler
 
 
+def routine_maintenance_hidden(record):
+    """A logging filter for RQ's worker log: its maintenance runs log two INFO lines each ("cleaning registries
+    ...", "cleaning group registries"), which at MAINTENANCE_INTERVAL (5 s, not RQ's 600) would be most of the
+    log: two lines every 5 s of an idle worker. Kept only where rq.worker logs at DEBUG."""
+    return not (record.levelno == logging.INFO and "registries" in str(record.msg)
+                and not logging.getLogger(record.name).isEnabledFor(logging.DEBUG))
+
+
 def main():
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    logging.getLogger("rq.worker").addFilter(routine_maintenance_hidden)
     settings = load_settings()
     url = settings["REDIS_URL"] or os.environ.get("REDIS_URL")
     if not url:
