@@ -99,12 +99,13 @@ class _TranslateConstants(NodeTransformer):
 
     def visit_Call(self, node):
         node = self.generic_visit(node)
-        if (isinstance(node.node, nodes.Name) and node.node.name == "current_locale" and not node.args
-                and not node.kwargs and node.dyn_args is None and node.dyn_kwargs is None):
+        name = node.node.name if isinstance(node.node, nodes.Name) else None
+        if name is None or node.dyn_args is not None or node.dyn_kwargs is not None:
+            return node  # a call of an expression, or with *args/**kwargs: left to render time
+        if name == "current_locale" and not node.args and not node.kwargs:
             return nodes.Const(self.locale, lineno=node.lineno)
-        if not (isinstance(node.node, nodes.Name) and node.node.name in ("_", "gettext") and len(node.args) == 1
-                and isinstance(node.args[0], nodes.Const) and isinstance(node.args[0].value, str)
-                and node.dyn_args is None and node.dyn_kwargs is None):
+        if not (name in ("_", "gettext") and len(node.args) == 1
+                and isinstance(node.args[0], nodes.Const) and isinstance(node.args[0].value, str)):
             return node
         line = node.lineno
         text = nodes.MarkSafeIfAutoescape(nodes.Const(self.translations.ugettext(node.args[0].value)), lineno=line)
