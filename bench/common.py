@@ -392,8 +392,9 @@ def print_comparison(title, svc, bare, svc_half, bare_half, goal_ratio, notes=()
     print(f"{'  achieved (req/s)':30}{pair(svc_half['rps'], bare_half['rps'], ',.0f')}")
     print(f"{'  p50, median-p99 round (ms)':30}{pair(svc_half['p50'], bare_half['p50'], '.2f')}")
     print(f"{'  p99, median round (ms)':30}{pair(svc_half['p99'], bare_half['p99'], '.2f')}")
-    print(f"{'  p99, every round (ms)':30}{'/'.join(f'{x:.1f}' for x in svc_half['p99_rounds']):>12}"
-          f"{'/'.join(f'{x:.1f}' for x in bare_half['p99_rounds']):>12}")
+    # a space before each column: three rounds of two-digit p99s are wider than the column
+    print(f"{'  p99, every round (ms)':30}{'/'.join(f'{x:.1f}' for x in svc_half['p99_rounds']):>12} "
+          f"{'/'.join(f'{x:.1f}' for x in bare_half['p99_rounds']):>11}")
     print(f"{'  sends >1 ms behind schedule':30}{pair(svc_half.get('late', 0), bare_half.get('late', 0), 'd')}")
     print(f"{'  socket errors / non-2xx':30}{svc_half.get('errors', 0):>8}/{svc_half.get('non2xx', 0):<3}"
           f"{bare_half.get('errors', 0):>8}/{bare_half.get('non2xx', 0):<3}")

@@ -1,7 +1,12 @@
 """webapp/hotpaths.py does exactly what the generic paths do: each case runs the generic path (open_smid +
 record_view, or open_smid + unsubscribe "one_click") and the fast path from the same Redis snapshot, and
 compares the raised error, the result and every key afterwards (event ids, times and hashes normalized)."""
+import gc
+
 import pytest
+from jinja2.runtime import Context as RenderContext
+from werkzeug.test import EnvironBuilder
+from werkzeug.wrappers import Request
 
 from conftest import email_resource, normalized, restore, snapshot
 from conftest import same_state as state
@@ -147,6 +152,37 @@ def test_one_click_falls_back_when_something_changed_after_reading(api, app, r, 
     assert applied == [0]  # the compare-and-set refused, so the generic path did the work
     # The generic path saw the other writer's change: "news" was already stopped by it, so nothing changed.
     assert result == {"changed": False, "state": {"status": "subscribed", "cats": ["receipts"]}}
+
+
+@pytest.mark.parametrize("mode", ["confirm", "instant", "delayed"])
+def test_a_page_view_leaves_no_reference_cycle_holding_its_request_or_render_context(api, app, mode):
+    """Reference counting frees a page's request and render context as soon as the response is sent. A
+    template-level macro (the form's hidden fields) once tied the render context into a cycle that held the
+    request, the view and the resource until the garbage collector ran: a collection every ~14 page views,
+    about 30 us per view on average and a longer pause in the slowest ones."""
+    _, token, _ = link(api, mode=mode)
+
+    def view():
+        environ = EnvironBuilder(path=f"/unsubscribe/{token}", headers={"Accept-Language": "ru"}).get_environ()
+        status = []
+        reply = app.wsgi_app(environ, lambda s, h, exc_info=None: status.append(s))
+        try:
+            return status[0], b"".join(reply)
+        finally:
+            reply.close()
+
+    view()  # templates compiled, connections open
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what the next collection finds unreachable stays in gc.garbage
+    try:
+        status, body = view()
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if isinstance(o, (Request, RenderContext))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert status.startswith("200") and b'name="csrf_token"' in body
+    assert left == []
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
