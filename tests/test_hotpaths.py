@@ -185,6 +185,22 @@ def test_a_page_view_leaves_no_reference_cycle_holding_its_request_or_render_con
     assert left == []
 
 
+def test_smids_of_one_resource_share_its_decoding_until_the_resource_changes(api, app, r):
+    res, token, _ = link(api, mode="confirm")
+    body = {"db_id": 1, "profile_id": "p-43", "resource_id": res["id"], "channel": "email", "email": "bo@example.com"}
+    api.ok("subscriptions/set", **body)
+    other = api.ok("messages/links", **body)["smid"]
+    ring = app.extensions["signing_keys"]
+    first = hotpaths.open_for_page(r, ring, token, "GET").resource
+    assert hotpaths.open_for_page(r, ring, other, "GET").resource is first
+    api.ok("resources/update", id=res["id"], name="Renamed news")
+    renamed = hotpaths.open_for_page(r, ring, token, "GET").resource
+    assert renamed is not first and renamed["name"] == "Renamed news"
+    assert hotpaths.one_click(r, ring, other, EVIDENCE)["changed"]
+    with app.test_client() as client:
+        assert "Renamed news" in client.get(f"/unsubscribe/{token}").get_data(as_text=True)
+
+
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
 def test_page_open_counts_views_as_record_view(api, app, r, method):
     _res, token, body = link(api, mode="confirm")

@@ -1,9 +1,11 @@
 """resources/add, update, get, list, delete, fields_get: the contract's shape and every validation rule."""
 import copy
+import json
 
 import pytest
 
 from conftest import email_resource, redis_state
+from webapp import resources
 
 
 def test_add_and_get_round_trip(api):
@@ -173,3 +175,35 @@ def test_openapi_lists_every_endpoint(client, app):
     api_rules = {rule.rule for rule in app.url_map.iter_rules()
                  if rule.rule.startswith("/api/v1.1/") and "POST" in rule.methods}
     assert api_rules and api_rules <= set(spec["paths"])
+
+
+def test_decode_shared_decodes_a_stored_text_once_read_only_and_copies_are_plain():
+    raw = json.dumps(email_resource(), separators=(",", ":"))
+    resource = resources.decode_shared(raw)
+    assert resource == json.loads(raw)
+    assert resources.decode_shared(raw.encode().decode()) is resource  # another str of the same text
+    changed = raw.replace('"delayed"', '"instant"')
+    assert resources.decode_shared(changed) is not resource  # a new text, as after an update: decoded afresh
+    assert resources.decode_shared(changed)["unsubscribe"]["mode"] == "instant"
+    for attempt in (lambda: resource.__setitem__("name", "x"), lambda: resource.update(name="x"),
+                    lambda: resource.pop("name"), lambda: resource.setdefault("new", 1),
+                    lambda: resource["categories"].append({}), lambda: resource["categories"][0].update(title="x"),
+                    lambda: resource["categories"].sort(), lambda: resource["unsubscribe"].__delitem__("mode")):
+        with pytest.raises(TypeError):
+            attempt()
+    assert resource == json.loads(raw)  # nothing changed
+    for plain in (copy.copy(resource), copy.deepcopy(resource), dict(resource)):
+        assert plain == resource
+        plain["name"] = "changed"  # a copy is writable
+    deep = copy.deepcopy(resource)
+    deep["categories"][0]["title"] = "changed"
+    deep["categories"].append({})
+    assert type(deep["categories"]) is list and resource["categories"][0]["title"] != "changed"
+    assert json.loads(json.dumps(resource)) == json.loads(raw)
+
+
+def test_decode_shared_stays_bounded():
+    resources._shared.clear()
+    for i in range(resources.SHARED_MAX + 10):
+        resources.decode_shared(json.dumps({"id": i}))
+    assert 0 < len(resources._shared) <= resources.SHARED_MAX

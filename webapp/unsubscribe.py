@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from . import events, keys, scripts
 from .errors import Blocked, Conflict, InvalidInput, NoSuchResource, NoSuchSubscription
-from .resources import get_resources
+from .resources import decode_shared, get_resources
 from .subscriptions import (Status, decode_record, encode_record, state_of, subscribed_cats, update_profile,
                             with_state)
 from .tokens import read_smid
@@ -69,7 +69,7 @@ def context_from(token, smid, resource_raw, raw, views):
     Also used by hotpaths.py, which reads the same keys in one pipeline together with what its caller needs."""
     if resource_raw is None:
         raise NoSuchResource(f"resource {smid.resource_id} does not exist")
-    resource = json.loads(resource_raw)
+    resource = decode_shared(resource_raw)
     record = decode_record(raw) if raw else None
     if record is None or record.get("is_delete") or record["resource_id"] != resource["id"]:
         raise NoSuchSubscription("this subscription no longer exists")
