@@ -8,6 +8,8 @@ from babel.messages.mofile import read_mo
 from babel.messages.pofile import read_po
 
 from flask import g, render_template, template_rendered
+from hypothesis import given, strategies as st
+from werkzeug.wrappers import Request
 
 from conftest import ROOT, email_resource
 from webapp import locale
@@ -119,3 +121,10 @@ def test_compiled_translation_keeps_gettext_escaping():
     assert compiled.render(who="<Tom & 'Jerry'>") == at_render  # current_locale() is the copy's language
     assert at_render.endswith("|ru")
     assert at_render.startswith("Привет, <b>&lt;Tom &amp; &#39;Jerry&#39;&gt;</b> & 100%|Готово &amp; <i>всё</i>.|")
+
+
+@given(st.text(alphabet="enruENRUdefr-_;=q0.15 ,*x", max_size=40))
+def test_browser_locale_is_werkzeugs_best_match_of_the_header(header):
+    parsed = Request.from_values(headers={"Accept-Language": header}).accept_languages
+    assert locale.browser_locale(header) == parsed.best_match(locale.LOCALES)
+    assert locale.choose_locale(None, None, None, header, "en") == (parsed.best_match(locale.LOCALES) or "en")

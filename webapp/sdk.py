@@ -42,7 +42,7 @@ from flask import Blueprint, current_app, g, jsonify, make_response, request
 from . import keys, unsubscribe
 from .delayed import schedule_timer
 from .errors import BadToken, Blocked, Forbidden, InvalidInput, NoSuchResource, NotFound, ServiceError
-from .locale import choose_locale
+from .locale import choose_locale, request_accept_language
 from .resources import get_resource
 from .store import get_redis, get_timer_queue
 from .subscriptions import decode_record, state_of
@@ -205,7 +205,7 @@ def error_response(exc):
 def sdk_evidence(ctx):
     """What the ledger keeps about who asked: IP, user agent, and the language the person's page would use."""
     locale = choose_locale(None, ctx.record.get("locale"), ctx.resource.get("default_locale"),
-                           request.accept_languages, current_app.config["DEFAULT_LOCALE"])
+                           request_accept_language(), current_app.config["DEFAULT_LOCALE"])
     return {"ip": request.remote_addr, "user_agent": (request.user_agent.string or "")[:512], "locale": locale}
 
 
