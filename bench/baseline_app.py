@@ -6,6 +6,8 @@ import redis
 from flask import Flask, jsonify, render_template, render_template_string, request
 from jinja2 import ChoiceLoader, DictLoader, FileSystemLoader
 
+from webapp.pages import static_url
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 app = Flask(__name__, static_folder=os.path.join(ROOT, "static"))
 PAGE = "<!doctype html><html><body><main><h1>{{ title }}</h1><p>{{ text }}</p></main></body></html>"
@@ -15,6 +17,7 @@ PAGE = "<!doctype html><html><body><main><h1>{{ title }}</h1><p>{{ text }}</p></
 app.jinja_loader = ChoiceLoader([DictLoader({"page.html": PAGE}), FileSystemLoader(os.path.join(ROOT, "templates"))])
 app.jinja_env.add_extension("jinja2.ext.i18n")
 app.jinja_env.install_null_translations(newstyle=True)
+app.add_template_global(static_url)  # the service's helper that the templates use, as the service has it
 CONFIRM_VIEW = {
     "smid": "A" * 62, "mode": "confirm", "address": "a•••e@example.com", "channel": "email", "status": "subscribed",
     "state": "active", "whole": False, "stopped": [], "continuing": ["News", "Offers", "Receipts"],

@@ -368,3 +368,25 @@ def test_message_unsub_rejections_change_nothing(api, r):
     api.fail("profiles/message_unsub", 404, smid=smid[:-2], rtoken=res["rtoken"])
     api.fail("profiles/message_unsub", 403, smid=smid, rtoken=other["rtoken"])
     assert redis_state(r) == before
+
+
+@pytest.mark.parametrize("root", ["", "/unsub"])
+def test_pages_link_their_form_and_assets_under_the_app_root_as_url_for_would(app, client, pages, root):
+    """page_path and static_url stand in for url_for on every page view; under a SCRIPT_NAME (the app mounted
+    at a prefix) they must give what url_for gives."""
+    from flask import url_for
+    from webapp.pages import page_path, static_url
+    for name, path in pages.items():
+        if name.startswith("bad-"):
+            continue
+        html = client.get(path, base_url="http://localhost" + root).get_data(as_text=True)
+        with app.test_request_context(path, base_url="http://localhost" + root):
+            css, js = url_for("static", filename="pages.css"), url_for("static", filename="pages.js")
+            assert (static_url("pages.css"), static_url("pages.js")) == (css, js)
+            assert css.startswith(root + "/static/")
+            assert f'href="{css}"' in html
+            if name.startswith("unsubscribe-") and "blocked" not in name:
+                smid = path.rstrip("/").rsplit("/", 1)[1]
+                action = url_for("pages.unsubscribe_page", smid=smid)
+                assert page_path(smid) == action and f'action="{action}"' in html
+                assert f'src="{js}"' in html
