@@ -17,7 +17,7 @@ from .delayed import schedule_timer
 from .errors import BadToken, Blocked, Conflict, InvalidInput, NotFound, ServiceError
 from .headers import manage_url
 from .locale import LOCALES, render_page, set_page_locale
-from .store import get_redis, get_timer_queue
+from .store import client_of, get_redis, get_timer_queue
 from .subscriptions import Status, subscribed_cats
 from .sdk import origin_of
 from .tokens import issue_manager_token, issue_page_form_token, page_form_token_matches
@@ -58,20 +58,20 @@ def open_page_context(smid, count_view=None):
 
 def page_view(ctx, done=None):
     """Ready values for the templates (they only display)."""
-    r = get_redis()
-    resource, record = ctx.resource, ctx.record
+    app = current_app._get_current_object()  # one context-local lookup for what is read of the app below
+    ring = app.extensions["signing_keys"]
+    resource, record, smid = ctx.resource, ctx.record, ctx.smid
     status = Status(record["status"])
     cats = resource["categories"]
     subscribed = set(subscribed_cats(resource, record)) if status == Status.SUBSCRIBED else set()
-    choosable = [dict(c, checked=(c["api_name"] == ctx.smid.category if ctx.smid.category else True))
+    choosable = [dict(c, checked=(c["api_name"] == smid.category if smid.category else True))
                  for c in cats if not c["required"] and c["api_name"] in subscribed]
     required = [c for c in cats if c["required"] and c["api_name"] in subscribed]
     message_scope = unsubscribe.resolve_scope(ctx)
-    pending = unsubscribe.read_pending(r, ctx) if ctx.mode == "delayed" else None
-    base = current_app.config["PUBLIC_BASE_URL"]
+    pending = unsubscribe.read_pending(client_of(app), ctx) if ctx.mode == "delayed" else None
     if status in unsubscribe.FINAL_STATUSES:
         state = "final"
-    elif (status != Status.SUBSCRIBED or (ctx.smid.category and ctx.smid.category not in subscribed)
+    elif (status != Status.SUBSCRIBED or (smid.category and smid.category not in subscribed)
           or (cats and not choosable and len(subscribed) < len(cats))):
         state = "unsubscribed"  # what this message was about has stopped
     else:
@@ -84,14 +84,14 @@ def page_view(ctx, done=None):
         "continuing": [c["title"] for c in cats if c["api_name"] in subscribed],
         "choosable": choosable, "required": required,
         "scope": unsubscribe.describe_scope(resource, message_scope),
-        "message_category": next((c["title"] for c in cats if c["api_name"] == ctx.smid.category), None),
+        "message_category": next((c["title"] for c in cats if c["api_name"] == smid.category), None),
         "pending": pending, "seconds_left": max(0, int(pending["deadline"] - time.time())) if pending else None,
         "timer_minutes": resource["unsubscribe"]["timer_minutes"],
         "blocked_text": resource["unsubscribe"].get("blocked_text"),
-        "manage_url": manage_url(base, issue_manager_token(current_app.extensions["signing_keys"],
-                                                           ctx.smid.db_id, ctx.smid.profile_id, ctx.smid.hash_id)),
+        "manage_url": manage_url(app.config["PUBLIC_BASE_URL"],
+                                 issue_manager_token(ring, smid.db_id, smid.profile_id, smid.hash_id)),
         "done": done, "action_url": page_path(ctx.token),
-        "form_token": issue_page_form_token(current_app.extensions["signing_keys"], ctx.token),
+        "form_token": issue_page_form_token(ring, ctx.token),
         "locales": LOCALES,
     }
 
