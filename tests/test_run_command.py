@@ -134,3 +134,23 @@ def test_run_without_redis_server_says_how_to_install_it(tmp_path):
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if "redis-server" in line]
     assert lines == ["redis-server is not installed: sudo apt-get install -y redis-server (or set REDIS_URL)"]
+
+
+def test_gunicorn_workers_move_what_they_built_at_start_out_of_the_collectors_view(tmp_path):
+    """webapp/gunicorn.conf.py's post_worker_init (gunicorn calls it in each worker once the app is loaded)
+    freezes the startup objects, so that a full garbage collection walks only what came after them."""
+    probe = (
+        "import gc, json, runpy\n"
+        "conf = runpy.run_path('webapp/gunicorn.conf.py')\n"
+        "from webapp import create_app\n"
+        "app = create_app()\n"
+        "before = len(gc.get_objects())\n"
+        "conf['post_worker_init'](None)\n"
+        "print(json.dumps([before, gc.get_freeze_count(), len(gc.get_objects())]))\n")
+    env = clean_env(REDIS_URL="redis://127.0.0.1:1/0", API_TOKEN="t", SIGNING_KEYS="k1:secret",
+                    VAR_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    tracked_before, frozen, tracked_after = json.loads(out.stdout.splitlines()[-1])
+    assert tracked_before > 20_000 and frozen >= tracked_before * 0.9 and tracked_after < 1_000
