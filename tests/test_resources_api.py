@@ -203,7 +203,6 @@ def test_decode_shared_decodes_a_stored_text_once_read_only_and_copies_are_plain
 
 
 def test_decode_shared_stays_bounded():
-    resources._shared.clear()
     for i in range(resources.SHARED_MAX + 10):
         resources.decode_shared(json.dumps({"id": i}))
-    assert 0 < len(resources._shared) <= resources.SHARED_MAX
+    assert resources.decode_shared.cache_info().currsize == resources.SHARED_MAX

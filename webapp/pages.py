@@ -5,6 +5,7 @@ GET and HEAD only read: link scanners fetch every URL, so a page changes nothing
 form; any other POST to the URL is the RFC 8058 one-click (no cookies, no CSRF token, 200, never 3xx).
 The page's CSRF token is bound to the link, not to a session (check_page_form): the page sets no cookie.
 """
+import functools
 import time
 from urllib.parse import quote
 
@@ -102,20 +103,16 @@ def page_path(smid):
     return f"{request.script_root}/unsubscribe/{smid}/"
 
 
-_static_urls = {}  # {(app root, static path, filename): URL}, bounded
-
-
 @bp.app_template_global()
 def static_url(filename):
     """url_for("static", filename=filename), remembered per app root (SCRIPT_NAME) and static path: every page
     links the same stylesheet and script."""
-    key = (request.script_root, current_app.static_url_path, filename)
-    url = _static_urls.get(key)
-    if url is None:
-        if len(_static_urls) >= 64:
-            _static_urls.clear()
-        url = _static_urls[key] = url_for("static", filename=filename)
-    return url
+    return _static_url(request.script_root, current_app.static_url_path, filename)
+
+
+@functools.lru_cache(maxsize=64)
+def _static_url(root, static_path, filename):
+    return url_for("static", filename=filename)  # made under the request whose root and static path are the key
 
 
 def fill_page_url(template, smid, rtoken):

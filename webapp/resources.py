@@ -10,6 +10,7 @@ Rules kept here:
 - unsubscribe: mode instant|confirm|blocked|delayed, timer_minutes 1..30 (delayed), page_url may use only
   {send_message_id} and {resource_token}.
 """
+import functools
 import json
 import re
 
@@ -321,22 +322,17 @@ def _read_only(value):
     return value
 
 
-# {stored JSON text: its read-only decoding}: a campaign's pages and one-clicks all open the same resource, and
-# decoding its JSON was a tenth of a one-click replay's CPU. Keyed by the text itself, so an updated resource
-# (new text) is decoded afresh and never served stale. Bounded: cleared when full.
-_shared = {}
 SHARED_MAX = 256
 
 
+# A campaign's pages and one-clicks all open the same resource, and decoding its JSON was a tenth of a
+# one-click replay's CPU. Keyed by the stored text itself, so an updated resource (new text) is decoded afresh
+# and never served stale.
+@functools.lru_cache(maxsize=SHARED_MAX)
 def decode_shared(raw):
     """The resource stored as `raw` (JSON text), decoded once per process and shared, read-only, by every
     caller (ReadOnlyDict: changing it raises TypeError; change a copy)."""
-    resource = _shared.get(raw)
-    if resource is None:
-        if len(_shared) >= SHARED_MAX:
-            _shared.clear()
-        resource = _shared[raw] = _read_only(json.loads(raw))
-    return resource
+    return _read_only(json.loads(raw))
 
 
 def get_resources(r, resource_ids):
