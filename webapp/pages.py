@@ -24,6 +24,7 @@ from .sdk import origin_of
 from .tokens import issue_manager_token, issue_page_form_token, page_form_token_matches
 
 bp = Blueprint("pages", __name__)
+PAGE_RULE = "/unsubscribe/<smid>/"  # the page's route, and page_path's pattern
 PAGE_ACTIONS = ("unsubscribe", "undo", "start", "cancel", "now")
 
 
@@ -100,7 +101,7 @@ def page_view(ctx, done=None):
 def page_path(smid):
     """url_for("pages.unsubscribe_page", smid=smid) for a SMID that opened: base64url, which needs no quoting.
     A URL build through Flask's routing map cost a third of page_view."""
-    return f"{request.script_root}/unsubscribe/{smid}/"
+    return request.script_root + PAGE_RULE.replace("<smid>", smid)
 
 
 @bp.app_template_global()
@@ -120,7 +121,7 @@ def fill_page_url(template, smid, rtoken):
                                                                               quote(rtoken, safe=""))
 
 
-@bp.route("/unsubscribe/<smid>/", methods=["GET", "POST"], strict_slashes=False)
+@bp.route(PAGE_RULE, methods=["GET", "POST"], strict_slashes=False)
 @csrf.exempt
 def unsubscribe_page(smid):
     if request.method == "POST":
