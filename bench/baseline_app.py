@@ -1,5 +1,5 @@
-"""Bare Flask endpoints used as same-run baselines by the benchmarks (no Redis, no signing), and one floor
-(/one_redis_call: one redis-py round trip and nothing else)."""
+"""Bare Flask endpoints used as same-run baselines by the benchmarks (no Redis, no signing), and two floors
+(/one_redis_call, /two_redis_calls: one or two redis-py round trips and nothing else)."""
 import os
 
 import redis
@@ -67,12 +67,25 @@ def page_compiled_per_request():
 _redis = None
 
 
+def _floor_client():
+    global _redis
+    if _redis is None:
+        _redis = redis.Redis.from_url(os.environ["REDIS_URL"], decode_responses=True, health_check_interval=30)
+    return _redis
+
+
 @app.post("/one_redis_call")
 def one_redis_call():
     """The floor of any handler that makes one Redis call: one EVALSHA-sized round trip through redis-py (the
     client the service uses, same options as webapp.store.connect) on REDIS_URL, then 204."""
-    global _redis
-    if _redis is None:
-        _redis = redis.Redis.from_url(os.environ["REDIS_URL"], decode_responses=True, health_check_interval=30)
-    _redis.get("bench:floor")
+    _floor_client().get("bench:floor")
+    return "", 204
+
+
+@app.post("/two_redis_calls")
+def two_redis_calls():
+    """The floor of a handler that reads, then writes what it decided: two round trips, then 204."""
+    client = _floor_client()
+    client.get("bench:floor")
+    client.get("bench:floor")
     return "", 204

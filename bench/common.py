@@ -143,6 +143,13 @@ def tree_cpu_seconds(pid):
     return total
 
 
+def machine_busy_seconds():
+    """CPU seconds all cores spent busy since boot (/proc/stat: everything but idle and iowait)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def post_json(conn, path, body):
     """POST JSON on a kept-alive http.client connection; return the decoded reply."""
     raw = json.dumps(body)
@@ -161,7 +168,7 @@ def split_base(base):
     return host, int(port)
 
 
-def make_subscriptions(base, count, mode, category="news", threads=4):
+def make_subscriptions(base, count, mode, category="news", threads=8):
     """Create a resource in unsubscribe `mode` and `count` subscriptions (one profile each) through the API,
     then issue one message link per subscription through messages/links_bulk. Returns the URL paths
     (/unsubscribe/<smid>) in creation order."""
@@ -200,6 +207,16 @@ def make_subscriptions(base, count, mode, category="news", threads=4):
         for link in post_json(conn, "/api/v1.1/messages/links_bulk", {**auth, "messages": msgs})["data"]:
             paths.append("/unsubscribe/" + link["unsubscribe_url"].rsplit("/unsubscribe/", 1)[1])
     return paths
+
+
+WRK_THREAD_STRIDE = 7919  # wrk thread i of a write_wrk_script script starts at path (i * this) % len(paths)
+
+
+def wrk_requested(paths, requests):
+    """The paths a one-thread wrk run of a write_wrk_script script requested, in order, for its first
+    `requests` requests (it starts at its offset and cycles)."""
+    start = WRK_THREAD_STRIDE % len(paths)
+    return [paths[(start + k) % len(paths)] for k in range(min(requests, len(paths)))]
 
 
 def write_wrk_script(directory, name, method, paths, body=None, headers=None, rate=None):
@@ -249,7 +266,7 @@ local nthreads = 0
 local threads = {{}}
 function setup(thread)
   nthreads = nthreads + 1
-  thread:set("offset", nthreads * 7919)
+  thread:set("offset", nthreads * {WRK_THREAD_STRIDE})
   table.insert(threads, thread)
 end
 function init(args)
@@ -299,25 +316,37 @@ def run_wrk(url, script, seconds, connections, threads=1):
     return fig
 
 
-def compare_max(runs, seconds, rounds, connections):
+def of_round(script, index):
+    """A run's wrk script for round `index`: one script for every round, or a list of one per round."""
+    return script[index] if isinstance(script, list) else script
+
+
+def compare_max(runs, seconds, rounds, connections, redis_pid=None):
     """Max-rate wrk runs of several apps, interleaved: `rounds` rounds of seconds/rounds each per app, in turn,
     so that a slow spell of a shared machine hits every app rather than one. `runs` is
-    {name: (base_url, wrk_script, pid_for_cpu)}. Returns {name: figures}: the median round's wrk figures
-    plus "rps_rounds" (every round's rate) and "cpu_ms" (server CPU ms per request over all rounds)."""
+    {name: (base_url, wrk_script, pid_for_cpu)}; the script may be a list, one per round (fresh links). Returns {name: figures}: the median round's wrk figures
+    plus "rps_rounds" and "requests_rounds" (every round's rate and completed requests), and per request over all rounds: "cpu_ms" (server CPU ms),
+    "redis_ms" (redis-server's CPU ms, with `redis_pid`) and "machine_ms" (all cores' busy ms: gunicorn,
+    redis-server, wrk and the kernel; at max rate this is what bounds the rate)."""
     per_round = max(1.0, seconds / rounds)
     results = {name: [] for name in runs}
-    cpu = {name: 0.0 for name in runs}
+    cpu = {name: [0.0, 0.0, 0.0] for name in runs}  # server, redis-server, machine
     for _ in range(rounds):
         for name, (base, script, pid) in runs.items():
-            cpu0 = tree_cpu_seconds(pid)
-            results[name].append(run_wrk(base, script, per_round, connections))
-            cpu[name] += tree_cpu_seconds(pid) - cpu0
+            before = (tree_cpu_seconds(pid), tree_cpu_seconds(redis_pid) if redis_pid else 0.0,
+                      machine_busy_seconds())
+            results[name].append(run_wrk(base, of_round(script, len(results[name])), per_round, connections))
+            after = (tree_cpu_seconds(pid), tree_cpu_seconds(redis_pid) if redis_pid else 0.0,
+                     machine_busy_seconds())
+            cpu[name] = [total + b - a for total, a, b in zip(cpu[name], before, after)]
     out = {}
     for name, figs in results.items():
         ordered = sorted(figs, key=lambda f: f["rps"])
         fig = dict(ordered[len(ordered) // 2])
         fig["rps_rounds"] = [f["rps"] for f in figs]
-        fig["cpu_ms"] = cpu[name] * 1000 / max(1, sum(f["requests"] for f in figs))
+        fig["requests_rounds"] = [f["requests"] for f in figs]
+        requests = max(1, sum(f["requests"] for f in figs))
+        fig["cpu_ms"], fig["redis_ms"], fig["machine_ms"] = (x * 1000 / requests for x in cpu[name])
         fig["errors"] = sum(f.get("errors", 0) for f in figs)
         fig["non2xx"] = sum(f.get("non2xx", 0) for f in figs)
         out[name] = fig
@@ -326,19 +355,20 @@ def compare_max(runs, seconds, rounds, connections):
 
 def compare_paced(runs, seconds, rounds, connections):
     """Paced (half-load) wrk runs of several apps, interleaved like compare_max: `runs` is
-    {name: (base_url, paced_wrk_script)}. Returns {name: figures of the round with the median p99, plus
+    {name: (base_url, paced_wrk_script or a list of one per round)}. Returns {name: figures of the round with the median p99, plus
     "p99_rounds" and the achieved rate, late sends and errors summed over the rounds}."""
     per_round = max(1.0, seconds / rounds)
     results = {name: [] for name in runs}
     for _ in range(rounds):
         for name, (base, script) in runs.items():
-            results[name].append(run_wrk(base, script, per_round, connections))
+            results[name].append(run_wrk(base, of_round(script, len(results[name])), per_round, connections))
     out = {}
     for name, figs in results.items():
         ordered = sorted(figs, key=lambda f: f["p99"])
         fig = dict(ordered[len(ordered) // 2])
         fig["p99_rounds"] = [f["p99"] for f in figs]
         fig["rps"] = sum(f["rps"] for f in figs) / len(figs)
+        fig["requests_rounds"] = [f["requests"] for f in figs]
         for k in ("late", "errors", "non2xx"):
             fig[k] = sum(f.get(k, 0) for f in figs)
         out[name] = fig
@@ -350,11 +380,14 @@ PACED_CONNECTIONS = 32  # far more than the requests in flight at half load: a s
 
 def compare_half_load(services, args, method, svc, bare, body=None, headers=None):
     """compare_paced of the service and its baseline, each at half of its own median max rate. `svc` and
-    `bare` are (name, base_url, paths, compare_max figures). Returns (svc_half, bare_half)."""
+    `bare` are (name, base_url, paths, compare_max figures); paths may be a list of path lists, one per
+    round. Returns (svc_half, bare_half)."""
     runs = {}
     for name, base, paths, max_figures in (svc, bare):
-        runs[name] = (base, write_wrk_script(services.dir, f"{name}_half.lua", method, paths, body, headers,
-                                             rate=max_figures["rps"] / 2))
+        rounds = paths if isinstance(paths[0], list) else [paths]
+        scripts = [write_wrk_script(services.dir, f"{name}_half{i}.lua", method, round_paths, body, headers,
+                                    rate=max_figures["rps"] / 2) for i, round_paths in enumerate(rounds)]
+        runs[name] = (base, scripts if len(scripts) > 1 else scripts[0])
     half = compare_paced(runs, args.seconds, args.rounds, PACED_CONNECTIONS)
     return half[svc[0]], half[bare[0]]
 
@@ -370,25 +403,34 @@ def round_ratios(a, b):
     return sorted(x / y for x, y in zip(a["rps_rounds"], b["rps_rounds"]))
 
 
-def print_comparison(title, svc, bare, svc_half, bare_half, goal_ratio, notes=()):
-    """The table bench/oneclick.py and bench/page.py print: max rate, latency at half load, ratio, goals."""
-    ratios = round_ratios(svc, bare)
-    ratio = ratios[len(ratios) // 2]
-
+def print_comparison(title, phases, svc_half, bare_half, goal_ratio, notes=()):
+    """The table bench/oneclick.py and bench/page.py print: max rate, latency at half load, ratio, goals.
+    `phases` is [(label or None, service figures, baseline figures)] of compare_max, one max-rate section each;
+    the half-load figures are those of the first phase's requests."""
     def pair(a, b, fmt):
         return f"{format(a, fmt):>12}{format(b, fmt):>12}"
 
+    def errors(a, b):
+        return f"{a.get('errors', 0):>8}/{a.get('non2xx', 0):<3}{b.get('errors', 0):>8}/{b.get('non2xx', 0):<3}"
+
     print(f"\n{title}")
     print(f"{'':30}{'service':>12}{'baseline':>12}")
-    print(f"{'max rate, median round (req/s)':30}{pair(svc['rps'], bare['rps'], ',.0f')}")
-    for i, (a, b) in enumerate(zip(svc["rps_rounds"], bare["rps_rounds"])):
-        print(f"{f'  round {i + 1} (req/s)':30}{pair(a, b, ',.0f')}   ratio {a / b:.2f}")
-    print(f"{'  p50 at max (ms)':30}{pair(svc['p50'], bare['p50'], '.2f')}")
-    print(f"{'  p99 at max (ms)':30}{pair(svc['p99'], bare['p99'], '.2f')}")
-    print(f"{'  server CPU per request (ms)':30}{pair(svc['cpu_ms'], bare['cpu_ms'], '.2f')}")
-    print(f"{'  socket errors / non-2xx':30}{svc['errors']:>8}/{svc['non2xx']:<3}"
-          f"{bare['errors']:>8}/{bare['non2xx']:<3}")
-    print(f"{'half load: offered (req/s)':30}{pair(svc['rps'] / 2, bare['rps'] / 2, ',.0f')}")
+    for label, svc, bare in phases:
+        if label:
+            print(f"{label}:")
+        print(f"{'max rate, median round (req/s)':30}{pair(svc['rps'], bare['rps'], ',.0f')}")
+        for i, (a, b) in enumerate(zip(svc["rps_rounds"], bare["rps_rounds"])):
+            print(f"{f'  round {i + 1} (req/s)':30}{pair(a, b, ',.0f')}   ratio {a / b:.2f}")
+        print(f"{'  p50 at max (ms)':30}{pair(svc['p50'], bare['p50'], '.2f')}")
+        print(f"{'  p99 at max (ms)':30}{pair(svc['p99'], bare['p99'], '.2f')}")
+        print(f"{'  server CPU per request (ms)':30}{pair(svc['cpu_ms'], bare['cpu_ms'], '.2f')}")
+        print(f"{'  redis-server CPU (ms)':30}{pair(svc['redis_ms'], bare['redis_ms'], '.3f')}")
+        print(f"{'  machine CPU, all cores (ms)':30}{pair(svc['machine_ms'], bare['machine_ms'], '.2f')}")
+        print(f"{'  socket errors / non-2xx':30}{errors(svc, bare)}")
+    first_svc, first_bare = phases[0][1], phases[0][2]
+    if len(phases) > 1:
+        print(f"{phases[0][0]}, again:")
+    print(f"{'half load: offered (req/s)':30}{pair(first_svc['rps'] / 2, first_bare['rps'] / 2, ',.0f')}")
     print(f"{'  achieved (req/s)':30}{pair(svc_half['rps'], bare_half['rps'], ',.0f')}")
     print(f"{'  p50, median-p99 round (ms)':30}{pair(svc_half['p50'], bare_half['p50'], '.2f')}")
     print(f"{'  p99, median round (ms)':30}{pair(svc_half['p99'], bare_half['p99'], '.2f')}")
@@ -396,11 +438,15 @@ def print_comparison(title, svc, bare, svc_half, bare_half, goal_ratio, notes=()
     print(f"{'  p99, every round (ms)':30}{'/'.join(f'{x:.1f}' for x in svc_half['p99_rounds']):>12} "
           f"{'/'.join(f'{x:.1f}' for x in bare_half['p99_rounds']):>11}")
     print(f"{'  sends >1 ms behind schedule':30}{pair(svc_half.get('late', 0), bare_half.get('late', 0), 'd')}")
-    print(f"{'  socket errors / non-2xx':30}{svc_half.get('errors', 0):>8}/{svc_half.get('non2xx', 0):<3}"
-          f"{bare_half.get('errors', 0):>8}/{bare_half.get('non2xx', 0):<3}")
+    print(f"{'  socket errors / non-2xx':30}{errors(svc_half, bare_half)}")
     for note in notes:
         print(note)
-    print(f"\nratio service/baseline (median of the per-round ratios): {ratio:.2f}")
-    print(f"goal ratio >= {goal_ratio:.2f}: {'MET' if ratio >= goal_ratio else 'NOT MET'};   "
+    print()
+    verdicts = []
+    for label, svc, bare in phases:
+        ratios = round_ratios(svc, bare)
+        ratio = ratios[len(ratios) // 2]
+        print(f"ratio service/baseline{f', {label}' if label else ''} (median of the per-round ratios): {ratio:.2f}")
+        verdicts.append(f"{f'{label} ' if label else ''}{'MET' if ratio >= goal_ratio else 'NOT MET'}")
+    print(f"goal ratio >= {goal_ratio:.2f}: {', '.join(verdicts)};   "
           f"goal p99 at half load < 10 ms: {svc_half['p99']:.2f} ms, {'MET' if svc_half['p99'] < 10 else 'NOT MET'}")
-    return ratio

@@ -66,13 +66,13 @@ def main():
                 assert set(resp.read()) == {ord("x")}  # the variant's constant page: nothing rendered
             run_wrk(no_render_base, script, 1, args.connections)
             runs["no_render"] = (no_render_base, script, no_render_proc.pid)
-        res = compare_max(runs, args.seconds, args.rounds, args.connections)
+        res = compare_max(runs, args.seconds, args.rounds, args.connections, services.redis_proc.pid)
         svc, bare, same = res["svc"], res["bare"], res["same"]
         svc_half, bare_half = compare_half_load(services, args, "GET", ("svc", base, paths, svc),
                                                 ("bare", bare_base, [args.baseline_path], bare))
     print_comparison(
         run_title("unsubscribe page GET (confirm mode)", args, paths),
-        svc, bare, svc_half, bare_half, 0.7,
+        [(None, svc, bare)], svc_half, bare_half, 0.7,
         notes=[f"\nbaseline GET {args.baseline_path}; page sizes: service {page_bytes:,} bytes, "
                f"baseline {bare_bytes:,} bytes",
                f"the service's confirm template rendered bare (GET /page_same_template, {same_bytes:,} bytes): "
