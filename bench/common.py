@@ -324,8 +324,9 @@ def of_round(script, index):
 def compare_max(runs, seconds, rounds, connections, redis_pid=None):
     """Max-rate wrk runs of several apps, interleaved: `rounds` rounds of seconds/rounds each per app, in turn,
     so that a slow spell of a shared machine hits every app rather than one. `runs` is
-    {name: (base_url, wrk_script, pid_for_cpu)}; the script may be a list, one per round (fresh links). Returns {name: figures}: the median round's wrk figures
-    plus "rps_rounds" and "requests_rounds" (every round's rate and completed requests), and per request over all rounds: "cpu_ms" (server CPU ms),
+    {name: (base_url, wrk_script, pid_for_cpu)}; the script may be a list, one per round (fresh links).
+    Returns {name: figures}: the median round's wrk figures plus "rps_rounds" and "requests_rounds" (every
+    round's rate and completed requests), and per request over all rounds: "cpu_ms" (server CPU ms),
     "redis_ms" (redis-server's CPU ms, with `redis_pid`) and "machine_ms" (all cores' busy ms: gunicorn,
     redis-server, wrk and the kernel; at max rate this is what bounds the rate)."""
     per_round = max(1.0, seconds / rounds)
@@ -355,8 +356,9 @@ def compare_max(runs, seconds, rounds, connections, redis_pid=None):
 
 def compare_paced(runs, seconds, rounds, connections):
     """Paced (half-load) wrk runs of several apps, interleaved like compare_max: `runs` is
-    {name: (base_url, paced_wrk_script or a list of one per round)}. Returns {name: figures of the round with the median p99, plus
-    "p99_rounds" and the achieved rate, late sends and errors summed over the rounds}."""
+    {name: (base_url, paced_wrk_script or a list of one per round)}. Returns {name: figures of the round with
+    the median p99, plus "p99_rounds", "requests_rounds" and the achieved rate, late sends and errors summed
+    over the rounds}."""
     per_round = max(1.0, seconds / rounds)
     results = {name: [] for name in runs}
     for _ in range(rounds):
@@ -403,6 +405,12 @@ def round_ratios(a, b):
     return sorted(x / y for x, y in zip(a["rps_rounds"], b["rps_rounds"]))
 
 
+def median_ratio(a, b):
+    """The median of round_ratios(a, b): the ratio the benchmarks report."""
+    ratios = round_ratios(a, b)
+    return ratios[len(ratios) // 2]
+
+
 def print_comparison(title, phases, svc_half, bare_half, goal_ratio, notes=()):
     """The table bench/oneclick.py and bench/page.py print: max rate, latency at half load, ratio, goals.
     `phases` is [(label or None, service figures, baseline figures)] of compare_max, one max-rate section each;
@@ -444,8 +452,7 @@ def print_comparison(title, phases, svc_half, bare_half, goal_ratio, notes=()):
     print()
     verdicts = []
     for label, svc, bare in phases:
-        ratios = round_ratios(svc, bare)
-        ratio = ratios[len(ratios) // 2]
+        ratio = median_ratio(svc, bare)
         print(f"ratio service/baseline{f', {label}' if label else ''} (median of the per-round ratios): {ratio:.2f}")
         verdicts.append(f"{f'{label} ' if label else ''}{'MET' if ratio >= goal_ratio else 'NOT MET'}")
     print(f"goal ratio >= {goal_ratio:.2f}: {', '.join(verdicts)};   "

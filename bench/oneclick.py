@@ -37,7 +37,7 @@ import redis
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (Services, add_load_arguments, compare_half_load, compare_max, print_comparison,  # noqa: E402
-                    round_ratios, run_title, run_wrk, setup_note, start_service_and_baseline, write_wrk_script,
+                    median_ratio, run_title, run_wrk, setup_note, start_service_and_baseline, write_wrk_script,
                     wrk_requested)
 
 BODY = "List-Unsubscribe=One-Click"
@@ -49,7 +49,8 @@ def main():
     add_load_arguments(parser)
     parser.set_defaults(subscriptions=40000)  # fresh links for every first-unsubscribe round (~2,500 req/s max)
     parser.add_argument("--floor", action="store_true",
-                        help="also measure the max rate of a bare endpoint making one redis-py call (~+seconds)")
+                        help="also measure bare endpoints making two and one redis-py calls (the round trips of "
+                             "a first unsubscribe and of a replay)")
     args = parser.parse_args()
     started = time.perf_counter()
     with Services() as services:
@@ -105,9 +106,8 @@ def main():
 
 
 def floor_note(what, res):
-    ratios = round_ratios(res["floor"], res["bare"])
     return (f"floor: bare Flask endpoint making {what}: {res['floor']['rps']:,.0f} req/s, "
-            f"{ratios[len(ratios) // 2]:.2f} of the baseline (median of the per-round ratios), "
+            f"{median_ratio(res['floor'], res['bare']):.2f} of the baseline (median of the per-round ratios), "
             f"{res['floor']['cpu_ms']:.2f} ms server CPU per request")
 
 

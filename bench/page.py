@@ -28,7 +28,7 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (Services, add_load_arguments, compare_half_load, compare_max, print_comparison,  # noqa: E402
-                    round_ratios, run_title, run_wrk, setup_note, start_service_and_baseline, write_wrk_script)
+                    median_ratio, run_title, run_wrk, setup_note, start_service_and_baseline, write_wrk_script)
 
 
 def main():
@@ -77,10 +77,10 @@ def main():
                f"baseline {bare_bytes:,} bytes",
                f"the service's confirm template rendered bare (GET /page_same_template, {same_bytes:,} bytes): "
                f"{same['rps']:,.0f} req/s, {same['cpu_ms']:.2f} ms server CPU per request; service/that: "
-               f"{sorted(round_ratios(svc, same))[args.rounds // 2]:.2f} (median of the per-round ratios)",
+               f"{median_ratio(svc, same):.2f} (median of the per-round ratios)",
                *([f"the service with rendering replaced by a constant string (bench/no_render_app.py): "
                   f"{res['no_render']['rps']:,.0f} req/s, {res['no_render']['cpu_ms']:.2f} ms server CPU per request; "
-                  f"that/baseline: {sorted(round_ratios(res['no_render'], bare))[args.rounds // 2]:.2f}"]
+                  f"that/baseline: {median_ratio(res['no_render'], bare):.2f}"]
                  if args.no_render else []),
                setup_note(paths, setup, started)])
 
