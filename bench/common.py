@@ -144,10 +144,11 @@ def tree_cpu_seconds(pid):
 
 
 def machine_busy_seconds():
-    """CPU seconds all cores spent busy since boot (/proc/stat: everything but idle and iowait)."""
+    """CPU seconds all cores spent running this machine's work since boot (/proc/stat: user, nice, system, irq
+    and softirq; not idle, iowait, the hypervisor's steal, or guest time, which user already counts)."""
     with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+        user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in f.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def post_json(conn, path, body):
