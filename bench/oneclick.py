@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (Services, add_load_arguments, compare_half_load, compare_max, print_comparison,  # noqa: E402
                     median_ratio, run_title, run_wrk, setup_note, start_service_and_baseline, write_wrk_script,
                     wrk_requested)
+from webapp.keys import events_timeline  # noqa: E402  (common put the repository on sys.path)
 
 BODY = "List-Unsubscribe=One-Click"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -56,6 +57,10 @@ def main():
     with Services() as services:
         base, proc, bare_base, bare_proc, paths, setup = start_service_and_baseline(services, args, "instant")
         r = redis.Redis.from_url(services.redis_url, decode_responses=True)
+
+        def events_written():  # every change writes one ledger event and one timeline entry
+            return r.xlen(events_timeline())
+
         # Links: a few for the warm-up, then per round a slice for the max rate and half as many for half load.
         warm = max(1, min(500, len(paths) // 20))
         per_round = (len(paths) - warm) // (3 * args.rounds)
@@ -69,13 +74,13 @@ def main():
                 args.connections)
         run_wrk(bare_base, bare_script, 1, args.connections)
         redis_pid = services.redis_proc.pid
-        events0 = r.xlen("us:events:timeline")
+        events0 = events_written()
         runs = {"svc": (base, first_scripts, proc.pid), "bare": (bare_base, bare_script, bare_proc.pid)}
         if args.floor:
             runs["floor"] = (bare_base, write_wrk_script(services.dir, "floor2.lua", "POST", ["/two_redis_calls"],
                                                          BODY, FORM), bare_proc.pid)
         first = compare_max(runs, args.seconds, args.rounds, args.connections, redis_pid)
-        changed = r.xlen("us:events:timeline") - events0
+        changed = events_written() - events0
         # Replays: the links the first-unsubscribe rounds completed requests to (all of them unsubscribed).
         used = [p for n, s in zip(first["svc"]["requests_rounds"], max_slices) for p in wrk_requested(s, n)]
         replay_script = write_wrk_script(services.dir, "replay.lua", "POST", used, BODY, FORM)
@@ -83,13 +88,13 @@ def main():
         if args.floor:
             runs["floor"] = (bare_base, write_wrk_script(services.dir, "floor.lua", "POST", ["/one_redis_call"], BODY,
                                                          FORM), bare_proc.pid)
-        events0 = r.xlen("us:events:timeline")
+        events0 = events_written()
         replays = compare_max(runs, args.seconds, args.rounds, args.connections, redis_pid)
-        replays_changed = r.xlen("us:events:timeline") - events0
-        events0 = r.xlen("us:events:timeline")
+        replays_changed = events_written() - events0
+        events0 = events_written()
         svc_half, bare_half = compare_half_load(services, args, "POST", ("svc", base, half_slices, first["svc"]),
                                                 ("bare", bare_base, ["/nothing"], first["bare"]), BODY, FORM)
-        half_changed = r.xlen("us:events:timeline") - events0
+        half_changed = events_written() - events0
     first_requests, half_requests = sum(first["svc"]["requests_rounds"]), sum(svc_half["requests_rounds"])
     ran_out = any(n > len(s) for figs, slices in ((first["svc"], max_slices), (svc_half, half_slices))
                   for n, s in zip(figs["requests_rounds"], slices))
