@@ -26,12 +26,13 @@ def free_port():
 
 
 class Gunicorn:
-    def __init__(self, redis_url, workers=2, workdir=None, worker_class="sync"):
+    def __init__(self, redis_url, workers=2, workdir=None, worker_class="sync", env=None):
         self.port = free_port()
         self.workdir = workdir or tempfile.mkdtemp(prefix="us-gunicorn-")
         self.log_path = os.path.join(self.workdir, "access.log")
         env = {**os.environ, "REDIS_URL": redis_url, "API_TOKEN": API_TOKEN, "SIGNING_KEYS": SIGNING_KEYS,
-               "PUBLIC_BASE_URL": f"http://127.0.0.1:{self.port}", "VAR_DIR": self.workdir, "PYTHONPATH": ROOT}
+               "PUBLIC_BASE_URL": f"http://127.0.0.1:{self.port}", "VAR_DIR": self.workdir, "PYTHONPATH": ROOT,
+               **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "webapp", "gunicorn.conf.py"),
              "-b", f"127.0.0.1:{self.port}", "-w", str(workers), "-k", worker_class, "--access-logfile", self.log_path,
@@ -49,18 +50,22 @@ class Gunicorn:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
 
-    def request(self, method, path, body=None, headers=None, timeout=5):
-        """The answer's status, or None when the connection failed."""
+    def fetch(self, method, path, body=None, headers=None, timeout=5):
+        """(status, text of the answer), or None when the connection failed."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
             conn.request(method, path, body=body, headers=headers or {})
             resp = conn.getresponse()
-            resp.read()
-            return resp.status
+            return resp.status, resp.read().decode(errors="replace")
         except OSError:
             return None
         finally:
             conn.close()
+
+    def request(self, method, path, body=None, headers=None, timeout=5):
+        """The answer's status, or None when the connection failed."""
+        answer = self.fetch(method, path, body, headers, timeout)
+        return answer and answer[0]
 
     def post(self, path, body, content_type, timeout=5):
         return self.request("POST", path, body, {"Content-Type": content_type}, timeout)

@@ -1,0 +1,111 @@
+"""Every writer at once on the same profiles: one-click POSTs, page forms (instant, confirm, delayed with its
+timers firing in a real worker), and the API, from many threads through gunicorn's worker processes. A
+profile's ledger is one hash chain over all its subscriptions, so each change must be decided on the state it
+replaces and appended after the event it read: afterwards every chain verifies, each subscription's events
+follow on from one another (each `before` is the previous `after`) and the last one is its stored state."""
+import random
+import re
+import threading
+import time
+import urllib.parse
+
+from conftest import email_resource
+from test_delayed_support import WorkerProcesses, wait_until
+from test_faults import Gunicorn
+from webapp import events, keys
+from webapp.subscriptions import decode_record, state_of
+from webapp.resources import get_resource
+
+TIME_UNIT = "0.05"  # a timer "minute" of 50 ms: delayed unsubscribes fire while the other writers run
+SECONDS = 4
+PROFILES = 6
+CATEGORIES = [{"title": "News", "api_name": "news"}, {"title": "Offers", "api_name": "offers"},
+              {"title": "Receipts", "api_name": "receipts", "required": True}]
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+# Timers are started often enough that some fire before another writer settles them. A page offering only
+# Undo (a subscription already unsubscribed) is mostly just looked at: Undo mostly finds nothing to undo.
+ACTION_WEIGHTS = {"start": 10, "unsubscribe": 3, "now": 1, "cancel": 1, "undo": 1}
+
+
+def page_form(html):
+    """The page's form token and the actions its buttons offer."""
+    token = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    return (token.group(1) if token else None), re.findall(r'name="action" value="([a-z]+)"', html)
+
+
+def writer(server, subscriptions, seed, deadline, answers, lock):
+    rnd = random.Random(seed)
+    while time.time() < deadline:
+        ident, links = rnd.choice(subscriptions)
+        link = links[rnd.choice((None, "news", "offers"))]
+        what = rnd.choice(("one_click", "page", "page", "api"))
+        if what == "one_click":
+            status = server.post(link, "List-Unsubscribe=One-Click", FORM["Content-Type"])
+        elif what == "api":
+            change = rnd.choice(({"status": "subscribed"}, {"status": "unsubscribed"},
+                                 {"status": "subscribed", "cats": rnd.sample(["news", "offers", "receipts"], 2)}))
+            server.api("subscriptions/set", **ident, **change)
+            status = 200
+        else:
+            got = server.fetch("GET", link)
+            if got is None:
+                status = None
+            else:
+                status, html = got
+                token, actions = page_form(html)
+                if actions and (actions != ["undo"] or rnd.random() < 0.2):
+                    action = rnd.choices(actions, [ACTION_WEIGHTS[a] for a in actions])[0]
+                    form = [("csrf_token", token), ("lang", "en"), ("action", action)]
+                    if action == "unsubscribe" and "categories" in html and rnd.random() < 0.5:
+                        form += [("scope", "categories"), ("categories", rnd.choice(("news", "offers")))]
+                    what = "page " + action
+                    status = server.post(link, urllib.parse.urlencode(form), FORM["Content-Type"])
+        with lock:
+            answers[(what, status)] = answers.get((what, status), 0) + 1
+
+
+def test_concurrent_writers_keep_every_chain_and_state_consistent(r, redis_url, tmp_path):
+    server = Gunicorn(redis_url, workers=4, env={"TIME_UNIT_SECONDS": TIME_UNIT})
+    workers = WorkerProcesses(redis_url, tmp_path)
+    try:
+        workers.start(TIME_UNIT_SECONDS=TIME_UNIT)
+        subscriptions = []
+        for mode in ("instant", "confirm", "delayed"):
+            res = server.api("resources/add", **email_resource(
+                name=mode, categories=CATEGORIES, unsubscribe={"mode": mode, "timer_minutes": 1}))
+            for p in range(PROFILES):  # each profile on all three resources: one chain per profile
+                ident = {"db_id": 1, "profile_id": f"race-{p}", "resource_id": res["id"], "channel": "email",
+                         "email": f"race{p}@example.com"}
+                server.api("subscriptions/set", **ident)
+                links = {cat: server.api("messages/links", **ident, **({"category": cat} if cat else {}))
+                         ["unsubscribe_url"].split(str(server.port), 1)[1] for cat in (None, "news", "offers")}
+                subscriptions.append((ident, links))
+
+        answers, lock, deadline = {}, threading.Lock(), time.time() + SECONDS
+        threads = [threading.Thread(target=writer, args=(server, subscriptions, seed, deadline, answers, lock))
+                   for seed in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wait_until(lambda: r.zcard(keys.pending_due()) == 0, 10)  # the last timers have fired
+    finally:
+        workers.close()
+        server.stop()
+
+    expected = {"one_click": (200,), "api": (200,), "page": (200,), "page undo": (303, 409)}  # 409: nothing to undo
+    assert {k: n for k, n in answers.items() if k[1] not in expected.get(k[0], (303,))} == {}, answers
+    assert events.verify_all(r, 1) is None
+
+    methods = set()
+    for ident, _links in subscriptions:
+        ledger = [events.decode_event(raw) for raw in r.lrange(keys.profile_events(1, ident["profile_id"]), 0, -1)]
+        mine = [e for e in ledger if e["resource_id"] == ident["resource_id"]]  # oldest first
+        methods.update(e["method"] for e in mine)
+        assert mine[0]["before"] is None
+        for earlier, later in zip(mine, mine[1:]):
+            assert later["before"] == earlier["after"], (ident, earlier, later)
+        raw = r.hget(keys.profile_subscriptions(1, ident["profile_id"]), mine[0]["hash_id"])
+        assert state_of(get_resource(r, ident["resource_id"]), decode_record(raw)) == mine[-1]["after"]
+    # every kind of writer took part
+    assert methods >= {"api", "one_click", "page_instant", "page_confirm", "timer"}, methods
