@@ -1,5 +1,6 @@
 """`python -m webapp run`: starts its own Redis (AOF on, data in ./var), the web app and a worker; Ctrl-C
-stops all of it; without redis-server it says how to install it in one line."""
+stops all of it; without redis-server it says how to install it in one line, and a bad setting stops it (and
+`python -m workers`) with one line naming the setting."""
 import json
 import os
 import shutil
@@ -8,6 +9,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+
+import pytest
 
 from conftest import ROOT
 from webapp.config import default_web_workers, load_settings
@@ -134,6 +137,17 @@ def test_run_without_redis_server_says_how_to_install_it(tmp_path):
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if "redis-server" in line]
     assert lines == ["redis-server is not installed: sudo apt-get install -y redis-server (or set REDIS_URL)"]
+
+
+@pytest.mark.parametrize("command", [["webapp", "run"], ["workers"]])
+@pytest.mark.parametrize("setting, value", [("SDK_RATE_LIMIT_PER_IP", "lots"), ("SIGNING_KEYS", "no-colon"),
+                                            ("PORT", "80a"), ("TIME_UNIT_SECONDS", "0")])
+def test_a_bad_setting_stops_the_command_with_its_message_before_anything_starts(tmp_path, command, setting, value):
+    result = subprocess.run([sys.executable, "-m", *command], cwd=tmp_path, env=clean_env(**{setting: value}),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"Configuration error: {setting} ") and "Traceback" not in result.stderr
+    assert not (tmp_path / "var" / "redis").exists()  # no local Redis was started
 
 
 def test_gunicorn_workers_move_what_they_built_at_start_out_of_the_collectors_view(tmp_path):

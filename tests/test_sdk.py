@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import email_resource, redis_state
+from conftest import API_TOKEN, SIGNING_KEYS, close_clients, email_resource, redis_state
 from webapp import events, keys
 from webapp.delayed import sweep_once
 from webapp.sdk import limiter_storage_uri, origin_of, parse_script_id
@@ -230,6 +230,32 @@ def test_rate_limit_per_ip(app, client, api, r):
     other = client.post(f"/sdk/v1/{res['id']}/unsubscribe", json={"smid": smid, "action": "confirm"},
                         headers={"Origin": ORIGIN}, environ_base={"REMOTE_ADDR": "192.0.2.7"})
     assert other.status_code == 200 and sub(api, ident)[0] == "unsubscribed"
+
+
+def test_rate_limits_are_set_through_the_environment(api, r, redis_url, tmp_path, monkeypatch):
+    """An operator sets the limits where every other setting goes, in the environment or .env."""
+    from webapp import create_app
+    monkeypatch.setenv("SDK_RATE_LIMIT_PER_SMID", "2 per minute")
+    limited = create_app({"TESTING": True, "REDIS_URL": redis_url, "API_TOKEN": API_TOKEN,
+                          "SIGNING_KEYS": SIGNING_KEYS, "VAR_DIR": str(tmp_path)})
+    try:
+        res, ident, smid = make(api, "confirm")
+        client = limited.test_client()
+        assert [call(client, res["id"], smid=smid, action="show").status_code for _ in range(3)] == [200, 200, 429]
+    finally:
+        close_clients(limited)
+
+
+@pytest.mark.parametrize("value", ["lots", "10 per fortnight", ""])
+def test_a_rate_limit_that_cannot_be_read_stops_the_start(value):
+    from webapp.config import ConfigError, load_settings
+    settings = {"API_TOKEN": API_TOKEN, "SIGNING_KEYS": SIGNING_KEYS}
+    if value:
+        with pytest.raises(ConfigError, match="SDK_RATE_LIMIT_PER_IP"):
+            load_settings({**settings, "SDK_RATE_LIMIT_PER_IP": value}, dotenv_path="/nonexistent")
+    else:  # empty: the default
+        assert load_settings({**settings, "SDK_RATE_LIMIT_PER_IP": value},
+                             dotenv_path="/nonexistent")["SDK_RATE_LIMIT_PER_IP"] == "120 per minute"
 
 
 # -- CORS ---------------------------------------------------------------------------------------------

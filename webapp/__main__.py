@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import https_warning, load_settings
+from .config import https_warning, settings_or_exit
 
 USAGE = "usage: python -m webapp run"
 # Memory settings of the local redis-server. A profile's subscriptions hash holds one JSON record of ~280 bytes
@@ -50,7 +50,7 @@ def start_local_redis(var_dir):
 
 
 def run():
-    settings = load_settings()
+    settings = settings_or_exit()
     children = []
     env = dict(os.environ)
     if not settings["REDIS_URL"]:

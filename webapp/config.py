@@ -24,7 +24,13 @@ DEFAULTS = {
     "VAR_DIR": "var",  # local redis data and generated development secrets
     "RQ_QUEUE": "unsubscribe",
     "WEB_WORKERS": None,  # None: default_web_workers(); gunicorn workers `python -m webapp run` starts
+    # SDK endpoint POSTs (Flask-Limiter notation, e.g. "120 per minute" or "10/second;1000/hour"):
+    "SDK_RATE_LIMIT_PER_IP": "120 per minute",
+    "SDK_RATE_LIMIT_PER_SMID": "20 per minute",
 }
+RATE_LIMIT_SETTINGS = ("SDK_RATE_LIMIT_PER_IP", "SDK_RATE_LIMIT_PER_SMID")
+NUMBER_SETTINGS = {"PORT": int, "TRUSTED_PROXIES": int, "WEB_WORKERS": int, "TIME_UNIT_SECONDS": float,
+                   "SUSPEND_DAY_SECONDS": float}
 
 KID_RE = re.compile(r"^[A-Za-z0-9_-]{1,8}$")
 
@@ -89,7 +95,8 @@ def _dev_secrets(var_dir):
 
 
 def load_settings(environ=None, dotenv_path=".env"):
-    """Return the settings dict from DEFAULTS, `.env` and the environment (environment wins)."""
+    """Return the settings dict from DEFAULTS, `.env` and the environment (environment wins).
+    Raises ConfigError for a value the service cannot run with."""
     environ = os.environ if environ is None else environ
     merged = dict(DEFAULTS)
     source = {**read_dotenv(dotenv_path), **environ}
@@ -97,10 +104,12 @@ def load_settings(environ=None, dotenv_path=".env"):
         if source.get(key) not in (None, ""):
             merged[key] = source[key]
     merged["WEB_WORKERS"] = merged["WEB_WORKERS"] or default_web_workers()
-    for key in ("PORT", "TRUSTED_PROXIES", "WEB_WORKERS"):
-        merged[key] = int(merged[key])
-    merged["TIME_UNIT_SECONDS"] = float(merged["TIME_UNIT_SECONDS"])
-    merged["SUSPEND_DAY_SECONDS"] = float(merged["SUSPEND_DAY_SECONDS"])
+    for key, kind in NUMBER_SETTINGS.items():
+        merged[key] = _number(key, merged[key], kind)
+    for key in RATE_LIMIT_SETTINGS:
+        check_rate_limit(key, merged[key])
+    if merged["SIGNING_KEYS"]:
+        parse_signing_keys(merged["SIGNING_KEYS"])  # a bad list stops the start, not every worker that loads it
     if not merged["API_TOKEN"] or not merged["SIGNING_KEYS"]:
         generated = _dev_secrets(merged["VAR_DIR"])
         merged["API_TOKEN"] = merged["API_TOKEN"] or generated["API_TOKEN"]
@@ -109,6 +118,38 @@ def load_settings(environ=None, dotenv_path=".env"):
         merged["PUBLIC_BASE_URL"] = f"http://127.0.0.1:{merged['PORT']}"
     merged["PUBLIC_BASE_URL"] = merged["PUBLIC_BASE_URL"].rstrip("/")
     return merged
+
+
+def _number(name, value, kind):
+    """`value` as an int or float of at least 0 (a timer unit or a day: more than 0), else ConfigError."""
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < 0 or (kind is float and not 0 < number < float("inf")):
+        raise ConfigError(f"{name} {value!r} is not " + ("a whole number (0 or more)" if kind is int
+                                                          else "a number above 0"))
+    return number
+
+
+def check_rate_limit(name, value):
+    """Raise ConfigError unless `value` is a rate limit Flask-Limiter reads: a bad one would otherwise fail
+    every SDK request instead of the start."""
+    from limits import parse_many
+
+    try:
+        parse_many(value)
+    except ValueError:
+        raise ConfigError(f"{name} {value!r} is not a rate limit such as '120 per minute' or "
+                          "'10/second;1000/hour'") from None
+
+
+def settings_or_exit():
+    """load_settings() for a command line: a ConfigError ends the process with its message, no traceback."""
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        sys.exit(f"Configuration error: {exc}")
 
 
 def default_web_workers():

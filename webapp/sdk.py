@@ -23,8 +23,8 @@ so the blueprint is exempt from CSRF; the Origin allow-list plus the forced pref
 signed SMID is the authorization (a non-browser client can forge Origin, never a SMID).
 
 Rate limits (Flask-Limiter, Redis storage under keys.rate_limits()): POSTs per client IP and per SMID (taken from
-the JSON body), from app config SDK_RATE_LIMIT_PER_IP / SDK_RATE_LIMIT_PER_SMID, read on every request. Over the
-limit: 429 JSON with Retry-After (seconds until the breached window resets).
+the JSON body), from the settings SDK_RATE_LIMIT_PER_IP / SDK_RATE_LIMIT_PER_SMID (config.py), read from app config
+on every request. Over the limit: 429 JSON with Retry-After (seconds until the breached window resets).
 """
 import base64
 import binascii
@@ -55,7 +55,6 @@ PREFLIGHT_MAX_AGE = 7200  # Chromium caps Access-Control-Max-Age at 2 hours
 SCRIPT_MAX_AGE = 300
 SCRIPT_FILE = "ak_list_unsubscribe.js"
 DEFAULTS_MARKER = "/*@ak-defaults*/null"
-RATE_LIMIT_DEFAULTS = {"SDK_RATE_LIMIT_PER_IP": "120 per minute", "SDK_RATE_LIMIT_PER_SMID": "20 per minute"}
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _SCRIPT_ID_RE = re.compile(r"^[A-Za-z0-9+/_-]{1,64}={0,2}$")
 
@@ -382,8 +381,6 @@ def init_rate_limits(app):
     """A Flask-Limiter instance of this app (the extension keeps its storage per instance, so one per app)."""
     from flask_limiter import Limiter
 
-    for name, value in RATE_LIMIT_DEFAULTS.items():
-        app.config.setdefault(name, value)
     limiter = Limiter(
         _client_ip, storage_uri=limiter_storage_uri(app.config["REDIS_URL"]),
         storage_options={"key_prefix": keys.rate_limits()}, strategy="fixed-window", headers_enabled=False,

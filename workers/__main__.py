@@ -23,7 +23,7 @@ import redis
 from rq import Worker
 from rq.serializers import JSONSerializer
 
-from webapp.config import load_settings
+from webapp.config import settings_or_exit
 from webapp.delayed import Sweeper, mark_sweeper_process, timer_queue
 from webapp.store import settings_advice
 from workers.housekeeping import Housekeeper
@@ -42,7 +42,7 @@ def routine_maintenance_hidden(record):
 def main():
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     logging.getLogger("rq.worker").addFilter(routine_maintenance_hidden)
-    settings = load_settings()
+    settings = settings_or_exit()
     url = settings["REDIS_URL"] or os.environ.get("REDIS_URL")
     if not url:
         sys.exit("REDIS_URL is not set: run `python -m webapp run`, or set REDIS_URL")
