@@ -5,6 +5,13 @@ accesslog = "-"
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms "%(a)s"'
 
 
+def on_starting(server):
+    """Check the settings once in the master, before any worker is forked: a bad one ends gunicorn with one
+    line naming it, instead of a traceback from every worker that tries to load the app."""
+    from webapp.config import settings_or_exit
+    settings_or_exit()
+
+
 def post_worker_init(worker):
     """Once a worker has loaded the app, move what it built (about 57,000 objects: the app, its routes,
     translations and libraries) out of the cyclic garbage collector's view. A full collection then walks only
