@@ -199,6 +199,45 @@ def test_redis_crash_during_stream_loses_at_most_the_last_second(fsync, tmp_path
             proc.kill()
 
 
+def test_a_stalled_redis_answers_503_within_the_timeout_and_the_service_recovers(tmp_path):
+    """Redis stops answering (SIGSTOP: a hung host, a stuck fork) while gunicorn serves: every request answers
+    503 once REDIS_TIMEOUT_SECONDS have passed, instead of hanging until gunicorn kills the worker, and saying
+    so honestly (a POST that timed out may have been applied). Once Redis answers again, so does the service."""
+    import json
+    proc, url = start_redis_server(str(tmp_path))
+    server = Gunicorn(url, workers=2, env={"REDIS_TIMEOUT_SECONDS": "1"})
+    try:
+        links = make_links(server, 2)
+        workers = sorted(server.worker_pids())
+        requests = {
+            "one-click": ("POST", links[0], "List-Unsubscribe=One-Click",
+                          {"Content-Type": "application/x-www-form-urlencoded"}, "could not confirm"),
+            "page": ("GET", links[1], None, {}, "Nothing was changed"),
+            "api": ("POST", "/api/v1.1/resources/list", json.dumps({"token": API_TOKEN}),
+                    {"Content-Type": "application/json"}, "read it back before retrying"),
+        }
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            for name, (method, path, body, headers, says) in requests.items():
+                started = time.monotonic()
+                status, text = server.fetch(method, path, body, headers, timeout=30)
+                waited = time.monotonic() - started
+                assert (status, says in text) == (503, True), (name, status, text[:300])
+                assert waited < 2.5, (name, waited)  # one timeout, not one per attempt
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert sorted(server.worker_pids()) == workers  # no worker hung until gunicorn killed it
+        r = redis.Redis.from_url(url, decode_responses=True)
+        assert server.post(links[0], "List-Unsubscribe=One-Click", "application/x-www-form-urlencoded") == 200
+        assert status_of(r, 0) == 1
+        assert server.get(links[1]) == 200
+        r.close()
+    finally:
+        server.stop()
+        proc.kill()
+        proc.wait()
+
+
 def test_access_log_never_holds_a_whole_token(r, redis_url):
     server = Gunicorn(redis_url, workers=1)
     try:

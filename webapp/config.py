@@ -13,6 +13,9 @@ from pathlib import Path
 
 DEFAULTS = {
     "REDIS_URL": None,  # None: `python -m webapp run` starts a local redis-server
+    # Seconds the web app waits to connect to Redis or for an answer; then 503 (not a worker hung until
+    # gunicorn kills it). redis-py 8 defaults to 5, redis-py 5 to waiting for ever.
+    "REDIS_TIMEOUT_SECONDS": 5,
     "PORT": 8000,
     "PUBLIC_BASE_URL": None,  # None: http://127.0.0.1:$PORT (development only; RFC 8058 wants https)
     "API_TOKEN": None,
@@ -30,7 +33,7 @@ DEFAULTS = {
 }
 RATE_LIMIT_SETTINGS = ("SDK_RATE_LIMIT_PER_IP", "SDK_RATE_LIMIT_PER_SMID")
 NUMBER_SETTINGS = {"PORT": int, "TRUSTED_PROXIES": int, "WEB_WORKERS": int, "TIME_UNIT_SECONDS": float,
-                   "SUSPEND_DAY_SECONDS": float}
+                   "SUSPEND_DAY_SECONDS": float, "REDIS_TIMEOUT_SECONDS": float}
 
 KID_RE = re.compile(r"^[A-Za-z0-9_-]{1,8}$")
 

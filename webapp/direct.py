@@ -7,14 +7,16 @@ as the round trip itself. Here a call is: the commands packed as RESP by hiredis
 a hiredis Reader until every reply is in (RESP3 push messages, which are not replies, are skipped). redis-py
 still opens and closes the connection, so URL, password, TLS, timeouts and database are the pool's own. A
 socket error closes the connection and raises redis-py's ConnectionError, so that the caller can retry
-through the full client; an error reply is raised as redis-py's ResponseError once every reply has been
+through the full client (a socket timeout raises redis-py's TimeoutError: Redis is stalled, and waiting for it
+again would only double the wait); an error reply is raised as redis-py's ResponseError once every reply has been
 read, so the connection stays usable.
 """
 import os
+import socket
 import weakref
 
 import hiredis
-from redis.exceptions import ConnectionError, ResponseError
+from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 
 
 def pack(*args):
@@ -75,7 +77,8 @@ def _take(idle, pool):
 
 def call(r, packed, count):
     """Send `packed` (one or more packed commands) on an idle connection of `r`'s pool and return their
-    `count` replies as a list. Raises ConnectionError (the connection is closed, nothing is half-read) or the
+    `count` replies as a list. Raises ConnectionError (the connection is closed, nothing is half-read),
+    TimeoutError when Redis does not answer within the pool's socket_timeout (closed too), or the
     first error reply as ResponseError (after reading all of them)."""
     pool = r.connection_pool
     idle = idle_connections(pool)
@@ -97,6 +100,9 @@ def call(r, packed, count):
                 reader.feed(data)
             elif not isinstance(reply, hiredis.PushNotification):  # RESP3 pushes are not replies: skip them
                 replies.append(reply)
+    except socket.timeout as exc:  # Redis did not answer within the client's socket_timeout
+        one.reset()
+        raise TimeoutError("Redis did not answer in time") from exc
     except (OSError, hiredis.ProtocolError) as exc:
         one.reset()
         raise ConnectionError(f"Redis connection failed: {exc}") from exc
@@ -121,9 +127,9 @@ def _raise_error(reply):
 def pipeline(r, commands):
     """Commands (tuples of arguments) in one round trip, pipelined: their replies as Redis sends them (no
     redis-py response callbacks: HGETALL is a map on RESP3, a flat list on RESP2). Not a transaction (each
-    reply is as of its own command), which saves Redis the MULTI and EXEC. A connection error is retried once,
-    on a new connection, so the commands must be safe to run twice: reads, or a counter where a rare double
-    count does not matter (the page-view count)."""
+    reply is as of its own command), which saves Redis the MULTI and EXEC. A connection error (not a timeout)
+    is retried once, on a new connection, so the commands must be safe to run twice: reads, or a counter where
+    a rare double count does not matter (the page-view count)."""
     packed = b"".join(pack(*command) for command in commands)
     try:
         return call(r, packed, len(commands))

@@ -3,7 +3,7 @@ import functools
 import hashlib
 import json
 
-from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
+from redis.exceptions import ConnectionError, NoScriptError, ResponseError
 
 from . import direct
 
@@ -35,14 +35,14 @@ def run_direct(r, script, keys, args):
     """_run for the hot paths' one call per request (hotpaths.py): EVALSHA through direct.call, on this
     thread's own connection without redis-py's per-command layers, which cost about as much as the round trip
     itself. EVAL when Redis does not have the script (a restart); on a connection error the call is made again
-    through _run, with redis-py's retries. An error reply is raised as it is: a failed Lua script's writes
-    stay, so it must not run twice."""
+    through _run, with redis-py's retries. A timeout (Redis stalled) and an error reply are raised as they are:
+    a failed Lua script's writes stay, so it must not run twice."""
     try:
         return direct.call(r, direct.pack("EVALSHA", _sha(script), len(keys), *keys, *args), 1)[0]
     except ResponseError as exc:
         if not str(exc).startswith("NOSCRIPT"):
             raise
-    except (ConnectionError, TimeoutError):
+    except ConnectionError:
         pass  # direct.call closed its connection; the next direct call reconnects
     return _run(r, script, keys, args)
 

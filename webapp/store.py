@@ -2,10 +2,14 @@
 import redis
 from flask import current_app
 
+from .config import DEFAULTS
 
-def connect(url):
-    """A client for `url` (redis://, rediss:// or unix://) that returns str values."""
-    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+
+def connect(url, timeout=DEFAULTS["REDIS_TIMEOUT_SECONDS"]):
+    """A client for `url` (redis://, rediss:// or unix://) that returns str values, and raises redis-py's
+    TimeoutError when Redis takes over `timeout` seconds to accept a connection or answer."""
+    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30, socket_timeout=timeout,
+                                socket_connect_timeout=timeout)
 
 
 def get_redis():
@@ -17,7 +21,7 @@ def client_of(app):
     """get_redis for code that runs outside a request context (one_click_wsgi.py)."""
     client = app.extensions.get("redis")
     if client is None:
-        client = app.extensions["redis"] = connect(app.config["REDIS_URL"])
+        client = app.extensions["redis"] = connect(app.config["REDIS_URL"], app.config["REDIS_TIMEOUT_SECONDS"])
     return client
 
 
@@ -54,6 +58,8 @@ def get_timer_queue():
     queue = current_app.extensions.get("timer_queue")
     if queue is None:
         from .delayed import timer_queue
-        raw = redis.Redis.from_url(current_app.config["REDIS_URL"])
+        timeout = current_app.config["REDIS_TIMEOUT_SECONDS"]
+        raw = redis.Redis.from_url(current_app.config["REDIS_URL"], socket_timeout=timeout,
+                                   socket_connect_timeout=timeout)
         queue = current_app.extensions["timer_queue"] = timer_queue(raw, current_app.config["RQ_QUEUE"])
     return queue
