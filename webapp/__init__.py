@@ -103,17 +103,15 @@ def _register_error_handlers(app):
     @app.errorhandler(RedisConnectionError)
     @app.errorhandler(RedisTimeoutError)
     def store_unavailable(exc):
-        # Redis is down, restarting or stalled: ask to retry, never a 500. A refused connection changed nothing;
-        # a write that timed out may have been made (Redis got it and did not answer in time).
+        # Redis is down, restarting or stalled: ask to retry, never a 500. A GET changed nothing; a POST's write
+        # may have been made (Redis got it, then timed out or dropped the connection before answering).
         log.error("Redis unavailable on %s %s: %s", request.method, redact(request.path), exc)
-        unconfirmed = isinstance(exc, RedisTimeoutError) and request.method == "POST"
         if request.path.startswith("/api/"):
-            return envelope(None, 503, 503, "Storage did not answer in time; if this call changes something, read "
-                                            "it back before retrying" if unconfirmed else
-                                            "Storage is unavailable; nothing was changed, retry shortly")
+            return envelope(None, 503, 503, "Storage is unavailable; if this call changes something, read it back "
+                                            "before retrying")
         if request.path.startswith("/sdk/"):
             return jsonify({"error": 503, "error_text": "Service unavailable, retry shortly"}), 503
-        return render_page("message.html", status=503, unconfirmed=unconfirmed), 503, {"Retry-After": "5"}
+        return render_page("message.html", status=503, unconfirmed=request.method == "POST"), 503, {"Retry-After": "5"}
 
     @app.errorhandler(Exception)
     def unexpected(exc):
