@@ -111,7 +111,8 @@ def _register_error_handlers(app):
                                             "before retrying")
         if request.path.startswith("/sdk/"):
             return jsonify({"error": 503, "error_text": "Service unavailable, retry shortly"}), 503
-        return render_page("message.html", status=503, unconfirmed=request.method == "POST"), 503, {"Retry-After": "5"}
+        page = render_page("message.html", status=503, unconfirmed=request.method == "POST")
+        return page, 503, {"Retry-After": "5"}
 
     @app.errorhandler(Exception)
     def unexpected(exc):

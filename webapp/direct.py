@@ -7,9 +7,9 @@ as the round trip itself. Here a call is: the commands packed as RESP by hiredis
 a hiredis Reader until every reply is in (RESP3 push messages, which are not replies, are skipped). redis-py
 still opens and closes the connection, so URL, password, TLS, timeouts and database are the pool's own. A
 socket error closes the connection and raises redis-py's ConnectionError, so that the caller can retry
-through the full client (a socket timeout raises redis-py's TimeoutError: Redis is stalled, and waiting for it
-again would only double the wait); an error reply is raised as redis-py's ResponseError once every reply has been
-read, so the connection stays usable.
+through the full client (a socket timeout raises redis-py's TimeoutError instead: Redis is stalled, and waiting
+for it again would only double the wait); an error reply is raised as redis-py's ResponseError once every reply
+has been read, so the connection stays usable.
 """
 import os
 import socket

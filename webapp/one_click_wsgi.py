@@ -9,7 +9,8 @@ evidence) and sends the same status, body and headers. Every other request, and 
 not end in success (unknown or forged link, blocked resource, Redis down, odd body, ...) goes to Flask
 unchanged, body included, and Flask answers it as it always has: re-running a one-click is safe, it is
 idempotent. A Redis error is handed over rather than run again (Flask answers it with 503 at once), so a
-stalled Redis is waited for once, not twice. tests/test_pages.py::test_one_click_front_answers_exactly_as_flask compares the two.
+stalled Redis is waited for once, not twice. tests/test_pages.py::test_one_click_front_answers_exactly_as_flask
+compares the two.
 """
 import re
 from io import BytesIO

@@ -35,8 +35,8 @@ def run_direct(r, script, keys, args):
     """_run for the hot paths' one call per request (hotpaths.py): EVALSHA through direct.call, on this
     thread's own connection without redis-py's per-command layers, which cost about as much as the round trip
     itself. EVAL when Redis does not have the script (a restart); on a connection error the call is made again
-    through _run, with redis-py's retries. A timeout (Redis stalled) and an error reply are raised as they are:
-    a failed Lua script's writes stay, so it must not run twice."""
+    through _run, with redis-py's retries. A timeout (Redis stalled: waiting again would double the wait) and
+    an error reply (a failed Lua script's writes stay, so it must not run twice) are raised as they are."""
     try:
         return direct.call(r, direct.pack("EVALSHA", _sha(script), len(keys), *keys, *args), 1)[0]
     except ResponseError as exc:
