@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from conftest import ROOT
-from webapp.config import default_web_workers, load_settings
+from webapp.config import ConfigError, default_web_workers, load_settings
 
 
 def free_port():
@@ -151,6 +151,16 @@ def test_a_bad_setting_stops_the_command_with_its_message_before_anything_starts
     error_lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert error_lines[0].startswith(f"Configuration error: {setting} ") and "Traceback" not in result.stderr
     assert not (tmp_path / "var" / "redis").exists()  # no local Redis was started
+
+
+@pytest.mark.parametrize("setting, value", [("PORT", "0"), ("WEB_WORKERS", "0"), ("TRUSTED_PROXIES", "-1"),
+                                            ("TIME_UNIT_SECONDS", "nan"), ("SUSPEND_DAY_SECONDS", "inf"),
+                                            ("REDIS_TIMEOUT_SECONDS", "0"), ("REDIS_TIMEOUT_SECONDS", "soon")])
+def test_numbers_out_of_their_range_are_refused(setting, value):
+    with pytest.raises(ConfigError, match=f"^{setting} "):
+        load_settings({"API_TOKEN": "t", "SIGNING_KEYS": "k1:s", setting: value}, dotenv_path="/nonexistent")
+    assert load_settings({"API_TOKEN": "t", "SIGNING_KEYS": "k1:s", "TRUSTED_PROXIES": "0",
+                          "REDIS_TIMEOUT_SECONDS": "0.5"}, dotenv_path="/nonexistent")["REDIS_TIMEOUT_SECONDS"] == 0.5
 
 
 def test_gunicorn_workers_move_what_they_built_at_start_out_of_the_collectors_view(tmp_path):

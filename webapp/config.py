@@ -32,8 +32,10 @@ DEFAULTS = {
     "SDK_RATE_LIMIT_PER_SMID": "20 per minute",
 }
 RATE_LIMIT_SETTINGS = ("SDK_RATE_LIMIT_PER_IP", "SDK_RATE_LIMIT_PER_SMID")
-NUMBER_SETTINGS = {"PORT": int, "TRUSTED_PROXIES": int, "WEB_WORKERS": int, "TIME_UNIT_SECONDS": float,
-                   "SUSPEND_DAY_SECONDS": float, "REDIS_TIMEOUT_SECONDS": float}
+# Whole numbers with their least value; the float settings are lengths of time, above 0.
+NUMBER_SETTINGS = {"PORT": (int, 1), "TRUSTED_PROXIES": (int, 0), "WEB_WORKERS": (int, 1),
+                   "TIME_UNIT_SECONDS": (float, None), "SUSPEND_DAY_SECONDS": (float, None),
+                   "REDIS_TIMEOUT_SECONDS": (float, None)}
 
 KID_RE = re.compile(r"^[A-Za-z0-9_-]{1,8}$")
 
@@ -107,8 +109,8 @@ def load_settings(environ=None, dotenv_path=".env"):
         if source.get(key) not in (None, ""):
             merged[key] = source[key]
     merged["WEB_WORKERS"] = merged["WEB_WORKERS"] or default_web_workers()
-    for key, kind in NUMBER_SETTINGS.items():
-        merged[key] = _number(key, merged[key], kind)
+    for key, (kind, least) in NUMBER_SETTINGS.items():
+        merged[key] = _number(key, merged[key], kind, least)
     for key in RATE_LIMIT_SETTINGS:
         check_rate_limit(key, merged[key])
     if merged["SIGNING_KEYS"]:
@@ -123,15 +125,16 @@ def load_settings(environ=None, dotenv_path=".env"):
     return merged
 
 
-def _number(name, value, kind):
-    """`value` as an int or float of at least 0 (a timer unit or a day: more than 0), else ConfigError."""
+def _number(name, value, kind, least):
+    """`value` as an int of at least `least`, or a finite float above 0; else ConfigError."""
     try:
         number = kind(value)
     except (TypeError, ValueError):
         number = None
-    if number is None or number < 0 or (kind is float and not 0 < number < float("inf")):
-        raise ConfigError(f"{name} {value!r} is not " + ("a whole number (0 or more)" if kind is int
-                                                          else "a number above 0"))
+    if kind is int and (number is None or number < least):
+        raise ConfigError(f"{name} {value!r} is not a whole number of at least {least}")
+    if kind is float and not (number is not None and 0 < number < float("inf")):
+        raise ConfigError(f"{name} {value!r} is not a number above 0")
     return number
 
 
