@@ -1,5 +1,5 @@
 """Faults with real processes: a gunicorn worker killed mid-stream, Redis crashing with AOF everysec and
-with appendfsync always; tokens never logged in full."""
+with appendfsync always, Redis stalled, Redis refusing writes; tokens never logged in full."""
 import http.client
 import os
 import signal
@@ -11,8 +11,10 @@ import time
 
 import pytest
 import redis
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 
 from conftest import API_TOKEN, ROOT, SIGNING_KEYS, email_resource, start_redis_server
+from webapp.store import refuses_writes
 from webapp.subscriptions import decode_record
 
 pytestmark = pytest.mark.faults
@@ -236,6 +238,57 @@ def test_a_stalled_redis_answers_503_within_the_timeout_and_the_service_recovers
         server.stop()
         proc.kill()
         proc.wait()
+
+
+def test_a_redis_refusing_writes_still_shows_pages_and_answers_503_to_changes(r, redis_url):
+    """Redis out of memory under noeviction (or a failed snapshot, a replica) refuses every write: pages and
+    reads still work (the page-view count is telemetry), every change answers 503 rather than 500, and once
+    Redis accepts writes again they succeed."""
+    import json
+    import re
+    server = Gunicorn(redis_url, workers=2)
+    try:
+        links = make_links(server, 2)
+        ident = {"token": API_TOKEN, "db_id": 1, "profile_id": "f1", "resource_id": 1, "channel": "email",
+                 "email": "f1@example.com"}
+        json_post = {"Content-Type": "application/json"}
+        form_post = {"Content-Type": "application/x-www-form-urlencoded"}
+        limit = r.config_get("maxmemory")["maxmemory"]
+        r.config_set("maxmemory", "1")  # far below what is stored: every write is refused with OOM
+        try:
+            status, page = server.fetch("GET", links[1])
+            assert status == 200 and "<h1>Unsubscribe from Weekly news?</h1>" in page
+            token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+            answers = {
+                "one-click": server.fetch("POST", links[0], "List-Unsubscribe=One-Click", form_post),
+                "page form": server.fetch("POST", links[1], f"csrf_token={token}&action=unsubscribe", form_post),
+                "api write": server.fetch("POST", "/api/v1.1/subscriptions/set",
+                                          json.dumps({**ident, "status": "unsubscribed"}), json_post),
+            }
+            assert {name: status for name, (status, _text) in answers.items()} == dict.fromkeys(answers, 503)
+            assert "could not confirm" in answers["page form"][1]
+            status, text = server.fetch("POST", "/api/v1.1/subscriptions/get", json.dumps(ident), json_post)
+            assert status == 200 and json.loads(text)["data"]["status"] == "subscribed"
+        finally:
+            r.config_set("maxmemory", limit)
+        assert server.post(links[0], "List-Unsubscribe=One-Click", form_post["Content-Type"]) == 200
+        assert status_of(r, 0) == 1
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("exc, refused", [
+    (OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), True),  # as redis-py raises it
+    (ReadOnlyError("You can't write against a read only replica."), True),
+    (ResponseError("OOM command not allowed when used memory > 'maxmemory'."), True),  # as direct.py passes it on
+    (ResponseError("MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist"), True),
+    (ResponseError("Command # 1 (HSET k f v) of pipeline caused error: MISCONF Redis is configured to save"), True),
+    (ResponseError("NOREPLICAS Not enough good replicas to write."), True),
+    (ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), False),
+    (ResponseError("ERR Error running script: user_script:1: OOM in my own words"), False),
+])
+def test_which_error_replies_mean_redis_refuses_writes(exc, refused):
+    assert refuses_writes(exc) is refused
 
 
 def test_access_log_never_holds_a_whole_token(r, redis_url):

@@ -8,6 +8,7 @@ from flask import Flask, jsonify, request
 from flask.sessions import SecureCookieSessionInterface
 from flask_wtf.csrf import CSRFProtect
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -103,7 +104,7 @@ def _register_error_handlers(app):
     @app.errorhandler(RedisConnectionError)
     @app.errorhandler(RedisTimeoutError)
     def store_unavailable(exc):
-        # Redis is down, restarting or stalled: ask to retry, never a 500. A GET changed nothing; a POST's write
+        # Redis is down, restarting, stalled or refusing writes: ask to retry, never a 500. A GET changed nothing; a POST's write
         # may have been made (Redis got it, then timed out or dropped the connection before answering).
         log.error("Redis unavailable on %s %s: %s", request.method, redact(request.path), exc)
         if request.path.startswith("/api/"):
@@ -113,6 +114,10 @@ def _register_error_handlers(app):
             return jsonify({"error": 503, "error_text": "Service unavailable, retry shortly"}), 503
         page = render_page("message.html", status=503, unconfirmed=request.method == "POST")
         return page, 503, {"Retry-After": "5"}
+
+    @app.errorhandler(RedisResponseError)
+    def store_refused(exc):
+        return store_unavailable(exc) if store.refuses_writes(exc) else unexpected(exc)
 
     @app.errorhandler(Exception)
     def unexpected(exc):

@@ -75,11 +75,12 @@ def _take(idle, pool):
         # a parent's connection, inherited by fork: dropped (redis-py shuts a socket down only in its own process)
 
 
-def call(r, packed, count):
+def call(r, packed, count, raise_errors=True):
     """Send `packed` (one or more packed commands) on an idle connection of `r`'s pool and return their
     `count` replies as a list. Raises ConnectionError (the connection is closed, nothing is half-read),
     TimeoutError when Redis does not answer within the pool's socket_timeout (closed too), or the
-    first error reply as ResponseError (after reading all of them)."""
+    first error reply as ResponseError (after reading all of them); with raise_errors=False error replies are
+    returned in their places instead."""
     pool = r.connection_pool
     idle = idle_connections(pool)
     one = _take(idle, pool)
@@ -111,27 +112,29 @@ def call(r, packed, count):
         raise
     finally:
         idle.append(one)
-    for reply in replies:
-        _raise_error(reply)
+    if raise_errors:
+        for reply in replies:
+            raise_error(reply)
     return replies
 
 
-def _raise_error(reply):
+def raise_error(reply):
+    """Raise the error reply `reply` is, or holds (a nested reply); else do nothing."""
     if isinstance(reply, ResponseError):
         raise reply
     if isinstance(reply, list):
         for item in reply:
-            _raise_error(item)
+            raise_error(item)
 
 
-def pipeline(r, commands):
+def pipeline(r, commands, raise_errors=True):
     """Commands (tuples of arguments) in one round trip, pipelined: their replies as Redis sends them (no
     redis-py response callbacks: HGETALL is a map on RESP3, a flat list on RESP2). Not a transaction (each
     reply is as of its own command), which saves Redis the MULTI and EXEC. A connection error (not a timeout)
     is retried once, on a new connection, so the commands must be safe to run twice: reads, or a counter where
-    a rare double count does not matter (the page-view count)."""
+    a rare double count does not matter (the page-view count). raise_errors as for call."""
     packed = b"".join(pack(*command) for command in commands)
     try:
-        return call(r, packed, len(commands))
+        return call(r, packed, len(commands), raise_errors)
     except ConnectionError:  # a dropped connection (Redis restarted, an idle timeout): call reconnects
-        return call(r, packed, len(commands))
+        return call(r, packed, len(commands), raise_errors)

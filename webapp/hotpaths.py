@@ -61,11 +61,15 @@ def _read_for_page(r, smid, token, method):
     pipelined after the reads: plain commands (a Lua call that decided whether to count cost Redis about five
     times as much CPU as these five commands)."""
     views = keys.page_views(unsubscribe.view_digest(token))
-    return direct.pipeline(r, (("GET", keys.resource(smid.resource_id)),
-                               ("HGET", keys.profile_subscriptions(smid.db_id, smid.profile_id), smid.hash_id),
-                               ("HGETALL", views),
-                               ("HINCRBY", views, method, 1),
-                               ("EXPIRE", views, unsubscribe.VIEW_TTL_SECONDS)))[:3]
+    reply = direct.pipeline(r, (("GET", keys.resource(smid.resource_id)),
+                                ("HGET", keys.profile_subscriptions(smid.db_id, smid.profile_id), smid.hash_id),
+                                ("HGETALL", views),
+                                ("HINCRBY", views, method, 1),
+                                ("EXPIRE", views, unsubscribe.VIEW_TTL_SECONDS)), raise_errors=False)
+    # The count is telemetry: a Redis refusing writes (out of memory, a failed snapshot) still shows the page.
+    for value in reply[:3]:
+        direct.raise_error(value)
+    return reply[:3]
 
 
 def _read_for_one_click(r, smid, token):

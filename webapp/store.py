@@ -1,6 +1,9 @@
 """The Redis connection, owned here as flaskr's db.py owns its database: one client per app, made lazily."""
+import re
+
 import redis
 from flask import current_app
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 
 from .config import DEFAULTS
 
@@ -10,6 +13,20 @@ def connect(url, timeout=DEFAULTS["REDIS_TIMEOUT_SECONDS"]):
     TimeoutError when Redis takes over `timeout` seconds to accept a connection or answer."""
     return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30, socket_timeout=timeout,
                                 socket_connect_timeout=timeout)
+
+
+# Error replies by which Redis refuses writes for a while: out of memory under noeviction (OOM), a failed
+# snapshot with stop-writes-on-bgsave-error (MISCONF), a replica (READONLY), too few replicas (NOREPLICAS,
+# MASTERDOWN). redis-py raises the first two as their own classes without the code; the hot paths' transport
+# passes error replies on as Redis wrote them; a redis-py pipeline puts "Command # n (...) caused error: " first.
+_WRITES_REFUSED = re.compile(r"(?:Command # \d+ \(.*\) of pipeline caused error: )?"
+                             r"(?:OOM|MISCONF|READONLY|NOREPLICAS|MASTERDOWN) ", re.DOTALL)
+
+
+def refuses_writes(exc):
+    """True when `exc` is Redis refusing writes for a while: the service is unavailable then, not broken."""
+    return isinstance(exc, (OutOfMemoryError, ReadOnlyError)) or (
+        isinstance(exc, ResponseError) and _WRITES_REFUSED.match(str(exc)) is not None)
 
 
 def get_redis():
