@@ -20,20 +20,21 @@ API_TOKEN = "test-api-token"
 SIGNING_KEYS = "t1:test-secret-one"
 
 
-def start_redis_server(workdir, appendonly=False, port=0):
-    """Start redis-server on a unix socket (and a TCP port when port != 0); return (process, url)."""
+def start_redis_server(workdir, appendonly=False, port=0, extra=(), wait=True):
+    """Start redis-server on a unix socket (and a TCP port when port != 0); return (process, url) once it
+    answers (wait=False: once its socket exists, e.g. while it is still loading its data)."""
     if shutil.which("redis-server") is None:
         pytest.exit("redis-server is not installed: apt-get install redis-server", returncode=3)
     sock = os.path.join(workdir, "redis.sock")
     args = ["redis-server", "--port", str(port), "--unixsocket", sock, "--unixsocketperm", "700",
             "--dir", workdir, "--save", "", "--appendonly", "yes" if appendonly else "no",
-            "--appendfsync", "everysec", "--daemonize", "no", "--loglevel", "warning"]
+            "--appendfsync", "everysec", "--daemonize", "no", "--loglevel", "warning", *extra]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"unix://{sock}"
     deadline = time.time() + 10
     while time.time() < deadline:
         try:
-            if redis.Redis.from_url(url).ping():
+            if (not wait and os.path.exists(sock)) or redis.Redis.from_url(url).ping():
                 return proc, url
         except (redis.ConnectionError, FileNotFoundError):
             time.sleep(0.02)

@@ -1,5 +1,6 @@
 """Faults with real processes: a gunicorn worker killed mid-stream, Redis crashing with AOF everysec and
-with appendfsync always, Redis stalled, Redis refusing writes; tokens never logged in full."""
+with appendfsync always, Redis stalled, still loading its data, or refusing writes; tokens never logged in
+full."""
 import http.client
 import os
 import signal
@@ -14,7 +15,7 @@ import redis
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 
 from conftest import API_TOKEN, ROOT, SIGNING_KEYS, email_resource, start_redis_server
-from webapp.store import refuses_writes
+from webapp.store import unavailable_reply
 from webapp.subscriptions import decode_record
 
 pytestmark = pytest.mark.faults
@@ -280,15 +281,49 @@ def test_a_redis_refusing_writes_still_shows_pages_and_answers_503_to_changes(r,
 @pytest.mark.parametrize("exc, refused", [
     (OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), True),  # as redis-py raises it
     (ReadOnlyError("You can't write against a read only replica."), True),
-    (ResponseError("OOM command not allowed when used memory > 'maxmemory'."), True),  # as direct.py passes it on
     (ResponseError("MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist"), True),
     (ResponseError("Command # 1 (HSET k f v) of pipeline caused error: MISCONF Redis is configured to save"), True),
     (ResponseError("NOREPLICAS Not enough good replicas to write."), True),
+    (ResponseError("BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE."), True),
     (ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), False),
     (ResponseError("ERR Error running script: user_script:1: OOM in my own words"), False),
 ])
-def test_which_error_replies_mean_redis_refuses_writes(exc, refused):
-    assert refuses_writes(exc) is refused
+def test_which_error_replies_mean_redis_cannot_serve_for_a_while(exc, refused):
+    assert unavailable_reply(exc) is refused
+
+
+def test_a_redis_still_loading_its_data_after_a_restart_answers_503_until_it_is_ready(tmp_path):
+    """A restarted Redis answers LOADING until it has read its data (seconds to minutes for a large one):
+    every request answers 503 meanwhile, never a 500, and is served once the data is in."""
+    proc, url = start_redis_server(str(tmp_path))
+    server = Gunicorn(url, workers=2)
+    try:
+        links = make_links(server, 2)
+        r = redis.Redis.from_url(url, decode_responses=True)
+        with r.pipeline(transaction=False) as pipe:
+            for i in range(20000):
+                pipe.set(f"filler:{i}", "x" * 20)
+            pipe.execute()
+        r.save()
+        r.close()
+        proc.terminate()
+        proc.wait(timeout=10)
+        # key-load-delay (µs per key) makes loading 20,000 keys take about two seconds
+        proc, url = start_redis_server(str(tmp_path), extra=["--key-load-delay", "100",
+                                                             "--loading-process-events-interval-bytes", "1024"],
+                                       wait=False)
+        answers = []
+        deadline = time.time() + 20
+        while time.time() < deadline and answers[-1:] != [(200, 200)]:
+            answers.append((server.get(links[1]),
+                            server.post(links[0], "List-Unsubscribe=One-Click", "application/x-www-form-urlencoded")))
+            time.sleep(0.05)
+        assert (503, 503) in answers and answers[-1] == (200, 200), answers
+        assert set(answers) <= {(503, 503), (503, 200), (200, 503), (200, 200)}, answers
+    finally:
+        server.stop()
+        proc.kill()
+        proc.wait()
 
 
 def test_access_log_never_holds_a_whole_token(r, redis_url):

@@ -117,7 +117,7 @@ def _register_error_handlers(app):
 
     @app.errorhandler(RedisResponseError)
     def store_refused(exc):
-        return store_unavailable(exc) if store.refuses_writes(exc) else unexpected(exc)
+        return store_unavailable(exc) if store.unavailable_reply(exc) else unexpected(exc)
 
     @app.errorhandler(Exception)
     def unexpected(exc):

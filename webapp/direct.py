@@ -8,15 +8,16 @@ a hiredis Reader until every reply is in (RESP3 push messages, which are not rep
 still opens and closes the connection, so URL, password, TLS, timeouts and database are the pool's own. A
 socket error closes the connection and raises redis-py's ConnectionError, so that the caller can retry
 through the full client (a socket timeout raises redis-py's TimeoutError instead: Redis is stalled, and waiting
-for it again would only double the wait); an error reply is raised as redis-py's ResponseError once every reply
-has been read, so the connection stays usable.
+for it again would only double the wait); an error reply is raised as the exception redis-py raises for it once
+every reply has been read, so the connection stays usable.
 """
 import os
 import socket
 import weakref
 
 import hiredis
-from redis.exceptions import ConnectionError, ResponseError, TimeoutError
+from redis._parsers.base import BaseParser
+from redis.exceptions import ConnectionError, RedisError, TimeoutError
 
 
 def pack(*args):
@@ -37,7 +38,9 @@ class _Held:
         self.reader = self._new_reader()
 
     def _new_reader(self):
-        return hiredis.Reader(replyError=ResponseError, encoding=self.encoding, errors=self.errors)
+        # Error replies become the exceptions redis-py raises for them (LOADING a BusyLoadingError, OOM an
+        # OutOfMemoryError, NOSCRIPT a NoScriptError, ...), as its own hiredis parser makes them.
+        return hiredis.Reader(replyError=BaseParser.parse_error, encoding=self.encoding, errors=self.errors)
 
     def reset(self):
         """Close the connection and drop anything half-read (the next call reconnects)."""
@@ -79,8 +82,9 @@ def call(r, packed, count, raise_errors=True):
     """Send `packed` (one or more packed commands) on an idle connection of `r`'s pool and return their
     `count` replies as a list. Raises ConnectionError (the connection is closed, nothing is half-read),
     TimeoutError when Redis does not answer within the pool's socket_timeout (closed too), or the
-    first error reply as ResponseError (after reading all of them); with raise_errors=False error replies are
-    returned in their places instead."""
+    first error reply (after reading all of them: a ResponseError, or the subclass redis-py raises for its code;
+    LOADING is a BusyLoadingError, a ConnectionError); with raise_errors=False error replies are returned in
+    their places instead."""
     pool = r.connection_pool
     idle = idle_connections(pool)
     one = _take(idle, pool)
@@ -120,7 +124,7 @@ def call(r, packed, count, raise_errors=True):
 
 def raise_error(reply):
     """Raise the error reply `reply` is, or holds (a nested reply); else do nothing."""
-    if isinstance(reply, ResponseError):
+    if isinstance(reply, RedisError):
         raise reply
     if isinstance(reply, list):
         for item in reply:

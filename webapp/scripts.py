@@ -3,7 +3,7 @@ import functools
 import hashlib
 import json
 
-from redis.exceptions import ConnectionError, NoScriptError, ResponseError
+from redis.exceptions import ConnectionError, NoScriptError
 
 from . import direct
 
@@ -39,11 +39,8 @@ def run_direct(r, script, keys, args):
     an error reply (a failed Lua script's writes stay, so it must not run twice) are raised as they are."""
     try:
         return direct.call(r, direct.pack("EVALSHA", _sha(script), len(keys), *keys, *args), 1)[0]
-    except ResponseError as exc:
-        if not str(exc).startswith("NOSCRIPT"):
-            raise
-    except ConnectionError:
-        pass  # direct.call closed its connection; the next direct call reconnects
+    except (NoScriptError, ConnectionError):
+        pass  # not cached (a restart, SCRIPT FLUSH), or no connection (direct.call closed it): redis-py's way
     return _run(r, script, keys, args)
 
 

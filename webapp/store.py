@@ -15,18 +15,19 @@ def connect(url, timeout=DEFAULTS["REDIS_TIMEOUT_SECONDS"]):
                                 socket_connect_timeout=timeout)
 
 
-# Error replies by which Redis refuses writes for a while: out of memory under noeviction (OOM), a failed
-# snapshot with stop-writes-on-bgsave-error (MISCONF), a replica (READONLY), too few replicas (NOREPLICAS,
-# MASTERDOWN). redis-py raises the first two as their own classes without the code; the hot paths' transport
-# passes error replies on as Redis wrote them; a redis-py pipeline puts "Command # n (...) caused error: " first.
-_WRITES_REFUSED = re.compile(r"(?:Command # \d+ \(.*\) of pipeline caused error: )?"
-                             r"(?:OOM|MISCONF|READONLY|NOREPLICAS|MASTERDOWN) ", re.DOTALL)
+# Error replies by which Redis says it cannot serve for a while, rather than that a request was wrong: out of
+# memory under noeviction (OOM), a replica (READONLY), a failed snapshot with stop-writes-on-bgsave-error
+# (MISCONF), too few replicas (NOREPLICAS), a script running too long (BUSY). redis-py raises the first two as
+# their own classes (and LOADING, a restart still reading its data, as a ConnectionError); the others keep their
+# code in the message, after "Command # n (...) of pipeline caused error: " in a redis-py pipeline.
+_UNAVAILABLE_CODES = re.compile(r"(?:Command # \d+ \(.*\) of pipeline caused error: )?(?:MISCONF|NOREPLICAS|BUSY) ",
+                                re.DOTALL)
 
 
-def refuses_writes(exc):
-    """True when `exc` is Redis refusing writes for a while: the service is unavailable then, not broken."""
+def unavailable_reply(exc):
+    """True when `exc` is Redis saying it cannot serve for a while: the service is unavailable, not broken."""
     return isinstance(exc, (OutOfMemoryError, ReadOnlyError)) or (
-        isinstance(exc, ResponseError) and _WRITES_REFUSED.match(str(exc)) is not None)
+        isinstance(exc, ResponseError) and _UNAVAILABLE_CODES.match(str(exc)) is not None)
 
 
 def get_redis():
