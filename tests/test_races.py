@@ -1,13 +1,17 @@
 """Every writer at once on the same profiles: one-click POSTs, page forms (instant, confirm, delayed with its
-timers firing in a real worker), and the API, from many threads through gunicorn's worker processes. A
+timers firing in a real worker), the subscription manager (pauses the worker ends), and the API, from many
+threads through gunicorn's worker processes. A
 profile's ledger is one hash chain over all its subscriptions, so each change must be decided on the state it
 replaces and appended after the event it read: afterwards every chain verifies, each subscription's events
 follow on from one another (each `before` is the previous `after`) and the last one is its stored state."""
 import random
 import re
+import http.cookiejar
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 
 from conftest import email_resource
 from test_delayed_support import WorkerProcesses, wait_until
@@ -17,7 +21,8 @@ from webapp.subscriptions import decode_record, state_of
 from webapp.resources import get_resource
 
 TIME_UNIT = "0.05"  # a timer "minute" of 50 ms: delayed unsubscribes fire while the other writers run
-SECONDS = 4
+DAY = "0.01"  # a pause "day" of 10 ms: a 14-day pause ends (the worker's housekeeping) while they run
+SECONDS = 6
 PROFILES = 6
 CATEGORIES = [{"title": "News", "api_name": "news"}, {"title": "Offers", "api_name": "offers"},
               {"title": "Receipts", "api_name": "receipts", "required": True}]
@@ -25,6 +30,7 @@ FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 # Timers are started often enough that some fire before another writer settles them. A page offering only
 # Undo (a subscription already unsubscribed) is mostly just looked at: Undo mostly finds nothing to undo.
 ACTION_WEIGHTS = {"start": 10, "unsubscribe": 3, "now": 1, "cancel": 1, "undo": 1}
+MANAGER_ACTIONS = ("suspend", "suspend", "suspend", "resume", "unsubscribe", "resubscribe", "save")
 
 
 def page_form(html):
@@ -33,13 +39,32 @@ def page_form(html):
     return (token.group(1) if token else None), re.findall(r'name="action" value="([a-z]+)"', html)
 
 
+def manager_change(browser, url, hash_id, rnd):
+    """Open the manager page (its session cookie carries the CSRF token), then send one of its forms for the
+    subscription `hash_id`; the status of the page it ends on (303s are followed)."""
+    try:
+        with browser.open(url, timeout=10) as resp:
+            token = re.search(r'name="csrf_token" value="([^"]+)"', resp.read().decode()).group(1)
+        action = rnd.choice(MANAGER_ACTIONS)
+        form = [("csrf_token", token), ("lang", "en"), ("hash_id", hash_id), ("action", action), ("days", "14")]
+        form += [("categories", c) for c in rnd.sample(["news", "offers", "receipts"], rnd.randint(1, 3))]
+        with browser.open(url, data=urllib.parse.urlencode(form).encode(), timeout=10) as resp:
+            return "manager " + action, resp.status
+    except urllib.error.HTTPError as exc:
+        return "manager " + action, exc.code
+
+
 def writer(server, subscriptions, seed, deadline, answers, lock):
     rnd = random.Random(seed)
+    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
     while time.time() < deadline:
         ident, links = rnd.choice(subscriptions)
         link = links[rnd.choice((None, "news", "offers"))]
-        what = rnd.choice(("one_click", "page", "page", "api"))
-        if what == "one_click":
+        what = rnd.choice(("one_click", "page", "page", "api", "manager"))
+        if what == "manager":
+            what, status = manager_change(browser, f"http://127.0.0.1:{server.port}{links['manage']}",
+                                          links["hash_id"], rnd)
+        elif what == "one_click":
             status = server.post(link, "List-Unsubscribe=One-Click", FORM["Content-Type"])
         elif what == "api":
             change = rnd.choice(({"status": "subscribed"}, {"status": "unsubscribed"},
@@ -65,10 +90,10 @@ def writer(server, subscriptions, seed, deadline, answers, lock):
 
 
 def test_concurrent_writers_keep_every_chain_and_state_consistent(r, redis_url, tmp_path):
-    server = Gunicorn(redis_url, workers=4, env={"TIME_UNIT_SECONDS": TIME_UNIT})
+    server = Gunicorn(redis_url, workers=4, env={"TIME_UNIT_SECONDS": TIME_UNIT, "SUSPEND_DAY_SECONDS": DAY})
     workers = WorkerProcesses(redis_url, tmp_path)
     try:
-        workers.start(TIME_UNIT_SECONDS=TIME_UNIT)
+        workers.start(TIME_UNIT_SECONDS=TIME_UNIT, SUSPEND_DAY_SECONDS=DAY)
         subscriptions = []
         for mode in ("instant", "confirm", "delayed"):
             res = server.api("resources/add", **email_resource(
@@ -76,9 +101,11 @@ def test_concurrent_writers_keep_every_chain_and_state_consistent(r, redis_url, 
             for p in range(PROFILES):  # each profile on all three resources: one chain per profile
                 ident = {"db_id": 1, "profile_id": f"race-{p}", "resource_id": res["id"], "channel": "email",
                          "email": f"race{p}@example.com"}
-                server.api("subscriptions/set", **ident)
-                links = {cat: server.api("messages/links", **ident, **({"category": cat} if cat else {}))
-                         ["unsubscribe_url"].split(str(server.port), 1)[1] for cat in (None, "news", "offers")}
+                hash_id = server.api("subscriptions/set", **ident)["hash_id"]
+                issued = {cat: server.api("messages/links", **ident, **({"category": cat} if cat else {}))
+                          for cat in (None, "news", "offers")}
+                links = {cat: urllib.parse.urlsplit(got["unsubscribe_url"]).path for cat, got in issued.items()}
+                links.update(manage=urllib.parse.urlsplit(issued[None]["manage_url"]).path, hash_id=hash_id)
                 subscriptions.append((ident, links))
 
         answers, lock, deadline = {}, threading.Lock(), time.time() + SECONDS
@@ -88,12 +115,14 @@ def test_concurrent_writers_keep_every_chain_and_state_consistent(r, redis_url, 
             t.start()
         for t in threads:
             t.join()
-        wait_until(lambda: r.zcard(keys.pending_due()) == 0, 10)  # the last timers have fired
+        wait_until(lambda: r.zcard(keys.pending_due()) == 0 and not suspended(r, subscriptions), 10)
     finally:
         workers.close()
         server.stop()
 
     expected = {"one_click": (200,), "api": (200,), "page": (200,), "page undo": (303, 409)}  # 409: nothing to undo
+    # the manager: 409 when the subscription's state does not allow the action (resume one not paused, ...)
+    expected.update({"manager " + action: (200, 409) for action in MANAGER_ACTIONS})
     assert {k: n for k, n in answers.items() if k[1] not in expected.get(k[0], (303,))} == {}, answers
     assert events.verify_all(r, 1) is None
 
@@ -108,4 +137,13 @@ def test_concurrent_writers_keep_every_chain_and_state_consistent(r, redis_url, 
         raw = r.hget(keys.profile_subscriptions(1, ident["profile_id"]), mine[0]["hash_id"])
         assert state_of(get_resource(r, ident["resource_id"]), decode_record(raw)) == mine[-1]["after"]
     # every kind of writer took part
-    assert methods >= {"api", "one_click", "page_instant", "page_confirm", "timer"}, methods
+    assert methods >= {"api", "one_click", "page_instant", "page_confirm", "timer", "manager", "suspend_expiry"}, methods
+
+
+def suspended(r, subscriptions):
+    """Whether any of the subscriptions is still paused (its pause not yet ended by the worker)."""
+    for ident, links in subscriptions:
+        raw = r.hget(keys.profile_subscriptions(1, ident["profile_id"]), links["hash_id"])
+        if decode_record(raw)["status"] == 5:
+            return True
+    return False
