@@ -1,12 +1,12 @@
 """Every writer at once on the same profiles: one-click POSTs, page forms (instant, confirm, delayed with its
 timers firing in a real worker), the subscription manager (pauses the worker ends), and the API, from many
-threads through gunicorn's worker processes. A
-profile's ledger is one hash chain over all its subscriptions, so each change must be decided on the state it
-replaces and appended after the event it read: afterwards every chain verifies, each subscription's events
-follow on from one another (each `before` is the previous `after`) and the last one is its stored state."""
+threads through gunicorn's worker processes. A profile's ledger is one hash chain over all its subscriptions,
+so each change must be decided on the state it replaces and appended after the event it read: afterwards every
+chain verifies, each subscription's events follow on from one another (each `before` is the previous `after`)
+and the last one is its stored state."""
+import http.cookiejar
 import random
 import re
-import http.cookiejar
 import threading
 import time
 import urllib.error
