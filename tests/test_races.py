@@ -1,10 +1,11 @@
 """Every writer at once on the same profiles: one-click POSTs, page forms (instant, confirm, delayed with its
-timers firing in a real worker), the subscription manager (pauses the worker ends), and the API, from many
-threads through gunicorn's worker processes. A profile's ledger is one hash chain over all its subscriptions,
-so each change must be decided on the state it replaces and appended after the event it read: afterwards every
-chain verifies, each subscription's events follow on from one another (each `before` is the previous `after`)
-and the last one is its stored state."""
+timers firing in a real worker), the SDK endpoint, the subscription manager (pauses the worker ends), and the
+API, from many threads through gunicorn's worker processes. A profile's ledger is one hash chain over all its
+subscriptions, so each change must be decided on the state it replaces and appended after the event it read:
+afterwards every chain verifies, each subscription's events follow on from one another (each `before` is the
+previous `after`) and the last one is its stored state."""
 import http.cookiejar
+import json
 import random
 import re
 import threading
@@ -30,6 +31,8 @@ FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 # Timers are started often enough that some fire before another writer settles them. A page offering only
 # Undo (a subscription already unsubscribed) is mostly just looked at: Undo mostly finds nothing to undo.
 ACTION_WEIGHTS = {"start": 10, "unsubscribe": 3, "now": 1, "cancel": 1, "undo": 1}
+SDK_ACTIONS = ("show", "confirm", "cancel")
+SDK_ORIGIN = "https://shop.example"  # email_resource's url: an origin the SDK endpoint allows
 MANAGER_ACTIONS = ("suspend", "suspend", "suspend", "resume", "unsubscribe", "resubscribe", "save")
 
 
@@ -60,8 +63,13 @@ def writer(server, subscriptions, seed, deadline, answers, lock):
     while time.time() < deadline:
         ident, links = rnd.choice(subscriptions)
         link = links[rnd.choice((None, "news", "offers"))]
-        what = rnd.choice(("one_click", "page", "page", "api", "manager"))
-        if what == "manager":
+        what = rnd.choice(("one_click", "page", "page", "api", "manager", "sdk"))
+        if what == "sdk":  # what a customer's own page does through AkUnsub: show, confirmUnsub, cancel
+            got = server.fetch("POST", f"/sdk/v1/{ident['resource_id']}/unsubscribe",
+                               json.dumps({"smid": link.rsplit("/", 1)[1], "action": rnd.choice(SDK_ACTIONS)}),
+                               {"Content-Type": "application/json", "Origin": SDK_ORIGIN})
+            status = got and got[0]
+        elif what == "manager":
             what, status = manager_change(browser, f"http://127.0.0.1:{server.port}{links['manage']}",
                                           links["hash_id"], rnd)
         elif what == "one_click":
@@ -90,7 +98,10 @@ def writer(server, subscriptions, seed, deadline, answers, lock):
 
 
 def test_concurrent_writers_keep_every_chain_and_state_consistent(r, redis_url, tmp_path):
-    server = Gunicorn(redis_url, workers=4, env={"TIME_UNIT_SECONDS": TIME_UNIT, "SUSPEND_DAY_SECONDS": DAY})
+    unlimited = "10000/minute"  # the storm comes from one address and few links
+    server = Gunicorn(redis_url, workers=4, env={"TIME_UNIT_SECONDS": TIME_UNIT, "SUSPEND_DAY_SECONDS": DAY,
+                                                 "SDK_RATE_LIMIT_PER_IP": unlimited,
+                                                 "SDK_RATE_LIMIT_PER_SMID": unlimited})
     workers = WorkerProcesses(redis_url, tmp_path)
     try:
         workers.start(TIME_UNIT_SECONDS=TIME_UNIT, SUSPEND_DAY_SECONDS=DAY)
@@ -120,7 +131,8 @@ def test_concurrent_writers_keep_every_chain_and_state_consistent(r, redis_url, 
         workers.close()
         server.stop()
 
-    expected = {"one_click": (200,), "api": (200,), "page": (200,), "page undo": (303, 409)}  # 409: nothing to undo
+    expected = {"one_click": (200,), "api": (200,), "page": (200,), "sdk": (200,),
+                "page undo": (303, 409)}  # 409: nothing to undo
     # the manager: 409 when the subscription's state does not allow the action (resume one not paused, ...)
     expected.update({"manager " + action: (200, 409) for action in MANAGER_ACTIONS})
     assert {k: n for k, n in answers.items() if k[1] not in expected.get(k[0], (303,))} == {}, answers
@@ -137,7 +149,8 @@ def test_concurrent_writers_keep_every_chain_and_state_consistent(r, redis_url, 
         raw = r.hget(keys.profile_subscriptions(1, ident["profile_id"]), mine[0]["hash_id"])
         assert state_of(get_resource(r, ident["resource_id"]), decode_record(raw)) == mine[-1]["after"]
     # every kind of writer took part
-    assert methods >= {"api", "one_click", "page_instant", "page_confirm", "timer", "manager", "suspend_expiry"}, methods
+    assert methods >= {"api", "one_click", "page_instant", "page_confirm", "sdk", "timer", "manager",
+                       "suspend_expiry"}, methods
 
 
 def suspended(r, subscriptions):
