@@ -205,7 +205,8 @@ def test_redis_crash_during_stream_loses_at_most_the_last_second(fsync, tmp_path
 def test_a_stalled_redis_answers_503_within_the_timeout_and_the_service_recovers(tmp_path):
     """Redis stops answering (SIGSTOP: a hung host, a stuck fork) while gunicorn serves: every request answers
     503 once REDIS_TIMEOUT_SECONDS have passed, instead of hanging until gunicorn kills the worker, and saying
-    so honestly (a POST that timed out may have been applied). Once Redis answers again, so does the service."""
+    so honestly (a POST that timed out may have been applied). The SDK endpoint's rate limiter and CORS headers
+    read Redis too; they wait no longer. Once Redis answers again, so does the service."""
     import json
     proc, url = start_redis_server(str(tmp_path))
     server = Gunicorn(url, workers=2, env={"REDIS_TIMEOUT_SECONDS": "1"})
@@ -218,6 +219,8 @@ def test_a_stalled_redis_answers_503_within_the_timeout_and_the_service_recovers
             "page": ("GET", links[1], None, {}, "Nothing was changed"),
             "api": ("POST", "/api/v1.1/resources/list", json.dumps({"token": API_TOKEN}),
                     {"Content-Type": "application/json"}, "read it back before retrying"),
+            "sdk": ("POST", "/sdk/v1/1/unsubscribe", json.dumps({"smid": links[1].rsplit("/", 1)[1]}),
+                    {"Content-Type": "application/json", "Origin": "https://shop.example"}, "retry shortly"),
         }
         os.kill(proc.pid, signal.SIGSTOP)
         try:

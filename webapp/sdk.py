@@ -170,7 +170,9 @@ def add_cors_headers(resp):
     resp.headers.setdefault("Cache-Control", "no-store")
     if resp.status_code == 429:
         resp.headers["Retry-After"] = str(retry_after_seconds())
-    if "Access-Control-Allow-Origin" not in resp.headers:
+    # A 503 before the resource was read means Redis is down or stalled: asking it again would fail again (after
+    # another timeout), so that answer goes without Access-Control-Allow-Origin; the page sees a network error.
+    if "Access-Control-Allow-Origin" not in resp.headers and (resp.status_code != 503 or "sdk_resource" in g):
         origin = cors_allowed_origin()
         if origin:
             resp.headers["Access-Control-Allow-Origin"] = origin
@@ -383,7 +385,9 @@ def init_rate_limits(app):
 
     limiter = Limiter(
         _client_ip, storage_uri=limiter_storage_uri(app.config["REDIS_URL"]),
-        storage_options={"key_prefix": keys.rate_limits()}, strategy="fixed-window", headers_enabled=False,
+        storage_options={"key_prefix": keys.rate_limits(), "socket_timeout": app.config["REDIS_TIMEOUT_SECONDS"],
+                         "socket_connect_timeout": app.config["REDIS_TIMEOUT_SECONDS"]},
+        strategy="fixed-window", headers_enabled=False,
     )
     limiter.limit(lambda: current_app.config["SDK_RATE_LIMIT_PER_IP"], key_func=_client_ip, methods=["POST"],
                   scope="sdk-ip", error_message="Too many requests from this address")(bp)
