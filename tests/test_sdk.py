@@ -258,6 +258,22 @@ def test_a_rate_limit_that_cannot_be_read_stops_the_start(value):
                              dotenv_path="/nonexistent")["SDK_RATE_LIMIT_PER_IP"] == "120 per minute"
 
 
+def test_a_redis_outage_answers_503_not_500(api, redis_url, tmp_path):
+    """With Redis down the rate limiter fails first; the answer is 503, and the CORS hook does not ask Redis
+    again (that failed too, and turned the 503 into a 500)."""
+    from webapp import create_app
+    res, ident, smid = make(api, "confirm")
+    down = create_app({"TESTING": True, "REDIS_URL": f"unix://{tmp_path}/no-redis.sock", "API_TOKEN": API_TOKEN,
+                       "SIGNING_KEYS": SIGNING_KEYS, "VAR_DIR": str(tmp_path)})
+    try:
+        resp = call(down.test_client(), res["id"], smid=smid, action="confirm")
+        assert resp.status_code == 503
+        assert resp.get_json() == {"error": 503, "error_text": "Service unavailable, retry shortly"}
+        assert "Origin" in resp.headers["Vary"] and "Access-Control-Allow-Origin" not in resp.headers
+    finally:
+        close_clients(down)
+
+
 # -- CORS ---------------------------------------------------------------------------------------------
 
 def preflight(client, rid, origin):
