@@ -208,12 +208,16 @@ def test_a_stalled_redis_answers_503_within_the_timeout_and_the_service_recovers
     so honestly (a POST that timed out may have been applied). The SDK endpoint's rate limiter and CORS headers
     read Redis too; they wait no longer. Once Redis answers again, so does the service."""
     import json
+    import re
     proc, url = start_redis_server(str(tmp_path))
     server = Gunicorn(url, workers=2, env={"REDIS_TIMEOUT_SECONDS": "1"})
     try:
         links = make_links(server, 2)
         workers = sorted(server.worker_pids())
+        token = re.search(r'name="csrf_token" value="([^"]+)"', server.fetch("GET", links[1])[1]).group(1)
         requests = {
+            "page form": ("POST", links[1], f"csrf_token={token}&action=unsubscribe",
+                          {"Content-Type": "application/x-www-form-urlencoded"}, "could not confirm"),
             "one-click": ("POST", links[0], "List-Unsubscribe=One-Click",
                           {"Content-Type": "application/x-www-form-urlencoded"}, "could not confirm"),
             "page": ("GET", links[1], None, {}, "Nothing was changed"),
