@@ -44,7 +44,7 @@ from .delayed import schedule_timer
 from .errors import BadToken, Blocked, Forbidden, InvalidInput, NoSuchResource, NotFound, ServiceError
 from .locale import choose_locale, request_accept_language
 from .resources import get_resource
-from .store import get_redis, get_timer_queue
+from .store import get_redis, get_timer_queue, timeouts
 from .subscriptions import decode_record, state_of
 from .tokens import SMID_MAX_CHARS, same_secret
 
@@ -385,8 +385,7 @@ def init_rate_limits(app):
 
     limiter = Limiter(
         _client_ip, storage_uri=limiter_storage_uri(app.config["REDIS_URL"]),
-        storage_options={"key_prefix": keys.rate_limits(), "socket_timeout": app.config["REDIS_TIMEOUT_SECONDS"],
-                         "socket_connect_timeout": app.config["REDIS_TIMEOUT_SECONDS"]},
+        storage_options={"key_prefix": keys.rate_limits(), **timeouts(app.config["REDIS_TIMEOUT_SECONDS"])},
         strategy="fixed-window", headers_enabled=False,
     )
     limiter.limit(lambda: current_app.config["SDK_RATE_LIMIT_PER_IP"], key_func=_client_ip, methods=["POST"],

@@ -8,11 +8,15 @@ from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from .config import DEFAULTS
 
 
+def timeouts(seconds=DEFAULTS["REDIS_TIMEOUT_SECONDS"]):
+    """redis-py client options: redis-py's TimeoutError when Redis takes over `seconds` to accept a connection
+    or to answer (REDIS_TIMEOUT_SECONDS for the web app's clients, the SDK rate limiter's included)."""
+    return {"socket_timeout": seconds, "socket_connect_timeout": seconds}
+
+
 def connect(url, timeout=DEFAULTS["REDIS_TIMEOUT_SECONDS"]):
-    """A client for `url` (redis://, rediss:// or unix://) that returns str values, and raises redis-py's
-    TimeoutError when Redis takes over `timeout` seconds to accept a connection or answer."""
-    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30, socket_timeout=timeout,
-                                socket_connect_timeout=timeout)
+    """A client for `url` (redis://, rediss:// or unix://) that returns str values (see timeouts)."""
+    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30, **timeouts(timeout))
 
 
 # Error replies by which Redis says it cannot serve for a while, rather than that a request was wrong: out of
@@ -76,8 +80,7 @@ def get_timer_queue():
     queue = current_app.extensions.get("timer_queue")
     if queue is None:
         from .delayed import timer_queue
-        timeout = current_app.config["REDIS_TIMEOUT_SECONDS"]
-        raw = redis.Redis.from_url(current_app.config["REDIS_URL"], socket_timeout=timeout,
-                                   socket_connect_timeout=timeout)
+        raw = redis.Redis.from_url(current_app.config["REDIS_URL"],
+                                   **timeouts(current_app.config["REDIS_TIMEOUT_SECONDS"]))
         queue = current_app.extensions["timer_queue"] = timer_queue(raw, current_app.config["RQ_QUEUE"])
     return queue
