@@ -5,23 +5,18 @@ unsubscribes from, and retry it. Profiling that request under gunicorn (bench/pr
 Flask's per-request machinery (request context, session, form parser, response object, after-request hooks)
 costing more than the unsubscribe itself. This WSGI layer answers the common case itself: a urlencoded
 one-click POST that succeeds. It runs the same code as pages.one_click (hotpaths.one_click with the same
-evidence) and sends the same status, body and headers. Every other request, and every one-click that does
-not end in success (unknown or forged link, blocked resource, Redis down, odd body, ...) goes to Flask
-unchanged, body included, and Flask answers it as it always has: re-running a one-click is safe, it is
-idempotent. A Redis error is handed over rather than run again (Flask answers it with 503 at once), so a
-stalled Redis is waited for once, not twice. tests/test_pages.py::test_one_click_front_answers_exactly_as_flask
-compares the two.
+evidence) and sends the same status, body and headers. Every other request goes to Flask unchanged, body
+included. A one-click that does not end in success (unknown or forged link, blocked resource, Redis down or
+stalled, ...) goes to Flask with the exception it ended in, and pages.one_click answers that exception as
+if it had raised it itself, without running the one-click again (a stalled Redis is waited for once).
+tests/test_pages.py::test_one_click_front_answers_exactly_as_flask compares the two.
 """
 import re
 from io import BytesIO
 from urllib.parse import parse_qsl
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from . import hotpaths
-from .errors import ServiceError
-from .pages import NOSNIFF, ONE_CLICK_DONE, ONE_CLICK_REDIS_ERROR, PAGE_SECURITY_HEADERS
+from .pages import NOSNIFF, ONE_CLICK_DONE, ONE_CLICK_FAILURE, PAGE_SECURITY_HEADERS
 from .store import client_of
 
 _PATH_RE = re.compile(r"/unsubscribe/([A-Za-z0-9_-]{1,200})/?")
@@ -63,11 +58,7 @@ class OneClickWSGI:
         evidence = {"ip": environ.get("REMOTE_ADDR"), "user_agent": environ.get("HTTP_USER_AGENT", "")[:512]}
         try:
             hotpaths.one_click(client_of(self.app), self.app.extensions["signing_keys"], smid, evidence)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            environ[ONE_CLICK_REDIS_ERROR] = exc  # Flask answers it without trying Redis again
-            return False
-        except Exception as exc:  # noqa: BLE001 - Flask runs it again and answers (or logs) whatever it is
-            if not isinstance(exc, ServiceError):
-                self.app.logger.debug("one-click left to Flask after %s", type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - pages.one_click raises it again and answers (or logs) it
+            environ[ONE_CLICK_FAILURE] = exc
             return False
         return True

@@ -143,23 +143,21 @@ def unsubscribe_page(smid):
 
 
 ONE_CLICK_DONE = "Unsubscribed.\n"
-# Where one_click_wsgi.py leaves the Redis error its attempt ended in, so that Flask answers it (503) at once
-# instead of waiting for a stalled Redis a second time.
-ONE_CLICK_REDIS_ERROR = "unsubscribe.one_click_redis_error"
+# Where one_click_wsgi.py leaves the exception its attempt at this request's one-click ended in.
+ONE_CLICK_FAILURE = "unsubscribe.one_click_failure"
 
 
 def one_click(smid):
     """RFC 8058: POST List-Unsubscribe=One-Click (either encoding; an empty or odd body is treated the same,
     since the signed URL is what identifies the recipient). 200 with a tiny body, never a redirect.
     one_click_wsgi.py answers the common success case of this in front of Flask, with the same bytes."""
-    redis_error = request.environ.get(ONE_CLICK_REDIS_ERROR)
-    if redis_error is not None:
-        raise redis_error
-    r, ring = get_redis(), current_app.extensions["signing_keys"]
+    failure = request.environ.get(ONE_CLICK_FAILURE)
     try:
+        if failure is not None:
+            raise failure  # the front tried this one-click already: its outcome is answered, not run again
         # open_smid + unsubscribe(resolve_scope(ctx), "one_click"), in two round trips (see hotpaths.py).
-        hotpaths.one_click(r, ring, smid, {"ip": request.remote_addr,
-                                           "user_agent": (request.user_agent.string or "")[:512]})
+        hotpaths.one_click(get_redis(), current_app.extensions["signing_keys"], smid,
+                           {"ip": request.remote_addr, "user_agent": (request.user_agent.string or "")[:512]})
     except Blocked:
         return plain("This subscription cannot be cancelled.\n", 403)
     except NotFound:
