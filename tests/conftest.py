@@ -2,6 +2,7 @@
 the Flask app built against it; an ApiActions helper that posts to the API and unwraps the envelope."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -211,6 +212,11 @@ def same_state(r):
         kind, value = read_key(r, key, scores=False, stream_ids=False)
         out[key] = (kind, normalized(long_form(key, kind, value)), r.ttl(key) > 0)
     return out
+
+
+def form_token(html):
+    """The CSRF token of the first form on a page (its hidden csrf_token field)."""
+    return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
 
 
 def email_resource(**overrides):

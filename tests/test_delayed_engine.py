@@ -1,6 +1,5 @@
 """Delayed mode's state machine against a real redis-server: arming, cancelling, firing (Lua compare-and-set),
 duplicate and late runs of the worker's jobs, and the RQ triggers (one tick job per deadline second)."""
-import json
 import time
 
 import pytest

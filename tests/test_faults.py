@@ -2,6 +2,7 @@
 with appendfsync always, Redis stalled, still loading its data, or refusing writes; tokens never logged in
 full."""
 import http.client
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import redis
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 
-from conftest import API_TOKEN, ROOT, SIGNING_KEYS, email_resource, start_redis_server
+from conftest import API_TOKEN, ROOT, SIGNING_KEYS, email_resource, form_token, start_redis_server
 from webapp.store import unavailable_reply
 from webapp.subscriptions import decode_record
 
@@ -73,11 +74,14 @@ class Gunicorn:
     def post(self, path, body, content_type, timeout=5):
         return self.request("POST", path, body, {"Content-Type": content_type}, timeout)
 
+    def one_click(self, path, timeout=5):
+        """A mail provider's RFC 8058 POST to `path`: the answer's status, or None when the connection failed."""
+        return self.post(path, "List-Unsubscribe=One-Click", "application/x-www-form-urlencoded", timeout)
+
     def get(self, path, timeout=5):
         return self.request("GET", path, timeout=timeout)
 
     def api(self, path, **body):
-        import json
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         try:
             conn.request("POST", f"/api/v1.1/{path}", body=json.dumps({"token": API_TOKEN, **body}),
@@ -124,7 +128,7 @@ def stream_one_clicks(server, links, on_progress=None):
                 i = next(cursor, None)
             if i is None:
                 return
-            status = server.post(links[i], "List-Unsubscribe=One-Click", "application/x-www-form-urlencoded")
+            status = server.one_click(links[i])
             with lock:
                 results[i] = (status, time.time())
                 if on_progress:
@@ -207,14 +211,12 @@ def test_a_stalled_redis_answers_503_within_the_timeout_and_the_service_recovers
     503 once REDIS_TIMEOUT_SECONDS have passed, instead of hanging until gunicorn kills the worker, and saying
     so honestly (a POST that timed out may have been applied). The SDK endpoint's rate limiter and CORS headers
     read Redis too; they wait no longer. Once Redis answers again, so does the service."""
-    import json
-    import re
     proc, url = start_redis_server(str(tmp_path))
     server = Gunicorn(url, workers=2, env={"REDIS_TIMEOUT_SECONDS": "1"})
     try:
         links = make_links(server, 2)
         workers = sorted(server.worker_pids())
-        token = re.search(r'name="csrf_token" value="([^"]+)"', server.fetch("GET", links[1])[1]).group(1)
+        token = form_token(server.fetch("GET", links[1])[1])
         requests = {
             "page form": ("POST", links[1], f"csrf_token={token}&action=unsubscribe",
                           {"Content-Type": "application/x-www-form-urlencoded"}, "could not confirm"),
@@ -238,7 +240,7 @@ def test_a_stalled_redis_answers_503_within_the_timeout_and_the_service_recovers
             os.kill(proc.pid, signal.SIGCONT)
         assert sorted(server.worker_pids()) == workers  # no worker hung until gunicorn killed it
         r = redis.Redis.from_url(url, decode_responses=True)
-        assert server.post(links[0], "List-Unsubscribe=One-Click", "application/x-www-form-urlencoded") == 200
+        assert server.one_click(links[0]) == 200
         assert status_of(r, 0) == 1
         assert server.get(links[1]) == 200
         r.close()
@@ -252,8 +254,6 @@ def test_a_redis_refusing_writes_still_shows_pages_and_answers_503_to_changes(r,
     """Redis out of memory under noeviction (or a failed snapshot, a replica) refuses every write: pages and
     reads still work (the page-view count is telemetry), every change answers 503 rather than 500, and once
     Redis accepts writes again they succeed."""
-    import json
-    import re
     server = Gunicorn(redis_url, workers=2)
     try:
         links = make_links(server, 2)
@@ -266,7 +266,7 @@ def test_a_redis_refusing_writes_still_shows_pages_and_answers_503_to_changes(r,
         try:
             status, page = server.fetch("GET", links[1])
             assert status == 200 and "<h1>Unsubscribe from Weekly news?</h1>" in page
-            token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+            token = form_token(page)
             answers = {
                 "one-click": server.fetch("POST", links[0], "List-Unsubscribe=One-Click", form_post),
                 "page form": server.fetch("POST", links[1], f"csrf_token={token}&action=unsubscribe", form_post),
@@ -279,7 +279,7 @@ def test_a_redis_refusing_writes_still_shows_pages_and_answers_503_to_changes(r,
             assert status == 200 and json.loads(text)["data"]["status"] == "subscribed"
         finally:
             r.config_set("maxmemory", limit)
-        assert server.post(links[0], "List-Unsubscribe=One-Click", form_post["Content-Type"]) == 200
+        assert server.one_click(links[0]) == 200
         assert status_of(r, 0) == 1
     finally:
         server.stop()
@@ -288,10 +288,10 @@ def test_a_redis_refusing_writes_still_shows_pages_and_answers_503_to_changes(r,
 @pytest.mark.parametrize("exc, refused", [
     (OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), True),  # as redis-py raises it
     (ReadOnlyError("You can't write against a read only replica."), True),
-    (ResponseError("MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist"), True),
-    (ResponseError("Command # 1 (HSET k f v) of pipeline caused error: MISCONF Redis is configured to save"), True),
+    (ResponseError("MISCONF Redis is configured to save RDB snapshots, but it's currently unable"), True),
+    (ResponseError("Command # 1 (HSET k f v) of pipeline caused error: MISCONF Redis is configured"), True),
     (ResponseError("NOREPLICAS Not enough good replicas to write."), True),
-    (ResponseError("BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE."), True),
+    (ResponseError("BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN."), True),
     (ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), False),
     (ResponseError("ERR Error running script: user_script:1: OOM in my own words"), False),
 ])
@@ -323,7 +323,7 @@ def test_a_redis_still_loading_its_data_after_a_restart_answers_503_until_it_is_
         deadline = time.time() + 20
         while time.time() < deadline and answers[-1:] != [(200, 200)]:
             answers.append((server.get(links[1]),
-                            server.post(links[0], "List-Unsubscribe=One-Click", "application/x-www-form-urlencoded")))
+                            server.one_click(links[0])))
             time.sleep(0.05)
         assert (503, 503) in answers and answers[-1] == (200, 200), answers
         assert set(answers) <= {(503, 503), (503, 200), (200, 503), (200, 200)}, answers
@@ -341,7 +341,7 @@ def test_access_log_never_holds_a_whole_token(r, redis_url):
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
         conn.request("GET", links[0])
         conn.getresponse().read()
-        server.post(links[0], "List-Unsubscribe=One-Click", "application/x-www-form-urlencoded")
+        server.one_click(links[0])
         time.sleep(0.3)
     finally:
         server.stop()

@@ -8,7 +8,7 @@ from jinja2.runtime import Context as RenderContext
 from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
 
-from conftest import email_resource, normalized, restore, snapshot
+from conftest import email_resource, form_token, normalized, restore, snapshot
 from conftest import same_state as state
 from webapp import direct, hotpaths, keys, scripts, unsubscribe
 from webapp.errors import ServiceError
@@ -93,7 +93,7 @@ def test_one_click_first_and_replay(api, app, r, category):
 def start_timer(app, token):
     client = app.test_client()
     html = client.get("/unsubscribe/" + token).get_data(as_text=True)
-    csrf = html.split('name="csrf_token" value="')[1].split('"')[0]
+    csrf = form_token(html)
     assert client.post("/unsubscribe/" + token, data={"action": "start", "csrf_token": csrf}).status_code == 303
 
 

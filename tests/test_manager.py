@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from conftest import email_resource, redis_state
+from conftest import email_resource, form_token, redis_state
 from webapp import events, preferences
 
 
@@ -25,13 +25,10 @@ def setup_profile(api, profile_id="p-42", email="ann@example.com", mode="confirm
     return res, ident, sub, links["manage_url"].removeprefix("https://unsub.example")
 
 
-def token_of(html):
-    return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
-
 
 def post(client, path, **form):
     html = client.get(path).get_data(as_text=True)
-    return client.post(path, data={"csrf_token": token_of(html), **form})
+    return client.post(path, data={"csrf_token": form_token(html), **form})
 
 
 def test_page_shows_subscriptions_grouped_and_masked(api, client):
@@ -61,7 +58,7 @@ def test_toggle_category_and_edit_fields(api, client, r):
                                               ("field.score", "lots", "Enter a number")])
 def test_bad_field_value_shows_inline_error_and_saves_nothing(api, client, r, field, value, text):
     _res, _ident, sub, path = setup_profile(api)
-    token = token_of(client.get(path).get_data(as_text=True))
+    token = form_token(client.get(path).get_data(as_text=True))
     before = redis_state(r)
     resp = client.post(path, data={"csrf_token": token, "action": "save", "hash_id": sub["hash_id"],
                                    "categories": ["news"], "field.plan": "pro", field: value})
@@ -102,7 +99,7 @@ def test_undo_refused_after_another_change(api, client):
 
 def test_suspend_days_are_limited(api, client, r):
     _res, _ident, sub, path = setup_profile(api)
-    token = token_of(client.get(path).get_data(as_text=True))
+    token = form_token(client.get(path).get_data(as_text=True))
     before = redis_state(r)
     resp = client.post(path, data={"csrf_token": token, "action": "suspend", "hash_id": sub["hash_id"], "days": "7"})
     assert resp.status_code == 400 and redis_state(r) == before
@@ -125,7 +122,7 @@ def test_resubscribe_needs_the_link_of_that_subscription(api, client, r):
 @pytest.mark.parametrize("status", ["complained", "hardbounced", "invalid"])
 def test_final_statuses_cannot_be_resubscribed(api, client, r, status):
     _res, ident, sub, path = setup_profile(api)
-    token = token_of(client.get(path).get_data(as_text=True))    # the page has no form once it is final
+    token = form_token(client.get(path).get_data(as_text=True))    # the page has no form once it is final
     api.ok("subscriptions/set", **ident, status=status)
     assert 'value="resubscribe"' not in client.get(path).get_data(as_text=True)
     before = redis_state(r)

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from conftest import email_resource, redis_state, restore, same_state, snapshot
+from conftest import email_resource, form_token, redis_state, restore, same_state, snapshot
 from webapp import events
 
 SCANNER_AGENTS = [
@@ -174,9 +174,6 @@ def test_one_click_front_answers_exactly_as_flask(api, app, r, name, mode, categ
         assert [status for status, _headers, _body in through_front[0]] == ["200 OK", "200 OK"]
 
 
-def csrf_token(html):
-    return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
-
 
 def test_confirm_needs_the_click_and_csrf(api, client, r):
     _res, path, body = make_link(api, "confirm")
@@ -185,7 +182,7 @@ def test_confirm_needs_the_click_and_csrf(api, client, r):
     resp = client.post(path, data={"action": "unsubscribe", "categories": ["news"]})   # no CSRF token
     assert resp.status_code == 400 and redis_state(r) == before
     resp = client.post(path, data={"action": "unsubscribe", "categories": ["news"], "scope": "categories",
-                                   "csrf_token": csrf_token(html)})
+                                   "csrf_token": form_token(html)})
     assert resp.status_code == 303
     sub = get_sub(api, body)
     assert sub["status"] == "subscribed" and sub["cats"] == ["receipts"]
@@ -199,7 +196,7 @@ def test_page_sets_no_cookie_and_its_forms_work_without_one(api, app, r):
     no_cookies = app.test_client(use_cookies=False)
     resp = no_cookies.get(path)
     assert "Set-Cookie" not in resp.headers
-    token = csrf_token(resp.get_data(as_text=True))
+    token = form_token(resp.get_data(as_text=True))
     resp = no_cookies.post(path, data={"action": "unsubscribe", "scope": "categories", "categories": ["news"],
                                        "csrf_token": token})
     assert resp.status_code == 303 and "Set-Cookie" not in resp.headers
@@ -209,8 +206,8 @@ def test_page_sets_no_cookie_and_its_forms_work_without_one(api, app, r):
 def test_page_form_token_is_this_links_and_comes_from_this_site(api, client, r):
     _res, path, _body = make_link(api, "instant", category=None)
     _res2, other_path, _body2 = make_link(api, "instant", category=None, email="bob@example.com")
-    token = csrf_token(client.get(path).get_data(as_text=True))
-    other_token = csrf_token(client.get(other_path).get_data(as_text=True))
+    token = form_token(client.get(path).get_data(as_text=True))
+    other_token = form_token(client.get(other_path).get_data(as_text=True))
     assert token != other_token
     before = redis_state(r)
     refused = [({"csrf_token": other_token}, {}),                           # another link's token
@@ -231,7 +228,7 @@ def test_page_form_token_is_this_links_and_comes_from_this_site(api, client, r):
 
 def test_confirm_refuses_required_category_and_empty_choice(api, client, r):
     _res, path, _body = make_link(api, "confirm")
-    token = csrf_token(client.get(path).get_data(as_text=True))
+    token = form_token(client.get(path).get_data(as_text=True))
     before = redis_state(r)
     resp = client.post(path, data={"action": "unsubscribe", "categories": ["receipts"], "csrf_token": token})
     assert resp.status_code == 400 and "required" in resp.get_data(as_text=True)
@@ -242,7 +239,7 @@ def test_confirm_refuses_required_category_and_empty_choice(api, client, r):
 
 def test_instant_unsubscribe_and_undo(api, client, r):
     _res, path, body = make_link(api, "instant", category=None)
-    token = csrf_token(client.get(path).get_data(as_text=True))
+    token = form_token(client.get(path).get_data(as_text=True))
     assert client.post(path, data={"action": "unsubscribe", "csrf_token": token}).status_code == 303
     assert get_sub(api, body)["status"] == "unsubscribed"
     html = client.get(path + "?done=unsubscribed").get_data(as_text=True)
@@ -255,7 +252,7 @@ def test_instant_unsubscribe_and_undo(api, client, r):
 
 def test_delayed_start_is_idempotent_and_cancel_works(api, client, r):
     _res, path, body = make_link(api, "delayed")
-    token = csrf_token(client.get(path).get_data(as_text=True))
+    token = form_token(client.get(path).get_data(as_text=True))
     client.post(path, data={"action": "start", "csrf_token": token})
     first = re.search(r'data-deadline="([^"]+)"', client.get(path).get_data(as_text=True)).group(1)
     client.post(path, data={"action": "start", "csrf_token": token})
@@ -269,7 +266,7 @@ def test_delayed_start_is_idempotent_and_cancel_works(api, client, r):
 
 def test_delayed_unsubscribe_now(api, client, r):
     _res, path, body = make_link(api, "delayed", category=None)
-    token = csrf_token(client.get(path).get_data(as_text=True))
+    token = form_token(client.get(path).get_data(as_text=True))
     client.post(path, data={"action": "start", "csrf_token": token})
     client.post(path, data={"action": "now", "csrf_token": token})
     assert get_sub(api, body)["status"] == "unsubscribed"

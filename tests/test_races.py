@@ -14,7 +14,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from conftest import email_resource
+from conftest import email_resource, form_token
 from test_delayed_support import WorkerProcesses, wait_until
 from test_faults import Gunicorn
 from webapp import events, keys
@@ -27,7 +27,6 @@ SECONDS = 6
 PROFILES = 6
 CATEGORIES = [{"title": "News", "api_name": "news"}, {"title": "Offers", "api_name": "offers"},
               {"title": "Receipts", "api_name": "receipts", "required": True}]
-FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 # Timers are started often enough that some fire before another writer settles them. A page offering only
 # Undo (a subscription already unsubscribed) is mostly just looked at: Undo mostly finds nothing to undo.
 ACTION_WEIGHTS = {"start": 10, "unsubscribe": 3, "now": 1, "cancel": 1, "undo": 1}
@@ -47,7 +46,7 @@ def manager_change(browser, url, hash_id, rnd):
     subscription `hash_id`; the status of the page it ends on (303s are followed)."""
     try:
         with browser.open(url, timeout=10) as resp:
-            token = re.search(r'name="csrf_token" value="([^"]+)"', resp.read().decode()).group(1)
+            token = form_token(resp.read().decode())
         action = rnd.choice(MANAGER_ACTIONS)
         form = [("csrf_token", token), ("lang", "en"), ("hash_id", hash_id), ("action", action), ("days", "14")]
         form += [("categories", c) for c in rnd.sample(["news", "offers", "receipts"], rnd.randint(1, 3))]
@@ -73,7 +72,7 @@ def writer(server, subscriptions, seed, deadline, answers, lock):
             what, status = manager_change(browser, f"http://127.0.0.1:{server.port}{links['manage']}",
                                           links["hash_id"], rnd)
         elif what == "one_click":
-            status = server.post(link, "List-Unsubscribe=One-Click", FORM["Content-Type"])
+            status = server.one_click(link)
         elif what == "api":
             change = rnd.choice(({"status": "subscribed"}, {"status": "unsubscribed"},
                                  {"status": "subscribed", "cats": rnd.sample(["news", "offers", "receipts"], 2)}))
@@ -92,7 +91,7 @@ def writer(server, subscriptions, seed, deadline, answers, lock):
                     if action == "unsubscribe" and "categories" in html and rnd.random() < 0.5:
                         form += [("scope", "categories"), ("categories", rnd.choice(("news", "offers")))]
                     what = "page " + action
-                    status = server.post(link, urllib.parse.urlencode(form), FORM["Content-Type"])
+                    status = server.post(link, urllib.parse.urlencode(form), "application/x-www-form-urlencoded")
         with lock:
             answers[(what, status)] = answers.get((what, status), 0) + 1
 

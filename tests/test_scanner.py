@@ -1,12 +1,8 @@
 """A scanner-like burst is flagged from its evidence, and the revert API restores exactly those changes."""
-import re
 import time
 
-from conftest import email_resource, redis_state
+from conftest import email_resource, form_token, redis_state
 
-
-def csrf(html):
-    return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
 
 
 def subscribe(api, res, profile_id, email, sent_at=None):
@@ -26,14 +22,14 @@ def test_scanner_burst_is_flagged_and_reverted_exactly(api, app, r):
         bot.head(path, headers={"User-Agent": "Mozilla/5.0"})
         bot.get(path)
         html = bot.get(path).get_data(as_text=True)
-        assert bot.post(path, data={"action": "unsubscribe", "csrf_token": csrf(html)}).status_code == 303
+        assert bot.post(path, data={"action": "unsubscribe", "csrf_token": form_token(html)}).status_code == 303
         scanned.append(ident)
     # People: an hour after the send, one look at the page, one click.
     for i in range(3):
         ident, path = subscribe(api, res, f"person{i}", f"person{i}@home{i}.example", sent_at=int(time.time()) - 3600)
         person = app.test_client()
         html = person.get(path).get_data(as_text=True)
-        person.post(path, data={"action": "unsubscribe", "csrf_token": csrf(html)})
+        person.post(path, data={"action": "unsubscribe", "csrf_token": form_token(html)})
         genuine.append(ident)
     # A mailbox provider's one-click right after the send is never flagged.
     ident, path = subscribe(api, res, "oneclick", "oc@corp.example")
@@ -68,7 +64,7 @@ def test_a_later_change_by_the_person_wins(api, app, r):
     bot = app.test_client()
     bot.head(path)
     html = bot.get(path).get_data(as_text=True)
-    bot.post(path, data={"action": "unsubscribe", "csrf_token": csrf(html)})
+    bot.post(path, data={"action": "unsubscribe", "csrf_token": form_token(html)})
     api.ok("subscriptions/set", **ident, status="complained")
     result = api.ok("events/revert_flagged", **{"from": 0})
     assert result["reverted"] == [] and result["skipped"][0]["reason"] == "changed since"

@@ -6,7 +6,7 @@ import re
 import pytest
 from itsdangerous import BadSignature
 
-from conftest import API_TOKEN
+from conftest import API_TOKEN, form_token
 from webapp import tokens
 from webapp.redact import redact
 
@@ -53,7 +53,7 @@ def test_security_headers_keep_what_a_view_set(app):
 def test_no_open_redirect(client, pages):
     path = pages["unsubscribe-instant"]
     html = client.get(path).get_data(as_text=True)
-    token = re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+    token = form_token(html)
     for lang in ("https://evil.example", "//evil.example", "ru"):
         resp = client.post(path + "?next=https://evil.example", data={"action": "unsubscribe", "csrf_token": token,
                                                                       "lang": lang})

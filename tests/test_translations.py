@@ -1,7 +1,6 @@
 """Every string on the pages has a Russian translation, the compiled catalog matches its source, and the
 pages compiled per language (locale.render_page) say exactly what gettext at render time would."""
 import os
-import re
 
 from babel.messages.extract import extract_from_dir
 from babel.messages.mofile import read_mo
@@ -11,7 +10,7 @@ from flask import g, render_template, template_rendered
 from hypothesis import given, strategies as st
 from werkzeug.wrappers import Request
 
-from conftest import ROOT, email_resource
+from conftest import ROOT, email_resource, form_token
 from webapp import locale
 
 PO = os.path.join(ROOT, "webapp", "translations", "ru", "LC_MESSAGES", "messages.po")
@@ -56,7 +55,7 @@ def visit_every_page(client, api, pages):
     api.ok("subscriptions/set", **ident)
     escaped = api.ok("messages/links", **ident)["unsubscribe_url"].removeprefix("https://unsub.example")
     html = client.get(pages["unsubscribe-instant"]).get_data(as_text=True)
-    csrf = re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+    csrf = form_token(html)
     captured = []
 
     def keep(sender, template, context, **extra):

@@ -1,9 +1,8 @@
 """What real `python -m workers` processes do besides timers: webhook and call-URL delivery (with a worker
 killed mid-delivery) and the end of suspensions (across a worker restart)."""
 import json
-import re
 
-from conftest import email_resource
+from conftest import email_resource, form_token
 from test_delayed_support import wait_until, workers  # noqa: F401  (fixture)
 from webapp import webhooks
 
@@ -71,7 +70,7 @@ def test_suspension_ends_even_after_a_worker_restart(api, app, client, r, worker
     api.ok("subscriptions/set", **ident)
     path = api.ok("messages/links", **ident)["manage_url"].removeprefix("https://unsub.example")
     html = client.get(path).get_data(as_text=True)
-    token = re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+    token = form_token(html)
     sub = api.ok("subscriptions/get", **ident)
     client.post(path, data={"csrf_token": token, "action": "suspend", "hash_id": sub["hash_id"], "days": "14"})
     assert api.ok("subscriptions/get", **ident)["status"] == "suspended"
