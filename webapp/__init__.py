@@ -104,8 +104,8 @@ def _register_error_handlers(app):
     @app.errorhandler(RedisConnectionError)
     @app.errorhandler(RedisTimeoutError)
     def store_unavailable(exc):
-        # Redis is down, restarting, stalled or refusing writes: ask to retry, never a 500. A GET changed nothing; a POST's write
-        # may have been made (Redis got it, then timed out or dropped the connection before answering).
+        # Redis is down, restarting, stalled or refusing writes: ask to retry, never a 500. A GET changed
+        # nothing; a POST's write may have been made (Redis got it, then timed out or dropped the connection).
         log.error("Redis unavailable on %s %s: %s", request.method, redact(request.path), exc)
         if request.path.startswith("/api/"):
             return envelope(None, 503, 503, "Storage is unavailable; if this call changes something, read it back "
