@@ -154,8 +154,10 @@
       const base = this.pxlDomain + "/sdk/v1/" + encodeURIComponent(this.resourceId);
       let response;
       try {
+        // No cache: "no-store" here: with it Chromium skips its preflight cache and every call costs two round
+        // trips. A POST's answer is never cached, and the service's carry Cache-Control: no-store anyway.
         response = await fetch(base + "/unsubscribe", {
-          method: "POST", mode: "cors", credentials: "omit", cache: "no-store", referrerPolicy: "no-referrer",
+          method: "POST", mode: "cors", credentials: "omit", referrerPolicy: "no-referrer",
           headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
         });
       } catch (e) {
@@ -178,12 +180,14 @@
       return data;
     }
 
-    // A refused preflight and a network failure look the same to a script; ask which one it was.
+    // A refused preflight, a network failure and an answer without CORS headers (a 503 while the service's
+    // storage is down) look the same to a script; ask which one it was.
     async _explainFailure(base) {
       try {
         const probe = await fetch(base + "/origin", {credentials: "omit", cache: "no-store"});
         const info = await probe.json();
         if (probe.status === 404) return sdkError(info.error_text, 404, "unknown_resource");
+        if (probe.status === 503) return sdkError(info.error_text, 503, info.reason || "unavailable");
         if (info && info.allowed === false) {
           return sdkError("This page's origin " + location.origin + " is not allowed to unsubscribe for this " +
             "resource: add it to the resource's URLs", 403, "forbidden_origin");

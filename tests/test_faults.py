@@ -226,7 +226,7 @@ def test_a_stalled_redis_answers_503_within_the_timeout_and_the_service_recovers
             "api": ("POST", "/api/v1.1/resources/list", json.dumps({"token": API_TOKEN}),
                     {"Content-Type": "application/json"}, "read it back before retrying"),
             "sdk": ("POST", "/sdk/v1/1/unsubscribe", json.dumps({"smid": links[1].rsplit("/", 1)[1]}),
-                    {"Content-Type": "application/json", "Origin": "https://shop.example"}, "retry shortly"),
+                    {"Content-Type": "application/json", "Origin": "https://shop.example"}, "try again shortly"),
         }
         os.kill(proc.pid, signal.SIGSTOP)
         try:

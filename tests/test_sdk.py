@@ -267,9 +267,14 @@ def test_a_redis_outage_answers_503_not_500(api, redis_url, tmp_path):
                        "SIGNING_KEYS": SIGNING_KEYS, "VAR_DIR": str(tmp_path)})
     try:
         resp = call(down.test_client(), res["id"], smid=smid, action="confirm")
-        assert resp.status_code == 503
-        assert resp.get_json() == {"error": 503, "error_text": "Service unavailable, retry shortly"}
+        assert resp.status_code == 503 and resp.headers["Retry-After"] == "5"
+        assert resp.get_json() == {"error": 503, "reason": "unavailable", "error_text":
+                                   "The unsubscribe service is unavailable; please try again shortly"}
         assert "Origin" in resp.headers["Vary"] and "Access-Control-Allow-Origin" not in resp.headers
+        # The SDK then asks /origin, which any page may read, errors too: that is how the page learns why.
+        probe = down.test_client().get(f"/sdk/v1/{res['id']}/origin", headers={"Origin": ORIGIN})
+        assert probe.status_code == 503 and probe.get_json()["reason"] == "unavailable"
+        assert probe.headers["Access-Control-Allow-Origin"] == "*"
     finally:
         close_clients(down)
 
@@ -323,7 +328,9 @@ def test_origin_probe_tells_the_page_why(client, api):
     no = client.get(f"/sdk/v1/{res['id']}/origin", headers={"Origin": "https://evil.example"})
     assert no.get_json() == {"origin": "https://evil.example", "allowed": False}
     assert no.headers["Access-Control-Allow-Origin"] == "*"
-    assert client.get("/sdk/v1/999/origin").status_code == 404
+    unknown = client.get("/sdk/v1/999/origin", headers={"Origin": ORIGIN})
+    assert unknown.status_code == 404 and unknown.get_json()["reason"] == "unknown_resource"
+    assert unknown.headers["Access-Control-Allow-Origin"] == "*"   # the page can read why, as for any answer
 
 
 def test_origin_of():

@@ -8,9 +8,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote, urlsplit
 
 import pytest
+from flask import request
 
-from conftest import ROOT, email_resource, redis_state, screenshot
-from webapp import keys
+from conftest import (API_TOKEN, ROOT, SIGNING_KEYS, LiveServer, close_clients, email_resource, redis_state,
+                      screenshot, serve_in_thread, start_redis_server)
+from webapp import create_app, keys
 from webapp.delayed import sweep_once
 
 pytestmark = pytest.mark.browser
@@ -149,6 +151,48 @@ def test_network_failure_is_readable(live_server, sites, open_page, r):
     got = page.evaluate("(s) => run(akUnsub.confirmUnsub(s))", smid)
     assert got["error"] == ("Could not reach the unsubscribe service at http://127.0.0.1:9/unsub (network error); "
                             "please try again")
+
+
+def test_a_redis_outage_is_readable_in_the_page(sites, browser, tmp_path):
+    """With the service's Redis down its answers carry no CORS headers (it cannot read the resource's origins),
+    so the page's fetch fails like a network error; the SDK's question to /origin then says why. Both ways
+    there: a page whose earlier call left its preflight in Chromium's cache sends the POST alone (so a second
+    call costs one round trip, not two), and its 503 is unreadable; a page without one sees its preflight fail."""
+    shop, _ = sites
+    proc, redis_url = start_redis_server(str(tmp_path))
+    app = create_app({"TESTING": True, "REDIS_URL": redis_url, "API_TOKEN": API_TOKEN, "SIGNING_KEYS": SIGNING_KEYS,
+                      "VAR_DIR": str(tmp_path), "PUBLIC_BASE_URL": "http://127.0.0.1:1"})
+    seen = []
+    app.before_request(lambda: seen.append(request.method) if request.path.endswith("/unsubscribe") else None)
+    server = serve_in_thread(app)
+    live = LiveServer(app, server)
+    app.config["PUBLIC_BASE_URL"] = live.url
+    contexts = []
+    try:
+        res, ident, smid, _hash = setup(live, shop, "confirm")
+        shop.pages["/outage.html"] = page_html(res["sdk_script_url"])
+        outcome = "(s) => akUnsub.confirmUnsub(s).then(() => 'done', (e) => [e.message, e.status, e.reason])"
+        pages = []
+        for _ in range(2):
+            contexts.append(browser.new_context())
+            pages.append(contexts[-1].new_page())
+            pages[-1].goto(shop.origin + "/outage.html")
+        assert "state" in pages[0].evaluate("(s) => run(akUnsub.cancelUnsub(s))", smid)  # its preflight is cached
+        proc.terminate()
+        proc.wait(timeout=10)
+        unavailable = ["The unsubscribe service is unavailable; please try again shortly", 503, "unavailable"]
+        del seen[:]
+        assert pages[0].evaluate(outcome, smid) == unavailable
+        assert seen == ["POST"]
+        assert pages[1].evaluate(outcome, smid) == unavailable
+        assert seen == ["POST", "OPTIONS"]
+    finally:
+        for ctx in contexts:
+            ctx.close()
+        server.shutdown()
+        close_clients(app)
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_rate_limited_call_is_readable_in_the_page(live_server, sites, open_page, r):

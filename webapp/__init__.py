@@ -111,7 +111,9 @@ def _register_error_handlers(app):
             return envelope(None, 503, 503, "Storage is unavailable; if this call changes something, read it back "
                                             "before retrying")
         if request.path.startswith("/sdk/"):
-            return jsonify({"error": 503, "error_text": "Service unavailable, retry shortly"}), 503
+            body = {"error": 503, "error_text": "The unsubscribe service is unavailable; please try again shortly",
+                    "reason": "unavailable"}
+            return jsonify(body), 503, {"Retry-After": "5"}
         page = render_page("message.html", status=503, unconfirmed=request.method == "POST")
         return page, 503, {"Retry-After": "5"}
 

@@ -15,8 +15,10 @@ POST /sdk/v1/<resource_id>/unsubscribe   {"smid", "action": "confirm"|"cancel"|"
     {"error": <http status>, "error_text": <readable>, "reason": <word>}.
 OPTIONS on the same URL: the preflight; Access-Control-Allow-Origin is the exact origin, only when allowed.
 GET /sdk/v1/<resource_id>/origin
-    Read-only {"origin", "allowed"} for any origin: after a failed fetch (a refused preflight and a network error
-    look the same to a script) the SDK asks this to tell the page which one it was.
+    Read-only {"origin", "allowed"} for any origin, with Access-Control-Allow-Origin: * on every answer, errors
+    too. A refused preflight, a network error and an answer without CORS headers (a 503 while Redis is down)
+    look the same to a script; after a failed fetch the SDK asks this to tell the page which one it was: an
+    origin the resource does not list, an unknown resource (404), a service that is unavailable (503).
 
 Every /sdk/ response carries `Vary: Origin`. Cookies are never used (the SDK fetches with credentials 'omit'),
 so the blueprint is exempt from CSRF; the Origin allow-list plus the forced preflight stand in for it, and the
@@ -170,8 +172,12 @@ def add_cors_headers(resp):
     resp.headers.setdefault("Cache-Control", "no-store")
     if resp.status_code == 429:
         resp.headers["Retry-After"] = str(retry_after_seconds())
+    if request.endpoint == "sdk.sdk_origin":
+        resp.headers["Access-Control-Allow-Origin"] = "*"  # read-only, no credentials: any page may ask, errors too
+        return resp
     # A 503 before the resource was read means Redis is down or stalled: asking it again would fail again (after
-    # another timeout), so that answer goes without Access-Control-Allow-Origin; the page sees a network error.
+    # another timeout), so that answer goes without Access-Control-Allow-Origin. The page sees a network error,
+    # and the SDK's question to /origin, which any page may read, tells it the service is unavailable.
     if "Access-Control-Allow-Origin" not in resp.headers and (resp.status_code != 503 or "sdk_resource" in g):
         origin = cors_allowed_origin()
         if origin:
@@ -291,9 +297,7 @@ def sdk_origin(resource_id):
     if resource is None:
         return error_response(SdkError(404, "unknown_resource", f"Unknown resource {resource_id}"))
     origin = request_origin()
-    resp = jsonify({"origin": origin, "allowed": bool(origin and origin in allowed_origins(resource))})
-    resp.headers["Access-Control-Allow-Origin"] = "*"  # read-only, no credentials: any page may ask
-    return resp
+    return jsonify({"origin": origin, "allowed": bool(origin and origin in allowed_origins(resource))})
 
 
 # -- the script ---------------------------------------------------------------------------------------
