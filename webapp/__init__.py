@@ -49,11 +49,8 @@ def create_app(test_config=None):
     app.jinja_environment = PageEnvironment  # before anything creates app.jinja_env
     app.session_interface = CookieSessions()
     app.config.update(settings)
-    ring = parse_signing_keys(settings["SIGNING_KEYS"])
     app.config.update({
         "MAX_CONTENT_LENGTH": 4 * 1024 * 1024,
-        # Sessions (CSRF tokens of page forms) are signed with a key derived from the newest signing key.
-        "SECRET_KEY": hmac.new(ring[-1][1], b"flask-session", hashlib.sha256).hexdigest(),
         "SESSION_COOKIE_SAMESITE": "Lax",
         "SESSION_COOKIE_HTTPONLY": True,
         "SESSION_COOKIE_SECURE": settings["PUBLIC_BASE_URL"].startswith("https://"),
@@ -65,7 +62,10 @@ def create_app(test_config=None):
     if not app.config["REDIS_URL"]:
         raise RuntimeError("REDIS_URL is not set: run `python -m webapp run` (it starts a local Redis) "
                            "or set REDIS_URL=redis://host:6379/0")
-    app.extensions["signing_keys"] = SigningKeys(parse_signing_keys(app.config["SIGNING_KEYS"]))
+    ring = parse_signing_keys(app.config["SIGNING_KEYS"])
+    app.extensions["signing_keys"] = SigningKeys(ring)
+    # Sessions (CSRF tokens of page forms) are signed with a key derived from the newest signing key.
+    app.config["SECRET_KEY"] = hmac.new(ring[-1][1], b"flask-session", hashlib.sha256).hexdigest()
     from .one_click_wsgi import OneClickWSGI
     app.wsgi_app = app.extensions["one_click_wsgi"] = OneClickWSGI(app, app.wsgi_app)  # inside ProxyFix
     if app.config["TRUSTED_PROXIES"]:
