@@ -55,6 +55,9 @@ def test_toggle_category_and_edit_fields(api, client, r):
 
 
 @pytest.mark.parametrize("field,value,text", [("field.age", "3.5", "whole number"),
+                                              ("field.age", "²", "whole number"),     # "²".isdigit() is True
+                                              ("field.age", "--5", "whole number"),
+                                              ("field.age", "9" * 5000, "whole number"),  # past int()'s digits
                                               ("field.score", "lots", "Enter a number")])
 def test_bad_field_value_shows_inline_error_and_saves_nothing(api, client, r, field, value, text):
     _res, _ident, sub, path = setup_profile(api)
@@ -65,6 +68,14 @@ def test_bad_field_value_shows_inline_error_and_saves_nothing(api, client, r, fi
     html = resp.get_data(as_text=True)
     assert resp.status_code == 400 and text in html and 'aria-invalid="true"' in html
     assert f'value="{value}"' in html                                          # what was typed stays
+    assert redis_state(r) == before
+
+
+@pytest.mark.parametrize("days", ["²", "1" * 5000, "7", ""])
+def test_suspend_for_a_number_of_days_not_offered_is_refused(api, client, r, days):
+    _res, _ident, sub, path = setup_profile(api)
+    before = redis_state(r)
+    assert post(client, path, action="suspend", hash_id=sub["hash_id"], days=days).status_code == 400
     assert redis_state(r) == before
 
 
@@ -132,13 +143,17 @@ def test_final_statuses_cannot_be_resubscribed(api, client, r, status):
 
 
 def test_blocked_resource_cannot_be_switched_off(api, client, r):
-    _res, _ident, sub, path = setup_profile(api, mode="blocked")
+    _res, ident, sub, path = setup_profile(api, mode="blocked")
     html = client.get(path).get_data(as_text=True)
     assert 'value="unsubscribe"' not in html and 'value="suspend"' not in html
+    assert re.search(r'value="news"\s+checked disabled', html)                  # on, so locked
     before = redis_state(r)
     assert post(client, path, action="unsubscribe", hash_id=sub["hash_id"]).status_code == 403
-    assert post(client, path, action="save", hash_id=sub["hash_id"]).status_code == 403    # news unchecked
     assert redis_state(r) == before
+    # Save sends what a browser sends: the disabled boxes are left out, and they stay on; the field is saved.
+    assert post(client, path, action="save", hash_id=sub["hash_id"], **{"field.plan": "gold"}).status_code == 303
+    got = api.ok("subscriptions/get", **ident)
+    assert got["cats"] == sub["cats"] and got["status"] == "subscribed" and got["custom_fields"]["plan"] == "gold"
 
 
 def test_one_profiles_token_cannot_touch_another_profile(api, client, r):

@@ -4,6 +4,7 @@ The token is a signed, non-expiring manager token (tokens.py): it names the prof
 whose message carried it (which alone may be resubscribed from `unsubscribed`). GET only reads; every
 change is a CSRF-protected POST followed by a 303 back to the page.
 """
+import re
 from urllib.parse import urlsplit
 
 from flask import Blueprint, current_app, make_response, redirect, request, url_for
@@ -113,7 +114,7 @@ def manage(token):
             preferences.unsubscribe_all(r, db_id, profile_id, hash_id, ev)
         elif action == "suspend":
             days = request.form.get("days", "")
-            preferences.suspend(r, db_id, profile_id, hash_id, int(days) if days.isdigit() else 0,
+            preferences.suspend(r, db_id, profile_id, hash_id, int(days) if re.fullmatch("[0-9]{1,3}", days) else 0,
                                 current_app.config["SUSPEND_DAY_SECONDS"], ev)
         elif action == "resume":
             preferences.resume(r, db_id, profile_id, hash_id, ev)

@@ -11,6 +11,7 @@
 Every change goes through subscriptions.update_profile and is a ledger event with method `manager`.
 """
 import json
+import re
 import time
 from datetime import datetime, timezone
 
@@ -44,7 +45,7 @@ def parse_field(fdef, raw):
             raise ValueError("required")
         return None
     if ftype == "int":
-        if not raw.lstrip("-").isdigit() or abs(int(raw)) >= 2 ** 63:
+        if not re.fullmatch("-?[0-9]{1,19}", raw) or abs(int(raw)) >= 2 ** 63:  # ASCII digits: "²".isdigit()
             raise ValueError("int")
         return int(raw)
     if ftype == "float":
@@ -68,13 +69,13 @@ def _parse_preferences(resource, record, cats_on, field_values):
     if unknown:
         raise InvalidInput(f"category {sorted(unknown)[0]!r} cannot be changed here", field="categories")
     uncats = set(record.get("uncats", []))
+    blocked = resource["unsubscribe"]["mode"] == "blocked"
     for name, cat in shown.items():
-        if name in cats_on or cat["required"]:
+        # A locked box (required, or on in a blocked resource) is disabled, so a browser never sends it: it stays on.
+        if name in cats_on or cat["required"] or (blocked and name not in uncats):
             uncats.discard(name)
         else:
             uncats.add(name)
-    if uncats - set(record.get("uncats", [])) and resource["unsubscribe"]["mode"] == "blocked":
-        raise Blocked("these messages cannot be switched off")
     values, errors = dict(record.get("custom_fields", {})), {}
     for fdef in resource["channel_settings"].get(record["channel"], {}).get("fields", []):
         if not fdef["in_manager"]:
