@@ -95,6 +95,17 @@ def test_one_click_category_scoped(api, client):
     assert sub["status"] == "subscribed" and sub["cats"] == ["receipts"]
 
 
+def test_a_link_outlives_its_deleted_category_and_then_stands_for_the_whole_subscription(api, client):
+    res, path, body = make_link(api, "confirm", category="news")
+    api.ok("resources/update", id=res["id"], delete_categories=["news"])
+    html = client.get(path).get_data(as_text=True)
+    assert "You are unsubscribed" not in html                                         # nothing has stopped yet
+    assert client.post(path, data={"List-Unsubscribe": "One-Click"}).status_code == 200
+    assert get_sub(api, body)["status"] == "unsubscribed"                            # it stopped the mail
+    ident = {k: v for k, v in body.items() if k not in ("category", "email", "resource_id", "channel")}
+    assert api.ok("events/list", **ident)[0]["after"]["status"] == "unsubscribed"
+
+
 def test_one_click_blocked_is_403_and_changes_nothing(api, client, r):
     _res, path, body = make_link(api, "blocked")
     before = redis_state(r)

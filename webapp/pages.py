@@ -66,14 +66,15 @@ def page_view(ctx, done=None):
     status = Status(record["status"])
     cats = resource["categories"]
     subscribed = set(subscribed_cats(resource, record)) if status == Status.SUBSCRIBED else set()
-    choosable = [dict(c, checked=(c["api_name"] == smid.category if smid.category else True))
+    category = unsubscribe.message_category(ctx)
+    choosable = [dict(c, checked=(c["api_name"] == category if category else True))
                  for c in cats if not c["required"] and c["api_name"] in subscribed]
     required = [c for c in cats if c["required"] and c["api_name"] in subscribed]
     message_scope = unsubscribe.resolve_scope(ctx)
     pending = unsubscribe.read_pending(client_of(app), ctx) if ctx.mode == "delayed" else None
     if status in unsubscribe.FINAL_STATUSES:
         state = "final"
-    elif (status != Status.SUBSCRIBED or (smid.category and smid.category not in subscribed)
+    elif (status != Status.SUBSCRIBED or (category and category not in subscribed)
           or (cats and not choosable and len(subscribed) < len(cats))):
         state = "unsubscribed"  # what this message was about has stopped
     else:
@@ -86,7 +87,7 @@ def page_view(ctx, done=None):
         "continuing": [c["title"] for c in cats if c["api_name"] in subscribed],
         "choosable": choosable, "required": required,
         "scope": unsubscribe.describe_scope(resource, message_scope),
-        "message_category": next((c["title"] for c in cats if c["api_name"] == smid.category), None),
+        "message_category": next((c["title"] for c in cats if c["api_name"] == category), None),
         "pending": pending, "seconds_left": max(0, int(pending["deadline"] - time.time())) if pending else None,
         "timer_minutes": resource["unsubscribe"]["timer_minutes"],
         "blocked_text": resource["unsubscribe"].get("blocked_text"),

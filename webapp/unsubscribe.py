@@ -93,13 +93,21 @@ def record_view(r, token, method):
         pipe.execute()
 
 
+def message_category(ctx):
+    """The category the message was sent for, when the resource still has it. A link outlives a category the
+    sender deletes; its message then stands for the whole subscription, so that its unsubscribe stops mail."""
+    category = ctx.smid.category
+    return category if category and any(c["api_name"] == category for c in ctx.resource["categories"]) else None
+
+
 def resolve_scope(ctx, categories=None, by_person=True):
     """Return the scope {"cats": [...]} (categories) or {"cats": None} (whole subscription).
 
     Raises InvalidInput for an unknown category, or a required one asked for by a person.
     """
     if categories is None:
-        return {"cats": [ctx.smid.category] if ctx.smid.category else None}
+        category = message_category(ctx)
+        return {"cats": [category] if category else None}
     if not isinstance(categories, list) or not all(isinstance(c, str) for c in categories):
         raise InvalidInput("categories must be a list of category api names", field="categories")
     by_name = {c["api_name"]: c for c in ctx.resource["categories"]}
