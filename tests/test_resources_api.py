@@ -70,6 +70,8 @@ BAD_RESOURCES = [
     ("unsubscribe.mode", "sometimes", "mode must be one of"),
     ("unsubscribe.timer_minutes", 31, "at most 30"),
     ("unsubscribe.timer_minutes", -1, "at least 1"),
+    ("unsubscribe.timer_minutes", 0, "at least 1"),           # not taken as "unset" (the default, 10)
+    ("unsubscribe.timer_minutes", False, "must be an integer"),
     ("unsubscribe.page_url", "https://shop.example/u?id={profile_id}", "placeholders"),
     ("unsubscribe.page_url", "not a url", "absolute"),
     ("unsubscribe.list_unsubscribe.enabled", "no", "enabled must be true or false"),
@@ -120,6 +122,32 @@ def test_update_changes_titles_and_can_delete_explicitly(api, resource):
     assert [c["api_name"] for c in trimmed["categories"]] == ["receipts"]
     regenerated = api.ok("resources/update", id=rid, regenerate_rtoken=True)
     assert regenerated["rtoken"] != resource["rtoken"]
+
+
+@pytest.mark.parametrize("body", [{"delete_categories": [{}]}, {"delete_categories": [["news"]]},
+                                  {"channel_settings": {"email": {"delete_fields": [{}]}}}])
+def test_update_refuses_deletions_that_are_not_names(api, r, resource, body):
+    before = redis_state(r)
+    assert "must match" in api.fail("resources/update", 400, id=resource["id"], **body)
+    assert redis_state(r) == before
+
+
+@pytest.mark.parametrize("raw,message", [
+    (json.dumps({"token": "test-api-token", **email_resource()})[:-1] + ', "name": "News \\ud83d"}',
+     "not valid Unicode"),   # a lone surrogate: stored, it made every page and link of the resource a 500
+    ("[" * 100000 + "]" * 100000, "must be a JSON object"),   # nested past Python's recursion limit
+])
+def test_bodies_python_cannot_keep_are_refused(client, r, raw, message):
+    resp = client.post("/api/v1.1/resources/add", data=raw, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 400 and message in resp.get_json()["error_text"]
+    assert redis_state(r) == {}
+
+
+def test_the_body_is_read_as_json_whatever_its_content_type(client):
+    raw = json.dumps({"token": "test-api-token", **email_resource()})
+    resp = client.post("/api/v1.1/resources/add", data=raw,      # what curl -d sends
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert resp.status_code == 200 and resp.get_json()["data"]["name"] == email_resource()["name"]
 
 
 def test_list_pages_with_from_id(api):

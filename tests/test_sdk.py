@@ -151,6 +151,15 @@ REFUSALS = {
     "simple form post": (lambda c, res, other, smid: c.post(
         f"/sdk/v1/{res['id']}/unsubscribe", data={"smid": smid, "action": "confirm"},
         headers={"Origin": ORIGIN}), 415, "application/json"),
+    "json nested past the recursion limit": (lambda c, res, other, smid: c.post(
+        f"/sdk/v1/{res['id']}/unsubscribe", data="[" * 100000 + "]" * 100000, content_type="application/json",
+        headers={"Origin": ORIGIN}), 400, "must be a JSON object"),
+    "lone surrogate in the smid": (lambda c, res, other, smid: c.post(
+        f"/sdk/v1/{res['id']}/unsubscribe", data='{"action": "confirm", "smid": "%s\\ud800"}' % smid,
+        content_type="application/json", headers={"Origin": ORIGIN}), 400, "not valid Unicode"),
+    "lone surrogate in the rtoken": (lambda c, res, other, smid: c.post(
+        f"/sdk/v1/{res['id']}/unsubscribe", data='{"action": "confirm", "smid": "%s", "rtoken": "\\udc00"}' % smid,
+        content_type="application/json", headers={"Origin": ORIGIN}), 400, "not valid Unicode"),
     "unlisted origin": (lambda c, res, other, smid: call(c, res["id"], origin="https://evil.example", smid=smid,
                                                          action="confirm"), 403, "https://evil.example"),
     "other port": (lambda c, res, other, smid: call(c, res["id"], origin="https://shop.example:8443", smid=smid,

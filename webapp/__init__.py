@@ -128,4 +128,6 @@ def _register_error_handlers(app):
         log.exception("unhandled error on %s %s", request.method, redact(request.path))
         if request.path.startswith("/api/"):
             return envelope(None, 500, 500, "Internal error")
+        if request.path.startswith("/sdk/"):
+            return jsonify({"error": 500, "error_text": "Internal error", "reason": "error"}), 500
         return render_page("message.html", status=500), 500

@@ -19,7 +19,7 @@ from .openapi import build_spec
 from .scripts import subscriptions_exist
 from .store import get_redis
 from .tokens import same_secret
-from .validation import as_api_name, as_int, as_list, as_object, as_profile_id, no_unknown_keys
+from .validation import as_api_name, as_int, as_list, as_object, as_profile_id, json_object, no_unknown_keys
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1.1")
 OK_TEXT = "Successful operation"
@@ -43,10 +43,8 @@ class Reply:
 
 
 def _request_json():
-    data = request.get_json(silent=True, force=True) if request.data else None
-    if not isinstance(data, dict):
-        raise InvalidInput("request body must be a JSON object")
-    return data
+    # The body is JSON whatever the Content-Type says (curl -d sends a form's), so it is read raw.
+    return json_object(request.get_data(cache=True))
 
 
 def _check_token(data):
@@ -298,15 +296,19 @@ def events_list(data):
     return Reply(items, next_from_id=next_from)
 
 
+LAST_MS = 253402300799999  # 9999-12-31T23:59:59.999Z: the last time RFC 3339 can spell
+
+
 def _time_ms(value, field):
-    """RFC 3339 or milliseconds since the epoch."""
+    """RFC 3339 or milliseconds since the epoch, kept between the epoch and year 9999 (a stream ID's time
+    cannot be negative, and Redis refuses one past 2**64 - 1 after the answer's status has gone out)."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
+        return min(value, LAST_MS)
     if isinstance(value, str):
         try:
             moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
             if moment.tzinfo is not None:
-                return int(moment.timestamp() * 1000)
+                return min(max(0, int(moment.timestamp() * 1000)), LAST_MS)
         except ValueError:
             pass
     raise InvalidInput(f"{field} must be an RFC 3339 time with a zone, or milliseconds since the epoch",

@@ -158,7 +158,8 @@ def _validate_channel_settings(channel, settings, old_settings):
                 merged[key] = as_email(merged[key], where + key)
         if merged["list_id"]:
             validate_list_id(merged["list_id"], merged["from_email"], where + "list_id")
-    deletions = as_list(settings.get("delete_fields", []), where + "delete_fields")
+    deletions = [as_api_name(name, where + "delete_fields")
+                 for name in as_list(settings.get("delete_fields", []), where + "delete_fields")]
     old_fields = (old_settings or {}).get("fields", [])
     fields = settings["fields"] if "fields" in settings else [f for f in old_fields if f["api_name"] not in deletions]
     merged["fields"] = _validate_fields(fields, old_fields, deletions, where)
@@ -173,7 +174,8 @@ def _validate_unsubscribe(value, old):
     merged.update({k: v for k, v in value.items() if k != "list_unsubscribe"})
     if merged["mode"] not in MODES:
         raise InvalidInput(f"unsubscribe.mode must be one of {', '.join(MODES)}", field="unsubscribe.mode")
-    merged["timer_minutes"] = as_int(merged.get("timer_minutes") or DEFAULT_TIMER_MINUTES,
+    timer_minutes = merged.get("timer_minutes")
+    merged["timer_minutes"] = as_int(DEFAULT_TIMER_MINUTES if timer_minutes is None else timer_minutes,
                                      "unsubscribe.timer_minutes", 1, 30)
     if merged.get("page_url") is not None:
         as_url(merged["page_url"], "unsubscribe.page_url", PAGE_URL_PLACEHOLDERS)
@@ -218,7 +220,8 @@ def validate_resource(data, old=None):
         raise InvalidInput(f"default_locale must be one of {', '.join(LOCALES)}", field="default_locale")
     res["default_locale"] = locale
 
-    deletions = as_list(data.get("delete_categories", []), "delete_categories")
+    deletions = [as_api_name(name, "delete_categories")
+                 for name in as_list(data.get("delete_categories", []), "delete_categories")]
     old_cats = (old or {}).get("categories", [])
     cats = data["categories"] if "categories" in data else [c for c in old_cats if c["api_name"] not in deletions]
     res["categories"] = _validate_categories(cats, old_cats, deletions)

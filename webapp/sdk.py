@@ -49,6 +49,7 @@ from .resources import get_resource
 from .store import get_redis, get_timer_queue, timeouts
 from .subscriptions import decode_record, state_of
 from .tokens import SMID_MAX_CHARS, same_secret
+from .validation import json_object
 
 bp = Blueprint("sdk", __name__)
 
@@ -219,10 +220,10 @@ def sdk_evidence(ctx):
 def _json_body():
     if request.mimetype != "application/json":
         raise SdkError(415, "unsupported_media_type", "Send the request as Content-Type: application/json")
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise SdkError(400, "invalid", "The request body must be a JSON object")
-    return body
+    try:
+        return json_object(request.get_data(cache=True), "The request body")
+    except InvalidInput as exc:
+        raise SdkError(400, "invalid", exc.message) from None
 
 
 def _state(r, ctx, result):
@@ -376,8 +377,10 @@ def _client_ip():
 
 
 def _smid_key():
-    body = request.get_json(silent=True) if request.mimetype == "application/json" else None
-    smid = body.get("smid") if isinstance(body, dict) else None
+    try:
+        smid = _json_body().get("smid")
+    except SdkError:
+        smid = None
     if not isinstance(smid, str) or not 0 < len(smid) <= SMID_MAX_CHARS:
         return "-"
     return smid

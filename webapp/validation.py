@@ -1,6 +1,7 @@
 """Small input checks shared by resources and subscriptions. Each raises InvalidInput naming the field."""
 import functools
 import ipaddress
+import json
 import math
 import re
 import time
@@ -31,6 +32,23 @@ def no_unknown_keys(data, allowed, where=""):
     unknown = sorted(set(data) - set(allowed))
     if unknown:
         raise InvalidInput(f"{where}{unknown[0]} is not a known field", field=f"{where}{unknown[0]}")
+
+
+def json_object(raw, what="request body"):
+    """The JSON object in `raw` (bytes or text), or InvalidInput. Text that cannot be UTF-8 is refused here,
+    once for every field: JSON may spell a lone UTF-16 surrogate ("\\ud800"), which Python decodes into a str that every later
+    encode (a stored record, a header, a page) fails on."""
+    try:
+        data = json.loads(raw) if raw else None
+    except (ValueError, RecursionError):  # RecursionError: arrays or objects nested thousands deep
+        data = None
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{what} must be a JSON object")
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{what} holds text that is not valid Unicode (a lone surrogate escape)") from None
+    return data
 
 
 def as_object(value, field):
