@@ -2,6 +2,7 @@
 pages compiled per language (locale.render_page) say exactly what gettext at render time would."""
 import os
 
+import pytest
 from babel.messages.extract import extract_from_dir
 from babel.messages.mofile import read_mo
 from babel.messages.pofile import read_po
@@ -122,8 +123,18 @@ def test_compiled_translation_keeps_gettext_escaping():
     assert at_render.startswith("Привет, <b>&lt;Tom &amp; &#39;Jerry&#39;&gt;</b> & 100%|Готово &amp; <i>всё</i>.|")
 
 
+@pytest.mark.parametrize("header,expected", [
+    ("ru-RU,en;q=0.5", "ru"), ("en-GB,ru;q=0.5", "en"), ("ru-RU,en-US;q=0.8,en;q=0.7", "ru"),
+    ("en-US,ru;q=0.9", "en"), ("de-DE,ru;q=0.3,en;q=0.2", "ru"), ("RU_ru", "ru"), ("ru;q=0,en;q=0.1", "en"),
+    ("de,fr;q=0.9", None), ("*", None), ("", None),
+])
+def test_browser_locale_follows_the_browsers_order_of_preference(header, expected):
+    assert locale.browser_locale(header) == expected
+    assert locale.choose_locale(None, None, None, header, "en") == (expected or "en")
+
+
 @given(st.text(alphabet="enruENRUdefr-_;=q0.15 ,*x", max_size=40))
-def test_browser_locale_is_werkzeugs_best_match_of_the_header(header):
-    parsed = Request.from_values(headers={"Accept-Language": header}).accept_languages
-    assert locale.browser_locale(header) == parsed.best_match(locale.LOCALES)
-    assert locale.choose_locale(None, None, None, header, "en") == (parsed.best_match(locale.LOCALES) or "en")
+def test_browser_locale_is_the_first_wanted_language_we_have(header):
+    wanted = Request.from_values(headers={"Accept-Language": header}).accept_languages  # highest quality first
+    ours = [tag.replace("_", "-").split("-")[0].lower() for tag, q in wanted if q > 0]
+    assert locale.browser_locale(header) == next((t for t in ours if t in locale.LOCALES), None)

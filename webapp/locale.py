@@ -37,10 +37,15 @@ def choose_locale(explicit=None, profile=None, resource_default=None, accept_lan
 
 @functools.lru_cache(maxsize=128)
 def browser_locale(accept_language):
-    """The best of LOCALES for an Accept-Language header, or None: werkzeug's request.accept_languages
-    .best_match, remembered per header text (browsers send few distinct ones; parsing was a twentieth of a
-    page view)."""
-    return parse_accept_header(accept_language, LanguageAccept).best_match(LOCALES)
+    """The first of the browser's languages, in its order of preference, that is one of LOCALES (by primary
+    subtag: ru-RU is ru), or None; remembered per header text (browsers send few distinct ones; parsing was a
+    twentieth of a page view). Not werkzeug's best_match: it tries every exact tag before any primary subtag,
+    so "ru-RU,en;q=0.5" chose English."""
+    for tag, quality in parse_accept_header(accept_language, LanguageAccept):  # highest quality first
+        primary = tag.replace("_", "-").split("-", 1)[0].lower()
+        if quality > 0 and primary in LOCALES:
+            return primary
+    return None
 
 
 def request_accept_language():
