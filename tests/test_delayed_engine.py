@@ -67,8 +67,10 @@ def test_timer_fires_at_deadline_with_the_ledger_format_of_other_changes(app, r)
     assert event["smid"] == timed.token and event["evidence"]["seconds_since_send"] is not None
     assert status_of(r, timed) == Status.UNSUBSCRIBED
     assert_fired_once(r, [timed])
-    timeline = [f["ref"] for _id, f in r.xrange(keys.events_timeline())]
-    assert f"1|{timed.key[1]}|2" in timeline
+    timeline = [f for _id, f in r.xrange(keys.events_timeline())]  # entries as every other change writes them
+    rid = str(timed.resource["id"])
+    assert {"ref": f"1|{timed.key[1]}|2", "rid": rid, "method": "timer"} in timeline
+    assert {"ref": f"1|{now_ctx.key[1]}|2", "rid": rid, "method": "page_now"} in timeline
     sub = decode_record(r.hget(keys.profile_subscriptions(1, timed.key[1]), timed.key[2]))
     assert sub["status"] == Status.UNSUBSCRIBED and sub["updated_at"]
 
@@ -265,6 +267,19 @@ def test_a_broken_record_does_not_hold_up_the_other_timers(app, r, caplog, monke
     r.hset(subs_key, mapping=saved)
     assert u.fire_timer(r, *bad_subs.key) is True                           # repaired: fires
     assert u.read_pending(r, bad_ledger) and len(timer_events(r, good)) == 1
+
+
+@pytest.mark.parametrize("broken_key", ["profiles", "timeline"])
+def test_a_key_a_fire_would_fail_to_write_is_found_before_any_write(app, r, caplog, broken_key):
+    (ctx,) = delayed_contexts(app, r, 1, timer_minutes=1)
+    sleep_past(arm(r, ctx))
+    key = keys.db_profiles(1) if broken_key == "profiles" else keys.events_timeline()
+    r.delete(key)
+    r.set(key, "oops")
+    before = app_state(r)
+    assert u.fire_timers(r, [ctx.key]) == {ctx.key: "broken"}
+    r.hdel(keys.pending_unsubscribe(*ctx.key), "lease")                         # the claim's own write
+    assert app_state(r) == before and status_of(r, ctx) == Status.SUBSCRIBED   # not a change without its event
 
 
 def test_a_claimed_timer_is_left_to_its_claimer_until_the_lease_runs_out(app, r):

@@ -49,6 +49,30 @@ def test_resource_filter(api, r, resource, receiver):
     assert {b["resource_id"] for b in receiver.bodies()} == {other["id"]}
 
 
+def test_a_webhook_added_after_events_counts_and_gets_the_new_ones(api, r, resource, receiver):
+    change(api, resource, profile_id="p-1")                       # history the new webhook must not get
+    change(api, resource, profile_id="p-2")
+    hook = api.ok("webhooks/add", url=receiver.url, secret=SECRET)
+    group = webhooks.group_name(hook["id"])
+    assert webhooks.target_state(r, group)["backlog"] == 0 and webhooks.due_targets(r) == []
+    change(api, resource, profile_id="p-3")
+    assert webhooks.target_state(r, group)["backlog"] == 2 and webhooks.due_targets(r) == [group]
+    assert webhooks.deliver(r, group) == {"sent": 2, "skipped": 0, "error": None}
+    assert {b["profile_id"] for b in receiver.bodies()} == {"p-3"}
+    assert webhooks.target_state(r, group)["backlog"] == 0 and webhooks.due_targets(r) == []
+
+
+def test_a_timer_event_reaches_a_webhook_for_its_resource(api, app, r, receiver):
+    from test_delayed_support import delayed_contexts
+    from webapp import unsubscribe
+    (ctx,) = delayed_contexts(app, r, 1, timer_minutes=1)
+    hook = api.ok("webhooks/add", url=receiver.url, resource_id=ctx.resource["id"], secret=SECRET)
+    armed = unsubscribe.arm_timer(r, ctx, unsubscribe.resolve_scope(ctx), 0.01)
+    assert unsubscribe.fire_timers(r, [ctx.key], now=armed["deadline"] + 1) == {ctx.key: "fired"}
+    assert webhooks.deliver(r, webhooks.group_name(hook["id"])) == {"sent": 1, "skipped": 0, "error": None}
+    assert [b["method"] for b in receiver.bodies()] == ["timer"]
+
+
 def test_retries_after_500s_with_backoff(api, r, resource, receiver):
     hook = api.ok("webhooks/add", url=receiver.url, secret=SECRET)
     group = webhooks.group_name(hook["id"])

@@ -96,7 +96,7 @@ def decode_event(raw):
 def queue_append(pipe, event):
     """Add the event's writes to a MULTI pipeline."""
     pipe.rpush(keys.profile_events(event["db_id"], event["profile_id"]), encode_event(event))
-    # rid and method let webhook deliverers filter without loading the event.
+    # rid and method show on the timeline itself what each entry is (XRANGE); deliverers decide on the event.
     pipe.xadd(keys.events_timeline(), {"ref": f"{event['db_id']}|{event['profile_id']}|{event['seq']}",
                                        "rid": event["resource_id"], "method": event["method"]})
 

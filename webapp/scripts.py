@@ -137,15 +137,22 @@ return cjson.encode(out)
 # ARGV[1]: "now" in epoch seconds, or "" for the server clock; ARGV[2]: a JSON array with, per timer: [due
 #   member, hash_id, deadline and armed_at as read ("" when there was no pending record), subscription JSON as
 #   read ("" = none), ledger length as read, new subscription JSON ("" = unchanged), event JSON ("" = none),
-#   timeline ref, profile_id].
+#   timeline ref, profile_id, resource_id].
 # Returns one code per timer: "fired" (settled: pending record and due entry deleted, subscription and event
 # written), "gone" (no pending record: cancelled or settled already; its due entry is removed), "early" (not
-# due yet), "changed" (something changed since it was read: read again and retry), "broken" (its keys cannot
-# be checked, e.g. one holds the wrong type; nothing written).
+# due yet), "changed" (something changed since it was read: read again and retry), "broken" (one of its keys,
+# or the timeline, holds the wrong type; checked before any write, so nothing is written).
 FIRE_TIMERS = NOW_FROM_ARGV1 + """
 local due, timeline = KEYS[1], KEYS[2]
 
-local function check(pending, subs, events, member, hash_id, deadline, armed_at, expected, length)
+local function writable(key, kind)
+  local found = redis.call('TYPE', key)['ok']
+  if found ~= kind and found ~= 'none' then error(key .. ' holds a ' .. found) end
+end
+
+local function check(pending, subs, events, profiles, member, hash_id, deadline, armed_at, expected, length)
+  writable(profiles, 'set')  -- the writes below must not fail halfway: a change without its event
+  writable(timeline, 'stream')
   local p = redis.call('HMGET', pending, 'deadline', 'armed_at')
   if not p[1] then
     redis.call('ZREM', due, member)
@@ -163,8 +170,9 @@ end
 local out = {}
 for i, item in ipairs(cjson.decode(ARGV[2])) do
   local pending, subs, events, profiles = KEYS[4 * i - 1], KEYS[4 * i], KEYS[4 * i + 1], KEYS[4 * i + 2]
-  local member, hash_id, deadline, armed_at, expected, length, new_sub, event, ref, profile_id = unpack(item)
-  local ok, code = pcall(check, pending, subs, events, member, hash_id, deadline, armed_at, expected, length)
+  local member, hash_id, deadline, armed_at, expected, length, new_sub, event, ref, profile_id, rid = unpack(item)
+  local ok, code = pcall(check, pending, subs, events, profiles, member, hash_id, deadline, armed_at, expected,
+                         length)
   if not ok then
     code = 'broken'
   elseif code == nil then
@@ -176,7 +184,7 @@ for i, item in ipairs(cjson.decode(ARGV[2])) do
     end
     if event ~= '' then
       redis.call('RPUSH', events, event)
-      redis.call('XADD', timeline, '*', 'ref', ref)
+      redis.call('XADD', timeline, '*', 'ref', ref, 'rid', rid, 'method', 'timer')
     end
     code = 'fired'
   end
@@ -201,7 +209,7 @@ def claim_timers(r, timers, owner, lease, now=None):
 
 
 def fire_timers(r, due_key, timeline_key, items, now=None):
-    """Run FIRE_TIMERS; `items` is [(4 keys, 10 values)] per timer as documented there. Returns the codes."""
+    """Run FIRE_TIMERS; `items` is [(4 keys, 11 values)] per timer as documented there. Returns the codes."""
     if not items:
         return []
     keys = [due_key, timeline_key, *(k for item_keys, _values in items for k in item_keys)]

@@ -359,7 +359,7 @@ def _settlement(db_id, profile_id, hash_id, row, resources, now_text):
     item_keys = (keys.pending_unsubscribe(db_id, profile_id, hash_id), keys.profile_subscriptions(db_id, profile_id),
                  keys.profile_events(db_id, profile_id), keys.db_profiles(db_id))
     values = (_due_member(db_id, profile_id, hash_id), hash_id, deadline, armed_at, sub_raw, ledger_len, new_sub,
-              event_raw, ref, profile_id)
+              event_raw, ref, profile_id, str(record["resource_id"]) if record else "")
     return item_keys, values, record is not None
 
 

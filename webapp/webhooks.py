@@ -31,6 +31,7 @@ BATCH = 100
 BACKOFF_BASE = 1.0  # seconds before the first retry; doubled per failure
 BACKOFF_MAX = 3600.0  # seconds, the longest wait between attempts
 USER_AGENT = "unsubscribe-service-webhooks/1"
+LAG_COUNT_CAP = 10000  # entries counted one by one when Redis cannot tell a group's lag
 
 
 def group_name(webhook_id):
@@ -38,9 +39,20 @@ def group_name(webhook_id):
 
 
 def ensure_group(r, group):
-    """Create a consumer group on the timeline that sees events from now on (idempotent)."""
+    """Create a consumer group on the timeline that sees events from now on (idempotent).
+
+    The group starts at the stream's last entry and is told how many entries that is (ENTRIESREAD): without
+    it Redis cannot count the group's lag once new entries come (XINFO GROUPS says null), and a target whose
+    backlog reads 0 is never dispatched. One XINFO STREAM gives both, consistently; an entry added before the
+    group exists comes after that last entry, so the group delivers it and counts it in its lag."""
+    timeline = keys.events_timeline()
     try:
-        r.xgroup_create(keys.events_timeline(), group, id="$", mkstream=True)
+        info = r.xinfo_stream(timeline)
+        start, entries_read = info["last-generated-id"], info["entries-added"]
+    except ResponseError:  # no stream yet
+        start, entries_read = "0-0", 0
+    try:
+        r.xgroup_create(timeline, group, id=start, mkstream=True, entries_read=entries_read)
     except ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
@@ -93,7 +105,10 @@ def backlog(r, group):
         return 0
     for g in groups:
         if g["name"] == group:
-            return int(g.get("pending") or 0) + int(g.get("lag") or 0)
+            lag = g.get("lag")
+            if lag is None:  # Redis cannot count it (an entry was deleted from the stream): count, up to a cap
+                lag = len(r.xrange(keys.events_timeline(), "(" + g["last-delivered-id"], "+", count=LAG_COUNT_CAP))
+            return int(g.get("pending") or 0) + int(lag)
     return 0
 
 
@@ -134,10 +149,11 @@ def post_json(url, payload, event_id, secret, timeout):
         return f"{type(reason).__name__}: {reason}"[:200]
 
 
-def _plan(r, group, entry_fields, event):
-    """(url, payload, secret) to send for this entry, or None when the target does not want it."""
+def _plan(r, group, event):
+    """(url, payload, secret) to send for this event, or None when the target does not want it. Decided on the
+    event itself, which every timeline entry leads to (older timer entries carry no `rid` or `method`)."""
     if group == CALLED_URL:
-        if entry_fields.get("method") != "one_click":
+        if event["method"] != "one_click":
             return None
         resource = get_resources(r, [event["resource_id"]]).get(event["resource_id"])
         url = resource and resource["unsubscribe"]["list_unsubscribe"].get("called_url")
@@ -151,7 +167,7 @@ def _plan(r, group, entry_fields, event):
     if hook_raw is None:
         return None
     hook = json.loads(hook_raw)
-    if hook["resource_id"] is not None and str(hook["resource_id"]) != entry_fields.get("rid"):
+    if hook["resource_id"] is not None and str(hook["resource_id"]) != str(event["resource_id"]):
         return None
     return hook["url"], event, hook["secret"]
 
@@ -173,7 +189,7 @@ def deliver(r, group, timeout=5.0, consumer="deliverer", now=None, heartbeat=Non
                 break
             refs = [f["ref"].split("|") for _eid, f in entries]
             for (entry_id, fields), event in zip(entries, load_refs(r, refs)):
-                plan = _plan(r, group, fields, event) if event else None
+                plan = _plan(r, group, event) if event else None
                 if plan:
                     if heartbeat:
                         heartbeat()
