@@ -154,12 +154,13 @@ def test_fire_is_a_compare_and_set_against_what_it_read(app, r):
     apply_a, apply_b, apply_c = settle(a), settle(b), settle(c)
     assert u.cancel_timer(r, a) == "cancelled"                    # cancelled after the read
     set_subscription(r, {"db_id": 1, "profile_id": b.key[1], "resource_id": b.resource["id"], "channel": "email",
-                         "email": "u1@example.com", "status": "suspended"})  # changed after the read
+                         "email": "u1@example.com", "priority": 7})  # changed after the read (not its status)
     assert apply_a() == ["gone"] and apply_b() == ["changed"] and apply_c() == ["fired"]
     assert apply_c() == ["gone"]                                  # replaying the same settlement
     assert timer_events(r, a) == [] and timer_events(r, b) == [] and len(timer_events(r, c)) == 1
-    assert u.fire_timer(r, *b.key) is True                        # re-read: settled, a suspended one stays so
-    assert status_of(r, b) == Status.SUSPENDED and not u.read_pending(r, b)
+    assert u.fire_timer(r, *b.key) is True                        # re-read: settled from what it is now
+    assert status_of(r, b) == Status.UNSUBSCRIBED and not u.read_pending(r, b)
+    assert decode_record(r.hget(keys.profile_subscriptions(1, b.key[1]), b.key[2]))["priority"] == 7
     for ctx in (a, b, c):
         assert events.verify_chain(r, 1, ctx.key[1]) is None
 
@@ -280,6 +281,33 @@ def test_a_key_a_fire_would_fail_to_write_is_found_before_any_write(app, r, capl
     assert u.fire_timers(r, [ctx.key]) == {ctx.key: "broken"}
     r.hdel(keys.pending_unsubscribe(*ctx.key), "lease")                         # the claim's own write
     assert app_state(r) == before and status_of(r, ctx) == Status.SUBSCRIBED   # not a change without its event
+
+
+def test_a_change_of_status_by_another_path_settles_the_timer(app, r):
+    """Unsubscribed and subscribed again through the API while a timer waits: the timer must not unsubscribe the
+    person again at its deadline. A change of categories or fields alone leaves it waiting."""
+    waits, changed = delayed_contexts(app, r, 2, timer_minutes=1)
+    result = [arm(r, ctx) for ctx in (waits, changed)][-1]
+    for ctx, updates in ((waits, [{"custom_fields": {}}]), (changed, [{"status": "unsubscribed"},
+                                                                     {"status": "subscribed"}])):
+        ident = {"db_id": 1, "profile_id": ctx.key[1], "resource_id": ctx.resource["id"], "channel": "email",
+                 "email": f"u{ctx.key[1][2:]}@example.com"}
+        for update in updates:
+            set_subscription(r, {**ident, **update})
+    assert u.read_pending(r, waits) and not u.read_pending(r, changed)
+    assert r.zscore(keys.pending_due(), keys.pending_due_member(*changed.key)) is None
+    sleep_past(result)
+    assert u.fire_timers(r, [waits.key, changed.key]) == {waits.key: "fired", changed.key: "gone"}
+    assert status_of(r, changed) == Status.SUBSCRIBED and status_of(r, waits) == Status.UNSUBSCRIBED
+
+
+def test_a_due_member_that_names_no_timer_is_removed_not_fatal(app, r, caplog):
+    (ctx,) = delayed_contexts(app, r, 1, timer_minutes=1)
+    result = arm(r, ctx)
+    r.zadd(keys.pending_due(), {"no pipes here": 0, "x|p-1|h": 0})   # oldest first, so read before the real one
+    sleep_past(result)
+    assert delayed.sweep_once(r) == 1 and status_of(r, ctx) == Status.UNSUBSCRIBED
+    assert r.zcard(keys.pending_due()) == 0 and "names no timer; removed" in caplog.text
 
 
 def test_a_claimed_timer_is_left_to_its_claimer_until_the_lease_runs_out(app, r):

@@ -87,6 +87,24 @@ def test_suspension_ends_even_after_a_worker_restart(api, app, client, r, worker
     assert api.ok("events/list", db_id=1, profile_id="p-42")[0]["method"] == "suspend_expiry"
 
 
+def test_broken_data_holds_up_no_other_duty(api, app, r, receiver, workers):  # noqa: F811
+    """A due suspension whose record cannot be read (and a member that names none) come first in the index;
+    the worker logs them once and goes on: a real suspension still ends and webhooks are still delivered."""
+    from webapp import keys, preferences
+    hook = api.ok("webhooks/add", url=receiver.url, secret=SECRET)
+    _res, ident = set_up(api, receiver)
+    sub = api.ok("subscriptions/set", **ident)
+    preferences.suspend(r, 1, "p-42", sub["hash_id"], 14, 0.01)      # 14 "days" = 0.14 s
+    r.hset(keys.profile_subscriptions(1, "p-broken"), "h1", "not json")
+    r.zadd(keys.suspensions_due(), {"1|p-broken|h1": 0, "not a member": 0})
+    workers.start()
+    wait_until(lambda: api.ok("subscriptions/get", **ident)["status"] == "subscribed", 10)
+    wait_until(lambda: webhooks.target_state(r, webhooks.group_name(hook["id"]))["backlog"] == 0, 10)
+    assert [b["method"] for b in receiver.bodies()] == ["api", "manager", "suspend_expiry"]
+    assert r.zscore(keys.suspensions_due(), "1|p-broken|h1") == 0          # left for a person to look at
+    assert workers.log(0).count("cannot be resumed, its data is broken") == 2   # once each, not every pass
+
+
 def test_worker_warns_about_redis_settings_that_cost_memory_or_data(r, workers):  # noqa: F811
     """The test Redis runs with redis-server's defaults for both (listpack values up to 64 bytes, no AOF);
     `python -m webapp run` sets both, so that start-up says nothing."""

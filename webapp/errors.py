@@ -63,3 +63,14 @@ class Conflict(ServiceError):
     """The change is not possible in the subscription's current state."""
     status = 409
     code = 409
+
+
+_reported_broken = set()  # what report_broken has logged in this process
+
+
+def report_broken(logger, what, message, *args):
+    """Log stored data that cannot be used, once per process for each `what`: the sweepers meet it again on every
+    pass (it stays for a person to look at), and one line is enough. Bounded, so a flood cannot grow memory."""
+    if what not in _reported_broken and len(_reported_broken) < 10000:
+        _reported_broken.add(what)
+        logger.error(message, *args)

@@ -132,7 +132,7 @@ def one_click(r, ring, token, evidence):
                    keys.pending_unsubscribe(db_id, profile_id, hash_id), keys.pending_due(),
                    keys.db_profiles(db_id), keys.events_timeline()),
         (hash_id, reply[1], last_raw, pending, new_raw, event_raw, ref, new["resource_id"], ONE_CLICK,
-         unsubscribe._due_member(db_id, profile_id, hash_id), profile_id))
+         keys.pending_due_member(db_id, profile_id, hash_id), profile_id))
     if not applied:
         return unsubscribe.unsubscribe(r, ctx, scope, ONE_CLICK, evidence)
     return {"changed": changed, "state": state_of(ctx.resource, new)}

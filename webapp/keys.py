@@ -73,11 +73,16 @@ def pending_unsubscribe(db_id, profile_id, hash_id):
 
 
 def pending_due():
-    """Sorted set of every pending timer ("db_id|profile_id|hash_id") scored by its deadline, for the sweeper.
+    """Sorted set of every pending timer (pending_due_member) scored by its deadline, for the sweeper.
 
     The one index that spans profiles; under Redis Cluster it would be split per shard.
     """
     return f"{PREFIX}:pending:due"
+
+
+def pending_due_member(db_id, profile_id, hash_id):
+    """A timer's member of pending_due: "db_id|profile_id|hash_id"."""
+    return f"{db_id}|{profile_id}|{hash_id}"
 
 
 def manager_undo(db_id, profile_id):

@@ -11,15 +11,20 @@
 Every change goes through subscriptions.update_profile and is a ledger event with method `manager`.
 """
 import json
+import logging
 import re
 import time
 from datetime import datetime, timezone
 
+from redis.exceptions import ResponseError
+
 from . import keys
-from .errors import Blocked, Conflict, Forbidden, InvalidFields, InvalidInput, NoSuchSubscription
+from .errors import Blocked, Conflict, Forbidden, InvalidFields, InvalidInput, NoSuchSubscription, report_broken
 from .resources import get_resources
 from .subscriptions import Status, load_records, update_profile
 from .validation import format_time, now_iso
+
+log = logging.getLogger(__name__)
 
 SUSPEND_DAYS = (14, 30, 60, 90)
 UNDO_WINDOW_SECONDS = 600
@@ -226,19 +231,27 @@ def resume_due_suspensions(r, now=None, limit=1000):
     now = time.time() if now is None else now
     resumed = 0
     for member in r.zrangebyscore(keys.suspensions_due(), "-inf", now, start=0, num=limit):
-        db_id, profile_id, hash_id = member.split("|")
-        db_id = int(db_id)
-
-        def change(pc, hash_id=hash_id, member=member):
-            pc.also(lambda pipe: pipe.zrem(keys.suspensions_due(), member))
-            record = pc.records.get(hash_id)
-            if (record is None or record["status"] != Status.SUSPENDED or not record.get("suspended_until")
-                    or _epoch(record["suspended_until"]) > now):
-                return 0
-            resource = get_resources(r, [record["resource_id"]]).get(record["resource_id"]) or {"categories": []}
-            new = dict(record, status=int(Status.SUBSCRIBED), updated_at=now_iso())
-            new.pop("suspended_until")
-            pc.save(hash_id, new, resource, method="suspend_expiry")
-            return 1
-        resumed += update_profile(r, db_id, profile_id, change)[0]
+        try:
+            resumed += _resume_if_due(r, member, now)
+        except (ValueError, KeyError, TypeError, ResponseError) as exc:  # its data, not Redis: the others go on
+            report_broken(log, member, "suspension %s cannot be resumed, its data is broken (%s: %s); it stays due",
+                          member, type(exc).__name__, exc)
     return resumed
+
+
+def _resume_if_due(r, member, now):
+    db_id, profile_id, hash_id = member.split("|")
+    db_id = int(db_id)
+
+    def change(pc):
+        pc.also(lambda pipe: pipe.zrem(keys.suspensions_due(), member))
+        record = pc.records.get(hash_id)
+        if (record is None or record["status"] != Status.SUSPENDED or not record.get("suspended_until")
+                or _epoch(record["suspended_until"]) > now):
+            return 0
+        resource = get_resources(r, [record["resource_id"]]).get(record["resource_id"]) or {"categories": []}
+        new = dict(record, status=int(Status.SUBSCRIBED), updated_at=now_iso())
+        new.pop("suspended_until")
+        pc.save(hash_id, new, resource, method="suspend_expiry")
+        return 1
+    return update_profile(r, db_id, profile_id, change)[0]

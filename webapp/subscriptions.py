@@ -209,6 +209,7 @@ class ProfileChange:
     def __init__(self, pipe, db_id, profile_id, records):
         self.pipe, self.db_id, self.profile_id = pipe, db_id, profile_id
         self.records = records
+        self._status_read = {h: rec["status"] for h, rec in records.items()}
         self._saved = {}
         self._events = []
         self._extra = []
@@ -248,10 +249,21 @@ class ProfileChange:
             pipe.hset(keys.profile_subscriptions(self.db_id, self.profile_id),
                       mapping={h: encode_record(rec) for h, rec in self._saved.items()})
             pipe.sadd(keys.db_profiles(self.db_id), self.profile_id)
+        for hash_id, record in self._saved.items():
+            # A delayed unsubscribe waits on the status it was started from: any other change of status (an
+            # unsubscribe by another path, a pause, a resubscribe) settles it, so it cannot undo a later choice.
+            if hash_id in self._status_read and record["status"] != self._status_read[hash_id]:
+                drop_pending(pipe, self.db_id, self.profile_id, hash_id)
         for event in self._events:
             events.queue_append(pipe, event)
         for fn in self._extra:
             fn(pipe)
+
+
+def drop_pending(pipe, db_id, profile_id, hash_id):
+    """Stage the removal of the subscription's delayed unsubscribe, if one is pending (unsubscribe.py)."""
+    pipe.delete(keys.pending_unsubscribe(db_id, profile_id, hash_id))
+    pipe.zrem(keys.pending_due(), keys.pending_due_member(db_id, profile_id, hash_id))
 
 
 def load_records(r, db_id, profile_id):

@@ -21,10 +21,10 @@ import time
 from dataclasses import dataclass, field
 
 from . import events, keys, scripts
-from .errors import Blocked, Conflict, InvalidInput, NoSuchResource, NoSuchSubscription
+from .errors import Blocked, Conflict, InvalidInput, NoSuchResource, NoSuchSubscription, report_broken
 from .resources import decode_shared, get_resources
-from .subscriptions import (Status, decode_record, encode_record, state_of, subscribed_cats, update_profile,
-                            with_state)
+from .subscriptions import (Status, decode_record, drop_pending, encode_record, state_of, subscribed_cats,
+                            update_profile, with_state)
 from .tokens import read_smid
 from .validation import now_iso
 
@@ -178,7 +178,7 @@ def unsubscribe(r, ctx, scope, method, evidence=None, allow_blocked=False):
             new["updated_at"] = now_iso()
             pc.save(hash_id, new, ctx.resource, method=method, smid=ctx.token, evidence=_evidence(ctx, evidence))
         if pc.pipe.exists(pending_key):
-            pc.also(lambda pipe: _drop_pending(pipe, db_id, profile_id, hash_id))
+            pc.also(lambda pipe: drop_pending(pipe, db_id, profile_id, hash_id))
         return {"changed": changed, "state": state_of(ctx.resource, new)}
 
     return update_profile(r, db_id, profile_id, change, watch=(pending_key,))[0]
@@ -226,21 +226,11 @@ def undo(r, ctx, evidence=None):
 FIRE_BATCH = 500  # timers settled per Lua call
 FIRE_ATTEMPTS = 5  # reads-and-applies of a timer whose state changed under us, before leaving it to the next sweep
 FIRE_LEASE = 3.0  # seconds other firers leave a claimed timer alone (if its claimer dies, it waits this long)
-_reported_broken = set()  # due members already logged as unreadable (each is logged once per process)
-
-
-def _due_member(db_id, profile_id, hash_id):
-    return f"{db_id}|{profile_id}|{hash_id}"
 
 
 def _parse_member(member):
     db_id, profile_id, hash_id = member.split("|")
     return int(db_id), profile_id, hash_id
-
-
-def _drop_pending(pipe, db_id, profile_id, hash_id):
-    pipe.delete(keys.pending_unsubscribe(db_id, profile_id, hash_id))
-    pipe.zrem(keys.pending_due(), _due_member(db_id, profile_id, hash_id))
 
 
 def _server_time(client):
@@ -274,7 +264,7 @@ def queue_pending_writes(pipe, db_id, profile_id, hash_id, fields):
     pipe.hset(pending_key, mapping=fields)
     # Kept a day past the deadline so a late sweeper still finds it; settled records are deleted.
     pipe.expireat(pending_key, int(deadline) + 86400)
-    pipe.zadd(keys.pending_due(), {_due_member(db_id, profile_id, hash_id): deadline})
+    pipe.zadd(keys.pending_due(), {keys.pending_due_member(db_id, profile_id, hash_id): deadline})
 
 
 def arm_timer(r, ctx, scope, unit_seconds, evidence=None, on_armed=None):
@@ -319,7 +309,7 @@ def cancel_timer(r, ctx, evidence=None):
 
     def change(pc):
         if pc.pipe.exists(pending_key):
-            pc.also(lambda pipe: _drop_pending(pipe, db_id, profile_id, hash_id))
+            pc.also(lambda pipe: drop_pending(pipe, db_id, profile_id, hash_id))
             return "cancelled"
         record = pc.records.get(hash_id)
         if record and record["status"] != Status.SUBSCRIBED:
@@ -358,8 +348,8 @@ def _settlement(db_id, profile_id, hash_id, row, resources, now_text):
                 ref = f"{db_id}|{profile_id}|{event['seq']}"
     item_keys = (keys.pending_unsubscribe(db_id, profile_id, hash_id), keys.profile_subscriptions(db_id, profile_id),
                  keys.profile_events(db_id, profile_id), keys.db_profiles(db_id))
-    values = (_due_member(db_id, profile_id, hash_id), hash_id, deadline, armed_at, sub_raw, ledger_len, new_sub,
-              event_raw, ref, profile_id, str(record["resource_id"]) if record else "")
+    values = (keys.pending_due_member(db_id, profile_id, hash_id), hash_id, deadline, armed_at, sub_raw, ledger_len,
+              new_sub, event_raw, ref, profile_id, str(record["resource_id"]) if record else "")
     return item_keys, values, record is not None
 
 
@@ -398,10 +388,9 @@ def _resource_id(row):
 
 
 def _broken(timer, reason):
-    member = _due_member(*timer)
-    if member not in _reported_broken and len(_reported_broken) < 10000:
-        _reported_broken.add(member)
-        log.error("delayed unsubscribe %s cannot be fired, its data is broken (%s); it stays pending", member, reason)
+    member = keys.pending_due_member(*timer)
+    report_broken(log, member, "delayed unsubscribe %s cannot be fired, its data is broken (%s); it stays pending",
+                  member, reason)
     return "broken"
 
 
@@ -435,4 +424,11 @@ def fire_timer(r, db_id, profile_id, hash_id, now=None):
 def due_timers(r, now=None, limit=1000, grace=0.0):
     """(db_id, profile_id, hash_id) of timers whose deadline is at most `now` - `grace` (now: the Redis clock),
     oldest first."""
-    return [_parse_member(m) for m in scripts.due_timer_members(r, keys.pending_due(), now, grace, limit)]
+    timers = []
+    for member in scripts.due_timer_members(r, keys.pending_due(), now, grace, limit):
+        try:
+            timers.append(_parse_member(member))
+        except ValueError:  # names no timer, so nothing can settle it: it would come first in every sweep
+            report_broken(log, member, "pending_due member %r names no timer; removed", member)
+            r.zrem(keys.pending_due(), member)
+    return timers

@@ -42,13 +42,15 @@ class Housekeeper(threading.Thread):
 
     def run(self):
         r = self.connect()
-        failing = False
+        duties = {"resuming suspensions": lambda: preferences.resume_due_suspensions(r),
+                  "dispatching deliveries": lambda: enqueue_deliveries(r, self.queue)}
+        failing = set()
         while not self.stopped.wait(self.interval):
-            try:
-                preferences.resume_due_suspensions(r)
-                enqueue_deliveries(r, self.queue)
-                failing = False
-            except Exception:  # noqa: BLE001 - a Redis outage must not end housekeeping; it retries next tick
-                if not failing:
-                    log.exception("housekeeping failed; retrying every %.1f s", self.interval)
-                failing = True
+            for name, duty in duties.items():  # each on its own: one failing must not hold up the other
+                try:
+                    duty()
+                    failing.discard(name)
+                except Exception:  # noqa: BLE001 - a Redis outage must not end housekeeping; it retries next tick
+                    if name not in failing:
+                        log.exception("housekeeping failed %s; retrying every %.1f s", name, self.interval)
+                    failing.add(name)
