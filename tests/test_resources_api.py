@@ -68,6 +68,8 @@ BAD_RESOURCES = [
     ("channel_settings.push", {"fields": []}, "not one of the resource's channels"),
     ("channel_settings.sms.unknown", "x", "unknown is not a known field"),
     ("unsubscribe.mode", "sometimes", "mode must be one of"),
+    ("channel_settings.email.fields", [{"title": "X", "api_name": "x\n", "type": "int"}], "api_name must match"),
+    ("channel_settings.email.list_id", "weekly.shop.example\n", "list_id"),
     ("unsubscribe.timer_minutes", 31, "at most 30"),
     ("unsubscribe.timer_minutes", -1, "at least 1"),
     ("unsubscribe.timer_minutes", 0, "at least 1"),           # not taken as "unset" (the default, 10)

@@ -76,6 +76,10 @@ BAD_SUBSCRIPTIONS = [
     ({"db_id": 0}, "db_id must be at least 1"),
     ({"profile_id": "has space"}, "profile_id must be"),
     ({"profile_id": "p" * 41}, "profile_id must be"),
+    ({"profile_id": "p-42\n"}, "profile_id must be"),          # a regex `$` also matches before a final newline
+    ({"email": "ann@example.com\n"}, "email is not a valid email address"),
+    ({"channel": "sms", "phone": "+79001234567\n", "email": None}, "E.164"),
+    ({"cats": ["news\n"]}, "not a category"),
     ({"resource_id": "abc"}, "resource_id must be an integer"),
     ({"extra": 1}, "extra is not a known field"),
 ]

@@ -37,7 +37,7 @@ NUMBER_SETTINGS = {"PORT": (int, 1), "TRUSTED_PROXIES": (int, 0), "WEB_WORKERS":
                    "TIME_UNIT_SECONDS": (float, None), "SUSPEND_DAY_SECONDS": (float, None),
                    "REDIS_TIMEOUT_SECONDS": (float, None)}
 
-KID_RE = re.compile(r"^[A-Za-z0-9_-]{1,8}$")
+KID_RE = re.compile(r"^[A-Za-z0-9_-]{1,8}\Z")
 
 
 class ConfigError(ValueError):

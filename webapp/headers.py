@@ -11,7 +11,7 @@ import re
 from .tokens import issue_manager_token, issue_smid
 
 ONE_CLICK = "List-Unsubscribe=One-Click"
-_ATOM_PHRASE_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]+$")
+_ATOM_PHRASE_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]+\Z")
 
 
 def list_id_phrase(name):

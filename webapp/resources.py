@@ -22,7 +22,7 @@ from .validation import (DOT_ATOM_RE, as_api_name, as_bool, as_email, as_float, 
 
 MAX_CHANNELS = 8
 KNOWN_CHANNELS = ("email", "sms", "push", "telegram_bot", "whatsapp", "viber", "notify")
-CUSTOM_CHANNEL_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+CUSTOM_CHANNEL_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}\Z")
 FIELD_TYPES = ("int", "float", "line", "bool")
 MODES = ("instant", "confirm", "blocked", "delayed")
 LOCALES = ("en", "ru")

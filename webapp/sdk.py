@@ -59,7 +59,7 @@ SCRIPT_MAX_AGE = 300
 SCRIPT_FILE = "ak_list_unsubscribe.js"
 DEFAULTS_MARKER = "/*@ak-defaults*/null"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-_SCRIPT_ID_RE = re.compile(r"^[A-Za-z0-9+/_-]{1,64}={0,2}$")
+_SCRIPT_ID_RE = re.compile(r"^[A-Za-z0-9+/_-]{1,64}={0,2}\Z")
 
 
 class SdkError(ServiceError):

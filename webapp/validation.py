@@ -10,16 +10,16 @@ from urllib.parse import urlsplit
 
 from .errors import InvalidInput
 
-API_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-PROFILE_ID_RE = re.compile(r"^[A-Za-z0-9._:@-]+$")
-E164_RE = re.compile(r"^\+[1-9][0-9]{6,14}$")
-CHAT_ID_RE = re.compile(r"^-?[0-9]{1,20}$")
+API_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*\Z")
+PROFILE_ID_RE = re.compile(r"^[A-Za-z0-9._:@-]+\Z")
+E164_RE = re.compile(r"^\+[1-9][0-9]{6,14}\Z")
+CHAT_ID_RE = re.compile(r"^-?[0-9]{1,20}\Z")
 # RFC 5322 atext, used for dot-atom local parts and for List-ID labels (RFC 2919 dot-atom-text).
 ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-DOT_ATOM_RE = re.compile(rf"^{ATEXT}+(\.{ATEXT}+)*$")
-QUOTED_LOCAL_RE = re.compile(r'^"([\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"$')
-HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
-LABEL_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+DOT_ATOM_RE = re.compile(rf"^{ATEXT}+(\.{ATEXT}+)*\Z")
+QUOTED_LOCAL_RE = re.compile(r'^"([\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"\Z')
+HOSTNAME_RE = re.compile(r"^(?=.{1,253}\Z)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
+LABEL_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 
 
 def require(data, key, where=""):
