@@ -92,6 +92,14 @@ def test_add_rejects_bad_input_and_writes_nothing(api, r, path, value, message):
     assert redis_state(r) == before
 
 
+def test_non_ascii_domains_are_kept_as_browsers_and_mail_systems_spell_them(api):
+    created = api.ok("resources/add", **email_resource(trk_domain="Faß.Example"))
+    assert created["trk_domain"] == "xn--fa-hia.example"             # IDNA 2008: not fass.example
+    ident = {"db_id": 1, "profile_id": "p-1", "resource_id": created["id"], "channel": "email"}
+    stored = api.ok("subscriptions/set", **ident, email="Ann@Straße.example")
+    assert stored["email"] == "ann@xn--strae-oqa.example"
+
+
 def test_page_url_placeholders_are_accepted(api):
     body = _with("unsubscribe.page_url", "https://shop.example/u?smid={send_message_id}&rt={resource_token}")
     assert api.ok("resources/add", **body)["unsubscribe"]["page_url"].endswith("{resource_token}")

@@ -347,6 +347,8 @@ def test_origin_of():
     assert origin_of("http://127.0.0.1:8080/x") == "http://127.0.0.1:8080"
     assert origin_of("http://[::1]:80/") == "http://[::1]"
     assert origin_of("https://пример.рф/") == "https://xn--e1afmkfd.xn--p1ai"
+    assert origin_of("https://Faß.de/") == "https://xn--fa-hia.de"     # as browsers spell it; not fass.de
+    assert origin_of("https://faß..de/") is None
     assert origin_of("https://shop.example/path", strict=True) is None
     assert origin_of("ftp://shop.example") is None and origin_of("null", strict=True) is None
 

@@ -49,7 +49,7 @@ from .resources import get_resource
 from .store import get_redis, get_timer_queue, timeouts
 from .subscriptions import decode_record, state_of
 from .tokens import SMID_MAX_CHARS, same_secret
-from .validation import json_object
+from .validation import idna_ascii, json_object
 
 bp = Blueprint("sdk", __name__)
 
@@ -90,7 +90,7 @@ def origin_of(url, strict=False):
         return None
     if not host.isascii():
         try:
-            host = host.encode("idna").decode("ascii")
+            host = idna_ascii(host)
         except UnicodeError:
             return None
     if ":" in host:

@@ -8,6 +8,8 @@ import time
 from datetime import date, datetime, timezone
 from urllib.parse import urlsplit
 
+import idna
+
 from .errors import InvalidInput
 
 API_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*\Z")
@@ -120,6 +122,13 @@ def as_profile_id(value, field="profile_id", max_len=40):
     return value
 
 
+def idna_ascii(name):
+    """The ASCII (punycode) form of a domain name, lower case, as browsers and mail systems spell it: IDNA 2008
+    with UTS #46 mapping, non-transitional. Python's own "idna" codec is IDNA 2003, which maps ß to ss: it
+    turns faß.de into fass.de, another domain. Raises UnicodeError for a name that is not a domain name."""
+    return idna.encode(name, uts46=True, transitional=False).decode("ascii").lower()
+
+
 def as_hostname(value, field):
     """A DNS name (IDNA allowed), at most 253 octets. Returns the ASCII form, lower case."""
     if not isinstance(value, str) or not value:
@@ -127,7 +136,7 @@ def as_hostname(value, field):
     if HOSTNAME_RE.match(value):  # plain ASCII name: skip the (slow) IDNA codec
         return value.lower()
     try:
-        ascii_name = value.encode("idna").decode("ascii").lower().rstrip(".")
+        ascii_name = idna_ascii(value).rstrip(".")
     except UnicodeError:
         raise InvalidInput(f"{field} is not a valid domain name", field=field) from None
     labels = ascii_name.split(".")
