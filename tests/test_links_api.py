@@ -1,4 +1,6 @@
 """messages/links and links_bulk: URLs, List-* headers per RFC 8058/2369/2919, and zero Redis writes."""
+from email.header import decode_header, make_header
+
 import pytest
 
 from conftest import email_resource, redis_state
@@ -57,6 +59,14 @@ def test_sms_links_have_no_email_headers(api, resource):
 ])
 def test_list_id_phrase(name, phrase):
     assert list_id_phrase(name) == phrase
+
+
+@pytest.mark.parametrize("name", ["Новости магазина «Пример» для всех", "新" * 255, "Ж" + "x" * 200 + "ё"])
+def test_a_long_non_ascii_name_is_several_encoded_words_of_at_most_75_characters(name):
+    phrase = list_id_phrase(name)
+    words = phrase.split(" ")
+    assert len(words) > 1 and all(len(w) <= 75 and w.startswith("=?utf-8?b?") for w in words)
+    assert str(make_header(decode_header(phrase))) == name                     # decoders join the words
 
 
 BAD_LINKS = [

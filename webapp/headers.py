@@ -3,7 +3,7 @@
 List-Unsubscribe carries one HTTPS URL (RFC 8058 §3.1) and List-Unsubscribe-Post the single pair
 `List-Unsubscribe=One-Click`; neither is sent when the resource is blocked or has list-unsubscribe off.
 List-ID is "<phrase> <list-id>" (RFC 2919) with the resource name as the phrase, quoted or RFC 2047-encoded
-when it is not plain atoms.
+(in words of at most 75 characters) when it is not plain atoms.
 """
 import base64
 import re
@@ -12,6 +12,10 @@ from .tokens import issue_manager_token, issue_smid
 
 ONE_CLICK = "List-Unsubscribe=One-Click"
 _ATOM_PHRASE_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]+\Z")
+# An encoded word is at most 75 characters (RFC 2047 §2): "=?utf-8?b?" and "?=" leave 63 for base64, which is
+# 45 bytes of text. A longer name is several words separated by spaces, where the sender's mail library may fold
+# the line (a 255-character name in one word also passed the 998-character line limit); decoders join them.
+ENCODED_WORD_BYTES = 45
 
 
 def list_id_phrase(name):
@@ -21,7 +25,19 @@ def list_id_phrase(name):
         return name
     if name.isascii():
         return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return "=?utf-8?b?" + base64.b64encode(name.encode()).decode() + "?="
+    return " ".join("=?utf-8?b?" + base64.b64encode(part.encode()).decode() + "?=" for part in _utf8_parts(name))
+
+
+def _utf8_parts(text, max_bytes=ENCODED_WORD_BYTES):
+    """`text` cut between characters into parts of at most `max_bytes` UTF-8 bytes each."""
+    parts, part, size = [], "", 0
+    for char in text:
+        n = len(char.encode())
+        if size + n > max_bytes:
+            parts.append(part)
+            part, size = "", 0
+        part, size = part + char, size + n
+    return parts + [part]
 
 
 def unsubscribe_url(base_url, smid):
