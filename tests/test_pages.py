@@ -242,9 +242,28 @@ def test_confirm_refuses_required_category_and_empty_choice(api, client, r):
     token = form_token(client.get(path).get_data(as_text=True))
     before = redis_state(r)
     resp = client.post(path, data={"action": "unsubscribe", "categories": ["receipts"], "csrf_token": token})
-    assert resp.status_code == 400 and "required" in resp.get_data(as_text=True)
+    assert resp.status_code == 400 and "This page is out of date" in resp.get_data(as_text=True)  # never offered
     resp = client.post(path, data={"action": "unsubscribe", "scope": "categories", "csrf_token": token})
-    assert resp.status_code == 400
+    assert resp.status_code == 400 and "Choose at least one kind of message" in resp.get_data(as_text=True)
+    assert redis_state(r) == before
+
+
+def test_a_page_the_sender_changed_meanwhile_says_so_in_its_language(api, client, r):
+    res, path, _body = make_link(api, "confirm")
+    token = form_token(client.get(path + "?lang=ru").get_data(as_text=True))
+    api.ok("resources/update", id=res["id"], delete_categories=["news"], categories=[
+        c for c in email_resource()["categories"] if c["api_name"] != "news"])
+    before = redis_state(r)
+    resp = client.post(path, data={"csrf_token": token, "lang": "ru", "action": "unsubscribe", "scope": "categories",
+                                   "categories": "news"})
+    html = resp.get_data(as_text=True)
+    assert resp.status_code == 400 and 'lang="ru"' in html and "Эта страница устарела" in html
+    assert "category" not in html                                   # not the core's English message
+    assert redis_state(r) == before
+    api.ok("resources/update", id=res["id"], unsubscribe={"mode": "delayed"})   # this page has no timer form
+    before = redis_state(r)
+    resp = client.post(path, data={"csrf_token": token, "lang": "ru", "action": "unsubscribe"})
+    assert resp.status_code == 400 and "Эта страница устарела" in resp.get_data(as_text=True)
     assert redis_state(r) == before
 
 

@@ -201,7 +201,7 @@ def page_action(smid, action):
         if action == "unsubscribe":
             cats = request.form.getlist("categories") if ctx.mode == "confirm" else None
             if ctx.mode == "confirm" and not cats and request.form.get("scope") == "categories":
-                raise InvalidInput(_("Choose at least one kind of message to stop."))
+                raise PageChoiceError(_("Choose at least one kind of message to stop."))
             scope = unsubscribe.resolve_scope(ctx, cats or None)
             method = "page_confirm" if ctx.mode == "confirm" else "page_instant"
             if ctx.mode not in ("instant", "confirm"):
@@ -241,15 +241,22 @@ def wants_json():
     return request.accept_mimetypes.best == "application/json"
 
 
+class PageChoiceError(InvalidInput):
+    """A choice on the page the person must make again; its message is written for them, in their language."""
+
+
 def error_page(exc):
-    """A readable page in the chosen language; the exception text is shown only for input errors."""
-    if isinstance(exc, BadToken):
-        status = 404
-    else:
-        status = exc.status
-    message = exc.message if isinstance(exc, (InvalidInput, Conflict, Blocked)) else None
-    if isinstance(exc, Conflict):
+    """A readable page in the chosen language. Core code's messages are English and written for developers, so
+    a page shows its own: the person's choice to make again, or what went wrong."""
+    status = 404 if isinstance(exc, BadToken) else exc.status
+    message = None  # the page's own text for its status
+    if isinstance(exc, PageChoiceError):
+        message = exc.message
+    elif isinstance(exc, Conflict):
         message = _("There is nothing to undo: the change is too old, or something changed since.")
+    elif isinstance(exc, InvalidInput):  # a page the sender changed since it was opened, or an altered form
+        message = _("This page is out of date: the sender has changed this subscription's options since it "
+                    "was opened. Please open the link again.")
     return no_store(make_response(render_page("message.html", status=status, message=message), status))
 
 
