@@ -358,6 +358,25 @@ def test_language_chain(api, client):
     assert 'href="?lang=en"' in html                                      # visible switcher
 
 
+def test_the_profiles_language_comes_after_an_explicit_choice_and_before_the_rest(api, client):
+    res, path, body = make_link(api, "confirm", default_locale="en")
+    ident = {k: v for k, v in body.items() if k != "category"}
+    assert api.ok("subscriptions/set", **ident, locale="ru-RU")["locale"] == "ru"     # kept as its language
+    html = client.get(path, headers={"Accept-Language": "en"}).get_data(as_text=True)
+    assert 'lang="ru"' in html                        # the profile beats the resource default and the browser
+    manage = re.search(r'href="([^"]*/manage/[^"]*)"', html).group(1)
+    assert 'lang="ru"' in client.get(manage.removeprefix("https://unsub.example")).get_data(as_text=True)
+    html = client.get(path + "?lang=en").get_data(as_text=True)
+    assert 'lang="en"' in html                        # an explicit choice beats the profile...
+    manage = re.search(r'href="([^"]*/manage/[^"]*)"', html).group(1)
+    assert manage.endswith("?lang=en")                # ...and goes on to the manager
+    assert 'lang="en"' in client.get(manage.removeprefix("https://unsub.example")).get_data(as_text=True)
+    api.ok("subscriptions/set", **ident, locale="")                                   # cleared
+    assert "locale" not in api.ok("subscriptions/get", **ident)
+    assert 'lang="en"' in client.get(path, headers={"Accept-Language": "ru"}).get_data(as_text=True)
+    assert "language tag" in api.fail("subscriptions/set", 400, **ident, locale="русский")
+
+
 def test_security_headers(api, client):
     _res, path, _body = make_link(api, "confirm")
     resp = client.get(path)

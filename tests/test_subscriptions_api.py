@@ -265,7 +265,8 @@ def _records():
         optional={"status": st.one_of(st.integers(0, 6), st.booleans()), "priority": st.integers(0, 2 ** 31),
                   "uncats": st.lists(text, max_size=3), "custom_fields": st.dictionaries(text, scalar, max_size=3),
                   "reg_info": reg_info, "is_delete": st.one_of(st.booleans(), st.integers(0, 1)),
-                  "updated_at": times, "suspended_until": times, "extra_member": scalar})
+                  "updated_at": times, "suspended_until": times, "locale": st.sampled_from(["en", "ru", "de"]),
+                  "extra_member": scalar})
 
 
 def test_every_record_survives_the_stored_form():

@@ -41,6 +41,7 @@ SUBSCRIPTION_ID = {
     "cc_data": {"type": "object", "properties": {"id": {"type": ["integer", "string"]}, "phone": {"type": "string"}}},
 }
 SUBSCRIPTION_SET = {**SUBSCRIPTION_ID, "status": STATUS, "priority": {"type": "integer", "minimum": 0},
+                    "locale": {"type": "string", "pattern": r"^([A-Za-z]{2,3}([-_][A-Za-z0-9]{1,8})*)?$"},
                     "cats": {"type": "array", "items": {"type": "string"}}, "custom_fields": {"type": "object"},
                     "date": {"type": "string", "format": "date-time"}, "ip": {"type": "string"},
                     "url": {"type": "string"}}

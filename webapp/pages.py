@@ -17,7 +17,7 @@ from . import csrf, hotpaths, unsubscribe
 from .delayed import schedule_timer
 from .errors import BadToken, Blocked, Conflict, InvalidInput, NotFound, ServiceError
 from .headers import manage_url
-from .locale import LOCALES, render_page, set_page_locale
+from .locale import LOCALES, explicit_locale, render_page, set_page_locale
 from .store import client_of, get_redis, get_timer_queue
 from .subscriptions import Status, subscribed_cats
 from .sdk import origin_of
@@ -92,7 +92,8 @@ def page_view(ctx, done=None):
         "timer_minutes": resource["unsubscribe"]["timer_minutes"],
         "blocked_text": resource["unsubscribe"].get("blocked_text"),
         "manage_url": manage_url(app.config["PUBLIC_BASE_URL"],
-                                 issue_manager_token(ring, smid.db_id, smid.profile_id, smid.hash_id)),
+                                 issue_manager_token(ring, smid.db_id, smid.profile_id, smid.hash_id))
+                      + (f"?lang={lang}" if (lang := explicit_locale()) else ""),  # the language the person chose
         "done": done, "action_url": page_path(ctx.token),
         "form_token": issue_page_form_token(ring, ctx.token),
         "locales": LOCALES,

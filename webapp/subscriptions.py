@@ -14,8 +14,9 @@ from enum import IntEnum
 from . import events, keys
 from .errors import InvalidInput, NoSuchSubscription
 from .resources import PHONE_CC_CHANNELS, get_resource, get_resources, validate_field_value
-from .validation import (as_chat_id, as_datetime, as_email, as_int, as_ip, as_list, as_object, as_phone,
-                         as_profile_id, as_text, as_url, ms_to_time, no_unknown_keys, now_iso, require, time_to_ms)
+from .validation import (as_chat_id, as_datetime, as_email, as_int, as_ip, as_language, as_list, as_object,
+                         as_phone, as_profile_id, as_text, as_url, ms_to_time, no_unknown_keys, now_iso, require,
+                         time_to_ms)
 
 
 class Status(IntEnum):
@@ -50,7 +51,7 @@ def parse_status(value, field="status"):
 
 IDENTITY_FIELDS = ("db_id", "profile_id", "resource_id", "channel", "email", "phone", "provider",
                    "subscription_id", "cc_data")
-SET_FIELDS = IDENTITY_FIELDS + ("status", "priority", "cats", "custom_fields", "date", "ip", "url", "token")
+SET_FIELDS = IDENTITY_FIELDS + ("status", "priority", "cats", "custom_fields", "date", "ip", "url", "locale", "token")
 
 
 def read_address(channel, data):
@@ -79,7 +80,7 @@ def read_address(channel, data):
 # decode_record(encode_record(rec)) == rec for every record; a record stored in the old long form (it has
 # "resource_id") reads unchanged. Lua that looks inside a stored record (hotpaths.READ) uses the short names.
 _SHORT = {"resource_id": "r", "channel": "c", "address": "a", "status": "s", "priority": "p", "uncats": "u",
-          "custom_fields": "f", "is_delete": "x", "updated_at": "t", "suspended_until": "z"}
+          "custom_fields": "f", "is_delete": "x", "updated_at": "t", "suspended_until": "z", "locale": "g"}
 _LONG = {short: name for name, short in _SHORT.items()}
 _DEFAULTS = {"status": 0, "priority": 0, "uncats": [], "custom_fields": {}, "is_delete": False}
 _REG_SHORT = {"date": "d", "ip": "i", "url": "l", "source": "o"}
@@ -200,6 +201,8 @@ def extended_form(resource, db_id, profile_id, hash_id, record):
     })
     if record.get("suspended_until"):
         out["suspended_until"] = record["suspended_until"]
+    if record.get("locale"):
+        out["locale"] = record["locale"]
     return out
 
 
@@ -338,6 +341,8 @@ def set_subscription(r, data):
     reg_date = as_datetime(data["date"]) if data.get("date") else None
     reg_ip = as_ip(data["ip"]) if data.get("ip") else None
     reg_url = as_url(data["url"], "url") if data.get("url") else None
+    # The person's language, as the sender knows it: the pages' choice after ?lang= (contract §4). "" clears it.
+    locale = (as_language(data["locale"]) if data["locale"] != "" else "") if data.get("locale") is not None else None
 
     def change(pc):
         old = pc.records.get(hash_id)
@@ -356,6 +361,10 @@ def set_subscription(r, data):
                 record.pop("suspended_until", None)
         if uncats is not None:
             record["uncats"] = uncats
+        if locale:
+            record["locale"] = locale
+        elif locale == "":
+            record.pop("locale", None)
         siblings = [(h, rec) for h, rec in pc.records.items() if h != hash_id
                     and rec["resource_id"] == resource["id"] and rec["channel"] == channel]
         if priority is not None:

@@ -38,8 +38,8 @@ def no_unknown_keys(data, allowed, where=""):
 
 def json_object(raw, what="request body"):
     """The JSON object in `raw` (bytes or text), or InvalidInput. Text that cannot be UTF-8 is refused here,
-    once for every field: JSON may spell a lone UTF-16 surrogate ("\\ud800"), which Python decodes into a str that every later
-    encode (a stored record, a header, a page) fails on."""
+    once for every field: JSON may spell a lone UTF-16 surrogate ("\\ud800"), which Python decodes into a str
+    that every later encode (a stored record, a header, a page) fails on."""
     try:
         data = json.loads(raw) if raw else None
     except (ValueError, RecursionError):  # RecursionError: arrays or objects nested thousands deep
@@ -104,6 +104,16 @@ def as_text(value, field, max_len=255, allow_empty=True):
     if any(ord(c) < 32 and c not in "\t\n\r" for c in value):
         raise InvalidInput(f"{field} contains control characters", field=field)
     return value
+
+
+LANGUAGE_TAG_RE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{1,8})*\Z")
+
+
+def as_language(value, field="locale"):
+    """A language tag (BCP 47: "ru", "ru-RU", "en_GB"); returns its primary language, lower case ("ru")."""
+    if not isinstance(value, str) or len(value) > 35 or not LANGUAGE_TAG_RE.match(value):
+        raise InvalidInput(f"{field} must be a language tag such as en, ru or ru-RU", field=field)
+    return re.split("[-_]", value, maxsplit=1)[0].lower()
 
 
 def as_api_name(value, field, max_len=32):
