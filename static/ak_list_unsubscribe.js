@@ -184,7 +184,8 @@
     // storage is down) look the same to a script; ask which one it was.
     async _explainFailure(base) {
       try {
-        const probe = await fetch(base + "/origin", {credentials: "omit", cache: "no-store"});
+        const probe = await fetch(base + "/origin",
+          {credentials: "omit", cache: "no-store", referrerPolicy: "no-referrer"});
         const info = await probe.json();
         if (probe.status === 404) return sdkError(info.error_text, 404, "unknown_resource");
         if (probe.status === 503) return sdkError(info.error_text, 503, info.reason || "unavailable");

@@ -63,7 +63,10 @@ def parse_field(fdef, raw):
         return value
     if len(raw) > 1024:
         raise ValueError("long")
-    return raw
+    return raw.translate(_CONTROL_CHARACTERS)  # invisible, and refused by the API's checks of the same fields
+
+
+_CONTROL_CHARACTERS = dict.fromkeys(c for c in range(32) if chr(c) not in "\t\n\r")
 
 
 def _parse_preferences(resource, record, cats_on, field_values):
