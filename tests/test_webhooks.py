@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import email_resource, redis_state
-from webapp import webhooks
+from webapp import keys, webhooks
 
 SECRET = "s3cret-webhook-key-123"
 
@@ -60,6 +60,17 @@ def test_a_webhook_added_after_events_counts_and_gets_the_new_ones(api, r, resou
     assert webhooks.deliver(r, group) == {"sent": 2, "skipped": 0, "error": None}
     assert {b["profile_id"] for b in receiver.bodies()} == {"p-3"}
     assert webhooks.target_state(r, group)["backlog"] == 0 and webhooks.due_targets(r) == []
+
+
+def test_a_backlog_redis_cannot_count_is_counted(api, r, resource, receiver):
+    hook = api.ok("webhooks/add", url=receiver.url, secret=SECRET)
+    group = webhooks.group_name(hook["id"])
+    change(api, resource)
+    change(api, resource, profile_id="p-43")
+    second = r.xrange(keys.events_timeline())[1][0]
+    r.xdel(keys.events_timeline(), second)             # a deleted entry: XINFO GROUPS gives the lag as null
+    assert r.xinfo_groups(keys.events_timeline())[0]["lag"] is None
+    assert webhooks.target_state(r, group)["backlog"] == 3 and webhooks.due_targets(r) == [group]
 
 
 def test_a_timer_event_reaches_a_webhook_for_its_resource(api, app, r, receiver):
