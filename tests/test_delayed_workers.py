@@ -2,6 +2,7 @@
 redis-servers: deadline accuracy, the cancel race, kill -9 of a worker, a Redis restart with AOF, a worker that
 was down past the deadlines, and a dead worker's duties taken over. Timers are seconds long (TIME_UNIT_SECONDS=1,
 or an explicit unit), never real minutes."""
+import math
 import os
 import random
 import shutil
@@ -194,6 +195,21 @@ def test_a_plain_rq_worker_fires_timers_through_the_tick_jobs(app, r, workers, q
     flipped = flip_times(r, contexts, timeout=10)
     for ctx in contexts:  # the tick runs in the whole second after the deadline, polled once a second
         assert deadlines[ctx.key] <= flipped[ctx.key] <= deadlines[ctx.key] + 3.0
+    assert_fired_once(r, contexts)
+
+
+def test_a_plain_rq_worker_whose_clock_runs_ahead_still_fires_every_timer(app, r, workers, queue, redis_url):
+    """RQ releases a tick by the worker host's clock; 2.5 s ahead of Redis's, the tick for a deadline's second
+    comes before the deadline and finds nothing due. The tick then schedules the next second's, until it fires."""
+    workers.start([sys.executable, os.path.join(os.path.dirname(__file__), "skewed_rq_worker.py"), redis_url,
+                   QUEUE, "2.5"])
+    contexts = delayed_contexts(app, r, 5, timer_minutes=1)
+    now = time.time()
+    # Deadlines just after a whole second: the furthest from the tick second (their ceiling) they can be.
+    deadlines = {ctx.key: arm_at(r, queue, ctx, math.floor(now) + 3.05 + i, 1) for i, ctx in enumerate(contexts)}
+    flipped = flip_times(r, contexts, timeout=15)
+    for ctx in contexts:  # early ticks, then one per second of the host's clock until the deadline has passed
+        assert deadlines[ctx.key] <= flipped[ctx.key] <= deadlines[ctx.key] + 2.5
     assert_fired_once(r, contexts)
 
 

@@ -32,8 +32,8 @@ from rq.exceptions import DuplicateJobError
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 
-from . import scripts
-from .unsubscribe import FIRE_BATCH, due_timers, fire_timers
+from . import keys, scripts
+from .unsubscribe import FIRE_BATCH, due_timers, fire_timers, server_time
 
 log = logging.getLogger("workers.sweeper")
 FIRE_JOB = "workers.jobs.fire_delayed_unsubscribe"  # fires one named timer (kept for jobs already queued)
@@ -44,6 +44,7 @@ TICK_GRACE = 1.0  # in a worker process that runs a sweeper, ticks fire only tim
 TICK_BUDGET = 60.0  # seconds a tick job may spend on a backlog before it leaves the rest to the next one
 TICK_TIMEOUT = 180  # RQ job timeout of a tick, seconds
 FAILED_JOB_TTL = 86400  # seconds a failed trigger stays inspectable
+FOLLOW_UP_WINDOW = 10.0  # seconds: a tick under a plain rq worker checks this far ahead (clock skew it covers)
 SCHEDULER_STALE = 5  # seconds without a refresh (RQ refreshes every second) after which a lock's holder is dead
 SCHEDULER_CHECK_INTERVAL = 2.0  # seconds between a sweeper's looks at the scheduler locks
 
@@ -61,7 +62,11 @@ def tick_job_id(queue_name, second):
 def schedule_timer(queue, db_id, profile_id, hash_id, deadline):
     """Make sure a tick runs at the first whole second not before `deadline` (the timer db_id/profile_id/
     hash_id is fired by it with every other timer due by then). Idempotent: one job per second."""
-    second = math.ceil(deadline)
+    schedule_tick(queue, math.ceil(deadline))
+
+
+def schedule_tick(queue, second):
+    """Make sure a tick runs at the whole epoch `second` (by the RQ worker host's clock); one job per second."""
     try:
         queue.enqueue_at(datetime.fromtimestamp(second, tz=timezone.utc), TICK_JOB,
                          job_id=tick_job_id(queue.name, second), unique=True, result_ttl=0,
@@ -87,12 +92,30 @@ def mark_sweeper_process():
     _sweeper_process = True
 
 
+def is_sweeper_process():
+    return _sweeper_process
+
+
 def tick_grace():
     """Grace of a tick job: in a worker that also runs a Sweeper (its work horse inherits this module's state)
     the sweeper fires timers on time and the tick only backs it up, firing what is more than TICK_GRACE
     overdue, so the two seldom do the same work. Under a plain `rq worker` the tick is the only trigger and
     fires everything due."""
     return TICK_GRACE if _sweeper_process else 0.0
+
+
+def follow_up_tick(r, queue, window=FOLLOW_UP_WINDOW):
+    """Under a plain `rq worker` the ticks are the only trigger, and RQ releases each by the worker host's clock,
+    while deadlines are on the Redis clock. A host clock running ahead makes a tick come before its timer is due
+    and find nothing to fire. So a tick that leaves a timer due within `window` seconds (by the Redis clock)
+    schedules one more tick for the host's next second, and that one does the same, until the timer fires.
+    Returns the follow-up's second, or None."""
+    now = server_time(r)
+    if not r.zrangebyscore(keys.pending_due(), f"({now}", now + window, start=0, num=1):
+        return None
+    second = math.floor(time.time()) + 1
+    schedule_tick(queue, second)
+    return second
 
 
 def fire_due(r, budget=TICK_BUDGET, grace=SWEEP_GRACE, limit=FIRE_BATCH):

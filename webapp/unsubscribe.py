@@ -233,7 +233,7 @@ def _parse_member(member):
     return int(db_id), profile_id, hash_id
 
 
-def _server_time(client):
+def server_time(client):
     seconds, micros = client.time()
     return seconds + micros / 1_000_000
 
@@ -286,7 +286,7 @@ def arm_timer(r, ctx, scope, unit_seconds, evidence=None, on_armed=None):
         record = pc.records[hash_id]
         if unsubscribed_record(ctx.resource, record, scope) == record:
             return {"state": "unsubscribed", "new": False}
-        now = _server_time(pc.pipe)
+        now = server_time(pc.pipe)
         fields = pending_fields(ctx, scope, now, now + seconds, evidence)
         pc.also(lambda pipe: queue_pending_writes(pipe, db_id, profile_id, hash_id, fields))
         return {"state": "pending", "deadline": float(fields["deadline"]), "new": True}

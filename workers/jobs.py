@@ -1,8 +1,10 @@
 """Job functions, enqueued by dotted path with plain ids. Each re-reads Redis and acts only if still due."""
 import os
 
+from rq import get_current_job
+
 from webapp import keys
-from webapp.delayed import fire_due, tick_grace
+from webapp.delayed import fire_due, follow_up_tick, is_sweeper_process, tick_grace, timer_queue
 from webapp.store import connect
 from webapp.unsubscribe import fire_timer
 from webapp.webhooks import deliver
@@ -20,8 +22,15 @@ def _redis():
 
 def fire_due_timers():
     """A timer tick (see webapp.delayed.schedule_timer): settle every delayed unsubscribe that is due.
-    Returns how many fired; duplicate or late ticks find nothing left and change nothing."""
-    return fire_due(_redis(), grace=tick_grace())
+    Returns how many fired; duplicate or late ticks find nothing left and change nothing. Under a plain
+    `rq worker`, where ticks are the only trigger, it also makes sure a tick follows while a timer is about to
+    be due (webapp.delayed.follow_up_tick)."""
+    r = _redis()
+    fired = fire_due(r, grace=tick_grace())
+    job = get_current_job()
+    if not is_sweeper_process() and job is not None:
+        follow_up_tick(r, timer_queue(job.connection, job.origin))
+    return fired
 
 
 def deliver_target(group):
