@@ -35,6 +35,19 @@
     tick();
   }
 
+  // A second click while the first submit is on its way would send the action twice (an Undo's second post
+  // finds nothing to undo). Back from the next page (bfcache) lets the form be sent again.
+  document.addEventListener("submit", function (event) {
+    if (event.target.getAttribute("data-sent")) { event.preventDefault(); return; }
+    event.target.setAttribute("data-sent", "1");
+  });
+  window.addEventListener("pageshow", function (event) {
+    if (!event.persisted) return;
+    Array.prototype.forEach.call(document.querySelectorAll("form[data-sent]"), function (form) {
+      form.removeAttribute("data-sent");
+    });
+  });
+
   document.addEventListener("DOMContentLoaded", function () {
     Array.prototype.forEach.call(document.querySelectorAll("form[data-auto-submit]"), autoSubmit);
     Array.prototype.forEach.call(document.querySelectorAll(".countdown"), countdown);

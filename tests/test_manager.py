@@ -68,6 +68,7 @@ def test_bad_field_value_shows_inline_error_and_saves_nothing(api, client, r, fi
                                    "categories": ["news"], "field.plan": "pro", field: value})
     html = resp.get_data(as_text=True)
     assert resp.status_code == 400 and text in html and 'aria-invalid="true"' in html
+    assert "Please check the highlighted fields." in html and "autofocus" in html   # said at the top, focus on it
     assert f'value="{value}"' in html                                          # what was typed stays
     assert redis_state(r) == before
 
@@ -92,6 +93,8 @@ def test_suspend_resume_unsubscribe_and_undo(api, client, r):
     assert post(client, path, action="resume", hash_id=h).status_code == 303
     assert api.ok("subscriptions/get", **ident)["status"] == "subscribed" and r.zcard("us:suspensions:due") == 0
     assert post(client, path, action="unsubscribe", hash_id=h).status_code == 303
+    html = client.get(path).get_data(as_text=True)      # its categories are not "what you receive" any more
+    assert "What you will receive while subscribed" in html and "What you receive<" not in html
     assert api.ok("subscriptions/get", **ident)["status"] == "unsubscribed"
     assert "You can undo your last change" in client.get(path).get_data(as_text=True)
     assert post(client, path, action="undo", hash_id=h).status_code == 303

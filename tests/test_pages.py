@@ -277,7 +277,11 @@ def test_instant_unsubscribe_and_undo(api, client, r):
     assert client.post(path, data={"action": "undo", "csrf_token": token}).status_code == 303
     assert get_sub(api, body)["status"] == "subscribed"
     assert [e["method"] for e in events.list_events(r, 1, "p-42")[0]] == ["page_undo", "page_instant", "api"]
-    assert client.post(path, data={"action": "undo", "csrf_token": token}).status_code == 409
+    again = client.post(path, data={"action": "undo", "csrf_token": token})    # a second click: the same answer
+    assert again.status_code == 303 and again.headers["Location"].endswith("done=undone")
+    assert [e["method"] for e in events.list_events(r, 1, "p-42")[0]] == ["page_undo", "page_instant", "api"]
+    api.ok("subscriptions/set", **{k: v for k, v in body.items() if k != "category"}, status="unsubscribed")
+    assert client.post(path, data={"action": "undo", "csrf_token": token}).status_code == 409  # another change
 
 
 def test_delayed_start_is_idempotent_and_cancel_works(api, client, r):

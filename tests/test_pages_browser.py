@@ -31,11 +31,17 @@ def test_instant_unsubscribes_on_view_and_undo_restores(live_server, open_page, 
     assert status(live_server, ident)[0] == "unsubscribed"
     assert page.locator("h1").inner_text() == {"en": "You are unsubscribed", "ru": "Вы отписаны"}[lang]
     screenshot(page, f"instant-done-{lang}")
-    page.locator('button[value="undo"]').click()
+    page.locator('button[value="undo"]').dblclick()                          # a second click is not sent
     page.wait_for_url("**done=undone**")
     assert status(live_server, ident)[0] == "subscribed"
     assert page.locator('[role="status"]').is_visible()
+    assert not page.locator(".js-only").is_visible()                           # nothing is on its way
     screenshot(page, f"instant-undone-{lang}")
+    other = {"en": "ru", "ru": "en"}[lang]
+    page.locator(f'.langs a[hreflang="{other}"]').click()                      # the page in the other language...
+    page.wait_for_url(f"**lang={other}**")
+    page.wait_for_timeout(300)
+    assert "done=undone" in page.url and status(live_server, ident)[0] == "subscribed"  # ...does not act again
 
 
 @pytest.mark.parametrize("lang", LANGS)
@@ -46,6 +52,12 @@ def test_confirm_needs_the_click(live_server, open_page, r, lang):
     page.wait_for_timeout(300)
     assert status(live_server, ident) == ("subscribed", ["news", "receipts"])   # showing changed nothing
     assert page.locator('input[value="news"]').is_checked()
+    page.locator('input[value="news"]').uncheck()                               # nothing chosen: asked again
+    page.locator('button[value="unsubscribe"]').click()
+    page.locator("#choice-error").wait_for()
+    assert page.locator('input[value="news"]').is_visible()
+    screenshot(page, f"confirm-nothing-chosen-{lang}")
+    page.locator('input[value="news"]').check()
     page.locator('button[value="unsubscribe"]').click()
     page.wait_for_url("**done=unsubscribed**")
     assert status(live_server, ident) == ("subscribed", ["receipts"])           # required category continues
@@ -79,7 +91,22 @@ def test_delayed_shows_countdown_and_cancel_works(live_server, open_page, r, lan
     page.wait_for_url("**done=cancelled**")
     assert r.zcard("us:pending:due") == 0
     assert status(live_server, ident)[0] == "subscribed"
+    assert not page.locator(".js-only").is_visible()
+    assert "unless you cancel" not in page.content() and "если не отмените" not in page.content()
     screenshot(page, f"delayed-cancelled-{lang}")
+
+
+def test_long_names_and_addresses_fit_a_phone(live_server, open_page, r):
+    api = live_server.api
+    res = api.ok("resources/add", **email_resource(name="ShopExampleInternationalNewsletterForEveryone"))
+    ident = {"db_id": 1, "profile_id": "p-42", "resource_id": res["id"], "channel": "email",
+             "email": "customer.service.notifications@mail.internationalbusinessmachinesgroup.example"}
+    api.ok("subscriptions/set", **ident)
+    links = api.ok("messages/links", **ident)
+    for url in (links["unsubscribe_url"], links["manage_url"]):
+        page = open_page(url + "?lang=ru", "ru", mobile=True)
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390   # no sideways scrolling
+    screenshot(page, "manager-long-names-ru")
 
 
 @pytest.mark.parametrize("lang", LANGS)

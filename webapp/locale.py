@@ -10,6 +10,7 @@ import functools
 import os
 
 from datetime import datetime
+from urllib.parse import urlencode
 
 from flask import g, render_template, request
 from flask.templating import Environment
@@ -68,6 +69,13 @@ def set_page_locale(profile=None, resource_default=None):
     g.locale = choose_locale(explicit_locale(), profile, resource_default, request_accept_language(),
                              current_app.config["DEFAULT_LOCALE"])
     return g.locale
+
+
+def language_href(code):
+    """This page again in language `code`: the query kept, `lang` swapped. Dropping the rest (a page's `done`)
+    would show the page as first opened, and an instant or delayed page acts again when first opened."""
+    args = [(k, v) for k, v in request.args.items(multi=True) if k != "lang"]
+    return "?" + urlencode(args + [("lang", code)])
 
 
 def _select():
@@ -197,4 +205,4 @@ def init_app(app):
 
     @app.context_processor
     def language_switcher():
-        return {"current_locale": _select, "language_names": LANGUAGE_NAMES}
+        return {"current_locale": _select, "language_names": LANGUAGE_NAMES, "language_href": language_href}

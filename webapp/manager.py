@@ -124,7 +124,8 @@ def manage(token):
             preferences.undo(r, db_id, profile_id, ev)
     except InvalidFields as exc:
         entered = {k[6:]: v for k, v in request.form.items() if k.startswith("field.")}
-        return render_manager(token, parsed, status=400, errors=exc.errors, entered=entered, failed_hash=hash_id)
+        return render_manager(token, parsed, status=400, errors=exc.errors, entered=entered, failed_hash=hash_id,
+                              message="InvalidFields")
     except ServiceError as exc:
         return render_manager(token, parsed, status=exc.status, failed_hash=hash_id,
                               message=type(exc).__name__)

@@ -192,6 +192,10 @@ def no_store(resp):
     return resp
 
 
+class PageChoiceError(InvalidInput):
+    """A choice on the page the person must make again; its message is written for them, in their language."""
+
+
 def page_action(smid, action):
     """A form POST from the page: change state, then show the page again (303) or answer JSON to fetch()."""
     r = get_redis()
@@ -227,6 +231,12 @@ def page_action(smid, action):
                 raise InvalidInput("this page has no timer")
             unsubscribe.unsubscribe(r, ctx, unsubscribe.resolve_scope(ctx), "page_now", evidence())
             done = "unsubscribed"
+    except PageChoiceError as exc:
+        if wants_json():
+            return jsonify({"error": exc.code, "error_text": exc.message}), exc.status
+        # The same page again, its choice to make with the reason next to it: not a page without a way back.
+        view = dict(page_view(ctx), choice_error=exc.message)
+        return no_store(make_response(render_page(f"unsubscribe/{ctx.mode}.html", **view), exc.status))
     except ServiceError as exc:
         if wants_json():
             return jsonify({"error": exc.code, "error_text": exc.message}), exc.status
@@ -240,10 +250,6 @@ def page_action(smid, action):
 
 def wants_json():
     return request.accept_mimetypes.best == "application/json"
-
-
-class PageChoiceError(InvalidInput):
-    """A choice on the page the person must make again; its message is written for them, in their language."""
 
 
 def error_page(exc):

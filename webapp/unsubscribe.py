@@ -196,8 +196,11 @@ def undo(r, ctx, evidence=None):
         recent = [events.decode_event(x) for x in pc.pipe.lrange(keys.profile_events(db_id, profile_id), -50, -1)]
         mine = [e for e in recent if e["hash_id"] == hash_id]
         last = mine[-1] if mine else None
-        if (last is None or last["smid"] != ctx.token or last["method"] not in UNDOABLE_METHODS
-                or int(last["id"][:13]) / 1000 < time.time() - UNDO_WINDOW_SECONDS):
+        recent_mine = (last is not None and last["smid"] == ctx.token
+                       and int(last["id"][:13]) / 1000 >= time.time() - UNDO_WINDOW_SECONDS)
+        if recent_mine and last["method"] == "page_undo":  # undone already (a second click): the same answer
+            return {"changed": False, "state": state_of(ctx.resource, record)}
+        if not recent_mine or last["method"] not in UNDOABLE_METHODS:
             raise Conflict("there is no recent unsubscribe to undo")
         if Status(record["status"]) in FINAL_STATUSES:
             raise Conflict("this subscription cannot be restored")
