@@ -13,7 +13,7 @@ import time
 
 import pytest
 import redis
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
+from redis.exceptions import MasterDownError, OutOfMemoryError, ReadOnlyError, ResponseError
 
 from conftest import API_TOKEN, ROOT, SIGNING_KEYS, email_resource, form_token, start_redis_server
 from webapp.store import unavailable_reply
@@ -285,9 +285,33 @@ def test_a_redis_refusing_writes_still_shows_pages_and_answers_503_to_changes(r,
         server.stop()
 
 
+def test_a_replica_cut_off_from_its_primary_answers_503(r, redis_url):
+    """During a failover the service's endpoint can be a replica whose primary is gone; with
+    replica-serve-stale-data no it answers MASTERDOWN to everything but PING and INFO."""
+    server = Gunicorn(redis_url, workers=1)
+    try:
+        links = make_links(server, 1)
+        r.config_set("replica-serve-stale-data", "no")
+        r.execute_command("REPLICAOF", "127.0.0.1", "1")   # a primary that is not there
+        try:
+            answers = {"one-click": server.fetch("POST", links[0], "List-Unsubscribe=One-Click",
+                                                 {"Content-Type": "application/x-www-form-urlencoded"}),
+                       "page": server.fetch("GET", links[0]),
+                       "api": server.fetch("POST", "/api/v1.1/resources/list", json.dumps({"token": API_TOKEN}),
+                                           {"Content-Type": "application/json"})}
+        finally:
+            r.execute_command("REPLICAOF", "NO", "ONE")
+            r.config_set("replica-serve-stale-data", "yes")
+        assert {name: status for name, (status, _text) in answers.items()} == dict.fromkeys(answers, 503)
+        assert server.one_click(links[0]) == 200
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("exc, refused", [
     (OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), True),  # as redis-py raises it
     (ReadOnlyError("You can't write against a read only replica."), True),
+    (MasterDownError("Link with MASTER is down and replica-serve-stale-data is set to 'no'."), True),
     (ResponseError("MISCONF Redis is configured to save RDB snapshots, but it's currently unable"), True),
     (ResponseError("Command # 1 (HSET k f v) of pipeline caused error: MISCONF Redis is configured"), True),
     (ResponseError("NOREPLICAS Not enough good replicas to write."), True),

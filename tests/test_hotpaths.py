@@ -4,11 +4,12 @@ compares the raised error, the result and every key afterwards (event ids, times
 import gc
 
 import pytest
+import redis
 from jinja2.runtime import Context as RenderContext
 from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
 
-from conftest import email_resource, form_token, normalized, restore, snapshot
+from conftest import email_resource, form_token, normalized, redis_state, restore, snapshot
 from conftest import same_state as state
 from webapp import direct, hotpaths, keys, scripts, unsubscribe
 from webapp.errors import ServiceError
@@ -145,6 +146,19 @@ def another_writer_between_reads_and_apply(monkeypatch, write):
     monkeypatch.setattr(hotpaths, "_read_for_one_click", read_then_write)
     monkeypatch.setattr(scripts, "run_direct", counting_run)
     return applied
+
+
+@pytest.mark.parametrize("key", [keys.db_profiles(1), keys.events_timeline()])
+def test_one_click_writes_nothing_when_a_key_it_would_write_holds_the_wrong_type(api, app, r, key):
+    """A write failing halfway would store the unsubscribe without its ledger event (or its event without its
+    timeline entry, which no webhook would ever see); then the provider's retry answers 200 with nothing to do."""
+    _res, token, _body = link(api, category=None)
+    r.delete(key)
+    r.set(key, "oops")
+    before = redis_state(r)
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE .* nothing written"):
+        hotpaths.one_click(r, app.extensions["signing_keys"], token, EVIDENCE)
+    assert redis_state(r) == before
 
 
 def test_one_click_falls_back_when_something_changed_after_reading(api, app, r, monkeypatch):

@@ -182,9 +182,37 @@ def test_forged_token_gets_a_404_page(api, client, lang, text):
 
 def test_forms_need_csrf(api, client, r):
     _res, _ident, sub, path = setup_profile(api)
+    _res_b, _ident_b, _sub_b, path_b = setup_profile(api, "bob", "bob@example.com")
+    other_links_token = form_token(client.get(path_b).get_data(as_text=True))
+    token = form_token(client.get(path).get_data(as_text=True))
     before = redis_state(r)
-    assert client.post(path, data={"action": "unsubscribe", "hash_id": sub["hash_id"]}).status_code == 400
+    for data, headers in (({}, {}), ({"csrf_token": other_links_token}, {}), ({"csrf_token": "k1.forged"}, {}),
+                          ({"csrf_token": token}, {"Sec-Fetch-Site": "cross-site"}),
+                          ({"csrf_token": token}, {"Origin": "https://evil.example"})):
+        resp = client.post(path, data={"action": "unsubscribe", "hash_id": sub["hash_id"], **data}, headers=headers)
+        assert resp.status_code == 400, (data, headers)
     assert redis_state(r) == before
+
+
+def test_forms_work_without_cookies_and_across_a_key_rotation(api, app, r, redis_url):
+    """The form token is bound to the manager link, not to a session: a mail app's browser that keeps no
+    cookies can use the page, and a page opened before the signing keys rotated still saves."""
+    from conftest import API_TOKEN, SIGNING_KEYS, close_clients
+    from webapp import create_app
+    _res, ident, sub, path = setup_profile(api)
+    page = app.test_client().get(path)
+    assert "Set-Cookie" not in page.headers
+    token = form_token(page.get_data(as_text=True))
+    rotated = create_app({"TESTING": True, "REDIS_URL": redis_url, "API_TOKEN": API_TOKEN,
+                          "VAR_DIR": app.config["VAR_DIR"], "SIGNING_KEYS": SIGNING_KEYS + ",t2:a-newer-secret"})
+    try:
+        fresh = rotated.test_client()                       # no cookie from the GET above
+        resp = fresh.post(path, data={"csrf_token": token, "action": "suspend", "hash_id": sub["hash_id"],
+                                      "days": "14"})
+        assert resp.status_code == 303 and api.ok("subscriptions/get", **ident)["status"] == "suspended"
+        assert form_token(fresh.get(path).get_data(as_text=True)).startswith("t2.")   # new pages: the newest key
+    finally:
+        close_clients(rotated)
 
 
 def test_suspension_ends_by_itself(api, app, client, r):

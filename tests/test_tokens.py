@@ -5,8 +5,8 @@ import pytest
 
 from webapp.config import ConfigError, parse_signing_keys
 from webapp.errors import BadToken
-from webapp.tokens import (MAC_BYTES, SMID_MAX_CHARS, SigningKeys, issue_manager_token, issue_page_form_token,
-                           issue_smid, page_form_token_matches, read_manager_token, read_smid)
+from webapp.tokens import (MAC_BYTES, SMID_MAX_CHARS, SigningKeys, form_token_matches, issue_form_token,
+                           issue_manager_token, issue_smid, read_manager_token, read_smid)
 
 OLD = SigningKeys(parse_signing_keys("k1:old-secret"))
 ROTATED = SigningKeys(parse_signing_keys("k1:old-secret,k2:new-secret"))
@@ -86,14 +86,14 @@ def test_bad_signing_keys_setting(value):
         parse_signing_keys(value)
 
 
-def test_page_form_token_survives_rotation_and_names_one_link():
+def test_form_token_survives_rotation_and_names_one_link():
     smid = issue_smid(OLD, 7, 1, "p-1", "0a0b0c0d", "news")
-    token = issue_page_form_token(OLD, smid)
-    assert token.startswith("k1.") and page_form_token_matches(OLD, smid, token)
-    assert page_form_token_matches(ROTATED, smid, token)                  # a page opened before the rotation
-    assert issue_page_form_token(ROTATED, smid).startswith("k2.")
-    assert not page_form_token_matches(NEW_ONLY, smid, token)             # its key retired
+    token = issue_form_token(OLD, smid)
+    assert token.startswith("k1.") and form_token_matches(OLD, smid, token)
+    assert form_token_matches(ROTATED, smid, token)                  # a page opened before the rotation
+    assert issue_form_token(ROTATED, smid).startswith("k2.")
+    assert not form_token_matches(NEW_ONLY, smid, token)             # its key retired
     other = issue_smid(OLD, 7, 1, "p-2", "0a0b0c0d", "news")
-    assert not page_form_token_matches(OLD, other, token)
+    assert not form_token_matches(OLD, other, token)
     for bad in (None, "", "k1", "k1.", token[:-1], "k9." + token[3:], token + "é", 42):
-        assert not page_form_token_matches(OLD, smid, bad), bad
+        assert not form_token_matches(OLD, smid, bad), bad

@@ -86,6 +86,7 @@ def create_app(test_config=None):
     csrf.exempt(sdk.bp)
     sdk.init_rate_limits(app)
     app.register_blueprint(manager.bp)
+    csrf.exempt(manager.bp)  # its forms carry a token bound to the manager link (pages.check_link_form)
     _register_error_handlers(app)
     return app
 

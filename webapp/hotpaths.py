@@ -35,11 +35,20 @@ ONE_CLICK = "one_click"
 #   pending timer was read, else 0; ARGV[5]: the new subscription JSON ("" = unchanged); ARGV[6]: the
 #   ledger event JSON ("" = none); ARGV[7]: its timeline ref "db|pid|seq"; ARGV[8]: resource id; ARGV[9]:
 #   method; ARGV[10]: the timer's member of KEYS[4]; ARGV[11]: profile id.
-# Returns 1 when applied, 0 (having written nothing) when the record, the ledger or the timer changed.
+# Returns 1 when applied, 0 (having written nothing) when the record, the ledger or the timer changed; an
+# error, having written nothing, when a key it would write holds the wrong type (a write failing halfway would
+# leave a change without its event).
 APPLY = """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 if (redis.call('LINDEX', KEYS[2], -1) or '') ~= ARGV[3] then return 0 end
 if redis.call('EXISTS', KEYS[3]) ~= tonumber(ARGV[4]) then return 0 end
+local writes = {[4] = ARGV[4] == '1' and 'zset', [5] = ARGV[5] ~= '' and 'set', [6] = ARGV[6] ~= '' and 'stream'}
+for i, kind in pairs(writes) do
+  local found = kind and redis.call('TYPE', KEYS[i])['ok']
+  if found and found ~= kind and found ~= 'none' then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' holds a ' .. found .. ', nothing written')
+  end
+end
 if ARGV[5] ~= '' then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[5])
   redis.call('SADD', KEYS[5], ARGV[11])

@@ -2,7 +2,9 @@
 
 The token is a signed, non-expiring manager token (tokens.py): it names the profile, and the subscription
 whose message carried it (which alone may be resubscribed from `unsubscribed`). GET only reads; every
-change is a CSRF-protected POST followed by a 303 back to the page.
+change is a POST followed by a 303 back to the page. Its CSRF token is bound to the manager link, as an
+unsubscribe page's is to its SMID (pages.check_link_form): no session cookie, so its forms work in a mail app's
+browser that blocks cookies, and across a rotation of the signing keys.
 """
 import re
 from urllib.parse import urlsplit
@@ -12,10 +14,10 @@ from flask import Blueprint, current_app, make_response, redirect, request, url_
 from . import preferences
 from .errors import BadToken, InvalidFields, ServiceError
 from .locale import render_page, set_page_locale
-from .pages import evidence, mask_address, no_store
+from .pages import check_link_form, evidence, mask_address, no_store
 from .store import get_redis
 from .subscriptions import Status, subscribed_cats
-from .tokens import read_manager_token
+from .tokens import issue_form_token, read_manager_token
 
 bp = Blueprint("manager", __name__)
 ACTIONS = ("save", "unsubscribe", "suspend", "resume", "resubscribe", "undo")
@@ -80,6 +82,7 @@ def render_manager(token_str, token, status=200, errors=None, entered=None, fail
             groups.append({"resource": sub["resource"], "subscriptions": []})
         groups[-1]["subscriptions"].append(sub)
     html = render_page("manage.html", groups=groups, action_url=url_for("manager.manage", token=token_str),
+                           form_token=issue_form_token(current_app.extensions["signing_keys"], token_str),
                            undo_hash=preferences.undo_available(r, token.db_id, token.profile_id),
                            failed_hash=failed_hash, message=message, done=done,
                            suspend_days=preferences.SUSPEND_DAYS)
@@ -100,6 +103,7 @@ def manage(token):
     if request.method == "GET":
         done = request.args.get("done")
         return render_manager(token, parsed, done=done if done in ACTIONS else None)
+    check_link_form(token)  # CSRF: the form token bound to this manager link (no session cookie needed)
     action, hash_id = request.form.get("action"), request.form.get("hash_id", "")
     if action not in ACTIONS:
         return render_manager(token, parsed, status=400, message="unknown")

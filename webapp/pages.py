@@ -3,7 +3,7 @@
 GET and HEAD only read: link scanners fetch every URL, so a page changes nothing until the browser POSTs
 (the page's own script, or a button when scripts are off). POST with a page `action` is a CSRF-protected
 form; any other POST to the URL is the RFC 8058 one-click (no cookies, no CSRF token, 200, never 3xx).
-The page's CSRF token is bound to the link, not to a session (check_page_form): the page sets no cookie.
+The page's CSRF token is bound to the link, not to a session (check_link_form): the page sets no cookie.
 """
 import functools
 import time
@@ -21,7 +21,7 @@ from .locale import LOCALES, explicit_locale, render_page, set_page_locale
 from .store import client_of, get_redis, get_timer_queue
 from .subscriptions import Status, subscribed_cats
 from .sdk import origin_of
-from .tokens import issue_manager_token, issue_page_form_token, page_form_token_matches
+from .tokens import form_token_matches, issue_form_token, issue_manager_token
 
 bp = Blueprint("pages", __name__)
 PAGE_RULE = "/unsubscribe/<smid>/"  # the page's route, and page_path's pattern
@@ -95,7 +95,7 @@ def page_view(ctx, done=None):
                                  issue_manager_token(ring, smid.db_id, smid.profile_id, smid.hash_id))
                       + (f"?lang={lang}" if (lang := explicit_locale()) else ""),  # the language the person chose
         "done": done, "action_url": page_path(ctx.token),
-        "form_token": issue_page_form_token(ring, ctx.token),
+        "form_token": issue_form_token(ring, ctx.token),
         "locales": LOCALES,
     }
 
@@ -129,7 +129,7 @@ def unsubscribe_page(smid):
     if request.method == "POST":
         if request.form.get("action") is None:
             return one_click(smid)
-        check_page_form(smid)
+        check_link_form(smid)
         return page_action(smid, request.form["action"])
     try:
         ctx = open_page_context(smid, count_view=request.method)  # GET or HEAD
@@ -167,17 +167,17 @@ def one_click(smid):
     return plain(ONE_CLICK_DONE, 200)
 
 
-def check_page_form(smid):
-    """The CSRF check of a page form, before anything is read: the form carries this link's token
-    (tokens.issue_page_form_token), and the browser, where it says, sent it from this service's own origin.
-    Raises CSRFError (400)."""
+def check_link_form(link_token):
+    """The CSRF check of a form on a link's page (this one's, and the manager's), before anything is read: the
+    form carries this link's form token (tokens.issue_form_token), and the browser, where it says, sent it from
+    this service's own origin. Raises CSRFError (400)."""
     origin = request.headers.get("Origin")
     # "null" is what a browser sends from our pages, whose Referrer-Policy is no-referrer.
     if request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site") or (
             origin not in (None, "null") and origin_of(origin, strict=True) not in (
                 origin_of(current_app.config["PUBLIC_BASE_URL"]), origin_of(request.host_url))):
         raise CSRFError("The form was sent from another site.")
-    if not page_form_token_matches(current_app.extensions["signing_keys"], smid, request.form.get("csrf_token")):
+    if not form_token_matches(current_app.extensions["signing_keys"], link_token, request.form.get("csrf_token")):
         raise CSRFError("The form's token is missing or is not this page's.")
 
 

@@ -3,7 +3,7 @@ import re
 
 import redis
 from flask import current_app
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
+from redis.exceptions import MasterDownError, OutOfMemoryError, ReadOnlyError, ResponseError
 
 from .config import DEFAULTS
 
@@ -20,8 +20,9 @@ def connect(url, timeout=DEFAULTS["REDIS_TIMEOUT_SECONDS"]):
 
 
 # Error replies by which Redis says it cannot serve for a while, rather than that a request was wrong: out of
-# memory under noeviction (OOM), a replica (READONLY), a failed snapshot with stop-writes-on-bgsave-error
-# (MISCONF), too few replicas (NOREPLICAS), a script running too long (BUSY). redis-py raises the first two as
+# memory under noeviction (OOM), a replica (READONLY), a replica whose link to its primary is down with
+# replica-serve-stale-data no (MASTERDOWN, during a failover), a failed snapshot with stop-writes-on-bgsave-error
+# (MISCONF), too few replicas (NOREPLICAS), a script running too long (BUSY). redis-py raises the first three as
 # their own classes (and LOADING, a restart still reading its data, as a ConnectionError); the others keep their
 # code in the message, after "Command # n (...) of pipeline caused error: " in a redis-py pipeline.
 _UNAVAILABLE_CODES = re.compile(r"(?:Command # \d+ \(.*\) of pipeline caused error: )?(?:MISCONF|NOREPLICAS|BUSY) ",
@@ -30,7 +31,7 @@ _UNAVAILABLE_CODES = re.compile(r"(?:Command # \d+ \(.*\) of pipeline caused err
 
 def unavailable_reply(exc):
     """True when `exc` is Redis saying it cannot serve for a while: the service is unavailable, not broken."""
-    return isinstance(exc, (OutOfMemoryError, ReadOnlyError)) or (
+    return isinstance(exc, (OutOfMemoryError, ReadOnlyError, MasterDownError)) or (
         isinstance(exc, ResponseError) and _UNAVAILABLE_CODES.match(str(exc)) is not None)
 
 

@@ -28,7 +28,7 @@ PROFILE_ID_MAX = 40  # keeps every SMID within SMID_MAX_CHARS (see tests/test_to
 CATEGORY_MAX = 32
 
 _PURPOSE = {SMID_FORMAT: b"smid\x00", MANAGER_FORMAT: b"manager\x00"}
-_PAGE_FORM_PURPOSE = b"page-form\x00"
+_FORM_PURPOSE = b"page-form\x00"
 
 
 @dataclass(frozen=True)
@@ -185,25 +185,26 @@ def read_manager_token(keys, token):
     return ManagerToken(db_id, profile_id, rest.hex() or None)
 
 
-def issue_page_form_token(keys, smid):
-    """The CSRF token of the forms on a SMID's page: "kid.mac", a MAC of the SMID under the newest key.
+def issue_form_token(keys, link_token):
+    """The CSRF token of the forms on a link's page (an unsubscribe page's SMID, or a manager token): "kid.mac",
+    a MAC of the link's token under the newest key.
 
     Bound to the link rather than to a session, so the page sets no cookie, and its forms still work where a
-    mail app's browser blocks cookies or the session is gone. It proves no more than the SMID in the URL
-    already does, and nothing less: the page has no other authority (no login) for a forged POST to borrow,
-    and a site without the SMID can no more make this token than the SMID itself."""
+    mail app's browser blocks cookies or the session is gone, and across a key rotation. It proves no more
+    than the token in the URL already does, and nothing less: the page has no other authority (no login) for a
+    forged POST to borrow, and a site without the link can no more make this token than the link itself."""
     kid = keys.current_kid
-    return f"{kid}.{_page_form_mac(keys, kid, smid)}"
+    return f"{kid}.{_form_mac(keys, kid, link_token)}"
 
 
-def page_form_token_matches(keys, smid, token):
-    """True when `token` is issue_page_form_token's for this SMID under any listed key."""
+def form_token_matches(keys, link_token, token):
+    """True when `token` is issue_form_token's for this link under any listed key."""
     kid, dot, mac = token.rpartition(".") if isinstance(token, str) else ("", "", "")
-    return bool(dot) and keys.known(kid) and same_secret(mac, _page_form_mac(keys, kid, smid))
+    return bool(dot) and keys.known(kid) and same_secret(mac, _form_mac(keys, kid, link_token))
 
 
-def _page_form_mac(keys, kid, smid):
-    return _b64url(keys.mac(kid, _PAGE_FORM_PURPOSE, smid.encode()))
+def _form_mac(keys, kid, link_token):
+    return _b64url(keys.mac(kid, _FORM_PURPOSE, link_token.encode()))
 
 
 def new_resource_token():
