@@ -11,6 +11,7 @@ import time
 import urllib.request
 
 import pytest
+import redis
 
 from conftest import ROOT
 from webapp.config import ConfigError, default_web_workers, load_settings
@@ -75,6 +76,42 @@ def test_run_starts_redis_web_and_worker_and_ctrl_c_stops_them(tmp_path):
     assert subprocess.run(["pgrep", "-f", str(tmp_path / "var" / "redis")], capture_output=True).returncode == 1
     assert f"127.0.0.1:{port}" in out
     assert "hash-max-listpack-value" not in out and "appendonly is off" not in out  # run sets both
+
+
+def test_a_second_run_in_the_same_place_is_refused_and_closing_the_terminal_stops_the_first(tmp_path):
+    proc, port = start_run(tmp_path)
+    try:
+        second = subprocess.run([sys.executable, "-m", "webapp", "run"], cwd=tmp_path,
+                                env=clean_env(PORT=str(free_port())), capture_output=True, text=True, timeout=30)
+        assert second.returncode == 1 and "Another `python -m webapp run` is using" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert redis.Redis.from_url(f"unix://{tmp_path}/var/redis/redis.sock").ping()   # the first one's, intact
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/static/pages.css", timeout=5).read()
+        children = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                       text=True).stdout.split()]
+    finally:
+        proc.send_signal(signal.SIGHUP)                                                # the terminal closed
+        out, _ = proc.communicate(timeout=40)
+    assert proc.returncode == 0, out
+    left = subprocess.run(["pgrep", "-g", ",".join(map(str, children))], capture_output=True, text=True).stdout
+    assert len(children) == 3 and not [pid for pid in left.split() if _alive(int(pid))]
+
+
+def test_ctrl_c_while_redis_is_starting_leaves_nothing_running(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    slow = bin_dir / "redis-server"   # a redis-server that takes a while to come up
+    slow.write_text(f"#!/bin/sh\nsleep 1\nexec {shutil.which('redis-server')} \"$@\"\n")
+    slow.chmod(0o755)
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", PORT=str(free_port()))
+    proc = subprocess.Popen([sys.executable, "-m", "webapp", "run"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(0.6)                                    # past the settings, waiting for Redis to answer
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in out, out
+    time.sleep(1.0)                                    # what the stopped start would have execed by now
+    assert subprocess.run(["pgrep", "-f", str(tmp_path / "var" / "redis")], capture_output=True).returncode == 1
 
 
 def test_a_second_ctrl_c_while_stopping_still_stops_everything(tmp_path):
@@ -143,7 +180,8 @@ def test_run_without_redis_server_says_how_to_install_it(tmp_path):
                                      ["gunicorn", "-c", os.path.join(ROOT, "webapp", "gunicorn.conf.py"), "-b",
                                       "127.0.0.1:0", "webapp:create_app()"]], ids=["run", "workers", "gunicorn"])
 @pytest.mark.parametrize("setting, value", [("SDK_RATE_LIMIT_PER_IP", "lots"), ("SIGNING_KEYS", "no-colon"),
-                                            ("PORT", "80a"), ("TIME_UNIT_SECONDS", "0")])
+                                            ("PORT", "80a"), ("TIME_UNIT_SECONDS", "0"),
+                                            ("REDIS_URL", "localhost:6379")])
 def test_a_bad_setting_stops_the_command_with_its_message_before_anything_starts(tmp_path, command, setting, value):
     result = subprocess.run([sys.executable, "-m", *command], cwd=tmp_path, env=clean_env(**{setting: value}),
                             capture_output=True, text=True, timeout=30)
@@ -153,14 +191,63 @@ def test_a_bad_setting_stops_the_command_with_its_message_before_anything_starts
     assert not (tmp_path / "var" / "redis").exists()  # no local Redis was started
 
 
-@pytest.mark.parametrize("setting, value", [("PORT", "0"), ("WEB_WORKERS", "0"), ("TRUSTED_PROXIES", "-1"),
-                                            ("TIME_UNIT_SECONDS", "nan"), ("SUSPEND_DAY_SECONDS", "inf"),
-                                            ("REDIS_TIMEOUT_SECONDS", "0"), ("REDIS_TIMEOUT_SECONDS", "soon")])
+def test_gunicorn_without_a_redis_url_says_so_in_one_line(tmp_path):
+    command = [sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "webapp", "gunicorn.conf.py"), "-b",
+               "127.0.0.1:0", "webapp:create_app()"]
+    result = subprocess.run(command, cwd=tmp_path, env=clean_env(API_TOKEN="t", SIGNING_KEYS="k1:s"),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "Configuration error: REDIS_URL is not set" in result.stderr
+
+
+def test_gunicorn_opens_no_control_socket_shared_with_every_other_gunicorn(tmp_path):
+    command = [sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "webapp", "gunicorn.conf.py"), "-b",
+               "127.0.0.1:0", "--log-level", "info", "webapp:create_app()"]
+    env = clean_env(REDIS_URL=f"unix://{tmp_path}/none.sock", API_TOKEN="t", SIGNING_KEYS="k1:s")
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines = []
+    for line in proc.stdout:  # up to the first worker booted: the control socket opens just after
+        lines.append(line)
+        if "Booting worker" in line:
+            break
+    time.sleep(1.0)
+    proc.terminate()
+    out, _ = proc.communicate(timeout=30)
+    log = "".join(lines) + out
+    assert "Booting worker" in log and "Control socket" not in log, log
+
+
+@pytest.mark.parametrize("setting, value", [("PORT", "0"), ("PORT", "70000"), ("WEB_WORKERS", "0"),
+                                            ("TRUSTED_PROXIES", "-1"), ("TIME_UNIT_SECONDS", "nan"),
+                                            ("SUSPEND_DAY_SECONDS", "inf"), ("REDIS_TIMEOUT_SECONDS", "0"),
+                                            ("REDIS_TIMEOUT_SECONDS", "soon"), ("WEBHOOK_TIMEOUT_SECONDS", "5s"),
+                                            ("REDIS_URL", "localhost:6379"), ("DEFAULT_LOCALE", "ru-RU")])
 def test_numbers_out_of_their_range_are_refused(setting, value):
     with pytest.raises(ConfigError, match=f"^{setting} "):
         load_settings({"API_TOKEN": "t", "SIGNING_KEYS": "k1:s", setting: value}, dotenv_path="/nonexistent")
     assert load_settings({"API_TOKEN": "t", "SIGNING_KEYS": "k1:s", "TRUSTED_PROXIES": "0",
                           "REDIS_TIMEOUT_SECONDS": "0.5"}, dotenv_path="/nonexistent")["REDIS_TIMEOUT_SECONDS"] == 0.5
+
+
+def test_dotenv_is_read_as_shells_read_it(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("# settings\n"
+                        "PUBLIC_BASE_URL=https://unsub.example.com   # production\n"
+                        "export API_TOKEN=my-secret-token\n"
+                        'SIGNING_KEYS="k1:abc #1"  # rotated 2026-01\n'
+                        "RQ_QUEUE='unsub'\n"
+                        "TRUSTED_PROXIES=\n")
+    settings = load_settings({}, dotenv_path=str(env_file))
+    assert settings["PUBLIC_BASE_URL"] == "https://unsub.example.com"
+    assert settings["API_TOKEN"] == "my-secret-token" and settings["SIGNING_KEYS"] == "k1:abc #1"
+    assert settings["RQ_QUEUE"] == "unsub" and settings["TRUSTED_PROXIES"] == 0
+    overridden = load_settings({"RQ_QUEUE": "other", "API_TOKEN": ""}, dotenv_path=str(env_file))
+    assert overridden["RQ_QUEUE"] == "other" and overridden["API_TOKEN"] == "my-secret-token"   # "" is unset
+    for bad in ('SIGNING_KEYS=k1:secret"', "SIGNING_KEYS=\"k1:secret", "SIGNING_KEYS=k1:se#cret", "not a setting"):
+        env_file.write_text(bad + "\n")
+        with pytest.raises(ConfigError, match="line 1 is not KEY=value"):
+            load_settings({}, dotenv_path=str(env_file))
 
 
 def test_gunicorn_workers_move_what_they_built_at_start_out_of_the_collectors_view(tmp_path):

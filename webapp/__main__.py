@@ -24,62 +24,77 @@ USAGE = "usage: python -m webapp run"
 REDIS_MEMORY_SETTINGS = ("--hash-max-listpack-value", "512")
 
 
-def start_local_redis(var_dir):
-    """Start redis-server with persistence under var_dir; return (process, url)."""
+def lock_data_dir(data):
+    """Hold an exclusive lock on the local Redis's data directory for the life of this process (the kernel lets
+    go when it ends, however it ends). A second `run` there would start a second redis-server on the same files
+    and take over the first one's socket."""
+    import fcntl
+    lock = open(data / "run.lock", "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(f"Another `python -m webapp run` is using {data}: stop it first, or give this one its own VAR_DIR")
+    return lock
+
+
+def start_local_redis(var_dir, children):
+    """Start redis-server with persistence under var_dir, added to `children` at once (so that it is stopped
+    whatever happens next); return its URL once it answers, and the lock held on its data directory."""
     if shutil.which("redis-server") is None:
         sys.exit("redis-server is not installed: sudo apt-get install -y redis-server (or set REDIS_URL)")
     data = Path(var_dir, "redis").resolve()
     data.mkdir(parents=True, exist_ok=True)
+    lock = lock_data_dir(data)
     sock = data / "redis.sock"
     proc = subprocess.Popen(
         ["redis-server", "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
          "--dir", str(data), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "3600 1 300 100",
          "--daemonize", "no", "--loglevel", "warning", *REDIS_MEMORY_SETTINGS], start_new_session=True)
+    children.append(("redis", proc))
     import redis
     url = f"unix://{sock}"
     for _ in range(200):
         try:
             if redis.Redis.from_url(url).ping():
-                return proc, url
-        except (redis.ConnectionError, FileNotFoundError):
+                return url, lock
+        except (redis.ConnectionError, redis.TimeoutError, FileNotFoundError):  # not listening, or loading
             time.sleep(0.05)
         if proc.poll() is not None:
             break
-    proc.kill()
     sys.exit(f"redis-server did not start (see {data})")
 
 
 def run():
     settings = settings_or_exit()
-    children = []
-    env = dict(os.environ)
-    if not settings["REDIS_URL"]:
-        proc, url = start_local_redis(settings["VAR_DIR"])
-        children.append(("redis", proc))
-        env["REDIS_URL"] = url
-        print(f"Started redis-server (AOF everysec) with data in {Path(settings['VAR_DIR'], 'redis')}")
-    env.setdefault("PUBLIC_BASE_URL", settings["PUBLIC_BASE_URL"])
-    warning = https_warning(settings["PUBLIC_BASE_URL"])
-    if warning:
-        print(f"warning: {warning}")
-    port = settings["PORT"]
-    conf = str(Path(__file__).with_name("gunicorn.conf.py"))
-    web = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", conf, "--bind", f"127.0.0.1:{port}",
-                            "--workers", str(settings["WEB_WORKERS"]), "--log-level", "warning",
-                            "webapp:create_app()"], env=env, start_new_session=True)
-    children.append(("web", web))
-    worker = subprocess.Popen([sys.executable, "-m", "workers"], env=env, start_new_session=True)
-    children.append(("worker", worker))
-    print(f"Web app on http://127.0.0.1:{port}  (API: {settings['PUBLIC_BASE_URL']}/api/v1.1/, "
-          f"token in API_TOKEN or var/dev-secrets.json). Ctrl-C stops everything.")
 
     def stop(*_):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    # Before anything starts, so that no signal can leave a child behind. SIGHUP: the terminal was closed.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+    children = []  # (name, process) in the order started
     exit_code = 0
     try:
+        env = dict(os.environ)
+        if not settings["REDIS_URL"]:
+            env["REDIS_URL"], _data_lock = start_local_redis(settings["VAR_DIR"], children)
+            print(f"Started redis-server (AOF everysec) with data in {Path(settings['VAR_DIR'], 'redis')}")
+        env.setdefault("PUBLIC_BASE_URL", settings["PUBLIC_BASE_URL"])
+        warning = https_warning(settings["PUBLIC_BASE_URL"])
+        if warning:
+            print(f"warning: {warning}")
+        port = settings["PORT"]
+        conf = str(Path(__file__).with_name("gunicorn.conf.py"))
+        children.append(("web", subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", conf, "--bind", f"127.0.0.1:{port}", "--workers",
+             str(settings["WEB_WORKERS"]), "--log-level", "warning", "webapp:create_app()"],
+            env=env, start_new_session=True)))
+        children.append(("worker", subprocess.Popen([sys.executable, "-m", "workers"], env=env,
+                                                    start_new_session=True)))
+        secrets_file = Path(settings["VAR_DIR"], "dev-secrets.json")
+        print(f"Web app on http://127.0.0.1:{port}  (API: {settings['PUBLIC_BASE_URL']}/api/v1.1/, "
+              f"token in API_TOKEN or {secrets_file}). Ctrl-C stops everything.")
         while True:
             for name, proc in children:
                 if proc.poll() is not None:
@@ -97,8 +112,8 @@ def run():
                 if name != "redis":
                     kill_group(proc)
 
-        signal.signal(signal.SIGTERM, hurry)
-        signal.signal(signal.SIGINT, hurry)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, hurry)
         # Web and worker first (the worker finishes its job), Redis last, so nobody loses its store.
         for _name, proc in reversed(children):
             if proc.poll() is None:

@@ -30,12 +30,14 @@ DEFAULTS = {
     # SDK endpoint POSTs (Flask-Limiter notation, e.g. "120 per minute" or "10/second;1000/hour"):
     "SDK_RATE_LIMIT_PER_IP": "120 per minute",
     "SDK_RATE_LIMIT_PER_SMID": "20 per minute",
+    "WEBHOOK_TIMEOUT_SECONDS": 5,  # seconds a webhook or call-URL target has to answer one POST
 }
 RATE_LIMIT_SETTINGS = ("SDK_RATE_LIMIT_PER_IP", "SDK_RATE_LIMIT_PER_SMID")
-# Whole numbers with their least value; the float settings are lengths of time, above 0.
-NUMBER_SETTINGS = {"PORT": (int, 1), "TRUSTED_PROXIES": (int, 0), "WEB_WORKERS": (int, 1),
-                   "TIME_UNIT_SECONDS": (float, None), "SUSPEND_DAY_SECONDS": (float, None),
-                   "REDIS_TIMEOUT_SECONDS": (float, None)}
+# Whole numbers with their least and greatest values; the float settings are lengths of time, above 0.
+NUMBER_SETTINGS = {"PORT": (int, 1, 65535), "TRUSTED_PROXIES": (int, 0, 100), "WEB_WORKERS": (int, 1, 1000),
+                   "TIME_UNIT_SECONDS": (float, None, None), "SUSPEND_DAY_SECONDS": (float, None, None),
+                   "REDIS_TIMEOUT_SECONDS": (float, None, None), "WEBHOOK_TIMEOUT_SECONDS": (float, None, None)}
+REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 
 KID_RE = re.compile(r"^[A-Za-z0-9_-]{1,8}\Z")
 
@@ -44,18 +46,29 @@ class ConfigError(ValueError):
     """A setting has a value the service cannot run with."""
 
 
+_DOTENV_LINE = re.compile(r"""(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*
+                              (?:"([^"]*)"|'([^']*)'|([^\s"'\#][^"'\#]*?|))   # "quoted", 'quoted' or bare
+                              (?:\s+\#.*)?\s*\Z""", re.VERBOSE)
+
+
 def read_dotenv(path=".env"):
-    """Return KEY=VALUE pairs of a `.env` file (missing file: empty); quotes around values are dropped."""
+    """Return KEY=VALUE pairs of a `.env` file (missing file: empty), as shells and docker-compose read them:
+    an optional `export `, a value in matching quotes or bare, and a comment after ` #`. A line that is none
+    of these is a ConfigError rather than a value quietly changed (a bare value with a quote or a `#` in it
+    must be quoted)."""
     values = {}
     p = Path(path)
     if not p.is_file():
         return values
-    for line in p.read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
         line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
+        if not line or line.startswith("#"):
             continue
-        key, value = line.split("=", 1)
-        values[key.strip()] = value.strip().strip("'\"")
+        match = _DOTENV_LINE.match(line)
+        if not match:
+            raise ConfigError(f"{path} line {number} is not KEY=value (quote a value holding quotes or #)")
+        key, double, single, bare = match.groups()
+        values[key] = next(v for v in (double, single, bare) if v is not None)
     return values
 
 
@@ -104,13 +117,18 @@ def load_settings(environ=None, dotenv_path=".env"):
     Raises ConfigError for a value the service cannot run with."""
     environ = os.environ if environ is None else environ
     merged = dict(DEFAULTS)
-    source = {**read_dotenv(dotenv_path), **environ}
+    source = {**read_dotenv(dotenv_path), **{k: v for k, v in environ.items() if v != ""}}  # "" is unset
     for key in DEFAULTS:
         if source.get(key) not in (None, ""):
             merged[key] = source[key]
     merged["WEB_WORKERS"] = merged["WEB_WORKERS"] or default_web_workers()
-    for key, (kind, least) in NUMBER_SETTINGS.items():
-        merged[key] = _number(key, merged[key], kind, least)
+    for key, (kind, least, most) in NUMBER_SETTINGS.items():
+        merged[key] = _number(key, merged[key], kind, least, most)
+    if merged["REDIS_URL"] and not merged["REDIS_URL"].startswith(REDIS_URL_SCHEMES):
+        raise ConfigError(f"REDIS_URL {merged['REDIS_URL']!r} must start with redis://, rediss:// or unix://")
+    from .locale import LOCALES
+    if merged["DEFAULT_LOCALE"] not in LOCALES:
+        raise ConfigError(f"DEFAULT_LOCALE {merged['DEFAULT_LOCALE']!r} must be one of {', '.join(LOCALES)}")
     for key in RATE_LIMIT_SETTINGS:
         check_rate_limit(key, merged[key])
     if merged["SIGNING_KEYS"]:
@@ -125,14 +143,14 @@ def load_settings(environ=None, dotenv_path=".env"):
     return merged
 
 
-def _number(name, value, kind, least):
-    """`value` as an int of at least `least`, or a finite float above 0; else ConfigError."""
+def _number(name, value, kind, least, most):
+    """`value` as an int from `least` to `most`, or a finite float above 0; else ConfigError."""
     try:
         number = kind(value)
     except (TypeError, ValueError):
         number = None
-    if kind is int and (number is None or number < least):
-        raise ConfigError(f"{name} {value!r} is not a whole number of at least {least}")
+    if kind is int and (number is None or not least <= number <= most):
+        raise ConfigError(f"{name} {value!r} is not a whole number from {least} to {most}")
     if kind is float and not (number is not None and 0 < number < float("inf")):
         raise ConfigError(f"{name} {value!r} is not a number above 0")
     return number

@@ -4,6 +4,7 @@ import os
 from rq import get_current_job
 
 from webapp import keys
+from webapp.config import load_settings
 from webapp.delayed import fire_due, follow_up_tick, is_sweeper_process, tick_grace, timer_queue
 from webapp.store import connect
 from webapp.unsubscribe import fire_timer
@@ -11,6 +12,15 @@ from webapp.webhooks import deliver
 
 
 _client = None
+_loaded_settings = None
+
+
+def _settings():
+    """The settings (environment and .env, checked), read once per process."""
+    global _loaded_settings
+    if _loaded_settings is None:
+        _loaded_settings = load_settings()
+    return _loaded_settings
 
 
 def _redis():
@@ -39,7 +49,7 @@ def deliver_target(group):
     seconds; a failure leaves the rest for the next attempt after backoff."""
     r = _redis()
     r.delete(keys.delivery_queued(group))
-    timeout = float(os.environ.get("WEBHOOK_TIMEOUT_SECONDS", "5"))
+    timeout = _settings()["WEBHOOK_TIMEOUT_SECONDS"]
     lock, token, ttl = keys.delivery_lock(group), os.urandom(8).hex(), int(timeout) + 5
     if not r.set(lock, token, nx=True, ex=ttl):
         return {"skipped": "another delivery of this target is running"}
