@@ -29,6 +29,7 @@ CONFIRM_VIEW = {
     "message_category": "News", "pending": None, "seconds_left": None, "timer_minutes": 10, "blocked_text": None,
     "manage_url": "http://127.0.0.1/manage/" + "B" * 40, "done": None, "action_url": "/unsubscribe/" + "A" * 62,
     "locales": ("en", "ru"), "current_locale": lambda: "en", "language_names": {"en": "English", "ru": "Русский"},
+    "language_href": lambda code: f"?lang={code}",
     "form_token": "b1." + "C" * 43,
 }
 
