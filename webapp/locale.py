@@ -74,8 +74,10 @@ def set_page_locale(profile=None, resource_default=None):
 def language_href(code):
     """This page again in language `code`: the query kept, `lang` swapped. Dropping the rest (a page's `done`)
     would show the page as first opened, and an instant or delayed page acts again when first opened."""
-    args = [(k, v) for k, v in request.args.items(multi=True) if k != "lang"]
-    return "?" + urlencode(args + [("lang", code)])
+    args = request.args
+    if not args or (len(args) == 1 and "lang" in args):  # most pages: nothing else to keep
+        return f"?lang={code}"
+    return "?" + urlencode([(k, v) for k, v in args.items(multi=True) if k != "lang"] + [("lang", code)])
 
 
 def _select():
