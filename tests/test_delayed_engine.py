@@ -301,6 +301,19 @@ def test_a_change_of_status_by_another_path_settles_the_timer(app, r):
     assert status_of(r, changed) == Status.SUBSCRIBED and status_of(r, waits) == Status.UNSUBSCRIBED
 
 
+def test_a_pause_that_ends_by_itself_leaves_the_timer_waiting(app, r):
+    """A paused subscription can be stopped too; its pause ending during the timer is nobody's choice."""
+    from webapp import preferences
+    (ctx,) = delayed_contexts(app, r, 1, timer_minutes=1)
+    preferences.suspend(r, 1, ctx.key[1], ctx.key[2], 14, 0.01)             # 14 "days" = 0.14 s
+    result = arm(r, ctx, unit=0.5)
+    assert result["state"] == "pending"
+    time.sleep(0.2)
+    assert preferences.resume_due_suspensions(r) == 1 and u.read_pending(r, ctx)
+    sleep_past(result)
+    assert u.fire_timer(r, *ctx.key) is True and status_of(r, ctx) == Status.UNSUBSCRIBED
+
+
 def test_a_due_member_that_names_no_timer_is_removed_not_fatal(app, r, caplog):
     (ctx,) = delayed_contexts(app, r, 1, timer_minutes=1)
     result = arm(r, ctx)

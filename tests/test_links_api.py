@@ -88,6 +88,15 @@ def test_links_validation(api, r, resource, subscription, change, status, messag
     assert redis_state(r) == before
 
 
+def test_no_links_for_a_deleted_subscription_since_they_would_answer_404(api, client, resource, subscription):
+    ident = {k: v for k, v in msg(resource).items() if k != "category"}
+    api.ok("subscriptions/delete", **ident)
+    assert "no such subscription" in api.fail("messages/links", 404, **msg(resource))
+    api.ok("subscriptions/undelete", **ident)
+    url = api.ok("messages/links", **msg(resource))["unsubscribe_url"]
+    assert client.get(url.removeprefix("https://unsub.example")).status_code == 200
+
+
 def test_bulk_in_order_and_limits(api, resource, subscription):
     api.ok("subscriptions/set", db_id=1, profile_id="p-43", resource_id=resource["id"], channel="email",
            email="bob@example.com")
@@ -119,6 +128,6 @@ def test_ten_thousand_links_perform_zero_redis_writes(api, r, resource):
         issued += len(api.ok("messages/links_bulk", messages=messages))
     assert issued == 10_000
     stats = r.info("commandstats")
-    assert stats.get("cmdstat_hexists", {}).get("calls") == 10_000   # the reads did happen
+    assert stats.get("cmdstat_hget", {}).get("calls") == 10_000   # the reads did happen
     assert _write_calls(r) == 0
     assert redis_state(r) == before_state

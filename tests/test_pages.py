@@ -1,5 +1,6 @@
 """/unsubscribe/<smid>: GET/HEAD never change anything, RFC 8058 one-click, page actions, redirects, errors."""
 import re
+import time
 
 import pytest
 
@@ -104,6 +105,25 @@ def test_a_link_outlives_its_deleted_category_and_then_stands_for_the_whole_subs
     assert get_sub(api, body)["status"] == "unsubscribed"                            # it stopped the mail
     ident = {k: v for k, v in body.items() if k not in ("category", "email", "resource_id", "channel")}
     assert api.ok("events/list", **ident)[0]["after"]["status"] == "unsubscribed"
+
+
+@pytest.mark.parametrize("status", ["suspended", "unconfirmed"])
+def test_one_click_stops_a_paused_or_unconfirmed_subscription_for_good(api, client, r, status):
+    """Its messages would come again (the pause ends, or it is confirmed): 'Unsubscribed.' must mean it."""
+    from webapp import preferences
+    _res, path, body = make_link(api, "confirm", category=None)
+    ident = {k: v for k, v in body.items() if k != "category"}
+    if status == "suspended":
+        preferences.suspend(r, 1, "p-42", get_sub(api, body)["hash_id"], 14, 0.01)   # 14 "days" = 0.14 s
+    else:
+        api.ok("subscriptions/set", **ident, status=status)
+    assert 'value="unsubscribe"' in client.get(path).get_data(as_text=True)          # the page offers it too
+    assert client.post(path, data={"List-Unsubscribe": "One-Click"}).status_code == 200
+    sub = get_sub(api, body)
+    assert sub["status"] == "unsubscribed" and "suspended_until" not in sub
+    assert events.list_events(r, 1, "p-42")[0][0]["method"] == "one_click"
+    time.sleep(0.2)
+    assert preferences.resume_due_suspensions(r) == 0 and get_sub(api, body)["status"] == "unsubscribed"
 
 
 def test_one_click_blocked_is_403_and_changes_nothing(api, client, r):
@@ -402,6 +422,12 @@ def test_message_unsub(api, r):
     api.ok("profiles/message_unsub", smid=smid, rtoken=res["rtoken"])
     assert get_sub(api, body)["status"] == "unsubscribed"
     assert events.list_events(r, 1, "p-42")[0][0]["method"] == "api"
+
+
+def test_message_unsub_without_categories_stops_the_whole_subscription_even_from_a_category_link(api, r):
+    res, path, body = make_link(api, "confirm", category="news")
+    api.ok("profiles/message_unsub", smid=path.rsplit("/", 1)[1], rtoken=res["rtoken"])
+    assert get_sub(api, body)["status"] == "unsubscribed"
 
 
 def test_message_unsub_rejections_change_nothing(api, r):

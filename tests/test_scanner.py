@@ -70,3 +70,5 @@ def test_a_later_change_by_the_person_wins(api, app, r):
     assert result["reverted"] == [] and result["skipped"][0]["reason"] == "changed since"
     assert api.ok("subscriptions/get", **ident)["status"] == "complained"
     assert "not a flagged change" in api.fail("events/revert_flagged", 400, ids=["nope"], **{"from": 0})
+    for ids in ([{}], [["x"]], [1]):                     # not event ids: 400, not a 500 from set()
+        assert "ids must be a list of event ids" in api.fail("events/revert_flagged", 400, ids=ids, **{"from": 0})

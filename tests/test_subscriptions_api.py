@@ -47,8 +47,27 @@ def test_every_channel_address(api):
         ({"channel": "max_bot", "cc_data": {"id": "777"}}, "cc_data"),
     ]
     for body, key in cases:
-        assert key in api.ok("subscriptions/set", **base, **body)
+        got = api.ok("subscriptions/set", **base, **body)
+        assert key in got
+        if body["channel"] in ("sms", "whatsapp", "viber"):  # the seed: phone_data for SMS/Viber/WhatsApp
+            assert got["phone_data"] == {"phone": body.get("phone") or body["cc_data"]["phone"]}
     assert len(api.ok("subscriptions/list", db_id=1, profile_id="p1")) == len(cases)
+
+
+@pytest.mark.parametrize("date", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+def test_a_date_outside_the_years_a_time_holds_is_refused(api, r, resource, date):
+    before = redis_state(r)
+    assert "outside the years" in api.fail("subscriptions/set", 400, **sub(resource), date=date)
+    assert redis_state(r) == before
+
+
+def test_a_required_field_added_later_takes_its_default_on_existing_subscriptions(api, resource):
+    api.ok("subscriptions/set", **sub(resource))
+    fields = resource["channel_settings"]["email"]["fields"] + [
+        {"title": "Tier", "api_name": "tier", "type": "int", "required": True, "default": 1}]
+    api.ok("resources/update", id=resource["id"], channel_settings={"email": {"fields": fields}})
+    got = api.ok("subscriptions/set", **sub(resource), status="complained")   # the sender can still record it
+    assert got["status"] == "complained" and got["custom_fields"]["tier"] == 1
 
 
 BAD_SUBSCRIPTIONS = [

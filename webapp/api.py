@@ -276,7 +276,10 @@ def profiles_message_unsub(data):
     ctx = unsubscribe.open_smid(r, current_app.extensions["signing_keys"], smid)
     if not same_secret(data.get("rtoken"), ctx.resource["rtoken"]):
         raise Forbidden("rtoken does not match the SMID's resource")
-    scope = unsubscribe.resolve_scope(ctx, data.get("categories"), by_person=False)
+    # Without categories, the whole subscription (contract §3): not the message's category, which is what a
+    # one-click of that message stops.
+    categories = data.get("categories")
+    scope = {"cats": None} if categories is None else unsubscribe.resolve_scope(ctx, categories, by_person=False)
     result = unsubscribe.unsubscribe(r, ctx, scope, "api", {"ip": request.remote_addr,
                                                             "user_agent": request.user_agent.string[:512]})
     return Reply(result["state"], profile_id=ctx.smid.profile_id)
@@ -357,6 +360,8 @@ def events_revert_flagged(data):
     """Revert the flagged changes of a range (or only `ids` among them) to their before-state."""
     flagged = _review_range(data, ("ids",))
     ids = optional(data, "ids", as_list, 10000)
+    if ids is not None and not all(isinstance(i, str) for i in ids):
+        raise InvalidInput("ids must be a list of event ids (strings)", field="ids")
     reverted, skipped = scanner.revert(get_redis(), flagged, ids)
     return {"reverted": reverted, "skipped": skipped}
 

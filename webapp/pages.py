@@ -65,7 +65,8 @@ def page_view(ctx, done=None):
     resource, record, smid = ctx.resource, ctx.record, ctx.smid
     status = Status(record["status"])
     cats = resource["categories"]
-    subscribed = set(subscribed_cats(resource, record)) if status == Status.SUBSCRIBED else set()
+    stoppable = status in unsubscribe.STOPPABLE_STATUSES  # a paused subscription can still be stopped here
+    subscribed = set(subscribed_cats(resource, record)) if stoppable else set()
     category = unsubscribe.message_category(ctx)
     choosable = [dict(c, checked=(c["api_name"] == category if category else True))
                  for c in cats if not c["required"] and c["api_name"] in subscribed]
@@ -74,7 +75,7 @@ def page_view(ctx, done=None):
     pending = unsubscribe.read_pending(client_of(app), ctx) if ctx.mode == "delayed" else None
     if status in unsubscribe.FINAL_STATUSES:
         state = "final"
-    elif (status != Status.SUBSCRIBED or (category and category not in subscribed)
+    elif (not stoppable or (category and category not in subscribed)
           or (cats and not choosable and len(subscribed) < len(cats))):
         state = "unsubscribed"  # what this message was about has stopped
     else:
@@ -82,7 +83,7 @@ def page_view(ctx, done=None):
     return {
         "smid": ctx.token, "mode": ctx.mode, "resource": resource, "address": mask_address(record),
         "channel": record["channel"], "status": status.word, "state": state,
-        "whole": status != Status.SUBSCRIBED,
+        "whole": not stoppable,
         "stopped": [c["title"] for c in cats if c["api_name"] not in subscribed],
         "continuing": [c["title"] for c in cats if c["api_name"] in subscribed],
         "choosable": choosable, "required": required,

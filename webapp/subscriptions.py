@@ -188,8 +188,9 @@ def extended_form(resource, db_id, profile_id, hash_id, record):
         email = address["email"]
         out["email_data"] = {"email": email, "domain": email.rpartition("@")[2],
                              "md5": hashlib.md5(email.encode()).hexdigest()}
-    if "phone" in address:
-        out["phone_data"] = {"phone": address["phone"]}
+    phone = address.get("phone") or (address.get("cc_data") or {}).get("phone")
+    if phone:  # the seed: phone_data for SMS, Viber and WhatsApp
+        out["phone_data"] = {"phone": phone}
     out.update({
         "status": Status(record["status"]).word,
         "priority": record["priority"],
@@ -213,6 +214,7 @@ class ProfileChange:
         self.pipe, self.db_id, self.profile_id = pipe, db_id, profile_id
         self.records = records
         self._status_read = {h: rec["status"] for h, rec in records.items()}
+        self._methods = {}
         self._saved = {}
         self._events = []
         self._extra = []
@@ -225,6 +227,7 @@ class ProfileChange:
         after = state_of(resource, record)
         self.records[hash_id] = record
         self._saved[hash_id] = record
+        self._methods[hash_id] = method
         if method and before != after:
             if not self._last_loaded:
                 self._last_event = events.last_event(self.pipe, self.db_id, self.profile_id)
@@ -255,7 +258,9 @@ class ProfileChange:
         for hash_id, record in self._saved.items():
             # A delayed unsubscribe waits on the status it was started from: any other change of status (an
             # unsubscribe by another path, a pause, a resubscribe) settles it, so it cannot undo a later choice.
-            if hash_id in self._status_read and record["status"] != self._status_read[hash_id]:
+            # A pause that ends by itself is nobody's choice: the timer still stops the messages it brings back.
+            if (hash_id in self._status_read and record["status"] != self._status_read[hash_id]
+                    and self._methods[hash_id] != "suspend_expiry"):
                 drop_pending(pipe, self.db_id, self.profile_id, hash_id)
         for event in self._events:
             events.queue_append(pipe, event)
@@ -312,10 +317,10 @@ def _validate_custom_fields(resource, channel, given, existing, is_new):
             raise InvalidInput(f"custom_fields.{name} is not a field of the {channel} channel",
                                field=f"custom_fields.{name}")
         values[name] = None if value is None else validate_field_value(defs[name], value, "custom_fields.")
-    if is_new:
-        for name, fdef in defs.items():
-            if values.get(name) is None and fdef["default"] is not None:
-                values[name] = fdef["default"]
+    for name, fdef in defs.items():  # a default is for "no value given": on a new subscription, and for a
+        # required field added to the resource since (else every later set of an existing one is refused)
+        if values.get(name) is None and fdef["default"] is not None and (is_new or fdef["required"]):
+            values[name] = fdef["default"]
     for name, fdef in defs.items():
         if fdef["required"] and values.get(name) is None:
             raise InvalidInput(f"custom_fields.{name} is required", field=f"custom_fields.{name}")

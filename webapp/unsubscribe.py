@@ -33,6 +33,7 @@ UNDO_WINDOW_SECONDS = 600
 VIEW_TTL_SECONDS = 600  # how long a SMID's page-view counts are kept
 UNDOABLE_METHODS = ("page_instant", "page_confirm", "timer", "page_now", "sdk")
 FINAL_STATUSES = (Status.COMPLAINED, Status.HARDBOUNCED, Status.INVALID)
+STOPPABLE_STATUSES = (Status.SUBSCRIBED, Status.SUSPENDED, Status.UNCONFIRMED)  # messages come, or will again
 
 
 @dataclass
@@ -132,15 +133,18 @@ def describe_scope(resource, scope):
 
 
 def unsubscribed_record(resource, record, scope):
-    """The record after applying `scope`; unchanged when there is nothing left to stop."""
+    """The record after applying `scope`; unchanged when there is nothing left to stop. A paused (suspended)
+    or unconfirmed subscription is stopped too: its messages would come again, when the pause ends or once
+    confirmed."""
     new = dict(record)
-    if record["status"] != Status.SUBSCRIBED:
+    if record["status"] not in STOPPABLE_STATUSES:
         return new
     if scope["cats"] is not None:
         new["uncats"] = sorted(set(record.get("uncats", [])) | set(scope["cats"]))
         if subscribed_cats(resource, new):
             return new
     new["status"] = int(Status.UNSUBSCRIBED)
+    new.pop("suspended_until", None)
     return new
 
 
@@ -315,7 +319,7 @@ def cancel_timer(r, ctx, evidence=None):
             pc.also(lambda pipe: drop_pending(pipe, db_id, profile_id, hash_id))
             return "cancelled"
         record = pc.records.get(hash_id)
-        if record and record["status"] != Status.SUBSCRIBED:
+        if record and record["status"] not in STOPPABLE_STATUSES:
             return "unsubscribed"
         # A timer that stopped only some categories leaves the subscription subscribed: its ledger says it fired.
         recent = [events.decode_event(x) for x in pc.pipe.lrange(keys.profile_events(db_id, profile_id), -50, -1)]

@@ -233,7 +233,10 @@ def as_datetime(value, field="date"):
         raise InvalidInput(f"{field} must be an RFC 3339 date-time", field=field) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)
-    return format_time(parsed)
+    try:
+        return format_time(parsed)
+    except OverflowError:  # 0001-01-01 east of UTC, 9999-12-31 west of it: outside the years a time can hold
+        raise InvalidInput(f"{field} is outside the years 0001-9999 in UTC", field=field) from None
 
 
 def format_time(moment):
