@@ -50,13 +50,23 @@
     }
   }
 
-  function smidCandidates(search) {
-    const params = new URLSearchParams(search);
+  // Where a page_url's {send_message_id} may have put the SMID: a query or #fragment parameter (those named
+  // smid or send_message_id first), or a path segment. Returns {values, named}: the values to try, in order, and
+  // those found under one of the two names (a value that only looks like a SMID may be some tracking code).
+  function smidCandidates(loc) {
+    const lists = [new URLSearchParams(loc.search), new URLSearchParams(loc.hash.replace(/^#/, ""))];
     const found = [];
+    const named = new Set();
     const add = (v) => { if (v && looksLikeSmid(v) && found.indexOf(v) < 0) found.push(v); };
-    PREFERRED_PARAMS.forEach((name) => params.getAll(name).forEach(add));
-    params.forEach((value, name) => { if (PREFERRED_PARAMS.indexOf(name) < 0) add(value); });
-    return found.slice(0, MAX_CANDIDATES);
+    lists.forEach((params) => PREFERRED_PARAMS.forEach((name) => params.getAll(name).forEach((v) => {
+      add(v);
+      named.add(v);
+    })));
+    lists.forEach((params) => params.forEach((value, name) => { if (PREFERRED_PARAMS.indexOf(name) < 0) add(value); }));
+    loc.pathname.split("/").forEach((segment) => {
+      try { add(decodeURIComponent(segment)); } catch (e) { /* not a SMID */ }
+    });
+    return {values: found.slice(0, MAX_CANDIDATES), named: named};
   }
 
   function whenVisible() {
@@ -92,7 +102,9 @@
       this.rtoken = opts.rtoken || null;
       this.pxlDomain = normalizeDomain(opts.pxl_domain || served.pxl_domain || SCRIPT_ORIGIN);
       this.resourceId = served.resource_id || null;
-      this.candidates = smidCandidates(location.search);
+      const found = smidCandidates(location);
+      this.candidates = found.values;
+      this.namedCandidates = found.named;
       this.smid = this.candidates[0] || null;
       lastInstance = this;
       this.ready = reported(this.candidates.length ? whenVisible().then(() => this._show()) : Promise.resolve(null));
@@ -132,11 +144,15 @@
         }
       }
       this.smid = null;
-      throw lastError;
+      // None verified. Under a SMID's own name that is an error to show; otherwise the values only looked like
+      // SMIDs (a tracking code can), and the page simply has none.
+      if (this.candidates.some((c) => this.namedCandidates.has(c))) throw lastError;
+      return null;
     }
 
     async _call(action, smid, categories) {
-      const id = smid === undefined || smid === null ? this.smid : smid;
+      // Not a string (nothing, or the click event of `onclick = AkUnsub.confirmUnsub`): the page's own SMID.
+      const id = typeof smid === "string" && smid ? smid : this.smid;
       if (typeof id !== "string" || !id) {
         throw sdkError("AkUnsub: a SMID is required (none was given and none is in the page's URL)", 0, "invalid");
       }

@@ -67,16 +67,16 @@ def store_state(r):
     return {k: v for k, v in redis_state(r).items() if not k.startswith(prefix)}
 
 
-def setup(live, site, mode, profile_id="p-42"):
+def setup(live, site, mode, profile_id="p-42", categories=CATEGORIES, category=None):
     """A resource in `mode` whose urls list `site`'s origin, a subscription and one message's SMID."""
     api = live.api
     res = api.ok("resources/add", **email_resource(
-        url="https://shop.example/", urls=[site.origin + "/"], categories=CATEGORIES,
+        url="https://shop.example/", urls=[site.origin + "/"], categories=categories,
         unsubscribe={"mode": mode, "timer_minutes": 30}))
     ident = {"db_id": 1, "profile_id": profile_id, "resource_id": res["id"], "channel": "email",
              "email": "ann@example.com"}
     sub = api.ok("subscriptions/set", **ident)
-    smid = api.ok("messages/links", **ident)["smid"]
+    smid = api.ok("messages/links", **ident, **({"category": category} if category else {}))["smid"]
     return res, ident, smid, sub["hash_id"]
 
 
@@ -256,6 +256,74 @@ def test_hidden_page_waits_until_visible(live_server, sites, browser, r):
         assert status(live_server, ident)[0] == "unsubscribed"
     finally:
         context.close()
+
+
+def example_page(site, res, name):
+    with open(os.path.join(ROOT, "docs", "sdk-example.html"), encoding="utf-8") as f:
+        site.pages[name] = f.read().replace(EXAMPLE_SCRIPT_URL, res["sdk_script_url"])
+
+
+def test_example_page_in_the_states_a_person_can_be_in(live_server, sites, open_page, r):
+    shop, _ = sites
+    # Only required categories: nothing to choose, so the whole subscription, as on the hosted page.
+    res, ident, smid, _hash = setup(live_server, shop, "confirm", categories=[CATEGORIES[2]])
+    example_page(shop, res, "/required.html")
+    page = open_page(f"{shop.origin}/required.html?smid={quote(smid)}")
+    page.get_by_text("Stop all these emails?").wait_for()
+    page.get_by_role("button", name="Confirm unsubscribe").click()
+    page.get_by_text("You are unsubscribed.").wait_for()
+    assert status(live_server, ident)[0] == "unsubscribed"
+    # A message for one category offers that one ticked, the others not.
+    res, ident, smid, _hash = setup(live_server, shop, "confirm", profile_id="p-43", category="promo")
+    example_page(shop, res, "/promo.html")
+    page = open_page(f"{shop.origin}/promo.html?smid={quote(smid)}")
+    page.locator("#choose").wait_for()
+    assert page.locator('input[value="promo"]').is_checked() and not page.locator('input[value="news"]').is_checked()
+    # A paused subscription can still be stopped: not shown as unsubscribed.
+    res, ident, smid, _hash = setup(live_server, shop, "confirm", profile_id="p-44")
+    live_server.api.ok("subscriptions/set", **ident, status="suspended")
+    example_page(shop, res, "/paused.html")
+    page = open_page(f"{shop.origin}/paused.html?smid={quote(smid)}")
+    page.get_by_text("Choose what to stop.").wait_for()
+    # Keep my subscription clicked twice: the second answer ("none") still says it continues.
+    res, ident, smid, _hash = setup(live_server, shop, "delayed", profile_id="p-45")
+    example_page(shop, res, "/keep.html")
+    page = open_page(f"{shop.origin}/keep.html?smid={quote(smid)}")
+    page.locator("#timer").wait_for()
+    page.get_by_role("button", name="Keep my subscription").dblclick()
+    page.get_by_text("Your subscription continues.").wait_for()
+    assert page.evaluate("akUnsub.cancelUnsub().then((s) => s.result)") == "none"
+    assert status(live_server, ident)[0] == "subscribed"
+
+
+def test_where_a_page_url_may_put_the_smid_and_what_only_looks_like_one(live_server, sites, open_page, r):
+    shop, _ = sites
+    for n, (path, query) in enumerate([("/u/{smid}", ""), ("/u.html", "#smid={smid}")]):  # path, #fragment
+        res, ident, smid, _hash = setup(live_server, shop, "instant", profile_id=f"p-{n}")
+        shop.pages[path.format(smid=smid)] = page_html(res["sdk_script_url"])   # SMIDs are URL-safe
+        where = path + query
+        page = open_page(shop.origin + where.format(smid=smid))
+        assert page.evaluate("run(akUnsub.ready)")["state"]["status"] == "unsubscribed", where
+        assert status(live_server, ident)[0] == "unsubscribed"
+    # A tracking value that merely looks like a SMID: no SMID here, not an error.
+    res, ident, smid, _hash = setup(live_server, shop, "instant", profile_id="p-9")
+    shop.pages["/promo.html"] = page_html(res["sdk_script_url"])
+    lookalike = smid[:-6] + ("AAAAAA" if not smid.endswith("AAAAAA") else "BBBBBB")
+    page = open_page(f"{shop.origin}/promo.html?utm_content={lookalike}")
+    assert page.evaluate("run(akUnsub.ready)") == {"state": None}
+    # The static method as a click handler: the event is not a SMID; the page's own is used.
+    page = open_page(f"{shop.origin}/promo.html?smid={quote(smid)}")
+    page.evaluate("run(akUnsub.ready)")
+    assert page.evaluate("AkUnsub.confirmUnsub(new MouseEvent('click')).then((s) => s.status)") == "unsubscribed"
+
+
+def test_the_script_loads_with_crossorigin_anonymous(live_server, sites, open_page, r):
+    shop, _ = sites
+    res, ident, smid, _hash = setup(live_server, shop, "confirm")
+    shop.pages["/sri.html"] = page_html(res["sdk_script_url"]).replace(
+        "<script src=", '<script crossorigin="anonymous" src=', 1)
+    page = open_page(f"{shop.origin}/sri.html")
+    assert page.evaluate("typeof AkUnsub") == "function"
 
 
 def test_example_page(live_server, sites, open_page, r):

@@ -11,7 +11,7 @@ POST /sdk/v1/<resource_id>/unsubscribe   {"smid", "action": "confirm"|"cancel"|"
     (`url`, `urls`; scheme://host[:port] compared exactly) else 403; Content-Type is application/json else 415
     (a form or text/plain POST is a CORS "simple request" that skips the preflight); the SMID verifies (404),
     belongs to this resource (403), and the rtoken, when given, matches (403). Blocked resources answer 403.
-    Answers {"error": 0, "mode", "result", "status", "cats", "categories", "pending"}; errors
+    Answers {"error": 0, "mode", "result", "status", "cats", "categories", "message_category", "pending"}; errors
     {"error": <http status>, "error_text": <readable>, "reason": <word>}.
 OPTIONS on the same URL: the preflight; Access-Control-Allow-Origin is the exact origin, only when allowed.
 GET /sdk/v1/<resource_id>/origin
@@ -231,11 +231,13 @@ def _state(r, ctx, result):
     record = decode_record(raw) if raw else ctx.record
     state = state_of(ctx.resource, record)
     pending = unsubscribe.read_pending(r, ctx) if ctx.mode == "delayed" else None
+    stoppable = record["status"] in unsubscribe.STOPPABLE_STATUSES  # a paused one's categories come back too
     return {
         "error": 0, "mode": ctx.mode, "result": result, "status": state["status"], "cats": state["cats"],
         "categories": [{"api_name": c["api_name"], "title": c["title"], "required": c["required"],
-                        "subscribed": c["api_name"] in state["cats"] and state["status"] == "subscribed"}
+                        "subscribed": c["api_name"] in state["cats"] and stoppable}
                        for c in ctx.resource["categories"]],
+        "message_category": unsubscribe.message_category(ctx),  # what a category link's page should pre-select
         "pending": ({"deadline": pending["deadline"], "seconds_left": max(0, int(pending["deadline"] - time.time()))}
                     if pending else None),
     }
@@ -352,6 +354,7 @@ def sdk_script():
     resp = _js(body, 200)
     resp.headers["Cache-Control"] = f"public, max-age={SCRIPT_MAX_AGE}"
     resp.headers["Cross-Origin-Resource-Policy"] = "cross-origin"  # loadable from pages that require CORP
+    resp.headers["Access-Control-Allow-Origin"] = "*"  # and with crossorigin="anonymous" (SRI): public, no cookies
     resp.set_etag(hashlib.sha256(body.encode()).hexdigest()[:32])
     return resp.make_conditional(request)
 
