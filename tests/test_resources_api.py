@@ -132,6 +132,8 @@ def test_update_changes_titles_and_can_delete_explicitly(api, resource):
     assert [c["api_name"] for c in trimmed["categories"]] == ["receipts"]
     regenerated = api.ok("resources/update", id=rid, regenerate_rtoken=True)
     assert regenerated["rtoken"] != resource["rtoken"]
+    renamed = api.ok("resources/update", resource_id=rid, name="Weekly")   # named as resources/get takes it
+    assert renamed["id"] == rid and renamed["name"] == "Weekly"
 
 
 @pytest.mark.parametrize("body", [{"delete_categories": [{}]}, {"delete_categories": [["news"]]},

@@ -109,7 +109,7 @@ def resources_add(data):
 @endpoint("resources/update")
 def resources_update(data):
     rid = _resource_id(data)
-    changes = {k: v for k, v in data.items() if k not in ("token", "id")}
+    changes = {k: v for k, v in data.items() if k not in ("token", "id", "resource_id")}  # as resources/get
     return _with_call_url_outbox(resources.update_resource(get_redis(), rid, changes))
 
 
