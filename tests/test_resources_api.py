@@ -215,6 +215,9 @@ def test_openapi_lists_every_endpoint(client, app):
     api_rules = {rule.rule for rule in app.url_map.iter_rules()
                  if rule.rule.startswith("/api/v1.1/") and "POST" in rule.methods}
     assert api_rules and api_rules <= set(spec["paths"])
+    export = client.post("/api/v1.1/events/export", json={"token": "test-api-token"})
+    documented = spec["paths"]["/api/v1.1/events/export"]["post"]["responses"]["200"]["content"]
+    assert export.mimetype in documented                                # JSON lines, as the server answers
 
 
 def test_decode_shared_decodes_a_stored_text_once_read_only_and_copies_are_plain():

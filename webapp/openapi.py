@@ -75,7 +75,7 @@ ENDPOINTS = {
     "messages/links": ("SMID, URLs and List-* headers for one message (writes nothing)", LINK_MESSAGE,
                        ["db_id", "profile_id", "resource_id", "channel"]),
     "messages/links_bulk": ("Links for up to 1000 messages, in order",
-                            {"messages": {"type": "array", "maxItems": 1000,
+                            {"messages": {"type": "array", "minItems": 1, "maxItems": 1000,
                                           "items": {"type": "object", "properties": LINK_MESSAGE}}},
                             ["messages"]),
     "profiles/message_unsub": ("Unsubscribe the SMID's subscription now (only `categories` when given); "
@@ -105,6 +105,9 @@ ENDPOINTS = {
 }
 
 
+JSON_LINES = ("events/export",)  # answered as one JSON object per line, not the envelope
+
+
 def register_endpoint(path, summary, properties, required):
     """Let other modules (pages, events, webhooks) describe the endpoints they add."""
     ENDPOINTS[path] = (summary, properties, required)
@@ -121,7 +124,8 @@ def build_spec(base_url):
             "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
             "responses": {
                 "200": {"description": "Successful operation",
-                        "content": {"application/json": {"schema": ENVELOPE}}},
+                        "content": {"application/json": {"schema": ENVELOPE}} if path not in JSON_LINES else
+                        {"application/x-ndjson": {"schema": {"type": "string"}}}},
                 "4XX": {"description": "Error envelope with a readable error_text",
                         "content": {"application/json": {"schema": ENVELOPE}}},
             },
