@@ -301,6 +301,19 @@ def test_a_change_of_status_by_another_path_settles_the_timer(app, r):
     assert status_of(r, changed) == Status.SUBSCRIBED and status_of(r, waits) == Status.UNSUBSCRIBED
 
 
+def test_a_senders_pause_and_unpause_leave_the_timer_waiting(app, r):
+    """Only a change that stops the subscription settles the timer; the person's unsubscribe still happens."""
+    (ctx,) = delayed_contexts(app, r, 1, timer_minutes=1)
+    result = arm(r, ctx, unit=0.5)
+    ident = {"db_id": 1, "profile_id": ctx.key[1], "resource_id": ctx.resource["id"], "channel": "email",
+             "email": "u0@example.com"}
+    for status in ("suspended", "subscribed", "unconfirmed", "subscribed"):
+        set_subscription(r, {**ident, "status": status})
+    assert u.read_pending(r, ctx)
+    sleep_past(result)
+    assert u.fire_timer(r, *ctx.key) is True and status_of(r, ctx) == Status.UNSUBSCRIBED
+
+
 def test_a_pause_that_ends_by_itself_leaves_the_timer_waiting(app, r):
     """A paused subscription can be stopped too; its pause ending during the timer is nobody's choice."""
     from webapp import preferences

@@ -126,6 +126,25 @@ def test_one_click_stops_a_paused_or_unconfirmed_subscription_for_good(api, clie
     assert preferences.resume_due_suspensions(r) == 0 and get_sub(api, body)["status"] == "unsubscribed"
 
 
+@pytest.mark.parametrize("pause_ends_first", [False, True])
+def test_undo_of_a_paused_subscriptions_unsubscribe_brings_the_pause_back_never_one_without_end(
+        api, client, r, pause_ends_first):
+    from webapp import preferences
+    _res, path, body = make_link(api, "instant", category=None)
+    preferences.suspend(r, 1, "p-42", get_sub(api, body)["hash_id"], 14, 0.02)   # 14 "days" = 0.28 s
+    token = form_token(client.get(path).get_data(as_text=True))
+    assert client.post(path, data={"action": "unsubscribe", "csrf_token": token}).status_code == 303
+    assert get_sub(api, body)["status"] == "unsubscribed"
+    if pause_ends_first:
+        time.sleep(0.35)
+        preferences.resume_due_suspensions(r)
+    assert client.post(path, data={"action": "undo", "csrf_token": token}).status_code == 303
+    assert get_sub(api, body)["status"] == ("subscribed" if pause_ends_first else "suspended")
+    time.sleep(0.35)
+    preferences.resume_due_suspensions(r)
+    assert get_sub(api, body)["status"] == "subscribed"                 # the pause ended, as it would have
+
+
 def test_one_click_blocked_is_403_and_changes_nothing(api, client, r):
     _res, path, body = make_link(api, "blocked")
     before = redis_state(r)

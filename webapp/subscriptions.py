@@ -9,6 +9,7 @@ the resource later reaches existing subscribers; the API shows `cats`, the categ
 """
 import hashlib
 import json
+import time
 from enum import IntEnum
 
 from . import events, keys
@@ -31,6 +32,10 @@ class Status(IntEnum):
     @property
     def word(self):
         return self.name.lower()
+
+
+# Statuses in which no message comes, nor will without someone subscribing it again.
+STOPPED_STATUSES = (Status.UNSUBSCRIBED, Status.COMPLAINED, Status.HARDBOUNCED, Status.INVALID)
 
 
 def parse_status(value, field="status"):
@@ -173,6 +178,11 @@ def with_state(resource, record, state):
     kept = set(state["cats"])
     restored = dict(record, status=int(Status[state["status"].upper()]), updated_at=now_iso())
     restored["uncats"] = [c["api_name"] for c in resource["categories"] if c["api_name"] not in kept]
+    # A pause comes back only with its end still ahead (the unsubscribe kept it); one that would have ended
+    # meanwhile comes back as what its end makes it, subscribed: never a pause with no end.
+    until = restored.get("suspended_until")
+    if restored["status"] == Status.SUSPENDED and not (until and time_to_ms(until) > time.time() * 1000):
+        restored["status"] = int(Status.SUBSCRIBED)
     if restored["status"] != Status.SUSPENDED:
         restored.pop("suspended_until", None)
     return restored
@@ -200,7 +210,7 @@ def extended_form(resource, db_id, profile_id, hash_id, record):
         "hash_id": hash_id,
         "is_delete": record.get("is_delete", False),
     })
-    if record.get("suspended_until"):
+    if record.get("suspended_until") and record["status"] == Status.SUSPENDED:
         out["suspended_until"] = record["suspended_until"]
     if record.get("locale"):
         out["locale"] = record["locale"]
@@ -214,7 +224,6 @@ class ProfileChange:
         self.pipe, self.db_id, self.profile_id = pipe, db_id, profile_id
         self.records = records
         self._status_read = {h: rec["status"] for h, rec in records.items()}
-        self._methods = {}
         self._saved = {}
         self._events = []
         self._extra = []
@@ -227,7 +236,6 @@ class ProfileChange:
         after = state_of(resource, record)
         self.records[hash_id] = record
         self._saved[hash_id] = record
-        self._methods[hash_id] = method
         if method and before != after:
             if not self._last_loaded:
                 self._last_event = events.last_event(self.pipe, self.db_id, self.profile_id)
@@ -256,11 +264,10 @@ class ProfileChange:
                       mapping={h: encode_record(rec) for h, rec in self._saved.items()})
             pipe.sadd(keys.db_profiles(self.db_id), self.profile_id)
         for hash_id, record in self._saved.items():
-            # A delayed unsubscribe waits on the status it was started from: any other change of status (an
-            # unsubscribe by another path, a pause, a resubscribe) settles it, so it cannot undo a later choice.
-            # A pause that ends by itself is nobody's choice: the timer still stops the messages it brings back.
-            if (hash_id in self._status_read and record["status"] != self._status_read[hash_id]
-                    and self._methods[hash_id] != "suspend_expiry"):
+            # A change by another path that stops the subscription (an unsubscribe, a complaint, a bounce)
+            # settles its delayed unsubscribe: else the timer, still pending, would stop it again after a later
+            # resubscribe. A pause, its end or a confirmation leaves the timer to stop the messages.
+            if record["status"] in STOPPED_STATUSES and self._status_read.get(hash_id) != record["status"]:
                 drop_pending(pipe, self.db_id, self.profile_id, hash_id)
         for event in self._events:
             events.queue_append(pipe, event)

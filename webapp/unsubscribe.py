@@ -143,8 +143,7 @@ def unsubscribed_record(resource, record, scope):
         new["uncats"] = sorted(set(record.get("uncats", [])) | set(scope["cats"]))
         if subscribed_cats(resource, new):
             return new
-    new["status"] = int(Status.UNSUBSCRIBED)
-    new.pop("suspended_until", None)
+    new["status"] = int(Status.UNSUBSCRIBED)  # a pause's end is kept: an undo within it brings the pause back
     return new
 
 
