@@ -36,10 +36,13 @@
   }
 
   // A second click while the first submit is on its way would send the action twice (an Undo's second post
-  // finds nothing to undo). Back from the next page (bfcache) lets the form be sent again.
+  // finds nothing to undo). Back from the next page (bfcache), or a few seconds without an answer (the person
+  // pressed Stop), lets the form be sent again.
   document.addEventListener("submit", function (event) {
-    if (event.target.getAttribute("data-sent")) { event.preventDefault(); return; }
-    event.target.setAttribute("data-sent", "1");
+    var form = event.target;
+    if (form.getAttribute("data-sent")) { event.preventDefault(); return; }
+    form.setAttribute("data-sent", "1");
+    setTimeout(function () { form.removeAttribute("data-sent"); }, 5000);
   });
   window.addEventListener("pageshow", function (event) {
     if (!event.persisted) return;

@@ -232,19 +232,22 @@ def test_numbers_out_of_their_range_are_refused(setting, value):
 
 def test_dotenv_is_read_as_shells_read_it(tmp_path):
     env_file = tmp_path / ".env"
-    env_file.write_text("# settings\n"
+    env_file.write_text("\ufeff# settings\n"                                  # a BOM, as some editors write
                         "PUBLIC_BASE_URL=https://unsub.example.com   # production\n"
                         "export API_TOKEN=my-secret-token\n"
                         'SIGNING_KEYS="k1:abc #1"  # rotated 2026-01\n'
                         "RQ_QUEUE='unsub'\n"
+                        "REDIS_URL=redis://:p#ss@127.0.0.1:6379/0\n"                  # '#' inside a word
+                        'VAR_DIR="a \\"quoted\\" dir"\n'
                         "TRUSTED_PROXIES=\n")
     settings = load_settings({}, dotenv_path=str(env_file))
     assert settings["PUBLIC_BASE_URL"] == "https://unsub.example.com"
     assert settings["API_TOKEN"] == "my-secret-token" and settings["SIGNING_KEYS"] == "k1:abc #1"
     assert settings["RQ_QUEUE"] == "unsub" and settings["TRUSTED_PROXIES"] == 0
+    assert settings["REDIS_URL"] == "redis://:p#ss@127.0.0.1:6379/0" and settings["VAR_DIR"] == 'a "quoted" dir'
     overridden = load_settings({"RQ_QUEUE": "other", "API_TOKEN": ""}, dotenv_path=str(env_file))
     assert overridden["RQ_QUEUE"] == "other" and overridden["API_TOKEN"] == "my-secret-token"   # "" is unset
-    for bad in ('SIGNING_KEYS=k1:secret"', "SIGNING_KEYS=\"k1:secret", "SIGNING_KEYS=k1:se#cret", "not a setting"):
+    for bad in ('SIGNING_KEYS=k1:secret"', "SIGNING_KEYS=\"k1:secret", "SIGNING_KEYS='k1' x", "not a setting"):
         env_file.write_text(bad + "\n")
         with pytest.raises(ConfigError, match="line 1 is not KEY=value"):
             load_settings({}, dotenv_path=str(env_file))

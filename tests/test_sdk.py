@@ -349,6 +349,7 @@ def test_origin_of():
     assert origin_of("https://пример.рф/") == "https://xn--e1afmkfd.xn--p1ai"
     assert origin_of("https://Faß.de/") == "https://xn--fa-hia.de"     # as browsers spell it; not fass.de
     assert origin_of("https://faß..de/") is None
+    assert origin_of("https://☃.net/") == "https://xn--n3h.net"          # a symbol IDNA 2008 refuses, browsers not
     assert origin_of("https://shop.example/path", strict=True) is None
     assert origin_of("ftp://shop.example") is None and origin_of("null", strict=True) is None
 

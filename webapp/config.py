@@ -46,30 +46,42 @@ class ConfigError(ValueError):
     """A setting has a value the service cannot run with."""
 
 
-_DOTENV_LINE = re.compile(r"""(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*
-                              (?:"([^"]*)"|'([^']*)'|([^\s"'\#][^"'\#]*?|))   # "quoted", 'quoted' or bare
-                              (?:\s+\#.*)?\s*\Z""", re.VERBOSE)
+_DOTENV_LINE = re.compile(r"(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)\Z")
+_DOUBLE_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"\s*(?:#.*)?\Z')
+_SINGLE_QUOTED = re.compile(r"'([^']*)'\s*(?:#.*)?\Z")
 
 
 def read_dotenv(path=".env"):
-    """Return KEY=VALUE pairs of a `.env` file (missing file: empty), as shells and docker-compose read them:
-    an optional `export `, a value in matching quotes or bare, and a comment after ` #`. A line that is none
-    of these is a ConfigError rather than a value quietly changed (a bare value with a quote or a `#` in it
-    must be quoted)."""
+    """Return KEY=VALUE pairs of a `.env` file (missing file: empty), as shells, docker-compose and
+    python-dotenv read them: an optional `export `, a value in double quotes (with \\" and \\\\ escapes) or single
+    quotes, or bare up to a ` #` comment (a `#` inside a word is part of it). A line that is none of these is a
+    ConfigError rather than a value quietly changed."""
     values = {}
     p = Path(path)
     if not p.is_file():
         return values
-    for number, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), 1):  # -sig: a BOM is dropped
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         match = _DOTENV_LINE.match(line)
-        if not match:
-            raise ConfigError(f"{path} line {number} is not KEY=value (quote a value holding quotes or #)")
-        key, double, single, bare = match.groups()
-        values[key] = next(v for v in (double, single, bare) if v is not None)
+        value = _dotenv_value(match.group(2)) if match else None
+        if value is None:
+            raise ConfigError(f"{path} line {number} is not KEY=value (a value with quotes in it must be quoted)")
+        values[match.group(1)] = value
     return values
+
+
+def _dotenv_value(text):
+    """The value of `KEY=text`, or None when it cannot be read."""
+    if text.startswith('"'):
+        quoted = _DOUBLE_QUOTED.match(text)
+        return re.sub(r"\\(.)", r"\1", quoted.group(1)) if quoted else None
+    if text.startswith("'"):
+        quoted = _SINGLE_QUOTED.match(text)
+        return quoted.group(1) if quoted else None
+    value = re.split(r"\s#", text, maxsplit=1)[0].strip()
+    return None if '"' in value or "'" in value else value
 
 
 def parse_signing_keys(value):

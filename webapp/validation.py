@@ -135,8 +135,13 @@ def as_profile_id(value, field="profile_id", max_len=40):
 def idna_ascii(name):
     """The ASCII (punycode) form of a domain name, lower case, as browsers and mail systems spell it: IDNA 2008
     with UTS #46 mapping, non-transitional. Python's own "idna" codec is IDNA 2003, which maps ß to ss: it
-    turns faß.de into fass.de, another domain. Raises UnicodeError for a name that is not a domain name."""
-    return idna.encode(name, uts46=True, transitional=False).decode("ascii").lower()
+    turns faß.de into fass.de, another domain. Browsers (the WHATWG URL standard) also take names IDNA 2008
+    disallows, such as symbols (☃.net is xn--n3h.net); for those the 2003 codec gives the same spelling.
+    Raises UnicodeError for a name that is not a domain name."""
+    try:
+        return idna.encode(name, uts46=True, transitional=False).decode("ascii").lower()
+    except idna.IDNAError:
+        return name.encode("idna").decode("ascii").lower()
 
 
 def as_hostname(value, field):
