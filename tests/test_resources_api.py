@@ -220,6 +220,21 @@ def test_openapi_lists_every_endpoint(client, app):
     assert export.mimetype in documented                                # JSON lines, as the server answers
 
 
+@pytest.mark.parametrize("value", ["p-42", "a@b.c:1_2", "a b", "p" * 40, "p" * 41, "x\n", "", "п"])
+def test_the_documented_profile_id_is_the_one_the_server_takes(value):
+    import re
+    from webapp.errors import InvalidInput
+    from webapp.openapi import PROFILE_ID
+    from webapp.validation import as_profile_id
+    documented = (PROFILE_ID["minLength"] <= len(value) <= PROFILE_ID["maxLength"]
+                  and re.search(PROFILE_ID["pattern"].replace("$", r"\Z"), value) is not None)
+    try:
+        taken = as_profile_id(value) == value
+    except InvalidInput:
+        taken = False
+    assert documented == taken
+
+
 def test_decode_shared_decodes_a_stored_text_once_read_only_and_copies_are_plain():
     raw = json.dumps(email_resource(), separators=(",", ":"))
     resource = resources.decode_shared(raw)

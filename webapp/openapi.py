@@ -6,7 +6,9 @@ ENVELOPE = {
     "properties": {"error": {"type": "integer"}, "error_text": {"type": "string"}, "data": {}},
 }
 TOKEN = {"type": "string", "description": "API token (or send Authorization: Bearer)"}
-ID = {"type": "integer", "minimum": 1}
+ID = {"type": "integer", "minimum": 1, "maximum": 2 ** 31}
+# What validation.as_profile_id takes.
+PROFILE_ID = {"type": "string", "pattern": r"^[A-Za-z0-9._:@-]+$", "minLength": 1, "maxLength": 40}
 CHANNEL = {"type": "string", "examples": ["email", "sms", "push", "telegram_bot", "whatsapp", "viber", "notify"]}
 STATUS = {"oneOf": [{"type": "string", "enum": ["subscribed", "unsubscribed", "complained", "hardbounced",
                                                  "unconfirmed", "suspended", "invalid"]},
@@ -35,19 +37,20 @@ RESOURCE_BODY = {
             "enabled": {"type": "boolean"}, "called_url": {"type": ["string", "null"]}}}}},
 }
 SUBSCRIPTION_ID = {
-    "db_id": ID, "profile_id": {"type": "string", "maxLength": 40}, "resource_id": ID, "channel": CHANNEL,
+    "db_id": ID, "profile_id": PROFILE_ID, "resource_id": ID, "channel": CHANNEL,
     "email": {"type": "string", "format": "email"}, "phone": {"type": "string", "pattern": r"^\+[1-9][0-9]{6,14}$"},
     "provider": {"type": "string"}, "subscription_id": {"type": "string"},
     "cc_data": {"type": "object", "properties": {"id": {"type": ["integer", "string"]}, "phone": {"type": "string"}}},
 }
-SUBSCRIPTION_SET = {**SUBSCRIPTION_ID, "status": STATUS, "priority": {"type": "integer", "minimum": 0},
+SUBSCRIPTION_SET = {**SUBSCRIPTION_ID, "status": STATUS,
+                    "priority": {"type": "integer", "minimum": 0, "maximum": 2 ** 31},
                     "locale": {"type": "string", "pattern": r"^([A-Za-z]{2,3}([-_][A-Za-z0-9]{1,8})*)?$"},
                     "cats": {"type": "array", "items": {"type": "string"}}, "custom_fields": {"type": "object"},
                     "date": {"type": "string", "format": "date-time"}, "ip": {"type": "string"},
                     "url": {"type": "string"}}
 LINK_MESSAGE = {**SUBSCRIPTION_ID, "category": {"type": "string"},
                 "sent_at": {"type": "integer", "description": "unix seconds; default now"}}
-SCOPE = {"db_id": ID, "profile_id": {"type": "string"}, "resource_id": ID, "channel": CHANNEL}
+SCOPE = {"db_id": ID, "profile_id": PROFILE_ID, "resource_id": ID, "channel": CHANNEL}
 
 # path -> (summary, body properties, required)
 ENDPOINTS = {
@@ -84,12 +87,12 @@ ENDPOINTS = {
                                 "categories": {"type": "array", "items": {"type": "string"}}},
                                ["smid", "rtoken"]),
     "events/list": ("One profile's events, newest first, paged by from_id (seq)/limit",
-                    {"db_id": ID, "profile_id": {"type": "string"}, "from_id": {"type": "integer", "minimum": 1},
+                    {"db_id": ID, "profile_id": PROFILE_ID, "from_id": {"type": "integer", "minimum": 1},
                      "limit": {"type": "integer", "minimum": 1, "maximum": 500}}, ["db_id", "profile_id"]),
     "events/export": ("Events in a time range as JSON lines (application/x-ndjson)",
                       {"from": {"type": ["string", "integer"]}, "to": {"type": ["string", "integer"]}}, []),
     "events/verify": ("Walk the hash chains; `first_bad` names the first entry that does not match",
-                      {"db_id": ID, "profile_id": {"type": "string"}}, []),
+                      {"db_id": ID, "profile_id": PROFILE_ID}, []),
     "events/flagged": ("Changes that look automated (fast, HEAD, GET burst, domain burst) in a range",
                        {"from": {"type": ["string", "integer"]}, "to": {"type": ["string", "integer"]},
                         "domain_burst": {"type": "integer"}, "domain_window": {"type": "integer"}}, []),
@@ -98,7 +101,8 @@ ENDPOINTS = {
                                "ids": {"type": "array", "items": {"type": "string"}},
                                "domain_burst": {"type": "integer"}, "domain_window": {"type": "integer"}}, []),
     "webhooks/add": ("A webhook target: every event (of one resource) is POSTed, signed with the secret",
-                     {"url": {"type": "string"}, "resource_id": ID, "secret": {"type": "string", "minLength": 16}},
+                     {"url": {"type": "string"}, "resource_id": ID,
+                      "secret": {"type": "string", "minLength": 16, "maxLength": 256}},
                      ["url"]),
     "webhooks/list": ("Webhooks with last error, last success and backlog", {}, []),
     "webhooks/delete": ("Remove a webhook", {"id": ID}, ["id"]),
