@@ -67,11 +67,11 @@ def page_view(ctx, done=None):
     cats = resource["categories"]
     stoppable = status in unsubscribe.STOPPABLE_STATUSES  # a paused subscription can still be stopped here
     subscribed = set(subscribed_cats(resource, record)) if stoppable else set()
-    category = unsubscribe.message_category(ctx)
+    message_scope = unsubscribe.resolve_scope(ctx)  # the message's category, if the resource still has it
+    category = message_scope["cats"][0] if message_scope["cats"] else None
     choosable = [dict(c, checked=(c["api_name"] == category if category else True))
                  for c in cats if not c["required"] and c["api_name"] in subscribed]
     required = [c for c in cats if c["required"] and c["api_name"] in subscribed]
-    message_scope = unsubscribe.resolve_scope(ctx)
     pending = unsubscribe.read_pending(client_of(app), ctx) if ctx.mode == "delayed" else None
     if status in unsubscribe.FINAL_STATUSES:
         state = "final"

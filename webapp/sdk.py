@@ -218,12 +218,22 @@ def sdk_evidence(ctx):
 
 
 def _json_body():
+    """The request's JSON object, read once per request (the rate limiter's key reads it before the view)."""
+    if "sdk_body" not in g:
+        g.sdk_body = _read_json_body()
+    if isinstance(g.sdk_body, SdkError):
+        raise g.sdk_body
+    return g.sdk_body
+
+
+def _read_json_body():
+    """The body as a JSON object, or the SdkError that answers it."""
     if request.mimetype != "application/json":
-        raise SdkError(415, "unsupported_media_type", "Send the request as Content-Type: application/json")
+        return SdkError(415, "unsupported_media_type", "Send the request as Content-Type: application/json")
     try:
         return json_object(request.get_data(cache=True), "The request body")
     except InvalidInput as exc:
-        raise SdkError(400, "invalid", exc.message) from None
+        return SdkError(400, "invalid", exc.message)
 
 
 def _state(r, ctx, result):
