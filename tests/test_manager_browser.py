@@ -19,6 +19,12 @@ def manager_link(live):
     return api.ok("messages/links", **ident)["manage_url"], ident
 
 
+def in_view(page, locator):
+    """Assert that `locator` is shown inside the window as it is scrolled now."""
+    box, height = locator.bounding_box(timeout=5000), page.evaluate("innerHeight")
+    assert box is not None and 0 <= box["y"] and box["y"] + box["height"] <= height, (box, height)
+
+
 @pytest.mark.parametrize("lang", ["en", "ru"])
 def test_manager_walkthrough(live_server, open_page, r, lang):
     url, ident = manager_link(live_server)
@@ -32,6 +38,13 @@ def test_manager_walkthrough(live_server, open_page, r, lang):
     card.locator('button[value="save"]').click()
     page.wait_for_url("**done=save**")
     assert api.ok("subscriptions/get", **ident)["cats"] == ["receipts"]
+    # "Saved." is shown in the card the page opened at, not above it out of sight; on the last card too.
+    for card in (page.locator("article").first, page.locator("article").last):
+        card.locator('button[value="save"]').click()
+        page.wait_for_url("**done=save**")
+        in_view(page, card.locator('[role="status"]'))
+    assert page.locator('[role="status"]').count() == 1
+    screenshot(page, f"manager-saved-{lang}")
 
     # a bad field value: inline error, nothing saved
     card = page.locator("article").first

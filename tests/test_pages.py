@@ -323,11 +323,15 @@ def test_instant_unsubscribe_and_undo(api, client, r):
     assert client.post(path, data={"action": "undo", "csrf_token": token}).status_code == 409  # another change
 
 
-def test_delayed_start_is_idempotent_and_cancel_works(api, client, r):
-    _res, path, body = make_link(api, "delayed")
+def test_delayed_start_is_idempotent_and_cancel_works(app, api, client, r):
+    res, path, body = make_link(api, "delayed")
     token = form_token(client.get(path).get_data(as_text=True))
     client.post(path, data={"action": "start", "csrf_token": token})
-    first = re.search(r'data-deadline="([^"]+)"', client.get(path).get_data(as_text=True)).group(1)
+    html = client.get(path).get_data(as_text=True)
+    first = re.search(r'data-deadline="([^"]+)"', html).group(1)
+    # Just armed, the countdown shows the whole timer (10:00 for ten minutes), not a second less.
+    full = round(res["unsubscribe"]["timer_minutes"] * app.config["TIME_UNIT_SECONDS"])
+    assert f'data-seconds-left="{full}"' in html and f">{full // 60}:{full % 60:02d}</strong>" in html
     client.post(path, data={"action": "start", "csrf_token": token})
     html = client.get(path).get_data(as_text=True)
     assert re.search(r'data-deadline="([^"]+)"', html).group(1) == first      # same timer, not a new one

@@ -67,7 +67,7 @@ def read_token(token):
 
 
 def render_manager(token_str, token, status=200, errors=None, entered=None, failed_hash=None, message=None,
-                   done=None):
+                   done=None, done_hash=None):
     r = get_redis()
     items = preferences.overview(r, token.db_id, token.profile_id)
     if not items:
@@ -81,10 +81,12 @@ def render_manager(token_str, token, status=200, errors=None, entered=None, fail
         if not groups or groups[-1]["resource"]["id"] != sub["resource"]["id"]:
             groups.append({"resource": sub["resource"], "subscriptions": []})
         groups[-1]["subscriptions"].append(sub)
+    if not any(sub["hash_id"] == done_hash for sub in subs):
+        done_hash = None  # "Saved." then shows at the top of the page
     html = render_page("manage.html", groups=groups, action_url=url_for("manager.manage", token=token_str),
                            form_token=issue_form_token(current_app.extensions["signing_keys"], token_str),
                            undo_hash=preferences.undo_available(r, token.db_id, token.profile_id),
-                           failed_hash=failed_hash, message=message, done=done,
+                           failed_hash=failed_hash, message=message, done=done, done_hash=done_hash,
                            suspend_days=preferences.SUSPEND_DAYS)
     return no_store(make_response(html, status))
 
@@ -102,7 +104,7 @@ def manage(token):
         return not_found()
     if request.method == "GET":
         done = request.args.get("done")
-        return render_manager(token, parsed, done=done if done in ACTIONS else None)
+        return render_manager(token, parsed, done=done if done in ACTIONS else None, done_hash=request.args.get("saved"))
     check_link_form(token)  # CSRF: the form token bound to this manager link (no session cookie needed)
     action, hash_id = request.form.get("action"), request.form.get("hash_id", "")
     if action not in ACTIONS:
@@ -134,6 +136,7 @@ def manage(token):
         return render_manager(token, parsed, status=exc.status, failed_hash=hash_id,
                               message=type(exc).__name__)
     lang = request.form.get("lang")
-    anchor = f"sub-{hash_id}" if hash_id else None
-    return redirect(url_for("manager.manage", token=token, done=action, _anchor=anchor,
+    # The page opens at the changed card, so "Saved." is shown in it (`saved`), where the person looks.
+    where = {"saved": hash_id, "_anchor": f"sub-{hash_id}"} if hash_id else {}
+    return redirect(url_for("manager.manage", token=token, done=action, **where,
                             **({"lang": lang} if lang in ("en", "ru") else {})), code=303)

@@ -6,7 +6,6 @@ form; any other POST to the URL is the RFC 8058 one-click (no cookies, no CSRF t
 The page's CSRF token is bound to the link, not to a session (check_link_form): the page sets no cookie.
 """
 import functools
-import time
 from urllib.parse import quote
 
 from flask import Blueprint, current_app, jsonify, make_response, redirect, request, url_for
@@ -89,7 +88,7 @@ def page_view(ctx, done=None):
         "choosable": choosable, "required": required,
         "scope": unsubscribe.describe_scope(resource, message_scope),
         "message_category": next((c["title"] for c in cats if c["api_name"] == category), None),
-        "pending": pending, "seconds_left": max(0, int(pending["deadline"] - time.time())) if pending else None,
+        "pending": pending, "seconds_left": unsubscribe.seconds_left(pending) if pending else None,
         "timer_minutes": resource["unsubscribe"]["timer_minutes"],
         "blocked_text": resource["unsubscribe"].get("blocked_text"),
         "manage_url": manage_url(app.config["PUBLIC_BASE_URL"],

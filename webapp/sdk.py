@@ -248,7 +248,7 @@ def _state(r, ctx, result):
                         "subscribed": c["api_name"] in state["cats"] and stoppable}
                        for c in ctx.resource["categories"]],
         "message_category": unsubscribe.message_category(ctx),  # what a category link's page should pre-select
-        "pending": ({"deadline": pending["deadline"], "seconds_left": max(0, int(pending["deadline"] - time.time()))}
+        "pending": ({"deadline": pending["deadline"], "seconds_left": unsubscribe.seconds_left(pending)}
                     if pending else None),
     }
 

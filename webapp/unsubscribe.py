@@ -16,6 +16,7 @@ Rules (contract §4):
 import hashlib
 import json
 import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -248,6 +249,11 @@ def read_pending(r, ctx):
     """The pending timer of this subscription as {"deadline", "scope", "smid", "armed_at", "evidence"}, or None."""
     raw = r.hgetall(keys.pending_unsubscribe(*ctx.key))
     return _decode_pending(raw)
+
+
+def seconds_left(pending, now=None):
+    """Whole seconds until a pending timer's deadline, rounded up: a 30-minute timer just armed shows 30:00."""
+    return max(0, math.ceil(pending["deadline"] - (time.time() if now is None else now)))
 
 
 def _decode_pending(raw):
