@@ -227,3 +227,14 @@ def test_suspension_ends_by_itself(api, app, client, r):
     assert events.list_events(r, 1, "p-42")[0][0]["method"] == "suspend_expiry"
     assert r.zcard("us:suspensions:due") == 0
     assert preferences.resume_due_suspensions(r) == 0                         # idempotent
+
+
+def test_a_deleted_resources_pause_ends_without_a_change(api, app, client, r):
+    app.config["SUSPEND_DAY_SECONDS"] = 0.02        # 14 "days" = 0.28 s
+    res, ident, sub, path = setup_profile(api)
+    post(client, path, action="suspend", hash_id=sub["hash_id"], days="14")
+    api.ok("resources/delete", id=res["id"])
+    count = len(events.list_events(r, 1, "p-42")[0])
+    time.sleep(0.4)
+    assert preferences.resume_due_suspensions(r) == 0                         # out of service: left as it was
+    assert len(events.list_events(r, 1, "p-42")[0]) == count and r.zcard("us:suspensions:due") == 0

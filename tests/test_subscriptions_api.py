@@ -101,6 +101,7 @@ BAD_SUBSCRIPTIONS = [
     ({"cats": ["news\n"]}, "not a category"),
     ({"resource_id": "abc"}, "resource_id must be an integer"),
     ({"extra": 1}, "extra is not a known field"),
+    ({"cats": ["news", ["receipts"]]}, "not a category"),            # not a name at all (was a 500)
 ]
 
 
@@ -167,6 +168,61 @@ def test_editing_keeps_priority_and_registration(api, resource):
     edited = api.ok("subscriptions/set", **sub(resource, cats=["receipts"]))
     assert edited["priority"] == 1 and edited["reg_info"] == created["reg_info"]
     assert edited["cats"] == ["receipts"]
+
+
+def test_a_float_too_large_for_a_double_is_refused(api, r):
+    fields = [{"title": "Score", "api_name": "score", "type": "float"}]
+    res = api.ok("resources/add", **email_resource(channel_settings={"email": {
+        "from_email": "a@shop.example", "fields": fields}}))
+    before = redis_state(r)
+    huge = 10 ** 400  # JSON's number 1e400 written out in digits: Python reads it as an int
+    assert "score must be a finite number" in api.fail("subscriptions/set", 400, **sub(res, custom_fields={"score": huge}))
+    assert "must be a finite number" in api.fail("resources/add", 400, **email_resource(channel_settings={"email": {
+        "from_email": "a@shop.example", "fields": [{**fields[0], "default": -huge}]}}))
+    assert redis_state(r) == before
+    assert api.ok("subscriptions/set", **sub(res, custom_fields={"score": 10 ** 300}))["custom_fields"] == {
+        "score": 1e300}
+
+
+def test_a_chat_id_is_one_identity_however_it_is_spelled(api):
+    res = api.ok("resources/add", **email_resource(channels=["telegram_bot"], channel_settings={}))
+    base = {"db_id": 1, "profile_id": "p1", "resource_id": res["id"], "channel": "telegram_bot"}
+    first = api.ok("subscriptions/set", **base, cc_data={"id": "007"}, status="unsubscribed")
+    for spelling in ("7", 7, "0007"):   # the person's opt-out holds: no second subscription of the same chat
+        again = api.ok("subscriptions/get", **base, cc_data={"id": spelling})
+        assert (again["hash_id"], again["status"]) == (first["hash_id"], "unsubscribed")
+    assert api.ok("subscriptions/set", **base, cc_data={"id": "-0"})["hash_id"] == \
+        api.ok("subscriptions/get", **base, cc_data={"id": 0})["hash_id"]
+    assert len(api.ok("subscriptions/list", db_id=1, profile_id="p1")) == 2
+
+
+def test_values_of_a_deleted_field_are_not_kept_as_the_new_fields(api, r):
+    """A field deleted, then added again with another type, does not take the old values of the old type."""
+    fields = [{"title": "Plan", "api_name": "plan", "type": "int"}]
+    res = api.ok("resources/add", **email_resource(channel_settings={"email": {
+        "from_email": "a@shop.example", "fields": fields}}))
+    api.ok("subscriptions/set", **sub(res, custom_fields={"plan": 42}))
+    api.ok("resources/update", id=res["id"], channel_settings={"email": {"fields": [], "delete_fields": ["plan"]}})
+    assert api.ok("subscriptions/get", **sub(res))["custom_fields"] == {}
+    api.ok("resources/update", id=res["id"], channel_settings={"email": {"fields": [{**fields[0], "type": "bool"}]}})
+    assert api.ok("subscriptions/get", **sub(res))["custom_fields"] == {}
+    assert api.ok("subscriptions/set", **sub(res, status="unsubscribed"))["custom_fields"] == {}
+    assert api.ok("subscriptions/set", **sub(res, custom_fields={"plan": True}))["custom_fields"] == {"plan": True}
+
+
+def test_a_deleted_resources_subscriptions_are_out_of_service(api, r, resource):
+    from webapp import events
+    api.ok("subscriptions/set", **sub(resource))
+    api.ok("subscriptions/set", **sub(resource, profile_id="p-43", status="suspended"))
+    other = api.ok("resources/add", **email_resource(name="Other"))
+    api.ok("subscriptions/set", **sub(other))
+    api.ok("resources/delete", id=resource["id"])
+    assert [s["resource_id"] for s in api.ok("subscriptions/list", db_id=1, profile_id="p-42")] == [other["id"]]
+    before = redis_state(r)
+    assert api.call("subscriptions/unsuspend_all", db_id=1).get_json()["updated"] == 0
+    assert redis_state(r) == before                                 # no change, no event with "cats": []
+    assert api.call("subscriptions/suspend_all", db_id=1).get_json()["updated"] == 1   # the other resource's
+    assert [e["method"] for e in events.list_events(r, 1, "p-42")[0]] == ["api", "api", "api"]
 
 
 def test_delete_and_undelete(api, r, resource, subscription):

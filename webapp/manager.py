@@ -15,6 +15,7 @@ from . import preferences
 from .errors import BadToken, InvalidFields, ServiceError
 from .locale import render_page, set_page_locale
 from .pages import check_link_form, evidence, mask_address, no_store
+from .resources import current_field_values
 from .store import get_redis
 from .subscriptions import Status, subscribed_cats
 from .tokens import issue_form_token, read_manager_token
@@ -37,10 +38,10 @@ def subscription_view(token, hash_id, record, resource, errors=None, entered=Non
     status = Status(record["status"])
     blocked = resource["unsubscribe"]["mode"] == "blocked"
     on = set(subscribed_cats(resource, record))
-    fields = []
+    fields, stored = [], current_field_values(resource, record["channel"], record.get("custom_fields", {}))
     for fdef in resource["channel_settings"].get(record["channel"], {}).get("fields", []):
         if fdef["in_manager"]:
-            value = record.get("custom_fields", {}).get(fdef["api_name"])
+            value = stored.get(fdef["api_name"])
             if entered is not None and fdef["api_name"] in entered:
                 value = entered[fdef["api_name"]]
             fields.append({**fdef, "value": value, "error": (errors or {}).get(fdef["api_name"])})
@@ -104,7 +105,8 @@ def manage(token):
         return not_found()
     if request.method == "GET":
         done = request.args.get("done")
-        return render_manager(token, parsed, done=done if done in ACTIONS else None, done_hash=request.args.get("saved"))
+        return render_manager(token, parsed, done=done if done in ACTIONS else None,
+                              done_hash=request.args.get("saved"))
     check_link_form(token)  # CSRF: the form token bound to this manager link (no session cookie needed)
     action, hash_id = request.form.get("action"), request.form.get("hash_id", "")
     if action not in ACTIONS:

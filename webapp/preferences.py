@@ -20,7 +20,7 @@ from redis.exceptions import ResponseError
 
 from . import keys
 from .errors import Blocked, Conflict, Forbidden, InvalidFields, InvalidInput, NoSuchSubscription, report_broken
-from .resources import get_resources
+from .resources import current_field_values, get_resources
 from .subscriptions import Status, load_records, update_profile
 from .validation import format_time, now_iso
 
@@ -84,7 +84,7 @@ def _parse_preferences(resource, record, cats_on, field_values):
             uncats.discard(name)
         else:
             uncats.add(name)
-    values, errors = dict(record.get("custom_fields", {})), {}
+    values, errors = current_field_values(resource, record["channel"], record.get("custom_fields", {})), {}
     for fdef in resource["channel_settings"].get(record["channel"], {}).get("fields", []):
         if not fdef["in_manager"]:
             continue
@@ -252,7 +252,9 @@ def _resume_if_due(r, member, now):
         if (record is None or record["status"] != Status.SUSPENDED or not record.get("suspended_until")
                 or _epoch(record["suspended_until"]) > now):
             return 0
-        resource = get_resources(r, [record["resource_id"]]).get(record["resource_id"]) or {"categories": []}
+        resource = get_resources(r, [record["resource_id"]]).get(record["resource_id"])
+        if resource is None:  # deleted: its subscriptions are out of service, and stay as they were
+            return 0
         new = dict(record, status=int(Status.SUBSCRIBED), updated_at=now_iso())
         new.pop("suspended_until")
         pc.save(hash_id, new, resource, method="suspend_expiry")

@@ -73,6 +73,20 @@ def _validate_field_value(ftype, value, field):
     return as_text(value, field, max_len=1024)
 
 
+def current_field_values(resource, channel, values):
+    """The stored custom-field values the channel still has a field for, each still of that field's type: a
+    field deleted (or deleted and added again with another type) leaves values behind in the records."""
+    defs = {f["api_name"]: f for f in resource["channel_settings"].get(channel, {}).get("fields", [])}
+    out = {}
+    for name, value in values.items():
+        if name in defs:
+            try:
+                out[name] = value if value is None else _validate_field_value(defs[name]["type"], value, name)
+            except InvalidInput:
+                pass
+    return out
+
+
 def validate_field_value(field_def, value, where):
     return _validate_field_value(field_def["type"], value, f"{where}{field_def['api_name']}")
 

@@ -14,7 +14,7 @@ from enum import IntEnum
 
 from . import events, keys
 from .errors import InvalidInput, NoSuchSubscription
-from .resources import PHONE_CC_CHANNELS, get_resource, get_resources, validate_field_value
+from .resources import PHONE_CC_CHANNELS, current_field_values, get_resource, get_resources, validate_field_value
 from .validation import (as_chat_id, as_datetime, as_email, as_int, as_ip, as_language, as_list, as_object,
                          as_phone, as_profile_id, as_text, as_url, ms_to_time, no_unknown_keys, now_iso, require,
                          time_to_ms)
@@ -205,7 +205,8 @@ def extended_form(resource, db_id, profile_id, hash_id, record):
         "status": Status(record["status"]).word,
         "priority": record["priority"],
         "cats": subscribed_cats(resource, record) if resource else [],
-        "custom_fields": record.get("custom_fields", {}),
+        "custom_fields": (current_field_values(resource, record["channel"], record.get("custom_fields", {}))
+                          if resource else {}),
         "reg_info": record["reg_info"],
         "hash_id": hash_id,
         "is_delete": record.get("is_delete", False),
@@ -310,7 +311,7 @@ def _validate_cats(resource, cats):
     names = {c["api_name"] for c in resource["categories"]}
     cats = as_list(cats, "cats", max_items=200)
     for i, cat in enumerate(cats):
-        if cat not in names:
+        if not isinstance(cat, str) or cat not in names:
             raise InvalidInput(f"cats[{i}] {cat!r} is not a category of resource {resource['id']}", field="cats")
     return [c["api_name"] for c in resource["categories"] if c["api_name"] not in cats]
 
@@ -318,7 +319,7 @@ def _validate_cats(resource, cats):
 def _validate_custom_fields(resource, channel, given, existing, is_new):
     defs = {f["api_name"]: f for f in resource["channel_settings"][channel]["fields"]}
     given = as_object(given, "custom_fields")
-    values = dict(existing)
+    values = current_field_values(resource, channel, existing)
     for name, value in given.items():
         if name not in defs:
             raise InvalidInput(f"custom_fields.{name} is not a field of the {channel} channel",
@@ -410,9 +411,10 @@ def list_subscriptions(r, db_id, profile_id, resource_id=None, channel=None):
     """All subscriptions of a profile (optionally one resource and/or channel), by resource, channel, priority."""
     records = load_records(r, db_id, profile_id)
     res = get_resources(r, [rec["resource_id"] for rec in records.values()])
-    items = [extended_form(res.get(rec["resource_id"]), db_id, profile_id, h, rec)
+    items = [extended_form(res[rec["resource_id"]], db_id, profile_id, h, rec)
              for h, rec in records.items()
-             if (resource_id is None or rec["resource_id"] == resource_id)
+             if rec["resource_id"] in res  # a deleted resource's subscriptions are kept but out of service
+             and (resource_id is None or rec["resource_id"] == resource_id)
              and (channel is None or rec["channel"] == channel)]
     return sorted(items, key=lambda s: (s["resource_id"], s["channel"], s["priority"], s["hash_id"]))
 
@@ -443,10 +445,11 @@ def set_status_where(r, db_id, profile_ids, from_status, to_status, method, reso
                         and (resource_id is None or rec["resource_id"] == resource_id)
                         and (channel is None or rec["channel"] == channel)]
             res = get_resources(r, [rec["resource_id"] for _, rec in matching])
+            matching = [(h, rec) for h, rec in matching if rec["resource_id"] in res]  # none of a deleted resource
             for h, rec in matching:
                 new = {**rec, "status": int(to_status), "updated_at": now_iso()}
                 new.pop("suspended_until", None)
-                pc.save(h, new, res.get(rec["resource_id"]) or {"categories": []}, method=method)
+                pc.save(h, new, res[rec["resource_id"]], method=method)
             return len(matching)
         updated += update_profile(r, db_id, profile_id, change)[0]
     return updated

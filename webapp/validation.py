@@ -83,9 +83,13 @@ def as_int(value, field, minimum=None, maximum=None, allow_text=True):
 def as_float(value, field):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidInput(f"{field} must be a number", field=field)
-    if not math.isfinite(value):
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past the largest float (JSON's 1e400 written out in digits)
+        number = math.inf
+    if not math.isfinite(number):
         raise InvalidInput(f"{field} must be a finite number", field=field)
-    return float(value)
+    return number
 
 
 def as_bool(value, field):
@@ -196,7 +200,7 @@ def as_chat_id(value, field="cc_data.id"):
         value = str(value)
     if not isinstance(value, str) or not CHAT_ID_RE.match(value):
         raise InvalidInput(f"{field} must be a numeric chat id", field=field)
-    return value
+    return str(int(value))  # one spelling per chat ("007", "7" and 7 are one chat, its identity hashed once)
 
 
 def as_url(value, field, allow_placeholders=()):
