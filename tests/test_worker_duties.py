@@ -105,6 +105,20 @@ def test_broken_data_holds_up_no_other_duty(api, app, r, receiver, workers):  # 
     assert workers.log(0).count("cannot be resumed, its data is broken") == 2   # once each, not every pass
 
 
+def test_a_failing_duty_holds_up_no_other(api, app, r, receiver, workers):  # noqa: F811
+    """The suspension index holding a key of the wrong type makes every pass of that duty fail; webhooks are
+    still delivered, and the failure is logged once, not every half second."""
+    from webapp import keys
+    hook = api.ok("webhooks/add", url=receiver.url, secret=SECRET)
+    _res, ident = set_up(api, receiver)
+    api.ok("subscriptions/set", **ident)
+    r.set(keys.suspensions_due(), "not a sorted set")
+    workers.start()
+    wait_until(lambda: webhooks.target_state(r, webhooks.group_name(hook["id"]))["backlog"] == 0, 10)
+    assert [b["method"] for b in receiver.bodies()] == ["api"]
+    assert workers.log(0).count("housekeeping failed resuming suspensions") == 1
+
+
 def test_worker_warns_about_redis_settings_that_cost_memory_or_data(r, workers):  # noqa: F811
     """The test Redis runs with redis-server's defaults for both (listpack values up to 64 bytes, no AOF);
     `python -m webapp run` sets both, so that start-up says nothing."""
