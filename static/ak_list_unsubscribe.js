@@ -18,7 +18,9 @@
  * first, then any other parameter whose value looks like a SMID; the service decides which one verifies.
  * When one is found, constructing AkUnsub does what the hosted page does when shown (once the page is visible):
  * instant mode unsubscribes, delayed mode starts the timer, confirm mode waits for confirmUnsub. The outcome is
- * the promise akUnsub.ready (null when the URL has no SMID); akUnsub.smid is the SMID it used.
+ * the promise akUnsub.ready (null when the URL has no SMID); akUnsub.smid is the SMID it used. In a browser an
+ * automation drives (navigator.webdriver) or a headless one, a link scanner's, it changes nothing and waits
+ * for confirmUnsub as in confirm mode.
  */
 (function (global) {
   "use strict";
@@ -29,6 +31,7 @@
   const SCRIPT_ORIGIN = script && script.src ? new URL(script.src, location.href).origin : location.origin;
   const PREFERRED_PARAMS = ["smid", "send_message_id"];
   const MAX_CANDIDATES = 3;
+  const AUTOMATED = navigator.webdriver === true || /HeadlessChrome|PhantomJS/.test(navigator.userAgent);
   let lastInstance = null;
 
   function normalizeDomain(value) {
@@ -135,7 +138,7 @@
       let lastError = null;
       for (const smid of this.candidates) {
         try {
-          const state = await this._call("show", smid);
+          const state = await this._call(AUTOMATED ? "state" : "show", smid);
           this.smid = smid;
           return state;
         } catch (err) {

@@ -2,7 +2,11 @@
 // nothing. When a real browser shows the page, the instant and delayed modes POST their form once.
 (function () {
   "use strict";
+  // A browser an automation drives (navigator.webdriver, as WebDriver, Puppeteer and Playwright set it) or a
+  // headless one is a link scanner, not the person: its page waits for a click like a page without scripts.
+  var automated = navigator.webdriver === true || /HeadlessChrome|PhantomJS/.test(navigator.userAgent);
   document.documentElement.classList.add("js");
+  if (!automated) document.documentElement.classList.add("auto");
 
   function autoSubmit(form) {
     var action = form.getAttribute("data-auto-submit");
@@ -52,7 +56,7 @@
   });
 
   document.addEventListener("DOMContentLoaded", function () {
-    Array.prototype.forEach.call(document.querySelectorAll("form[data-auto-submit]"), autoSubmit);
+    if (!automated) Array.prototype.forEach.call(document.querySelectorAll("form[data-auto-submit]"), autoSubmit);
     Array.prototype.forEach.call(document.querySelectorAll(".countdown"), countdown);
   });
 })();

@@ -291,13 +291,23 @@ def live_server(redis_url, tmp_path_factory):
     close_clients(app)
 
 
+def person_browser_args():
+    """Launch flags that make headless Chromium look like a person's browser to the page: no
+    navigator.webdriver and no "HeadlessChrome" in the user agent. Pages and the SDK leave alone a page an
+    automation drives (a link scanner's): tests/test_scanner_browser.py opens pages that way on purpose."""
+    version = subprocess.run([CHROMIUM, "--version"], capture_output=True, text=True, check=True).stdout.split()[1]
+    agent = (f"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+             f"Chrome/{version.split('.')[0]}.0.0.0 Safari/537.36")
+    return ["--disable-blink-features=AutomationControlled", f"--user-agent={agent}"]
+
+
 @pytest.fixture(scope="session")
 def browser():
     if not os.path.exists(CHROMIUM):
         pytest.exit(f"Chromium is not installed at {CHROMIUM}: apt-get install chromium", returncode=3)
     from playwright.sync_api import sync_playwright
     with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + person_browser_args())
         yield chromium
         chromium.close()
 

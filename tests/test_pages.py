@@ -323,6 +323,31 @@ def test_instant_unsubscribe_and_undo(api, client, r):
     assert client.post(path, data={"action": "undo", "csrf_token": token}).status_code == 409  # another change
 
 
+def test_a_notice_is_shown_only_while_the_state_agrees(api, client, r):
+    """?done= can be typed or come back from history: its notice must not say what did not happen."""
+    for mode in ("confirm", "instant", "delayed"):
+        _res, path, body = make_link(api, mode)
+        for done in ("unsubscribed", "undone", "cancelled", "started"):
+            html = client.get(f"{path}?done={done}").get_data(as_text=True)
+            assert ('role="status"' in html) == (done in ("undone", "cancelled")), (mode, done)
+            assert "Saved." not in html and "data-auto-submit" not in html   # and it still does not act again
+        api.ok("subscriptions/set", **{k: v for k, v in body.items() if k != "category"}, status="unsubscribed")
+        html = client.get(f"{path}?done=undone").get_data(as_text=True)
+        assert "Welcome back" not in html and "You are unsubscribed" in html
+        assert 'value="undo"' not in html            # not this link's unsubscribe: nothing it could undo
+
+
+def test_undo_is_offered_only_for_the_links_own_recent_unsubscribe(api, client, r):
+    _res, path, body = make_link(api, "confirm")
+    token = form_token(client.get(path).get_data(as_text=True))
+    client.post(path, data={"action": "unsubscribe", "csrf_token": token, "categories": ["news"]})
+    assert 'value="undo"' in client.get(path + "?done=unsubscribed").get_data(as_text=True)
+    _res, blocked_path, blocked = make_link(api, "blocked", email="bob@example.com")
+    api.ok("subscriptions/set", **{k: v for k, v in blocked.items() if k != "category"}, cats=["receipts"])
+    html = client.get(blocked_path).get_data(as_text=True)
+    assert "You are unsubscribed" in html and 'value="undo"' not in html  # the API's change: no dead Undo
+
+
 def test_delayed_start_is_idempotent_and_cancel_works(app, api, client, r):
     res, path, body = make_link(api, "delayed")
     token = form_token(client.get(path).get_data(as_text=True))

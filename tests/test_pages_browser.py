@@ -3,6 +3,7 @@ Screenshots of every page land in test-artifacts/screens/."""
 import pytest
 
 from conftest import email_resource, screenshot
+from webapp import keys
 
 pytestmark = pytest.mark.browser
 LANGS = ["en", "ru"]
@@ -35,13 +36,46 @@ def test_instant_unsubscribes_on_view_and_undo_restores(live_server, open_page, 
     page.wait_for_url("**done=undone**")
     assert status(live_server, ident)[0] == "subscribed"
     assert page.locator('[role="status"]').is_visible()
-    assert not page.locator(".js-only").is_visible()                           # nothing is on its way
+    assert not page.locator(".auto-only").is_visible()                           # nothing is on its way
     screenshot(page, f"instant-undone-{lang}")
     other = {"en": "ru", "ru": "en"}[lang]
     page.locator(f'.langs a[hreflang="{other}"]').click()                      # the page in the other language...
     page.wait_for_url(f"**lang={other}**")
     page.wait_for_timeout(300)
     assert "done=undone" in page.url and status(live_server, ident)[0] == "subscribed"  # ...does not act again
+
+
+SCANNERS = {"webdriver": {"init": "Object.defineProperty(Navigator.prototype, 'webdriver', {get: () => true})"},
+            "headless": {"user_agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+                                       "HeadlessChrome/156.0.0.0 Safari/537.36"}}
+
+
+@pytest.mark.parametrize("scanner", SCANNERS)
+@pytest.mark.parametrize("mode", ["instant", "delayed"])
+def test_a_browser_an_automation_drives_changes_nothing(live_server, browser, r, mode, scanner):
+    """A link scanner that runs the page's script (Safe Links detonating a link in headless Chromium) is not
+    the person: the page waits for a click, and says what its button does rather than that it is acting."""
+    url, ident = link_for(live_server, mode)
+    context = browser.new_context(**({"user_agent": SCANNERS[scanner]["user_agent"]}
+                                     if "user_agent" in SCANNERS[scanner] else {}))
+    try:
+        if "init" in SCANNERS[scanner]:
+            context.add_init_script(SCANNERS[scanner]["init"])
+        page = context.new_page()
+        page.goto(url)
+        page.wait_for_load_state("load")
+        page.wait_for_timeout(700)
+        assert page.evaluate("navigator.webdriver") == (scanner == "webdriver")
+        assert status(live_server, ident) == ("subscribed", ["news", "receipts"]) and "done=" not in page.url
+        assert r.zcard(keys.pending_due()) == 0                                    # no timer started either
+        assert page.locator("h1:visible").inner_text() == "Unsubscribe from Weekly news"
+        assert not page.locator(".auto-only").first.is_visible()
+        screenshot(page, f"{mode}-scanner-{scanner}")
+        page.locator('button[value="{}"]'.format("unsubscribe" if mode == "instant" else "start")).click()
+        page.wait_for_url("**done=**")                                          # a click still works
+        assert status(live_server, ident)[1] == ["receipts"] or r.zcard(keys.pending_due()) == 1
+    finally:
+        context.close()
 
 
 @pytest.mark.parametrize("lang", LANGS)
@@ -84,14 +118,14 @@ def test_delayed_shows_countdown_and_cancel_works(live_server, open_page, r, lan
     page.wait_for_timeout(1300)
     assert timer.inner_text() != first                                         # it counts down
     screenshot(page, f"delayed-pending-{lang}")
-    assert r.zcard("us:pending:due") == 1
+    assert r.zcard(keys.pending_due()) == 1
     page.reload()                                                              # same timer, not a new one
-    assert r.zcard("us:pending:due") == 1 and page.locator('[role="timer"]').is_visible()
+    assert r.zcard(keys.pending_due()) == 1 and page.locator('[role="timer"]').is_visible()
     page.locator('button[value="cancel"]').click()
     page.wait_for_url("**done=cancelled**")
-    assert r.zcard("us:pending:due") == 0
+    assert r.zcard(keys.pending_due()) == 0
     assert status(live_server, ident)[0] == "subscribed"
-    assert not page.locator(".js-only").is_visible()
+    assert not page.locator(".auto-only").is_visible()
     assert "unless you cancel" not in page.content() and "если не отмените" not in page.content()
     screenshot(page, f"delayed-cancelled-{lang}")
 

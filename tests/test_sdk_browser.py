@@ -129,6 +129,28 @@ def test_cancel_during_delayed_timer_stops_it(live_server, sites, open_page, r):
     assert status(live_server, ident) == ("subscribed", ["news", "promo", "receipts"])
 
 
+@pytest.mark.parametrize("mode", ["instant", "delayed"])
+def test_in_a_browser_an_automation_drives_constructing_changes_nothing(live_server, sites, browser, r, mode):
+    """A link scanner running the customer's page (navigator.webdriver) does not unsubscribe or start a timer;
+    the page's own confirmUnsub, a click's, still works."""
+    shop, _ = sites
+    res, ident, smid, _hash = setup(live_server, shop, mode)
+    shop.pages["/unsubscribe.html"] = page_html(res["sdk_script_url"])
+    context = browser.new_context()
+    try:
+        context.add_init_script("Object.defineProperty(Navigator.prototype, 'webdriver', {get: () => true})")
+        page = context.new_page()
+        page.goto(shop.origin + "/unsubscribe.html?smid=" + quote(smid))
+        state = page.evaluate("run(akUnsub.ready)")["state"]
+        assert (state["result"], state["pending"]) == ("waiting", None)
+        assert status(live_server, ident) == ("subscribed", ["news", "promo", "receipts"])
+        assert r.zcard(keys.pending_due()) == 0
+        got = page.evaluate("(s) => run(akUnsub.confirmUnsub(s))", smid)
+        assert got["state"]["result"] == "unsubscribed" and status(live_server, ident)[0] == "unsubscribed"
+    finally:
+        context.close()
+
+
 def test_unlisted_origin_gets_a_readable_error_and_changes_nothing(live_server, sites, open_page, r):
     shop, other = sites
     res, ident, smid, _hash = setup(live_server, shop, "instant")

@@ -79,11 +79,16 @@ def page_view(ctx, done=None):
         state = "unsubscribed"  # what this message was about has stopped
     else:
         state = "active"
+    stopped = [c["title"] for c in cats if c["api_name"] not in subscribed]
+    # `done` (from the redirect after an action) keeps the page from acting again on its own; its notice is
+    # shown only while the stored state still agrees (the URL can be typed, or come back from history).
+    notice = done if {"undone": state == "active", "cancelled": state == "active" and not pending,
+                      "unsubscribed": bool(stopped), "started": bool(pending)}.get(done) else None
     return {
         "smid": ctx.token, "mode": ctx.mode, "resource": resource, "address": mask_address(record),
         "channel": record["channel"], "status": status.word, "state": state,
         "whole": not stoppable,
-        "stopped": [c["title"] for c in cats if c["api_name"] not in subscribed],
+        "stopped": stopped,
         "continuing": [c["title"] for c in cats if c["api_name"] in subscribed],
         "choosable": choosable, "required": required,
         "scope": unsubscribe.describe_scope(resource, message_scope),
@@ -94,7 +99,9 @@ def page_view(ctx, done=None):
         "manage_url": manage_url(app.config["PUBLIC_BASE_URL"],
                                  issue_manager_token(ring, smid.db_id, smid.profile_id, smid.hash_id))
                       + (f"?lang={lang}" if (lang := explicit_locale()) else ""),  # the language the person chose
-        "done": done, "action_url": page_path(ctx.token),
+        "done": done, "notice": notice, "action_url": page_path(ctx.token),
+        # Undo only where it would restore something: this link's own recent unsubscribe.
+        "can_undo": state == "unsubscribed" and unsubscribe.can_undo(client_of(app), ctx),
         "form_token": issue_form_token(ring, ctx.token),
         "locales": LOCALES,
     }

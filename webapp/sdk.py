@@ -5,7 +5,7 @@ GET /ak_list_unsubscribe.js?id=<base64 of "account|resource">
     id). Public and cacheable (5 minutes, ETag); 404 with a JS comment for an unknown or malformed id. The rtoken
     is never put in the script: it is a secret of the customer's server.
 
-POST /sdk/v1/<resource_id>/unsubscribe   {"smid", "action": "confirm"|"cancel"|"show", "categories"?, "rtoken"?}
+POST /sdk/v1/<resource_id>/unsubscribe   {"smid", "action": "confirm"|"cancel"|"show"|"state", "categories"?, "rtoken"?}
     The resource is in the path so that a preflight, which has no body, can be answered for exactly that
     resource's origins. Checks, all before any change: the Origin header is one of the resource's URLs
     (`url`, `urls`; scheme://host[:port] compared exactly) else 403; Content-Type is application/json else 415
@@ -53,7 +53,7 @@ from .validation import idna_ascii, json_object
 
 bp = Blueprint("sdk", __name__)
 
-ACTIONS = ("confirm", "cancel", "show")
+ACTIONS = ("confirm", "cancel", "show", "state")
 PREFLIGHT_MAX_AGE = 7200  # Chromium caps Access-Control-Max-Age at 2 hours
 SCRIPT_MAX_AGE = 300
 SCRIPT_FILE = "ak_list_unsubscribe.js"
@@ -282,17 +282,20 @@ def sdk_unsubscribe(resource):
             if categories is not None:  # checked, but a cancel stops the whole pending timer
                 unsubscribe.resolve_scope(ctx, categories, by_person=False)
             result = unsubscribe.cancel_timer(r, ctx, sdk_evidence(ctx))
-        else:  # "show": what the hosted page does when a real browser displays it
-            result = show(r, ctx)
+        else:  # "show": what the hosted page does when a real browser displays it; "state": the same, acting on
+            # nothing (what the script asks in a browser an automation drives: a link scanner's)
+            result = show(r, ctx, act=action == "show")
     except ServiceError as exc:
         return error_response(exc)
     return jsonify(_state(r, ctx, result))
 
 
-def show(r, ctx):
+def show(r, ctx, act=True):
     if ctx.mode == "blocked":
         raise Blocked(ctx.resource["unsubscribe"].get("blocked_text") or "This subscription cannot be cancelled")
     scope = unsubscribe.resolve_scope(ctx)
+    if not act:
+        return "waiting"  # until confirmUnsub, as in confirm mode
     if ctx.mode == "instant":
         unsubscribe.unsubscribe(r, ctx, scope, "sdk", sdk_evidence(ctx))
         return "unsubscribed"

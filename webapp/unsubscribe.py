@@ -197,14 +197,10 @@ def undo(r, ctx, evidence=None):
 
     def change(pc):
         record = pc.records.get(hash_id)
-        recent = [events.decode_event(x) for x in pc.pipe.lrange(keys.profile_events(db_id, profile_id), -50, -1)]
-        mine = [e for e in recent if e["hash_id"] == hash_id]
-        last = mine[-1] if mine else None
-        recent_mine = (last is not None and last["smid"] == ctx.token
-                       and int(last["id"][:13]) / 1000 >= time.time() - UNDO_WINDOW_SECONDS)
-        if recent_mine and last["method"] == "page_undo":  # undone already (a second click): the same answer
+        last = _own_recent_change(pc.pipe, ctx)
+        if last is not None and last["method"] == "page_undo":  # undone already (a second click): the same answer
             return {"changed": False, "state": state_of(ctx.resource, record)}
-        if not recent_mine or last["method"] not in UNDOABLE_METHODS:
+        if last is None or last["method"] not in UNDOABLE_METHODS:
             raise Conflict("there is no recent unsubscribe to undo")
         if Status(record["status"]) in FINAL_STATUSES:
             raise Conflict("this subscription cannot be restored")
@@ -214,6 +210,25 @@ def undo(r, ctx, evidence=None):
         return {"changed": True, "state": state_of(ctx.resource, restored)}
 
     return update_profile(r, db_id, profile_id, change)[0]
+
+
+def can_undo(r, ctx):
+    """Whether `undo` would restore something now (the page offers its Undo only then)."""
+    last = _own_recent_change(r, ctx)
+    return (last is not None and last["method"] in UNDOABLE_METHODS
+            and Status(ctx.record["status"]) not in FINAL_STATUSES)
+
+
+def _own_recent_change(r, ctx):
+    """The subscription's last ledger event if this SMID made it within UNDO_WINDOW_SECONDS, else None."""
+    db_id, profile_id, hash_id = ctx.key
+    recent = [events.decode_event(x) for x in r.lrange(keys.profile_events(db_id, profile_id), -50, -1)]
+    mine = [e for e in recent if e["hash_id"] == hash_id]
+    last = mine[-1] if mine else None
+    if (last is not None and last["smid"] == ctx.token
+            and int(last["id"][:13]) / 1000 >= time.time() - UNDO_WINDOW_SECONDS):
+        return last
+    return None
 
 
 # -- delayed mode -------------------------------------------------------------------------------------
