@@ -40,6 +40,7 @@ def test_scanner_burst_is_flagged_and_reverted_exactly(api, app, r):
     assert resp["total_count"] == 6
     assert sorted(f["event"]["profile_id"] for f in flagged) == [f"corp{i}" for i in range(6)]
     assert all({"fast", "head_request", "get_burst", "domain_burst"} <= set(f["flags"]) for f in flagged)
+    assert not any("headless" in f["flags"] for f in flagged)
 
     result = api.ok("events/revert_flagged", **{"from": 0}, domain_burst=5)
     assert len(result["reverted"]) == 6 and result["skipped"] == []
@@ -56,6 +57,18 @@ def test_scanner_burst_is_flagged_and_reverted_exactly(api, app, r):
     again = api.ok("events/revert_flagged", **{"from": 0}, domain_burst=5)
     assert again["reverted"] == [] and {s["reason"] for s in again["skipped"]} == {"changed since"}
     assert redis_state(r) == before
+
+
+def test_a_headless_browsers_change_is_flagged(api, app, r):
+    """An hour after the send, one look and one click, but by a browser that says it is headless."""
+    res = api.ok("resources/add", **email_resource(unsubscribe={"mode": "confirm"}, categories=[]))
+    ident, path = subscribe(api, res, "p1", "ann@corp.example", sent_at=int(time.time()) - 3600)
+    bot = app.test_client()
+    agent = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) HeadlessChrome/156.0.0.0 Safari/537.36"}
+    html = bot.get(path, headers=agent).get_data(as_text=True)
+    bot.post(path, data={"action": "unsubscribe", "csrf_token": form_token(html)}, headers=agent)
+    flagged = api.ok("events/flagged", **{"from": 0})
+    assert [f["flags"] for f in flagged] == [["headless"]]
 
 
 def test_a_later_change_by_the_person_wins(api, app, r):

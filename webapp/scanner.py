@@ -8,11 +8,15 @@ time range and flags:
 - `fast`: the change came less than FAST_SECONDS after the send;
 - `head_request`: the page was fetched with HEAD (browsers do not navigate with HEAD);
 - `get_burst`: the page was fetched GET_BURST or more times shortly before the change;
+- `headless`: the browser said it was headless (HeadlessChrome, PhantomJS in its user agent): the pages no
+  longer act by themselves there, so such a change was a click by a script;
 - `domain_burst`: DOMAIN_BURST or more changes for one resource and recipient domain within DOMAIN_WINDOW
   seconds, each within DOMAIN_WINDOW of its send.
 Only changes made by a browser are reviewed (pages, SDK, and timers they started); RFC 8058 one-click and
 the API are a mailbox provider's or a platform's explicit request and are never flagged.
 """
+import re
+
 from .errors import InvalidInput
 from .events import export_events
 from .resources import get_resources
@@ -24,6 +28,7 @@ FAST_SECONDS = 30
 GET_BURST = 3
 DOMAIN_BURST = 10
 DOMAIN_WINDOW = 600
+HEADLESS_AGENT = re.compile(r"HeadlessChrome|PhantomJS|\bHeadless\b")
 
 
 def flags_of(event):
@@ -38,6 +43,8 @@ def flags_of(event):
         flags.append("head_request")
     if views.get("GET", 0) + views.get("HEAD", 0) >= GET_BURST:
         flags.append("get_burst")
+    if HEADLESS_AGENT.search(evidence.get("user_agent") or ""):
+        flags.append("headless")
     return flags
 
 
