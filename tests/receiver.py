@@ -6,8 +6,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class Receiver:
-    """`behaviours` is a list consumed per request: an int status, ("sleep", seconds, status), or "ok".
-    When it runs out, every request gets 200."""
+    """`behaviours` is a list consumed per request: an int status, ("sleep", seconds, status), or
+    ("redirect", status, location). When it runs out, every request gets 200. GETs are recorded too."""
 
     def __init__(self):
         self.requests = []
@@ -23,18 +23,25 @@ class Receiver:
                     behaviour = receiver.behaviours.pop(0) if receiver.behaviours else 200
                     receiver.requests.append({"path": self.path, "headers": dict(self.headers), "body": body,
                                               "at": time.time(), "answered": behaviour})
-                status = behaviour
-                if isinstance(behaviour, tuple):
+                status, extra = behaviour, {}
+                if isinstance(behaviour, tuple) and behaviour[0] == "redirect":
+                    _, status, location = behaviour
+                    extra = {"Location": location}
+                elif isinstance(behaviour, tuple):
                     receiver.in_flight.set()
                     _, seconds, status = behaviour
                     time.sleep(seconds)
                 try:
                     self.send_response(status)
+                    for name, value in extra.items():
+                        self.send_header(name, value)
                     self.send_header("Content-Length", "2")
                     self.end_headers()
                     self.wfile.write(b"ok")
                 except OSError:
                     pass  # the caller gave up (timeout) or died
+
+            do_GET = do_POST  # a GET has no body: Content-Length is absent, so nothing is read
 
             def log_message(self, *args):
                 pass

@@ -112,6 +112,30 @@ def test_timeouts_count_as_failures(api, r, resource, receiver):
     assert webhooks.deliver(r, webhooks.group_name(hook["id"]), timeout=2)["sent"] == 2
 
 
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirect_is_a_failure_not_a_delivery(api, r, resource, receiver, status):
+    """Following it would send a GET without the event (or the event elsewhere) and drop it as delivered."""
+    hook = api.ok("webhooks/add", url=receiver.url, secret=SECRET)
+    group = webhooks.group_name(hook["id"])
+    change(api, resource)
+    receiver.behaviours = [("redirect", status, receiver.url.replace("/hook", "/landed"))]
+    assert webhooks.deliver(r, group, now=1000.0)["error"] == f"HTTP {status}"
+    assert [req["path"] for req in receiver.requests] == ["/hook"]              # nothing followed it
+    assert webhooks.target_state(r, group)["backlog"] == 2
+    assert webhooks.deliver(r, group, now=2000.0)["sent"] == 2                 # retried, then delivered
+
+
+def test_a_stored_url_urllib_cannot_send_is_a_failure_not_a_crash(api, r, resource):
+    """A webhook stored before its URL's port was checked: each try is an error with backoff."""
+    hook = api.ok("webhooks/add", url="http://127.0.0.1:9/hook", secret=SECRET)
+    stored = json.loads(r.hget(keys.webhooks(), hook["id"]))
+    r.hset(keys.webhooks(), hook["id"], json.dumps({**stored, "url": "http://127.0.0.1:abc/hook"}))
+    change(api, resource)
+    result = webhooks.deliver(r, webhooks.group_name(hook["id"]), now=1000.0, timeout=1)
+    assert result["sent"] == 0 and "InvalidURL" in result["error"]
+    assert webhooks.target_state(r, webhooks.group_name(hook["id"]))["next_attempt_at"] == 1001.0
+
+
 def test_unreachable_target(api, r, resource):
     hook = api.ok("webhooks/add", url="http://127.0.0.1:9/hook", secret=SECRET)
     change(api, resource)
@@ -140,6 +164,8 @@ def test_call_url_after_one_click(api, client, r, receiver):
 
 @pytest.mark.parametrize("body,message", [
     ({"url": "ftp://x"}, "absolute"), ({"url": "https://x.example", "secret": "short"}, "16"),
+    ({"url": "http://127.0.0.1:abc/x"}, "absolute"), ({"url": "https://x.example:65536/"}, "absolute"),
+    ({"url": "https://x.example/a\x00b"}, "control characters"),
     ({"url": "https://x.example", "resource_id": 999}, "does not exist"), ({}, "absolute"),
 ])
 def test_add_validation_writes_nothing(api, r, body, message):

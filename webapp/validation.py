@@ -216,12 +216,13 @@ def as_url(value, field, allow_placeholders=()):
     try:
         parts = urlsplit(probe)
         host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number from 0 to 65535
     except ValueError:
         raise InvalidInput(f"{field} must be an absolute http(s) URL", field=field) from None
     if parts.scheme not in ("http", "https") or not host or parts.username or parts.password:
         raise InvalidInput(f"{field} must be an absolute http(s) URL", field=field)
-    if any(c.isspace() for c in value):
-        raise InvalidInput(f"{field} must not contain spaces", field=field)
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise InvalidInput(f"{field} must not contain spaces or control characters", field=field)
     return value
 
 

@@ -12,6 +12,7 @@ Signature: X-Webhook-Signature: sha256=<hex HMAC-SHA256 of "<X-Webhook-Timestamp
 """
 import hashlib
 import hmac
+import http.client
 import json
 import secrets
 import time
@@ -129,6 +130,17 @@ def sign(secret, timestamp, body):
     return "sha256=" + hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A 3xx is the target's answer, not a delivery: following it would send a GET without the event (and let a
+    target steer the worker to another address). urllib then raises HTTPError with the 3xx status."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def post_json(url, payload, event_id, secret, timeout):
     """POST one event; return None on 2xx, else a short error text (never raises for HTTP problems)."""
     body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
@@ -139,12 +151,13 @@ def post_json(url, payload, event_id, secret, timeout):
         headers["X-Webhook-Signature"] = sign(secret, ts, body)
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
+        with _OPENER.open(request, timeout=timeout) as resp:
             resp.read(1024)
             return None if 200 <= resp.status < 300 else f"HTTP {resp.status}"
     except urllib.error.HTTPError as exc:
         return f"HTTP {exc.code}"
-    except (urllib.error.URLError, OSError, ValueError) as exc:  # refused, timed out, bad answer
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:  # refused, timed
+        # out, a bad answer, a URL urllib cannot send (stored before as_url checked its port)
         reason = getattr(exc, "reason", exc)
         return f"{type(reason).__name__}: {reason}"[:200]
 
