@@ -58,6 +58,9 @@ def test_run_starts_redis_web_and_worker_and_ctrl_c_stops_them(tmp_path):
                                               "Content-Type": "application/json"})
         assert json.loads(urllib.request.urlopen(req, timeout=5).read())["error"] == 0
         assert (tmp_path / "var" / "redis" / "appendonlydir").is_dir()                  # AOF on, under ./var
+        # The data holds every rtoken, webhook secret and SMID: readable by this user only.
+        data = tmp_path / "var" / "redis"
+        assert [p.name for p in [data, *data.rglob("*")] if p.stat().st_mode & 0o077 and not p.is_socket()] == []
         children = subprocess.run(["pgrep", "-f", str(tmp_path / "var" / "redis")], capture_output=True,
                                   text=True).stdout.split()
         assert children                                                                # its own redis-server

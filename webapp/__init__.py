@@ -40,12 +40,20 @@ class CookieSessions(SecureCookieSessionInterface):
         return self._serializer[1]
 
 
+class ServiceApp(Flask):
+    def log_exception(self, exc_info):
+        # Flask's own says "Exception on <path>": a page's or manager's path is a whole token.
+        self.logger.error("Exception on %s [%s]", redact(request.path), request.method, exc_info=exc_info)
+
+
 def create_app(test_config=None):
     """Build the app from the environment, or from `test_config` laid over it (tests pass REDIS_URL etc.)."""
     overrides = {k: v for k, v in (test_config or {}).items() if k in DEFAULTS and v is not None}
     settings = load_settings({**os.environ, **overrides} if overrides else None)
-    app = Flask(__name__, template_folder=os.path.join(ROOT, "templates"),
-                static_folder=os.path.join(ROOT, "static"))
+    app = ServiceApp(__name__, template_folder=os.path.join(ROOT, "templates"),
+                     static_folder=os.path.join(ROOT, "static"))
+    # werkzeug's default answers /unsubscribe//<smid> with a redirect built from the Host header.
+    app.url_map.merge_slashes = False
     app.jinja_environment = PageEnvironment  # before anything creates app.jinja_env
     app.session_interface = CookieSessions()
     app.config.update(settings)

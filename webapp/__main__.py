@@ -29,7 +29,7 @@ def lock_data_dir(data):
     go when it ends, however it ends). A second `run` there would start a second redis-server on the same files
     and take over the first one's socket."""
     import fcntl
-    lock = open(data / "run.lock", "a")
+    lock = os.fdopen(os.open(data / "run.lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -44,12 +44,14 @@ def start_local_redis(var_dir, children):
         sys.exit("redis-server is not installed: sudo apt-get install -y redis-server (or set REDIS_URL)")
     data = Path(var_dir, "redis").resolve()
     data.mkdir(parents=True, exist_ok=True)
+    data.chmod(0o700)  # the AOF and RDB hold every rtoken, webhook secret and SMID: this user's alone
     lock = lock_data_dir(data)
     sock = data / "redis.sock"
     proc = subprocess.Popen(
         ["redis-server", "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
          "--dir", str(data), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "3600 1 300 100",
-         "--daemonize", "no", "--loglevel", "warning", *REDIS_MEMORY_SETTINGS], start_new_session=True)
+         "--daemonize", "no", "--loglevel", "warning", *REDIS_MEMORY_SETTINGS], start_new_session=True,
+        umask=0o077)
     children.append(("redis", proc))
     import redis
     url = f"unix://{sock}"

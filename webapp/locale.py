@@ -18,6 +18,7 @@ from babel import Locale
 from flask_babel import Babel, force_locale, format_date, format_datetime, get_translations
 from jinja2 import BaseLoader, nodes
 from jinja2.visitor import NodeTransformer
+from werkzeug.exceptions import HTTPException
 from werkzeug.datastructures import LanguageAccept
 from werkzeug.http import parse_accept_header
 
@@ -58,7 +59,10 @@ def explicit_locale():
     args = request.args  # `in` first: werkzeug's get() of a missing key builds and catches an exception
     value = args["lang"] if "lang" in args else None
     if not value and request.method == "POST":
-        form = request.form
+        try:
+            form = request.form
+        except HTTPException:  # a body over MAX_CONTENT_LENGTH: the 413 page is rendered without it
+            form = {}
         value = form["lang"] if "lang" in form else None
     return value if value in LOCALES else None
 

@@ -1,0 +1,106 @@
+"""No log holds a whole token: gunicorn's access and error logs and the app's, under a real gunicorn, for the
+spellings of a token path a client can send (percent-escapes, doubled slashes) and for requests that fail."""
+import http.client
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import API_TOKEN, ROOT, SIGNING_KEYS, email_resource
+from webapp.redact import redact
+
+SMID = "AQJ0MQEBawUTe31rGjgEcC00MgRuZXdzSrr1PokfUf84Ea8YYXY91w"
+
+
+@pytest.mark.parametrize("path", [f"/%75nsubscribe/%41{SMID[1:]}", f"/unsubscribe//{SMID}",
+                                  f"//manage/{SMID}/", f"/unsubscribe/{SMID[:10]}%2D{SMID[10:]}"])
+def test_redact_sees_a_token_however_its_path_is_spelled(path):
+    out = redact(f'"GET {path} HTTP/1.1" 404')
+    assert SMID[12:30] not in out and "…" in out
+
+
+def fetch(port, method, path, body=None, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def post_too_large(port, path):
+    """A form POST announcing 5 MB (over MAX_CONTENT_LENGTH), of which the server reads none: (status, headers)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded"
+                     f"\r\nContent-Length: {5 * 1024 * 1024}\r\n\r\nlang=ru&x=aaaa".encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+    head = answer.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
+    return int(head[0].split()[1]), {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in head[1:])}
+
+
+def api(port, path, **body):
+    import json
+    status, _headers, raw = fetch(port, "POST", f"/api/v1.1/{path}", json.dumps({"token": API_TOKEN, **body}),
+                                  {"Content-Type": "application/json"})
+    data = json.loads(raw)
+    assert status == 200 and data["error"] == 0, data
+    return data["data"]
+
+
+@pytest.fixture
+def served(redis_url, tmp_path):
+    from test_faults import free_port
+    port = free_port()
+    logs = {name: tmp_path / f"{name}.log" for name in ("access", "error")}
+    env = {**os.environ, "REDIS_URL": redis_url, "API_TOKEN": API_TOKEN, "SIGNING_KEYS": SIGNING_KEYS,
+           "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}", "VAR_DIR": str(tmp_path), "PYTHONPATH": ROOT}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "webapp", "gunicorn.conf.py"),
+         "-b", f"127.0.0.1:{port}", "-w", "1", "--access-logfile", str(logs["access"]),
+         "--error-logfile", str(logs["error"]), "webapp:create_app()"],
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 20
+        while True:
+            try:
+                if fetch(port, "GET", "/static/pages.css")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.time() < deadline, "gunicorn did not start"
+            time.sleep(0.1)
+        yield port, logs
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_no_log_holds_a_whole_token(served):
+    port, logs = served
+    res = api(port, "resources/add", **email_resource(unsubscribe={"mode": "confirm"}))
+    ident = {"db_id": 1, "profile_id": "p-42", "resource_id": res["id"], "channel": "email",
+             "email": "ann@example.com"}
+    api(port, "subscriptions/set", **ident)
+    links = api(port, "messages/links", **ident)
+    smid, manage = links["smid"], links["manage_url"].rsplit("/manage/", 1)[1].strip("/")
+    escaped = "".join(f"%{ord(c):02X}" for c in smid[:4]) + smid[4:]
+    assert fetch(port, "GET", f"/%75nsubscribe/{escaped}")[0] == 200       # routed as /unsubscribe/<smid>
+    assert fetch(port, "GET", f"/manage/{manage}/")[0] == 200
+    status, headers, _ = fetch(port, "GET", f"/unsubscribe//{smid}", headers={"Host": "evil.example"})
+    assert status == 404 and "Location" not in headers                      # no redirect built from Host
+    for path in (f"/unsubscribe/{smid}", f"/manage/{manage}/"):
+        status, headers = post_too_large(port, path)
+        assert status == 413 and "script-src" in headers["content-security-policy"]   # our page, not a 500
+    time.sleep(0.3)
+    text = logs["access"].read_text() + logs["error"].read_text()
+    assert "/unsubscribe/" in text and "413" in text
+    for token in (smid, manage):
+        assert token[10:40] not in text, text[-2000:]
