@@ -36,6 +36,15 @@ def test_links_shape_and_headers(api, app, resource, subscription):
     assert len(data["smid"]) <= 160
 
 
+@pytest.mark.parametrize("base,one_click", [("http://unsub.example", False), ("http://127.0.0.1:8000", True)])
+def test_one_click_is_offered_only_on_https_links(api, app, resource, subscription, base, one_click):
+    """RFC 8058 §3.1: List-Unsubscribe-Post goes with an https URI only (a local development address aside)."""
+    app.config["PUBLIC_BASE_URL"] = base
+    headers = api.ok("messages/links", **msg(resource))["headers"]
+    assert headers["List-Unsubscribe"].startswith(f"<{base}/unsubscribe/")
+    assert ("List-Unsubscribe-Post" in headers) == one_click
+
+
 @pytest.mark.parametrize("unsubscribe", [{"mode": "blocked"}, {"list_unsubscribe": {"enabled": False}}])
 def test_no_unsubscribe_headers_when_blocked_or_disabled(api, unsubscribe):
     res = api.ok("resources/add", **email_resource(unsubscribe=unsubscribe))

@@ -40,6 +40,8 @@ BAD_RESOURCES = [
     ("name", DELETE, "name is required"),
     ("name", "  ", "name must not be empty"),
     ("name", 5, "name must be a string"),
+    ("name", "del\x7fx", "name contains control characters"),     # DEL would go into List-ID as obs-qtext
+    ("name", "next\x85line", "name contains control characters"),  # a C1 control (NEL)
     ("url", "ftp://x.example", "url must be an absolute"),
     ("url", "javascript:alert(1)", "url must be an absolute"),
     ("urls", ["https://ok.example", "nope"], "urls[1]"),

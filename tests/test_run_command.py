@@ -109,7 +109,10 @@ def test_ctrl_c_while_redis_is_starting_leaves_nothing_running(tmp_path):
     env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", PORT=str(free_port()))
     proc = subprocess.Popen([sys.executable, "-m", "webapp", "run"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(0.6)                                    # past the settings, waiting for Redis to answer
+    deadline = time.time() + 20                        # past the settings, waiting for Redis to answer
+    while not (tmp_path / "var" / "redis" / "run.lock").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "Traceback" not in out, out
@@ -184,7 +187,8 @@ def test_run_without_redis_server_says_how_to_install_it(tmp_path):
                                       "127.0.0.1:0", "webapp:create_app()"]], ids=["run", "workers", "gunicorn"])
 @pytest.mark.parametrize("setting, value", [("SDK_RATE_LIMIT_PER_IP", "lots"), ("SIGNING_KEYS", "no-colon"),
                                             ("PORT", "80a"), ("TIME_UNIT_SECONDS", "0"),
-                                            ("REDIS_URL", "localhost:6379")])
+                                            ("REDIS_URL", "localhost:6379"),
+                                            ("PUBLIC_BASE_URL", "https://u.example/x>, <mailto:x@y")])
 def test_a_bad_setting_stops_the_command_with_its_message_before_anything_starts(tmp_path, command, setting, value):
     result = subprocess.run([sys.executable, "-m", *command], cwd=tmp_path, env=clean_env(**{setting: value}),
                             capture_output=True, text=True, timeout=30)

@@ -152,6 +152,7 @@ def load_settings(environ=None, dotenv_path=".env"):
     if not merged["PUBLIC_BASE_URL"]:
         merged["PUBLIC_BASE_URL"] = f"http://127.0.0.1:{merged['PORT']}"
     merged["PUBLIC_BASE_URL"] = merged["PUBLIC_BASE_URL"].rstrip("/")
+    check_public_base_url(merged["PUBLIC_BASE_URL"])
     return merged
 
 
@@ -195,12 +196,32 @@ def default_web_workers():
     return max(2, 2 * (os.cpu_count() or 1))
 
 
+def one_click_capable(url):
+    """Whether a link can be an RFC 8058 one-click: https (§3.1), or a local development address."""
+    if url.startswith("https://"):
+        return True
+    host = re.sub(r"^[a-z]+://", "", url).split("/")[0].rsplit(":", 1)[0]
+    return host in ("localhost", "127.0.0.1", "[::1]")
+
+
+def check_public_base_url(value):
+    """PUBLIC_BASE_URL goes into every link and the List-Unsubscribe header: an http(s) URL with a host, and
+    nothing that would end or split a header's <...> (spaces, <, >, quotes, commas), no query or fragment."""
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - ValueError for a port that is not a number
+    except ValueError:
+        parts = None
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query
+            or parts.fragment or parts.username or re.search(r'[\s<>",\x00-\x1f\x7f]', value)):
+        raise ConfigError(f"PUBLIC_BASE_URL {value!r} must be an http(s) URL such as https://unsub.example.com "
+                          "(no spaces, <, >, quotes, commas, query or fragment)")
+
+
 def https_warning(base_url):
     """Return a warning when links would not be https (RFC 8058 requires it), localhost aside."""
-    if base_url.startswith("https://"):
-        return None
-    host = re.sub(r"^[a-z]+://", "", base_url).split("/")[0].rsplit(":", 1)[0]
-    if host in ("localhost", "127.0.0.1", "[::1]"):
+    if one_click_capable(base_url):
         return None
     return (f"PUBLIC_BASE_URL {base_url} is not https: Gmail and Yahoo ignore one-click "
             "unsubscribe (RFC 8058) on plain http links")

@@ -8,6 +8,7 @@ List-ID is "<phrase> <list-id>" (RFC 2919) with the resource name as the phrase,
 import base64
 import re
 
+from .config import one_click_capable
 from .tokens import issue_manager_token, issue_smid
 
 ONE_CLICK = "List-Unsubscribe=One-Click"
@@ -54,7 +55,8 @@ def email_headers(resource, url):
     settings = resource["unsubscribe"]
     if settings["mode"] != "blocked" and settings["list_unsubscribe"]["enabled"]:
         headers["List-Unsubscribe"] = f"<{url}>"
-        headers["List-Unsubscribe-Post"] = ONE_CLICK
+        if one_click_capable(url):  # RFC 8058 §3.1: List-Unsubscribe-Post only with an https URI
+            headers["List-Unsubscribe-Post"] = ONE_CLICK
     list_id = resource["channel_settings"].get("email", {}).get("list_id")
     if list_id:
         headers["List-ID"] = f"{list_id_phrase(resource['name'])} <{list_id}>"

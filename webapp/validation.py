@@ -105,7 +105,7 @@ def as_text(value, field, max_len=255, allow_empty=True):
         raise InvalidInput(f"{field} must not be empty", field=field)
     if len(value) > max_len:
         raise InvalidInput(f"{field} is longer than {max_len} characters", field=field)
-    if any(ord(c) < 32 and c not in "\t\n\r" for c in value):
+    if any((ord(c) < 32 and c not in "\t\n\r") or 0x7f <= ord(c) <= 0x9f for c in value):  # C0, DEL and C1
         raise InvalidInput(f"{field} contains control characters", field=field)
     return value
 
