@@ -6,34 +6,137 @@ import re
 import pytest
 from itsdangerous import BadSignature
 
-from conftest import API_TOKEN, form_token
+from conftest import API_TOKEN, email_resource, form_token
 from webapp import tokens
 from webapp.redact import redact
 
-
-def test_every_post_form_carries_a_csrf_token(client, pages):
-    forms = 0
-    for name, path in pages.items():
-        html = client.get(path).get_data(as_text=True)
-        for form in re.findall(r"<form[^>]*method=\"post\".*?</form>", html, re.S):
-            forms += 1
-            assert 'name="csrf_token"' in form, name
-    assert forms >= 6
+BASE = "https://unsub.example"
 
 
-def test_security_headers_on_every_page(client, pages):
-    for name, path in list(pages.items()) + [("static", "/static/pages.css")]:
-        resp = client.get(path)
-        resp.close()
-        assert resp.headers["X-Content-Type-Options"] == "nosniff", name
-        if name == "static":
-            continue
+def fetch(client, method, path, **form):
+    resp = client.open(path, method=method, data=form or None)
+    page = (resp.status_code, resp.headers, resp.get_data(as_text=True))
+    resp.close()
+    return page
+
+
+def make_link(api, mode, profile_id):
+    res = api.ok("resources/add", **email_resource(name=f"{mode} {profile_id}", unsubscribe={"mode": mode}))
+    ident = {"db_id": 1, "profile_id": profile_id, "resource_id": res["id"], "channel": "email",
+             "email": f"{profile_id}@example.com"}
+    sub = api.ok("subscriptions/set", **ident)
+    links = api.ok("messages/links", **ident)
+    return (links["unsubscribe_url"].removeprefix(BASE), links["manage_url"].removeprefix(BASE), sub["hash_id"])
+
+
+def link_token(client, path):
+    """The CSRF token the link's page serves (bound to the link: the same on every view of it)."""
+    return form_token(client.get(path).get_data(as_text=True))
+
+
+def submit(client, path, token, **form):
+    """Post a form of the link's page with its CSRF token; return where the 303 leads."""
+    resp = client.post(path, data={"csrf_token": token, **form})
+    assert resp.status_code == 303, (path, form, resp.status_code)
+    return resp.headers["Location"]
+
+
+@pytest.fixture
+def page_states(api, client, pages):
+    """Every page a person can be shown, in every state, each as (status, headers, html) fetched just after the
+    state was made through the pages' own forms: first views (conftest's pages), "You are unsubscribed" with its
+    Undo form (after an unsubscribe on the page itself, instant and confirm), the page after an undo, a delayed
+    page with its timer pending (Cancel / Unsubscribe now) and after a cancel, a paused subscription's page, the
+    manager after an action (its undo notice form) and with an unsubscribed subscription (Subscribe again), a
+    choice to make again (400 with its form), a CSRF failure (400) on both kinds of link, 404s, and a 409."""
+    out = {name: fetch(client, "GET", path) for name, path in pages.items()}
+
+    page, manage, _hash = make_link(api, "instant", "p-instant-done")
+    token = link_token(client, page)
+    out["unsubscribed-instant"] = fetch(client, "GET", submit(client, page, token, action="unsubscribe"))
+    out["manage-unsubscribed"] = fetch(client, "GET", manage)
+    out["undone-instant"] = fetch(client, "GET", submit(client, page, token, action="undo"))
+
+    page, _manage, _hash = make_link(api, "confirm", "p-confirm-done")
+    token = link_token(client, page)
+    out["choice-error-400"] = fetch(client, "POST", page, action="unsubscribe", scope="categories",
+                                    csrf_token=token)
+    out["unsubscribed-confirm"] = fetch(client, "GET", submit(client, page, token, action="unsubscribe",
+                                                              scope="categories", categories="news"))
+
+    page, _manage, _hash = make_link(api, "delayed", "p-delayed-pending")
+    token = link_token(client, page)
+    out["delayed-pending"] = fetch(client, "GET", submit(client, page, token, action="start"))
+    out["delayed-cancelled"] = fetch(client, "GET", submit(client, page, token, action="cancel"))
+
+    page, manage, hash_id = make_link(api, "confirm", "p-paused")
+    out["manage-after-action"] = fetch(client, "GET", submit(client, manage, link_token(client, manage),
+                                                             action="suspend", hash_id=hash_id, days="14"))
+    out["paused-unsubscribe-page"] = fetch(client, "GET", page)
+    out["nothing-to-undo-409"] = fetch(client, "POST", page, action="undo",       # never unsubscribed here
+                                       csrf_token=link_token(client, page))
+    out["csrf-failure-400"] = fetch(client, "POST", page, action="unsubscribe", csrf_token="t1.forged")
+    out["csrf-failure-manager-400"] = fetch(client, "POST", manage, action="resume", hash_id=hash_id)
+    out["not-found-404"] = fetch(client, "GET", "/unsubscribe/" + "A" * 60)
+    return out
+
+
+# state -> the POST forms it must show, each as the actions of its buttons (a form counts for the first entry
+# whose actions it has). Each must carry the link's CSRF token, and no state may have fewer forms than listed.
+EXPECTED_FORMS = {
+    "unsubscribe-instant": [{"unsubscribe"}], "unsubscribe-confirm": [{"unsubscribe"}],
+    "unsubscribe-delayed": [{"start", "now"}], "unsubscribe-blocked": [],
+    "manage": [{"save"}, {"suspend", "unsubscribe"}] * 3 + [{"save"}],      # 4 resources; blocked: save only
+    "bad-link": [], "bad-manager": [],
+    "unsubscribed-instant": [{"undo"}], "unsubscribed-confirm": [{"undo"}],
+    "manage-unsubscribed": [{"save"}, {"resubscribe"}],
+    "undone-instant": [{"unsubscribe"}], "nothing-to-undo-409": [], "choice-error-400": [{"unsubscribe"}],
+    "delayed-pending": [{"cancel", "now"}], "delayed-cancelled": [{"start", "now"}],
+    "manage-after-action": [{"undo"}, {"save"}, {"resume", "unsubscribe"}],
+    "paused-unsubscribe-page": [{"unsubscribe"}],
+    "csrf-failure-400": [], "csrf-failure-manager-400": [], "not-found-404": [],
+}
+EXPECTED_STATUS = {"bad-link": 404, "bad-manager": 404, "not-found-404": 404, "nothing-to-undo-409": 409,
+                   "choice-error-400": 400, "csrf-failure-400": 400, "csrf-failure-manager-400": 400}
+
+
+def test_every_post_form_carries_a_csrf_token(app, page_states):
+    ring = app.extensions["signing_keys"]
+    assert set(page_states) == set(EXPECTED_FORMS)                               # every state was made and checked
+    total = 0
+    for name, (status, _headers, html) in page_states.items():
+        assert status == EXPECTED_STATUS.get(name, 200), (name, status)
+        forms = re.findall(r"<form[^>]*method=\"post\".*?</form>", html, re.S)
+        assert len(re.findall(r"<form\b", html)) == len(forms), name              # no form that is not a POST
+        wanted = list(EXPECTED_FORMS[name])
+        for form in forms:
+            csrf = re.search(r'<input type="hidden" name="csrf_token" value="([^"]+)">', form)
+            link = re.search(r'action="/(?:unsubscribe|manage)/([A-Za-z0-9_-]+)/?"', form)
+            assert csrf and link, (name, form)
+            assert tokens.form_token_matches(ring, link.group(1), csrf.group(1)), (name, form)  # this link's token
+            actions = set(re.findall(r'name="action" value="([a-z]+)"', form))
+            match = next((w for w in wanted if w <= actions), None)
+            if match is not None:
+                wanted.remove(match)
+        assert not wanted, (name, "missing forms", wanted)
+        assert len(forms) >= len(EXPECTED_FORMS[name]), name
+        total += len(forms)
+    assert total >= sum(len(forms) for forms in EXPECTED_FORMS.values()), total
+
+
+def test_security_headers_on_every_page(client, page_states):
+    resp = client.get("/static/pages.css")
+    resp.close()
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    assert set(page_states) == set(EXPECTED_FORMS)
+    for name, (_status, headers, html) in page_states.items():
+        assert headers["X-Content-Type-Options"] == "nosniff", name
         for header in ("X-Content-Type-Options", "Content-Security-Policy", "Referrer-Policy", "X-Frame-Options"):
-            assert len(resp.headers.getlist(header)) == 1, (name, header)
-        csp = resp.headers["Content-Security-Policy"]
+            assert len(headers.getlist(header)) == 1, (name, header)
+        csp = headers["Content-Security-Policy"]
         assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp, name
-        assert resp.headers["Referrer-Policy"] == "no-referrer", name
-        html = resp.get_data(as_text=True)
+        assert headers["Referrer-Policy"] == "no-referrer", name
+        assert "<main" in html, name                                                   # a rendered page
         assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", html), name       # no inline script
         assert not re.search(r"\son[a-z]+=", html), name                           # no inline handlers
 
@@ -66,19 +169,30 @@ def test_no_open_redirect(client, pages):
 
 
 def test_api_token_is_compared_in_constant_time(api, monkeypatch):
+    """The API token check is hmac.compare_digest's answer, and only that: a spy that answers the opposite of the
+    real comparison for the API token lets the wrong token in and keeps the right one out. A check that called
+    compare_digest and then compared with == (or ignored its result) would not follow the spy."""
     calls = []
     real = tokens.hmac.compare_digest
+    expected = API_TOKEN.encode()
 
     def spy(a, b):
         calls.append((a, b))
-        return real(a, b)
+        answer = real(a, b)
+        return (not answer) if expected in (a, b) else answer   # other secrets (signatures) are left alone
 
     monkeypatch.setattr(tokens.hmac, "compare_digest", spy)
-    api.fail("resources/list", 401, token="wrong-token")
-    assert (b"wrong-token", API_TOKEN.encode()) in calls
+    api.ok("resources/list", token="wrong-token")                                  # the spy said "equal"
+    assert (b"wrong-token", expected) in calls
     calls.clear()
+    api.fail("resources/list", 401, token=API_TOKEN)                               # the spy said "different"
+    assert (expected, expected) in calls
+    calls.clear()
+    bearer = api.client.post("/api/v1.1/resources/list", json={}, headers={"Authorization": "Bearer wrong-token"})
+    assert bearer.status_code == 200 and (b"wrong-token", expected) in calls        # the header's way too
+    monkeypatch.undo()
+    api.fail("resources/list", 401, token="wrong-token")                           # and without the spy, as usual
     api.ok("resources/list")
-    assert (API_TOKEN.encode(), API_TOKEN.encode()) in calls
 
 
 def test_redact_keeps_only_a_prefix():
