@@ -104,9 +104,9 @@ class Gunicorn:
             self.proc.kill()
 
 
-def make_links(server, count, clients=4):
-    """`count` subscribed profiles f0, f1, ... of one resource, made through the API by `clients` threads:
-    the unsubscribe path of each, in order."""
+def make_links(server, count, clients=4, first=0):
+    """`count` subscribed profiles f<first>, f<first+1>, ... of one resource, made through the API by `clients`
+    threads: the unsubscribe path of each, in order."""
     res = server.api("resources/add", **email_resource(unsubscribe={"mode": "confirm"}))
 
     def link(i):
@@ -116,7 +116,7 @@ def make_links(server, count, clients=4):
         return server.api("messages/links", **ident)["unsubscribe_url"].split(str(server.port), 1)[1]
 
     with ThreadPoolExecutor(clients) as pool:
-        return list(pool.map(link, range(count)))
+        return list(pool.map(link, range(first, first + count)))
 
 
 def status_of(r, link_index):
@@ -215,38 +215,52 @@ def workers_at_work(server):
     return ready
 
 
+KILL_ROUNDS = 4
+
+
+def stream_while_killing(server, links, kills):
+    """stream_one_clicks over `links` (8 clients, 200 a second) while a thread of its own SIGKILLs a worker that
+    has loaded the app every 0.15-0.35 s; each pid killed is added to `kills`."""
+    done = threading.Event()
+
+    def kill_workers():
+        rng = random.Random()
+        while not done.wait(rng.uniform(0.15, 0.35)):
+            busy = workers_at_work(server)
+            if busy:
+                pid = rng.choice(busy)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:   # it died (and was reaped) since
+                    continue
+                kills.append(pid)
+
+    killer = Background(kill_workers)
+    killer.start()
+    try:
+        return stream_one_clicks(server, links, clients=8, rate=200, seconds=6)
+    finally:
+        done.set()
+        killer.join()
+
+
 def test_kill_9_of_a_gunicorn_worker_loses_no_acknowledged_one_click(r, redis_url, record_property, capsys):
     """While 8 clients POST one-clicks (200 a second for 4 s), a thread of its own, which the clients never
     wait for, SIGKILLs a gunicorn worker (its pid from `pgrep -P <master>`, one that has loaded the app) every
     0.15-0.35 s, so that kills land mid-request. Every one-click answered 200 must be an unsubscribe in Redis
     (an answer sent before its write is lost by a kill between the two); one cut off by a kill may or may not
     have been applied. The counts are reported. Some request must have been cut off: else no kill hit a
-    worker at work and the test proved nothing."""
+    worker at work and the test proved nothing. A round cuts off 2-6 requests on this VM; the rare round that
+    cuts off none is followed by another, on fresh links (at most KILL_ROUNDS)."""
     server = Gunicorn(redis_url, workers=2)
     try:
-        links = make_links(server, 800)
-        done = threading.Event()
-        kills = []
-
-        def kill_workers():
-            rng = random.Random()
-            while not done.wait(rng.uniform(0.15, 0.35)):
-                busy = workers_at_work(server)
-                if busy:
-                    pid = rng.choice(busy)
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:   # it died (and was reaped) since
-                        continue
-                    kills.append(pid)
-
-        killer = Background(kill_workers)
-        killer.start()
-        try:
-            results = stream_one_clicks(server, links, clients=8, rate=200, seconds=6)
-        finally:
-            done.set()
-            killer.join()
+        results, kills = {}, []
+        for round_number in range(KILL_ROUNDS):
+            links = make_links(server, 800, first=800 * round_number)
+            results.update({800 * round_number + i: outcome
+                            for i, outcome in stream_while_killing(server, links, kills).items()})
+            if any(outcome == CUT_OFF for outcome, _ in results.values()):
+                break
         outcomes = Counter(outcome for outcome, _ in results.values())
         acknowledged = [i for i, (outcome, _) in results.items() if outcome == 200]
         cut_off = [i for i, (outcome, _) in results.items() if outcome == CUT_OFF]
