@@ -6,6 +6,7 @@ import pytest
 
 from conftest import email_resource, form_token, redis_state, restore, same_state, snapshot
 from webapp import events
+from webapp.tokens import read_smid
 
 SCANNER_AGENTS = [
     None,
@@ -346,6 +347,28 @@ def test_undo_is_offered_only_for_the_links_own_recent_unsubscribe(api, client, 
     api.ok("subscriptions/set", **{k: v for k, v in blocked.items() if k != "category"}, cats=["receipts"])
     html = client.get(blocked_path).get_data(as_text=True)
     assert "You are unsubscribed" in html and 'value="undo"' not in html  # the API's change: no dead Undo
+
+
+def test_a_link_signed_with_a_key_still_verify_only_here_opens(api, app, client, r, redis_url):
+    """A rolling key rotation: an instance that already signs with t2 issues a link; an instance that lists
+    t2 as verify-only opens it (one that does not list it at all answers 404), and its own links stay t1."""
+    from conftest import API_TOKEN, SIGNING_KEYS, ApiActions, close_clients
+    from webapp import create_app
+    common = {"TESTING": True, "REDIS_URL": redis_url, "API_TOKEN": API_TOKEN, "VAR_DIR": app.config["VAR_DIR"],
+              "PUBLIC_BASE_URL": "https://unsub.example"}
+    signing = create_app({**common, "SIGNING_KEYS": SIGNING_KEYS + ",t2:the-next-secret"})
+    staged = create_app({**common, "SIGNING_KEYS": SIGNING_KEYS, "SIGNING_KEYS_VERIFY_ONLY": "t2:the-next-secret"})
+    try:
+        _res, _path, body = make_link(api, "confirm")
+        new_link = ApiActions(signing.test_client()).ok("messages/links", **body)["unsubscribe_url"]
+        path = new_link.removeprefix("https://unsub.example")
+        assert client.get(path).status_code == 404                                 # t2 unknown here
+        assert staged.test_client().get(path).status_code == 200
+        own = ApiActions(staged.test_client()).ok("messages/links", **body)["smid"]
+        assert read_smid(app.extensions["signing_keys"], own).profile_id == "p-42"   # still signed with t1
+    finally:
+        close_clients(signing)
+        close_clients(staged)
 
 
 def test_delayed_start_is_idempotent_and_cancel_works(app, api, client, r):

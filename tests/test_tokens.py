@@ -45,6 +45,27 @@ def test_retired_but_listed_key_still_verifies():
     assert read_smid(NEW_ONLY, new_link).profile_id == "p"         # new links use the newest key (k2)
 
 
+def test_a_verify_only_key_verifies_and_never_signs():
+    """A rolling rotation: the new key is first listed as verify-only on every instance; then, while some
+    instances sign with it and others do not yet, every instance reads every link."""
+    staged = SigningKeys(parse_signing_keys("k1:old-secret"), parse_signing_keys("k2:new-secret"))
+    assert staged.current_kid == "k1"
+    link = issue_smid(staged, 1, 1, "p", "00000000")
+    assert read_smid(OLD, link).profile_id == "p"                            # signed with k1, as before
+    assert read_smid(staged, issue_smid(ROTATED, 1, 1, "p", "00000000")).profile_id == "p"   # a k2 link reads
+    assert read_smid(ROTATED, link).profile_id == "p"
+
+
+def test_a_kid_both_signing_and_verify_only_is_refused():
+    from webapp.config import load_settings
+    with pytest.raises(ConfigError, match="SIGNING_KEYS_VERIFY_ONLY kid 'k2' is also in SIGNING_KEYS"):
+        load_settings({"SIGNING_KEYS": "k1:a,k2:b", "SIGNING_KEYS_VERIFY_ONLY": "k2:c", "API_TOKEN": "t"},
+                      dotenv_path="/nonexistent/.env")
+    with pytest.raises(ConfigError, match="SIGNING_KEYS_VERIFY_ONLY entry 'k3' is not kid:secret"):
+        load_settings({"SIGNING_KEYS": "k1:a", "SIGNING_KEYS_VERIFY_ONLY": "k3", "API_TOKEN": "t"},
+                      dotenv_path="/nonexistent/.env")
+
+
 def test_unknown_key_is_rejected():
     old_link = issue_smid(OLD, 1, 1, "p", "00000000")
     with pytest.raises(BadToken, match="unknown key"):

@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import store
-from .config import DEFAULTS, https_warning, load_settings, parse_signing_keys
+from .config import DEFAULTS, https_warning, load_settings, signing_key_ring
 from .locale import PageEnvironment, render_page
 from .redact import redact
 from .tokens import SigningKeys
@@ -70,8 +70,8 @@ def create_app(test_config=None):
     if not app.config["REDIS_URL"]:
         raise RuntimeError("REDIS_URL is not set: run `python -m webapp run` (it starts a local Redis) "
                            "or set REDIS_URL=redis://host:6379/0")
-    ring = parse_signing_keys(app.config["SIGNING_KEYS"])
-    app.extensions["signing_keys"] = SigningKeys(ring)
+    ring, verify_only = signing_key_ring(app.config)
+    app.extensions["signing_keys"] = SigningKeys(ring, verify_only)
     # Sessions (CSRF tokens of page forms) are signed with a key derived from the newest signing key.
     app.config["SECRET_KEY"] = hmac.new(ring[-1][1], b"flask-session", hashlib.sha256).hexdigest()
     from .one_click_wsgi import OneClickWSGI

@@ -20,6 +20,8 @@ DEFAULTS = {
     "PUBLIC_BASE_URL": None,  # None: http://127.0.0.1:$PORT (development only; RFC 8058 wants https)
     "API_TOKEN": None,
     "SIGNING_KEYS": None,  # "kid:secret,kid2:secret2", newest last
+    # Keys that verify links but sign none: a new key, listed on every instance before it is made the newest.
+    "SIGNING_KEYS_VERIFY_ONLY": None,
     "DEFAULT_LOCALE": "en",
     "TRUSTED_PROXIES": 0,  # number of proxies whose X-Forwarded-* headers are believed
     "TIME_UNIT_SECONDS": 60,  # length of one "minute" of delayed-unsubscribe timers; tests shorten it
@@ -84,7 +86,19 @@ def _dotenv_value(text):
     return None if '"' in value or "'" in value else value
 
 
-def parse_signing_keys(value):
+def signing_key_ring(settings):
+    """(SIGNING_KEYS as parse_signing_keys gives it, SIGNING_KEYS_VERIFY_ONLY likewise or []). Raises ConfigError,
+    also for a kid in both."""
+    signing = parse_signing_keys(settings["SIGNING_KEYS"])
+    extra = settings.get("SIGNING_KEYS_VERIFY_ONLY")
+    verify_only = parse_signing_keys(extra, "SIGNING_KEYS_VERIFY_ONLY") if extra else []
+    both = {kid for kid, _ in signing} & {kid for kid, _ in verify_only}
+    if both:
+        raise ConfigError(f"SIGNING_KEYS_VERIFY_ONLY kid {sorted(both)[0]!r} is also in SIGNING_KEYS")
+    return signing, verify_only
+
+
+def parse_signing_keys(value, name="SIGNING_KEYS"):
     """Parse SIGNING_KEYS into an ordered list of (kid, secret bytes), newest last.
 
     Raises ConfigError on an empty list, a malformed pair, a bad kid or a duplicate kid.
@@ -96,14 +110,14 @@ def parse_signing_keys(value):
             continue
         kid, sep, secret = item.partition(":")
         if not sep or not secret:
-            raise ConfigError(f"SIGNING_KEYS entry {kid!r} is not kid:secret")
+            raise ConfigError(f"{name} entry {kid!r} is not kid:secret")
         if not KID_RE.match(kid):
-            raise ConfigError(f"SIGNING_KEYS kid {kid!r} must match {KID_RE.pattern}")
+            raise ConfigError(f"{name} kid {kid!r} must match {KID_RE.pattern}")
         if any(k == kid for k, _ in pairs):
-            raise ConfigError(f"SIGNING_KEYS kid {kid!r} appears twice")
+            raise ConfigError(f"{name} kid {kid!r} appears twice")
         pairs.append((kid, secret.encode()))
     if not pairs:
-        raise ConfigError("SIGNING_KEYS has no kid:secret pair")
+        raise ConfigError(f"{name} has no kid:secret pair")
     return pairs
 
 
@@ -144,7 +158,7 @@ def load_settings(environ=None, dotenv_path=".env"):
     for key in RATE_LIMIT_SETTINGS:
         check_rate_limit(key, merged[key])
     if merged["SIGNING_KEYS"]:
-        parse_signing_keys(merged["SIGNING_KEYS"])  # a bad list stops the start, not every worker that loads it
+        signing_key_ring(merged)  # a bad list stops the start, not every worker that loads it
     if not merged["API_TOKEN"] or not merged["SIGNING_KEYS"]:
         generated = _dev_secrets(merged["VAR_DIR"])
         merged["API_TOKEN"] = merged["API_TOKEN"] or generated["API_TOKEN"]

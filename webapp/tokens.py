@@ -49,10 +49,10 @@ class ManagerToken:
 
 
 class SigningKeys:
-    """The ordered key ring; `sign` uses the newest, `verify` the one the token names."""
+    """The ordered key ring; `sign` uses the newest, `verify` the one the token names (also a verify-only one)."""
 
-    def __init__(self, pairs):
-        self._macs = {kid: hmac.new(secret, digestmod=hashlib.sha256) for kid, secret in pairs}
+    def __init__(self, pairs, verify_only=()):
+        self._macs = {kid: hmac.new(secret, digestmod=hashlib.sha256) for kid, secret in [*pairs, *verify_only]}
         self.current_kid = pairs[-1][0]
 
     def mac(self, kid, purpose, payload):
