@@ -196,6 +196,24 @@ def test_a_chat_id_is_one_identity_however_it_is_spelled(api):
     assert len(api.ok("subscriptions/list", db_id=1, profile_id="p1")) == 2
 
 
+def test_a_chat_stored_under_another_spelling_before_is_still_found_by_it(api, r):
+    """Before chat ids were made canonical, "007" was hashed as written: that subscription (and its opt-out)
+    is still what "007" names, for get, set and links; no second subscription of the chat is made."""
+    from webapp import keys
+    from webapp.subscriptions import make_hash_id
+    res = api.ok("resources/add", **email_resource(channels=["telegram_bot"], channel_settings={}))
+    base = {"db_id": 1, "profile_id": "p1", "resource_id": res["id"], "channel": "telegram_bot"}
+    made = api.ok("subscriptions/set", **base, cc_data={"id": "7"}, status="unsubscribed")
+    subs_key, legacy = keys.profile_subscriptions(1, "p1"), make_hash_id(res["id"], "telegram_bot", "007")
+    r.hset(subs_key, legacy, r.hget(subs_key, made["hash_id"]))         # as the code before stored it
+    r.hdel(subs_key, made["hash_id"])
+    assert api.ok("subscriptions/get", **base, cc_data={"id": "007"})["hash_id"] == legacy
+    again = api.ok("subscriptions/set", **base, cc_data={"id": "007"}, priority=3)
+    assert (again["hash_id"], again["status"]) == (legacy, "unsubscribed")
+    assert api.ok("messages/links", **base, cc_data={"id": "007"})["smid"]
+    assert [s["hash_id"] for s in api.ok("subscriptions/list", db_id=1, profile_id="p1")] == [legacy]
+
+
 def test_values_of_a_deleted_field_are_not_kept_as_the_new_fields(api, r):
     """A field deleted, then added again with another type, does not take the old values of the old type."""
     fields = [{"title": "Plan", "api_name": "plan", "type": "int"}]
@@ -208,6 +226,18 @@ def test_values_of_a_deleted_field_are_not_kept_as_the_new_fields(api, r):
     assert api.ok("subscriptions/get", **sub(res))["custom_fields"] == {}
     assert api.ok("subscriptions/set", **sub(res, status="unsubscribed"))["custom_fields"] == {}
     assert api.ok("subscriptions/set", **sub(res, custom_fields={"plan": True}))["custom_fields"] == {"plan": True}
+
+
+def test_a_value_stored_under_older_rules_of_content_is_kept(api, r, resource):
+    """Only a value's type decides whether it still belongs to its field; a rule of content added since (a
+    character refused now) does not make a stored value vanish on the next unrelated change."""
+    from webapp import keys
+    from webapp.subscriptions import decode_record, encode_record
+    made = api.ok("subscriptions/set", **sub(resource, custom_fields={"plan": "gold"}))
+    subs_key = keys.profile_subscriptions(1, "p-42")
+    record = decode_record(r.hget(subs_key, made["hash_id"]))
+    r.hset(subs_key, made["hash_id"], encode_record({**record, "custom_fields": {"plan": "O\x01Brien"}}))
+    assert api.ok("subscriptions/set", **sub(resource, status="suspended"))["custom_fields"] == {"plan": "O\x01Brien"}
 
 
 def test_a_deleted_resources_subscriptions_are_out_of_service(api, r, resource):

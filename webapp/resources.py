@@ -73,18 +73,17 @@ def _validate_field_value(ftype, value, field):
     return as_text(value, field, max_len=1024)
 
 
+FIELD_VALUE_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "line": (str,)}
+
+
 def current_field_values(resource, channel, values):
     """The stored custom-field values the channel still has a field for, each still of that field's type: a
-    field deleted (or deleted and added again with another type) leaves values behind in the records."""
+    field deleted (or deleted and added again with another type) leaves values behind in the records. Only
+    the type is looked at: a value stored under older rules of content stays."""
     defs = {f["api_name"]: f for f in resource["channel_settings"].get(channel, {}).get("fields", [])}
-    out = {}
-    for name, value in values.items():
-        if name in defs:
-            try:
-                out[name] = value if value is None else _validate_field_value(defs[name]["type"], value, name)
-            except InvalidInput:
-                pass
-    return out
+    return {name: value for name, value in values.items() if name in defs and (
+        value is None or (isinstance(value, FIELD_VALUE_TYPES[defs[name]["type"]])
+                          and (defs[name]["type"] == "bool") == isinstance(value, bool)))}
 
 
 def validate_field_value(field_def, value, where):
@@ -216,7 +215,7 @@ def validate_resource(data, old=None):
     no_unknown_keys(data, TOP_LEVEL_FIELDS + (UPDATE_ONLY_FIELDS if old else ()) + ("token",))
     res = dict(old or {})
     if old is None or "name" in data:
-        res["name"] = as_text(require(data, "name"), "name", allow_empty=False)
+        res["name"] = as_text(require(data, "name"), "name", allow_empty=False, for_header=True)  # List-ID
     res["description"] = as_text(data.get("description", res.get("description", "")) or "", "description", 2000)
     if "url" in data or old is None:
         res["url"] = as_url(data["url"], "url") if data.get("url") else None

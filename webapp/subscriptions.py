@@ -158,7 +158,21 @@ def locate(r, data):
     if channel not in resource["channels"]:
         raise InvalidInput(f"channel {channel!r} is not a channel of resource {resource['id']}", field="channel")
     address, identity = read_address(channel, data)
-    return resource, db_id, profile_id, channel, address, make_hash_id(resource["id"], channel, identity)
+    return resource, db_id, profile_id, channel, address, subscription_hash_id(r, db_id, profile_id, resource["id"],
+                                                                               channel, identity, data)
+
+
+def subscription_hash_id(r, db_id, profile_id, resource_id, channel, identity, data):
+    """make_hash_id of the subscription `data` names. A chat id is one identity however it is written ("007"
+    is chat 7); a subscription stored before that, under the spelling it was given, is still found by it."""
+    hash_id = make_hash_id(resource_id, channel, identity)
+    spelled = (data.get("cc_data") or {}).get("id") if channel not in ("email", "sms", "push") else None
+    if isinstance(spelled, str) and spelled != identity:
+        subs_key = keys.profile_subscriptions(db_id, profile_id)
+        legacy = make_hash_id(resource_id, channel, spelled)
+        if not r.hexists(subs_key, hash_id) and r.hexists(subs_key, legacy):
+            return legacy
+    return hash_id
 
 
 def subscribed_cats(resource, record):

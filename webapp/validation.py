@@ -98,14 +98,16 @@ def as_bool(value, field):
     return value
 
 
-def as_text(value, field, max_len=255, allow_empty=True):
+def as_text(value, field, max_len=255, allow_empty=True, for_header=False):
+    """A string without C0 controls (tabs and line breaks aside); `for_header` (text that goes into a mail
+    header, such as the List-ID phrase) also refuses DEL and the C1 controls, which RFC 5322 does not allow."""
     if not isinstance(value, str):
         raise InvalidInput(f"{field} must be a string", field=field)
     if not allow_empty and not value.strip():
         raise InvalidInput(f"{field} must not be empty", field=field)
     if len(value) > max_len:
         raise InvalidInput(f"{field} is longer than {max_len} characters", field=field)
-    if any((ord(c) < 32 and c not in "\t\n\r") or 0x7f <= ord(c) <= 0x9f for c in value):  # C0, DEL and C1
+    if any((ord(c) < 32 and c not in "\t\n\r") or (for_header and 0x7f <= ord(c) <= 0x9f) for c in value):
         raise InvalidInput(f"{field} contains control characters", field=field)
     return value
 
@@ -221,7 +223,7 @@ def as_url(value, field, allow_placeholders=()):
         raise InvalidInput(f"{field} must be an absolute http(s) URL", field=field) from None
     if parts.scheme not in ("http", "https") or not host or parts.username or parts.password:
         raise InvalidInput(f"{field} must be an absolute http(s) URL", field=field)
-    if any(c.isspace() or not c.isprintable() for c in value):
+    if any(c.isspace() or ord(c) < 32 or 0x7f <= ord(c) <= 0x9f for c in value):
         raise InvalidInput(f"{field} must not contain spaces or control characters", field=field)
     return value
 
