@@ -22,6 +22,24 @@ def test_redact_sees_a_token_however_its_path_is_spelled(path):
     assert SMID[12:30] not in out and "…" in out
 
 
+def test_a_decoded_path_cannot_add_a_line_to_the_log():
+    out = redact(f'"GET /unsubscribe/{SMID}?x=%0A10.0.0.9%20%22GET%20/admin%22 HTTP/1.1" 200')
+    assert "\n" not in out and "\\x0a" in out and SMID[12:30] not in out
+
+
+@pytest.mark.parametrize("value,base,one_click", [
+    ("HTTPS://Unsub.Example/", "https://unsub.example", True), ("Https://u.example/Base/", "https://u.example/Base", True),
+    ("http://LOCALHOST:8000", "http://localhost:8000", True), ("http://unsub.example", "http://unsub.example", False),
+    ("https://unsub.example/#", None, None), ("https://unsub.example/?", None, None)])
+def test_public_base_url_is_normalised_or_refused(value, base, one_click):
+    from webapp.config import ConfigError, one_click_capable, public_base_url
+    if base is None:
+        with pytest.raises(ConfigError, match="query or fragment"):
+            public_base_url(value)
+    else:
+        assert public_base_url(value) == base and one_click_capable(base) == one_click
+
+
 def fetch(port, method, path, body=None, headers=None):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
@@ -99,8 +117,12 @@ def test_no_log_holds_a_whole_token(served):
     for path in (f"/unsubscribe/{smid}", f"/manage/{manage}/"):
         status, headers = post_too_large(port, path)
         assert status == 413 and "script-src" in headers["content-security-policy"]   # our page, not a 500
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:  # gunicorn's "Invalid request" warning
+        sock.sendall(f"GET /unsubscribe/{smid}\x01 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert sock.recv(65536).startswith(b"HTTP/1.1 400")
     time.sleep(0.3)
     text = logs["access"].read_text() + logs["error"].read_text()
+    assert "Invalid request" in text
     assert "/unsubscribe/" in text and "413" in text
     for token in (smid, manage):
         assert token[10:40] not in text, text[-2000:]

@@ -10,6 +10,7 @@ import re
 import secrets
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 DEFAULTS = {
     "REDIS_URL": None,  # None: `python -m webapp run` starts a local redis-server
@@ -165,8 +166,7 @@ def load_settings(environ=None, dotenv_path=".env"):
         merged["SIGNING_KEYS"] = merged["SIGNING_KEYS"] or generated["SIGNING_KEYS"]
     if not merged["PUBLIC_BASE_URL"]:
         merged["PUBLIC_BASE_URL"] = f"http://127.0.0.1:{merged['PORT']}"
-    merged["PUBLIC_BASE_URL"] = merged["PUBLIC_BASE_URL"].rstrip("/")
-    check_public_base_url(merged["PUBLIC_BASE_URL"])
+    merged["PUBLIC_BASE_URL"] = public_base_url(merged["PUBLIC_BASE_URL"])
     return merged
 
 
@@ -212,25 +212,25 @@ def default_web_workers():
 
 def one_click_capable(url):
     """Whether a link can be an RFC 8058 one-click: https (§3.1), or a local development address."""
-    if url.startswith("https://"):
-        return True
-    host = re.sub(r"^[a-z]+://", "", url).split("/")[0].rsplit(":", 1)[0]
-    return host in ("localhost", "127.0.0.1", "[::1]")
+    parts = urlsplit(url)
+    return parts.scheme.lower() == "https" or parts.hostname in ("localhost", "127.0.0.1", "::1")
 
 
-def check_public_base_url(value):
-    """PUBLIC_BASE_URL goes into every link and the List-Unsubscribe header: an http(s) URL with a host, and
-    nothing that would end or split a header's <...> (spaces, <, >, quotes, commas), no query or fragment."""
-    from urllib.parse import urlsplit
+def public_base_url(value):
+    """PUBLIC_BASE_URL as links use it: scheme and host in lower case, no trailing slash. It goes into every
+    link and the List-Unsubscribe header, so it must be an http(s) URL with a host and nothing that would end
+    or split a header's <...> (spaces, <, >, quotes, commas) or the link (a query or fragment); else
+    ConfigError."""
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - ValueError for a port that is not a number
     except ValueError:
         parts = None
-    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query
-            or parts.fragment or parts.username or re.search(r'[\s<>",\x00-\x1f\x7f]', value)):
+    if (parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname or parts.username
+            or re.search(r'[\s<>",?#\x00-\x1f\x7f]', value)):
         raise ConfigError(f"PUBLIC_BASE_URL {value!r} must be an http(s) URL such as https://unsub.example.com "
                           "(no spaces, <, >, quotes, commas, query or fragment)")
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path}".rstrip("/")
 
 
 def https_warning(base_url):

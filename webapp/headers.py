@@ -6,12 +6,14 @@ List-ID is "<phrase> <list-id>" (RFC 2919) with the resource name as the phrase,
 (in words of at most 75 characters) when it is not plain atoms.
 """
 import base64
+import functools
 import re
 
 from .config import one_click_capable
 from .tokens import issue_manager_token, issue_smid
 
 ONE_CLICK = "List-Unsubscribe=One-Click"
+_one_click_capable = functools.lru_cache(maxsize=16)(one_click_capable)  # asked per link, of one base URL
 _ATOM_PHRASE_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]+\Z")
 # An encoded word is at most 75 characters (RFC 2047 §2): "=?utf-8?b?" and "?=" leave 63 for base64, which is
 # 45 bytes of text. A longer name is several words separated by spaces, where the sender's mail library may fold
@@ -49,13 +51,14 @@ def manage_url(base_url, token):
     return f"{base_url}/manage/{token}"
 
 
-def email_headers(resource, url):
-    """The List-* headers of an email for this resource (empty parts are left out)."""
+def email_headers(resource, url, base_url=None):
+    """The List-* headers of an email for this resource (empty parts are left out); `base_url`, when given, is
+    the part of `url` that decides whether it can be a one-click."""
     headers = {}
     settings = resource["unsubscribe"]
     if settings["mode"] != "blocked" and settings["list_unsubscribe"]["enabled"]:
         headers["List-Unsubscribe"] = f"<{url}>"
-        if one_click_capable(url):  # RFC 8058 §3.1: List-Unsubscribe-Post only with an https URI
+        if _one_click_capable(base_url or url):  # RFC 8058 §3.1: List-Unsubscribe-Post only with an https URI
             headers["List-Unsubscribe-Post"] = ONE_CLICK
     list_id = resource["channel_settings"].get("email", {}).get("list_id")
     if list_id:
@@ -72,5 +75,5 @@ def message_links(keys_ring, base_url, resource, db_id, profile_id, hash_id, cha
         "smid": smid,
         "unsubscribe_url": url,
         "manage_url": manage_url(base_url, issue_manager_token(keys_ring, db_id, profile_id, hash_id)),
-        "headers": email_headers(resource, url) if channel == "email" else {},
+        "headers": email_headers(resource, url, base_url) if channel == "email" else {},
     }

@@ -7,6 +7,7 @@ from gunicorn.glogging import Logger
 
 TOKEN_PATH_RE = re.compile(r"(/+(?:unsubscribe|manage)/+)([A-Za-z0-9_-]{8})[A-Za-z0-9_-]+")
 KEEP = 8
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def redact(text):
@@ -16,7 +17,8 @@ def redact(text):
     if not text:
         return text
     if "%" in text and TOKEN_PATH_RE.search(decoded := unquote(text)):
-        text = decoded
+        # decoded, a %0A would be a line of its own in the log: control characters are written escaped
+        text = CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", decoded)
     return TOKEN_PATH_RE.sub(r"\1\2…", text)
 
 
@@ -33,12 +35,27 @@ class RedactingLogger(Logger):
                 atoms[key] = redact(atoms[key])
         return atoms
 
-    def error(self, msg, *args, **kwargs):  # gunicorn's "Error handling request <uri>" and its kin
-        super().error(msg, *_redacted(args), **kwargs)
+    # gunicorn's own lines ("Error handling request <uri>", "Invalid request from ip=...: <request line>") hold
+    # the path too, formatted before or after: each is redacted whole.
+    def critical(self, msg, *args, **kwargs):
+        super().critical(_redacted(msg, args), **kwargs)
+
+    def error(self, msg, *args, **kwargs):
+        super().error(_redacted(msg, args), **kwargs)
+
+    def warning(self, msg, *args, **kwargs):
+        super().warning(_redacted(msg, args), **kwargs)
+
+    def info(self, msg, *args, **kwargs):
+        super().info(_redacted(msg, args), **kwargs)
+
+    def debug(self, msg, *args, **kwargs):
+        super().debug(_redacted(msg, args), **kwargs)
 
     def exception(self, msg, *args, **kwargs):
-        super().exception(msg, *_redacted(args), **kwargs)
+        super().exception(_redacted(msg, args), **kwargs)
 
 
-def _redacted(args):
-    return [redact(a) if isinstance(a, str) else a for a in args]
+def _redacted(msg, args):
+    """The log line `msg % args`, redacted (passed on without args, so logging leaves its `%` alone)."""
+    return redact(str(msg) % args if args else str(msg))
