@@ -3,6 +3,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 
 from flask import Flask, jsonify, request
 from flask.sessions import SecureCookieSessionInterface
@@ -46,13 +47,24 @@ class ServiceApp(Flask):
         self.logger.error("Exception on %s [%s]", redact(request.path), request.method, exc_info=exc_info)
 
 
+def collapse_slashes(wsgi_app):
+    """WSGI middleware: a path with doubled slashes is served as the path with single ones, no redirect."""
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if "//" in path:
+            environ["PATH_INFO"] = re.sub("/{2,}", "/", path)
+        return wsgi_app(environ, start_response)
+    return app
+
+
 def create_app(test_config=None):
     """Build the app from the environment, or from `test_config` laid over it (tests pass REDIS_URL etc.)."""
     overrides = {k: v for k, v in (test_config or {}).items() if k in DEFAULTS and v is not None}
     settings = load_settings({**os.environ, **overrides} if overrides else None)
     app = ServiceApp(__name__, template_folder=os.path.join(ROOT, "templates"),
                      static_folder=os.path.join(ROOT, "static"))
-    # werkzeug's default answers /unsubscribe//<smid> with a redirect built from the Host header.
+    # werkzeug's default answers /unsubscribe//<smid> with a redirect built from the Host header; doubled
+    # slashes (an API client's base URL that ends in "/") are collapsed in front instead (collapse_slashes).
     app.url_map.merge_slashes = False
     app.jinja_environment = PageEnvironment  # before anything creates app.jinja_env
     app.session_interface = CookieSessions()
@@ -76,6 +88,7 @@ def create_app(test_config=None):
     app.config["SECRET_KEY"] = hmac.new(ring[-1][1], b"flask-session", hashlib.sha256).hexdigest()
     from .one_click_wsgi import OneClickWSGI
     app.wsgi_app = app.extensions["one_click_wsgi"] = OneClickWSGI(app, app.wsgi_app)  # inside ProxyFix
+    app.wsgi_app = collapse_slashes(app.wsgi_app)
     if app.config["TRUSTED_PROXIES"]:
         n = app.config["TRUSTED_PROXIES"]
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n, x_port=n, x_prefix=n)
