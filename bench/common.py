@@ -21,7 +21,8 @@ def add_load_arguments(parser):
     """The arguments every wrk benchmark takes, with the same meaning for the service and its baseline."""
     parser.add_argument("--seconds", type=float, default=10,
                         help="seconds per app for the max-rate phase (split into rounds) and for the half-load phase")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds the two apps alternate in (a slow spell of a shared machine then hits both)")
     parser.add_argument("--subscriptions", type=int, default=10000)
     parser.add_argument("--workers", type=int, default=default_web_workers(),
                         help="gunicorn workers, the same for both apps (default: what `python -m webapp run` starts, "

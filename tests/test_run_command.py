@@ -77,8 +77,23 @@ def test_run_starts_redis_web_and_worker_and_ctrl_c_stops_them(tmp_path):
         out, _ = proc.communicate(timeout=40)
     assert proc.returncode == 0, out
     assert subprocess.run(["pgrep", "-f", str(tmp_path / "var" / "redis")], capture_output=True).returncode == 1
-    assert f"127.0.0.1:{port}" in out
+    assert f"Web app on http://127.0.0.1:{port}" in out and out.rstrip().endswith("Stopped.")
     assert "hash-max-listpack-value" not in out and "appendonly is off" not in out  # run sets both
+
+
+def test_a_taken_port_is_said_before_anything_starts(tmp_path):
+    """Another server on the port: one line says so, nothing starts, no success is announced."""
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "webapp", "run"], cwd=tmp_path, env=clean_env(PORT=str(port)),
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "Web app on" not in result.stdout
+    assert [line for line in result.stderr.splitlines() if "Port" in line] == [
+        f"Port {port} of 127.0.0.1 is in use (another server?): set PORT to a free one"]
+    assert not (tmp_path / "var" / "redis").exists()
 
 
 def test_a_second_run_in_the_same_place_is_refused_and_closing_the_terminal_stops_the_first(tmp_path):

@@ -97,6 +97,7 @@ def test_retries_after_500s_with_backoff(api, r, resource, receiver):
     assert webhooks.target_state(r, group)["next_attempt_at"] == 1003.0        # doubled
     listed = api.ok("webhooks/list")[0]
     assert listed["last_error"] == "HTTP 503" and listed["backlog"] == 2
+    assert listed["next_attempt_at"] == "1970-01-01T00:16:43.000Z"           # RFC 3339, as every API time
     assert webhooks.deliver(r, group)["sent"] == 2
     ids = [req["headers"]["X-Webhook-Id"] for req in receiver.requests]
     assert ids[0] == ids[1] == ids[2] and ids[3] != ids[0]                    # same event retried, then next

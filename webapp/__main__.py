@@ -8,6 +8,7 @@ second Ctrl-C while stopping kills the web app and the worker at once.
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -40,8 +41,6 @@ def lock_data_dir(data):
 def start_local_redis(var_dir, children):
     """Start redis-server with persistence under var_dir, added to `children` at once (so that it is stopped
     whatever happens next); return its URL once it answers, and the lock held on its data directory."""
-    if shutil.which("redis-server") is None:
-        sys.exit("redis-server is not installed: sudo apt-get install -y redis-server (or set REDIS_URL)")
     data = Path(var_dir, "redis").resolve()
     data.mkdir(parents=True, exist_ok=True)
     data.chmod(0o700)  # the AOF and RDB hold every rtoken, webhook secret and SMID: this user's alone
@@ -77,6 +76,11 @@ def run():
         signal.signal(signum, stop)
     children = []  # (name, process) in the order started
     exit_code = 0
+    # What would stop the start, said before anything starts.
+    if not settings["REDIS_URL"] and shutil.which("redis-server") is None:
+        sys.exit("redis-server is not installed: sudo apt-get install -y redis-server (or set REDIS_URL)")
+    if not port_free(settings["PORT"]):
+        sys.exit(f"Port {settings['PORT']} of 127.0.0.1 is in use (another server?): set PORT to a free one")
     try:
         env = dict(os.environ)
         if not settings["REDIS_URL"]:
@@ -95,15 +99,18 @@ def run():
         children.append(("worker", subprocess.Popen([sys.executable, "-m", "workers"], env=env,
                                                     start_new_session=True)))
         secrets_file = Path(settings["VAR_DIR"], "dev-secrets.json")
-        print(f"Web app on http://127.0.0.1:{port}  (API: {settings['PUBLIC_BASE_URL']}/api/v1.1/, "
-              f"token in API_TOKEN or {secrets_file}). Ctrl-C stops everything.")
+        announced = False
         while True:
             for name, proc in children:
                 if proc.poll() is not None:
                     print(f"{name} exited with code {proc.returncode}; stopping")
                     exit_code = 1
                     raise KeyboardInterrupt
-            time.sleep(0.5)
+            if not announced and listening(port):  # said once it is true (the port may be taken)
+                print(f"Web app on http://127.0.0.1:{port}  (API: {settings['PUBLIC_BASE_URL']}/api/v1.1/, "
+                      f"token in API_TOKEN or {secrets_file}). Ctrl-C stops everything.", flush=True)
+                announced = True
+            time.sleep(0.5 if announced else 0.1)
     except KeyboardInterrupt:
         pass
     finally:
@@ -124,7 +131,28 @@ def run():
                     proc.wait(timeout=20)
                 except subprocess.TimeoutExpired:
                     kill_group(proc)
+        print("Stopped.", flush=True)
     return exit_code
+
+
+def port_free(port):
+    """Whether gunicorn could bind 127.0.0.1:`port` (it sets SO_REUSEADDR too)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def listening(port):
+    """Whether something answers on 127.0.0.1:`port` (gunicorn, once it has bound it)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
 
 
 def kill_group(proc):

@@ -25,7 +25,7 @@ from . import keys
 from .errors import InvalidInput, NotFound
 from .events import load_refs
 from .resources import get_resource, get_resources
-from .validation import as_int, as_object, as_text, as_url, no_unknown_keys, now_iso
+from .validation import as_int, as_object, as_text, as_url, ms_to_time, no_unknown_keys, now_iso
 
 CALLED_URL = "called_url"
 BATCH = 100
@@ -83,8 +83,10 @@ def list_webhooks(r):
     out = []
     for raw in r.hvals(keys.webhooks()):
         hook = json.loads(raw)
-        out.append({**{k: v for k, v in hook.items() if k != "secret"}, "secret": hook["secret"][:4] + "…",
-                    **target_state(r, group_name(hook["id"]))})
+        state = target_state(r, group_name(hook["id"]))
+        if state["next_attempt_at"] is not None:  # a time, written as every time the API answers
+            state["next_attempt_at"] = ms_to_time(round(state["next_attempt_at"] * 1000))
+        out.append({**{k: v for k, v in hook.items() if k != "secret"}, "secret": hook["secret"][:4] + "…", **state})
     return sorted(out, key=lambda h: h["id"])
 
 
