@@ -81,6 +81,23 @@ def test_run_starts_redis_web_and_worker_and_ctrl_c_stops_them(tmp_path):
     assert "hash-max-listpack-value" not in out and "appendonly is off" not in out  # run sets both
 
 
+def test_a_killed_run_takes_everything_it_started_with_it(tmp_path):
+    """kill -9 of `run` (a terminal's killall, a test's timeout) leaves it no moment to stop its children:
+    they are told by the kernel and stop by themselves, Redis writing its AOF."""
+    proc, port = start_run(tmp_path)
+    children = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+    assert len(children) == 3                                                   # redis-server, web, worker
+    proc.kill()
+    proc.communicate()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(pid) for pid in children):
+        time.sleep(0.2)
+    assert [pid for pid in children if _alive(pid)] == []
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/static/pages.css", timeout=2)
+
+
 def test_a_taken_port_is_said_before_anything_starts(tmp_path):
     """Another server on the port: one line says so, nothing starts, no success is announced."""
     import socket

@@ -49,8 +49,8 @@ def start_local_redis(var_dir, children):
     proc = subprocess.Popen(
         ["redis-server", "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
          "--dir", str(data), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "3600 1 300 100",
-         "--daemonize", "no", "--loglevel", "warning", *REDIS_MEMORY_SETTINGS], start_new_session=True,
-        umask=0o077)
+         "--daemonize", "no", "--loglevel", "warning", *REDIS_MEMORY_SETTINGS],
+        start_new_session=True, preexec_fn=stopped_with_us(), umask=0o077)
     children.append(("redis", proc))
     import redis
     url = f"unix://{sock}"
@@ -95,9 +95,9 @@ def run():
         children.append(("web", subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", conf, "--bind", f"127.0.0.1:{port}", "--workers",
              str(settings["WEB_WORKERS"]), "--log-level", "warning", "webapp:create_app()"],
-            env=env, start_new_session=True)))
+            env=env, start_new_session=True, preexec_fn=stopped_with_us())))
         children.append(("worker", subprocess.Popen([sys.executable, "-m", "workers"], env=env,
-                                                    start_new_session=True)))
+                                                    start_new_session=True, preexec_fn=stopped_with_us())))
         secrets_file = Path(settings["VAR_DIR"], "dev-secrets.json")
         announced = False
         while True:
@@ -153,6 +153,19 @@ def listening(port):
         return True
     except OSError:
         return False
+
+
+def stopped_with_us():
+    """A preexec_fn: the child gets SIGTERM when this process ends in any way, SIGKILL included, which leaves
+    no chance to stop it (Linux's PR_SET_PDEATHSIG); a child whose parent died before that is set exits."""
+    import ctypes
+    parent = os.getpid()
+
+    def preexec():
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+    return preexec
 
 
 def kill_group(proc):
