@@ -83,6 +83,8 @@ def served(redis_url, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "webapp", "gunicorn.conf.py"),
          "-b", f"127.0.0.1:{port}", "-w", "1", "--access-logfile", str(logs["access"]),
+         # the default's atoms and those that also hold the path: the environ's RAW_URI, a redirect's Location
+         "--access-logformat", '%(h)s "%(r)s" %(s)s %(U)s %({raw_uri}e)s %({location}o)s "%(f)s"',
          "--error-logfile", str(logs["error"]), "webapp:create_app()"],
         env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -207,11 +207,25 @@ def test_a_chat_stored_under_another_spelling_before_is_still_found_by_it(api, r
     subs_key, legacy = keys.profile_subscriptions(1, "p1"), make_hash_id(res["id"], "telegram_bot", "007")
     r.hset(subs_key, legacy, r.hget(subs_key, made["hash_id"]))         # as the code before stored it
     r.hdel(subs_key, made["hash_id"])
-    assert api.ok("subscriptions/get", **base, cc_data={"id": "007"})["hash_id"] == legacy
-    again = api.ok("subscriptions/set", **base, cc_data={"id": "007"}, priority=3)
-    assert (again["hash_id"], again["status"]) == (legacy, "unsubscribed")
-    assert api.ok("messages/links", **base, cc_data={"id": "007"})["smid"]
+    for spelling in ("007", "7", 7):                                    # however the sender writes it now
+        assert api.ok("subscriptions/get", **base, cc_data={"id": spelling})["hash_id"] == legacy
+        again = api.ok("subscriptions/set", **base, cc_data={"id": spelling}, priority=3)
+        assert (again["hash_id"], again["status"]) == (legacy, "unsubscribed")
+        assert api.ok("messages/links", **base, cc_data={"id": spelling})["smid"]
     assert [s["hash_id"] for s in api.ok("subscriptions/list", db_id=1, profile_id="p1")] == [legacy]
+
+
+def test_a_phone_channels_stray_chat_id_names_nobody_else(api):
+    """On whatsapp the phone is the identity: an `id` sent along in cc_data must not reach the subscription
+    of another chat or phone."""
+    res = api.ok("resources/add", **email_resource(channels=["telegram_bot", "whatsapp"], channel_settings={}))
+    base = {"db_id": 1, "profile_id": "p1", "resource_id": res["id"]}
+    x = api.ok("subscriptions/set", **base, channel="whatsapp", cc_data={"phone": "+15550001111"},
+               status="unsubscribed")
+    y = api.ok("subscriptions/set", **base, channel="whatsapp", cc_data={"phone": "+15550002222", "id": "+15550001111"})
+    assert y["hash_id"] != x["hash_id"] and y["status"] == "subscribed"
+    assert api.ok("subscriptions/get", **base, channel="whatsapp", cc_data={"phone": "+15550001111"})["status"] == \
+        "unsubscribed"
 
 
 def test_values_of_a_deleted_field_are_not_kept_as_the_new_fields(api, r):

@@ -66,6 +66,15 @@ def test_a_kid_both_signing_and_verify_only_is_refused():
                       dotenv_path="/nonexistent/.env")
 
 
+def test_a_bad_verify_only_list_stops_the_start_with_generated_signing_keys(tmp_path):
+    from webapp.config import load_settings
+    with pytest.raises(ConfigError, match="SIGNING_KEYS_VERIFY_ONLY entry 'k3' is not kid:secret"):
+        load_settings({"SIGNING_KEYS_VERIFY_ONLY": "k3", "VAR_DIR": str(tmp_path)}, dotenv_path="/nonexistent/.env")
+    with pytest.raises(ConfigError, match="kid 'dev1' is also in SIGNING_KEYS"):   # the generated key's kid
+        load_settings({"SIGNING_KEYS_VERIFY_ONLY": "dev1:x", "VAR_DIR": str(tmp_path)},
+                      dotenv_path="/nonexistent/.env")
+
+
 def test_unknown_key_is_rejected():
     old_link = issue_smid(OLD, 1, 1, "p", "00000000")
     with pytest.raises(BadToken, match="unknown key"):

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from .config import https_warning, settings_or_exit
@@ -147,11 +148,12 @@ def port_free(port):
 
 
 def listening(port):
-    """Whether something answers on 127.0.0.1:`port` (gunicorn, once it has bound it)."""
+    """Whether the web app answers on 127.0.0.1:`port`: a worker has loaded it (gunicorn accepts connections
+    as soon as it has bound the port, before any worker has booted)."""
     try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        return True
-    except OSError:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/static/pages.css", timeout=1) as resp:
+            return resp.status == 200
+    except (OSError, ValueError):
         return False
 
 

@@ -233,7 +233,7 @@ def _links_for(messages):
             exc.message = where + exc.message
             raise
         prepared.append((res, db_id, profile_id,
-                         subscriptions.subscription_hash_id(r, db_id, profile_id, rid, channel, identity, msg),
+                         subscriptions.subscription_hash_id(r, db_id, profile_id, rid, channel, identity),
                          channel, category, sent_at))
     exists = subscriptions_exist(r, [(keys.profile_subscriptions(db_id, pid), h)
                                      for _res, db_id, pid, h, *_ in prepared])

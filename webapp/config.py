@@ -159,11 +159,12 @@ def load_settings(environ=None, dotenv_path=".env"):
     for key in RATE_LIMIT_SETTINGS:
         check_rate_limit(key, merged[key])
     if merged["SIGNING_KEYS"]:
-        signing_key_ring(merged)  # a bad list stops the start, not every worker that loads it
+        parse_signing_keys(merged["SIGNING_KEYS"])  # a bad list stops the start, before secrets are generated
     if not merged["API_TOKEN"] or not merged["SIGNING_KEYS"]:
         generated = _dev_secrets(merged["VAR_DIR"])
         merged["API_TOKEN"] = merged["API_TOKEN"] or generated["API_TOKEN"]
         merged["SIGNING_KEYS"] = merged["SIGNING_KEYS"] or generated["SIGNING_KEYS"]
+    signing_key_ring(merged)  # the start stops at a bad list, not every worker that loads it
     if not merged["PUBLIC_BASE_URL"]:
         merged["PUBLIC_BASE_URL"] = f"http://127.0.0.1:{merged['PORT']}"
     merged["PUBLIC_BASE_URL"] = public_base_url(merged["PUBLIC_BASE_URL"])

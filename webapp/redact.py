@@ -27,12 +27,11 @@ class RedactingLogger(Logger):
 
     def atoms(self, resp, req, environ, request_time):
         atoms = super().atoms(resp, req, environ, request_time)
-        for key in ("r", "U", "q", "f"):
-            if key in atoms:
-                atoms[key] = redact(atoms[key])
-        for key in list(atoms):
-            if key.startswith("{") and key.lower() in ("{referer}i", "{referrer}i"):
-                atoms[key] = redact(atoms[key])
+        # Every atom a format can name: the request line and path, but also the Referer, the Location of a
+        # redirect ({location}o) and the environ's RAW_URI / PATH_INFO ({raw_uri}e).
+        for key, value in list(atoms.items()):
+            if isinstance(value, str) and ("unsubscribe" in value or "manage" in value or "%" in value):
+                atoms[key] = redact(value)
         return atoms
 
     # gunicorn's own lines ("Error handling request <uri>", "Invalid request from ip=...: <request line>") hold

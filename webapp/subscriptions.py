@@ -159,19 +159,24 @@ def locate(r, data):
         raise InvalidInput(f"channel {channel!r} is not a channel of resource {resource['id']}", field="channel")
     address, identity = read_address(channel, data)
     return resource, db_id, profile_id, channel, address, subscription_hash_id(r, db_id, profile_id, resource["id"],
-                                                                               channel, identity, data)
+                                                                               channel, identity)
 
 
-def subscription_hash_id(r, db_id, profile_id, resource_id, channel, identity, data):
-    """make_hash_id of the subscription `data` names. A chat id is one identity however it is written ("007"
-    is chat 7); a subscription stored before that, under the spelling it was given, is still found by it."""
+def subscription_hash_id(r, db_id, profile_id, resource_id, channel, identity):
+    """make_hash_id of the subscription (resource, channel, address `identity`) names. A chat id is one
+    identity however it is written ("007" is chat 7); a chat's subscription stored before that was hashed
+    under the spelling it was given: it is found by its stored chat id, whatever the spelling used now."""
     hash_id = make_hash_id(resource_id, channel, identity)
-    spelled = (data.get("cc_data") or {}).get("id") if channel not in ("email", "sms", "push") else None
-    if isinstance(spelled, str) and spelled != identity:
-        subs_key = keys.profile_subscriptions(db_id, profile_id)
-        legacy = make_hash_id(resource_id, channel, spelled)
-        if not r.hexists(subs_key, hash_id) and r.hexists(subs_key, legacy):
-            return legacy
+    if channel in ("email", "sms", "push") or channel in PHONE_CC_CHANNELS:
+        return hash_id
+    subs_key = keys.profile_subscriptions(db_id, profile_id)
+    if r.hexists(subs_key, hash_id):
+        return hash_id
+    for other, raw in r.hgetall(subs_key).items():
+        record = decode_record(raw)
+        if (record["resource_id"] == resource_id and record["channel"] == channel
+                and record["address"].get("cc_data", {}).get("id") == int(identity)):
+            return other
     return hash_id
 
 
