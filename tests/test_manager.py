@@ -127,6 +127,7 @@ def test_resubscribe_needs_the_link_of_that_subscription(api, client, r):
     api.ok("subscriptions/set", **ident, status="unsubscribed")
     html = client.get(path).get_data(as_text=True)
     assert html.count('value="resubscribe"') == 1                              # only the link's own subscription
+    assert "open the link in a message from Weekly news sent to it" in html    # which message: the resource's
     before = redis_state(r)
     assert post(client, path, action="resubscribe", hash_id=other["hash_id"]).status_code == 403
     assert redis_state(r) == before
@@ -151,6 +152,7 @@ def test_blocked_resource_cannot_be_switched_off(api, client, r):
     html = client.get(path).get_data(as_text=True)
     assert 'value="unsubscribe"' not in html and 'value="suspend"' not in html
     assert re.search(r'value="news"\s+checked disabled', html)                  # on, so locked
+    assert "(cannot be switched off)" in html                                   # not "required": the resource
     before = redis_state(r)
     assert post(client, path, action="unsubscribe", hash_id=sub["hash_id"]).status_code == 403
     assert redis_state(r) == before

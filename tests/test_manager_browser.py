@@ -45,6 +45,13 @@ def test_manager_walkthrough(live_server, open_page, r, lang):
         in_view(page, card.locator('[role="status"]'))
     assert page.locator('[role="status"]').count() == 1
     screenshot(page, f"manager-saved-{lang}")
+    # ...and its Undo is there too, in sight: not only at the top of a long page
+    page.locator("article").last.locator('button[value="unsubscribe"]').click()
+    page.wait_for_url("**done=unsubscribe**")
+    in_view(page, page.locator("article").last.locator('form.undo button[value="undo"]'))
+    page.locator("article").last.locator('form.undo button[value="undo"]').click()
+    page.wait_for_url("**done=undo**")
+    assert page.locator("form.undo").count() == 0
 
     # a bad field value: inline error, nothing saved
     card = page.locator("article").first
@@ -70,6 +77,8 @@ def test_manager_walkthrough(live_server, open_page, r, lang):
     card = page.locator("article").first
     assert card.locator(".badge.suspended").is_visible()
     assert {"en": "Paused until", "ru": "На паузе до"}[lang] in card.inner_text()
+    assert ".." not in card.inner_text()              # a Russian long date ends in "г.": no second full stop
+    assert {"en": "Email · ", "ru": "Эл. почта · "}[lang] in card.inner_text()
     screenshot(page, f"manager-suspended-{lang}")
 
     # resume, unsubscribe all, undo

@@ -284,7 +284,9 @@ def test_confirm_refuses_required_category_and_empty_choice(api, client, r):
     resp = client.post(path, data={"action": "unsubscribe", "categories": ["receipts"], "csrf_token": token})
     assert resp.status_code == 400 and "This page is out of date" in resp.get_data(as_text=True)  # never offered
     resp = client.post(path, data={"action": "unsubscribe", "scope": "categories", "csrf_token": token})
-    assert resp.status_code == 400 and "Choose at least one kind of message" in resp.get_data(as_text=True)
+    html = resp.get_data(as_text=True)
+    assert resp.status_code == 400 and "Choose at least one kind of message" in html
+    assert not re.search(r'value="news"[^>]*checked', html)       # shown as the person left it: nothing chosen
     assert redis_state(r) == before
 
 
@@ -387,6 +389,30 @@ def test_delayed_start_is_idempotent_and_cancel_works(app, api, client, r):
     assert client.post(path, data={"action": "cancel", "csrf_token": token}).status_code == 303
     assert "data-deadline" not in client.get(path + "?done=cancelled").get_data(as_text=True)
     assert get_sub(api, body)["status"] == "subscribed"
+
+
+def test_a_cancel_after_the_deadline_says_it_came_too_late(api, client, r):
+    from webapp.delayed import sweep_once
+    _res, path, body = make_link(api, "delayed")
+    token = form_token(client.get(path).get_data(as_text=True))
+    client.post(path, data={"action": "start", "csrf_token": token})
+    assert '<noscript><p class="muted">Reload this page' in client.get(path).get_data(as_text=True)
+    assert sweep_once(r, now=time.time() + 3600) == 1                     # the timer fired
+    resp = client.post(path, data={"action": "cancel", "csrf_token": token})
+    assert resp.status_code == 303 and resp.headers["Location"].endswith("done=late")
+    html = client.get(path + "?done=late").get_data(as_text=True)
+    assert "Too late to cancel: the time had already run out." in html and "You are unsubscribed" in html
+    assert get_sub(api, body)["cats"] == ["receipts"]
+
+
+def test_an_instant_page_that_does_not_act_by_itself_says_so(api, client, r):
+    _res, path, body = make_link(api, "instant")
+    token = form_token(client.get(path).get_data(as_text=True))
+    client.post(path, data={"action": "unsubscribe", "csrf_token": token})
+    client.post(path, data={"action": "undo", "csrf_token": token})
+    html = client.get(path + "?done=undone").get_data(as_text=True)
+    assert "Welcome back" in html and "Nothing changes unless you press Unsubscribe." in html
+    assert 'class="manual-only"' not in html.split("Nothing changes unless")[0][-40:]   # shown, not script-hidden
 
 
 def test_delayed_unsubscribe_now(api, client, r):

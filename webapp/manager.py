@@ -10,6 +10,7 @@ import re
 from urllib.parse import urlsplit
 
 from flask import Blueprint, current_app, make_response, redirect, request, url_for
+from flask_babel import gettext
 
 from . import preferences
 from .errors import BadToken, InvalidFields, ServiceError
@@ -47,7 +48,8 @@ def subscription_view(token, hash_id, record, resource, errors=None, entered=Non
             fields.append({**fdef, "value": value, "error": (errors or {}).get(fdef["api_name"])})
     return {
         "hash_id": hash_id, "resource": resource, "channel": record["channel"],
-        "channel_label": CHANNEL_LABELS.get(record["channel"], record["channel"]),
+        "channel_label": gettext("Email") if record["channel"] == "email" else CHANNEL_LABELS.get(record["channel"],
+                                                                                                   record["channel"]),
         "address": mask_address(record), "status": status.word, "blocked": blocked,
         "categories": [{**c, "on": c["api_name"] in on, "locked": c["required"] or (blocked and c["api_name"] in on)}
                        for c in resource["categories"] if c["in_manager"]],

@@ -57,7 +57,7 @@ def open_page_context(smid, count_view=None):
     return ctx
 
 
-def page_view(ctx, done=None):
+def page_view(ctx, done=None, chosen=None):
     """Ready values for the templates (they only display)."""
     app = current_app._get_current_object()  # one context-local lookup for what is read of the app below
     ring = app.extensions["signing_keys"]
@@ -68,7 +68,8 @@ def page_view(ctx, done=None):
     subscribed = set(subscribed_cats(resource, record)) if stoppable else set()
     message_scope = unsubscribe.resolve_scope(ctx)  # the message's category, if the resource still has it
     category = message_scope["cats"][0] if message_scope["cats"] else None
-    choosable = [dict(c, checked=(c["api_name"] == category if category else True))
+    choosable = [dict(c, checked=(c["api_name"] in chosen if chosen is not None
+                                  else c["api_name"] == category if category else True))
                  for c in cats if not c["required"] and c["api_name"] in subscribed]
     required = [c for c in cats if c["required"] and c["api_name"] in subscribed]
     pending = unsubscribe.read_pending(client_of(app), ctx) if ctx.mode == "delayed" else None
@@ -83,7 +84,8 @@ def page_view(ctx, done=None):
     # `done` (from the redirect after an action) keeps the page from acting again on its own; its notice is
     # shown only while the stored state still agrees (the URL can be typed, or come back from history).
     notice = done if {"undone": state == "active", "cancelled": state == "active" and not pending,
-                      "unsubscribed": bool(stopped), "started": bool(pending)}.get(done) else None
+                      "unsubscribed": bool(stopped), "started": bool(pending),
+                      "late": state == "unsubscribed"}.get(done) else None
     return {
         "smid": ctx.token, "mode": ctx.mode, "resource": resource, "address": mask_address(record),
         "channel": record["channel"], "status": status.word, "state": state,
@@ -147,7 +149,7 @@ def unsubscribe_page(smid):
         # The target comes only from the resource's stored settings: no open redirect.
         return redirect(fill_page_url(page_url, ctx.token, ctx.resource["rtoken"]), code=302)
     done = request.args.get("done")
-    view = page_view(ctx, done if done in ("unsubscribed", "undone", "cancelled", "started") else None)
+    view = page_view(ctx, done if done in ("unsubscribed", "undone", "cancelled", "started", "late") else None)
     return no_store(make_response(render_page(f"unsubscribe/{ctx.mode}.html", **view)))
 
 
@@ -232,7 +234,7 @@ def page_action(smid, action):
             done = "started"
         elif action == "cancel":
             outcome = unsubscribe.cancel_timer(r, ctx, evidence())
-            done = "cancelled" if outcome in ("cancelled", "none") else "unsubscribed"
+            done = "cancelled" if outcome in ("cancelled", "none") else "late"  # the timer had fired
         else:  # "now": settle the delayed unsubscribe immediately
             if ctx.mode != "delayed":
                 raise InvalidInput("this page has no timer")
@@ -242,7 +244,7 @@ def page_action(smid, action):
         if wants_json():
             return jsonify({"error": exc.code, "error_text": exc.message}), exc.status
         # The same page again, its choice to make with the reason next to it: not a page without a way back.
-        view = dict(page_view(ctx), choice_error=exc.message)
+        view = dict(page_view(ctx, chosen=request.form.getlist("categories")), choice_error=exc.message)
         return no_store(make_response(render_page(f"unsubscribe/{ctx.mode}.html", **view), exc.status))
     except ServiceError as exc:
         if wants_json():
