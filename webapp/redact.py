@@ -34,25 +34,18 @@ class RedactingLogger(Logger):
                 atoms[key] = redact(value)
         return atoms
 
-    # gunicorn's own lines ("Error handling request <uri>", "Invalid request from ip=...: <request line>") hold
-    # the path too, formatted before or after: each is redacted whole.
-    def critical(self, msg, *args, **kwargs):
-        super().critical(_redacted(msg, args), **kwargs)
 
-    def error(self, msg, *args, **kwargs):
-        super().error(_redacted(msg, args), **kwargs)
+def _redacting(level):
+    def log(self, msg, *args, **kwargs):
+        getattr(Logger, level)(self, _redacted(msg, args), **kwargs)
+    log.__name__ = level
+    return log
 
-    def warning(self, msg, *args, **kwargs):
-        super().warning(_redacted(msg, args), **kwargs)
 
-    def info(self, msg, *args, **kwargs):
-        super().info(_redacted(msg, args), **kwargs)
-
-    def debug(self, msg, *args, **kwargs):
-        super().debug(_redacted(msg, args), **kwargs)
-
-    def exception(self, msg, *args, **kwargs):
-        super().exception(_redacted(msg, args), **kwargs)
+# gunicorn's own lines ("Error handling request <uri>", "Invalid request from ip=...: <request line>") hold the
+# path too, formatted before or after: each is redacted whole.
+for _level in ("critical", "error", "warning", "info", "debug", "exception"):
+    setattr(RedactingLogger, _level, _redacting(_level))
 
 
 def _redacted(msg, args):
