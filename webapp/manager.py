@@ -23,8 +23,13 @@ from .tokens import issue_form_token, read_manager_token
 
 bp = Blueprint("manager", __name__)
 ACTIONS = ("save", "unsubscribe", "suspend", "resume", "resubscribe", "undo")
-CHANNEL_LABELS = {"email": "Email", "sms": "SMS", "push": "Push", "telegram_bot": "Telegram", "whatsapp": "WhatsApp",
+CHANNEL_LABELS = {"sms": "SMS", "push": "Push", "telegram_bot": "Telegram", "whatsapp": "WhatsApp",
                   "viber": "Viber", "notify": "Notify"}
+
+
+def channel_label(channel):
+    """The channel's name in the page's language (the others are names, the same in every language)."""
+    return gettext("Email") if channel == "email" else CHANNEL_LABELS.get(channel, channel)
 
 
 def source_label(reg_info):
@@ -48,8 +53,7 @@ def subscription_view(token, hash_id, record, resource, errors=None, entered=Non
             fields.append({**fdef, "value": value, "error": (errors or {}).get(fdef["api_name"])})
     return {
         "hash_id": hash_id, "resource": resource, "channel": record["channel"],
-        "channel_label": gettext("Email") if record["channel"] == "email" else CHANNEL_LABELS.get(record["channel"],
-                                                                                                   record["channel"]),
+        "channel_label": channel_label(record["channel"]),
         "address": mask_address(record), "status": status.word, "blocked": blocked,
         "categories": [{**c, "on": c["api_name"] in on, "locked": c["required"] or (blocked and c["api_name"] in on)}
                        for c in resource["categories"] if c["in_manager"]],

@@ -57,6 +57,10 @@ def open_page_context(smid, count_view=None):
     return ctx
 
 
+# What the redirect after a page action says was done (`?done=`): each has its notice in page_view.
+DONE_WORDS = ("unsubscribed", "undone", "cancelled", "started", "late")
+
+
 def page_view(ctx, done=None, chosen=None):
     """Ready values for the templates (they only display)."""
     app = current_app._get_current_object()  # one context-local lookup for what is read of the app below
@@ -83,9 +87,11 @@ def page_view(ctx, done=None, chosen=None):
     stopped = [c["title"] for c in cats if c["api_name"] not in subscribed]
     # `done` (from the redirect after an action) keeps the page from acting again on its own; its notice is
     # shown only while the stored state still agrees (the URL can be typed, or come back from history).
-    notice = done if {"undone": state == "active", "cancelled": state == "active" and not pending,
-                      "unsubscribed": bool(stopped), "started": bool(pending),
-                      "late": state == "unsubscribed"}.get(done) else None
+    notice = None
+    if done is not None:
+        agrees = {"undone": state == "active", "cancelled": state == "active" and not pending,
+                  "unsubscribed": bool(stopped), "started": bool(pending), "late": state == "unsubscribed"}
+        notice = done if agrees[done] else None
     return {
         "smid": ctx.token, "mode": ctx.mode, "resource": resource, "address": mask_address(record),
         "channel": record["channel"], "status": status.word, "state": state,
@@ -149,7 +155,7 @@ def unsubscribe_page(smid):
         # The target comes only from the resource's stored settings: no open redirect.
         return redirect(fill_page_url(page_url, ctx.token, ctx.resource["rtoken"]), code=302)
     done = request.args.get("done")
-    view = page_view(ctx, done if done in ("unsubscribed", "undone", "cancelled", "started", "late") else None)
+    view = page_view(ctx, done if done in DONE_WORDS else None)
     return no_store(make_response(render_page(f"unsubscribe/{ctx.mode}.html", **view)))
 
 

@@ -223,9 +223,8 @@ def extended_form(resource, db_id, profile_id, hash_id, record):
     out.update({
         "status": Status(record["status"]).word,
         "priority": record["priority"],
-        "cats": subscribed_cats(resource, record) if resource else [],
-        "custom_fields": (current_field_values(resource, record["channel"], record.get("custom_fields", {}))
-                          if resource else {}),
+        "cats": subscribed_cats(resource, record),
+        "custom_fields": current_field_values(resource, record["channel"], record.get("custom_fields", {})),
         "reg_info": record["reg_info"],
         "hash_id": hash_id,
         "is_delete": record.get("is_delete", False),
