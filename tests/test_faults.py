@@ -20,7 +20,7 @@ import redis
 from redis.exceptions import MasterDownError, OutOfMemoryError, ReadOnlyError, ResponseError
 
 from conftest import API_TOKEN, ROOT, SIGNING_KEYS, email_resource, form_token, start_redis_server
-from webapp.store import unavailable_reply
+from webapp.store import unavailable_reply, writes_refused
 from webapp.subscriptions import decode_record
 
 pytestmark = pytest.mark.faults
@@ -548,6 +548,21 @@ def test_a_replica_cut_off_from_its_primary_answers_503(r, redis_url):
 ])
 def test_which_error_replies_mean_redis_cannot_serve_for_a_while(exc, refused):
     assert unavailable_reply(exc) is refused
+
+
+@pytest.mark.parametrize("exc, reads_served", [
+    (OutOfMemoryError("command not allowed when used memory > 'maxmemory'. script: 628b, on @user_script:3."), True),
+    (ReadOnlyError("You can't write against a read only replica."), True),
+    (ResponseError("MISCONF Redis is configured to save RDB snapshots, but it's currently unable"), True),
+    (ResponseError("Command # 1 (HSET k f v) of pipeline caused error: MISCONF Redis is configured"), True),
+    (ResponseError("NOREPLICAS Not enough good replicas to write."), True),
+    (MasterDownError("Link with MASTER is down and replica-serve-stale-data is set to 'no'."), False),
+    (ResponseError("BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN."), False),
+    (ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), False),
+])
+def test_which_error_replies_refuse_writes_only(exc, reads_served):
+    """The SDK's rate limiter lets show and state through uncounted on these alone (sdk._counted)."""
+    assert writes_refused(exc) is reads_served
 
 
 def test_a_redis_still_loading_its_data_after_a_restart_answers_503_until_it_is_ready(tmp_path):

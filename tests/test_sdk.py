@@ -5,11 +5,16 @@ are Redis keys too (under keys.rate_limits(), "us:ratelimit:"): `store_state` le
 refused request is the point of a limiter and is not a change of any subscription."""
 import base64
 import json
+import os
+import signal
 import time
+from contextlib import contextmanager
 
 import pytest
+import redis
 
-from conftest import API_TOKEN, SIGNING_KEYS, close_clients, email_resource, redis_state
+from conftest import (API_TOKEN, SIGNING_KEYS, ApiActions, close_clients, email_resource, read_key, redis_state,
+                      start_redis_server)
 from webapp import events, keys
 from webapp.delayed import sweep_once
 from webapp.sdk import limiter_storage_uri, origin_of, parse_script_id
@@ -286,6 +291,125 @@ def test_a_redis_outage_answers_503_not_500(api, redis_url, tmp_path):
         assert probe.headers["Access-Control-Allow-Origin"] == "*"
     finally:
         close_clients(down)
+
+
+def _bgsave_children(r):
+    """The pids of redis-server's snapshot children (Linux /proc)."""
+    server = str(r.info("server")["process_id"])
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(") ", 1)[1].split()[1] == server:
+                    found.append(int(pid))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def _end_bgsave(r, kill=True):
+    """Wait for a snapshot in progress to end, killing it first (a failed snapshot) unless kill=False."""
+    for pid in _bgsave_children(r) if kill else ():
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + 10
+    while r.info("persistence")["rdb_bgsave_in_progress"] and time.time() < deadline:
+        time.sleep(0.02)
+
+
+@contextmanager
+def redis_refusing_writes(r, how):
+    """The test Redis refusing every write while it serves reads, as `how` makes it; undone on the way out,
+    whatever happened inside."""
+    saved = {name: value for pattern in ("maxmemory*", "save", "rdb-key-save-delay")
+             for name, value in r.config_get(pattern).items()}
+    try:
+        if how == "out of memory":
+            r.config_set("maxmemory-policy", "noeviction")
+            r.config_set("maxmemory", "1")  # far below what is stored: every write is refused with OOM
+        elif how == "replica":
+            r.execute_command("REPLICAOF", "127.0.0.1", "1")  # of a primary that is not there: READONLY
+        else:  # a failed snapshot with stop-writes-on-bgsave-error (which needs a save point): MISCONF
+            r.config_set("save", "3600 1")
+            r.config_set("rdb-key-save-delay", "10000000")  # the snapshot waits, to be killed: a failed one
+            r.bgsave()  # answered once the snapshot's process is forked
+            _end_bgsave(r)
+            assert r.info("persistence")["rdb_last_bgsave_status"] == "err"
+        with pytest.raises(redis.ResponseError):
+            r.set("probe", "1")
+        yield
+    finally:
+        r.config_set("maxmemory", saved["maxmemory"])
+        r.config_set("maxmemory-policy", saved["maxmemory-policy"])
+        r.execute_command("REPLICAOF", "NO", "ONE")
+        if how == "failed snapshot":
+            _end_bgsave(r)
+            r.config_set("rdb-key-save-delay", saved["rdb-key-save-delay"])
+            r.bgsave()  # a snapshot that works lifts MISCONF
+            _end_bgsave(r, kill=False)
+            r.config_set("save", saved["save"])
+
+
+@pytest.mark.parametrize("how", ["out of memory", "failed snapshot", "replica"])
+def test_show_and_state_answer_while_redis_refuses_writes(client, api, r, how):
+    """While Redis refuses writes (it still serves reads) the rate limiter cannot count: show and state go
+    through uncounted and answer as usual, the page GET keeping its view count the same way; a change answers a
+    503 the page can read (CORS headers too), having written nothing. Once Redis takes writes, all is counted."""
+    res, ident, smid = make(api, "confirm")
+    instant, instant_ident, instant_smid = make(api, "instant", profile_id="p-43")
+    everything = lambda: {key: read_key(r, key) for key in r.scan_iter(count=1000)}  # noqa: E731
+    before = everything()
+    with redis_refusing_writes(r, how):
+        for rid, key, action, mode in ((res["id"], smid, "show", "confirm"), (res["id"], smid, "state", "confirm"),
+                                       (instant["id"], instant_smid, "state", "instant")):
+            resp = call(client, rid, smid=key, action=action)
+            assert resp.status_code == 200, (action, resp.get_json())
+            body = resp.get_json()
+            assert (body["mode"], body["result"], body["status"], body["cats"]) == (
+                mode, "waiting", "subscribed", ["news", "promo", "receipts"]), action
+            assert resp.headers["Access-Control-Allow-Origin"] == ORIGIN and "Origin" in resp.headers["Vary"]
+        assert preflight(client, res["id"], ORIGIN).headers["Access-Control-Allow-Origin"] == ORIGIN
+        changes = {"confirm": call(client, res["id"], smid=smid, action="confirm", categories=["promo"]),
+                   "cancel": call(client, res["id"], smid=smid, action="cancel"),
+                   "show that acts": call(client, instant["id"], smid=instant_smid, action="show")}
+        for name, resp in changes.items():
+            assert resp.status_code == 503, (name, resp.get_json())
+            assert resp.get_json() == {"error": 503, "reason": "unavailable", "error_text":
+                                       "The unsubscribe service is unavailable; please try again shortly"}, name
+            assert resp.headers["Retry-After"] == "5"
+            assert resp.headers["Access-Control-Allow-Origin"] == ORIGIN and "Origin" in resp.headers["Vary"]
+        assert everything() == before                       # nothing written, not even a rate-limit counter
+    assert sub(api, ident) == ("subscribed", ["news", "promo", "receipts"])
+    assert sub(api, instant_ident)[0] == "subscribed"
+    assert call(client, res["id"], smid=smid, action="show").status_code == 200
+    assert any(k.startswith(keys.rate_limits() + ":") for k in r.scan_iter())  # counted again
+    assert call(client, res["id"], smid=smid, action="confirm").get_json()["status"] == "unsubscribed"
+
+
+def test_a_stalled_redis_is_waited_for_once_also_by_show(api, tmp_path):
+    """A Redis that stops answering fails the rate limiter's count with a timeout, not a refusal: show
+    answers 503 after one REDIS_TIMEOUT_SECONDS, without asking Redis again (not even for CORS headers)."""
+    from webapp import create_app
+    proc, url = start_redis_server(str(tmp_path))
+    app = create_app({"TESTING": True, "REDIS_URL": url, "API_TOKEN": API_TOKEN, "SIGNING_KEYS": SIGNING_KEYS,
+                      "VAR_DIR": str(tmp_path), "REDIS_TIMEOUT_SECONDS": 0.5})
+    try:
+        client = app.test_client()
+        res, ident, smid = make(ApiActions(client), "confirm")
+        assert call(client, res["id"], smid=smid, action="show").status_code == 200
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            resp = call(client, res["id"], smid=smid, action="show")
+            waited = time.monotonic() - started
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert resp.status_code == 503 and resp.get_json()["reason"] == "unavailable"
+        assert "Access-Control-Allow-Origin" not in resp.headers
+        assert waited < 0.95, waited
+    finally:
+        close_clients(app)
+        proc.kill()
+        proc.wait()
 
 
 # -- CORS ---------------------------------------------------------------------------------------------

@@ -27,11 +27,17 @@ signed SMID is the authorization (a non-browser client can forge Origin, never a
 Rate limits (Flask-Limiter, Redis storage under keys.rate_limits()): POSTs per client IP and per SMID (taken from
 the JSON body), from the settings SDK_RATE_LIMIT_PER_IP / SDK_RATE_LIMIT_PER_SMID (config.py), read from app config
 on every request. Over the limit: 429 JSON with Retry-After (seconds until the breached window resets).
+While Redis refuses writes but serves reads (out of memory under noeviction, a failed snapshot, a replica), the
+limiter cannot count: `show` and `state` then go through uncounted and answer as usual (a `show` that would act,
+in instant or delayed mode, meets the same refusal: 503, nothing written), and `confirm` and `cancel` answer
+503 {"reason": "unavailable"}, with CORS headers, having written nothing. A Redis that is down or stalled
+answers 503 (without CORS headers, see add_cors_headers), having been waited for once.
 """
 import base64
 import binascii
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -40,8 +46,9 @@ from functools import partial, wraps
 from urllib.parse import urlsplit
 
 from flask import Blueprint, current_app, g, jsonify, make_response, request
+from redis.exceptions import ResponseError as RedisResponseError
 
-from . import keys, unsubscribe
+from . import keys, store, unsubscribe
 from .delayed import schedule_timer
 from .errors import BadToken, Blocked, Forbidden, InvalidInput, NoSuchResource, NotFound, ServiceError
 from .locale import choose_locale, request_accept_language
@@ -52,8 +59,10 @@ from .tokens import SMID_MAX_CHARS, same_secret
 from .validation import idna_ascii, json_object
 
 bp = Blueprint("sdk", __name__)
+log = logging.getLogger(__name__)
 
 ACTIONS = ("confirm", "cancel", "show", "state")
+READ_ONLY_ACTIONS = ("show", "state")  # let through uncounted while Redis refuses writes (see _counted)
 PREFLIGHT_MAX_AGE = 7200  # Chromium caps Access-Control-Max-Age at 2 hours
 SCRIPT_MAX_AGE = 300
 SCRIPT_FILE = "ak_list_unsubscribe.js"
@@ -178,8 +187,10 @@ def add_cors_headers(resp):
         return resp
     # A 503 before the resource was read means Redis is down or stalled: asking it again would fail again (after
     # another timeout), so that answer goes without Access-Control-Allow-Origin. The page sees a network error,
-    # and the SDK's question to /origin, which any page may read, tells it the service is unavailable.
-    if "Access-Control-Allow-Origin" not in resp.headers and (resp.status_code != 503 or "sdk_resource" in g):
+    # and the SDK's question to /origin, which any page may read, tells it the service is unavailable. A Redis
+    # that refused the limiter's write still answers reads, so that 503 is made readable to the page.
+    if "Access-Control-Allow-Origin" not in resp.headers and (
+            resp.status_code != 503 or "sdk_resource" in g or g.get("sdk_writes_refused")):
         origin = cors_allowed_origin()
         if origin:
             resp.headers["Access-Control-Allow-Origin"] = origin
@@ -236,6 +247,10 @@ def _read_json_body():
         return SdkError(400, "invalid", exc.message)
 
 
+def _action(body):
+    return body.get("action", "confirm")
+
+
 def _state(r, ctx, result):
     raw = r.hget(keys.profile_subscriptions(*ctx.key[:2]), ctx.smid.hash_id)
     record = decode_record(raw) if raw else ctx.record
@@ -259,7 +274,7 @@ def sdk_unsubscribe(resource):
     r = get_redis()
     try:
         body = _json_body()
-        action = body.get("action", "confirm")
+        action = _action(body)
         if action not in ACTIONS:
             raise SdkError(400, "invalid", "action must be one of: " + ", ".join(ACTIONS))
         if "resource_id" in body and body["resource_id"] != resource["id"]:
@@ -402,11 +417,34 @@ def _smid_key():
     return smid
 
 
+def _counted(check):
+    """Run the limiter's check; while Redis refuses writes (its counter could not be written) let a read-only
+    action through uncounted, as the page GET goes without its view count (hotpaths._read_for_page). Any other
+    request, and any other failure (a Redis down or stalled: it is not asked again), goes to the 503 handler."""
+    try:
+        check()
+    except RedisResponseError as exc:
+        if not store.writes_refused(exc):
+            raise
+        g.sdk_writes_refused = True  # reads still work: the 503 may carry CORS headers (add_cors_headers)
+        try:
+            action = _action(_json_body())
+        except SdkError:  # a body the view would refuse: it acts on nothing, and the 503 stands
+            action = None
+        if action not in READ_ONLY_ACTIONS:
+            raise
+        log.warning("SDK %s not rate-limited: Redis refuses writes (%s)", action, exc)
+
+
 def init_rate_limits(app):
     """A Flask-Limiter instance of this app (the extension keeps its storage per instance, so one per app)."""
     from flask_limiter import Limiter
 
-    limiter = Limiter(
+    class SdkLimiter(Limiter):
+        def _check_request_limit(self, *args, **kwargs):  # the before-request hook init_app registers
+            _counted(partial(super()._check_request_limit, *args, **kwargs))
+
+    limiter = SdkLimiter(
         _client_ip, storage_uri=limiter_storage_uri(app.config["REDIS_URL"]),
         storage_options={"key_prefix": keys.rate_limits(), **timeouts(app.config["REDIS_TIMEOUT_SECONDS"])},
         strategy="fixed-window", headers_enabled=False,

@@ -35,6 +35,18 @@ def unavailable_reply(exc):
         isinstance(exc, ResponseError) and _UNAVAILABLE_CODES.match(str(exc)) is not None)
 
 
+# Of those, the replies by which Redis refuses a write while it still serves reads: out of memory under
+# noeviction, a replica, a failed snapshot, too few replicas (MASTERDOWN and BUSY refuse reads too).
+_WRITE_REFUSAL_CODES = re.compile(r"(?:Command # \d+ \(.*\) of pipeline caused error: )?(?:MISCONF|NOREPLICAS) ",
+                                  re.DOTALL)
+
+
+def writes_refused(exc):
+    """True when `exc` is Redis refusing a write for a while, reads still being served."""
+    return isinstance(exc, (OutOfMemoryError, ReadOnlyError)) or (
+        isinstance(exc, ResponseError) and _WRITE_REFUSAL_CODES.match(str(exc)) is not None)
+
+
 def get_redis():
     """The app's shared client (thread-safe; it pools connections)."""
     return client_of(current_app)
