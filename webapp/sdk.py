@@ -441,7 +441,8 @@ def init_rate_limits(app):
     from flask_limiter import Limiter
 
     class SdkLimiter(Limiter):
-        def _check_request_limit(self, *args, **kwargs):  # the before-request hook init_app registers
+        # The before-request hook init_app registers: a private method, hence flask-limiter pinned <5 (pyproject).
+        def _check_request_limit(self, *args, **kwargs):
             _counted(partial(super()._check_request_limit, *args, **kwargs))
 
     limiter = SdkLimiter(
