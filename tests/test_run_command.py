@@ -310,3 +310,92 @@ def test_gunicorn_workers_move_what_they_built_at_start_out_of_the_collectors_vi
     assert out.returncode == 0, out.stderr
     tracked_before, frozen, tracked_after = json.loads(out.stdout.splitlines()[-1])
     assert tracked_before > 20_000 and frozen >= tracked_before * 0.9 and tracked_after < 1_000
+
+
+# Put first on the `run` subprocess's PYTHONPATH: in gunicorn's processes only, building the app takes
+# SLOW_APP_SECONDS and then appends the time it was built to SLOW_APP_BUILT. gunicorn binds its port in the
+# master and builds the app in each worker after forking, so the port accepts connections that long before
+# anything answers them. Nothing of the app itself is changed.
+SLOW_APP_SITECUSTOMIZE = '''
+import os
+import sys
+import time
+
+if "gunicorn" in sys.orig_argv[1:3]:  # python -m gunicorn ...: the master and its workers
+    import webapp
+
+    _create_app = webapp.create_app
+
+    def create_app(*args, **kwargs):
+        time.sleep(float(os.environ["SLOW_APP_SECONDS"]))
+        app = _create_app(*args, **kwargs)
+        with open(os.environ["SLOW_APP_BUILT"], "a") as built:
+            built.write(f"{time.time()}\\n")
+        return app
+
+    webapp.create_app = create_app
+'''
+
+
+def test_the_web_app_is_announced_only_once_it_answers_http(tmp_path):
+    """The port is bound (gunicorn's master) seconds before the app answers on it (a worker has built it):
+    "Web app on <url>" is printed only after, and the URL answers at once when it is."""
+    import queue
+    import re
+    import threading
+    delay = 4.0
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SLOW_APP_SITECUSTOMIZE)
+    built = tmp_path / "app-built"
+    env = clean_env(PORT=str(free_port()), WEB_WORKERS="1", PYTHONPATH=f"{hooks}{os.pathsep}{ROOT}",
+                    SLOW_APP_SECONDS=str(delay), SLOW_APP_BUILT=str(built))
+    started = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "webapp", "run"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = queue.Queue()  # (time read, line); None at the end of the output
+
+    def read():
+        for output_line in proc.stdout:
+            lines.put((time.time(), output_line))
+        lines.put(None)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    out, children = [], []
+    try:
+        deadline = time.time() + 60
+        while True:
+            item = lines.get(timeout=max(0.1, deadline - time.time()))  # queue.Empty: never announced
+            assert item is not None, "".join(out)                       # `run` ended without announcing
+            announced_at, line = item
+            out.append(line)
+            if line.startswith("Web app on "):
+                break
+        url = re.match(r"Web app on (http://127\.0\.0\.1:\d+)\s", line).group(1)
+        # What the announcement promises, checked the moment it is read: the app answers HTTP at once.
+        try:
+            with urllib.request.urlopen(f"{url}/static/pages.css", timeout=1) as resp:
+                assert resp.status == 200
+        except OSError as error:
+            pytest.fail(f"announced, but {url} does not answer: {error!r}")
+        assert time.time() - announced_at < 1.0
+        # ... because it had been built by then, and not before the delay.
+        assert built.exists(), "announced before a worker had built the app"
+        assert announced_at >= float(built.read_text().split()[0]) >= started + delay
+        children = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                       text=True).stdout.split()]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # its children are told by the kernel (PR_SET_PDEATHSIG) and stop by themselves
+            proc.wait(timeout=10)
+        reader.join(timeout=10)
+        proc.stdout.close()
+    out += [item[1] for item in iter(lines.get_nowait, None)]
+    assert proc.returncode == 0, "".join(out)
+    assert len(children) == 3                                                      # redis, gunicorn, worker
+    left = subprocess.run(["pgrep", "-g", ",".join(map(str, children))], capture_output=True, text=True).stdout
+    assert not [pid for pid in left.split() if _alive(int(pid))]
+    assert subprocess.run(["pgrep", "-f", str(tmp_path / "var" / "redis")], capture_output=True).returncode == 1
