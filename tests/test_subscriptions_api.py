@@ -215,6 +215,58 @@ def test_a_chat_stored_under_another_spelling_before_is_still_found_by_it(api, r
     assert [s["hash_id"] for s in api.ok("subscriptions/list", db_id=1, profile_id="p1")] == [legacy]
 
 
+def test_a_chat_costs_no_more_redis_round_trips_than_an_email(api, r, monkeypatch):
+    """Finding a chat stored under an older spelling of its id rides on the reads subscriptions/get and set
+    make anyway: a telegram_bot or max_bot chat, found by its id's canonical spelling or by an older one, takes
+    as many round trips to Redis as an email (counted on the real client's connections, as sent)."""
+    import re
+
+    from redis.connection import AbstractConnection
+
+    from webapp import keys
+    from webapp.subscriptions import make_hash_id
+    res = api.ok("resources/add", **email_resource(channels=["email", "telegram_bot", "max_bot"],
+                                                   channel_settings={"email": {"from_email": "a@shop.example"}}))
+    base = {"db_id": 1, "profile_id": "p1", "resource_id": res["id"]}
+    addresses = {"email": {"channel": "email", "email": "ann@example.com"},
+                 "telegram_bot": {"channel": "telegram_bot", "cc_data": {"id": "7"}},
+                 "max_bot": {"channel": "max_bot", "cc_data": {"id": 8}},
+                 "older spelling": {"channel": "telegram_bot", "cc_data": {"id": "9"}}}
+    sent = []  # the command names of each send: one send, one round trip (a pipeline or MULTI/EXEC is one)
+    real_send = AbstractConnection.send_packed_command
+
+    def counted_send(self, command, check_health=True):
+        packed = b"".join(command) if isinstance(command, (list, tuple)) else command
+        sent.append(" ".join(name.decode().upper() for name in re.findall(rb"\*\d+\r\n\$\d+\r\n([A-Za-z_]+)\r\n",
+                                                                       packed)))
+        return real_send(self, command, check_health)
+
+    def round_trips(path, **body):
+        sent.clear()
+        data = api.ok(path, **base, **body)
+        return data, list(sent)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counted_send)
+    warm = {**base, "profile_id": "p0", "channel": "telegram_bot", "cc_data": {"id": "1"}}
+    api.ok("subscriptions/set", **warm)   # the connection opened, a script Redis had not cached loaded
+    api.ok("subscriptions/get", **warm)
+    new, update, get = {}, {}, {}
+    for name, address in addresses.items():
+        made, new[name] = round_trips("subscriptions/set", **address, status="unsubscribed")
+        if name == "older spelling":   # as the code stored it before chat ids were made canonical: "009"
+            subs_key, legacy = keys.profile_subscriptions(1, "p1"), make_hash_id(res["id"], "telegram_bot", "009")
+            r.hset(subs_key, legacy, r.hget(subs_key, made["hash_id"]))
+            r.hdel(subs_key, made["hash_id"])
+        again, update[name] = round_trips("subscriptions/set", **address, priority=3)
+        got, get[name] = round_trips("subscriptions/get", **address)
+        assert got["hash_id"] == again["hash_id"] and got["status"] == again["status"] == "unsubscribed"
+        if name == "older spelling":
+            assert got["hash_id"] == legacy
+    for trips in (get, update, new):   # (a new chat's set named "older spelling" is a new one's too)
+        assert {name: len(sends) for name, sends in trips.items()} == dict.fromkeys(trips, len(trips["email"])), \
+            trips
+
+
 def test_a_phone_channels_stray_chat_id_names_nobody_else(api):
     """On whatsapp the phone is the identity: an `id` sent along in cc_data must not reach the subscription
     of another chat or phone."""

@@ -30,6 +30,26 @@ def subscriptions_exist(r, pairs):
     return [c == "1" for c in flags]
 
 
+# KEYS[1]: a profile's subscriptions hash; ARGV[1]: the hash_id of a chat's subscription under its chat id's
+# canonical spelling. Returns {ARGV[1], its stored record} when it is there, else the whole hash as HGETALL
+# does: a chat stored under an older spelling of its id (hashed as written then) is found among them by its
+# stored chat id (subscriptions.stored_hash_id). One round trip where an HEXISTS and then an HGET (or an
+# HGETALL) took two.
+SUBSCRIPTION_OR_ALL = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if raw then
+  return {ARGV[1], raw}
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+
+
+def subscription_or_all(r, subs_key, hash_id):
+    """{hash_id: stored record} when the hash has hash_id, else all of it (see SUBSCRIPTION_OR_ALL); read-only."""
+    flat = _run(r, SUBSCRIPTION_OR_ALL, [subs_key], [hash_id], read_only=True)
+    return dict(zip(flat[::2], flat[1::2]))
+
+
 @functools.cache
 def _sha(script):
     return hashlib.sha1(script.encode()).hexdigest()

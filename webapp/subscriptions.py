@@ -12,7 +12,7 @@ import json
 import time
 from enum import IntEnum
 
-from . import events, keys
+from . import events, keys, scripts
 from .errors import InvalidInput, NoSuchSubscription
 from .resources import PHONE_CC_CHANNELS, current_field_values, get_resource, get_resources, validate_field_value
 from .validation import (as_chat_id, as_datetime, as_email, as_int, as_ip, as_language, as_list, as_object,
@@ -150,7 +150,8 @@ def make_hash_id(resource_id, channel, identity):
 
 
 def locate(r, data):
-    """Validate the identifying fields; return (resource, db_id, profile_id, channel, address, hash_id)."""
+    """Validate the identifying fields; return (resource, db_id, profile_id, channel, address, identity). The
+    subscription's hash_id is stored_hash_id's, worked out from the reads each caller makes anyway."""
     db_id = as_int(require(data, "db_id"), "db_id", 1, 2 ** 31)
     profile_id = as_profile_id(require(data, "profile_id"))
     resource = get_resource(r, as_int(require(data, "resource_id"), "resource_id", 1))
@@ -158,26 +159,48 @@ def locate(r, data):
     if channel not in resource["channels"]:
         raise InvalidInput(f"channel {channel!r} is not a channel of resource {resource['id']}", field="channel")
     address, identity = read_address(channel, data)
-    return resource, db_id, profile_id, channel, address, subscription_hash_id(r, db_id, profile_id, resource["id"],
-                                                                               channel, identity)
+    return resource, db_id, profile_id, channel, address, identity
 
 
-def subscription_hash_id(r, db_id, profile_id, resource_id, channel, identity):
-    """make_hash_id of the subscription (resource, channel, address `identity`) names. A chat id is one
-    identity however it is written ("007" is chat 7); a chat's subscription stored before that was hashed
-    under the spelling it was given: it is found by its stored chat id, whatever the spelling used now."""
+def is_chat(channel):
+    """Whether the channel's address is a chat id (telegram_bot, max_bot): not email, SMS, push or a phone."""
+    return channel not in ("email", "sms", "push") and channel not in PHONE_CC_CHANNELS
+
+
+def stored_hash_id(records, resource_id, channel, identity):
+    """make_hash_id of the subscription (resource, channel, address `identity`) names, as it is stored among
+    `records` (hash_id -> record). A chat id is one identity however it is written ("007" is chat 7); a chat's
+    subscription stored before that was hashed under the spelling it was given: it is found by its stored chat
+    id, whatever the spelling used now. `records` is a profile's whole hash, or, for a chat, just the record
+    under the canonical hash_id when there is one (scripts.subscription_or_all): no read of its own."""
     hash_id = make_hash_id(resource_id, channel, identity)
-    if channel in ("email", "sms", "push") or channel in PHONE_CC_CHANNELS:
+    if hash_id in records or not is_chat(channel):
         return hash_id
-    subs_key = keys.profile_subscriptions(db_id, profile_id)
-    if r.hexists(subs_key, hash_id):
-        return hash_id
-    for other, raw in r.hgetall(subs_key).items():
-        record = decode_record(raw)
+    for other, record in records.items():
         if (record["resource_id"] == resource_id and record["channel"] == channel
                 and record["address"].get("cc_data", {}).get("id") == int(identity)):
             return other
     return hash_id
+
+
+def read_subscription(r, db_id, profile_id, resource_id, channel, identity):
+    """(hash_id, record or None) of the subscription (resource, channel, address `identity`): one round trip
+    for every channel, a chat stored under an older spelling of its id included (stored_hash_id)."""
+    subs_key = keys.profile_subscriptions(db_id, profile_id)
+    hash_id = make_hash_id(resource_id, channel, identity)
+    if not is_chat(channel):
+        raw = r.hget(subs_key, hash_id)
+        return hash_id, None if raw is None else decode_record(raw)
+    records = {h: decode_record(raw) for h, raw in scripts.subscription_or_all(r, subs_key, hash_id).items()}
+    hash_id = stored_hash_id(records, resource_id, channel, identity)
+    return hash_id, records.get(hash_id)
+
+
+def subscription_hash_id(r, db_id, profile_id, resource_id, channel, identity):
+    """The stored hash_id of the subscription (resource, channel, address `identity`) names (stored_hash_id)."""
+    if not is_chat(channel):
+        return make_hash_id(resource_id, channel, identity)
+    return read_subscription(r, db_id, profile_id, resource_id, channel, identity)[0]
 
 
 def subscribed_cats(resource, record):
@@ -362,7 +385,7 @@ def set_subscription(r, data):
     """
     data = as_object(data, "request")
     no_unknown_keys(data, SET_FIELDS)
-    resource, db_id, profile_id, channel, address, hash_id = locate(r, data)
+    resource, db_id, profile_id, channel, address, identity = locate(r, data)
     if resource["dbs_ids"] and db_id not in resource["dbs_ids"]:
         raise InvalidInput(f"profiles of database {db_id} may not subscribe to resource {resource['id']} "
                            f"(dbs_ids: {resource['dbs_ids']})", field="db_id")
@@ -376,6 +399,7 @@ def set_subscription(r, data):
     locale = (as_language(data["locale"]) if data["locale"] != "" else "") if data.get("locale") is not None else None
 
     def change(pc):
+        hash_id = stored_hash_id(pc.records, resource["id"], channel, identity)
         old = pc.records.get(hash_id)
         is_new = old is None
         record = dict(old) if old else {
@@ -418,11 +442,11 @@ def get_subscription(r, data):
     """Return the extended form of the subscription `data` identifies. Raises NoSuchSubscription."""
     data = as_object(data, "request")
     no_unknown_keys(data, IDENTITY_FIELDS + ("token",))
-    resource, db_id, profile_id, channel, _address, hash_id = locate(r, data)
-    raw = r.hget(keys.profile_subscriptions(db_id, profile_id), hash_id)
-    if raw is None:
+    resource, db_id, profile_id, channel, _address, identity = locate(r, data)
+    hash_id, record = read_subscription(r, db_id, profile_id, resource["id"], channel, identity)
+    if record is None:
         raise NoSuchSubscription("no such subscription")
-    return extended_form(resource, db_id, profile_id, hash_id, decode_record(raw))
+    return extended_form(resource, db_id, profile_id, hash_id, record)
 
 
 def list_subscriptions(r, db_id, profile_id, resource_id=None, channel=None):
@@ -441,9 +465,10 @@ def set_deleted(r, data, deleted):
     """Soft delete (or undelete) one subscription; return its extended form."""
     data = as_object(data, "request")
     no_unknown_keys(data, IDENTITY_FIELDS + ("token",))
-    resource, db_id, profile_id, _channel, _address, hash_id = locate(r, data)
+    resource, db_id, profile_id, channel, _address, identity = locate(r, data)
 
     def change(pc):
+        hash_id = stored_hash_id(pc.records, resource["id"], channel, identity)
         record = pc.records.get(hash_id)
         if record is None:
             raise NoSuchSubscription("no such subscription")
