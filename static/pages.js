@@ -26,9 +26,22 @@
     if (isNaN(left)) return;
     var end = Date.now() + left * 1000;  // relative to this page load: the client clock may be off
     var out = el.querySelector(".left");
+    // The timer is not read aloud every second; a polite status says the template's sentence for each moment
+    // (data-say-<seconds left>) as the count passes it.
+    var said = document.getElementById(el.getAttribute("data-announce") || "");
+    var moments = said ? Array.prototype.map.call(said.attributes, function (a) {
+      var m = /^data-say-(\d+)$/.exec(a.name);
+      return m ? parseInt(m[1], 10) : -1;
+    }).filter(function (n) { return n >= 0; }) : [];
+    var last = left;
     function tick() {
       var s = Math.max(0, Math.round((end - Date.now()) / 1000));
       out.textContent = Math.floor(s / 60) + ":" + String(s % 60).padStart(2, "0");
+      // The latest moment passed since the last tick: a throttled background tab skips seconds, and waking it
+      // should say the time left now, once, not every moment it slept through.
+      var due = moments.filter(function (n) { return n >= s && n < last; });
+      if (due.length) said.textContent = said.getAttribute("data-say-" + Math.min.apply(null, due));
+      last = s;
       if (s <= 0) {
         clearInterval(timer);
         // The server settles the timer within 2 s of the deadline; then show the result.

@@ -130,6 +130,63 @@ def test_delayed_shows_countdown_and_cancel_works(live_server, open_page, r, lan
     screenshot(page, f"delayed-cancelled-{lang}")
 
 
+# What the countdown's live region says as the count passes each moment (seconds left) of a 6-minute timer.
+SAID = {"en": {300: "You will be unsubscribed in 5 minutes unless you cancel.",
+               240: "You will be unsubscribed in 4 minutes unless you cancel.",
+               180: "You will be unsubscribed in 3 minutes unless you cancel.",
+               120: "You will be unsubscribed in 2 minutes unless you cancel.",
+               60: "You will be unsubscribed in 1 minute unless you cancel.",
+               30: "You will be unsubscribed in 30 seconds unless you cancel.",
+               10: "You will be unsubscribed in 10 seconds unless you cancel.",
+               0: "Time is up: unsubscribing you now."},
+        "ru": {300: "Вы будете отписаны через 5 минут, если не отмените.",
+               240: "Вы будете отписаны через 4 минуты, если не отмените.",
+               180: "Вы будете отписаны через 3 минуты, если не отмените.",
+               120: "Вы будете отписаны через 2 минуты, если не отмените.",
+               60: "Вы будете отписаны через 1 минуту, если не отмените.",
+               30: "Вы будете отписаны через 30 секунд, если не отмените.",
+               10: "Вы будете отписаны через 10 секунд, если не отмените.",
+               0: "Время вышло: сейчас вы будете отписаны."}}
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_delayed_countdown_is_announced_at_its_moments(live_server, browser, r, monkeypatch, lang):
+    """The timer is aria-live="off" (read every second it would drown the page); a hidden polite status says a
+    sentence at each whole minute, 30 s, 10 s and time up, and nothing in between. Playwright's clock moves
+    the page's time: 6 minutes pass in a moment."""
+    monkeypatch.setitem(live_server.app.config, "TIME_UNIT_SECONDS", 12)       # 30 "minutes": 6 minutes
+    url, ident = link_for(live_server, "delayed")
+    context = browser.new_context(locale=lang, extra_http_headers={"Accept-Language": lang})
+    try:
+        context.set_default_timeout(10_000)
+        # The fake clock's time when the countdown starts (pages.js starts it on DOMContentLoaded too).
+        context.add_init_script("document.addEventListener('DOMContentLoaded', function () {"
+                                " window.loadedAt = Date.now(); })")
+        context.clock.install()
+        page = context.new_page()
+        page.goto(url)
+        page.wait_for_url("**done=started**")
+        said = page.locator('#time-said[role="status"]')
+        assert page.locator('[role="timer"]').get_attribute("aria-live") == "off"
+        box = said.bounding_box()
+        assert box["width"] <= 1 and box["height"] <= 1                          # heard, not seen
+        assert said.text_content() == ""                                          # nothing said on load
+        end = page.evaluate("window.loadedAt") + 1000 * int(
+            page.locator(".countdown").get_attribute("data-seconds-left"))
+        before = ""
+        for moment, sentence in SAID[lang].items():
+            if moment == 180:  # slept through, as a background tab's timers do: said on waking, once
+                before = sentence
+                continue
+            page.clock.pause_at((end - 1000 * moment - 1500) / 1000)             # 1.5 s before: still the last one
+            assert said.text_content() == before, moment
+            page.clock.run_for(2000)
+            assert said.text_content() == sentence, moment
+            before = sentence
+    finally:
+        context.close()
+
+
 def test_long_names_and_addresses_fit_a_phone(live_server, open_page, r):
     api = live_server.api
     res = api.ok("resources/add", **email_resource(name="ShopExampleInternationalNewsletterForEveryone"))
