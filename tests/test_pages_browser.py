@@ -187,6 +187,49 @@ def test_delayed_countdown_is_announced_at_its_moments(live_server, browser, r, 
         context.close()
 
 
+def test_a_second_submit_is_not_sent_until_5_s_have_passed(live_server, browser, r):
+    """pages.js's guard: while a submit is on its way a second one is not sent (an Undo's second post would
+    find nothing to undo); after 5 s without an answer (the person pressed Stop) the form can be sent again.
+    Every POST is answered 204 No Content by the test, so the page stays where it is and nothing reaches the
+    server; the page's clock moves only when the test says, and every wait is bounded."""
+    url, ident = link_for(live_server, "confirm")
+    context = browser.new_context()
+    posts = []
+
+    def answer(route):
+        return route.fulfill(status=204) if route.request.method == "POST" else route.continue_()
+
+    try:
+        context.set_default_timeout(5000)
+        context.clock.install()
+        page = context.new_page()
+        page.route("**/*", answer)
+        page.on("request", lambda req: posts.append(req.post_data) if req.method == "POST" else None)
+        page.goto(url)
+        page.clock.pause_at(page.evaluate("Date.now()") / 1000 + 1)           # from here time moves by run_for
+        button = page.locator('button[value="unsubscribe"]')
+
+        def click(sent):
+            """Click Unsubscribe; `sent`: whether a POST must follow (else none may, within half a second)."""
+            if sent:
+                with page.expect_request(lambda req: req.method == "POST", timeout=3000):
+                    button.click(no_wait_after=True)
+            else:
+                button.click(no_wait_after=True)
+                page.wait_for_timeout(500)
+
+        click(sent=True)
+        page.clock.run_for(4900)
+        click(sent=False)                                                       # 4.9 s on: still on its way
+        assert len(posts) == 1
+        page.clock.run_for(200)
+        click(sent=True)                                                        # 5.1 s on: sent again
+        assert len(posts) == 2 and all("action=unsubscribe" in body for body in posts)
+        assert status(live_server, ident) == ("subscribed", ["news", "receipts"])
+    finally:
+        context.close()
+
+
 def test_long_names_and_addresses_fit_a_phone(live_server, open_page, r):
     api = live_server.api
     res = api.ok("resources/add", **email_resource(name="ShopExampleInternationalNewsletterForEveryone"))
