@@ -72,6 +72,41 @@ def test_verify_names_a_removed_entry(api, r, resource):
     assert result["first_bad"]["id"] != removed["id"]
 
 
+def test_verify_names_entries_cut_from_the_ledgers_end(api, r, resource):
+    """A chain whose newest entries were removed is still a valid chain: verify checks it against the records,
+    every subscription's last event must say the status its record holds, and a profile's whole ledger deleted
+    is found from its subscriptions."""
+    hash_id = api.ok("subscriptions/get", **make_history(api, resource))["hash_id"]
+    make_history(api, resource, "p-43", "bob@example.com")
+    key = "us:{1:p-42}:events"
+    r.rpop(key)                                       # the unsubscribe (seq 3) is erased
+    result = api.ok("events/verify", db_id=1, profile_id="p-42")
+    assert result["ok"] is False
+    assert result["first_bad"] == {
+        "db_id": 1, "profile_id": "p-42", "seq": 3, "id": None, "hash_id": hash_id,
+        "problem": f"subscription {hash_id} is unsubscribed but its last event (seq 2) says subscribed: "
+                   "entries missing from the ledger's end, or that event altered"}
+    assert api.ok("events/verify")["first_bad"]["profile_id"] == "p-42"
+    r.delete(key)                                     # a subscription that still exists, with no history at all
+    for body in ({"db_id": 1, "profile_id": "p-42"}, {"db_id": 1}, {}):
+        result = api.ok("events/verify", **body)
+        assert result["ok"] is False and result["first_bad"]["seq"] == 1, (body, result)
+        assert result["first_bad"]["problem"] == f"subscription {hash_id} has no event: entries missing from " \
+                                                  "the ledger's end", (body, result)
+    assert api.ok("events/verify", db_id=1, profile_id="p-43")["ok"] is True
+
+
+def test_verify_compares_only_the_status_with_the_records(api, r, resource):
+    """A category the sender deletes changes every subscriber's cats without an event (README, API notes): the
+    ledger still verifies; so does a change that writes no event (priority, is_delete)."""
+    make_history(api, resource)
+    ident = make_history(api, resource, "p-42", "bob@example.com")
+    api.ok("subscriptions/set", **ident, cats=["news", "receipts"], status="subscribed")
+    api.ok("resources/update", id=resource["id"], delete_categories=["news"])
+    api.ok("subscriptions/delete", **ident)
+    assert api.ok("events/verify") == {"ok": True, "first_bad": None}
+
+
 def test_ledger_api_validation_writes_nothing(api, r, resource):
     make_history(api, resource)
     before = redis_state(r)

@@ -119,9 +119,22 @@ def list_events(r, db_id, profile_id, from_seq=None, limit=50):
 
 
 def verify_chain(r, db_id, profile_id):
-    """Walk one profile's chain; return None when intact, else {seq, id, problem} of the first bad entry."""
+    """Walk one profile's chain; return None when intact, else {seq, id, problem} of the first bad entry.
+
+    A hash chain cannot tell that entries were cut from its end (or the whole list deleted), so the chain is
+    anchored in what it describes: every subscription of the profile must have an event, and its last event's
+    `after.status` must be the status its record holds now (categories are not compared: a resource's category
+    change alters its subscribers' cats without an event). Such a problem also names the subscription
+    (`hash_id`); its seq is where the missing entry would be (the ledger's length + 1). Ledger and records are
+    read in one MULTI, so a change committed meanwhile cannot make them disagree.
+    """
+    with r.pipeline(transaction=True) as pipe:
+        pipe.lrange(keys.profile_events(db_id, profile_id), 0, -1)
+        pipe.hgetall(keys.profile_subscriptions(db_id, profile_id))
+        entries, records = pipe.execute()
     prev_hash, expected_seq = GENESIS_HASH, 1
-    for raw in r.lrange(keys.profile_events(db_id, profile_id), 0, -1):
+    last_of = {}  # hash_id -> its last event
+    for raw in entries:
         try:
             event = decode_event(raw)
         except ValueError:
@@ -134,7 +147,30 @@ def verify_chain(r, db_id, profile_id):
             return {"seq": expected_seq, "id": event.get("id"), "problem": "prev_hash does not match"}
         if event_hash(event) != event.get("hash"):
             return {"seq": expected_seq, "id": event.get("id"), "problem": "entry was altered"}
+        last_of[event.get("hash_id")] = event
         prev_hash, expected_seq = event["hash"], expected_seq + 1
+    return _unanchored(records, last_of, expected_seq)
+
+
+def _unanchored(records, last_of, next_seq):
+    """The first subscription (by hash_id) whose record the ledger's end does not account for, or None."""
+    from .subscriptions import Status, decode_record  # subscriptions imports this module
+    for hash_id in sorted(records):
+        try:
+            status = Status(decode_record(records[hash_id])["status"]).word
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return {"seq": next_seq, "id": None, "hash_id": hash_id,
+                    "problem": f"subscription {hash_id}: its record is not readable"}
+        last = last_of.get(hash_id)
+        if last is None:
+            return {"seq": next_seq, "id": None, "hash_id": hash_id,
+                    "problem": f"subscription {hash_id} has no event: entries missing from the ledger's end"}
+        after = last.get("after")
+        said = after.get("status") if isinstance(after, dict) else None
+        if said != status:
+            return {"seq": next_seq, "id": None, "hash_id": hash_id,
+                    "problem": f"subscription {hash_id} is {status} but its last event (seq {last['seq']}) says "
+                               f"{said}: entries missing from the ledger's end, or that event altered"}
     return None
 
 
@@ -164,17 +200,20 @@ def export_events(r, start_ms, end_ms, batch=500):
 
 
 def verify_all(r, db_id=None, profile_id=None):
-    """Verify one profile's chain, or every chain; return None or the first problem with its profile."""
+    """Verify one profile's chain, or every chain; return None or the first problem with its profile.
+    Every profile with a ledger or with subscriptions is verified: one whose ledger was deleted as well."""
     if profile_id is not None:
         targets = [(db_id, profile_id)]
     else:
-        pattern = f"{keys.PREFIX}:{{{db_id if db_id is not None else '*'}:*}}:events"
-        targets = []
+        pattern = f"{keys.PREFIX}:{{{db_id if db_id is not None else '*'}:*}}:*"
+        targets = set()
         for key in r.scan_iter(match=pattern, count=1000):
-            tag = key[len(keys.PREFIX) + 2:key.index("}")]
-            db, _, pid = tag.partition(":")
-            targets.append((int(db), pid))
-        targets.sort()
+            end = key.index("}")
+            if key[end + 2:] not in ("events", "subs"):  # a profile's other keys (pending timers, undo)
+                continue
+            db, _, pid = key[len(keys.PREFIX) + 2:end].partition(":")
+            targets.add((int(db), pid))
+        targets = sorted(targets)
     for db, pid in targets:
         problem = verify_chain(r, db, pid)
         if problem:
