@@ -1,8 +1,12 @@
 """The consent ledger API: history, export as JSON lines, and verification that catches tampering."""
 import json
+import time
 
 from conftest import redis_state
 from webapp import events
+from webapp.resources import get_resource
+from webapp.subscriptions import Status, update_profile
+from webapp.validation import time_to_ms
 
 
 def make_history(api, resource, profile_id="p-42", email="ann@example.com"):
@@ -46,6 +50,36 @@ def test_export_json_lines(api, client, resource):
     bad = client.post("/api/v1.1/events/export", json={"token": "test-api-token", "from": "yesterday"})
     assert bad.status_code == 400 and bad.get_json()["error"] != 0
     assert client.post("/api/v1.1/events/export", json={"from": 0}).status_code == 401
+
+
+def export(client, **body):
+    resp = client.post("/api/v1.1/events/export", json={"token": "test-api-token", **body})
+    assert resp.status_code == 200
+    return [json.loads(x) for x in resp.get_data(as_text=True).splitlines()]
+
+
+def test_export_range_follows_the_events_own_time(api, client, r, resource):
+    """An event's `at` is taken before its MULTI/EXEC, its timeline entry's time at the commit: a range is the
+    events' own time, also for one committed well after it was built, and paging in batches keeps them all."""
+    hash_id = api.ok("subscriptions/get", **make_history(api, resource, "p-1", "one@example.com"))["hash_id"]
+    stored = get_resource(r, resource["id"])
+
+    def slow(pc):  # an app host that takes 80 ms between building the event and the EXEC
+        pc.save(hash_id, dict(pc.records[hash_id], status=int(Status.SUBSCRIBED)), stored, method="api")
+        time.sleep(0.08)
+
+    update_profile(r, 1, "p-1", slow)
+    make_history(api, resource, "p-2", "two@example.com")
+    late = events.decode_event(r.lindex("us:{1:p-1}:events", -1))
+    committed = int(r.xrange("us:events:timeline", "-", "+")[3][0].split("-")[0])
+    at = time_to_ms(late["at"])
+    assert committed - at >= 80
+    assert [e["id"] for e in export(client, **{"from": late["at"], "to": late["at"]})] == [late["id"]]
+    assert late["id"] not in [e["id"] for e in export(client, **{"from": at + 1, "to": committed})]
+    everything = export(client)
+    assert [e["seq"] for e in everything] == [1, 2, 3, 4, 1, 2, 3]
+    assert list(events.export_events(r, 0, committed + 10 ** 6, batch=2)) == everything
+    assert list(events.export_events(r, at, at + 1, batch=1)) == [late]
 
 
 def test_verify_names_an_edited_entry(api, r, resource):

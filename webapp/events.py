@@ -182,17 +182,32 @@ def load_refs(r, refs):
         return [decode_event(raw) if raw else None for raw in pipe.execute()]
 
 
+# An event's `at` is taken on the app host before its MULTI/EXEC, its timeline entry's id at the commit on the
+# Redis host: export reads the timeline this much wider on each side and keeps the events whose own `at` is in
+# the range (an event committed more than a minute after it was built is the one it can miss).
+EXPORT_MARGIN_MS = 60_000
+
+
+def _event_ms(event, entry_id):
+    """The event's own time in ms; its timeline entry's time for an entry that is gone or has no readable `at`."""
+    at = time_to_ms(event.get("at")) if isinstance(event, dict) else None
+    return at if type(at) is int else int(entry_id.split("-")[0])
+
+
 def export_events(r, start_ms, end_ms, batch=500):
-    """Yield every event appended between two times (ms since the epoch, inclusive), oldest first."""
-    cursor = f"{int(start_ms)}-0"
-    end = f"{int(end_ms)}-{2 ** 64 - 1}"
+    """Yield every event whose `at` is between two times (ms since the epoch, inclusive), in timeline (commit)
+    order; an entry whose event is gone is named {db_id, profile_id, seq, missing: true} by its commit time."""
+    start_ms, end_ms = int(start_ms), int(end_ms)
+    cursor = f"{max(0, start_ms - EXPORT_MARGIN_MS)}-0"
+    end = f"{end_ms + EXPORT_MARGIN_MS}-{2 ** 64 - 1}"
     while True:
         entries = r.xrange(keys.events_timeline(), cursor, end, count=batch)
         if not entries:
             return
         refs = [fields["ref"].split("|") for _id, fields in entries]
-        for (db_id, profile_id, seq), event in zip(refs, load_refs(r, refs)):
-            yield event or {"db_id": int(db_id), "profile_id": profile_id, "seq": int(seq), "missing": True}
+        for (entry_id, _fields), (db_id, profile_id, seq), event in zip(entries, refs, load_refs(r, refs)):
+            if start_ms <= _event_ms(event, entry_id) <= end_ms:
+                yield event or {"db_id": int(db_id), "profile_id": profile_id, "seq": int(seq), "missing": True}
         if len(entries) < batch:
             return
         last_ms, last_seq = entries[-1][0].split("-")
