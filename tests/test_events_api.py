@@ -82,6 +82,17 @@ def test_export_range_follows_the_events_own_time(api, client, r, resource):
     assert list(events.export_events(r, at, at + 1, batch=1)) == [late]
 
 
+def test_export_names_a_removed_entry_missing_and_not_the_next_one(api, client, r, resource):
+    """After an entry was removed from the middle of a ledger, the entry at its place in the list is the next
+    event: export says the removed one is missing and still exports the next one as itself."""
+    make_history(api, resource)
+    key = "us:{1:p-42}:events"
+    r.lrem(key, 1, r.lindex(key, 1))                 # seq 2 removed: the list is now [seq 1, seq 3]
+    lines = export(client)
+    assert [(x["seq"], x.get("missing", False)) for x in lines] == [(1, False), (2, True), (3, False)], lines
+    assert lines[1] == {"db_id": 1, "profile_id": "p-42", "seq": 2, "missing": True}
+
+
 def test_verify_names_an_edited_entry(api, r, resource):
     make_history(api, resource)
     make_history(api, resource, "p-43", "bob@example.com")

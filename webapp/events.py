@@ -174,12 +174,38 @@ def _unanchored(records, last_of, next_seq):
     return None
 
 
+def _read(raw):
+    try:
+        event = decode_event(raw) if raw else None
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
 def load_refs(r, refs):
-    """Events for [(db_id, profile_id, seq)] (None where an entry is gone), one round trip."""
+    """Events for [(db_id, profile_id, seq)] (None where an entry is gone), one round trip when the ledgers are
+    whole. The entry at a seq's place in its list is that event only if its seq says so: after an entry was
+    removed the later ones have moved up, and are looked for in their profile's whole list (a second round trip,
+    only then)."""
     with r.pipeline(transaction=False) as pipe:
         for db_id, profile_id, seq in refs:
             pipe.lindex(keys.profile_events(db_id, profile_id), int(seq) - 1)
-        return [decode_event(raw) if raw else None for raw in pipe.execute()]
+        found = [_read(raw) for raw in pipe.execute()]
+    moved = sorted({(int(db_id), profile_id) for (db_id, profile_id, seq), event in zip(refs, found)
+                    if event is None or event.get("seq") != int(seq)})
+    if not moved:
+        return found
+    with r.pipeline(transaction=False) as pipe:
+        for db_id, profile_id in moved:
+            pipe.lrange(keys.profile_events(db_id, profile_id), 0, -1)
+        by_seq = {}
+        for (db_id, profile_id), entries in zip(moved, pipe.execute()):
+            for event in map(_read, entries):
+                if event is not None:
+                    by_seq.setdefault((db_id, profile_id, event.get("seq")), event)
+    return [event if event is not None and event.get("seq") == int(seq)
+            else by_seq.get((int(db_id), profile_id, int(seq)))
+            for (db_id, profile_id, seq), event in zip(refs, found)]
 
 
 # An event's `at` is taken on the app host before its MULTI/EXEC, its timeline entry's id at the commit on the
