@@ -5,12 +5,15 @@ import time
 import pytest
 from rq.registry import ScheduledJobRegistry
 
+from conftest import email_resource
+
 from test_delayed_support import (assert_fired_once, delayed_contexts, status_of, timer_events, wait_until,
                                   workers)  # noqa: F401 - the fixture
 from webapp import delayed, events, keys, scripts
 from webapp import unsubscribe as u
-from webapp.resources import delete_resource
+from webapp.resources import add_resource, delete_resource
 from webapp.subscriptions import Status, decode_record, set_subscription
+from webapp.tokens import issue_smid
 from workers import jobs
 
 UNIT = 0.2  # seconds per timer "minute" in these tests
@@ -174,6 +177,68 @@ def test_rearmed_timer_is_not_fired_by_a_stale_trigger(app, r):
     assert delayed.sweep_once(r) == 0
     assert u.read_pending(r, ctx)["deadline"] == second["deadline"]
     assert u.fire_timer(r, *ctx.key, now=second["deadline"] + 0.001) is True
+
+
+def category_contexts(app, r, timer_minutes=1):
+    """One subscription of a resource with News, Promo and (required) Receipts: the contexts of a News message's,
+    a Promo message's and a category-less message's link."""
+    cats = [{"title": t, "api_name": t.lower(), "in_manager": True, "required": t == "Receipts"}
+            for t in ("News", "Promo", "Receipts")]
+    res = add_resource(r, email_resource(categories=cats,
+                                         unsubscribe={"mode": "delayed", "timer_minutes": timer_minutes}))
+    sub, _new = set_subscription(r, {"db_id": 1, "profile_id": "p-1", "resource_id": res["id"], "channel": "email",
+                                     "email": "ann@example.com"})
+    ring = app.extensions["signing_keys"]
+    return [u.open_smid(r, ring, issue_smid(ring, res["id"], 1, "p-1", sub["hash_id"], cat))
+            for cat in ("news", "promo", None)]
+
+
+def cats_of(r, ctx):
+    return decode_record(r.hget(keys.profile_subscriptions(1, "p-1"), ctx.key[2])).get("uncats", [])
+
+
+def test_a_start_from_another_categorys_link_widens_the_pending_timer_and_keeps_its_deadline(app, r):
+    """One timer per subscription: the Promo message's page, opened while a News timer runs, shows that timer
+    with "News, Promo will stop"; so the timer stops both at the deadline the person was shown."""
+    news, promo, whole = category_contexts(app, r)
+    first = arm(r, news)
+    assert arm(r, promo) == first                                      # the same timer, the same deadline
+    assert u.read_pending(r, news)["scope"] == {"cats": ["news", "promo"]}
+    assert arm(r, news) == first and u.read_pending(r, news)["scope"] == {"cats": ["news", "promo"]}
+    widened = u.read_pending(r, news)["evidence"]["widened"]
+    assert [w["smid"] for w in widened] == [promo.token] and widened[0]["scope"] == {"cats": ["promo"]}
+    assert r.zscore(keys.pending_due(), keys.pending_due_member(*news.key)) == first["deadline"]
+    sleep_past(first)
+    assert u.fire_timer(r, *news.key) is True
+    assert cats_of(r, news) == ["news", "promo"] and status_of(r, news) == Status.SUBSCRIBED  # Receipts go on
+    (event,) = timer_events(r, news)
+    assert event["after"] == {"status": "subscribed", "cats": ["receipts"]}
+    assert events.verify_chain(r, 1, "p-1") is None
+
+
+def test_a_start_for_the_whole_subscription_widens_a_category_timer_to_the_whole(app, r):
+    news, promo, whole = category_contexts(app, r)
+    first = arm(r, promo)
+    assert arm(r, whole) == first and u.read_pending(r, promo)["scope"] == {"cats": None}
+    assert arm(r, news) == first and u.read_pending(r, promo)["scope"] == {"cats": None}   # stays whole
+    sleep_past(first)
+    assert u.fire_timer(r, *news.key) is True and status_of(r, news) == Status.UNSUBSCRIBED
+
+
+def test_a_firer_that_read_the_narrower_scope_does_not_apply_it_after_a_widening(app, r):
+    """The widening changes armed_at, which scripts.FIRE_TIMERS compares: a settlement computed from the scope
+    before it is refused ("changed") and the next read fires the widened scope."""
+    news, promo, _whole = category_contexts(app, r)
+    sleep_past(arm(r, news))
+    db_id, profile_id, hash_id = news.key
+    (row,) = scripts.claim_timers(r, [(keys.pending_unsubscribe(*news.key), keys.profile_subscriptions(
+        db_id, profile_id), keys.profile_events(db_id, profile_id), hash_id)], "test", 0.0)
+    item_keys, values, _has = u._settlement(db_id, profile_id, hash_id, row, {news.resource["id"]: news.resource},
+                                            "2026-01-01T00:00:00.000Z")
+    assert arm(r, promo)["state"] == "pending"                         # due, not fired yet: still widened
+    assert scripts.fire_timers(r, keys.pending_due(), keys.events_timeline(), [(item_keys, values)]) == ["changed"]
+    assert cats_of(r, news) == [] and timer_events(r, news) == []
+    assert u.fire_timer(r, *news.key) is True and cats_of(r, news) == ["news", "promo"]
 
 
 def test_timer_of_a_deleted_subscription_or_resource(app, r):

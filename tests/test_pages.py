@@ -424,6 +424,39 @@ def test_delayed_unsubscribe_now(api, client, r):
     assert not r.keys("*pending*") or r.zcard("us:pending:due") == 0
 
 
+THREE_CATEGORIES = [{"title": t, "api_name": t.lower(), "in_manager": True, "required": t == "Receipts"}
+                    for t in ("News", "Promo", "Receipts")]
+
+
+def listed(html, kind):
+    """The titles in the page's first <ul class="stops"> or <ul class="continues">."""
+    return re.findall(r"<li>([^<]*)</li>", html.split(f'<ul class="{kind}">', 1)[1].split("</ul>", 1)[0])
+
+
+def test_another_categorys_page_shows_the_pending_timer_with_its_own_scope_and_joins_it(api, client, r):
+    """One timer per subscription. The Promo message's page, opened while the News message's timer runs,
+    shows that timer as it is (News stops); shown in a browser, it adds Promo to it, keeping the deadline."""
+    _res, news_path, body = make_link(api, "delayed", categories=THREE_CATEGORIES)
+    promo_path = api.ok("messages/links", **{**body, "category": "promo"})["unsubscribe_url"].removeprefix(
+        "https://unsub.example")
+    client.post(news_path, data={"action": "start", "csrf_token": form_token(client.get(news_path).text)})
+    deadline = re.search(r'data-deadline="([^"]+)"', client.get(news_path).text).group(1)
+    html = client.get(promo_path).text
+    assert 'class="countdown"' in html and f'data-deadline="{deadline}"' in html
+    assert listed(html, "stops") == ["News"] and listed(html, "continues") == ["Promo", "Receipts"]
+    assert 'data-auto-submit="start"' in html and "Stop these too, when the time is up: Promo" in html
+    resp = client.post(promo_path, data={"action": "start", "csrf_token": form_token(html)})
+    assert resp.status_code == 303 and resp.headers["Location"].endswith("done=started")
+    for path in (promo_path + "?done=started", news_path):
+        html = client.get(path).text
+        assert f'data-deadline="{deadline}"' in html and "data-auto-submit" not in html, path  # the same timer
+        assert listed(html, "stops") == ["News", "Promo"] and listed(html, "continues") == ["Receipts"], path
+    assert r.zcard("us:pending:due") == 1 and get_sub(api, body)["cats"] == ["news", "promo", "receipts"]
+    resp = client.post(promo_path, data={"action": "now", "csrf_token": form_token(client.get(promo_path).text)})
+    assert resp.status_code == 303                                             # what the page said would stop:
+    assert get_sub(api, body)["cats"] == ["receipts"] and r.zcard("us:pending:due") == 0
+
+
 def test_blocked_page_offers_nothing(api, client, r):
     _res, path, _body = make_link(api, "blocked", unsubscribe={"blocked_text": "Account notices are mandatory."})
     html = client.get(path).get_data(as_text=True)

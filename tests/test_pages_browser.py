@@ -130,6 +130,37 @@ def test_delayed_shows_countdown_and_cancel_works(live_server, open_page, r, lan
     screenshot(page, f"delayed-cancelled-{lang}")
 
 
+@pytest.mark.parametrize("lang", LANGS)
+def test_another_categorys_page_joins_the_running_timer_and_shows_its_widened_scope(live_server, open_page, r,
+                                                                                      lang):
+    """The News message's page starts the timer; the Promo message's page, opened later, shows that same timer,
+    counting down, now stopping News and Promo (what will stop at the deadline), Receipts continuing."""
+    api = live_server.api
+    cats = [{"title": t, "api_name": t.lower(), "in_manager": True, "required": t == "Receipts"}
+            for t in ("News", "Promo", "Receipts")]
+    res = api.ok("resources/add", **email_resource(categories=cats, unsubscribe={"mode": "delayed",
+                                                                                 "timer_minutes": 30}))
+    ident = {"db_id": 1, "profile_id": "p-42", "resource_id": res["id"], "channel": "email",
+             "email": "ann@example.com"}
+    api.ok("subscriptions/set", **ident)
+    news, promo = (api.ok("messages/links", **ident, category=c)["unsubscribe_url"] for c in ("news", "promo"))
+    page = open_page(news, lang)
+    page.wait_for_url("**done=started**")
+    deadline = page.locator('[role="timer"]').get_attribute("data-deadline")
+    page = open_page(promo, lang)
+    page.wait_for_url("**done=started**")                                     # it joined the timer by itself
+    timer = page.locator('[role="timer"]')
+    assert timer.get_attribute("data-deadline") == deadline and r.zcard(keys.pending_due()) == 1
+    first = timer.locator(".left").inner_text()
+    page.wait_for_timeout(1300)
+    assert timer.locator(".left").inner_text() != first                       # it counts down
+    assert page.locator(".scope ul.stops li").all_inner_texts() == ["News", "Promo"]
+    assert page.locator(".scope ul.continues li").all_inner_texts() == ["Receipts"]
+    assert page.locator('button[value="cancel"]').is_visible() and page.locator('button[value="now"]').is_visible()
+    screenshot(page, f"delayed-widened-{lang}")
+    assert status(live_server, ident) == ("subscribed", ["news", "promo", "receipts"])
+
+
 # What the countdown's live region says as the count passes each moment (seconds left) of a 6-minute timer.
 SAID = {"en": {300: "You will be unsubscribed in 5 minutes unless you cancel.",
                240: "You will be unsubscribed in 4 minutes unless you cancel.",

@@ -127,6 +127,25 @@ def test_delayed_confirm_settles_now_and_cancel_stops_the_timer(client, api, r):
     assert call(client, res["id"], smid=smid, action="cancel").get_json()["result"] == "none"
 
 
+def test_state_describes_the_pending_timers_own_scope_and_show_from_another_category_joins_it(client, api, r):
+    """One timer per subscription: another message's link reports that timer with its scope (what stops, what
+    continues), not the link's; its show adds the link's category to the timer, keeping the deadline."""
+    res, ident, news = make(api, "delayed", category="news")
+    promo = api.ok("messages/links", **ident, category="promo")["smid"]
+    started = call(client, res["id"], smid=news, action="show").get_json()["pending"]
+    assert (started["cats"], started["stops"], started["continues"]) == (["news"], ["News"],
+                                                                         ["Promotions", "Receipts"])
+    state = call(client, res["id"], smid=promo, action="state").get_json()["pending"]
+    assert state["deadline"] == started["deadline"] and state["stops"] == ["News"] and not state["whole"]
+    body = call(client, res["id"], smid=promo, action="show").get_json()
+    assert body["result"] == "pending" and body["pending"]["deadline"] == started["deadline"]
+    assert (body["pending"]["cats"], body["pending"]["stops"], body["pending"]["continues"]) == (
+        ["news", "promo"], ["News", "Promotions"], ["Receipts"])
+    assert call(client, res["id"], smid=news, action="state").get_json()["pending"] == body["pending"]
+    sweep_once(r, now=started["deadline"] + 0.01)
+    assert sub(api, ident) == ("subscribed", ["receipts"])                 # what the state said would stop
+
+
 def ident_hash(api, ident):
     return api.ok("subscriptions/get", **ident)["hash_id"]
 

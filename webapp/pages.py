@@ -85,6 +85,15 @@ def page_view(ctx, done=None, chosen=None):
     else:
         state = "active"
     stopped = [c["title"] for c in cats if c["api_name"] not in subscribed]
+    # A delayed page whose link asks for more than the pending timer covers (another category's message) adds
+    # it to that timer when shown, as it starts one (unsubscribe.arm_timer widens it, same deadline).
+    joins = []
+    if pending and ctx.mode == "delayed" and state == "active":
+        wider = unsubscribe.widened_scope(pending["scope"], message_scope)
+        if wider != pending["scope"]:
+            now_stops = unsubscribe.describe_scope(resource, pending["scope"])["stops"]
+            joins = [t for t in unsubscribe.describe_scope(resource, wider)["stops"] if t not in now_stops]
+            joins = joins or unsubscribe.describe_scope(resource, wider)["stops"]
     # `done` (from the redirect after an action) keeps the page from acting again on its own; its notice is
     # shown only while the stored state still agrees (the URL can be typed, or come back from history).
     notice = None
@@ -99,9 +108,11 @@ def page_view(ctx, done=None, chosen=None):
         "stopped": stopped,
         "continuing": [c["title"] for c in cats if c["api_name"] in subscribed],
         "choosable": choosable, "required": required,
-        "scope": unsubscribe.describe_scope(resource, message_scope),
+        # While a timer is pending the page describes the timer's own scope (one timer per subscription: it may
+        # have been started, or widened, from another message's link), not this link's.
+        "scope": unsubscribe.describe_scope(resource, pending["scope"] if pending else message_scope),
         "message_category": next((c["title"] for c in cats if c["api_name"] == category), None),
-        "pending": pending, "seconds_left": unsubscribe.seconds_left(pending) if pending else None,
+        "pending": pending, "joins": joins, "seconds_left": unsubscribe.seconds_left(pending) if pending else None,
         "timer_minutes": resource["unsubscribe"]["timer_minutes"],
         "blocked_text": resource["unsubscribe"].get("blocked_text"),
         "manage_url": manage_url(app.config["PUBLIC_BASE_URL"],
@@ -241,10 +252,12 @@ def page_action(smid, action):
         elif action == "cancel":
             outcome = unsubscribe.cancel_timer(r, ctx, evidence())
             done = "cancelled" if outcome in ("cancelled", "none") else "late"  # the timer had fired
-        else:  # "now": settle the delayed unsubscribe immediately
+        else:  # "now": settle the delayed unsubscribe immediately, in the scope the page showed
             if ctx.mode != "delayed":
                 raise InvalidInput("this page has no timer")
-            unsubscribe.unsubscribe(r, ctx, unsubscribe.resolve_scope(ctx), "page_now", evidence())
+            pending = unsubscribe.read_pending(r, ctx)
+            scope = pending["scope"] if pending else unsubscribe.resolve_scope(ctx)
+            unsubscribe.unsubscribe(r, ctx, scope, "page_now", evidence())
             done = "unsubscribed"
     except PageChoiceError as exc:
         if wants_json():

@@ -12,7 +12,9 @@ POST /sdk/v1/<resource_id>/unsubscribe   {"smid", "action": "confirm"|"cancel"|"
     (a form or text/plain POST is a CORS "simple request" that skips the preflight); the SMID verifies (404),
     belongs to this resource (403), and the rtoken, when given, matches (403). Blocked resources answer 403.
     Answers {"error": 0, "mode", "result", "status", "cats", "categories", "message_category", "pending"}; errors
-    {"error": <http status>, "error_text": <readable>, "reason": <word>}.
+    {"error": <http status>, "error_text": <readable>, "reason": <word>}. `pending` is the subscription's
+    pending delayed timer, null when none: {"deadline",
+    "seconds_left", "cats", "whole", "stops", "continues"}, with the timer's own scope, not the link's.
 OPTIONS on the same URL: the preflight; Access-Control-Allow-Origin is the exact origin, only when allowed.
 GET /sdk/v1/<resource_id>/origin
     Read-only {"origin", "allowed"} for any origin, with Access-Control-Allow-Origin: * on every answer, errors
@@ -263,9 +265,20 @@ def _state(r, ctx, result):
                         "subscribed": c["api_name"] in state["cats"] and stoppable}
                        for c in ctx.resource["categories"]],
         "message_category": unsubscribe.message_category(ctx),  # what a category link's page should pre-select
-        "pending": ({"deadline": pending["deadline"], "seconds_left": unsubscribe.seconds_left(pending)}
-                    if pending else None),
+        "pending": _pending_state(ctx, pending),
     }
+
+
+def _pending_state(ctx, pending):
+    """The pending timer as the page shows it: when, and its own scope (it may have been started, or widened,
+    from another message's link): "cats" (api names, null for the whole subscription), and the titles of what
+    stops and what continues."""
+    if not pending:
+        return None
+    scope = unsubscribe.describe_scope(ctx.resource, pending["scope"])
+    return {"deadline": pending["deadline"], "seconds_left": unsubscribe.seconds_left(pending),
+            "cats": pending["scope"]["cats"], "whole": scope["whole"], "stops": scope["stops"],
+            "continues": scope["continues"]}
 
 
 @bp.route("/sdk/v1/<int:resource_id>/unsubscribe", methods=["POST", "OPTIONS"], provide_automatic_options=False)

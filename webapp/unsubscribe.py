@@ -294,8 +294,18 @@ def queue_pending_writes(pipe, db_id, profile_id, hash_id, fields):
     pipe.zadd(keys.pending_due(), {keys.pending_due_member(db_id, profile_id, hash_id): deadline})
 
 
+def widened_scope(pending_scope, scope):
+    """The scope of a pending timer once `scope` joins it: the union of their categories, or the whole
+    subscription when either is whole."""
+    if pending_scope["cats"] is None or scope["cats"] is None:
+        return {"cats": None}
+    return {"cats": list(dict.fromkeys([*pending_scope["cats"], *scope["cats"]]))}
+
+
 def arm_timer(r, ctx, scope, unit_seconds, evidence=None, on_armed=None):
-    """Start the delayed unsubscribe (idempotent: an existing timer keeps its deadline).
+    """Start the delayed unsubscribe (idempotent: an existing timer keeps its deadline). One timer per
+    subscription: a start with a scope the pending timer does not cover yet (another category's message)
+    widens its scope to both (widened_scope), keeping the deadline the person was shown.
 
     Returns {"state": "pending", "deadline": epoch seconds} or {"state": "unsubscribed"} when there is nothing
     left to stop. `on_armed(db_id, profile_id, hash_id, deadline)` schedules the trigger for a new timer; if it
@@ -309,6 +319,16 @@ def arm_timer(r, ctx, scope, unit_seconds, evidence=None, on_armed=None):
     def change(pc):
         existing = _decode_pending(pc.pipe.hgetall(pending_key))
         if existing:
+            wider = widened_scope(existing["scope"], scope)
+            if wider != existing["scope"]:  # another message's link of the same subscription: it stops too
+                now = server_time(pc.pipe)
+                widened = dict(existing["evidence"], widened=[*existing["evidence"].get("widened", []),
+                                                               {"smid": ctx.token, "scope": scope, "at": now,
+                                                                **(evidence or {})}])
+                # A new armed_at makes a firer that read the narrower scope find the record changed
+                # (scripts.FIRE_TIMERS compares deadline and armed_at) and read it again.
+                fields = {"scope": json.dumps(wider), "armed_at": repr(now), "evidence": json.dumps(widened)}
+                pc.also(lambda pipe: pipe.hset(pending_key, mapping=fields))
             return {"state": "pending", "deadline": existing["deadline"], "new": False}
         record = pc.records[hash_id]
         if unsubscribed_record(ctx.resource, record, scope) == record:
