@@ -11,7 +11,7 @@ from test_delayed_support import (assert_fired_once, delayed_contexts, status_of
                                   workers)  # noqa: F401 - the fixture
 from webapp import delayed, events, keys, scripts
 from webapp import unsubscribe as u
-from webapp.resources import add_resource, delete_resource
+from webapp.resources import add_resource, delete_resource, update_resource
 from webapp.subscriptions import Status, decode_record, set_subscription
 from webapp.tokens import issue_smid
 from workers import jobs
@@ -239,6 +239,23 @@ def test_a_firer_that_read_the_narrower_scope_does_not_apply_it_after_a_widening
     assert scripts.fire_timers(r, keys.pending_due(), keys.events_timeline(), [(item_keys, values)]) == ["changed"]
     assert cats_of(r, news) == [] and timer_events(r, news) == []
     assert u.fire_timer(r, *news.key) is True and cats_of(r, news) == ["news", "promo"]
+
+
+def test_a_timer_of_a_resource_blocked_since_it_started_is_dropped_at_its_deadline_not_fired(app, r):
+    """Nobody can unsubscribe from a blocked resource (one-click answers 403, the page shows only its text): a
+    timer started before the block is settled without a change, and unblocking the resource does not bring
+    it back."""
+    (blocked,) = delayed_contexts(app, r, 1, timer_minutes=1)
+    result = arm(r, blocked)
+    update_resource(r, blocked.resource["id"], {"unsubscribe": {"mode": "blocked"}})
+    sleep_past(result)
+    assert u.fire_timers(r, [blocked.key]) == {blocked.key: "dropped"}
+    assert status_of(r, blocked) == Status.SUBSCRIBED and timer_events(r, blocked) == []
+    assert r.zcard(keys.pending_due()) == 0 and not r.keys("us:*:pending:*")
+    assert events.verify_chain(r, 1, blocked.key[1]) is None
+    update_resource(r, blocked.resource["id"], {"unsubscribe": {"mode": "delayed"}})
+    assert delayed.sweep_once(r) == 0 and status_of(r, blocked) == Status.SUBSCRIBED
+    assert u.cancel_timer(r, blocked) == "none"                        # its page: nothing was stopped
 
 
 def test_timer_of_a_deleted_subscription_or_resource(app, r):

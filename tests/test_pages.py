@@ -457,6 +457,49 @@ def test_another_categorys_page_shows_the_pending_timer_with_its_own_scope_and_j
     assert get_sub(api, body)["cats"] == ["receipts"] and r.zcard("us:pending:due") == 0
 
 
+@pytest.mark.parametrize("new_mode", ["instant", "confirm"])
+def test_a_timer_started_before_a_switch_of_mode_is_still_shown_and_can_be_cancelled(api, client, r, new_mode):
+    """The timer fires at its deadline whatever the mode is now, so the page goes on showing it, with its Cancel
+    and Unsubscribe now; an instant page does not unsubscribe at once by itself meanwhile."""
+    res, path, body = make_link(api, "delayed")
+    token = form_token(client.get(path).text)
+    client.post(path, data={"action": "start", "csrf_token": token})
+    api.ok("resources/update", id=res["id"], unsubscribe={"mode": new_mode})
+    html = client.get(path).text
+    assert 'class="countdown"' in html and 'value="cancel"' in html and 'value="now"' in html
+    assert "data-auto-submit" not in html and listed(html, "stops") == ["News"]
+    resp = client.post(path, data={"action": "cancel", "csrf_token": token})
+    assert resp.status_code == 303 and resp.headers["Location"].endswith("done=cancelled")
+    html = client.get(path + "?done=cancelled").text
+    assert "Cancelled. You stay subscribed" in html and 'class="countdown"' not in html   # the mode's own page
+    assert r.zcard("us:pending:due") == 0 and get_sub(api, body)["status"] == "subscribed"
+
+
+@pytest.mark.parametrize("new_mode", ["instant", "confirm"])
+def test_unsubscribe_now_on_a_timer_shown_after_a_switch_of_mode(api, client, r, new_mode):
+    res, path, body = make_link(api, "delayed")
+    token = form_token(client.get(path).text)
+    client.post(path, data={"action": "start", "csrf_token": token})
+    api.ok("resources/update", id=res["id"], unsubscribe={"mode": new_mode})
+    resp = client.post(path, data={"action": "now", "csrf_token": token})
+    assert resp.status_code == 303 and resp.headers["Location"].endswith("done=unsubscribed")
+    assert get_sub(api, body)["cats"] == ["receipts"] and r.zcard("us:pending:due") == 0
+    assert [e["method"] for e in events.list_events(r, 1, "p-42")[0]][0] == "page_now"
+
+
+def test_a_timer_started_before_the_resource_was_blocked_shows_the_blocked_text_and_never_fires(api, client, r):
+    from webapp.delayed import sweep_once
+    res, path, body = make_link(api, "delayed")
+    client.post(path, data={"action": "start", "csrf_token": form_token(client.get(path).text)})
+    api.ok("resources/update", id=res["id"], unsubscribe={"mode": "blocked", "blocked_text": "Contact support."})
+    html = client.get(path).text
+    assert "Contact support." in html and "<button" not in html and 'class="countdown"' not in html
+    assert client.post(path, data={"List-Unsubscribe": "One-Click"}).status_code == 403
+    sweep_once(r, now=time.time() + 3600)                                  # its deadline passes
+    assert get_sub(api, body)["status"] == "subscribed" and get_sub(api, body)["cats"] == ["news", "receipts"]
+    assert r.zcard("us:pending:due") == 0 and not r.keys("*pending*")
+
+
 def test_blocked_page_offers_nothing(api, client, r):
     _res, path, _body = make_link(api, "blocked", unsubscribe={"blocked_text": "Account notices are mandatory."})
     html = client.get(path).get_data(as_text=True)

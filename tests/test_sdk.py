@@ -146,6 +146,32 @@ def test_state_describes_the_pending_timers_own_scope_and_show_from_another_cate
     assert sub(api, ident) == ("subscribed", ["receipts"])                 # what the state said would stop
 
 
+@pytest.mark.parametrize("new_mode", ["instant", "confirm"])
+def test_a_timer_started_before_a_switch_of_mode_is_still_reported_and_can_be_cancelled(client, api, r, new_mode):
+    res, ident, smid = make(api, "delayed")
+    started = call(client, res["id"], smid=smid, action="show").get_json()["pending"]
+    api.ok("resources/update", id=res["id"], unsubscribe={"mode": new_mode})
+    for action in ("state", "show"):                 # an instant show does not unsubscribe past the timer
+        body = call(client, res["id"], smid=smid, action=action).get_json()
+        assert body["mode"] == new_mode and body["status"] == "subscribed", action
+        assert body["pending"]["deadline"] == started["deadline"] and body["pending"]["whole"], action
+    assert body["result"] == ("pending" if new_mode == "instant" else "waiting")
+    body = call(client, res["id"], smid=smid, action="cancel").get_json()
+    assert (body["result"], body["status"], body["pending"]) == ("cancelled", "subscribed", None)
+    assert sweep_once(r, now=time.time() + 3600) == 0 and sub(api, ident)[0] == "subscribed"
+
+
+def test_a_timer_started_before_the_resource_was_blocked_is_reported_blocked_and_never_fires(client, api, r):
+    res, ident, smid = make(api, "delayed")
+    call(client, res["id"], smid=smid, action="show")
+    api.ok("resources/update", id=res["id"], unsubscribe={"mode": "blocked"})
+    resp = call(client, res["id"], smid=smid, action="state")
+    assert resp.status_code == 403 and resp.get_json()["reason"] == "blocked"
+    assert resp.get_json()["error_text"] == "Service messages cannot be stopped"
+    sweep_once(r, now=time.time() + 3600)
+    assert sub(api, ident) == ("subscribed", ["news", "promo", "receipts"]) and r.zcard(keys.pending_due()) == 0
+
+
 def ident_hash(api, ident):
     return api.ok("subscriptions/get", **ident)["hash_id"]
 

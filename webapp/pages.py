@@ -76,7 +76,9 @@ def page_view(ctx, done=None, chosen=None):
                                   else c["api_name"] == category if category else True))
                  for c in cats if not c["required"] and c["api_name"] in subscribed]
     required = [c for c in cats if c["required"] and c["api_name"] in subscribed]
-    pending = unsubscribe.read_pending(client_of(app), ctx) if ctx.mode == "delayed" else None
+    # A timer started in delayed mode runs on (and fires) whatever the mode is now, so every page shows it;
+    # blocked.html shows only the blocked text, and the firers drop such a timer (unsubscribe._fire_round).
+    pending = unsubscribe.read_pending(client_of(app), ctx)
     if status in unsubscribe.FINAL_STATUSES:
         state = "final"
     elif (not stoppable or (category and category not in subscribed)
@@ -167,7 +169,15 @@ def unsubscribe_page(smid):
         return redirect(fill_page_url(page_url, ctx.token, ctx.resource["rtoken"]), code=302)
     done = request.args.get("done")
     view = page_view(ctx, done if done in DONE_WORDS else None)
-    return no_store(make_response(render_page(f"unsubscribe/{ctx.mode}.html", **view)))
+    return no_store(make_response(render_page(page_template(ctx, view), **view)))
+
+
+def page_template(ctx, view):
+    """The mode's template; a timer still pending after the sender switched a delayed resource to instant or
+    confirm is shown as the delayed page shows it (countdown, Cancel, Unsubscribe now)."""
+    if view["pending"] and ctx.mode in ("instant", "confirm"):
+        return "unsubscribe/delayed.html"
+    return f"unsubscribe/{ctx.mode}.html"
 
 
 ONE_CLICK_DONE = "Unsubscribed.\n"
@@ -253,9 +263,9 @@ def page_action(smid, action):
             outcome = unsubscribe.cancel_timer(r, ctx, evidence())
             done = "cancelled" if outcome in ("cancelled", "none") else "late"  # the timer had fired
         else:  # "now": settle the delayed unsubscribe immediately, in the scope the page showed
-            if ctx.mode != "delayed":
-                raise InvalidInput("this page has no timer")
             pending = unsubscribe.read_pending(r, ctx)
+            if ctx.mode != "delayed" and not pending:  # a timer outlives a change of mode: its page offers this
+                raise InvalidInput("this page has no timer")
             scope = pending["scope"] if pending else unsubscribe.resolve_scope(ctx)
             unsubscribe.unsubscribe(r, ctx, scope, "page_now", evidence())
             done = "unsubscribed"
@@ -264,7 +274,7 @@ def page_action(smid, action):
             return jsonify({"error": exc.code, "error_text": exc.message}), exc.status
         # The same page again, its choice to make with the reason next to it: not a page without a way back.
         view = dict(page_view(ctx, chosen=request.form.getlist("categories")), choice_error=exc.message)
-        return no_store(make_response(render_page(f"unsubscribe/{ctx.mode}.html", **view), exc.status))
+        return no_store(make_response(render_page(page_template(ctx, view), **view), exc.status))
     except ServiceError as exc:
         if wants_json():
             return jsonify({"error": exc.code, "error_text": exc.message}), exc.status

@@ -13,7 +13,7 @@ POST /sdk/v1/<resource_id>/unsubscribe   {"smid", "action": "confirm"|"cancel"|"
     belongs to this resource (403), and the rtoken, when given, matches (403). Blocked resources answer 403.
     Answers {"error": 0, "mode", "result", "status", "cats", "categories", "message_category", "pending"}; errors
     {"error": <http status>, "error_text": <readable>, "reason": <word>}. `pending` is the subscription's
-    pending delayed timer, null when none: {"deadline",
+    pending delayed timer in any mode (it outlives a switch of mode), null when none: {"deadline",
     "seconds_left", "cats", "whole", "stops", "continues"}, with the timer's own scope, not the link's.
 OPTIONS on the same URL: the preflight; Access-Control-Allow-Origin is the exact origin, only when allowed.
 GET /sdk/v1/<resource_id>/origin
@@ -257,7 +257,7 @@ def _state(r, ctx, result):
     raw = r.hget(keys.profile_subscriptions(*ctx.key[:2]), ctx.smid.hash_id)
     record = decode_record(raw) if raw else ctx.record
     state = state_of(ctx.resource, record)
-    pending = unsubscribe.read_pending(r, ctx) if ctx.mode == "delayed" else None
+    pending = unsubscribe.read_pending(r, ctx)  # in every mode: a timer outlives a change of mode, and fires
     stoppable = record["status"] in unsubscribe.STOPPABLE_STATUSES  # a paused one's categories come back too
     return {
         "error": 0, "mode": ctx.mode, "result": result, "status": state["status"], "cats": state["cats"],
@@ -325,6 +325,8 @@ def show(r, ctx, act=True):
     if not act:
         return "waiting"  # until confirmUnsub, as in confirm mode
     if ctx.mode == "instant":
+        if unsubscribe.read_pending(r, ctx):
+            return "pending"  # a timer started before the sender switched to instant: shown as the page shows it
         unsubscribe.unsubscribe(r, ctx, scope, "sdk", sdk_evidence(ctx))
         return "unsubscribed"
     if ctx.mode == "delayed":

@@ -413,7 +413,8 @@ def _fire_round(r, timers, now, owner):
         try:
             if len(row) != 9:
                 raise ValueError(row[0])
-            settlements.append(_settlement(*timer, row, resources, now_text))
+            settlements.append(_blocked_settlement(*timer, row) if _is_blocked(row, resources)
+                               else _settlement(*timer, row, resources, now_text))
             todo.append(timer)
         except Exception as exc:  # noqa: BLE001 - one unreadable record must not hold up the other timers
             results[timer] = _broken(timer, exc)
@@ -425,6 +426,25 @@ def _fire_round(r, timers, now, owner):
         if code == "broken":
             _broken(timer, "a key has the wrong type")
     return results
+
+
+def _is_blocked(row, resources):
+    """Whether the timer's subscription belongs to a resource that is blocked now: nobody can unsubscribe from
+    it (one-click answers 403), so a timer started before the sender blocked it must not fire."""
+    resource = resources.get(_resource_id(row))
+    return resource is not None and resource["unsubscribe"]["mode"] == "blocked"
+
+
+def _blocked_settlement(db_id, profile_id, hash_id, row):
+    """_settlement's answer for a timer of a blocked resource: settle (delete) the pending record at its deadline
+    and change nothing, so that it leaves the due index (an unfired due timer would come first in every sweep)
+    and does not fire should the sender unblock the resource later. Reported as "dropped"."""
+    deadline, armed_at, _scope, _smid, _evidence, sub_raw, ledger_len, _seq, _hash = row
+    item_keys = (keys.pending_unsubscribe(db_id, profile_id, hash_id), keys.profile_subscriptions(db_id, profile_id),
+                 keys.profile_events(db_id, profile_id), keys.db_profiles(db_id))
+    values = (keys.pending_due_member(db_id, profile_id, hash_id), hash_id, deadline, armed_at, sub_raw, ledger_len,
+              "", "", "", profile_id, str(_resource_id(row)))
+    return item_keys, values, False  # False: reported as "dropped", settled without a change
 
 
 def _resource_id(row):
@@ -444,8 +464,8 @@ def _broken(timer, reason):
 def fire_timers(r, timers, now=None):
     """Settle the given timers [(db_id, profile_id, hash_id)] that are due (by the Redis clock, or `now`).
 
-    Returns {timer: code}: "fired" (unsubscribed as the record said), "dropped" (settled, but the subscription
-    no longer exists), "gone" (nothing pending: cancelled or settled before), "early" (not due yet), "leased"
+    Returns {timer: code}: "fired" (unsubscribed as the record said), "dropped" (settled without a change: the
+    subscription no longer exists, or its resource is blocked now), "gone" (nothing pending: cancelled or settled before), "early" (not due yet), "leased"
     (another firer is settling it right now; should it die, the lease runs out after FIRE_LEASE seconds),
     "changed" (kept changing under us FIRE_ATTEMPTS times; the next sweep retries it) or "broken" (its data
     cannot be read or has the wrong type: logged once, left pending, the other timers go on).
