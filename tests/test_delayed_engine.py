@@ -7,8 +7,8 @@ from rq.registry import ScheduledJobRegistry
 
 from conftest import email_resource
 
-from test_delayed_support import (assert_fired_once, delayed_contexts, status_of, timer_events, wait_until,
-                                  workers)  # noqa: F401 - the fixture
+from test_delayed_support import (assert_fired_once, delayed_contexts, message_context, status_of, timer_events,
+                                  wait_until, workers)  # noqa: F401 - the fixture
 from webapp import delayed, events, keys, scripts
 from webapp import unsubscribe as u
 from webapp.resources import add_resource, delete_resource, update_resource
@@ -86,6 +86,43 @@ def test_category_timer_stops_only_that_category_and_a_late_cancel_says_unsubscr
     assert event["after"] == {"status": "subscribed", "cats": ["receipts"]}
     assert u.cancel_timer(r, ctx) == "unsubscribed"               # fired already, though still subscribed
     assert u.arm_timer(r, ctx, u.resolve_scope(ctx), UNIT) == {"state": "unsubscribed"}  # nothing left to stop
+
+
+THREE_CATS = [{"title": "News", "api_name": "news", "in_manager": True, "required": False},
+              {"title": "Promo", "api_name": "promo", "in_manager": True, "required": False},
+              {"title": "Receipts", "api_name": "receipts", "in_manager": True, "required": False}]
+
+
+def subscribed(r, ctx):
+    db_id, profile_id, hash_id = ctx.key
+    record = decode_record(r.hget(keys.profile_subscriptions(db_id, profile_id), hash_id))
+    return Status(record["status"]).word, sorted(set(c["api_name"] for c in THREE_CATS) - set(record["uncats"]))
+
+
+def test_an_unsubscribe_of_another_scope_leaves_the_pending_timer_to_stop_its_own(app, r):
+    """One pending timer per subscription, for the scope of the message it was started from. An unsubscribe
+    (API, one-click, a page's "now") that leaves that timer something to do must not drop it: nobody cancelled
+    it, so its scope stops at the deadline. One that leaves it nothing to do settles it."""
+    other_cat, part_of_whole, covered = delayed_contexts(app, r, 3, timer_minutes=1, category="news",
+                                                         categories=THREE_CATS)
+    whole = message_context(app, r, part_of_whole, None)
+    arm(r, other_cat)                                              # "News will stop"
+    arm(r, whole)                                                  # "All messages will stop"
+    result = arm(r, covered)                                       # "News will stop"
+    for ctx, cats in ((other_cat, ["promo"]), (part_of_whole, ["news"]), (covered, ["news", "promo"])):
+        promo = message_context(app, r, ctx, "promo")
+        assert u.unsubscribe(r, promo, {"cats": cats}, "api")["changed"] is True
+    assert u.read_pending(r, other_cat) and u.read_pending(r, whole)
+    assert not u.read_pending(r, covered)                          # firing it would change nothing any more
+    assert r.zscore(keys.pending_due(), keys.pending_due_member(*covered.key)) is None
+    sleep_past(result)
+    assert u.fire_timers(r, [other_cat.key, whole.key, covered.key]) == {
+        other_cat.key: "fired", whole.key: "fired", covered.key: "gone"}
+    assert subscribed(r, other_cat) == ("subscribed", ["receipts"])
+    assert subscribed(r, whole)[0] == "unsubscribed"
+    assert subscribed(r, covered) == ("subscribed", ["receipts"]) and timer_events(r, covered) == []
+    for ctx in (other_cat, whole, covered):
+        assert events.verify_chain(r, 1, ctx.key[1]) is None
 
 
 def test_cancel_before_deadline_wins_and_cancel_after_fire_says_unsubscribed(app, r):

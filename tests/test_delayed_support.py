@@ -16,9 +16,11 @@ from webapp.tokens import issue_smid
 from webapp.unsubscribe import open_smid
 
 
-def delayed_contexts(app, r, n, timer_minutes=3, category=None, db_id=1, prefix="p"):
-    """A delayed-mode resource and `n` subscriptions (one profile each); returns their unsubscribe Contexts."""
-    resource = add_resource(r, email_resource(unsubscribe={"mode": "delayed", "timer_minutes": timer_minutes}))
+def delayed_contexts(app, r, n, timer_minutes=3, category=None, db_id=1, prefix="p", **resource_fields):
+    """A delayed-mode resource (email_resource with `resource_fields`) and `n` subscriptions (one profile
+    each); returns their unsubscribe Contexts."""
+    resource = add_resource(r, email_resource(unsubscribe={"mode": "delayed", "timer_minutes": timer_minutes},
+                                              **resource_fields))
     ring = app.extensions["signing_keys"]
     contexts = []
     for i in range(n):
@@ -27,6 +29,12 @@ def delayed_contexts(app, r, n, timer_minutes=3, category=None, db_id=1, prefix=
         smid = issue_smid(ring, resource["id"], db_id, sub["profile_id"], sub["hash_id"], category)
         contexts.append(open_smid(r, ring, smid))
     return contexts
+
+
+def message_context(app, r, ctx, category):
+    """The Context of another message of ctx's subscription, sent for `category` (None: no category)."""
+    ring = app.extensions["signing_keys"]
+    return open_smid(r, ring, issue_smid(ring, ctx.resource["id"], *ctx.key, category))
 
 
 def status_of(r, ctx):

@@ -116,6 +116,38 @@ def test_one_click_settles_a_pending_timer(api, app, r):
     assert r.zcard("us:pending:due") == 0
 
 
+def test_one_click_of_another_scope_leaves_the_pending_timer_waiting(api, app, r):
+    """A timer started from the News message (or from a message for the whole subscription) still has work to
+    do after a one-click that stops another category: it stays pending, on both paths alike."""
+    for profile, timer_category in (("p-42", "news"), ("p-43", None)):
+        _res, timer_token, body = link(api, mode="delayed", category=timer_category, profile=profile)
+        start_timer(app, timer_token)
+        receipts = api.ok("messages/links", **{**body, "category": "receipts"})["smid"]
+        assert one_click_both(app, r, receipts)[1]["changed"] is True
+        assert r.hget(keys.pending_unsubscribe(1, profile, read_smid(app.extensions["signing_keys"],
+                                                                      timer_token).hash_id), "scope")
+    assert r.zcard("us:pending:due") == 2
+
+
+def test_one_click_refuses_to_apply_after_the_pending_timer_changed(api, app, r, monkeypatch):
+    """APPLY's compare-and-set on the pending timer's scope: the News timer read (which the News one-click
+    settles) is replaced by one for the whole subscription before APPLY, so APPLY writes nothing and the
+    generic path leaves the new timer waiting."""
+    _res, news, body = link(api, mode="delayed", category="news")
+    start_timer(app, news)
+    ring = app.extensions["signing_keys"]
+    whole = unsubscribe.open_smid(r, ring, api.ok("messages/links", **{**body, "category": None})["smid"])
+
+    def replace_timer():
+        assert unsubscribe.cancel_timer(r, whole) == "cancelled"
+        unsubscribe.arm_timer(r, whole, unsubscribe.resolve_scope(whole), 60)
+
+    applied = another_writer_between_reads_and_apply(monkeypatch, replace_timer)
+    assert hotpaths.one_click(r, ring, news, EVIDENCE)["changed"] is True
+    assert applied == [0]
+    assert unsubscribe.read_pending(r, whole)["scope"] == {"cats": None}
+
+
 def test_one_click_errors(api, app, r):
     _res, blocked, _body = link(api, mode="blocked")
     assert one_click_both(app, r, blocked)[0] == "Blocked"

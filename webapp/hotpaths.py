@@ -10,14 +10,14 @@ the same reads and writes as the generic code paths in fewer calls, on direct.py
 - the RFC 8058 one-click POST (`one_click`): open_smid's reads plus what the unsubscribe needs as five plain
   reads in one pipeline, then one compare-and-set Lua call (APPLY) that writes the new record and its
   chained ledger event; the generic open_smid + unsubscribe took six round trips (three reads, WATCH,
-  HGETALL, EXISTS, LINDEX, MULTI/EXEC). A replay (nothing left to stop, no pending timer) writes nothing and
-  needs the reads only.
+  HGETALL, HGET of the pending timer's scope, LINDEX, MULTI/EXEC). A replay (nothing left to stop, no
+  pending timer it settles) writes nothing and needs the reads only.
 
 Results, errors, records and ledger events are exactly those of the generic paths: the decisions are made by
 the same functions (unsubscribe.context_from, resolve_scope, unsubscribed_record, events.new_event, ...) on
 the same data; only the transport differs. The one-click's reads are not one snapshot (open_smid's pipeline
-is not either); APPLY writes only if the record, the last ledger entry and the pending timer are still what
-was read, else the generic WATCH/MULTI path (unsubscribe.unsubscribe) runs instead on fresh data.
+is not either); APPLY writes only if the record, the last ledger entry and the pending timer's scope are
+still what was read, else the generic WATCH/MULTI path (unsubscribe.unsubscribe) runs instead on fresh data.
 """
 from . import direct, events, keys, scripts, unsubscribe
 from .subscriptions import encode_record, state_of
@@ -27,22 +27,24 @@ from .validation import now_iso
 ONE_CLICK = "one_click"
 
 # Compare-and-set of one unsubscribe: the writes of ProfileChange.flush (record, profile set, ledger event,
-# timeline entry) and of dropping a pending timer, applied only if nothing the reads saw has changed.
+# timeline entry) and of dropping a pending timer (only one that firing would leave nothing to do:
+# unsubscribe.timer_settled, decided in Python), applied only if nothing the reads saw has changed.
 # KEYS[1]: keys.profile_subscriptions; KEYS[2]: keys.profile_events; KEYS[3]: keys.pending_unsubscribe;
 #   KEYS[4]: keys.pending_due(); KEYS[5]: keys.db_profiles; KEYS[6]: keys.events_timeline().
 # ARGV[1]: hash_id; ARGV[2]: the subscription JSON as read; ARGV[3]: the last ledger entry as read ("" for
-#   none: the ledger only grows, so an unchanged last entry means no event came since); ARGV[4]: 1 if a
-#   pending timer was read, else 0; ARGV[5]: the new subscription JSON ("" = unchanged); ARGV[6]: the
+#   none: the ledger only grows, so an unchanged last entry means no event came since); ARGV[4]: the pending
+#   timer's scope as read ("" for no timer); ARGV[5]: the new subscription JSON ("" = unchanged); ARGV[6]: the
 #   ledger event JSON ("" = none); ARGV[7]: its timeline ref "db|pid|seq"; ARGV[8]: resource id; ARGV[9]:
-#   method; ARGV[10]: the timer's member of KEYS[4]; ARGV[11]: profile id.
+#   method; ARGV[10]: the timer's member of KEYS[4]; ARGV[11]: profile id; ARGV[12]: 1 to drop the pending
+#   timer, else 0.
 # Returns 1 when applied, 0 (having written nothing) when the record, the ledger or the timer changed; an
 # error, having written nothing, when a key it would write holds the wrong type (a write failing halfway would
 # leave a change without its event).
 APPLY = """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 if (redis.call('LINDEX', KEYS[2], -1) or '') ~= ARGV[3] then return 0 end
-if redis.call('EXISTS', KEYS[3]) ~= tonumber(ARGV[4]) then return 0 end
-local writes = {[4] = ARGV[4] == '1' and 'zset', [5] = ARGV[5] ~= '' and 'set', [6] = ARGV[6] ~= '' and 'stream'}
+if (redis.call('HGET', KEYS[3], 'scope') or '') ~= ARGV[4] then return 0 end
+local writes = {[4] = ARGV[12] == '1' and 'zset', [5] = ARGV[5] ~= '' and 'set', [6] = ARGV[6] ~= '' and 'stream'}
 for i, kind in pairs(writes) do
   local found = kind and redis.call('TYPE', KEYS[i])['ok']
   if found and found ~= kind and found ~= 'none' then
@@ -57,7 +59,7 @@ if ARGV[6] ~= '' then
   redis.call('RPUSH', KEYS[2], ARGV[6])
   redis.call('XADD', KEYS[6], '*', 'ref', ARGV[7], 'rid', ARGV[8], 'method', ARGV[9])
 end
-if ARGV[4] == '1' then
+if ARGV[12] == '1' then
   redis.call('DEL', KEYS[3])
   redis.call('ZREM', KEYS[4], ARGV[10])
 end
@@ -82,13 +84,13 @@ def _read_for_page(r, smid, token, method):
 
 
 def _read_for_one_click(r, smid, token):
-    """[resource JSON, subscription JSON, view counts, pending timer exists (0/1), last ledger entry], ""
+    """[resource JSON, subscription JSON, view counts, pending timer's scope JSON, last ledger entry], ""
     where a key or field is missing: plain reads, nothing to decide inside Redis."""
     db_id, profile_id, hash_id = smid.db_id, smid.profile_id, smid.hash_id
     reply = direct.pipeline(r, (("GET", keys.resource(smid.resource_id)),
                                 ("HGET", keys.profile_subscriptions(db_id, profile_id), hash_id),
                                 ("HGETALL", keys.page_views(unsubscribe.view_digest(token))),
-                                ("EXISTS", keys.pending_unsubscribe(db_id, profile_id, hash_id)),
+                                ("HGET", keys.pending_unsubscribe(db_id, profile_id, hash_id), "scope"),
                                 ("LINDEX", keys.profile_events(db_id, profile_id), -1)))
     return ["" if value is None else value for value in reply]
 
@@ -113,7 +115,7 @@ def one_click(r, ring, token, evidence):
     smid = read_smid(ring, token)
     reply = _read_for_one_click(r, smid, token)
     ctx = _context(token, smid, reply)
-    pending, last_raw = reply[3], reply[4]
+    pending_scope, last_raw = reply[3], reply[4]
     scope = unsubscribe.resolve_scope(ctx)
     # What unsubscribe and its change function do, with ProfileChange.save and flush:
     unsubscribe._check_not_blocked(ctx)
@@ -121,7 +123,8 @@ def one_click(r, ring, token, evidence):
     record = ctx.record
     new = unsubscribe.unsubscribed_record(ctx.resource, record, scope)
     changed = new != record
-    if not changed and not pending:
+    drop = bool(pending_scope) and unsubscribe.timer_settled(ctx.resource, new, pending_scope)
+    if not changed and not drop:
         return {"changed": False, "state": state_of(ctx.resource, new)}
     new_raw = event_raw = ref = ""
     if changed:
@@ -140,8 +143,8 @@ def one_click(r, ring, token, evidence):
         r, APPLY, (keys.profile_subscriptions(db_id, profile_id), keys.profile_events(db_id, profile_id),
                    keys.pending_unsubscribe(db_id, profile_id, hash_id), keys.pending_due(),
                    keys.db_profiles(db_id), keys.events_timeline()),
-        (hash_id, reply[1], last_raw, pending, new_raw, event_raw, ref, new["resource_id"], ONE_CLICK,
-         keys.pending_due_member(db_id, profile_id, hash_id), profile_id))
+        (hash_id, reply[1], last_raw, pending_scope, new_raw, event_raw, ref, new["resource_id"], ONE_CLICK,
+         keys.pending_due_member(db_id, profile_id, hash_id), profile_id, "1" if drop else "0"))
     if not applied:
         return unsubscribe.unsubscribe(r, ctx, scope, ONE_CLICK, evidence)
     return {"changed": changed, "state": state_of(ctx.resource, new)}

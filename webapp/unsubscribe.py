@@ -7,11 +7,11 @@ Rules (contract §4):
 - people (pages, SDK) cannot drop `required` categories; the sending platform's API and RFC 8058 can;
 - a blocked resource changes nothing (Blocked), and GET/HEAD callers never reach this module's writers;
 - delayed mode keeps one pending record per subscription (keys.pending_unsubscribe) holding the deadline,
-  scope and evidence, with deadlines on the Redis clock. The record is the truth: "unsubscribe now" and a
-  cancel settle it under WATCH/MULTI, and a firer (sweeper or RQ tick) settles it with a Lua compare-and-set
-  that writes only if the record, the subscription and the ledger are what it read; a Lua write breaks a
-  concurrent WATCH, so whichever comes first wins and the other sees it is gone. Arming twice keeps the
-  deadline.
+  scope and evidence, with deadlines on the Redis clock. The record is the truth: a cancel, and an unsubscribe
+  that leaves the timer nothing to do (not one for another category), settle it under WATCH/MULTI, and a
+  firer (sweeper or RQ tick) settles it with a Lua compare-and-set that writes only if the record, the
+  subscription and the ledger are what it read; a Lua write breaks a concurrent WATCH, so whichever comes
+  first wins and the other sees it is gone. Arming twice keeps the deadline.
 """
 import hashlib
 import json
@@ -163,7 +163,9 @@ def _evidence(ctx, evidence):
 
 
 def unsubscribe(r, ctx, scope, method, evidence=None, allow_blocked=False):
-    """Apply an unsubscribe now (idempotent). Settles a pending timer of the subscription too.
+    """Apply an unsubscribe now (idempotent). Settles a pending timer of the subscription too, when firing it
+    would change nothing any more (timer_settled): a timer for another category, or for the whole subscription
+    when this stops only some categories, keeps waiting for its deadline.
 
     Returns {"changed": bool, "state": {...}}. Raises Blocked for a blocked resource.
     """
@@ -181,7 +183,8 @@ def unsubscribe(r, ctx, scope, method, evidence=None, allow_blocked=False):
         if changed:
             new["updated_at"] = now_iso()
             pc.save(hash_id, new, ctx.resource, method=method, smid=ctx.token, evidence=_evidence(ctx, evidence))
-        if pc.pipe.exists(pending_key):
+        pending_scope = pc.pipe.hget(pending_key, "scope")
+        if pending_scope is not None and timer_settled(ctx.resource, new, pending_scope):
             pc.also(lambda pipe: drop_pending(pipe, db_id, profile_id, hash_id))
         return {"changed": changed, "state": state_of(ctx.resource, new)}
 
@@ -235,7 +238,10 @@ def _own_recent_change(r, ctx):
 #
 # The pending record (keys.pending_unsubscribe) is the truth, indexed by deadline in keys.pending_due. Every
 # step that settles it is atomic against the others:
-# - cancel_timer and unsubscribe ("now") delete it in a WATCH/MULTI transaction that also watches the record;
+# - cancel_timer deletes it in a WATCH/MULTI transaction that also watches the record; so does an unsubscribe
+#   ("now", one-click, the API, the SDK) that leaves firing it nothing to do (timer_settled), while one that
+#   leaves it something to stop (another category; some categories of a whole-subscription timer) leaves it
+#   waiting for its deadline;
 # - fire_timers (the workers' sweepers, the RQ tick job and fire_timer) read a batch of timers in one Lua call
 #   (scripts.CLAIM_TIMERS, which also leases due ones to the caller for FIRE_LEASE seconds so that concurrent
 #   firers do not all do the same work), build each new subscription and chained ledger event in Python, and
@@ -371,6 +377,23 @@ def cancel_timer(r, ctx, evidence=None):
     return update_profile(r, db_id, profile_id, change, watch=(pending_key,))[0]
 
 
+def timer_result(resource, record, scope):
+    """The record after a pending timer of `scope` (as stored in its record) fires; what _settlement writes."""
+    return unsubscribed_record(resource, record, scope)
+
+
+def timer_settled(resource, record, scope_json):
+    """Whether a pending timer whose stored scope is `scope_json` would change nothing on `record` any more, so
+    that a change leaving `record` settles it (drops the timer). A timer for another category, or for the whole
+    subscription while only some categories stopped, still has work to do at its deadline. A scope that cannot
+    be read (a broken record no firer can settle) counts as settled."""
+    try:
+        scope = json.loads(scope_json)
+        return timer_result(resource, record, scope) == record
+    except (ValueError, TypeError, KeyError):
+        return True
+
+
 def _settlement(db_id, profile_id, hash_id, row, resources, now_text):
     """(keys, values, subscription exists) for scripts.FIRE_TIMERS, from the timer's scripts.CLAIM_TIMERS row."""
     deadline, armed_at, scope, smid, evidence, sub_raw, ledger_len, last_seq, last_hash = row
@@ -379,7 +402,7 @@ def _settlement(db_id, profile_id, hash_id, row, resources, now_text):
     if deadline and record is not None:
         # A resource deleted since the timer started: its categories are unknown, so the whole subscription stops.
         resource = resources.get(record["resource_id"]) or {"categories": []}
-        new = unsubscribed_record(resource, record, json.loads(scope))
+        new = timer_result(resource, record, json.loads(scope))
         if new != record:
             new["updated_at"] = now_text
             # Encoded exactly as subscriptions.ProfileChange.flush and events.queue_append do.
