@@ -307,6 +307,22 @@ def test_timer_of_a_deleted_subscription_or_resource(app, r):
     assert r.zcard(keys.pending_due()) == 0 and not r.keys("us:*:pending:*")
 
 
+def test_timer_of_a_category_the_sender_deleted_stops_the_whole_subscription(app, r):
+    """The link a timer was started from now stands for the whole subscription (its one-click would stop it),
+    so its timer does too; a timer for several categories still stops those the resource kept."""
+    news, news_and_promo = delayed_contexts(app, r, 2, timer_minutes=1, category="news", categories=THREE_CATS)
+    arm(r, news)
+    result = u.arm_timer(r, news_and_promo, {"cats": ["news", "promo"]}, UNIT)
+    update_resource(r, news.resource["id"], {"delete_categories": ["news"]})
+    sleep_past(result)
+    assert u.fire_timers(r, [news.key, news_and_promo.key]) == {news.key: "fired", news_and_promo.key: "fired"}
+    assert status_of(r, news) == Status.UNSUBSCRIBED
+    assert [e["after"] for e in timer_events(r, news)] == [{"status": "unsubscribed", "cats": ["promo", "receipts"]}]
+    assert status_of(r, news_and_promo) == Status.SUBSCRIBED
+    assert [e["after"] for e in timer_events(r, news_and_promo)] == [{"status": "subscribed", "cats": ["receipts"]}]
+    assert_fired_once(r, [news, news_and_promo])
+
+
 def test_sweep_fires_in_batches_and_several_timers_of_one_profile(app, r):
     contexts = delayed_contexts(app, r, 30, timer_minutes=1)
     contexts += delayed_contexts(app, r, 1, timer_minutes=1, prefix="p")  # a 2nd subscription of profile p-0

@@ -377,9 +377,19 @@ def cancel_timer(r, ctx, evidence=None):
     return update_profile(r, db_id, profile_id, change, watch=(pending_key,))[0]
 
 
+def timer_scope(resource, scope):
+    """The scope a pending timer stored as `scope` stops now: its categories the resource still has. When the
+    sender has deleted them all (or the resource itself), the whole subscription, as a link for a deleted
+    category stands for the whole subscription (message_category): the person asked to stop that mail."""
+    if scope["cats"] is None:
+        return scope
+    names = {c["api_name"] for c in resource["categories"]}
+    return {"cats": [c for c in scope["cats"] if c in names] or None}
+
+
 def timer_result(resource, record, scope):
     """The record after a pending timer of `scope` (as stored in its record) fires; what _settlement writes."""
-    return unsubscribed_record(resource, record, scope)
+    return unsubscribed_record(resource, record, timer_scope(resource, scope))
 
 
 def timer_settled(resource, record, scope_json):
@@ -400,7 +410,7 @@ def _settlement(db_id, profile_id, hash_id, row, resources, now_text):
     new_sub = event_raw = ref = ""
     record = decode_record(sub_raw) if sub_raw else None
     if deadline and record is not None:
-        # A resource deleted since the timer started: its categories are unknown, so the whole subscription stops.
+        # A resource deleted since the timer started: no category is left, so the whole subscription stops.
         resource = resources.get(record["resource_id"]) or {"categories": []}
         new = timer_result(resource, record, json.loads(scope))
         if new != record:
