@@ -15,7 +15,7 @@ import redis
 from conftest import API_TOKEN, SIGNING_KEYS, start_redis_server
 from test_delayed_support import (WorkerProcesses, assert_fired_once, delayed_contexts, fired_at, status_of,
                                   timer_events, wait_until, workers)  # noqa: F401 - the fixture
-from webapp import create_app, delayed, keys
+from webapp import create_app, delayed, keys, scripts
 from webapp import unsubscribe as u
 from webapp.subscriptions import Status, decode_record
 
@@ -135,6 +135,23 @@ def test_kill_9_of_a_worker_mid_burst_a_new_worker_fires_every_timer_once(app, r
     assert_fired_once(r, burst + later)
     assert r.xlen(keys.events_timeline()) - ledger == len(burst) + len(later)
     print(f"{fired_before_kill} of {len(burst) + len(later)} timers had fired when the worker was killed")
+
+
+def test_a_timer_whose_claimer_was_killed_fires_within_two_seconds_of_its_deadline(app, r, workers):
+    """A firer killed right after claiming a due timer (CLAIM_TIMERS wrote its lease) and before settling it:
+    the live worker leaves the timer to it until the lease runs out, and must still fire it within the
+    contract's 2 s."""
+    workers.start()
+    (ctx,) = delayed_contexts(app, r, 1, timer_minutes=1)
+    deadline = u.arm_timer(r, ctx, u.resolve_scope(ctx), 1.5)["deadline"]
+    item = (keys.pending_unsubscribe(*ctx.key), keys.profile_subscriptions(*ctx.key[:2]),
+            keys.profile_events(*ctx.key[:2]), ctx.key[2])
+    (row,) = scripts.claim_timers(r, [item], "killed-firer", u.FIRE_LEASE, now=deadline)  # claimed at the deadline
+    assert len(row) == 9 and r.hget(item[0], "lease").endswith("|killed-firer")
+    wait_until(lambda: timer_events(r, ctx), timeout=deadline - time.time() + 5)
+    late = fired_at(r, ctx) - deadline
+    assert u.FIRE_LEASE - 0.01 <= late <= 2.0, late           # the lease was honoured, and ran out in time
+    assert_fired_once(r, [ctx])
 
 
 def test_timers_still_fire_after_redis_restarts_with_aof(tmp_path):

@@ -102,9 +102,10 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%.6f', now), 
 """
 
 # Claim a batch of timers for settling and read what fire_timers needs to know of them, answered as one JSON
-# document (one reply to parse instead of several per timer). A due timer is leased to the caller for a few
-# seconds (field "lease" of its pending record: "<until>|<owner>"), so that concurrent sweepers and ticks do
-# not all compute the same settlements; a lease only saves work, FIRE_TIMERS alone decides what fires.
+# document (one reply to parse instead of several per timer). A due timer is leased to the caller for a second
+# (unsubscribe.FIRE_LEASE; field "lease" of its pending record: "<until>|<owner>"), so that concurrent sweepers
+# and ticks do not all compute the same settlements; a lease only saves work, FIRE_TIMERS alone decides what
+# fires.
 # KEYS: 3 per timer: keys.pending_unsubscribe, keys.profile_subscriptions, keys.profile_events.
 # ARGV[1]: "now" in epoch seconds, or "" for the server clock; ARGV[2]: lease seconds; ARGV[3]: the caller's
 # owner token; then the timers' hash_ids.

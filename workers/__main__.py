@@ -4,7 +4,8 @@ Settings come from the environment like the web app's (REDIS_URL, RQ_QUEUE). Wha
 behind, and who takes it over:
 - due timers: every worker process runs a Sweeper thread (webapp/delayed.py) that fires them from Redis every
   0.1 s, so a surviving (or restarted) worker fires them at once; no RQ machinery is waited for. Timers a
-  killed sweeper had just claimed are left to it for unsubscribe.FIRE_LEASE (3 s), then fired by the others;
+  killed sweeper had just claimed are left to it for unsubscribe.FIRE_LEASE (1 s), then fired by the others
+  at their next sweep, still within 2 s of the deadline;
 - the RQ scheduler (moves scheduled jobs, e.g. timer ticks, into the queue): its holder refreshes its lock
   every second; the sweepers release a lock not refreshed for SCHEDULER_STALE (5 s; they look every 2 s), and
   a live worker's next maintenance run (every MAINTENANCE_INTERVAL, checked at least every WORKER_TTL - 15 s)
