@@ -74,11 +74,11 @@ def page_both(app, r, token, method="GET"):
             ctx = unsubscribe.open_smid(r, ring, token)
         finally:
             unsubscribe.record_view(r, token, method)  # counted also when the subscription is gone
-        return ctx.resource, ctx.record, ctx.views
+        return ctx.resource, ctx.record, ctx.views, unsubscribe.read_pending(r, ctx)
 
     def fast():
         ctx = hotpaths.open_for_page(r, ring, token, method)
-        return ctx.resource, ctx.record, ctx.views
+        return ctx.resource, ctx.record, ctx.views, unsubscribe.read_pending(r, ctx)
 
     return same_as_generic(r, generic, fast)
 
@@ -416,3 +416,26 @@ def test_direct_calls_skip_push_messages(r, redis_url):
         assert direct.pipeline(client, [("GET", "t:other"), ("GET", "t:tracked")]) == ["x", "2"]
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("mode", ["confirm", "delayed"])
+def test_a_page_get_is_one_round_trip_also_with_a_pending_timer(api, app, r, monkeypatch, mode):
+    """Every page shows a pending timer (it outlives a switch of mode), read in the page's one pipeline: a GET
+    of a confirm page, and of a delayed page with its timer running, is one round trip to Redis."""
+    _res, token, _body = link(api, mode=mode)
+    if mode == "delayed":
+        start_timer(app, token)
+    app.test_client().get("/unsubscribe/" + token)  # connects (HELLO, CLIENT SETINFO) before the count
+    round_trips = []
+    real_call = direct.call
+    monkeypatch.setattr(direct, "call", lambda *a, **k: round_trips.append("direct") or real_call(*a, **k))
+    real_send = redis.connection.AbstractConnection.send_packed_command
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command",
+                        lambda self, *a, **k: round_trips.append("redis-py") or real_send(self, *a, **k))
+    html = app.test_client().get("/unsubscribe/" + token).get_data(as_text=True)
+    assert round_trips == ["direct"]
+    assert ('role="timer"' in html) is (mode == "delayed")
+    # The timer read with the page is the one stored: the same as a read of its own.
+    ctx = hotpaths.open_for_page(r, app.extensions["signing_keys"], token, "GET")
+    assert unsubscribe.read_pending(r, ctx) == unsubscribe.read_pending(r, unsubscribe.open_smid(
+        r, app.extensions["signing_keys"], token))

@@ -5,7 +5,7 @@ wake-up of redis-server and a blocking read) and, on this kind of VM, to every c
 cold per request (a cold EVALSHA of six reads ~29 us of Redis CPU, each plain command a few us). So these do
 the same reads and writes as the generic code paths in fewer calls, on direct.py's transport:
 
-- the unsubscribe page GET/HEAD (`open_for_page`): open_smid's three reads and record_view's count as five
+- the unsubscribe page GET/HEAD (`open_for_page`): open_smid's three reads, the pending timer and record_view's count as six
   plain commands in one pipeline, where they took two round trips;
 - the RFC 8058 one-click POST (`one_click`): open_smid's reads plus what the unsubscribe needs as five plain
   reads in one pipeline, then one compare-and-set Lua call (APPLY) that writes the new record and its
@@ -68,19 +68,20 @@ return 1
 
 
 def _read_for_page(r, smid, token, method):
-    """[resource JSON, subscription JSON, view counts as read before this view], with record_view's count
-    pipelined after the reads: plain commands (a Lua call that decided whether to count cost Redis about five
-    times as much CPU as these five commands)."""
+    """[resource JSON, subscription JSON, view counts as read before this view, pending timer's hash], with
+    record_view's count pipelined after the reads: plain commands (a Lua call that decided whether to count
+    cost Redis about five times as much CPU as these six commands)."""
     views = keys.page_views(unsubscribe.view_digest(token))
     reply = direct.pipeline(r, (("GET", keys.resource(smid.resource_id)),
                                 ("HGET", keys.profile_subscriptions(smid.db_id, smid.profile_id), smid.hash_id),
                                 ("HGETALL", views),
+                                ("HGETALL", keys.pending_unsubscribe(smid.db_id, smid.profile_id, smid.hash_id)),
                                 ("HINCRBY", views, method, 1),
                                 ("EXPIRE", views, unsubscribe.VIEW_TTL_SECONDS)), raise_errors=False)
     # The count is telemetry: a Redis refusing writes (out of memory, a failed snapshot) still shows the page.
-    for value in reply[:3]:
+    for value in reply[:4]:
         direct.raise_error(value)
-    return reply[:3]
+    return reply[:4]
 
 
 def _read_for_one_click(r, smid, token):
@@ -95,10 +96,13 @@ def _read_for_one_click(r, smid, token):
     return ["" if value is None else value for value in reply]
 
 
+def _as_dict(reply):
+    """An HGETALL reply: a flat list on a RESP2 connection, a map on RESP3."""
+    return reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2]))
+
+
 def _context(token, smid, reply):
-    views = reply[2]  # HGETALL: a flat list on a RESP2 connection, a map on RESP3
-    return unsubscribe.context_from(token, smid, reply[0] or None, reply[1] or None,
-                                    views if isinstance(views, dict) else dict(zip(views[::2], views[1::2])))
+    return unsubscribe.context_from(token, smid, reply[0] or None, reply[1] or None, _as_dict(reply[2]))
 
 
 def open_for_page(r, ring, token, method):
@@ -106,7 +110,10 @@ def open_for_page(r, ring, token, method):
     counted for any validly signed link, also when open_smid then raises. Returns the Context (its view counts
     as read before this view); raises what open_smid raises."""
     smid = read_smid(ring, token)
-    return _context(token, smid, _read_for_page(r, smid, token, method))
+    reply = _read_for_page(r, smid, token, method)
+    ctx = _context(token, smid, reply)
+    ctx.pending_fields = _as_dict(reply[3])
+    return ctx
 
 
 def one_click(r, ring, token, evidence):

@@ -44,6 +44,7 @@ class Context:
     resource: dict
     record: dict
     views: dict = field(default_factory=dict)  # recent GET/HEAD counts of this SMID's page (scanner evidence)
+    pending_fields: dict = None  # the pending timer's hash as read with the page (hotpaths); None: not read
 
     @property
     def key(self):
@@ -272,8 +273,9 @@ def server_time(client):
 
 
 def read_pending(r, ctx):
-    """The pending timer of this subscription as {"deadline", "scope", "smid", "armed_at", "evidence"}, or None."""
-    raw = r.hgetall(keys.pending_unsubscribe(*ctx.key))
+    """The pending timer of this subscription as {"deadline", "scope", "smid", "armed_at", "evidence"}, or None;
+    as read together with the page when it was (every page shows a pending timer, in any mode)."""
+    raw = ctx.pending_fields if ctx.pending_fields is not None else r.hgetall(keys.pending_unsubscribe(*ctx.key))
     return _decode_pending(raw)
 
 
