@@ -487,6 +487,22 @@ def test_unsubscribe_now_on_a_timer_shown_after_a_switch_of_mode(api, client, r,
     assert [e["method"] for e in events.list_events(r, 1, "p-42")[0]][0] == "page_now"
 
 
+@pytest.mark.parametrize("new_mode", ["instant", "confirm"])
+def test_unsubscribe_now_after_that_timer_fired_says_unsubscribed(api, client, r, new_mode):
+    """The page showed the timer, which then fired: its "Unsubscribe now" finds the work done, as on a delayed
+    page, not a "page out of date" error."""
+    from webapp.delayed import sweep_once
+    res, path, body = make_link(api, "delayed")
+    token = form_token(client.get(path).text)
+    client.post(path, data={"action": "start", "csrf_token": token})
+    api.ok("resources/update", id=res["id"], unsubscribe={"mode": new_mode})
+    sweep_once(r, now=time.time() + 3600)                                  # it fires
+    resp = client.post(path, data={"action": "now", "csrf_token": token})
+    assert resp.status_code == 303 and resp.headers["Location"].endswith("done=unsubscribed")
+    assert get_sub(api, body)["cats"] == ["receipts"]
+    assert [e["method"] for e in events.list_events(r, 1, "p-42")[0]] == ["timer", "api"]
+
+
 def test_a_timer_started_before_the_resource_was_blocked_shows_the_blocked_text_and_never_fires(api, client, r):
     from webapp.delayed import sweep_once
     res, path, body = make_link(api, "delayed")
