@@ -104,6 +104,24 @@ def test_retries_after_500s_with_backoff(api, r, resource, receiver):
     assert webhooks.target_state(r, group)["backlog"] == 0
 
 
+def test_a_delivery_stops_at_its_budget_and_the_next_one_goes_on_in_order(api, r, resource, receiver):
+    """A delivery job's budget (events, seconds) leaves the rest, unfailed, to the target's next job."""
+    hook = api.ok("webhooks/add", url=receiver.url, secret=SECRET)
+    group = webhooks.group_name(hook["id"])
+    for i in range(3):
+        change(api, resource, profile_id=f"p-{i}")                              # 6 events
+    assert webhooks.deliver(r, group, max_events=4) == {"sent": 4, "skipped": 0, "error": None}
+    state = webhooks.target_state(r, group)
+    assert state["backlog"] == 2 and state["failures"] == 0 and state["next_attempt_at"] is None
+    assert webhooks.due_targets(r) == [group]                                    # due now, no backoff
+    receiver.behaviours = [("sleep", 0.4, 200)] * 2
+    assert webhooks.deliver(r, group, max_seconds=0.3)["sent"] == 1             # no new POST after 0.3 s
+    assert webhooks.deliver(r, group, max_events=4)["sent"] == 1
+    ids = [json.loads(req["body"])["id"] for req in receiver.requests]
+    timeline = [e for p in ("p-0", "p-1", "p-2") for e in api.ok("events/list", db_id=1, profile_id=p)[::-1]]
+    assert ids == [e["id"] for e in timeline]                                    # each once, in order
+
+
 def test_timeouts_count_as_failures(api, r, resource, receiver):
     hook = api.ok("webhooks/add", url=receiver.url, secret=SECRET)
     change(api, resource)

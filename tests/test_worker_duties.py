@@ -1,6 +1,7 @@
 """What real `python -m workers` processes do besides timers: webhook and call-URL delivery (with a worker
 killed mid-delivery) and the end of suspensions (across a worker restart)."""
 import json
+import time
 
 from conftest import email_resource, form_token
 from test_delayed_support import wait_until, workers  # noqa: F401  (fixture)
@@ -31,6 +32,30 @@ def test_worker_delivers_webhooks_and_retries_after_500s(api, r, receiver, worke
     log = workers.log(0)
     # The worker's log says what it does, not its routine maintenance (RQ logs each run, every 5 s here).
     assert "Listening on" in log and "registries" not in log, log
+
+
+def test_a_slow_target_does_not_hold_up_the_others(api, r, resource, workers):  # noqa: F811
+    """Delivery jobs share one queue: a slow (but successful) target's job spends its budget and queues its next
+    one behind the other targets' jobs, so a fast target is not kept waiting for the slow one's backlog."""
+    from receiver import Receiver
+    from test_webhooks import change
+    slow, fast = Receiver(), Receiver()
+    try:
+        slow.behaviours = [("sleep", 1.0, 200)] * 10           # answers 200, within the 5 s timeout, in 1 s
+        api.ok("webhooks/add", url=slow.url, secret=SECRET)
+        api.ok("webhooks/add", url=fast.url, secret=SECRET)
+        for i in range(5):
+            change(api, resource, profile_id=f"p-{i}")           # 10 events for each target
+        workers.start()
+        started = time.time()
+        fast.wait_for(10, timeout=30)
+        assert time.time() - started < 4, "the fast target waited for the slow one's ten 1-second answers"
+        slow.wait_for(10, timeout=30)                            # and the slow one gets all of its events
+        assert [json.loads(req["body"])["id"] for req in slow.requests] == [
+            json.loads(req["body"])["id"] for req in fast.requests]          # each once, in order
+    finally:
+        slow.close()
+        fast.close()
 
 
 def test_no_event_lost_when_the_worker_dies_mid_delivery(api, r, receiver, workers):  # noqa: F811

@@ -6,8 +6,11 @@ outbox. Every delivery target reads it through its own consumer group, so nothin
 - a delivery (an RQ job, `workers.jobs.deliver_target`) first re-sends what it read but never acknowledged
   (a worker killed mid-delivery leaves entries pending), then reads new entries; it POSTs them in order and
   XACKs each after a 2xx. The first failure stops the batch and sets the target's next attempt with
-  exponential backoff; the dispatcher (every worker's sweeper) enqueues one job per target that has work and
+  exponential backoff; the dispatcher (workers/housekeeping.py) enqueues one job per target that has work and
   whose backoff has passed. Delivery is at least once; receivers de-duplicate on X-Webhook-Id.
+- targets take turns: a job sends at most DELIVERY_BUDGET_EVENTS events or starts no new POST after
+  DELIVERY_BUDGET_SECONDS, then puts the target's next job at the back of the queue, behind the other targets'
+  jobs, so one slow (or busy) target cannot hold the shared queue.
 Signature: X-Webhook-Signature: sha256=<hex HMAC-SHA256 of "<X-Webhook-Timestamp>.<body>" with the secret>.
 """
 import hashlib
@@ -32,6 +35,8 @@ BATCH = 100
 BACKOFF_BASE = 1.0  # seconds before the first retry; doubled per failure
 BACKOFF_MAX = 3600.0  # seconds, the longest wait between attempts
 USER_AGENT = "unsubscribe-service-webhooks/1"
+DELIVERY_BUDGET_EVENTS = 100  # POSTs one delivery job makes before it leaves the rest to the target's next job
+DELIVERY_BUDGET_SECONDS = 1.0  # no new POST after this long in one job (one POST may still take its timeout)
 LAG_COUNT_CAP = 10000  # entries counted one by one when Redis cannot tell a group's lag
 
 
@@ -187,17 +192,29 @@ def _plan(r, group, event):
     return hook["url"], event, hook["secret"]
 
 
-def deliver(r, group, timeout=5.0, consumer="deliverer", now=None, heartbeat=None):
+def deliver(r, group, timeout=5.0, consumer="deliverer", now=None, heartbeat=None, max_events=None,
+            max_seconds=None):
     """Send the target's pending, then new, timeline entries in order; stop at the first failure.
 
-    Returns {"sent": n, "skipped": n, "error": text or None}. Safe to run again at any time: only
-    acknowledged entries are never sent again.
+    With `max_events` / `max_seconds` (a delivery job's budget) it also stops, with no error, once that many
+    events were POSTed or that many seconds have passed since it started (checked before each POST), leaving
+    the rest for the next call. Returns {"sent": n, "skipped": n, "error": text or None}. Safe to run again at
+    any time: only acknowledged entries are never sent again.
     """
     ensure_group(r, group)
     sent = skipped = 0
+    started = time.monotonic()
+
+    def budget_spent():
+        return ((max_events is not None and sent >= max_events)
+                or (max_seconds is not None and time.monotonic() - started >= max_seconds))
+
     for start in ("0", ">"):
         while True:
-            reply = r.xreadgroup(group, consumer, {keys.events_timeline(): start}, count=BATCH)
+            # Read no more than the budget may send: what is read but not acknowledged is re-sent first next
+            # time, in order, either way; reading less keeps the pending list short.
+            count = BATCH if max_events is None else max(1, min(BATCH, max_events - sent))
+            reply = r.xreadgroup(group, consumer, {keys.events_timeline(): start}, count=count)
             entries = reply[0][1] if reply else []
             entries = [(eid, f) for eid, f in entries if f]  # a trimmed entry comes back without fields
             if not entries:
@@ -206,6 +223,8 @@ def deliver(r, group, timeout=5.0, consumer="deliverer", now=None, heartbeat=Non
             for (entry_id, fields), event in zip(entries, load_refs(r, refs)):
                 plan = _plan(r, group, event) if event else None
                 if plan:
+                    if budget_spent():
+                        return _finish(r, group, sent, skipped)
                     if heartbeat:
                         heartbeat()
                     error = post_json(plan[0], plan[1], event["id"], plan[2], timeout)
@@ -216,8 +235,13 @@ def deliver(r, group, timeout=5.0, consumer="deliverer", now=None, heartbeat=Non
                 else:
                     skipped += 1
                 r.xack(keys.events_timeline(), group, entry_id)
-            if start == "0" and len(entries) < BATCH:
+            if start == "0" and len(entries) < count:
                 break
+    return _finish(r, group, sent, skipped)
+
+
+def _finish(r, group, sent, skipped):
+    """A delivery that ended without a failure (all sent, or its budget spent): the target is not backing off."""
     if sent:
         r.hset(keys.delivery_state(group), mapping={"last_success_at": now_iso(), "failures": 0})
     r.hdel(keys.delivery_state(group), "next_attempt_at")

@@ -8,7 +8,8 @@ from webapp.config import load_settings
 from webapp.delayed import fire_due, follow_up_tick, is_sweeper_process, tick_grace, timer_queue
 from webapp.store import connect
 from webapp.unsubscribe import fire_timer
-from webapp.webhooks import deliver
+from webapp.webhooks import DELIVERY_BUDGET_EVENTS, DELIVERY_BUDGET_SECONDS, backlog, deliver
+from workers.housekeeping import enqueue_delivery
 
 
 _client = None
@@ -46,7 +47,9 @@ def fire_due_timers():
 def deliver_target(group):
     """Deliver a webhook or call-URL target's undelivered events in order (see webapp.webhooks). One run
     at a time per target: a lock refreshed before each event, so a killed run frees the target within
-    seconds; a failure leaves the rest for the next attempt after backoff."""
+    seconds; a failure leaves the rest for the next attempt after backoff. A run sends for at most its budget
+    (webhooks.DELIVERY_BUDGET_EVENTS / _SECONDS) and, with events left, enqueues the target's next run behind
+    the jobs already queued: one slow target cannot hold the shared queue, and targets take turns."""
     r = _redis()
     r.delete(keys.delivery_queued(group))
     timeout = _settings()["WEBHOOK_TIMEOUT_SECONDS"]
@@ -59,10 +62,15 @@ def deliver_target(group):
             raise RuntimeError("lost the delivery lock")
 
     try:
-        return deliver(r, group, timeout=timeout, heartbeat=heartbeat)
+        result = deliver(r, group, timeout=timeout, heartbeat=heartbeat, max_events=DELIVERY_BUDGET_EVENTS,
+                         max_seconds=DELIVERY_BUDGET_SECONDS)
     finally:
         if r.get(lock) == token:
             r.delete(lock)
+    job = get_current_job()
+    if result["error"] is None and job is not None and backlog(r, group):
+        enqueue_delivery(r, timer_queue(job.connection, job.origin), group)
+    return result
 
 
 def fire_delayed_unsubscribe(db_id, profile_id, hash_id):
