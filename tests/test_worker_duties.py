@@ -112,6 +112,75 @@ def test_suspension_ends_even_after_a_worker_restart(api, app, client, r, worker
     assert api.ok("events/list", db_id=1, profile_id="p-42")[0]["method"] == "suspend_expiry"
 
 
+def plain_rq_worker(redis_url):
+    """Contract §1: production may run `rq worker --with-scheduler` instead of `python -m workers`."""
+    import os
+    import sys
+    return [os.path.join(os.path.dirname(sys.executable), "rq"), "worker", "--with-scheduler",
+            "-S", "rq.serializers.JSONSerializer", "-u", redis_url, "unsubscribe"]
+
+
+def test_a_plain_rq_worker_delivers_webhooks_and_the_call_url(api, client, r, receiver, workers,  # noqa: F811
+                                                             redis_url):
+    """No Housekeeper thread there: a chain of RQ housekeeping ticks, started by webhooks/add (and a call URL),
+    dispatches the deliveries, retries after backoff included."""
+    workers.start(plain_rq_worker(redis_url))
+    hook = api.ok("webhooks/add", url=receiver.url, secret=SECRET)
+    res, ident = set_up(api, receiver, unsubscribe={"mode": "confirm",
+                                                    "list_unsubscribe": {"enabled": True, "called_url": receiver.url}})
+    receiver.behaviours = [500]
+    api.ok("subscriptions/set", **ident)
+    links = api.ok("messages/links", **ident)
+    assert client.post(links["unsubscribe_url"].removeprefix("https://unsub.example"),
+                       data={"List-Unsubscribe": "One-Click"}).status_code == 200
+    wait_until(lambda: webhooks.target_state(r, webhooks.group_name(hook["id"]))["backlog"] == 0, 20)
+    wait_until(lambda: webhooks.target_state(r, webhooks.CALLED_URL)["backlog"] == 0, 20)
+    bodies = [json.loads(req["body"]) for req in receiver.requests]
+    assert [b["method"] for b in bodies if "method" in b][-2:] == ["api", "one_click"]   # after a 500, retried
+    assert [b["smid"] for b in bodies if "result" in b] == [links["smid"]]              # the call URL, once
+
+
+def test_a_plain_rq_worker_ends_a_pause(api, app, client, r, workers, redis_url):  # noqa: F811
+    """The pause's end, like a webhook's dispatch, is housekeeping: the manager's suspend starts the ticks."""
+    app.config["SUSPEND_DAY_SECONDS"] = 0.25             # 14 "days" = 3.5 s
+    res = api.ok("resources/add", **email_resource())
+    ident = {"db_id": 1, "profile_id": "p-42", "resource_id": res["id"], "channel": "email",
+             "email": "ann@example.com"}
+    api.ok("subscriptions/set", **ident)
+    workers.start(plain_rq_worker(redis_url))
+    path = api.ok("messages/links", **ident)["manage_url"].removeprefix("https://unsub.example")
+    token = form_token(client.get(path).get_data(as_text=True))
+    sub = api.ok("subscriptions/get", **ident)
+    client.post(path, data={"csrf_token": token, "action": "suspend", "hash_id": sub["hash_id"], "days": "14"})
+    assert api.ok("subscriptions/get", **ident)["status"] == "suspended"
+    wait_until(lambda: api.ok("subscriptions/get", **ident)["status"] == "subscribed", 10)
+    assert api.ok("events/list", db_id=1, profile_id="p-42")[0]["method"] == "suspend_expiry"
+
+
+def test_housekeeping_ticks_run_only_while_needed(api, r, resource, receiver, redis_url):
+    """A Housekeeper thread's mark keeps ticks from starting; a chain of ticks stops when nothing is left to
+    watch (no pause, no delivery target), and the next piece of work starts it again."""
+    import redis as redis_lib
+    from webapp import keys
+    from webapp.delayed import ensure_housekeeping, timer_queue
+    from workers.housekeeping import housekeeping_tick
+    raw = redis_lib.Redis.from_url(redis_url)
+    queue = timer_queue(raw, "unsubscribe")
+    r.set(keys.housekeeping_alive(), "thread", ex=10)
+    assert ensure_housekeeping(r, queue) is False and queue.scheduled_job_registry.get_job_ids() == []
+    r.delete(keys.housekeeping_alive())
+    assert ensure_housekeeping(r, queue) is True and ensure_housekeeping(r, queue) is False   # one chain
+    (first,) = queue.scheduled_job_registry.get_job_ids()
+    assert first.startswith("housekeeping-unsubscribe-")
+    assert housekeeping_tick(r, queue, now=2000.0) is None          # nothing to watch: the chain ends
+    assert not r.exists(keys.housekeeping_alive())
+    api.ok("webhooks/add", url=receiver.url, secret=SECRET)        # work again: a new chain
+    assert r.get(keys.housekeeping_alive()) == "chain"
+    assert housekeeping_tick(r, queue, now=2000.0) == 2001                   # and it goes on
+    assert "housekeeping-unsubscribe-2001" in queue.scheduled_job_registry.get_job_ids()
+    raw.close()
+
+
 def test_broken_data_holds_up_no_other_duty(api, app, r, receiver, workers):  # noqa: F811
     """A due suspension whose record cannot be read (and a member that names none) come first in the index;
     the worker logs them once and goes on: a real suspension still ends and webhooks are still delivered."""

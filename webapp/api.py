@@ -17,7 +17,7 @@ from .errors import Forbidden, InvalidInput, NotAuthorized, ServiceError
 from .headers import message_links
 from .openapi import build_spec
 from .scripts import subscriptions_exist
-from .store import get_redis
+from .store import ensure_housekeeping, get_redis
 from .tokens import same_secret
 from .validation import as_api_name, as_int, as_list, as_object, as_profile_id, json_object, no_unknown_keys
 
@@ -97,6 +97,7 @@ def _with_call_url_outbox(res):
     """A resource that asks for the list-unsubscribe call URL needs its delivery target to exist."""
     if res["unsubscribe"]["list_unsubscribe"].get("called_url"):
         webhooks.ensure_group(get_redis(), webhooks.CALLED_URL)
+        ensure_housekeeping()
     return public_resource(res)
 
 
@@ -389,7 +390,9 @@ def events_verify(data):
 @endpoint("webhooks/add")
 def webhooks_add(data):
     """A target URL for every event (of one resource when resource_id is given), signed with `secret`."""
-    return webhooks.add_webhook(get_redis(), data)
+    webhook = webhooks.add_webhook(get_redis(), data)
+    ensure_housekeeping()
+    return webhook
 
 
 @endpoint("webhooks/list")

@@ -38,6 +38,8 @@ from .unsubscribe import FIRE_BATCH, due_timers, fire_timers, server_time
 log = logging.getLogger("workers.sweeper")
 FIRE_JOB = "workers.jobs.fire_delayed_unsubscribe"  # fires one named timer (kept for jobs already queued)
 TICK_JOB = "workers.jobs.fire_due_timers"  # fires every due timer
+HOUSEKEEPING_TICK_JOB = "workers.jobs.housekeeping_tick"  # pause ends and webhook dispatch, under a plain rq worker
+HOUSEKEEPING_ALIVE_SECONDS = 10  # housekeeping not refreshed for this long is started again by the next trigger
 SWEEP_INTERVAL = 0.1  # seconds between sweeps in each worker process
 SWEEP_GRACE = 0.0  # seconds past its deadline before a sweeper fires a timer
 TICK_GRACE = 1.0  # in a worker process that runs a sweeper, ticks fire only timers this overdue (a back-up)
@@ -54,9 +56,9 @@ def timer_queue(rq_redis, name):
     return Queue(name, connection=rq_redis, serializer=JSONSerializer)
 
 
-def tick_job_id(queue_name, second):
-    """RQ job ids allow only [A-Za-z0-9_-]: one id per queue and whole epoch second."""
-    return f"timers-{re.sub(r'[^A-Za-z0-9_-]', '_', queue_name)}-{int(second)}"
+def tick_job_id(queue_name, second, kind="timers"):
+    """RQ job ids allow only [A-Za-z0-9_-]: one id per kind of tick, queue and whole epoch second."""
+    return f"{kind}-{re.sub(r'[^A-Za-z0-9_-]', '_', queue_name)}-{int(second)}"
 
 
 def schedule_timer(queue, db_id, profile_id, hash_id, deadline):
@@ -65,11 +67,12 @@ def schedule_timer(queue, db_id, profile_id, hash_id, deadline):
     schedule_tick(queue, math.ceil(deadline))
 
 
-def schedule_tick(queue, second):
-    """Make sure a tick runs at the whole epoch `second` (by the RQ worker host's clock); one job per second."""
+def schedule_tick(queue, second, job=TICK_JOB, kind="timers"):
+    """Make sure a tick (`job`: a timer tick, or a housekeeping tick with kind="housekeeping") runs at the whole
+    epoch `second` (by the RQ worker host's clock); one job per kind and second."""
     try:
-        queue.enqueue_at(datetime.fromtimestamp(second, tz=timezone.utc), TICK_JOB,
-                         job_id=tick_job_id(queue.name, second), unique=True, result_ttl=0,
+        queue.enqueue_at(datetime.fromtimestamp(second, tz=timezone.utc), job,
+                         job_id=tick_job_id(queue.name, second, kind), unique=True, result_ttl=0,
                          failure_ttl=FAILED_JOB_TTL, ttl=None, job_timeout=TICK_TIMEOUT)
     except DuplicateJobError:
         pass  # this second's tick is already scheduled (or running: the sweepers catch what it misses)
@@ -116,6 +119,19 @@ def follow_up_tick(r, queue, window=FOLLOW_UP_WINDOW):
     second = math.floor(time.time()) + 1
     schedule_tick(queue, second)
     return second
+
+
+def ensure_housekeeping(r, queue):
+    """Make sure someone does housekeeping (pauses that end, webhook and call-URL dispatch: see
+    workers/housekeeping.py). A `python -m workers` process's Housekeeper thread keeps keys.housekeeping_alive
+    fresh; under a plain `rq worker` nothing runs without a job, so when no one has refreshed it for
+    HOUSEKEEPING_ALIVE_SECONDS this starts a chain of housekeeping ticks (each schedules the next, a second
+    later, while there is anything to watch). One SET NX; called where such work is created (a webhook, a
+    call URL, a pause) and by every timer tick and delivery job. Returns True when it started a chain."""
+    if not r.set(keys.housekeeping_alive(), "chain", nx=True, ex=HOUSEKEEPING_ALIVE_SECONDS):
+        return False
+    schedule_tick(queue, math.floor(time.time()) + 1, HOUSEKEEPING_TICK_JOB, kind="housekeeping")
+    return True
 
 
 def fire_due(r, budget=TICK_BUDGET, grace=SWEEP_GRACE, limit=FIRE_BATCH):

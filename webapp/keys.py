@@ -22,6 +22,7 @@ live in one Redis Cluster slot and can be changed together in one MULTI/EXEC or 
 | us:delivery:<group>:lock               | string | workers.jobs.deliver_target (SET NX EX, refreshed) | timeout + 5 s |
 | us:delivery:<group>:queued             | string | workers.housekeeping (SET NX EX) | 60 s |
 | us:delivery:<group>                    | hash   | webhooks.deliver: last error/success, failures, next attempt | never |
+| us:housekeeping:alive                  | string | who does housekeeping: "thread" (python -m workers) or "chain" (RQ ticks) | 10 s |
 | us:ratelimit:LIMITER/...               | string | Flask-Limiter counters (sdk)  | end of the window |
 
 Subscriptions are stored one compact JSON document per hash field (short member names, defaults left out:
@@ -120,6 +121,12 @@ def delivery_state(group):
     """Hash: one delivery target's state (last_error, last_error_at, last_success_at, failures,
     next_attempt_at). The target's read position lives in its consumer group on the timeline."""
     return f"{PREFIX}:delivery:{group}"
+
+
+def housekeeping_alive():
+    """String: housekeeping is being done ("thread": a python -m workers Housekeeper; "chain": housekeeping
+    ticks under a plain rq worker); refreshed by whoever does it (see delayed.ensure_housekeeping)."""
+    return f"{PREFIX}:housekeeping:alive"
 
 
 def page_views(digest):

@@ -17,7 +17,7 @@ from .errors import BadToken, InvalidFields, ServiceError
 from .locale import render_page, set_page_locale
 from .pages import check_link_form, evidence, mask_address, no_store
 from .resources import current_field_values
-from .store import get_redis
+from .store import ensure_housekeeping, get_redis
 from .subscriptions import Status, subscribed_cats
 from .tokens import issue_form_token, read_manager_token
 
@@ -130,6 +130,7 @@ def manage(token):
             days = request.form.get("days", "")
             preferences.suspend(r, db_id, profile_id, hash_id, int(days) if re.fullmatch("[0-9]{1,3}", days) else 0,
                                 current_app.config["SUSPEND_DAY_SECONDS"], ev)
+            ensure_housekeeping()  # someone must end the pause, also under a plain rq worker
         elif action == "resume":
             preferences.resume(r, db_id, profile_id, hash_id, ev)
         elif action == "resubscribe":

@@ -88,6 +88,13 @@ def init_app(app):
     app.extensions.pop("timer_queue", None)
 
 
+def ensure_housekeeping():
+    """After creating work for housekeeping (a webhook, a call URL, a pause that will end): make sure someone
+    does it, also under a plain `rq worker` (delayed.ensure_housekeeping: one SET NX when it is running)."""
+    from .delayed import ensure_housekeeping as ensure
+    ensure(get_redis(), get_timer_queue())
+
+
 def get_timer_queue():
     """The RQ queue that carries delayed-timer triggers (RQ needs a client without decode_responses)."""
     queue = current_app.extensions.get("timer_queue")

@@ -11,7 +11,8 @@ behind, and who takes it over:
   a live worker's next maintenance run (every MAINTENANCE_INTERVAL, checked at least every WORKER_TTL - 15 s)
   starts a scheduler: about 7-17 s after the death (10 s measured), instead of RQ's 61 s lock expiry plus its
   default 600 s maintenance interval;
-- suspensions ending and webhook deliveries: every worker's Housekeeper thread (workers/housekeeping.py);
+- suspensions ending and webhook deliveries: every worker's Housekeeper thread (workers/housekeeping.py;
+  under a plain `rq worker`, a chain of RQ housekeeping ticks does the same);
   a delivery cut off by the kill left its events unacknowledged, and the next delivery job re-sends them;
 - a job the dead worker was running is failed as abandoned by the others' maintenance once its heartbeat
   expires (about 90 s); a lost tick is harmless, the sweepers have fired its timers.

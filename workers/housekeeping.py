@@ -1,7 +1,9 @@
-"""The worker's housekeeping thread: everything besides timers that must happen on time.
+"""Housekeeping: everything besides timers that must happen on time.
 
-Every HOUSEKEEPING_INTERVAL seconds, in every worker process (each step is idempotent, so several workers
-doing it at once is safe):
+Every HOUSEKEEPING_INTERVAL seconds, in every `python -m workers` process (a Housekeeper thread), and once a
+second under a plain `rq worker --with-scheduler` (a chain of RQ housekeeping ticks, `housekeeping_tick`,
+started by webapp.delayed.ensure_housekeeping like the timers' ticks), the same duties run (each is
+idempotent, so several workers doing them at once is safe):
 - suspensions that have run their course go back to `subscribed` (preferences.resume_due_suspensions);
 - each webhook / call-URL target with undelivered events and no backoff pending gets one delivery job
   (`workers.jobs.deliver_target`), never two at once, so a slow target never piles up jobs. A job that spent
@@ -9,12 +11,16 @@ doing it at once is safe):
   (enqueue_delivery), at the back of the queue: targets take turns without waiting for this dispatcher.
 """
 import logging
+import math
 import threading
+import time
 
-from webapp import keys, preferences, webhooks
+from webapp import keys, preferences, scripts, webhooks
+from webapp.delayed import HOUSEKEEPING_ALIVE_SECONDS, HOUSEKEEPING_TICK_JOB, schedule_tick
 
 log = logging.getLogger("workers.housekeeping")
 HOUSEKEEPING_INTERVAL = 0.5  # seconds
+HOUSEKEEPING_TICK_INTERVAL = 1  # seconds between housekeeping ticks under a plain rq worker (RQ: whole seconds)
 DELIVERY_JOB = "workers.jobs.deliver_target"
 DELIVERY_TIMEOUT = 600  # seconds an RQ delivery job may run (its budget, plus one POST, is far less)
 QUEUED_MARKER_SECONDS = 60  # a lost delivery job is replaced after this long
@@ -39,6 +45,53 @@ def enqueue_delivery(r, queue, group):
     return True
 
 
+def duties(r, queue):
+    """The duties, by name, each run on its own: one failing must not hold up the other."""
+    return {"resuming suspensions": lambda: preferences.resume_due_suspensions(r),
+            "dispatching deliveries": lambda: enqueue_deliveries(r, queue)}
+
+
+def run_duties(r, queue, failing, retry_text):
+    """Run every duty once; log a duty's failure once until it succeeds again (`failing`: names, updated)."""
+    for name, duty in duties(r, queue).items():
+        try:
+            duty()
+            failing.discard(name)
+        except Exception:  # noqa: BLE001 - a Redis outage must not end housekeeping; it retries next time
+            if name not in failing:
+                log.exception("housekeeping failed %s; retrying %s", name, retry_text)
+            failing.add(name)
+
+
+def anything_to_watch(r):
+    """Whether housekeeping has work to look for: a pause that will end, or a delivery target (every webhook
+    and the call URL have a consumer group on the timeline)."""
+    if r.zcard(keys.suspensions_due()):
+        return True
+    try:
+        return bool(r.xinfo_groups(keys.events_timeline()))
+    except Exception:  # noqa: BLE001 - redis.ResponseError: no timeline yet, so no target either
+        return False
+
+
+def housekeeping_tick(r, queue, now=None):
+    """One housekeeping tick under a plain `rq worker`: schedule the next one first (a tick cut off by a killed
+    worker still has a successor), then run the duties. The chain stops when there is nothing to watch; the
+    next ensure_housekeeping starts it again. Returns the next tick's second, or None."""
+    alive = keys.housekeeping_alive()
+    if not anything_to_watch(r):
+        if scripts.release_lock(r, alive, "chain") and anything_to_watch(r):  # work came meanwhile
+            r.set(alive, "chain", ex=HOUSEKEEPING_ALIVE_SECONDS)
+        else:
+            return None
+    second = math.floor(time.time() if now is None else now) + HOUSEKEEPING_TICK_INTERVAL
+    schedule_tick(queue, second, HOUSEKEEPING_TICK_JOB, kind="housekeeping")
+    if r.get(alive) != "thread":  # a Housekeeper thread's mark is left to it
+        r.set(alive, "chain", ex=HOUSEKEEPING_ALIVE_SECONDS)
+    run_duties(r, queue, set(), "at the next tick")
+    return second
+
+
 class Housekeeper(threading.Thread):
     def __init__(self, connect, queue, interval=HOUSEKEEPING_INTERVAL):
         super().__init__(name="housekeeping", daemon=True)
@@ -47,15 +100,10 @@ class Housekeeper(threading.Thread):
 
     def run(self):
         r = self.connect()
-        duties = {"resuming suspensions": lambda: preferences.resume_due_suspensions(r),
-                  "dispatching deliveries": lambda: enqueue_deliveries(r, self.queue)}
         failing = set()
         while not self.stopped.wait(self.interval):
-            for name, duty in duties.items():  # each on its own: one failing must not hold up the other
-                try:
-                    duty()
-                    failing.discard(name)
-                except Exception:  # noqa: BLE001 - a Redis outage must not end housekeeping; it retries next tick
-                    if name not in failing:
-                        log.exception("housekeeping failed %s; retrying every %.1f s", name, self.interval)
-                    failing.add(name)
+            try:  # tells ensure_housekeeping that no chain of ticks is needed while this thread runs
+                r.set(keys.housekeeping_alive(), "thread", ex=HOUSEKEEPING_ALIVE_SECONDS)
+            except Exception:  # noqa: BLE001 - a Redis outage: the duties below log it
+                pass
+            run_duties(r, self.queue, failing, f"every {self.interval:.1f} s")

@@ -5,10 +5,11 @@ from rq import get_current_job
 
 from webapp import keys
 from webapp.config import load_settings
-from webapp.delayed import fire_due, follow_up_tick, is_sweeper_process, tick_grace, timer_queue
+from webapp.delayed import ensure_housekeeping, fire_due, follow_up_tick, is_sweeper_process, tick_grace, timer_queue
 from webapp.store import connect
 from webapp.unsubscribe import fire_timer
 from webapp.webhooks import DELIVERY_BUDGET_EVENTS, DELIVERY_BUDGET_SECONDS, backlog, deliver
+from workers import housekeeping
 from workers.housekeeping import enqueue_delivery
 
 
@@ -35,13 +36,26 @@ def fire_due_timers():
     """A timer tick (see webapp.delayed.schedule_timer): settle every delayed unsubscribe that is due.
     Returns how many fired; duplicate or late ticks find nothing left and change nothing. Under a plain
     `rq worker`, where ticks are the only trigger, it also makes sure a tick follows while a timer is about to
-    be due (webapp.delayed.follow_up_tick)."""
+    be due (webapp.delayed.follow_up_tick), and that housekeeping runs (a fired timer is an event to deliver)."""
     r = _redis()
     fired = fire_due(r, grace=tick_grace())
     job = get_current_job()
     if not is_sweeper_process() and job is not None:
-        follow_up_tick(r, timer_queue(job.connection, job.origin))
+        queue = timer_queue(job.connection, job.origin)
+        follow_up_tick(r, queue)
+        ensure_housekeeping(r, queue)
     return fired
+
+
+def housekeeping_tick():
+    """A housekeeping tick (webapp.delayed.ensure_housekeeping): under a plain `rq worker`, end the pauses
+    that are due and dispatch webhook and call-URL deliveries, then the next tick a second later
+    (workers.housekeeping.housekeeping_tick). A `python -m workers` process's Housekeeper thread does this
+    every 0.5 s, so there a tick does nothing and schedules no successor."""
+    job = get_current_job()
+    if is_sweeper_process() or job is None:
+        return None
+    return housekeeping.housekeeping_tick(_redis(), timer_queue(job.connection, job.origin))
 
 
 def deliver_target(group):
@@ -70,6 +84,8 @@ def deliver_target(group):
     job = get_current_job()
     if result["error"] is None and job is not None and backlog(r, group):
         enqueue_delivery(r, timer_queue(job.connection, job.origin), group)
+    if job is not None and not is_sweeper_process():  # a target backing off needs a later dispatch
+        ensure_housekeeping(r, timer_queue(job.connection, job.origin))
     return result
 
 
