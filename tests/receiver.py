@@ -6,8 +6,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class Receiver:
-    """`behaviours` is a list consumed per request: an int status, ("sleep", seconds, status), or
-    ("redirect", status, location). When it runs out, every request gets 200. GETs are recorded too."""
+    """`behaviours` is a list consumed per request: an int status, ("sleep", seconds, status),
+    ("redirect", status, location), or ("trickle", seconds, status): the status line at once, then one header
+    line every 0.25 s for `seconds` (each socket read gets something), then the end of the answer. When it runs out, every request gets 200. GETs are recorded too."""
 
     def __init__(self):
         self.requests = []
@@ -24,6 +25,20 @@ class Receiver:
                     receiver.requests.append({"path": self.path, "headers": dict(self.headers), "body": body,
                                               "at": time.time(), "answered": behaviour})
                 status, extra = behaviour, {}
+                if isinstance(behaviour, tuple) and behaviour[0] == "trickle":
+                    receiver.in_flight.set()
+                    _, seconds, status = behaviour
+                    try:
+                        self.wfile.write(b"HTTP/1.1 %d OK\r\n" % status)
+                        for i in range(int(seconds / 0.25)):
+                            self.wfile.flush()
+                            time.sleep(0.25)
+                            self.wfile.write(b"X-Trickle: %d\r\n" % i)
+                        self.wfile.write(b"Content-Length: 0\r\n\r\n")
+                    except OSError:
+                        pass  # the caller gave up
+                    self.close_connection = True
+                    return
                 if isinstance(behaviour, tuple) and behaviour[0] == "redirect":
                     _, status, location = behaviour
                     extra = {"Location": location}

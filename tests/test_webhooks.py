@@ -131,6 +131,20 @@ def test_timeouts_count_as_failures(api, r, resource, receiver):
     assert webhooks.deliver(r, webhooks.group_name(hook["id"]), timeout=2)["sent"] == 2
 
 
+def test_the_timeout_bounds_the_whole_post_not_each_read(api, r, resource, receiver):
+    """A target that trickles its answer (a header line every 0.25 s, for 6 s) is cut off at the timeout:
+    it holds neither the worker nor, past the timeout, the target's delivery lock."""
+    import time
+    hook = api.ok("webhooks/add", url=receiver.url, secret=SECRET)
+    change(api, resource)
+    receiver.behaviours = [("trickle", 6, 200)]
+    started = time.monotonic()
+    result = webhooks.deliver(r, webhooks.group_name(hook["id"]), timeout=1.0, now=1000.0)
+    assert time.monotonic() - started < 2, result
+    assert result["sent"] == 0 and result["error"] == "TimeoutError: timed out (no complete answer within 1 s)"
+    assert webhooks.deliver(r, webhooks.group_name(hook["id"]), timeout=1.0)["sent"] == 2   # retried
+
+
 @pytest.mark.parametrize("status", [301, 302, 307, 308])
 def test_a_redirect_is_a_failure_not_a_delivery(api, r, resource, receiver, status):
     """Following it would send a GET without the event (or the event elsewhere) and drop it as delivered."""

@@ -33,7 +33,7 @@ DEFAULTS = {
     # SDK endpoint POSTs (Flask-Limiter notation, e.g. "120 per minute" or "10/second;1000/hour"):
     "SDK_RATE_LIMIT_PER_IP": "120 per minute",
     "SDK_RATE_LIMIT_PER_SMID": "20 per minute",
-    "WEBHOOK_TIMEOUT_SECONDS": 5,  # seconds a webhook or call-URL target has to answer one POST
+    "WEBHOOK_TIMEOUT_SECONDS": 5,  # seconds a webhook or call-URL target has to answer one POST, in all
 }
 RATE_LIMIT_SETTINGS = ("SDK_RATE_LIMIT_PER_IP", "SDK_RATE_LIMIT_PER_SMID")
 # Whole numbers with their least and greatest values; the float settings are lengths of time, above 0.

@@ -18,9 +18,10 @@ import hmac
 import http.client
 import json
 import secrets
+import socket
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 
 from redis.exceptions import ResponseError
 
@@ -137,36 +138,59 @@ def sign(secret, timestamp, body):
     return "sha256=" + hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """A 3xx is the target's answer, not a delivery: following it would send a GET without the event (and let a
-    target steer the worker to another address). urllib then raises HTTPError with the 3xx status."""
-
-    def redirect_request(self, *args, **kwargs):
-        return None
-
-
-_OPENER = urllib.request.build_opener(_NoRedirects)
+def _abort(conn, fired):
+    """The POST's deadline passed: shut its socket, which ends a read blocked in another thread at once."""
+    fired.set()
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def post_json(url, payload, event_id, secret, timeout):
-    """POST one event; return None on 2xx, else a short error text (never raises for HTTP problems)."""
+    """POST one event; return None on 2xx, else a short error text (never raises for HTTP problems).
+
+    `timeout` bounds the whole POST (connecting, sending, the answer's status, headers and first 1 KiB), not
+    each socket read: a target that trickles its answer is cut off when its time is up, so a delivery job and
+    its target lock (which lasts timeout + 5 s) are never outlived by one POST. A 3xx is the target's answer,
+    not a delivery, and is not followed (that would send a GET without the event, or the event elsewhere)."""
     body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
     ts = str(int(time.time()))
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, "X-Webhook-Id": event_id,
                "X-Webhook-Timestamp": ts}
     if secret:
         headers["X-Webhook-Signature"] = sign(secret, ts, body)
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    fired = threading.Event()
     try:
-        with _OPENER.open(request, timeout=timeout) as resp:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url[:100]}")
+        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        conn = cls(parts.netloc.rpartition("@")[2], timeout=timeout)  # raises InvalidURL for a bad port
+        watchdog = threading.Timer(timeout, _abort, (conn, fired))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            conn.connect()
+            if fired.is_set():  # the connect took all the time
+                raise TimeoutError("timed out")
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            conn.request("POST", target, body=body, headers=headers)
+            resp = conn.getresponse()
             resp.read(1024)
-            return None if 200 <= resp.status < 300 else f"HTTP {resp.status}"
-    except urllib.error.HTTPError as exc:
-        return f"HTTP {exc.code}"
-    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:  # refused, timed
-        # out, a bad answer, a URL urllib cannot send (stored before as_url checked its port)
-        reason = getattr(exc, "reason", exc)
-        return f"{type(reason).__name__}: {reason}"[:200]
+        finally:
+            watchdog.cancel()
+            conn.close()
+        if fired.is_set():
+            raise TimeoutError("timed out")
+        return None if 200 <= resp.status < 300 else f"HTTP {resp.status}"
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, timed out, a bad answer, a URL
+        # that cannot be sent (stored before as_url checked its port)
+        if fired.is_set():
+            return f"TimeoutError: timed out (no complete answer within {timeout:g} s)"
+        return f"{type(exc).__name__}: {exc}"[:200]
 
 
 def _plan(r, group, event):
