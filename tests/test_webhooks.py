@@ -169,6 +169,31 @@ def test_a_stored_url_urllib_cannot_send_is_a_failure_not_a_crash(api, r, resour
     assert webhooks.target_state(r, webhooks.group_name(hook["id"]))["next_attempt_at"] == 1001.0
 
 
+def test_a_url_with_other_letters_is_stored_and_sent_as_its_ascii_uri(api, r, resource, receiver):
+    """As a browser sends it: non-ASCII in path and query percent-encoded as UTF-8, the host IDNA-encoded."""
+    hook = api.ok("webhooks/add", url=receiver.url + "/caf\u00e9?k=\u00fc", secret=SECRET)
+    assert hook["url"] == receiver.url + "/caf%C3%A9?k=%C3%BC"
+    other = api.ok("webhooks/add", url="https://fa\u00df.example:8443/\u043e", secret=SECRET)
+    assert other["url"] == "https://xn--fa-hia.example:8443/%D0%BE"
+    change(api, resource)
+    assert webhooks.deliver(r, webhooks.group_name(hook["id"])) == {"sent": 2, "skipped": 0, "error": None}
+    assert [req["path"] for req in receiver.requests] == ["/hook/caf%C3%A9?k=%C3%BC"] * 2
+    res = api.ok("resources/add", **email_resource(unsubscribe={
+        "mode": "confirm", "list_unsubscribe": {"enabled": True, "called_url": receiver.url + "/\u00e9"}}))
+    assert res["unsubscribe"]["list_unsubscribe"]["called_url"] == receiver.url + "/%C3%A9"
+
+
+def test_a_stored_url_with_other_letters_fails_with_a_readable_error(api, r, resource, receiver):
+    """A webhook stored before as_url encoded it: each try fails with backoff, and the error says why."""
+    hook = api.ok("webhooks/add", url="http://127.0.0.1:9/hook", secret=SECRET)
+    stored = json.loads(r.hget(keys.webhooks(), hook["id"]))
+    r.hset(keys.webhooks(), hook["id"], json.dumps({**stored, "url": receiver.url + "/caf\u00e9"}))
+    change(api, resource)
+    result = webhooks.deliver(r, webhooks.group_name(hook["id"]), now=1000.0, timeout=1)
+    assert result["error"] == ("InvalidURL: the URL has characters that are not ASCII: add the target again to "
+                               "have it encoded")
+
+
 def test_unreachable_target(api, r, resource):
     hook = api.ok("webhooks/add", url="http://127.0.0.1:9/hook", secret=SECRET)
     change(api, resource)

@@ -201,7 +201,7 @@ def _validate_unsubscribe(value, old):
         lu.update(given)
     lu["enabled"] = as_bool(lu.get("enabled", True), "unsubscribe.list_unsubscribe.enabled")
     if lu.get("called_url") is not None:
-        as_url(lu["called_url"], "unsubscribe.list_unsubscribe.called_url")
+        lu["called_url"] = as_url(lu["called_url"], "unsubscribe.list_unsubscribe.called_url", sendable=True)
     merged["list_unsubscribe"] = {"enabled": lu["enabled"], "called_url": lu.get("called_url")}
     return merged
 

@@ -6,7 +6,7 @@ import math
 import re
 import time
 from datetime import date, datetime, timezone
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import idna
 
@@ -205,8 +205,16 @@ def as_chat_id(value, field="cc_data.id"):
     return str(int(value))  # one spelling per chat ("007", "7" and 7 are one chat, its identity hashed once)
 
 
-def as_url(value, field, allow_placeholders=()):
-    """An absolute http(s) URL without credentials. Only the named {placeholders} may appear."""
+_PRINTABLE_ASCII = "".join(chr(c) for c in range(33, 127))
+
+
+def as_url(value, field, allow_placeholders=(), sendable=False):
+    """An absolute http(s) URL without credentials. Only the named {placeholders} may appear.
+
+    With `sendable` (a URL this service POSTs to: a webhook, a call URL) it is returned as the ASCII URI that
+    goes on the wire, the way a browser sends an address typed with other letters: the host IDNA-encoded as
+    browsers do (idna_ascii: пример.рф -> xn--e1afmkfd.xn--p1ai), non-ASCII in the path, query and fragment percent-encoded as UTF-8
+    (/hook/café -> /hook/caf%C3%A9; existing %-escapes are kept). An HTTP client cannot send it otherwise."""
     if not isinstance(value, str) or len(value) > 2048:
         raise InvalidInput(f"{field} must be an absolute http(s) URL", field=field)
     probe = value
@@ -225,7 +233,23 @@ def as_url(value, field, allow_placeholders=()):
         raise InvalidInput(f"{field} must be an absolute http(s) URL", field=field)
     if any(c.isspace() or ord(c) < 32 or 0x7f <= ord(c) <= 0x9f for c in value):
         raise InvalidInput(f"{field} must not contain spaces or control characters", field=field)
+    if sendable and not value.isascii():
+        return _ascii_uri(value, field)
     return value
+
+
+def _ascii_uri(value, field):
+    parts = urlsplit(value)
+    netloc = parts.netloc
+    if not netloc.isascii():
+        try:
+            host = idna_ascii(parts.hostname)
+        except UnicodeError:
+            raise InvalidInput(f"{field} has a host name that is not a valid internationalized domain name",
+                               field=field) from None
+        netloc = host + (f":{parts.port}" if parts.port is not None else "")
+    return urlunsplit((parts.scheme, netloc, *(quote(p, safe=_PRINTABLE_ASCII)
+                                              for p in (parts.path, parts.query, parts.fragment))))
 
 
 def as_ip(value, field="ip"):

@@ -68,7 +68,7 @@ def ensure_group(r, group):
 def add_webhook(r, data):
     data = as_object(data, "request")
     no_unknown_keys(data, ("token", "url", "resource_id", "secret"))
-    url = as_url(data.get("url"), "url")
+    url = as_url(data.get("url"), "url", sendable=True)  # stored as the ASCII URI it is sent to
     rid = data.get("resource_id")
     if rid is not None:
         rid = as_int(rid, "resource_id", 1)
@@ -187,9 +187,11 @@ def post_json(url, payload, event_id, secret, timeout):
             raise TimeoutError("timed out")
         return None if 200 <= resp.status < 300 else f"HTTP {resp.status}"
     except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, timed out, a bad answer, a URL
-        # that cannot be sent (stored before as_url checked its port)
+        # that cannot be sent (stored before as_url checked its port, or made it ASCII)
         if fired.is_set():
             return f"TimeoutError: timed out (no complete answer within {timeout:g} s)"
+        if isinstance(exc, UnicodeError):
+            return "InvalidURL: the URL has characters that are not ASCII: add the target again to have it encoded"
         return f"{type(exc).__name__}: {exc}"[:200]
 
 
