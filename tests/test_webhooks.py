@@ -233,6 +233,15 @@ def test_add_validation_writes_nothing(api, r, body, message):
     assert redis_state(r) == before
 
 
+def test_a_delivery_after_delete_leaves_nothing_behind(api, r, resource, receiver):
+    """A delivery job queued before webhooks/delete runs after it: it sends nothing and re-creates no group."""
+    hook = api.ok("webhooks/add", url=receiver.url, secret=SECRET)
+    change(api, resource)
+    api.ok("webhooks/delete", id=hook["id"])
+    assert webhooks.deliver(r, webhooks.group_name(hook["id"])) == {"sent": 0, "skipped": 0, "error": None}
+    assert r.xinfo_groups(keys.events_timeline()) == [] and receiver.requests == []
+
+
 def test_delete(api, r, receiver):
     hook = api.ok("webhooks/add", url=receiver.url, secret=SECRET)
     api.ok("webhooks/delete", id=hook["id"])

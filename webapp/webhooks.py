@@ -227,6 +227,8 @@ def deliver(r, group, timeout=5.0, consumer="deliverer", now=None, heartbeat=Non
     the rest for the next call. Returns {"sent": n, "skipped": n, "error": text or None}. Safe to run again at
     any time: only acknowledged entries are never sent again.
     """
+    if group != CALLED_URL and not r.hexists(keys.webhooks(), group.split(":", 1)[1]):
+        return {"sent": 0, "skipped": 0, "error": None}  # deleted after its job was queued: re-create nothing
     ensure_group(r, group)
     sent = skipped = 0
     started = time.monotonic()
