@@ -93,3 +93,23 @@ def test_manager_walkthrough(live_server, open_page, r, lang):
     page.wait_for_url("**done=undo**")
     assert api.ok("subscriptions/get", **ident)["status"] == "subscribed"
     assert page.locator("form.undo").count() == 0
+
+
+def test_a_required_category_with_a_long_name_fits_320_px(live_server, open_page, r):
+    """WCAG 1.4.10: at 320 CSS px nothing scrolls sideways, in Russian, whose words and the "(required, cannot
+    be switched off)" note are long, on the manager and on the unsubscribe pages."""
+    api = live_server.api
+    res = api.ok("resources/add", **email_resource(unsubscribe={"mode": "confirm"}, categories=[
+        {"title": "Новости и специальные предложения магазина", "api_name": "news", "in_manager": True,
+         "required": False},
+        {"title": "Квитанции, чеки и уведомления о доставке заказов", "api_name": "receipts", "in_manager": True,
+         "required": True}]))
+    ident = {"db_id": 1, "profile_id": "p-42", "resource_id": res["id"], "channel": "email",
+             "email": "ann@example.com"}
+    api.ok("subscriptions/set", **ident)
+    links = api.ok("messages/links", **ident)
+    for url in (links["manage_url"], links["unsubscribe_url"]):
+        page = open_page(url + "?lang=ru", "ru", mobile=True)
+        page.set_viewport_size({"width": 320, "height": 700})
+        assert page.evaluate("document.documentElement.scrollWidth") <= 320, url   # no sideways scrolling
+        screenshot(page, "manager-320-ru" if url == links["manage_url"] else "confirm-320-ru")
