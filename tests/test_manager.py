@@ -69,6 +69,7 @@ def test_bad_field_value_shows_inline_error_and_saves_nothing(api, client, r, fi
     html = resp.get_data(as_text=True)
     assert resp.status_code == 400 and text in html and 'aria-invalid="true"' in html
     assert "Please check the highlighted fields." in html and "autofocus" in html   # said at the top, focus on it
+    assert "<title>Error: My subscriptions</title>" in html                      # and in the window's title
     assert f'value="{value}"' in html                                          # what was typed stays
     assert redis_state(r) == before
 

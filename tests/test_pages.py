@@ -655,3 +655,46 @@ def test_pages_link_their_form_and_assets_under_the_app_root_as_url_for_would(ap
                 action = url_for("pages.unsubscribe_page", smid=smid)
                 assert page_path(smid) == action and f'action="{action}"' in html
                 assert f'src="{js}"' in html
+
+
+def title_of(resp):
+    return re.search(r"<title>(.*?)</title>", resp.get_data(as_text=True), re.S).group(1)
+
+
+def test_the_window_title_says_what_the_page_says(api, client, r):
+    """WCAG 2.4.2: the title names the page's state, as its heading does, and an error says so first."""
+    from webapp.delayed import sweep_once
+    _res, path, body = make_link(api, "confirm")
+    assert title_of(client.get(path)) == "Unsubscribe from Weekly news"
+    token = form_token(client.get(path).get_data(as_text=True))
+    resp = client.post(path, data={"action": "unsubscribe", "scope": "categories", "csrf_token": token})
+    assert title_of(resp) == "Error: Unsubscribe from Weekly news"               # a choice to make again
+    client.post(path, data={"action": "unsubscribe", "categories": "news", "csrf_token": token})
+    assert title_of(client.get(path + "?done=unsubscribed")) == "You are unsubscribed – Weekly news"
+    client.post(path, data={"action": "undo", "csrf_token": token})
+    assert title_of(client.get(path + "?done=undone")) == "Your subscription is restored – Weekly news"
+    resp = client.post(path, data={"action": "undo", "csrf_token": token, "lang": "ru"})
+    assert title_of(client.get(resp.headers["Location"])) == "Подписка восстановлена – Weekly news"
+    api.ok("subscriptions/set", **{k: v for k, v in body.items() if k != "category"}, status="complained")
+    assert title_of(client.get(path)) == "This address no longer receives these messages – Weekly news"
+
+    _res, path, _body = make_link(api, "blocked", email="bob@example.com")
+    assert title_of(client.get(path)) == "These messages cannot be switched off here – Weekly news"
+    _res, path, _body = make_link(api, "delayed", email="cat@example.com")
+    token = form_token(client.get(path).get_data(as_text=True))
+    client.post(path, data={"action": "start", "csrf_token": token})
+    assert title_of(client.get(path + "?done=started")) == "You will be unsubscribed from Weekly news"
+    client.post(path, data={"action": "cancel", "csrf_token": token})
+    assert title_of(client.get(path + "?done=cancelled")) == "Cancelled: you stay subscribed – Weekly news"
+    client.post(path, data={"action": "start", "csrf_token": token})
+    sweep_once(r, now=time.time() + 3600)
+    client.post(path, data={"action": "cancel", "csrf_token": token})
+    assert title_of(client.get(path + "?done=late")) == "You are unsubscribed – Weekly news"
+
+    for url, method, title in (("/unsubscribe/garbage", client.get, "Error: This link is not valid"),
+                               ("/unsubscribe/garbage?lang=ru", client.get, "Ошибка: Ссылка недействительна"),
+                               (path + "/", client.put, "Error: This page cannot be used this way"),
+                               (path, client.post, "Error: This request could not be understood")):
+        resp = method(url, data={"action": "undo"})
+        h1 = re.search(r"<h1>(.*?)</h1>", resp.get_data(as_text=True)).group(1)
+        assert title_of(resp) in (f"Error: {h1}", f"Ошибка: {h1}") and title_of(resp) == title, url
