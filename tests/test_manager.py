@@ -74,6 +74,26 @@ def test_bad_field_value_shows_inline_error_and_saves_nothing(api, client, r, fi
     assert redis_state(r) == before
 
 
+def test_each_cards_unsubscribe_button_names_what_it_stops_and_its_notice_says_what_stopped(api, client):
+    """A card's button stops that card's subscription only: it says which, and no two read the same."""
+    _res, ident, sub, path = setup_profile(api)
+    sms = api.ok("subscriptions/set", **{**ident, "channel": "sms", "email": None, "phone": "+79001234567"})
+    api.ok("subscriptions/set", **{**ident, "email": "work@example.com"})
+    html = client.get(path).get_data(as_text=True)
+    names = re.findall(r'<button type="submit" name="action" value="unsubscribe"[^>]*>([^<]*)</button>', html)
+    assert sorted(names) == ["Unsubscribe +7••••••4567 from Weekly news", "Unsubscribe a••@example.com from Weekly news",
+                             "Unsubscribe w•••@example.com from Weekly news"]
+    assert "Unsubscribe from all" not in html
+    resp = post(client, path, action="unsubscribe", hash_id=sms["hash_id"])
+    html = client.get(resp.headers["Location"]).get_data(as_text=True)
+    card = html.split(f'id="sub-{sms["hash_id"]}"')[1].split("</article>")[0]
+    assert "Unsubscribed: messages from Weekly news will no longer come to +7••••••4567." in card
+    assert "Saved." not in html
+    resp = post(client, path + "?lang=ru", action="undo", hash_id=sms["hash_id"], lang="ru")
+    html = client.get(resp.headers["Location"]).get_data(as_text=True)
+    assert "Последнее изменение отменено." in html and "Отписать a••@example.com от «Weekly news»" in html
+
+
 @pytest.mark.parametrize("days", ["²", "1" * 5000, "7", ""])
 def test_suspend_for_a_number_of_days_not_offered_is_refused(api, client, r, days):
     _res, _ident, sub, path = setup_profile(api)
