@@ -94,6 +94,21 @@ def test_each_cards_unsubscribe_button_names_what_it_stops_and_its_notice_says_w
     assert "Последнее изменение отменено." in html and "Отписать a••@example.com от «Weekly news»" in html
 
 
+def test_a_choice_the_sender_removed_meanwhile_says_the_page_is_out_of_date(api, client, r):
+    """Not "check the highlighted fields" with nothing highlighted: the category is gone, the page is old."""
+    res, _ident, sub, path = setup_profile(api)
+    token = form_token(client.get(path).get_data(as_text=True))
+    api.ok("resources/update", id=res["id"], delete_categories=["news"], categories=[
+        c for c in email_resource()["categories"] if c["api_name"] != "news"])
+    before = redis_state(r)
+    resp = client.post(path, data={"csrf_token": token, "action": "save", "hash_id": sub["hash_id"],
+                                   "categories": ["news"]})
+    html = resp.get_data(as_text=True)
+    assert resp.status_code == 400 and "This page is out of date" in html
+    assert "highlighted" not in html and "aria-invalid" not in html
+    assert redis_state(r) == before
+
+
 @pytest.mark.parametrize("days", ["²", "1" * 5000, "7", ""])
 def test_suspend_for_a_number_of_days_not_offered_is_refused(api, client, r, days):
     _res, _ident, sub, path = setup_profile(api)
