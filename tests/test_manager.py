@@ -109,6 +109,20 @@ def test_a_choice_the_sender_removed_meanwhile_says_the_page_is_out_of_date(api,
     assert redis_state(r) == before
 
 
+def test_a_notice_after_a_change_is_shown_only_while_the_state_agrees(api, client):
+    """?done= can be typed or come back from history (or the language link): it must not say what did not happen."""
+    _res, ident, sub, path = setup_profile(api)
+    h = sub["hash_id"]
+    for done in ("save", "unsubscribe", "suspend", "resume", "resubscribe", "undo"):
+        for query in (f"?done={done}", f"?done={done}&saved={h}"):
+            assert 'role="status"' not in client.get(path + query).get_data(as_text=True), query
+    location = post(client, path, action="unsubscribe", hash_id=h).headers["Location"]
+    assert "Unsubscribed: messages" in client.get(location).get_data(as_text=True)
+    assert "Подписка отменена" in client.get(location.replace("#", "&lang=ru#")).get_data(as_text=True)
+    api.ok("subscriptions/set", **ident, status="subscribed")                # changed since, elsewhere
+    assert 'role="status"' not in client.get(location).get_data(as_text=True)
+
+
 @pytest.mark.parametrize("days", ["²", "1" * 5000, "7", ""])
 def test_suspend_for_a_number_of_days_not_offered_is_refused(api, client, r, days):
     _res, _ident, sub, path = setup_profile(api)

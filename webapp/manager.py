@@ -66,6 +66,7 @@ def subscription_view(token, hash_id, record, resource, errors=None, entered=Non
         "is_final": status in preferences.NOT_RESUBSCRIBABLE,
         "suspended_until": record.get("suspended_until"),
         "registered": record["reg_info"].get("date"), "source": source_label(record["reg_info"]),
+        "updated_at": record.get("updated_at"),
     }
 
 
@@ -74,7 +75,7 @@ def read_token(token):
 
 
 def render_manager(token_str, token, status=200, errors=None, entered=None, failed_hash=None, message=None,
-                   done=None, done_hash=None):
+                   done=None, done_hash=None, done_at=None):
     r = get_redis()
     items = preferences.overview(r, token.db_id, token.profile_id)
     if not items:
@@ -88,14 +89,22 @@ def render_manager(token_str, token, status=200, errors=None, entered=None, fail
         if not groups or groups[-1]["resource"]["id"] != sub["resource"]["id"]:
             groups.append({"resource": sub["resource"], "subscriptions": []})
         groups[-1]["subscriptions"].append(sub)
-    if not any(sub["hash_id"] == done_hash for sub in subs):
-        done_hash = None  # "Saved." then shows at the top of the page
+    if not done_agrees(next((sub for sub in subs if sub["hash_id"] == done_hash), None), done_at):
+        done = done_hash = None
+    undo_hash = preferences.undo_available(r, token.db_id, token.profile_id)
     html = render_page("manage.html", groups=groups, action_url=url_for("manager.manage", token=token_str),
                            form_token=issue_form_token(current_app.extensions["signing_keys"], token_str),
-                           undo_hash=preferences.undo_available(r, token.db_id, token.profile_id),
+                           undo_hash=undo_hash,
                            failed_hash=failed_hash, message=message, done=done, done_hash=done_hash,
                            suspend_days=preferences.SUSPEND_DAYS)
     return no_store(make_response(html, status))
+
+
+def done_agrees(sub, done_at):
+    """Whether the stored state still agrees with `?done=<action>&saved=<hash_id>&at=<updated_at>`, the
+    redirect after a change: the card is still as that change left it. The URL can be typed, or come back from
+    history (or keep its notice across a language link): its notice must not say what did not happen."""
+    return sub is not None and bool(done_at) and sub["updated_at"] == done_at
 
 
 def not_found():
@@ -112,7 +121,7 @@ def manage(token):
     if request.method == "GET":
         done = request.args.get("done")
         return render_manager(token, parsed, done=done if done in ACTIONS else None,
-                              done_hash=request.args.get("saved"))
+                              done_hash=request.args.get("saved"), done_at=request.args.get("at"))
     check_link_form(token)  # CSRF: the form token bound to this manager link (no session cookie needed)
     action, hash_id = request.form.get("action"), request.form.get("hash_id", "")
     if action not in ACTIONS:
@@ -122,21 +131,22 @@ def manage(token):
     try:
         if action == "save":
             fields = {k[6:]: v for k, v in request.form.items() if k.startswith("field.")}
-            preferences.save_preferences(r, db_id, profile_id, hash_id, request.form.getlist("categories"),
-                                         fields, ev)
+            record, _ = preferences.save_preferences(r, db_id, profile_id, hash_id,
+                                                     request.form.getlist("categories"), fields, ev)
         elif action == "unsubscribe":
-            preferences.unsubscribe_all(r, db_id, profile_id, hash_id, ev)
+            record, _ = preferences.unsubscribe_all(r, db_id, profile_id, hash_id, ev)
         elif action == "suspend":
             days = request.form.get("days", "")
-            preferences.suspend(r, db_id, profile_id, hash_id, int(days) if re.fullmatch("[0-9]{1,3}", days) else 0,
-                                current_app.config["SUSPEND_DAY_SECONDS"], ev)
+            record, _ = preferences.suspend(r, db_id, profile_id, hash_id,
+                                            int(days) if re.fullmatch("[0-9]{1,3}", days) else 0,
+                                            current_app.config["SUSPEND_DAY_SECONDS"], ev)
             ensure_housekeeping()  # someone must end the pause, also under a plain rq worker
         elif action == "resume":
-            preferences.resume(r, db_id, profile_id, hash_id, ev)
+            record, _ = preferences.resume(r, db_id, profile_id, hash_id, ev)
         elif action == "resubscribe":
-            preferences.resubscribe(r, db_id, profile_id, hash_id, parsed.hash_id, ev)
+            record, _ = preferences.resubscribe(r, db_id, profile_id, hash_id, parsed.hash_id, ev)
         else:
-            preferences.undo(r, db_id, profile_id, ev)
+            record, _ = preferences.undo(r, db_id, profile_id, ev)
     except InvalidFields as exc:
         entered = {k[6:]: v for k, v in request.form.items() if k.startswith("field.")}
         return render_manager(token, parsed, status=400, errors=exc.errors, entered=entered, failed_hash=hash_id,
@@ -145,7 +155,8 @@ def manage(token):
         return render_manager(token, parsed, status=exc.status, failed_hash=hash_id,
                               message=type(exc).__name__)
     lang = request.form.get("lang")
-    # The page opens at the changed card, so "Saved." is shown in it (`saved`), where the person looks.
-    where = {"saved": hash_id, "_anchor": f"sub-{hash_id}"} if hash_id else {}
+    # The page opens at the changed card, so "Saved." is shown in it (`saved`), where the person looks, while the
+    # card is as this change left it (`at`, done_agrees).
+    where = {"saved": hash_id, "at": record.get("updated_at") or "", "_anchor": f"sub-{hash_id}"} if hash_id else {}
     return redirect(url_for("manager.manage", token=token, done=action, **where,
                             **({"lang": lang} if lang in ("en", "ru") else {})), code=303)
