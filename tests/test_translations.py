@@ -138,3 +138,24 @@ def test_browser_locale_is_the_first_wanted_language_we_have(header):
     wanted = Request.from_values(headers={"Accept-Language": header}).accept_languages  # highest quality first
     ours = [tag.replace("_", "-").split("-")[0].lower() for tag, q in wanted if q > 0]
     assert locale.browser_locale(header) == next((t for t in ours if t in locale.LOCALES), None)
+
+
+def test_russian_says_what_happened_to_the_subscription_in_plain_words(app, client, api, pages):
+    """The badge describes the subscription, as "Подписка активна" does; the empty choice says what to choose;
+    the 405 page reads naturally; a push channel is named in Russian."""
+    from webapp import manager
+    res = api.ok("resources/add", **email_resource(unsubscribe={"mode": "confirm"}))
+    ident = {"db_id": 1, "profile_id": "p-ru", "resource_id": res["id"], "channel": "email", "email": "e@example.com"}
+    api.ok("subscriptions/set", **ident, status="unsubscribed")
+    links = api.ok("messages/links", **ident)
+    html = client.get(links["manage_url"].removeprefix("https://unsub.example") + "?lang=ru").get_data(as_text=True)
+    assert '<span class="badge unsubscribed">Подписка отменена</span>' in html
+    api.ok("subscriptions/set", **ident, status="subscribed")
+    path = links["unsubscribe_url"].removeprefix("https://unsub.example")
+    token = form_token(client.get(path + "?lang=ru").get_data(as_text=True))
+    resp = client.post(path, data={"action": "unsubscribe", "scope": "categories", "csrf_token": token, "lang": "ru"})
+    assert "Отметьте хотя бы один вид сообщений, которые больше не присылать." in resp.get_data(as_text=True)
+    assert "Так эту страницу использовать нельзя" in client.put(path + "/?lang=ru").get_data(as_text=True)
+    with app.test_request_context("/?lang=ru"):
+        locale.set_page_locale()
+        assert manager.channel_label("push") == "Push-уведомления" and manager.channel_label("viber") == "Viber"

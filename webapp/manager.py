@@ -23,13 +23,18 @@ from .tokens import issue_form_token, read_manager_token
 
 bp = Blueprint("manager", __name__)
 ACTIONS = ("save", "unsubscribe", "suspend", "resume", "resubscribe", "undo")
-CHANNEL_LABELS = {"sms": "SMS", "push": "Push", "telegram_bot": "Telegram", "whatsapp": "WhatsApp",
-                  "viber": "Viber", "notify": "Notify"}
+CHANNEL_LABELS = {"sms": "SMS", "telegram_bot": "Telegram", "whatsapp": "WhatsApp", "viber": "Viber",
+                  "notify": "Notify"}
 
 
 def channel_label(channel):
-    """The channel's name in the page's language (the others are names, the same in every language)."""
-    return gettext("Email") if channel == "email" else CHANNEL_LABELS.get(channel, channel)
+    """The channel's name in the page's language: email and push are words, the others names (the same in every
+    language)."""
+    if channel == "email":
+        return gettext("Email")
+    if channel == "push":
+        return gettext("Push notifications")
+    return CHANNEL_LABELS.get(channel, channel)
 
 
 def source_label(reg_info):
