@@ -391,7 +391,7 @@ def test_delayed_start_is_idempotent_and_cancel_works(app, api, client, r):
     assert get_sub(api, body)["status"] == "subscribed"
 
 
-def test_a_cancel_after_the_deadline_says_it_came_too_late(api, client, r):
+def test_a_cancel_after_the_deadline_says_the_time_ran_out_and_that_it_can_still_be_undone(api, client, r):
     from webapp.delayed import sweep_once
     _res, path, body = make_link(api, "delayed")
     token = form_token(client.get(path).get_data(as_text=True))
@@ -401,8 +401,18 @@ def test_a_cancel_after_the_deadline_says_it_came_too_late(api, client, r):
     resp = client.post(path, data={"action": "cancel", "csrf_token": token})
     assert resp.status_code == 303 and resp.headers["Location"].endswith("done=late")
     html = client.get(path + "?done=late").get_data(as_text=True)
-    assert "Too late to cancel: the time had already run out." in html and "You are unsubscribed" in html
+    # Undo is offered, and works: not "too late" for that
+    assert '<div class="notice info" role="status"><p>The time had run out, so you were unsubscribed. ' \
+           'You can still undo it.</p></div>' in html and "You are unsubscribed" in html and 'value="undo"' in html
+    assert "Too late" not in html
     assert get_sub(api, body)["cats"] == ["receipts"]
+    client.post(path, data={"action": "undo", "csrf_token": token})
+    assert get_sub(api, body)["cats"] == ["news", "receipts"]
+    client.post(path, data={"action": "start", "csrf_token": token})
+    sweep_once(r, now=time.time() + 3600)
+    api.ok("subscriptions/set", **{k: v for k, v in body.items() if k != "category"}, status="unsubscribed")
+    html = client.get(path + "?done=late").get_data(as_text=True)    # changed since: nothing here to undo
+    assert 'value="undo"' not in html and "Too late to cancel: the time had already run out." in html
 
 
 def test_an_instant_page_that_does_not_act_by_itself_says_so(api, client, r):
