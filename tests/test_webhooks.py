@@ -247,3 +247,15 @@ def test_delete(api, r, receiver):
     api.ok("webhooks/delete", id=hook["id"])
     assert api.ok("webhooks/list") == []
     api.fail("webhooks/delete", 404, id=hook["id"])
+
+
+def test_the_backlog_of_a_webhook_for_one_resource_counts_only_that_resources_events(api, r, resource):
+    other = api.ok("resources/add", **email_resource(name="Other"))
+    api.ok("webhooks/add", url="http://127.0.0.1:9/hook", resource_id=other["id"], secret=SECRET)
+    api.ok("webhooks/add", url="http://127.0.0.1:9/all", secret=SECRET)
+    change(api, resource)                                 # events of a resource the first webhook does not follow
+    before = {h["url"]: h["backlog"] for h in api.ok("webhooks/list")}
+    assert before["http://127.0.0.1:9/hook"] == 0 and before["http://127.0.0.1:9/all"] > 0
+    change(api, other)                                    # and of the one it follows
+    after = {h["url"]: h["backlog"] for h in api.ok("webhooks/list")}
+    assert after["http://127.0.0.1:9/hook"] == after["http://127.0.0.1:9/all"] - before["http://127.0.0.1:9/all"] > 0

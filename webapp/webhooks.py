@@ -89,7 +89,7 @@ def list_webhooks(r):
     out = []
     for raw in r.hvals(keys.webhooks()):
         hook = json.loads(raw)
-        state = target_state(r, group_name(hook["id"]))
+        state = target_state(r, group_name(hook["id"]), hook.get("resource_id"))
         if state["next_attempt_at"] is not None:  # a time, written as every time the API answers
             state["next_attempt_at"] = ms_to_time(round(state["next_attempt_at"] * 1000))
         out.append({**{k: v for k, v in hook.items() if k != "secret"}, "secret": hook["secret"][:4] + "…", **state})
@@ -106,8 +106,11 @@ def delete_webhook(r, webhook_id):
     r.delete(keys.delivery_state(group_name(webhook_id)))
 
 
-def backlog(r, group):
-    """Events the target has not acknowledged yet (read but unacknowledged, plus not yet read)."""
+def backlog(r, group, resource_id=None):
+    """Events the target has not acknowledged yet (read but unacknowledged, plus not yet read). With the
+    `resource_id` a webhook follows, only that resource's unread events count (its deliveries acknowledge the
+    others unsent), counted one by one up to LAG_COUNT_CAP unread entries; without it, every entry a delivery
+    job still has to go through."""
     try:
         groups = r.xinfo_groups(keys.events_timeline())
     except ResponseError:
@@ -115,15 +118,17 @@ def backlog(r, group):
     for g in groups:
         if g["name"] == group:
             lag = g.get("lag")
-            if lag is None:  # Redis cannot count it (an entry was deleted from the stream): count, up to a cap
-                lag = len(r.xrange(keys.events_timeline(), "(" + g["last-delivered-id"], "+", count=LAG_COUNT_CAP))
+            # Redis cannot count the lag when an entry was deleted from the stream, nor by resource: count.
+            if lag is None or resource_id is not None:
+                unread = r.xrange(keys.events_timeline(), "(" + g["last-delivered-id"], "+", count=LAG_COUNT_CAP)
+                lag = sum(1 for _id, fields in unread if resource_id is None or fields.get("rid") == str(resource_id))
             return int(g.get("pending") or 0) + int(lag)
     return 0
 
 
-def target_state(r, group):
+def target_state(r, group, resource_id=None):
     state = r.hgetall(keys.delivery_state(group))
-    return {"backlog": backlog(r, group), "last_error": state.get("last_error"),
+    return {"backlog": backlog(r, group, resource_id), "last_error": state.get("last_error"),
             "last_error_at": state.get("last_error_at"), "last_success_at": state.get("last_success_at"),
             "failures": int(state.get("failures", 0)),
             "next_attempt_at": float(state["next_attempt_at"]) if state.get("next_attempt_at") else None}
