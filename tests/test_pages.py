@@ -708,3 +708,56 @@ def test_the_window_title_says_what_the_page_says(api, client, r):
         resp = method(url, data={"action": "undo"})
         h1 = re.search(r"<h1>(.*?)</h1>", resp.get_data(as_text=True)).group(1)
         assert title_of(resp) in (f"Error: {h1}", f"Ошибка: {h1}") and title_of(resp) == title, url
+
+
+def test_unsubscribe_now_on_a_timer_whose_category_the_sender_deleted_stops_what_the_timer_would(api, client, r):
+    """A timer whose category was deleted stops the whole subscription at its deadline; the page's "Unsubscribe
+    now" settles it now, the same way (not an answer "unsubscribed" that changed nothing and left it running)."""
+    res, news_path, body = make_link(api, "delayed", categories=THREE_CATEGORIES)
+    token = form_token(client.get(news_path).text)
+    client.post(news_path, data={"action": "start", "csrf_token": token})
+    api.ok("resources/update", id=res["id"], delete_categories=["news"])
+    resp = client.post(news_path, data={"action": "now", "csrf_token": token})
+    assert resp.status_code == 303 and resp.headers["Location"].endswith("done=unsubscribed")
+    assert (get_sub(api, body)["status"], r.zcard("us:pending:due")) == ("unsubscribed", 0), (
+        get_sub(api, body)["status"], get_sub(api, body)["cats"], r.zcard("us:pending:due"))
+
+
+def test_page_of_a_timer_whose_category_was_deleted_describes_what_it_will_stop(api, client, r):
+    res, news_path, body = make_link(api, "delayed", categories=THREE_CATEGORIES)
+    client.post(news_path, data={"action": "start", "csrf_token": form_token(client.get(news_path).text)})
+    api.ok("resources/update", id=res["id"], delete_categories=["news"])
+    html = client.get(news_path).text
+    assert 'class="countdown"' in html and "All messages from" in html
+    assert '<ul class="continues">' not in html, listed(html, "continues")
+
+
+def test_instant_page_of_another_category_with_a_pending_timer_can_stop_its_own_category(api, client, r):
+    """After a switch to instant mode, the Promo message's page (a timer for News pending) shows the timer, and
+    its "Unsubscribe now" stops what the page shows: the timer's News and the link's own Promo."""
+    res, news_path, body = make_link(api, "delayed", categories=THREE_CATEGORIES)
+    promo_path = api.ok("messages/links", **{**body, "category": "promo"})["unsubscribe_url"].removeprefix(
+        "https://unsub.example")
+    client.post(news_path, data={"action": "start", "csrf_token": form_token(client.get(news_path).text)})
+    api.ok("resources/update", id=res["id"], unsubscribe={"mode": "instant"})
+    html = client.get(promo_path).text
+    assert 'class="countdown"' in html and listed(html, "stops") == ["News", "Promo"], listed(html, "stops")
+    token = form_token(html)
+    resp = client.post(promo_path, data={"action": "now", "csrf_token": token})
+    assert resp.status_code == 303
+    assert get_sub(api, body)["cats"] == ["receipts"] and r.zcard("us:pending:due") == 0, get_sub(api, body)
+
+
+def test_widened_timer_one_click_of_one_category_keeps_it_for_the_other(api, client, r):
+    """A timer for News widened by Promo: News's one-click leaves it waiting, and at its deadline it stops Promo."""
+    from webapp.delayed import sweep_once
+    _res, news_path, body = make_link(api, "delayed", categories=THREE_CATEGORIES)
+    promo_path = api.ok("messages/links", **{**body, "category": "promo"})["unsubscribe_url"].removeprefix(
+        "https://unsub.example")
+    client.post(news_path, data={"action": "start", "csrf_token": form_token(client.get(news_path).text)})
+    client.post(promo_path, data={"action": "start", "csrf_token": form_token(client.get(promo_path).text)})
+    assert client.post(news_path, data={"List-Unsubscribe": "One-Click"}).status_code == 200
+    assert get_sub(api, body)["cats"] == ["promo", "receipts"] and r.zcard("us:pending:due") == 1
+    sweep_once(r, now=time.time() + 3600)
+    assert get_sub(api, body)["cats"] == ["receipts"] and r.zcard("us:pending:due") == 0
+    assert api.ok("events/verify", db_id=1, profile_id="p-42")["ok"] is True

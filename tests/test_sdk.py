@@ -563,3 +563,12 @@ def test_parse_script_id_and_storage_uri():
     assert parse_script_id("MXw3Mw=") == 73 and parse_script_id(None) is None
     assert limiter_storage_uri("unix:///tmp/r.sock") == "redis+unix:///tmp/r.sock"
     assert limiter_storage_uri("redis://h:6379/0") == "redis://h:6379/0"
+
+
+def test_pending_of_a_timer_whose_category_was_deleted_says_it_stops_everything(api, client, r):
+    """The SDK's `pending` describes the timer's scope: it should say what firing will stop (everything)."""
+    res, ident, smid = make(api, "delayed", category="news")
+    assert call(client, res["id"], smid=smid, action="show").get_json()["result"] == "pending"
+    api.ok("resources/update", id=res["id"], delete_categories=["news"])
+    pending = call(client, res["id"], smid=smid, action="state").get_json()["pending"]
+    assert pending["whole"] is True and pending["stops"], pending

@@ -110,9 +110,9 @@ def page_view(ctx, done=None, chosen=None):
         "stopped": stopped,
         "continuing": [c["title"] for c in cats if c["api_name"] in subscribed],
         "choosable": choosable, "required": required,
-        # While a timer is pending the page describes the timer's own scope (one timer per subscription: it may
-        # have been started, or widened, from another message's link), not this link's.
-        "scope": unsubscribe.describe_scope(resource, pending["scope"] if pending else message_scope),
+        # What "Unsubscribe now" stops (unsubscribe.now_scope): while a timer is pending, the timer's own scope
+        # (one timer per subscription: it may have been started, or widened, from another message's link).
+        "scope": unsubscribe.describe_scope(resource, unsubscribe.now_scope(ctx, pending)),
         "message_category": next((c["title"] for c in cats if c["api_name"] == category), None),
         "pending": pending, "joins": joins, "seconds_left": unsubscribe.seconds_left(pending) if pending else None,
         "timer_minutes": resource["unsubscribe"]["timer_minutes"],
@@ -265,9 +265,8 @@ def page_action(smid, action):
         else:  # "now": settle the delayed unsubscribe immediately, in the scope the page showed
             # A timer outlives a change of mode, so any page may have offered this; one that fired meanwhile
             # leaves the link's own scope, already stopped (a blocked resource refuses, as for every action).
-            pending = unsubscribe.read_pending(r, ctx)
-            scope = pending["scope"] if pending else unsubscribe.resolve_scope(ctx)
-            unsubscribe.unsubscribe(r, ctx, scope, "page_now", evidence())
+            unsubscribe.unsubscribe(r, ctx, unsubscribe.now_scope(ctx, unsubscribe.read_pending(r, ctx)), "page_now",
+                                    evidence())
             done = "unsubscribed"
     except PageChoiceError as exc:
         if wants_json():

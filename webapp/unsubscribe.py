@@ -274,9 +274,24 @@ def server_time(client):
 
 def read_pending(r, ctx):
     """The pending timer of this subscription as {"deadline", "scope", "smid", "armed_at", "evidence"}, or None;
-    as read together with the page when it was (every page shows a pending timer, in any mode)."""
+    as read together with the page when it was (every page shows a pending timer, in any mode). Its scope is
+    what it stops if it fires now (timer_scope: a category the sender deleted meanwhile stands for the whole)."""
     raw = ctx.pending_fields if ctx.pending_fields is not None else r.hgetall(keys.pending_unsubscribe(*ctx.key))
-    return _decode_pending(raw)
+    pending = _decode_pending(raw)
+    if pending:
+        pending["scope"] = timer_scope(ctx.resource, pending["scope"])
+    return pending
+
+
+def now_scope(ctx, pending):
+    """What a page's "Unsubscribe now" stops, and so what the page describes: the link's scope, or while a timer
+    is pending the timer's (read_pending); outside delayed mode (a timer that outlived a switch of mode, which
+    the page cannot join) the link's own scope as well."""
+    if not pending:
+        return resolve_scope(ctx)
+    if ctx.mode == "delayed":
+        return pending["scope"]
+    return widened_scope(pending["scope"], resolve_scope(ctx))
 
 
 def seconds_left(pending, now=None):
