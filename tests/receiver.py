@@ -8,7 +8,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class Receiver:
     """`behaviours` is a list consumed per request: an int status, ("sleep", seconds, status),
     ("redirect", status, location), or ("trickle", seconds, status): the status line at once, then one header
-    line every 0.25 s for `seconds` (each socket read gets something), then the end of the answer. When it runs out, every request gets 200. GETs are recorded too."""
+    line every 0.25 s for `seconds` (each socket read gets something), then the end of the answer; or
+    ("slow_body", seconds, status): status and headers at once, the 2-byte body after `seconds`. When it runs out, every request gets 200. GETs are recorded too."""
 
     def __init__(self):
         self.requests = []
@@ -35,6 +36,17 @@ class Receiver:
                             time.sleep(0.25)
                             self.wfile.write(b"X-Trickle: %d\r\n" % i)
                         self.wfile.write(b"Content-Length: 0\r\n\r\n")
+                    except OSError:
+                        pass  # the caller gave up
+                    self.close_connection = True
+                    return
+                if isinstance(behaviour, tuple) and behaviour[0] == "slow_body":
+                    _, seconds, status = behaviour  # the whole status and headers at once, the body in `seconds`
+                    try:
+                        self.wfile.write(b"HTTP/1.1 %d OK\r\nContent-Length: 2\r\n\r\n" % status)
+                        self.wfile.flush()
+                        time.sleep(seconds)
+                        self.wfile.write(b"ok")
                     except OSError:
                         pass  # the caller gave up
                     self.close_connection = True

@@ -145,6 +145,17 @@ def test_the_timeout_bounds_the_whole_post_not_each_read(api, r, resource, recei
     assert webhooks.deliver(r, webhooks.group_name(hook["id"]), timeout=1.0)["sent"] == 2   # retried
 
 
+def test_a_2xx_whose_body_comes_after_the_timeout_is_a_delivery(api, r, resource, receiver):
+    """The status and headers came in time: the target took the event, however slowly its body follows (a
+    timeout here would send the event again)."""
+    hook = api.ok("webhooks/add", url=receiver.url, secret=SECRET)
+    change(api, resource)
+    receiver.behaviours = [("slow_body", 1.5, 200), ("slow_body", 1.5, 200)]
+    result = webhooks.deliver(r, webhooks.group_name(hook["id"]), timeout=0.5)
+    assert result["sent"] == 2 and result["error"] is None, result
+    assert len(receiver.requests) == 2
+
+
 @pytest.mark.parametrize("status", [301, 302, 307, 308])
 def test_a_redirect_is_a_failure_not_a_delivery(api, r, resource, receiver, status):
     """Following it would send a GET without the event (or the event elsewhere) and drop it as delivered."""

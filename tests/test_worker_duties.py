@@ -178,6 +178,10 @@ def test_housekeeping_ticks_run_only_while_needed(api, r, resource, receiver, re
     assert r.get(keys.housekeeping_alive()) == "chain"
     assert housekeeping_tick(r, queue, now=2000.0) == 2001                   # and it goes on
     assert "housekeeping-unsubscribe-2001" in queue.scheduled_job_registry.get_job_ids()
+    # A tick that cannot tell whether there is work (a key of the wrong type here; a Redis error) goes on.
+    r.set(keys.suspensions_due(), "not a sorted set")
+    assert housekeeping_tick(r, queue, now=2001.0) == 2002
+    assert "housekeeping-unsubscribe-2002" in queue.scheduled_job_registry.get_job_ids()
     raw.close()
 
 

@@ -157,10 +157,11 @@ def _abort(conn, fired):
 def post_json(url, payload, event_id, secret, timeout):
     """POST one event; return None on 2xx, else a short error text (never raises for HTTP problems).
 
-    `timeout` bounds the whole POST (connecting, sending, the answer's status, headers and first 1 KiB), not
-    each socket read: a target that trickles its answer is cut off when its time is up, so a delivery job and
-    its target lock (which lasts timeout + 5 s) are never outlived by one POST. A 3xx is the target's answer,
-    not a delivery, and is not followed (that would send a GET without the event, or the event elsewhere)."""
+    `timeout` bounds the whole POST (connecting, sending, the answer's status and headers; a body cut off after
+    them does not undo a 2xx), not each socket read: a target that trickles its answer is cut off when its time
+    is up, so a delivery job and its target lock (which lasts timeout + 5 s) are never outlived by one POST.
+    A 3xx is the target's answer, not a delivery, and is not followed (that would send a GET without the event,
+    or the event elsewhere)."""
     body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
     ts = str(int(time.time()))
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, "X-Webhook-Id": event_id,
@@ -184,12 +185,15 @@ def post_json(url, payload, event_id, secret, timeout):
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             conn.request("POST", target, body=body, headers=headers)
             resp = conn.getresponse()
-            resp.read(1024)
+            if fired.is_set():  # a shut socket ends the headers early: they did not all come in time
+                raise TimeoutError("timed out")
+            try:
+                resp.read(1024)
+            except (OSError, http.client.HTTPException):
+                pass  # the status and headers came in time: that is the answer, whatever its body does after
         finally:
             watchdog.cancel()
             conn.close()
-        if fired.is_set():
-            raise TimeoutError("timed out")
         return None if 200 <= resp.status < 300 else f"HTTP {resp.status}"
     except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, timed out, a bad answer, a URL
         # that cannot be sent (stored before as_url checked its port, or made it ASCII)

@@ -79,7 +79,11 @@ def housekeeping_tick(r, queue, now=None):
     worker still has a successor), then run the duties. The chain stops when there is nothing to watch; the
     next ensure_housekeeping starts it again. Returns the next tick's second, or None."""
     alive = keys.housekeeping_alive()
-    if not anything_to_watch(r):
+    try:
+        watching = anything_to_watch(r)
+    except Exception:  # noqa: BLE001 - Redis trouble: keep the chain, the next tick looks again
+        watching = True
+    if not watching:
         if scripts.release_lock(r, alive, "chain") and anything_to_watch(r):  # work came meanwhile
             r.set(alive, "chain", ex=HOUSEKEEPING_ALIVE_SECONDS)
         else:
