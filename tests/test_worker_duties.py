@@ -34,28 +34,97 @@ def test_worker_delivers_webhooks_and_retries_after_500s(api, r, receiver, worke
     assert "Listening on" in log and "registries" not in log, log
 
 
-def test_a_slow_target_does_not_hold_up_the_others(api, r, resource, workers):  # noqa: F811
+def delivered_in_order(api, profiles):
+    """The ids of the events of `profiles` (one db, created in this order), in the order they were created."""
+    return [e["id"] for p in profiles for e in api.ok("events/list", db_id=1, profile_id=p)[::-1]]
+
+
+def test_a_slow_target_does_not_hold_up_the_others(api, r, workers):  # noqa: F811
     """Delivery jobs share one queue: a slow (but successful) target's job spends its budget and queues its next
-    one behind the other targets' jobs, so a fast target is not kept waiting for the slow one's backlog."""
+    one behind the other targets' jobs, so a fast target is not kept waiting for the slow one's backlog.
+    The slow job holds the only worker before the fast target has any work: the fast target's job can only come
+    in between if the slow one stops at its budget (without one it would wait for ~9 more 1-second answers)."""
     from receiver import Receiver
     from test_webhooks import change
+    res_a = api.ok("resources/add", **email_resource(name="A"))
+    res_b = api.ok("resources/add", **email_resource(name="B"))
     slow, fast = Receiver(), Receiver()
     try:
         slow.behaviours = [("sleep", 1.0, 200)] * 10           # answers 200, within the 5 s timeout, in 1 s
-        api.ok("webhooks/add", url=slow.url, secret=SECRET)
-        api.ok("webhooks/add", url=fast.url, secret=SECRET)
+        api.ok("webhooks/add", url=slow.url, secret=SECRET, resource_id=res_a["id"])
+        api.ok("webhooks/add", url=fast.url, secret=SECRET, resource_id=res_b["id"])
         for i in range(5):
-            change(api, resource, profile_id=f"p-{i}")           # 10 events for each target
+            change(api, res_a, profile_id=f"a-{i}")              # 10 events for the slow target
         workers.start()
+        assert slow.in_flight.wait(20)                           # its job now holds the only worker
         started = time.time()
+        for i in range(5):
+            change(api, res_b, profile_id=f"b-{i}")              # 10 events for the fast target, only now
         fast.wait_for(10, timeout=30)
         assert time.time() - started < 4, "the fast target waited for the slow one's ten 1-second answers"
+        assert len(slow.requests) < 10                           # it did come in between
         slow.wait_for(10, timeout=30)                            # and the slow one gets all of its events
-        assert [json.loads(req["body"])["id"] for req in slow.requests] == [
-            json.loads(req["body"])["id"] for req in fast.requests]          # each once, in order
+        time.sleep(0.5)                                          # (and nothing more)
+        assert [json.loads(req["body"])["id"] for req in slow.requests] == delivered_in_order(
+            api, [f"a-{i}" for i in range(5)])                   # each once, in order
+        assert [json.loads(req["body"])["id"] for req in fast.requests] == delivered_in_order(
+            api, [f"b-{i}" for i in range(5)])
     finally:
         slow.close()
         fast.close()
+
+
+def test_a_delivery_job_that_spends_its_budget_queues_the_next_behind_the_others(api, r, resource, receiver,
+                                                                                 redis_url, tmp_path, monkeypatch):
+    """workers.jobs.deliver_target run as a real RQ job (a SimpleWorker, in this process), with nothing else to
+    dispatch: no Housekeeper thread, and its mark set so that no chain of housekeeping ticks starts either. A job
+    that stops at its budget with events left enqueues the target's next job itself, behind the job of the other
+    target already queued, and that job delivers the rest."""
+    import redis as redis_lib
+    from rq import SimpleWorker
+    from rq.serializers import JSONSerializer
+    from conftest import API_TOKEN, SIGNING_KEYS
+    from receiver import Receiver
+    from test_webhooks import change
+    from webapp import keys
+    from webapp.delayed import timer_queue
+    from workers import jobs
+    from workers.housekeeping import DELIVERY_JOB, enqueue_delivery
+    for name, value in {"REDIS_URL": redis_url, "API_TOKEN": API_TOKEN, "SIGNING_KEYS": SIGNING_KEYS,
+                        "VAR_DIR": str(tmp_path), "WEBHOOK_TIMEOUT_SECONDS": "5"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(jobs, "_client", None)             # this test's Redis and settings, read by the job
+    monkeypatch.setattr(jobs, "_loaded_settings", None)
+    monkeypatch.setattr(jobs, "DELIVERY_BUDGET_EVENTS", 3)   # smaller than the busy target's 6 events
+    monkeypatch.setattr(jobs, "DELIVERY_BUDGET_SECONDS", 60.0)   # (and no time limit to race against)
+    r.set(keys.housekeeping_alive(), "thread", ex=600)        # nobody else dispatches
+    other = Receiver()
+    raw = redis_lib.Redis.from_url(redis_url)
+    try:
+        busy_group = webhooks.group_name(api.ok("webhooks/add", url=receiver.url, secret=SECRET)["id"])
+        other_group = webhooks.group_name(api.ok("webhooks/add", url=other.url, secret=SECRET)["id"])
+        for i in range(3):
+            change(api, resource, profile_id=f"p-{i}")        # 6 events for each target
+        queue = timer_queue(raw, "unsubscribe")
+        assert enqueue_delivery(r, queue, busy_group) and enqueue_delivery(r, queue, other_group)
+        worker = SimpleWorker([queue], connection=raw, serializer=JSONSerializer)
+        worker.work(burst=True, max_jobs=1)                   # the busy target's job: 3 events, then its budget
+        assert len(receiver.requests) == 3 and other.requests == []
+        assert [(job.func_name, job.args) for job in queue.get_jobs()] == [
+            (DELIVERY_JOB, [other_group]), (DELIVERY_JOB, [busy_group])]   # its next job behind the other's
+        assert queue.scheduled_job_registry.get_job_ids() == []           # and no housekeeping tick
+        worker.work(burst=True)                               # the other target's job, then the busy one's
+        assert len(queue) == 0
+        expected = delivered_in_order(api, [f"p-{i}" for i in range(3)])
+        assert [json.loads(req["body"])["id"] for req in receiver.requests] == expected   # each once, in order
+        assert [json.loads(req["body"])["id"] for req in other.requests] == expected
+        assert webhooks.target_state(r, busy_group)["backlog"] == 0
+        assert webhooks.target_state(r, other_group)["backlog"] == 0
+    finally:
+        other.close()
+        if jobs._client is not None:
+            jobs._client.close()
+        raw.close()
 
 
 def test_no_event_lost_when_the_worker_dies_mid_delivery(api, r, receiver, workers):  # noqa: F811
@@ -137,6 +206,11 @@ def test_a_plain_rq_worker_delivers_webhooks_and_the_call_url(api, client, r, re
     wait_until(lambda: webhooks.target_state(r, webhooks.CALLED_URL)["backlog"] == 0, 20)
     bodies = [json.loads(req["body"]) for req in receiver.requests]
     assert [b["method"] for b in bodies if "method" in b][-2:] == ["api", "one_click"]   # after a 500, retried
+    hook_requests = [req for req, body in zip(receiver.requests, bodies) if "method" in body]
+    assert hook_requests[0]["answered"] == 500 and hook_requests[1]["answered"] == 200   # the 500 was answered
+    assert [req["answered"] for req in receiver.requests].count(500) == 1
+    assert (hook_requests[1]["headers"]["X-Webhook-Id"] == hook_requests[0]["headers"]["X-Webhook-Id"]
+            == json.loads(hook_requests[0]["body"])["id"])   # and the same event is sent again after it
     assert [b["smid"] for b in bodies if "result" in b] == [links["smid"]]              # the call URL, once
 
 
