@@ -259,6 +259,38 @@ def test_housekeeping_ticks_run_only_while_needed(api, r, resource, receiver, re
     raw.close()
 
 
+def housekeeping_jobs(r):
+    """The housekeeping ticks waiting to run: scheduled, or queued (a chain that goes on has one)."""
+    scheduled = [j for j in r.zrange("rq:scheduled:unsubscribe", 0, -1) if j.startswith("housekeeping-")]
+    queued = [j for j in r.lrange("rq:queue:unsubscribe", 0, -1) if j.startswith("housekeeping-")]
+    return scheduled + queued
+
+
+def test_the_tick_chain_goes_on_through_a_python_m_workers_process(api, r, receiver, workers,  # noqa: F811
+                                                                    redis_url):
+    """Mixed deployments: a tick that lands on a `python -m workers` process schedules its successor too (that
+    process's Housekeeper does the duties meanwhile), so the chain outlives the process, and a plain worker
+    delivers again as soon as it has left (its Housekeeper takes its mark back on a clean stop)."""
+    from webapp import keys
+    _res, ident = set_up(api, receiver)
+    plain = workers.start(plain_rq_worker(redis_url))
+    api.ok("webhooks/add", url=receiver.url, secret=SECRET)          # starts the chain
+    api.ok("subscriptions/set", **ident)
+    receiver.wait_for(1, timeout=15)
+    plain.terminate()                                               # the plain worker is replaced by a
+    plain.wait(timeout=30)                                          # `python -m workers` process: ticks
+    joined = workers.start()                                        # land on it alone
+    time.sleep(3)
+    assert housekeeping_jobs(r), "a tick run by a python -m workers process ended the chain"
+    joined.terminate()                                              # it leaves too (a clean stop)
+    joined.wait(timeout=30)
+    assert r.get(keys.housekeeping_alive()) != "thread"
+    workers.start(plain_rq_worker(redis_url))                       # a plain worker again
+    api.ok("subscriptions/set", **ident, status="unsubscribed")
+    receiver.wait_for(2, timeout=8)
+    assert json.loads(receiver.requests[-1]["body"])["after"]["status"] == "unsubscribed"
+
+
 def test_broken_data_holds_up_no_other_duty(api, app, r, receiver, workers):  # noqa: F811
     """A due suspension whose record cannot be read (and a member that names none) come first in the index;
     the worker logs them once and goes on: a real suspension still ends and webhooks are still delivered."""

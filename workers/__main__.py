@@ -69,7 +69,7 @@ def main():
         worker.work(with_scheduler=True, logging_level="INFO")
     finally:
         sweeper.stopped.set()
-        housekeeper.stopped.set()
+        housekeeper.stop()
 
 
 if __name__ == "__main__":

@@ -74,10 +74,12 @@ def anything_to_watch(r):
         return False
 
 
-def housekeeping_tick(r, queue, now=None):
-    """One housekeeping tick under a plain `rq worker`: schedule the next one first (a tick cut off by a killed
-    worker still has a successor), then run the duties. The chain stops when there is nothing to watch; the
-    next ensure_housekeeping starts it again. Returns the next tick's second, or None."""
+def housekeeping_tick(r, queue, now=None, run=True):
+    """One housekeeping tick (the chain that does housekeeping under a plain `rq worker`): schedule the next one
+    first (a tick cut off by a killed worker still has a successor), then run the duties, unless a Housekeeper
+    thread does them (`run` False: this process has one; or keys.housekeeping_alive says "thread"), so they do
+    not run twice as often. The chain goes on in any process while there is anything to watch, and stops when
+    there is nothing; the next ensure_housekeeping starts it again. Returns the next tick's second, or None."""
     alive = keys.housekeeping_alive()
     try:
         watching = anything_to_watch(r)
@@ -90,9 +92,11 @@ def housekeeping_tick(r, queue, now=None):
             return None
     second = math.floor(time.time() if now is None else now) + HOUSEKEEPING_TICK_INTERVAL
     schedule_tick(queue, second, HOUSEKEEPING_TICK_JOB, kind="housekeeping")
-    if r.get(alive) != "thread":  # a Housekeeper thread's mark is left to it
-        r.set(alive, "chain", ex=HOUSEKEEPING_ALIVE_SECONDS)
-    run_duties(r, queue, set(), "at the next tick")
+    if r.get(alive) == "thread":  # a Housekeeper thread's mark is left to it, and so are the duties
+        return second
+    r.set(alive, "chain", ex=HOUSEKEEPING_ALIVE_SECONDS)
+    if run:
+        run_duties(r, queue, set(), "at the next tick")
     return second
 
 
@@ -111,3 +115,14 @@ class Housekeeper(threading.Thread):
             except Exception:  # noqa: BLE001 - a Redis outage: the duties below log it
                 pass
             run_duties(r, self.queue, failing, f"every {self.interval:.1f} s")
+
+    def stop(self):
+        """Stop, and take this process's "thread" mark back (if no other Housekeeper has refreshed it since it
+        is theirs for 0.5 s at most): the ticks of plain `rq worker`s then do the duties at once instead of
+        waiting HOUSEKEEPING_ALIVE_SECONDS for the mark to expire."""
+        self.stopped.set()
+        try:
+            with self.connect() as r:
+                scripts.release_lock(r, keys.housekeeping_alive(), "thread")
+        except Exception:  # noqa: BLE001 - Redis is down: the mark expires on its own
+            pass

@@ -48,14 +48,17 @@ def fire_due_timers():
 
 
 def housekeeping_tick():
-    """A housekeeping tick (webapp.delayed.ensure_housekeeping): under a plain `rq worker`, end the pauses
-    that are due and dispatch webhook and call-URL deliveries, then the next tick a second later
-    (workers.housekeeping.housekeeping_tick). A `python -m workers` process's Housekeeper thread does this
-    every 0.5 s, so there a tick does nothing and schedules no successor."""
+    """A housekeeping tick (webapp.delayed.ensure_housekeeping): end the pauses that are due and dispatch webhook
+    and call-URL deliveries, after scheduling the next tick a second later (workers.housekeeping.housekeeping_tick).
+    Whichever process runs it, a plain `rq worker` or a `python -m workers` one, it keeps the chain going while
+    there is anything to watch: a chain that stopped on a `python -m workers` process would be gone once that
+    process left. Where a Housekeeper thread does the duties (this process's, or another's fresh mark) the tick
+    only keeps the chain."""
     job = get_current_job()
-    if is_sweeper_process() or job is None:
+    if job is None:
         return None
-    return housekeeping.housekeeping_tick(_redis(), timer_queue(job.connection, job.origin))
+    return housekeeping.housekeeping_tick(_redis(), timer_queue(job.connection, job.origin),
+                                          run=not is_sweeper_process())
 
 
 def deliver_target(group):
