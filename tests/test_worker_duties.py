@@ -259,6 +259,33 @@ def test_housekeeping_ticks_run_only_while_needed(api, r, resource, receiver, re
     raw.close()
 
 
+def test_a_pause_restored_by_undo_ends_under_a_plain_rq_worker(api, app, client, r, workers,  # noqa: F811
+                                                                redis_url):
+    """Every manager action that leaves a subscription paused makes sure housekeeping runs: an Undo that
+    brings a pause back, after the chain of ticks had ended with nothing left to watch, starts it again."""
+    from webapp import keys
+    app.config["SUSPEND_DAY_SECONDS"] = 0.3               # 14 "days" = 4.2 s
+    _res, ident = set_up(api, None)
+    api.ok("subscriptions/set", **ident)
+    workers.start(plain_rq_worker(redis_url))
+    path = api.ok("messages/links", **ident)["manage_url"].removeprefix("https://unsub.example")
+    hash_id = api.ok("subscriptions/get", **ident)["hash_id"]
+
+    def post(action, **extra):
+        token = form_token(client.get(path).get_data(as_text=True))
+        resp = client.post(path, data={"csrf_token": token, "action": action, "hash_id": hash_id, **extra})
+        assert resp.status_code == 303, resp.get_data(as_text=True)
+
+    post("suspend", days="14")                            # starts the chain
+    post("resume")                                        # nothing left to watch: the chain ends
+    wait_until(lambda: not housekeeping_jobs(r) and not r.exists(keys.housekeeping_alive()), 5)
+    post("undo")                                          # the pause is back
+    assert api.ok("subscriptions/get", **ident)["status"] == "suspended"
+    assert r.get(keys.housekeeping_alive()) == "chain" and housekeeping_jobs(r)   # and the chain with it
+    wait_until(lambda: api.ok("subscriptions/get", **ident)["status"] == "subscribed", 10)
+    assert api.ok("events/list", db_id=1, profile_id="p-42")[0]["method"] == "suspend_expiry"
+
+
 def housekeeping_jobs(r):
     """The housekeeping ticks waiting to run: scheduled, or queued (a chain that goes on has one)."""
     scheduled = [j for j in r.zrange("rq:scheduled:unsubscribe", 0, -1) if j.startswith("housekeeping-")]

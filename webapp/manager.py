@@ -145,13 +145,14 @@ def manage(token):
             record, _ = preferences.suspend(r, db_id, profile_id, hash_id,
                                             int(days) if re.fullmatch("[0-9]{1,3}", days) else 0,
                                             current_app.config["SUSPEND_DAY_SECONDS"], ev)
-            ensure_housekeeping()  # someone must end the pause, also under a plain rq worker
         elif action == "resume":
             record, _ = preferences.resume(r, db_id, profile_id, hash_id, ev)
         elif action == "resubscribe":
             record, _ = preferences.resubscribe(r, db_id, profile_id, hash_id, parsed.hash_id, ev)
         else:
             record, _ = preferences.undo(r, db_id, profile_id, ev)
+        if record.get("status") == Status.SUSPENDED:  # a pause (a suspend, an Undo that restores one): someone
+            ensure_housekeeping()                     # must end it, also under a plain rq worker
     except InvalidFields as exc:
         entered = {k[6:]: v for k, v in request.form.items() if k.startswith("field.")}
         return render_manager(token, parsed, status=400, errors=exc.errors, entered=entered, failed_hash=hash_id,
