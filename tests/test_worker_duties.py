@@ -318,6 +318,69 @@ def test_the_tick_chain_goes_on_through_a_python_m_workers_process(api, r, recei
     assert json.loads(receiver.requests[-1]["body"])["after"]["status"] == "unsubscribed"
 
 
+def test_a_chain_mark_with_no_tick_waiting_is_stale(r, redis_url):
+    """A "chain" mark whose chain died (its tick abandoned by a killed worker, or lost by a Redis restart) does
+    not keep ensure_housekeeping from starting a new chain; a live chain's does."""
+    import redis as redis_lib
+    from webapp import keys
+    from webapp.delayed import ensure_housekeeping, timer_queue
+    raw = redis_lib.Redis.from_url(redis_url)
+    queue = timer_queue(raw, "unsubscribe")
+    r.set(keys.housekeeping_alive(), "chain", ex=10)                 # no tick scheduled or queued
+    assert ensure_housekeeping(r, queue) is True
+    assert housekeeping_jobs(r) and ensure_housekeeping(r, queue) is False
+    raw.close()
+
+
+def test_the_tick_chain_is_rearmed_after_a_redis_crash(tmp_path):
+    """Redis killed and restarted from its AOF (contract §1) under a plain `rq worker`: the tick it was running
+    is abandoned and its "chain" mark may survive; each web process looks every HOUSEKEEPING_REARM_SECONDS and
+    starts the chain again, so events are delivered with no new webhook, call URL or pause to start it."""
+    import os
+    import shutil
+
+    import redis as redis_lib
+    from conftest import API_TOKEN, SIGNING_KEYS, ApiActions, close_clients, start_redis_server
+    from receiver import Receiver
+    from test_delayed_support import WorkerProcesses
+
+    from webapp import create_app
+    workdir = str(tmp_path / "redis")
+    os.makedirs(workdir)
+    proc, url = start_redis_server(workdir, appendonly=True)
+    procs = WorkerProcesses(url, tmp_path)
+    r = redis_lib.Redis.from_url(url, decode_responses=True)
+    receiver = Receiver()
+    app = create_app({"TESTING": True, "REDIS_URL": url, "API_TOKEN": API_TOKEN, "SIGNING_KEYS": SIGNING_KEYS,
+                      "PUBLIC_BASE_URL": "https://unsub.example", "VAR_DIR": str(tmp_path),
+                      "HOUSEKEEPING_REARM_SECONDS": 0.5})
+    try:
+        api = ApiActions(app.test_client())
+        _res, ident = set_up(api, receiver)
+        procs.start(plain_rq_worker(url))
+        api.ok("webhooks/add", url=receiver.url, secret=SECRET)
+        api.ok("subscriptions/set", **ident)
+        receiver.wait_for(1, timeout=15)
+        time.sleep(1.5)                                          # the AOF has the chain's state
+        proc.kill()                                              # a crash
+        proc.wait(timeout=10)
+        proc, _url = start_redis_server(workdir, appendonly=True)
+        procs.close()                                            # the plain worker quit on the outage (or
+        procs.start(plain_rq_worker(url))                        # is killed here); its supervisor restarts it
+        wait_until(lambda: housekeeping_jobs(r), 5)              # the chain is back
+        api.ok("subscriptions/set", **ident, status="unsubscribed")
+        receiver.wait_for(2, timeout=15)
+        assert json.loads(receiver.requests[-1]["body"])["after"]["status"] == "unsubscribed"
+    finally:
+        receiver.close()
+        close_clients(app)
+        r.close()
+        procs.close()
+        proc.kill()
+        proc.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def test_broken_data_holds_up_no_other_duty(api, app, r, receiver, workers):  # noqa: F811
     """A due suspension whose record cannot be read (and a member that names none) come first in the index;
     the worker logs them once and goes on: a real suspension still ends and webhooks are still delivered."""

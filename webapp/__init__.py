@@ -92,6 +92,8 @@ def create_app(test_config=None):
     if app.config["TRUSTED_PROXIES"]:
         n = app.config["TRUSTED_PROXIES"]
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n, x_port=n, x_prefix=n)
+    from .delayed import HousekeepingRearm
+    app.wsgi_app = HousekeepingRearm.entry(app, app.wsgi_app)  # re-arms housekeeping from the first request on
     warning = https_warning(app.config["PUBLIC_BASE_URL"])
     if warning and not app.testing:
         log.warning(warning)

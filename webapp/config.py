@@ -34,12 +34,16 @@ DEFAULTS = {
     "SDK_RATE_LIMIT_PER_IP": "120 per minute",
     "SDK_RATE_LIMIT_PER_SMID": "20 per minute",
     "WEBHOOK_TIMEOUT_SECONDS": 5,  # seconds a webhook or call-URL target has to answer one POST, in all
+    # Seconds between a web process's looks at whether housekeeping has work and nobody does it (then it
+    # starts the chain of housekeeping ticks again: delayed.HousekeepingRearm); 0: never.
+    "HOUSEKEEPING_REARM_SECONDS": 5,
 }
 RATE_LIMIT_SETTINGS = ("SDK_RATE_LIMIT_PER_IP", "SDK_RATE_LIMIT_PER_SMID")
 # Whole numbers with their least and greatest values; the float settings are lengths of time, above 0.
 NUMBER_SETTINGS = {"PORT": (int, 1, 65535), "TRUSTED_PROXIES": (int, 0, 100), "WEB_WORKERS": (int, 1, 1000),
                    "TIME_UNIT_SECONDS": (float, None, None), "SUSPEND_DAY_SECONDS": (float, None, None),
-                   "REDIS_TIMEOUT_SECONDS": (float, None, None), "WEBHOOK_TIMEOUT_SECONDS": (float, None, None)}
+                   "REDIS_TIMEOUT_SECONDS": (float, None, None), "WEBHOOK_TIMEOUT_SECONDS": (float, None, None),
+                   "HOUSEKEEPING_REARM_SECONDS": (float, 0, None)}
 REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 
 KID_RE = re.compile(r"^[A-Za-z0-9_-]{1,8}\Z")
@@ -172,15 +176,16 @@ def load_settings(environ=None, dotenv_path=".env"):
 
 
 def _number(name, value, kind, least, most):
-    """`value` as an int from `least` to `most`, or a finite float above 0; else ConfigError."""
+    """`value` as an int from `least` to `most`, or a finite float above 0 (or 0 too when `least` is 0); else
+    ConfigError."""
     try:
         number = kind(value)
     except (TypeError, ValueError):
         number = None
     if kind is int and (number is None or not least <= number <= most):
         raise ConfigError(f"{name} {value!r} is not a whole number from {least} to {most}")
-    if kind is float and not (number is not None and 0 < number < float("inf")):
-        raise ConfigError(f"{name} {value!r} is not a number above 0")
+    if kind is float and not (number is not None and (0 < number or least == 0 == number) and number < float("inf")):
+        raise ConfigError(f"{name} {value!r} is not a number {'from 0' if least == 0 else 'above 0'}")
     return number
 
 

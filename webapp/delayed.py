@@ -23,8 +23,10 @@ import logging
 import math
 import random
 import re
+import os
 import threading
 import time
+import weakref
 from datetime import datetime, timezone
 
 from rq import Queue
@@ -48,6 +50,8 @@ TICK_TIMEOUT = 180  # RQ job timeout of a tick, seconds
 FAILED_JOB_TTL = 86400  # seconds a failed trigger stays inspectable
 FOLLOW_UP_WINDOW = 10.0  # seconds: a tick under a plain rq worker checks this far ahead (clock skew it covers)
 SCHEDULER_STALE = 5  # seconds without a refresh (RQ refreshes every second) after which a lock's holder is dead
+CHAIN_LOOK_BACK = 10  # seconds: a housekeeping tick queued this long ago (behind other jobs) still counts
+CHAIN_LOOK_AHEAD = 5  # seconds: a tick scheduled this far ahead (by a host clock running ahead) still counts
 SCHEDULER_CHECK_INTERVAL = 2.0  # seconds between a sweeper's looks at the scheduler locks
 
 
@@ -121,17 +125,165 @@ def follow_up_tick(r, queue, window=FOLLOW_UP_WINDOW):
     return second
 
 
+def anything_to_watch(r):
+    """Whether housekeeping has work to look for: a pause that will end, or a delivery target (every webhook
+    and the call URL have a consumer group on the timeline)."""
+    if r.zcard(keys.suspensions_due()):
+        return True
+    try:
+        return bool(r.xinfo_groups(keys.events_timeline()))
+    except Exception:  # noqa: BLE001 - redis.ResponseError: no timeline yet, so no target either
+        return False
+
+
+def housekeeping_tick_waiting(r, queue, now=None, back=CHAIN_LOOK_BACK, ahead=CHAIN_LOOK_AHEAD):
+    """Whether a housekeeping tick is scheduled or queued for a second near `now` (one pipelined round trip over
+    the tick ids of those seconds). A chain that goes on always has one: each tick schedules its successor, for
+    the next second, before anything else. A tick left in a dead worker's started registry (a kill, a Redis
+    restart) does not count: it never runs again."""
+    second = math.floor(time.time() if now is None else now)
+    with r.pipeline(transaction=False) as pipe:
+        for s in range(second - back, second + ahead + 1):
+            pipe.hget(f"rq:job:{tick_job_id(queue.name, s, 'housekeeping')}", "status")
+        return any(status in ("scheduled", "queued") for status in pipe.execute())
+
+
 def ensure_housekeeping(r, queue):
     """Make sure someone does housekeeping (pauses that end, webhook and call-URL dispatch: see
     workers/housekeeping.py). A `python -m workers` process's Housekeeper thread keeps keys.housekeeping_alive
-    fresh; under a plain `rq worker` nothing runs without a job, so when no one has refreshed it for
+    fresh ("thread"); under a plain `rq worker` nothing runs without a job, so when no one has refreshed it for
     HOUSEKEEPING_ALIVE_SECONDS this starts a chain of housekeeping ticks (each schedules the next, a second
-    later, while there is anything to watch). One SET NX; called where such work is created (a webhook, a
-    call URL, a pause) and by every timer tick and delivery job. Returns True when it started a chain."""
-    if not r.set(keys.housekeeping_alive(), "chain", nx=True, ex=HOUSEKEEPING_ALIVE_SECONDS):
-        return False
+    later, while there is anything to watch). A "chain" mark with no tick scheduled or queued is stale (the
+    chain died with a killed worker or a Redis that restarted from its AOF) and the chain is started again at
+    once. Two chains started at once merge: a tick's id is its second, so they schedule the same successor.
+    One SET NX when nobody does housekeeping; called where such work is created (a webhook, a call URL, a
+    pause), by every timer tick and delivery job, and every HOUSEKEEPING_REARM_SECONDS by each web process
+    while there is work (HousekeepingRearm). Returns True when it started a chain."""
+    alive = keys.housekeeping_alive()
+    if not r.set(alive, "chain", nx=True, ex=HOUSEKEEPING_ALIVE_SECONDS):
+        if r.get(alive) != "chain" or housekeeping_tick_waiting(r, queue):
+            return False
+        r.set(alive, "chain", ex=HOUSEKEEPING_ALIVE_SECONDS)
     schedule_tick(queue, math.floor(time.time()) + 1, HOUSEKEEPING_TICK_JOB, kind="housekeeping")
     return True
+
+
+class HousekeepingRearm(threading.Thread):
+    """One daemon thread per web process that, every HOUSEKEEPING_REARM_SECONDS (a setting; 0: off), looks
+    whether housekeeping has work (anything_to_watch) and if so calls ensure_housekeeping: under a plain
+    `rq worker` a chain of ticks lost to a killed worker or a Redis restart is started again within that period
+    even when no webhook, call URL or pause is added and no timer fires. The one-click and page paths pay
+    nothing: they never touch Redis for it.
+
+    Apps are watched from their first request on (`watch`, called by the app's WSGI entry): under gunicorn
+    that is in each forked worker, whose thread starts there (a thread does not survive a fork). The thread
+    holds only weak references to the apps, and its own Redis clients, one per (REDIS_URL, RQ_QUEUE) that a
+    live app uses, closed when no live app uses it any more; it ends when no app is left.
+    """
+
+    lock = threading.Lock()
+    apps = weakref.WeakKeyDictionary()  # app -> (REDIS_URL, RQ_QUEUE, period, timeout)
+    current = None  # this process's thread
+    process = object()  # replaced in a forked child: its apps are watched again there
+    wake = threading.Event()
+
+    def __init__(self):
+        super().__init__(name="housekeeping-rearm", daemon=True)
+        self.clients = {}  # (url, queue name) -> (decoded client, timer queue)
+        self.next_at = {}  # (url, queue name) -> monotonic time of its next look
+        self.failing = set()
+
+    @classmethod
+    def watch(cls, app):
+        period = float(app.config.get("HOUSEKEEPING_REARM_SECONDS") or 0)
+        if period <= 0:
+            return
+        with cls.lock:
+            cls.apps[app] = (app.config["REDIS_URL"], app.config["RQ_QUEUE"], period,
+                             app.config.get("REDIS_TIMEOUT_SECONDS") or 5)
+            if cls.current is None or not cls.current.is_alive():
+                cls.current = cls()
+                cls.current.start()
+            cls.wake.set()
+
+    @classmethod
+    def after_fork(cls):
+        cls.lock = threading.Lock()
+        cls.current = None
+        cls.wake = threading.Event()
+        cls.process = object()
+
+    @classmethod
+    def entry(cls, app, wsgi_app):
+        """WSGI middleware: `watch` the app at its first request in each process (a dict-free identity check
+        per request after that)."""
+        seen = [None]
+
+        def watched_app(environ, start_response):
+            if seen[0] is not cls.process:
+                seen[0] = cls.process
+                cls.watch(app)
+            return wsgi_app(environ, start_response)
+        return watched_app
+
+    def targets(self):
+        """{(url, queue name): (period, timeout)} of the live apps; None (and the thread ends) when none is left."""
+        with self.lock:
+            found = {}
+            for url, name, period, timeout in list(self.apps.values()):
+                old = found.get((url, name))
+                found[(url, name)] = (min(period, old[0]) if old else period, timeout)
+            if not found and HousekeepingRearm.current is self:
+                HousekeepingRearm.current = None
+                return None
+            return found
+
+    def run(self):
+        while True:
+            self.wake.clear()
+            targets = self.targets()
+            if targets is None:
+                break
+            for key in [k for k in self.clients if k not in targets]:
+                self.close(key)
+            now = time.monotonic()
+            for key, (period, timeout) in targets.items():
+                if now >= self.next_at.get(key, 0.0):
+                    self.next_at[key] = now + period
+                    self.look(key, timeout)
+            waits = [self.next_at[key] - time.monotonic() for key in targets]
+            self.wake.wait(max(0.05, min(waits)))
+        for key in list(self.clients):
+            self.close(key)
+
+    def look(self, key, timeout):
+        import redis
+        try:
+            if key not in self.clients:
+                url, name = key
+                raw = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+                self.clients[key] = (redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout,
+                                                          socket_connect_timeout=timeout), timer_queue(raw, name))
+            r, queue = self.clients[key]
+            if anything_to_watch(r) and ensure_housekeeping(r, queue):
+                log.info("housekeeping re-armed: its chain of ticks was gone")
+            self.failing.discard(key)
+        except Exception:  # noqa: BLE001 - Redis down or restarting: look again next period
+            if key not in self.failing:
+                log.debug("housekeeping re-arm could not reach Redis; retrying", exc_info=True)
+            self.failing.add(key)
+
+    def close(self, key):
+        r, queue = self.clients.pop(key)
+        self.next_at.pop(key, None)
+        for client in (r, queue.connection):
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+os.register_at_fork(after_in_child=HousekeepingRearm.after_fork)
 
 
 def fire_due(r, budget=TICK_BUDGET, grace=SWEEP_GRACE, limit=FIRE_BATCH):

@@ -16,7 +16,7 @@ import threading
 import time
 
 from webapp import keys, preferences, scripts, webhooks
-from webapp.delayed import HOUSEKEEPING_ALIVE_SECONDS, HOUSEKEEPING_TICK_JOB, schedule_tick
+from webapp.delayed import HOUSEKEEPING_ALIVE_SECONDS, HOUSEKEEPING_TICK_JOB, anything_to_watch, schedule_tick
 
 log = logging.getLogger("workers.housekeeping")
 HOUSEKEEPING_INTERVAL = 0.5  # seconds
@@ -61,17 +61,6 @@ def run_duties(r, queue, failing, retry_text):
             if name not in failing:
                 log.exception("housekeeping failed %s; retrying %s", name, retry_text)
             failing.add(name)
-
-
-def anything_to_watch(r):
-    """Whether housekeeping has work to look for: a pause that will end, or a delivery target (every webhook
-    and the call URL have a consumer group on the timeline)."""
-    if r.zcard(keys.suspensions_due()):
-        return True
-    try:
-        return bool(r.xinfo_groups(keys.events_timeline()))
-    except Exception:  # noqa: BLE001 - redis.ResponseError: no timeline yet, so no target either
-        return False
 
 
 def housekeeping_tick(r, queue, now=None, run=True):
