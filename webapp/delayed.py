@@ -22,8 +22,8 @@ The JSON serializer is used because RQ's default, pickle, must never load data a
 import logging
 import math
 import random
-import re
 import os
+import re
 import threading
 import time
 import weakref
@@ -137,15 +137,18 @@ def anything_to_watch(r):
 
 
 def housekeeping_tick_waiting(r, queue, now=None, back=CHAIN_LOOK_BACK, ahead=CHAIN_LOOK_AHEAD):
-    """Whether a housekeeping tick is scheduled or queued for a second near `now` (one pipelined round trip over
-    the tick ids of those seconds). A chain that goes on always has one: each tick schedules its successor, for
-    the next second, before anything else. A tick left in a dead worker's started registry (a kill, a Redis
-    restart) does not count: it never runs again."""
+    """Whether a housekeeping tick is in the queue's scheduled registry or in the queue itself, for a second near
+    `now` (one pipelined round trip over the tick ids of those seconds). A chain that goes on always has one:
+    each tick schedules its successor, for the next second, before anything else. A tick left in a dead
+    worker's started registry (a kill, a Redis restart) does not count: it never runs again; nor does one whose
+    job still says "queued" after a worker took it off the queue and died."""
     second = math.floor(time.time() if now is None else now)
     with r.pipeline(transaction=False) as pipe:
         for s in range(second - back, second + ahead + 1):
-            pipe.hget(f"rq:job:{tick_job_id(queue.name, s, 'housekeeping')}", "status")
-        return any(status in ("scheduled", "queued") for status in pipe.execute())
+            job_id = tick_job_id(queue.name, s, "housekeeping")
+            pipe.zscore(queue.scheduled_job_registry.key, job_id)
+            pipe.lpos(queue.key, job_id)
+        return any(found is not None for found in pipe.execute())
 
 
 def ensure_housekeeping(r, queue):
