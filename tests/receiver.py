@@ -26,27 +26,22 @@ class Receiver:
                     receiver.requests.append({"path": self.path, "headers": dict(self.headers), "body": body,
                                               "at": time.time(), "answered": behaviour})
                 status, extra = behaviour, {}
-                if isinstance(behaviour, tuple) and behaviour[0] == "trickle":
+                if isinstance(behaviour, tuple) and behaviour[0] in ("trickle", "slow_body"):
                     receiver.in_flight.set()
-                    _, seconds, status = behaviour
+                    kind, seconds, status = behaviour
+                    if kind == "trickle":  # a header line every 0.25 s: each socket read gets something
+                        parts = [b"HTTP/1.1 %d OK\r\n" % status,
+                                 *(b"X-Trickle: %d\r\n" % i for i in range(int(seconds / 0.25))),
+                                 b"Content-Length: 0\r\n\r\n"]
+                        pause = 0.25
+                    else:  # the whole status and headers at once, the body after `seconds`
+                        parts, pause = [b"HTTP/1.1 %d OK\r\nContent-Length: 2\r\n\r\n" % status, b"ok"], seconds
                     try:
-                        self.wfile.write(b"HTTP/1.1 %d OK\r\n" % status)
-                        for i in range(int(seconds / 0.25)):
+                        for i, part in enumerate(parts):
+                            if i:
+                                time.sleep(pause)
+                            self.wfile.write(part)
                             self.wfile.flush()
-                            time.sleep(0.25)
-                            self.wfile.write(b"X-Trickle: %d\r\n" % i)
-                        self.wfile.write(b"Content-Length: 0\r\n\r\n")
-                    except OSError:
-                        pass  # the caller gave up
-                    self.close_connection = True
-                    return
-                if isinstance(behaviour, tuple) and behaviour[0] == "slow_body":
-                    _, seconds, status = behaviour  # the whole status and headers at once, the body in `seconds`
-                    try:
-                        self.wfile.write(b"HTTP/1.1 %d OK\r\nContent-Length: 2\r\n\r\n" % status)
-                        self.wfile.flush()
-                        time.sleep(seconds)
-                        self.wfile.write(b"ok")
                     except OSError:
                         pass  # the caller gave up
                     self.close_connection = True
