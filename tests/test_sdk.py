@@ -572,3 +572,19 @@ def test_pending_of_a_timer_whose_category_was_deleted_says_it_stops_everything(
     api.ok("resources/update", id=res["id"], delete_categories=["news"])
     pending = call(client, res["id"], smid=smid, action="state").get_json()["pending"]
     assert pending["whole"] is True and pending["stops"], pending
+
+
+def test_state_reads_the_record_and_the_pending_timer_in_one_round_trip(client, api, r, monkeypatch):
+    """The answer's state (the record, and the pending timer every mode shows) is one round trip, not two."""
+    res, ident, smid = make(api, "delayed", category="news")
+    assert call(client, res["id"], smid=smid, action="show").get_json()["result"] == "pending"
+    sends = []
+    real_send = redis.connection.AbstractConnection.send_packed_command
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command",
+                        lambda self, command, *a, **k: sends.append(
+                            command if isinstance(command, bytes) else b"".join(command))
+                        or real_send(self, command, *a, **k))
+    answer = call(client, res["id"], smid=smid, action="state").get_json()
+    assert answer["pending"] and answer["status"] == "subscribed"
+    (with_timer,) = [sent for sent in sends if b":pending:" in sent]
+    assert b"HGETALL" in with_timer and b":subs\r\n" in with_timer       # read together with the record

@@ -254,7 +254,10 @@ def _action(body):
 
 
 def _state(r, ctx, result):
-    raw = r.hget(keys.profile_subscriptions(*ctx.key[:2]), ctx.smid.hash_id)
+    with r.pipeline(transaction=False) as pipe:  # the record and the pending timer, in one round trip
+        pipe.hget(keys.profile_subscriptions(*ctx.key[:2]), ctx.smid.hash_id)
+        pipe.hgetall(keys.pending_unsubscribe(*ctx.key))
+        raw, ctx.pending_fields = pipe.execute()
     record = decode_record(raw) if raw else ctx.record
     state = state_of(ctx.resource, record)
     pending = unsubscribe.read_pending(r, ctx)  # in every mode: a timer outlives a change of mode, and fires

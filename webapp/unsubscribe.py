@@ -44,7 +44,7 @@ class Context:
     resource: dict
     record: dict
     views: dict = field(default_factory=dict)  # recent GET/HEAD counts of this SMID's page (scanner evidence)
-    pending_fields: dict = None  # the pending timer's hash as read with the page (hotpaths); None: not read
+    pending_fields: dict = None  # the pending timer's hash as read with the page or the SDK's state; None: not read
 
     @property
     def key(self):
