@@ -9,7 +9,8 @@ class Receiver:
     """`behaviours` is a list consumed per request: an int status, ("sleep", seconds, status),
     ("redirect", status, location), or ("trickle", seconds, status): the status line at once, then one header
     line every 0.25 s for `seconds` (each socket read gets something), then the end of the answer; or
-    ("slow_body", seconds, status): status and headers at once, the 2-byte body after `seconds`. When it runs out, every request gets 200. GETs are recorded too."""
+    ("slow_body", seconds, status): status and headers at once, the 2-byte body after `seconds`. When it runs
+    out, every request gets 200. GETs are recorded too."""
 
     def __init__(self):
         self.requests = []

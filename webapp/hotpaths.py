@@ -5,8 +5,8 @@ wake-up of redis-server and a blocking read) and, on this kind of VM, to every c
 cold per request (a cold EVALSHA of six reads ~29 us of Redis CPU, each plain command a few us). So these do
 the same reads and writes as the generic code paths in fewer calls, on direct.py's transport:
 
-- the unsubscribe page GET/HEAD (`open_for_page`): open_smid's three reads, the pending timer and record_view's count as six
-  plain commands in one pipeline, where they took two round trips;
+- the unsubscribe page GET/HEAD (`open_for_page`): open_smid's three reads, the pending timer and record_view's
+  count as six plain commands in one pipeline, where they took two round trips;
 - the RFC 8058 one-click POST (`one_click`): open_smid's reads plus what the unsubscribe needs as five plain
   reads in one pipeline, then one compare-and-set Lua call (APPLY) that writes the new record and its
   chained ledger event; the generic open_smid + unsubscribe took six round trips (three reads, WATCH,

@@ -520,8 +520,9 @@ def fire_timers(r, timers, now=None):
     """Settle the given timers [(db_id, profile_id, hash_id)] that are due (by the Redis clock, or `now`).
 
     Returns {timer: code}: "fired" (unsubscribed as the record said), "dropped" (settled without a change: the
-    subscription no longer exists, or its resource is blocked now), "gone" (nothing pending: cancelled or settled before), "early" (not due yet), "leased"
-    (another firer is settling it right now; should it die, the lease runs out after FIRE_LEASE seconds),
+    subscription no longer exists, or its resource is blocked now), "gone" (nothing pending: cancelled or settled
+    before), "early" (not due yet), "leased" (another firer is settling it right now; should it die, the lease
+    runs out after FIRE_LEASE seconds),
     "changed" (kept changing under us FIRE_ATTEMPTS times; the next sweep retries it) or "broken" (its data
     cannot be read or has the wrong type: logged once, left pending, the other timers go on).
     """
