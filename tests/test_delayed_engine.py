@@ -295,6 +295,25 @@ def test_a_timer_of_a_resource_blocked_since_it_started_is_dropped_at_its_deadli
     assert u.cancel_timer(r, blocked) == "none"                        # its page: nothing was stopped
 
 
+def test_a_resource_blocked_between_a_timers_claim_and_its_fire_drops_the_timer(app, r, api, monkeypatch):
+    """The firer claims a timer and reads its resource (still delayed) before it writes: a block that comes in
+    between wins, as the fire step itself (scripts.FIRE_TIMERS) looks at the resource's mode when it writes."""
+    (ctx,) = delayed_contexts(app, r, 1, timer_minutes=1)
+    sleep_past(arm(r, ctx))
+    ledger = r.llen(keys.profile_events(1, ctx.key[1]))
+
+    def block_then_fire(*a, **kw):  # claimed, and its settlement built from the resource as it was
+        assert r.hget(keys.pending_unsubscribe(*ctx.key), "lease")
+        api.ok("resources/update", id=ctx.resource["id"], unsubscribe={"mode": "blocked"})
+        return real_fire(*a, **kw)
+
+    real_fire = scripts.fire_timers
+    monkeypatch.setattr(scripts, "fire_timers", block_then_fire)
+    assert u.fire_timers(r, [ctx.key]) == {ctx.key: "dropped"}
+    assert status_of(r, ctx) == Status.SUBSCRIBED and r.llen(keys.profile_events(1, ctx.key[1])) == ledger
+    assert r.zcard(keys.pending_due()) == 0 and not r.exists(keys.pending_unsubscribe(*ctx.key))
+
+
 def test_timer_of_a_deleted_subscription_or_resource(app, r):
     gone_sub, gone_res = delayed_contexts(app, r, 2, timer_minutes=1, category="news")
     arm(r, gone_sub)

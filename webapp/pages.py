@@ -77,7 +77,7 @@ def page_view(ctx, done=None, chosen=None):
                  for c in cats if not c["required"] and c["api_name"] in subscribed]
     required = [c for c in cats if c["required"] and c["api_name"] in subscribed]
     # A timer started in delayed mode runs on (and fires) whatever the mode is now, so every page shows it;
-    # blocked.html shows only the blocked text, and the firers drop such a timer (unsubscribe._fire_round).
+    # blocked.html shows only the blocked text, and the firers drop such a timer (scripts.FIRE_TIMERS).
     pending = unsubscribe.read_pending(client_of(app), ctx)
     if status in unsubscribe.FINAL_STATUSES:
         state = "final"

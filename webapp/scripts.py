@@ -156,26 +156,41 @@ return cjson.encode(out)
 # Compare-and-settle a batch of timers: the Lua equivalent of a WATCH/MULTI per timer, for many timers in one
 # call. The caller read each timer's state (CLAIM_TIMERS) and built the new subscription JSON and the chained
 # ledger event in Python (events are SHA-256 chained there); for each timer this script applies them only if
-# nothing it read has changed and the deadline has passed.
-# KEYS[1]: keys.pending_due(); KEYS[2]: keys.events_timeline(); then 4 per timer: keys.pending_unsubscribe,
-#   keys.profile_subscriptions, keys.profile_events, keys.db_profiles.
+# nothing it read has changed and the deadline has passed. Whether the resource is blocked is decided here, by
+# its mode as it is when the timer settles: a block that came after the caller read the resource still wins.
+# KEYS[1]: keys.pending_due(); KEYS[2]: keys.events_timeline(); then 5 per timer: keys.pending_unsubscribe,
+#   keys.profile_subscriptions, keys.profile_events, keys.db_profiles, keys.resource of the subscription's
+#   resource (keys.resource("") when there is no subscription: a key that never exists).
 # ARGV[1]: "now" in epoch seconds, or "" for the server clock; ARGV[2]: a JSON array with, per timer: [due
 #   member, hash_id, deadline and armed_at as read ("" when there was no pending record), subscription JSON as
 #   read ("" = none), ledger length as read, new subscription JSON ("" = unchanged), event JSON ("" = none),
 #   timeline ref, profile_id, resource_id].
 # Returns one code per timer: "fired" (settled: pending record and due entry deleted, subscription and event
-# written), "gone" (no pending record: cancelled or settled already; its due entry is removed), "early" (not
+# written), "dropped" (its resource is blocked: nobody may unsubscribe from it, so the pending record and due
+# entry are deleted and nothing else is written, and unblocking the resource later does not bring the timer
+# back), "gone" (no pending record: cancelled or settled already; its due entry is removed), "early" (not
 # due yet), "changed" (something changed since it was read: read again and retry), "broken" (one of its keys,
 # or the timeline, holds the wrong type; checked before any write, so nothing is written).
 FIRE_TIMERS = NOW_FROM_ARGV1 + """
 local due, timeline = KEYS[1], KEYS[2]
+local modes = {}  -- resource key -> its unsubscribe mode, decoded once per call (a batch shares few resources)
 
 local function writable(key, kind)
   local found = redis.call('TYPE', key)['ok']
   if found ~= kind and found ~= 'none' then error(key .. ' holds a ' .. found) end
 end
 
-local function check(pending, subs, events, profiles, member, hash_id, deadline, armed_at, expected, length)
+local function blocked(resource)
+  if modes[resource] == nil then
+    local ok, decoded = pcall(cjson.decode, redis.call('GET', resource) or 'null')
+    local unsub = ok and type(decoded) == 'table' and decoded['unsubscribe']
+    modes[resource] = type(unsub) == 'table' and unsub['mode'] or ''
+  end
+  return modes[resource] == 'blocked'
+end
+
+local function check(pending, subs, events, profiles, resource, member, hash_id, deadline, armed_at, expected,
+                     length)
   writable(profiles, 'set')  -- the writes below must not fail halfway: a change without its event
   writable(timeline, 'stream')
   local p = redis.call('HMGET', pending, 'deadline', 'armed_at')
@@ -188,30 +203,34 @@ local function check(pending, subs, events, profiles, member, hash_id, deadline,
     return 'early'
   elseif (redis.call('HGET', subs, hash_id) or '') ~= expected or redis.call('LLEN', events) ~= length then
     return 'changed'
+  elseif blocked(resource) then
+    return 'dropped'
   end
   return nil
 end
 
 local out = {}
 for i, item in ipairs(cjson.decode(ARGV[2])) do
-  local pending, subs, events, profiles = KEYS[4 * i - 1], KEYS[4 * i], KEYS[4 * i + 1], KEYS[4 * i + 2]
+  local pending, subs, events, profiles, resource = unpack(KEYS, 5 * i - 2, 5 * i + 2)
   local member, hash_id, deadline, armed_at, expected, length, new_sub, event, ref, profile_id, rid = unpack(item)
-  local ok, code = pcall(check, pending, subs, events, profiles, member, hash_id, deadline, armed_at, expected,
-                         length)
+  local ok, code = pcall(check, pending, subs, events, profiles, resource, member, hash_id, deadline, armed_at,
+                         expected, length)
   if not ok then
     code = 'broken'
-  elseif code == nil then
+  elseif code == nil or code == 'dropped' then
     redis.call('DEL', pending)
     redis.call('ZREM', due, member)
-    if new_sub ~= '' then
-      redis.call('HSET', subs, hash_id, new_sub)
-      redis.call('SADD', profiles, profile_id)
+    if code == nil then
+      if new_sub ~= '' then
+        redis.call('HSET', subs, hash_id, new_sub)
+        redis.call('SADD', profiles, profile_id)
+      end
+      if event ~= '' then
+        redis.call('RPUSH', events, event)
+        redis.call('XADD', timeline, '*', 'ref', ref, 'rid', rid, 'method', 'timer')
+      end
+      code = 'fired'
     end
-    if event ~= '' then
-      redis.call('RPUSH', events, event)
-      redis.call('XADD', timeline, '*', 'ref', ref, 'rid', rid, 'method', 'timer')
-    end
-    code = 'fired'
   end
   out[i] = code
 end
@@ -234,7 +253,7 @@ def claim_timers(r, timers, owner, lease, now=None):
 
 
 def fire_timers(r, due_key, timeline_key, items, now=None):
-    """Run FIRE_TIMERS; `items` is [(4 keys, 11 values)] per timer as documented there. Returns the codes."""
+    """Run FIRE_TIMERS; `items` is [(5 keys, 11 values)] per timer as documented there. Returns the codes."""
     if not items:
         return []
     keys = [due_key, timeline_key, *(k for item_keys, _values in items for k in item_keys)]

@@ -247,7 +247,8 @@ def _own_recent_change(r, ctx):
 #   (scripts.CLAIM_TIMERS, which also leases due ones to the caller for FIRE_LEASE seconds so that concurrent
 #   firers do not all do the same work), build each new subscription and chained ledger event in Python, and
 #   apply them with one Lua call (scripts.FIRE_TIMERS) that writes a timer's changes only if its record,
-#   subscription and ledger are still what was read and its deadline has passed.
+#   subscription and ledger are still what was read and its deadline has passed, and that settles it without
+#   a change if its resource is blocked then (a block made after the read still wins).
 # A cancel that committed first leaves nothing to fire; a cancel that comes after the fire finds no record and
 # answers "unsubscribed". Duplicate or late runs find nothing and change nothing.
 # Deadlines come from the Redis server clock (TIME), and the Lua script decides "due" by the same clock.
@@ -448,10 +449,11 @@ def _settlement(db_id, profile_id, hash_id, row, resources, now_text):
                                          evidence=json.loads(evidence or "{}"))
                 event_raw = events.encode_event(event)
                 ref = f"{db_id}|{profile_id}|{event['seq']}"
+    resource_id = str(record["resource_id"]) if record else ""
     item_keys = (keys.pending_unsubscribe(db_id, profile_id, hash_id), keys.profile_subscriptions(db_id, profile_id),
-                 keys.profile_events(db_id, profile_id), keys.db_profiles(db_id))
+                 keys.profile_events(db_id, profile_id), keys.db_profiles(db_id), keys.resource(resource_id))
     values = (keys.pending_due_member(db_id, profile_id, hash_id), hash_id, deadline, armed_at, sub_raw, ledger_len,
-              new_sub, event_raw, ref, profile_id, str(record["resource_id"]) if record else "")
+              new_sub, event_raw, ref, profile_id, resource_id)
     return item_keys, values, record is not None
 
 
@@ -468,38 +470,19 @@ def _fire_round(r, timers, now, owner):
         try:
             if len(row) != 9:
                 raise ValueError(row[0])
-            settlements.append(_blocked_settlement(*timer, row) if _is_blocked(row, resources)
-                               else _settlement(*timer, row, resources, now_text))
+            settlements.append(_settlement(*timer, row, resources, now_text))
             todo.append(timer)
         except Exception as exc:  # noqa: BLE001 - one unreadable record must not hold up the other timers
             results[timer] = _broken(timer, exc)
     codes = scripts.fire_timers(r, keys.pending_due(), keys.events_timeline(),
                                 [(k, v) for k, v, _has in settlements], now)
     for timer, code, (_k, _v, has_sub) in zip(todo, codes, settlements):
-        # A timer whose subscription no longer exists is settled without a change: report it as "dropped".
+        # A timer whose subscription no longer exists is settled without a change: report it as "dropped", as
+        # FIRE_TIMERS reports one of a blocked resource (decided there, by the resource as it is when it writes).
         results[timer] = "dropped" if code == "fired" and not has_sub else code
         if code == "broken":
             _broken(timer, "a key has the wrong type")
     return results
-
-
-def _is_blocked(row, resources):
-    """Whether the timer's subscription belongs to a resource that is blocked now: nobody can unsubscribe from
-    it (one-click answers 403), so a timer started before the sender blocked it must not fire."""
-    resource = resources.get(_resource_id(row))
-    return resource is not None and resource["unsubscribe"]["mode"] == "blocked"
-
-
-def _blocked_settlement(db_id, profile_id, hash_id, row):
-    """_settlement's answer for a timer of a blocked resource: settle (delete) the pending record at its deadline
-    and change nothing, so that it leaves the due index (an unfired due timer would come first in every sweep)
-    and does not fire should the sender unblock the resource later. Reported as "dropped"."""
-    deadline, armed_at, _scope, _smid, _evidence, sub_raw, ledger_len, _seq, _hash = row
-    item_keys = (keys.pending_unsubscribe(db_id, profile_id, hash_id), keys.profile_subscriptions(db_id, profile_id),
-                 keys.profile_events(db_id, profile_id), keys.db_profiles(db_id))
-    values = (keys.pending_due_member(db_id, profile_id, hash_id), hash_id, deadline, armed_at, sub_raw, ledger_len,
-              "", "", "", profile_id, str(_resource_id(row)))
-    return item_keys, values, False  # False: reported as "dropped", settled without a change
 
 
 def _resource_id(row):
@@ -520,7 +503,8 @@ def fire_timers(r, timers, now=None):
     """Settle the given timers [(db_id, profile_id, hash_id)] that are due (by the Redis clock, or `now`).
 
     Returns {timer: code}: "fired" (unsubscribed as the record said), "dropped" (settled without a change: the
-    subscription no longer exists, or its resource is blocked now), "gone" (nothing pending: cancelled or settled
+    subscription no longer exists, or its resource is blocked when it settles: nobody can unsubscribe from a
+    blocked resource, one-click answers 403), "gone" (nothing pending: cancelled or settled
     before), "early" (not due yet), "leased" (another firer is settling it right now; should it die, the lease
     runs out after FIRE_LEASE seconds),
     "changed" (kept changing under us FIRE_ATTEMPTS times; the next sweep retries it) or "broken" (its data
