@@ -58,6 +58,17 @@ def last_event(r, ident):
     return events.decode_event(r.lindex(keys.profile_events(ident["db_id"], ident["profile_id"]), -1))
 
 
+def round_trips(monkeypatch):
+    """What each round trip to Redis sent (a command, or a pipeline's commands together), as it goes."""
+    sends = []
+    real_send = redis.connection.AbstractConnection.send_packed_command
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command",
+                        lambda self, command, *a, **k: sends.append(
+                            command if isinstance(command, bytes) else b"".join(command))
+                        or real_send(self, command, *a, **k))
+    return sends
+
+
 # -- changes ------------------------------------------------------------------------------------------
 
 def test_confirm_unsubscribes_the_chosen_categories_with_evidence(client, api, r):
@@ -578,13 +589,30 @@ def test_state_reads_the_record_and_the_pending_timer_in_one_round_trip(client, 
     """The answer's state (the record, and the pending timer every mode shows) is one round trip, not two."""
     res, ident, smid = make(api, "delayed", category="news")
     assert call(client, res["id"], smid=smid, action="show").get_json()["result"] == "pending"
-    sends = []
-    real_send = redis.connection.AbstractConnection.send_packed_command
-    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command",
-                        lambda self, command, *a, **k: sends.append(
-                            command if isinstance(command, bytes) else b"".join(command))
-                        or real_send(self, command, *a, **k))
+    sends = round_trips(monkeypatch)
     answer = call(client, res["id"], smid=smid, action="state").get_json()
     assert answer["pending"] and answer["status"] == "subscribed"
     (with_timer,) = [sent for sent in sends if b":pending:" in sent]
     assert b"HGETALL" in with_timer and b":subs\r\n" in with_timer       # read together with the record
+
+
+def test_an_instant_show_reads_the_pending_timer_with_the_record_in_one_round_trip(client, api, r, monkeypatch):
+    """An instant show must see a pending timer (one that outlived a switch of mode is shown, not skipped); it is
+    read with the resource and the record, so the show costs the round trips of a confirm, not one more."""
+    shown_res, _ident, shown = make(api, "instant")
+    confirmed_res, _ident, confirmed = make(api, "instant", profile_id="p-43")
+    timed_res, _ident, timed = make(api, "delayed", profile_id="p-44")
+    started = call(client, timed_res["id"], smid=timed, action="show").get_json()["pending"]
+    api.ok("resources/update", id=timed_res["id"], unsubscribe={"mode": "instant"})
+    sends = round_trips(monkeypatch)
+    assert call(client, confirmed_res["id"], smid=confirmed, action="confirm").get_json()["status"] == "unsubscribed"
+    confirm_round_trips = len(sends)
+    sends.clear()
+    assert call(client, shown_res["id"], smid=shown, action="show").get_json()["result"] == "unsubscribed"
+    assert len(sends) == confirm_round_trips
+    sends.clear()
+    body = call(client, timed_res["id"], smid=timed, action="show").get_json()
+    assert (body["result"], body["status"], body["pending"]["deadline"]) == ("pending", "subscribed",
+                                                                             started["deadline"])
+    first_read = [sent for sent in sends if b":pending:" in sent][0]
+    assert b"HGETALL" in first_read and b"us:resource:" in first_read and b":subs\r\n" in first_read

@@ -298,7 +298,8 @@ def sdk_unsubscribe(resource):
         smid = body.get("smid")
         if not isinstance(smid, str) or not smid:
             raise SdkError(400, "invalid", "smid is required (the message id from the page's URL)")
-        ctx = unsubscribe.open_smid(r, current_app.extensions["signing_keys"], smid)
+        # A show may act on the pending timer (see show): it is read in the same round trip as the SMID's record.
+        ctx = unsubscribe.open_smid(r, current_app.extensions["signing_keys"], smid, with_pending=action == "show")
         if ctx.resource["id"] != resource["id"]:
             raise SdkError(403, "wrong_resource", "This message was not sent for this resource")
         rtoken = body.get("rtoken")
@@ -328,7 +329,7 @@ def show(r, ctx, act=True):
     if not act:
         return "waiting"  # until confirmUnsub, as in confirm mode
     if ctx.mode == "instant":
-        if unsubscribe.read_pending(r, ctx):
+        if unsubscribe.read_pending(r, ctx):  # as read with the SMID (open_smid's with_pending)
             return "pending"  # a timer started before the sender switched to instant: shown as the page shows it
         unsubscribe.unsubscribe(r, ctx, scope, "sdk", sdk_evidence(ctx))
         return "unsubscribed"

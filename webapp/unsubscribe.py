@@ -44,7 +44,7 @@ class Context:
     resource: dict
     record: dict
     views: dict = field(default_factory=dict)  # recent GET/HEAD counts of this SMID's page (scanner evidence)
-    pending_fields: dict = None  # the pending timer's hash as read with the page or the SDK's state; None: not read
+    pending_fields: dict = None  # the pending timer's hash as read with the SMID, the page or the SDK's state
 
     @property
     def key(self):
@@ -55,16 +55,21 @@ class Context:
         return self.resource["unsubscribe"]["mode"]
 
 
-def open_smid(r, ring, token):
-    """Verify the SMID and load its resource and subscription. Raises BadToken, NoSuchResource,
+def open_smid(r, ring, token, with_pending=False):
+    """Verify the SMID and load its resource and subscription; with_pending: its pending timer too (what
+    read_pending then returns), for a caller that acts on it. Raises BadToken, NoSuchResource,
     NoSuchSubscription (also for a soft-deleted subscription)."""
     smid = read_smid(ring, token)
-    with r.pipeline(transaction=False) as pipe:  # one round trip for the three reads
+    with r.pipeline(transaction=False) as pipe:  # one round trip for all the reads
         pipe.get(keys.resource(smid.resource_id))
         pipe.hget(keys.profile_subscriptions(smid.db_id, smid.profile_id), smid.hash_id)
         pipe.hgetall(keys.page_views(view_digest(token)))
-        resource_raw, raw, views = pipe.execute()
-    return context_from(token, smid, resource_raw, raw, views)
+        if with_pending:
+            pipe.hgetall(keys.pending_unsubscribe(smid.db_id, smid.profile_id, smid.hash_id))
+        resource_raw, raw, views, *pending = pipe.execute()
+    ctx = context_from(token, smid, resource_raw, raw, views)
+    ctx.pending_fields = pending[0] if pending else None
+    return ctx
 
 
 def context_from(token, smid, resource_raw, raw, views):
@@ -275,8 +280,9 @@ def server_time(client):
 
 def read_pending(r, ctx):
     """The pending timer of this subscription as {"deadline", "scope", "smid", "armed_at", "evidence"}, or None;
-    as read together with the page when it was (every page shows a pending timer, in any mode). Its scope is
-    what it stops if it fires now (timer_scope: a category the sender deleted meanwhile stands for the whole)."""
+    as read together with the page or the SMID when it was (every page shows a pending timer, in any mode). Its
+    scope is what it stops if it fires now (timer_scope: a category the sender deleted meanwhile stands for the
+    whole)."""
     raw = ctx.pending_fields if ctx.pending_fields is not None else r.hgetall(keys.pending_unsubscribe(*ctx.key))
     pending = _decode_pending(raw)
     if pending:
