@@ -151,13 +151,21 @@ def test_one_click_refuses_to_apply_after_the_pending_timer_changed(api, app, r,
 def test_one_click_errors(api, app, r):
     _res, blocked, _body = link(api, mode="blocked")
     assert one_click_both(app, r, blocked)[0] == "Blocked"
-    _res, token, body = link(api, profile="p-43")
+    _res, token, _body = link(api, profile="p-43")
     assert one_click_both(app, r, token[:-2] + "AA")[0] == "BadToken"
-    api.ok("subscriptions/delete", **{k: v for k, v in body.items() if k != "category"})
-    assert one_click_both(app, r, token)[0] == "NoSuchSubscription"
     res, token, _body = link(api, profile="p-44")
     api.ok("resources/delete", id=res["id"])
     assert one_click_both(app, r, token)[0] == "NoSuchResource"
+
+
+def test_one_click_on_a_soft_deleted_subscription_applies_as_the_generic_path(api, app, r):
+    """A deleted subscription's links keep working (the record is still stored): the fast path unsubscribes
+    it exactly as the generic one does, and a replay changes nothing."""
+    _res, token, body = link(api, category=None)
+    api.ok("subscriptions/delete", **body)
+    assert one_click_both(app, r, token) == ("ok", {"changed": True, "state": {"status": "unsubscribed",
+                                                                                "cats": ["news", "receipts"]}})
+    assert one_click_both(app, r, token)[1]["changed"] is False  # the replay
 
 
 def another_writer_between_reads_and_apply(monkeypatch, write):
@@ -251,13 +259,15 @@ def test_smids_of_one_resource_share_its_decoding_until_the_resource_changes(api
 
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
 def test_page_open_counts_views_as_record_view(api, app, r, method):
-    _res, token, body = link(api, mode="confirm")
+    res, token, body = link(api, mode="confirm")
     page_both(app, r, token, method)
     hotpaths.open_for_page(r, app.extensions["signing_keys"], token, method)
     assert page_both(app, r, token, method)[1][2] == {method: 2}
     api.ok("subscriptions/delete", **{k: v for k, v in body.items() if k != "category"})
-    assert page_both(app, r, token, method)[0] == "NoSuchSubscription"
-    assert r.hgetall(keys.page_views(unsubscribe.view_digest(token))) == {method: "4"}  # counted all the same
+    assert page_both(app, r, token, method)[0] == "ok"  # a deleted subscription's page still opens
+    api.ok("resources/delete", id=res["id"])
+    assert page_both(app, r, token, method)[0] == "NoSuchResource"
+    assert r.hgetall(keys.page_views(unsubscribe.view_digest(token))) == {method: "5"}  # counted all the same
     assert page_both(app, r, token[:-2] + "AA", method)[0] == "BadToken"
 
 

@@ -97,7 +97,9 @@ def test_links_validation(api, r, resource, subscription, change, status, messag
     assert redis_state(r) == before
 
 
-def test_no_links_for_a_deleted_subscription_since_they_would_answer_404(api, client, resource, subscription):
+def test_no_links_for_a_deleted_subscription(api, client, resource, subscription):
+    """A deleted subscription gets no new messages, so no new links; those already sent keep working
+    (tests/test_unsubscribe_deleted.py)."""
     ident = {k: v for k, v in msg(resource).items() if k != "category"}
     api.ok("subscriptions/delete", **ident)
     assert "no such subscription" in api.fail("messages/links", 404, **msg(resource))

@@ -8,9 +8,9 @@ from redis.exceptions import ConnectionError, NoScriptError
 from . import direct
 
 # KEYS[i]: a profile's subscriptions hash; ARGV[i]: a hash_id. Returns a string of "1"/"0", one per pair: "1"
-# when the record is there and not deleted (`is_delete`, stored as "x" in the compact form), since a link to a
-# deleted subscription would answer 404. One EVAL instead of a pipeline of N reads: packing and parsing 1000
-# replies cost more than the lookups.
+# when the record is there and not deleted (`is_delete`, stored as "x" in the compact form), since a deleted
+# subscription is sent no new messages (the links already sent keep working). One EVAL instead of a pipeline
+# of N reads: packing and parsing 1000 replies cost more than the lookups.
 SUBSCRIPTIONS_EXIST = """
 local out = {}
 for i = 1, #KEYS do

@@ -6,6 +6,8 @@ Rules (contract §4):
   category unsubscribe that leaves no category subscribed unsubscribes the whole subscription;
 - people (pages, SDK) cannot drop `required` categories; the sending platform's API and RFC 8058 can;
 - a blocked resource changes nothing (Blocked), and GET/HEAD callers never reach this module's writers;
+- a soft-deleted subscription's links work as a live one's (the change lands on the stored record, which stays
+  deleted); a deleted resource's links raise NoSuchResource;
 - delayed mode keeps one pending record per subscription (keys.pending_unsubscribe) holding the deadline,
   scope and evidence, with deadlines on the Redis clock. The record is the truth: a cancel, and an unsubscribe
   that leaves the timer nothing to do (not one for another category), settle it under WATCH/MULTI, and a
@@ -57,8 +59,8 @@ class Context:
 
 def open_smid(r, ring, token, with_pending=False):
     """Verify the SMID and load its resource and subscription; with_pending: its pending timer too (what
-    read_pending then returns), for a caller that acts on it. Raises BadToken, NoSuchResource,
-    NoSuchSubscription (also for a soft-deleted subscription)."""
+    read_pending then returns), for a caller that acts on it. Raises BadToken, NoSuchResource (also for a
+    deleted resource), NoSuchSubscription. A soft-deleted subscription opens (see context_from)."""
     smid = read_smid(ring, token)
     with r.pipeline(transaction=False) as pipe:  # one round trip for all the reads
         pipe.get(keys.resource(smid.resource_id))
@@ -79,7 +81,9 @@ def context_from(token, smid, resource_raw, raw, views):
         raise NoSuchResource(f"resource {smid.resource_id} does not exist")
     resource = decode_shared(resource_raw)
     record = decode_record(raw) if raw else None
-    if record is None or record.get("is_delete") or record["resource_id"] != resource["id"]:
+    # A soft-deleted subscription (`is_delete`) is still stored and `undelete` brings it back, so its sent
+    # links keep working: an opt-out made through one meanwhile must hold after the undelete.
+    if record is None or record["resource_id"] != resource["id"]:
         raise NoSuchSubscription("this subscription no longer exists")
     return Context(token, smid, resource, record, {k: int(v) for k, v in views.items()})
 
