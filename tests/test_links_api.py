@@ -3,7 +3,8 @@ from email.header import decode_header, make_header
 
 import pytest
 
-from conftest import email_resource, redis_state
+from conftest import API_TOKEN, SIGNING_KEYS, ApiActions, close_clients, email_resource, redis_state
+from webapp import create_app
 from webapp.headers import list_id_phrase
 from webapp.tokens import read_smid
 
@@ -43,6 +44,30 @@ def test_one_click_is_offered_only_on_https_links(api, app, resource, subscripti
     headers = api.ok("messages/links", **msg(resource))["headers"]
     assert headers["List-Unsubscribe"].startswith(f"<{base}/unsubscribe/")
     assert ("List-Unsubscribe-Post" in headers) == one_click
+
+
+@pytest.mark.parametrize("base,ascii_base", [
+    ("https://\u043e\u0442\u043f\u0438\u0441\u043a\u0430.\u043f\u0440\u0438\u043c\u0435\u0440.\u0440\u0444",
+     "https://xn--80apgofne.xn--e1afmkfd.xn--p1ai"),
+    ("https://unsub.example/\u043e\u0442\u043f\u0438\u0441\u043a\u0430/",
+     "https://unsub.example/%D0%BE%D1%82%D0%BF%D0%B8%D1%81%D0%BA%D0%B0")])
+def test_a_base_url_with_other_letters_is_issued_as_its_ascii_uri(app, redis_url, resource, subscription, base,
+                                                                 ascii_base):
+    """List-Unsubscribe holds URIs (RFC 2369) and a header field is US-ASCII (RFC 5322): PUBLIC_BASE_URL is
+    IDNA- and percent-encoded at start, as a browser sends it, and its links still open their pages."""
+    other = create_app({"TESTING": True, "REDIS_URL": redis_url, "API_TOKEN": API_TOKEN, "SIGNING_KEYS": SIGNING_KEYS,
+                        "VAR_DIR": app.config["VAR_DIR"], "PUBLIC_BASE_URL": base})
+    try:
+        data = ApiActions(other.test_client()).ok("messages/links", **msg(resource))
+        assert data["unsubscribe_url"] == f"{ascii_base}/unsubscribe/{data['smid']}"
+        assert data["manage_url"].startswith(f"{ascii_base}/manage/")
+        assert data["headers"]["List-Unsubscribe"] == f"<{data['unsubscribe_url']}>"
+        assert all(value.isascii() for value in data["headers"].values())
+        # Served at the base's path, as a proxy mounts it: the link's rest is the route.
+        page = other.test_client().get(data["unsubscribe_url"].removeprefix(ascii_base), base_url=ascii_base)
+        assert page.status_code == 200 and f"{ascii_base}/manage/" in page.get_data(as_text=True)
+    finally:
+        close_clients(other)
 
 
 @pytest.mark.parametrize("unsubscribe", [{"mode": "blocked"}, {"list_unsubscribe": {"enabled": False}}])

@@ -78,7 +78,8 @@ def create_app(test_config=None):
         "WTF_CSRF_SSL_STRICT": False,
         "WTF_CSRF_TIME_LIMIT": None,
     })
-    app.config.update(test_config or {})
+    # Settings among them were read and checked by load_settings (PUBLIC_BASE_URL made ASCII): not laid over raw.
+    app.config.update({k: v for k, v in (test_config or {}).items() if k not in overrides})
     if not app.config["REDIS_URL"]:
         raise RuntimeError("REDIS_URL is not set: run `python -m webapp run` (it starts a local Redis) "
                            "or set REDIS_URL=redis://host:6379/0")

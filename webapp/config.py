@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .errors import InvalidInput
+from .validation import ascii_uri
+
 DEFAULTS = {
     "REDIS_URL": None,  # None: `python -m webapp run` starts a local redis-server
     # Seconds the web app waits to connect to Redis or for an answer; then 503 (not a worker hung until
@@ -223,10 +226,11 @@ def one_click_capable(url):
 
 
 def public_base_url(value):
-    """PUBLIC_BASE_URL as links use it: scheme and host in lower case, no trailing slash. It goes into every
-    link and the List-Unsubscribe header, so it must be an http(s) URL with a host and nothing that would end
-    or split a header's <...> (spaces, <, >, quotes, commas) or the link (a query or fragment); else
-    ConfigError."""
+    """PUBLIC_BASE_URL as links use it: scheme and host in lower case, no trailing slash, and ASCII (a header
+    field is US-ASCII, RFC 5322): a host with other letters IDNA-encoded, other letters in the path
+    percent-encoded as UTF-8, as a browser sends them (validation.ascii_uri). It goes into every link and the
+    List-Unsubscribe header, so it must be an http(s) URL with a host and nothing that would end or split a
+    header's <...> (spaces, <, >, quotes, commas) or the link (a query or fragment); else ConfigError."""
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - ValueError for a port that is not a number
@@ -236,6 +240,11 @@ def public_base_url(value):
             or re.search(r'[\s<>",?#\x00-\x1f\x7f]', value)):
         raise ConfigError(f"PUBLIC_BASE_URL {value!r} must be an http(s) URL such as https://unsub.example.com "
                           "(no spaces, <, >, quotes, commas, query or fragment)")
+    try:
+        value = ascii_uri(value, "PUBLIC_BASE_URL")
+    except InvalidInput as exc:
+        raise ConfigError(str(exc)) from None
+    parts = urlsplit(value)
     return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path}".rstrip("/")
 
 

@@ -234,11 +234,13 @@ def as_url(value, field, allow_placeholders=(), sendable=False):
     if any(c.isspace() or ord(c) < 32 or 0x7f <= ord(c) <= 0x9f for c in value):
         raise InvalidInput(f"{field} must not contain spaces or control characters", field=field)
     if sendable and not value.isascii():
-        return _ascii_uri(value, field)
+        return ascii_uri(value, field)
     return value
 
 
-def _ascii_uri(value, field):
+def ascii_uri(value, field):
+    """An absolute URL as the ASCII URI that goes on the wire (see as_url); InvalidInput for a host that is no
+    internationalized domain name."""
     parts = urlsplit(value)
     netloc = parts.netloc
     if not netloc.isascii():
