@@ -153,6 +153,41 @@ def test_security_headers_keep_what_a_view_set(app):
     assert resp.headers["Referrer-Policy"] == "no-referrer"
 
 
+SMID = "AQJ0MQEBawUTe31rGjgEcC00MgRuZXdzSrr1PokfUf84Ea8YYXY91w"
+METHOD_NOT_ALLOWED = [  # (method, path, the methods its Allow names)
+    ("GET", "/api/v1.1/resources/list", {"POST", "OPTIONS"}),
+    ("GET", "/sdk/v1/1/unsubscribe", {"POST", "OPTIONS"}),
+    ("PUT", f"/unsubscribe/{SMID}", {"GET", "HEAD", "POST", "OPTIONS"}),     # a link as sent: no slash
+    ("PUT", f"/unsubscribe/{SMID}/", {"GET", "HEAD", "POST", "OPTIONS"}),
+    ("DELETE", f"/manage/{SMID}", {"GET", "HEAD", "POST", "OPTIONS"}),
+    ("POST", "/static/pages.css", {"GET", "HEAD", "OPTIONS"}),
+]
+
+
+@pytest.mark.parametrize("method,path,allowed", METHOD_NOT_ALLOWED, ids=[p for _, p, _ in METHOD_NOT_ALLOWED])
+def test_a_405_says_which_methods_are_allowed(client, method, path, allowed):
+    """RFC 9110 §15.5.6: a 405 MUST carry Allow, whichever surface renders it; the security headers stay."""
+    resp = client.open(path, method=method)
+    assert resp.status_code == 405
+    assert {m.strip() for m in resp.headers.get("Allow", "").split(",")} == allowed
+    page_headers = ("Content-Security-Policy", "Referrer-Policy", "X-Frame-Options")
+    for header in ("X-Content-Type-Options", "Content-Type") + (page_headers if "/api/" not in path else ()):
+        assert len(resp.headers.getlist(header)) == 1, header
+    assert resp.headers["Content-Type"] != "text/html; charset=utf-8" or "<main" in resp.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("path,body,headers", [
+    ("resources/list", {}, {}), ("resources/list", {"token": "wrong"}, {}),
+    ("resources/list", {}, {"Authorization": "Bearer wrong"}), ("events/export", {}, {})])
+def test_an_api_401_names_its_authentication_scheme(client, path, body, headers):
+    """RFC 9110 §15.5.2: a 401 MUST carry WWW-Authenticate; the token also works as a JSON field."""
+    resp = client.post(f"/api/v1.1/{path}", json=body, headers=headers)
+    assert resp.status_code == 401 and resp.headers.getlist("WWW-Authenticate") == ["Bearer"]
+    assert resp.get_json()["error"] == 401 and resp.headers["X-Content-Type-Options"] == "nosniff"
+    refused = client.post("/api/v1.1/resources/list", json={"token": API_TOKEN, "limit": 0})
+    assert refused.status_code == 400 and "WWW-Authenticate" not in refused.headers    # only a 401 has it
+
+
 def test_no_open_redirect(client, pages):
     path = pages["unsubscribe-instant"]
     html = client.get(path).get_data(as_text=True)

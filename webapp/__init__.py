@@ -5,7 +5,7 @@ import logging
 import os
 import re
 
-from flask import Flask, jsonify, request
+from flask import Flask, jsonify, make_response, request
 from flask.sessions import SecureCookieSessionInterface
 from flask_wtf.csrf import CSRFProtect
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -121,10 +121,15 @@ def _register_error_handlers(app):
     @app.errorhandler(HTTPException)
     def http_error(exc):
         if request.path.startswith("/api/"):
-            return envelope(None, exc.code, exc.code, exc.description or exc.name)
-        if request.path.startswith("/sdk/"):
-            return jsonify({"error": exc.code, "error_text": exc.description or exc.name}), exc.code
-        return render_page("message.html", status=exc.code), exc.code
+            resp = make_response(envelope(None, exc.code, exc.code, exc.description or exc.name))
+        elif request.path.startswith("/sdk/"):
+            resp = make_response(jsonify({"error": exc.code, "error_text": exc.description or exc.name}), exc.code)
+        else:
+            resp = make_response(render_page("message.html", status=exc.code), exc.code)
+        # The answer's own headers go with any body: a 405's Allow (RFC 9110 §15.5.6 MUST), a 401's challenge.
+        resp.headers.extend((name, value) for name, value in exc.get_headers(request.environ)
+                            if name.lower() not in ("content-type", "content-length"))
+        return resp
 
     @app.errorhandler(RedisConnectionError)
     @app.errorhandler(RedisTimeoutError)

@@ -32,7 +32,9 @@ def envelope(data=None, status=200, error=0, error_text=OK_TEXT, **top_level):
 
 
 def error_envelope(exc):
-    return envelope(None, exc.status, exc.code, exc.message)
+    body, status = envelope(None, exc.status, exc.code, exc.message)
+    # RFC 9110 §15.5.2: a 401 names the scheme that would authenticate (the JSON field token works as well).
+    return body, status, {"WWW-Authenticate": "Bearer"} if isinstance(exc, NotAuthorized) else {}
 
 
 class Reply:

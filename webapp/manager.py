@@ -15,7 +15,7 @@ from flask_babel import gettext
 from . import preferences
 from .errors import BadToken, InvalidFields, ServiceError
 from .locale import render_page, set_page_locale
-from .pages import check_link_form, evidence, mask_address, no_store
+from .pages import check_link_form, evidence, mask_address, no_store, slash_optional_route
 from .resources import current_field_values
 from .store import ensure_housekeeping, get_redis
 from .subscriptions import Status, subscribed_cats
@@ -117,7 +117,7 @@ def not_found():
     return no_store(make_response(render_page("message.html", status=404), 404))
 
 
-@bp.route("/manage/<token>/", methods=["GET", "POST"], strict_slashes=False)
+@slash_optional_route(bp, "/manage/<token>/", methods=["GET", "POST"])
 def manage(token):
     try:
         parsed = read_token(token)

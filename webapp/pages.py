@@ -151,7 +151,18 @@ def fill_page_url(template, smid, rtoken):
                                                                               quote(rtoken, safe=""))
 
 
-@bp.route(PAGE_RULE, methods=["GET", "POST"], strict_slashes=False)
+def slash_optional_route(blueprint, rule, **options):
+    """blueprint.route for `rule` (ending in "/") and for it without the slash, as links are sent. Werkzeug's
+    strict_slashes=False alone serves both, but answers another method on the slashless path 404: it lists
+    the allowed methods (the 405 and its Allow) only for a rule that matches the path as it is. URLs are built
+    from `rule`, registered first."""
+    def register(view):
+        view = blueprint.route(rule, strict_slashes=False, **options)(view)
+        return blueprint.route(rule.rstrip("/"), **options)(view)
+    return register
+
+
+@slash_optional_route(bp, PAGE_RULE, methods=["GET", "POST"])
 @csrf.exempt
 def unsubscribe_page(smid):
     if request.method == "POST":
