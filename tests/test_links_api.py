@@ -1,4 +1,6 @@
 """messages/links and links_bulk: URLs, List-* headers per RFC 8058/2369/2919, and zero Redis writes."""
+import email
+import email.policy
 from email.header import decode_header, make_header
 
 import pytest
@@ -101,6 +103,19 @@ def test_a_long_non_ascii_name_is_several_encoded_words_of_at_most_75_characters
     words = phrase.split(" ")
     assert len(words) > 1 and all(len(w) <= 75 and w.startswith("=?utf-8?b?") for w in words)
     assert str(make_header(decode_header(phrase))) == name                     # decoders join the words
+
+
+@pytest.mark.parametrize("name", ["=?utf-8?q?Bank?=", "Offers from =?utf-8?q?Bank?= weekly",
+                                  'Bank "=?utf-8?b?QmFuaw==?="', "\u0411\u0430\u043d\u043a =?koi8-r?q?x?="])
+def test_a_name_that_looks_like_an_encoded_word_is_shown_as_written(api, name):
+    """Mail clients decode "=?charset?q?...?=" in a phrase, Python's parser even inside quotes: such a name is
+    itself encoded, so that the reader sees the resource's name, not what it spells."""
+    res = api.ok("resources/add", **email_resource(name=name))
+    ident = {"db_id": 1, "profile_id": "p-42", "resource_id": res["id"], "channel": "email", "email": "a@example.com"}
+    api.ok("subscriptions/set", **ident)
+    header = api.ok("messages/links", **ident)["headers"]["List-ID"]
+    parsed = email.message_from_string(f"List-ID: {header}\n\n", policy=email.policy.default)
+    assert header.isascii() and str(parsed["List-ID"]) == f"{name} <weekly.shop.example>"
 
 
 BAD_LINKS = [

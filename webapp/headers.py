@@ -3,7 +3,7 @@
 List-Unsubscribe carries one HTTPS URL (RFC 8058 §3.1) and List-Unsubscribe-Post the single pair
 `List-Unsubscribe=One-Click`; neither is sent when the resource is blocked or has list-unsubscribe off.
 List-ID is "<phrase> <list-id>" (RFC 2919) with the resource name as the phrase, quoted or RFC 2047-encoded
-(in words of at most 75 characters) when it is not plain atoms.
+(in words of at most 75 characters) when it is not plain atoms, and encoded when it holds "=?".
 """
 import base64
 import functools
@@ -24,10 +24,13 @@ ENCODED_WORD_BYTES = 45
 def list_id_phrase(name):
     """The resource name as an RFC 5322 phrase."""
     name = " ".join(name.split())
-    if _ATOM_PHRASE_RE.match(name):
-        return name
-    if name.isascii():
-        return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    # "=?" may start an encoded word, which mail clients decode even inside quotes (Python's parser does): a
+    # name holding it shows as written only when it is encoded itself.
+    if "=?" not in name:
+        if _ATOM_PHRASE_RE.match(name):
+            return name
+        if name.isascii():
+            return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return " ".join("=?utf-8?b?" + base64.b64encode(part.encode()).decode() + "?=" for part in _utf8_parts(name))
 
 
