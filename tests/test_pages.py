@@ -610,6 +610,17 @@ def test_security_headers(api, client):
     assert "<script>" not in resp.get_data(as_text=True)
 
 
+@pytest.mark.parametrize("method,path,status", [
+    ("GET", "/unsubscribe/nope", 404), ("GET", "/no-such-page", 404), ("GET", "/unsubscribe/a/b", 404),
+    ("PUT", "/unsubscribe/nope", 405), ("DELETE", "/manage/nope/", 405), ("POST", "/static/pages.css", 405)])
+def test_every_error_page_is_no_store(client, method, path, status):
+    """Caches may keep a 404 or 405 without being told (RFC 9110 §15.1): a routing error's page is no-store like
+    the page's own errors, so that a link that opens later, or a changed route, is not answered from a cache."""
+    resp = client.open(path, method=method)
+    assert resp.status_code == status and "<main" in resp.get_data(as_text=True)
+    assert resp.headers.getlist("Cache-Control") == ["no-store"]
+
+
 # -- /api/v1.1/profiles/message_unsub ---------------------------------------------------------------------
 
 def test_message_unsub(api, r):

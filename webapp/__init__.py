@@ -117,6 +117,7 @@ def create_app(test_config=None):
 
 def _register_error_handlers(app):
     from .api import envelope
+    from .pages import no_store
 
     @app.errorhandler(HTTPException)
     def http_error(exc):
@@ -124,8 +125,8 @@ def _register_error_handlers(app):
             resp = make_response(envelope(None, exc.code, exc.code, exc.description or exc.name))
         elif request.path.startswith("/sdk/"):
             resp = make_response(jsonify({"error": exc.code, "error_text": exc.description or exc.name}), exc.code)
-        else:
-            resp = make_response(render_page("message.html", status=exc.code), exc.code)
+        else:  # no-store as the pages' own errors: a cache may keep a 404 or 405 unasked (RFC 9110 §15.1)
+            resp = no_store(make_response(render_page("message.html", status=exc.code), exc.code))
         # The answer's own headers go with any body: a 405's Allow (RFC 9110 §15.5.6 MUST), a 401's challenge.
         resp.headers.extend((name, value) for name, value in exc.get_headers(request.environ)
                             if name.lower() not in ("content-type", "content-length"))
