@@ -399,3 +399,14 @@ def test_the_web_app_is_announced_only_once_it_answers_http(tmp_path):
     left = subprocess.run(["pgrep", "-g", ",".join(map(str, children))], capture_output=True, text=True).stdout
     assert not [pid for pid in left.split() if _alive(int(pid))]
     assert subprocess.run(["pgrep", "-f", str(tmp_path / "var" / "redis")], capture_output=True).returncode == 1
+
+
+@pytest.mark.parametrize("args, code", [(["run", "--help"], 0), (["--help"], 0), (["run", "--port", "9000"], 1),
+                                        (["run", "web"], 1), ([], 1)], ids=["run --help", "--help", "an option",
+                                                                            "an argument", "nothing"])
+def test_run_starts_nothing_when_given_arguments_it_does_not_take(tmp_path, args, code):
+    result = subprocess.run([sys.executable, "-m", "webapp", *args], cwd=tmp_path, env=clean_env(), text=True,
+                            capture_output=True, timeout=30)
+    assert result.returncode == code
+    assert "usage: python -m webapp run" in (result.stdout if code == 0 else result.stderr)
+    assert "Redis" not in result.stdout.replace("a local Redis", "") and not (tmp_path / "var").exists()

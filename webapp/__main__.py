@@ -17,7 +17,11 @@ from pathlib import Path
 
 from .config import https_warning, settings_or_exit
 
-USAGE = "usage: python -m webapp run"
+USAGE = """usage: python -m webapp run
+
+Starts a local Redis (unless REDIS_URL is set), the web app on 127.0.0.1:$PORT (8000) and a worker;
+Ctrl-C stops them. Settings come from the environment or ./.env (README, "Configuration")."""
+HELP_ARGS = (["--help"], ["-h"], ["help"], ["run", "--help"], ["run", "-h"])
 # Memory settings of the local redis-server. A profile's subscriptions hash holds one JSON record of ~280 bytes
 # per subscription, over Redis's default 64-byte limit for the compact listpack encoding, so every profile's
 # hash was a full hashtable: 609 bytes per subscription at 1M profiles, 465 with this (bench/memory.py). A hash
@@ -180,7 +184,12 @@ def kill_group(proc):
 
 
 def main(argv):
-    if argv[1:2] != ["run"]:
+    # Settings are environment variables, so `run` takes no arguments: one it does not know (`--port 9000`)
+    # stops it rather than start a service other than the one asked for.
+    if argv[1:] in HELP_ARGS:
+        print(USAGE)
+        sys.exit(0)
+    if argv[1:] != ["run"]:
         sys.exit(USAGE)
     sys.exit(run())
 
