@@ -1,7 +1,7 @@
 """A scanner-like burst is flagged from its evidence, and the revert API restores exactly those changes."""
 import time
 
-from conftest import email_resource, form_token, redis_state
+from conftest import API_TOKEN, email_resource, form_token, redis_state
 
 
 
@@ -85,3 +85,64 @@ def test_a_later_change_by_the_person_wins(api, app, r):
     assert "not a flagged change" in api.fail("events/revert_flagged", 400, ids=["nope"], **{"from": 0})
     for ids in ([{}], [["x"]], [1]):                     # not event ids: 400, not a 500 from set()
         assert "ids must be a list of event ids" in api.fail("events/revert_flagged", 400, ids=ids, **{"from": 0})
+
+
+HEADLESS = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) HeadlessChrome/156.0.0.0 Safari/537.36",
+            "Origin": "https://shop.example"}
+
+
+def sdk_confirm(app, res, ident, category):
+    """A headless browser runs the SDK on the client's page and confirms the message's category."""
+    smid = app.test_client().post("/api/v1.1/messages/links", json={"token": API_TOKEN, **ident,
+                                                                    "category": category}).get_json()["data"]["smid"]
+    resp = app.test_client().post(f"/sdk/v1/{res['id']}/unsubscribe", json={"smid": smid, "action": "confirm"},
+                                  headers=HEADLESS)
+    assert resp.status_code == 200, resp.get_json()
+
+
+def three_category_subscription(api, profile_id):
+    cats = [{"title": name.title(), "api_name": name, "in_manager": True, "required": False}
+            for name in ("news", "promo", "tips")]
+    res = api.ok("resources/add", **email_resource(unsubscribe={"mode": "confirm"}, categories=cats))
+    ident = {"db_id": 1, "profile_id": profile_id, "resource_id": res["id"], "channel": "email",
+             "email": f"{profile_id}@corp.example"}
+    api.ok("subscriptions/set", **ident)
+    return res, ident
+
+
+def test_several_flagged_changes_of_one_subscription_are_reverted_in_one_call(api, app, r):
+    res, ident = three_category_subscription(api, "p1")
+    sdk_confirm(app, res, ident, "news")
+    sdk_confirm(app, res, ident, "promo")
+    assert api.ok("subscriptions/get", **ident)["cats"] == ["tips"]
+    flagged_ids = [f["event"]["id"] for f in api.ok("events/flagged", **{"from": 0})]
+    assert len(flagged_ids) == 2
+
+    result = api.ok("events/revert_flagged", **{"from": 0})
+    assert result == {"reverted": flagged_ids, "skipped": []}
+    assert api.ok("subscriptions/get", **ident)["cats"] == ["news", "promo", "tips"]
+    revert, *_ = api.ok("events/list", db_id=1, profile_id="p1")
+    assert revert["method"] == "revert"                     # one write, one event: straight back to the start
+    assert revert["before"]["cats"] == ["tips"] and revert["after"]["cats"] == ["news", "promo", "tips"]
+    assert [e["id"] for e in revert["evidence"]["reverted_events"]] == flagged_ids
+    assert api.ok("events/verify", db_id=1, profile_id="p1")["first_bad"] is None
+
+    before = redis_state(r)
+    again = api.ok("events/revert_flagged", **{"from": 0})
+    assert again["reverted"] == [] and [s["reason"] for s in again["skipped"]] == ["changed since"] * 2
+    assert redis_state(r) == before
+
+
+def test_a_persons_change_between_flagged_ones_stops_the_run(api, app, r):
+    res, ident = three_category_subscription(api, "p1")
+    sdk_confirm(app, res, ident, "news")                     # flagged: [news, promo, tips] -> [promo, tips]
+    api.ok("subscriptions/set", **ident, cats=["promo"])     # the person: [promo, tips] -> [promo]
+    sdk_confirm(app, res, ident, "promo")                    # flagged: [promo] -> []
+    older, newer = [f["event"]["id"] for f in api.ok("events/flagged", **{"from": 0})]
+
+    # Only the older one asked for: the newer change, not reverted, counts as a change since.
+    only_older = api.ok("events/revert_flagged", **{"from": 0}, ids=[older])
+    assert only_older == {"reverted": [], "skipped": [{"id": older, "reason": "changed since"}]}
+    result = api.ok("events/revert_flagged", **{"from": 0})
+    assert result == {"reverted": [newer], "skipped": [{"id": older, "reason": "changed since"}]}
+    assert api.ok("subscriptions/get", **ident)["cats"] == ["promo"]

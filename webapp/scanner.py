@@ -79,40 +79,56 @@ def flagged_changes(r, start_ms, end_ms, thresholds=None):
 
 
 def revert(r, flagged, only_ids=None):
-    """Put each flagged change's subscription back to its `before` state, if it is still in the `after`
-    state (a later change by the person wins). Returns (reverted ids, [{id, reason}] skipped)."""
-    reverted, skipped = [], []
+    """Put each flagged change's subscription back to its `before` state, if it is still in the `after` state
+    (a later change by the person wins). Returns (reverted ids, [{id, reason}] skipped), in `flagged`'s order.
+
+    A subscription's flagged changes are undone together, newest first: each one is undone only if the state
+    reached so far is its `after` (so a flagged change after it counts as a change since only when it is not
+    being reverted too), and the run lands on its earliest change's `before` in one write and one `revert`
+    event. Undone one by one, oldest first, the older would find the newer's state and be skipped.
+    """
     wanted = set(only_ids) if only_ids is not None else None
     if wanted is not None:
         unknown = wanted - {e["id"] for e, _ in flagged}
         if unknown:
             raise InvalidInput(f"event {sorted(unknown)[0]} is not a flagged change in this range", field="ids")
     resources = get_resources(r, [e["resource_id"] for e, _ in flagged])
+    by_subscription = {}  # (db_id, profile_id, hash_id) -> [(event, flags)], oldest first as `flagged` is
     for event, flags in flagged:
-        if wanted is not None and event["id"] not in wanted:
-            continue
-        resource = resources.get(event["resource_id"])
+        if wanted is None or event["id"] in wanted:
+            key = (event["db_id"], event["profile_id"], event["hash_id"])
+            by_subscription.setdefault(key, []).append((event, flags))
+    reasons = {}  # event id -> why it was skipped, None when reverted
+    for (db_id, profile_id, hash_id), changes in by_subscription.items():
+        resource = resources.get(changes[0][0]["resource_id"])
         if resource is None:
-            skipped.append({"id": event["id"], "reason": "resource deleted"})
+            reasons.update((event["id"], "resource deleted") for event, _ in changes)
             continue
 
-        def change(pc, event=event, resource=resource, flags=flags):
-            record = pc.records.get(event["hash_id"])
+        def change(pc, hash_id=hash_id, changes=changes, resource=resource):
+            record = pc.records.get(hash_id)
             if record is None:
-                return "subscription deleted"
-            if state_of(resource, record) != event["after"]:
-                return "changed since"
+                return {event["id"]: "subscription deleted" for event, _ in changes}
+            state, run = state_of(resource, record), []
+            for event, flags in reversed(changes):
+                if event["after"] != state:  # changed since: by the person, or by a change not reverted
+                    break
+                run.append((event, flags))
+                state = event["before"]
+            outcome = {event["id"]: "changed since" for event, _ in changes}
+            if not run:
+                return outcome
             if Status(record["status"]) in FINAL_STATUSES:
-                return "final status"
-            pc.save(event["hash_id"], with_state(resource, record, event["before"]), resource, method="revert",
-                    smid=event.get("smid"), evidence={"reverted_event": event["id"], "flags": flags})
-            return None
+                return outcome | {event["id"]: "final status" for event, _ in run}
+            earliest = run[-1][0]
+            pc.save(hash_id, with_state(resource, record, state), resource, method="revert",
+                    smid=earliest.get("smid"),
+                    evidence={"reverted_events": [{"id": e["id"], "flags": flags} for e, flags in reversed(run)]})
+            return outcome | {event["id"]: None for event, _ in run}
 
-        reason = update_profile(r, event["db_id"], event["profile_id"], change)[0]
-        if reason:
-            skipped.append({"id": event["id"], "reason": reason})
-        else:
-            reverted.append(event["id"])
+        reasons.update(update_profile(r, db_id, profile_id, change)[0])
+    reverted = [e["id"] for e, _ in flagged if e["id"] in reasons and reasons[e["id"]] is None]
+    skipped = [{"id": e["id"], "reason": reasons[e["id"]]} for e, _ in flagged if reasons.get(e["id"])]
     return reverted, skipped
 
 
