@@ -4,6 +4,7 @@ import hmac
 import json
 
 import pytest
+import redis
 
 from conftest import email_resource, redis_state
 from webapp import keys, webhooks
@@ -251,6 +252,42 @@ def test_a_delivery_after_delete_leaves_nothing_behind(api, r, resource, receive
     api.ok("webhooks/delete", id=hook["id"])
     assert webhooks.deliver(r, webhooks.group_name(hook["id"])) == {"sent": 0, "skipped": 0, "error": None}
     assert r.xinfo_groups(keys.events_timeline()) == [] and receiver.requests == []
+
+
+# Where webhooks/delete lands in a delivery: right after the named call (owner, name) returns what `lands_after`
+# accepts. Each is a step after which the old delivery wrote for the deleted webhook.
+DELETE_MOMENTS = {
+    "after the existence check": (redis.Redis, "hexists", lambda args, result: args[1] == keys.webhooks()),
+    "during a failed POST": (webhooks, "post_json", lambda args, result: True),
+    "during a delivered POST": (webhooks, "post_json", lambda args, result: True),
+    "after the last read": (redis.Redis, "xreadgroup", lambda args, result: not result),
+}
+
+
+@pytest.mark.parametrize("moment", DELETE_MOMENTS)
+def test_a_webhook_deleted_during_its_delivery_leaves_nothing_behind(api, r, resource, receiver, monkeypatch,
+                                                                       moment):
+    """webhooks/delete may land at any moment of a delivery job: the job then re-creates no consumer group and
+    writes no delivery state for the webhook that is gone (nothing would ever remove them)."""
+    hook = api.ok("webhooks/add", url=receiver.url, secret=SECRET)
+    group = webhooks.group_name(hook["id"])
+    change(api, resource)                                                        # 2 events
+    receiver.behaviours = [500] if moment == "during a failed POST" else []
+    owner, name, lands_after = DELETE_MOMENTS[moment]
+    real, deleted = getattr(owner, name), []
+
+    def then_delete(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if not deleted and lands_after(args, result):
+            deleted.append(api.ok("webhooks/delete", id=hook["id"]))
+        return result
+
+    monkeypatch.setattr(owner, name, then_delete)
+    webhooks.deliver(r, group)
+    assert deleted
+    assert r.xinfo_groups(keys.events_timeline()) == [] and not r.exists(keys.delivery_state(group))
+    posts = {"after the existence check": 0, "after the last read": 2}.get(moment, 1)  # none after the delete
+    assert len(receiver.requests) == posts
 
 
 def test_delete(api, r, receiver):

@@ -45,24 +45,54 @@ def group_name(webhook_id):
     return f"wh:{webhook_id}"
 
 
+def _while_target_exists(r, group, write, read=lambda pipe: None, watch=()):
+    """Apply write(pipe, read(pipe)) in one MULTI/EXEC if the target still exists; return whether it does.
+
+    A webhook's group and delivery state are written only this way once it is stored: its existence is
+    checked under WATCH, so a webhooks/delete landing at any moment of a delivery cannot be followed by a
+    write that brings back what the delete removed (nothing would remove it again). `read` runs under the
+    same WATCH; `watch` names the keys it reads. The call-URL target is never deleted."""
+    webhook_id = None if group == CALLED_URL else group.split(":", 1)[1]
+
+    def attempt(pipe):
+        if webhook_id is not None and not pipe.hexists(keys.webhooks(), webhook_id):
+            return False
+        seen = read(pipe)
+        pipe.multi()
+        write(pipe, seen)
+        return True
+
+    return r.transaction(attempt, keys.webhooks(), *watch, value_from_callable=True)
+
+
+def _timeline_end(r):
+    """(last entry id, entries added) of the timeline, from one XINFO STREAM: where a new group starts."""
+    try:
+        info = r.xinfo_stream(keys.events_timeline())
+        return info["last-generated-id"], info["entries-added"]
+    except ResponseError:  # no stream yet
+        return "0-0", 0
+
+
+def _stage_group(pipe, group, end):
+    pipe.xgroup_create(keys.events_timeline(), group, id=end[0], mkstream=True, entries_read=end[1])
+
+
 def ensure_group(r, group):
-    """Create a consumer group on the timeline that sees events from now on (idempotent).
+    """Create the target's consumer group on the timeline, seeing events from now on, unless it exists; return
+    False, creating nothing, when the target is a webhook that no longer exists (see _while_target_exists).
 
     The group starts at the stream's last entry and is told how many entries that is (ENTRIESREAD): without
     it Redis cannot count the group's lag once new entries come (XINFO GROUPS says null), and a target whose
     backlog reads 0 is never dispatched. One XINFO STREAM gives both, consistently; an entry added before the
     group exists comes after that last entry, so the group delivers it and counts it in its lag."""
-    timeline = keys.events_timeline()
+    end = _timeline_end(r)
     try:
-        info = r.xinfo_stream(timeline)
-        start, entries_read = info["last-generated-id"], info["entries-added"]
-    except ResponseError:  # no stream yet
-        start, entries_read = "0-0", 0
-    try:
-        r.xgroup_create(timeline, group, id=start, mkstream=True, entries_read=entries_read)
+        return _while_target_exists(r, group, lambda pipe, _: _stage_group(pipe, group, end))
     except ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+        return True
 
 
 def add_webhook(r, data):
@@ -79,8 +109,10 @@ def add_webhook(r, data):
         raise InvalidInput("secret must be at least 16 characters", field="secret")
     webhook = {"id": r.incr(keys.webhook_next_id()), "url": url, "resource_id": rid, "secret": secret,
                "created_at": now_iso()}
-    ensure_group(r, group_name(webhook["id"]))
-    r.hset(keys.webhooks(), webhook["id"], json.dumps(webhook))
+    pipe = r.pipeline()  # the webhook and its group appear together (MULTI/EXEC)
+    _stage_group(pipe, group_name(webhook["id"]), _timeline_end(r))
+    pipe.hset(keys.webhooks(), webhook["id"], json.dumps(webhook))
+    pipe.execute()
     return webhook
 
 
@@ -97,6 +129,8 @@ def list_webhooks(r):
 
 
 def delete_webhook(r, webhook_id):
+    # The webhook goes first: a delivery running meanwhile writes its group and state only while it exists
+    # (_while_target_exists), so after this HDEL none comes back behind the removals below.
     if not r.hdel(keys.webhooks(), webhook_id):
         raise NotFound(f"webhook {webhook_id} does not exist")
     try:
@@ -236,9 +270,8 @@ def deliver(r, group, timeout=5.0, consumer="deliverer", now=None, heartbeat=Non
     the rest for the next call. Returns {"sent": n, "skipped": n, "error": text or None}. Safe to run again at
     any time: only acknowledged entries are never sent again.
     """
-    if group != CALLED_URL and not r.hexists(keys.webhooks(), group.split(":", 1)[1]):
+    if not ensure_group(r, group):
         return {"sent": 0, "skipped": 0, "error": None}  # deleted after its job was queued: re-create nothing
-    ensure_group(r, group)
     sent = skipped = 0
     started = time.monotonic()
 
@@ -251,7 +284,12 @@ def deliver(r, group, timeout=5.0, consumer="deliverer", now=None, heartbeat=Non
             # Read no more than the budget may send: what is read but not acknowledged is re-sent first next
             # time, in order, either way; reading less keeps the pending list short.
             count = BATCH if max_events is None else max(1, min(BATCH, max_events - sent))
-            reply = r.xreadgroup(group, consumer, {keys.events_timeline(): start}, count=count)
+            try:
+                reply = r.xreadgroup(group, consumer, {keys.events_timeline(): start}, count=count)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                return {"sent": sent, "skipped": skipped, "error": None}  # the webhook was deleted meanwhile
             entries = reply[0][1] if reply else []
             entries = [(eid, f) for eid, f in entries if f]  # a trimmed entry comes back without fields
             if not entries:
@@ -279,18 +317,28 @@ def deliver(r, group, timeout=5.0, consumer="deliverer", now=None, heartbeat=Non
 
 def _finish(r, group, sent, skipped):
     """A delivery that ended without a failure (all sent, or its budget spent): the target is not backing off."""
-    if sent:
-        r.hset(keys.delivery_state(group), mapping={"last_success_at": now_iso(), "failures": 0})
-    r.hdel(keys.delivery_state(group), "next_attempt_at")
+    state = keys.delivery_state(group)
+
+    def write(pipe, _):
+        if sent:
+            pipe.hset(state, mapping={"last_success_at": now_iso(), "failures": 0})
+        pipe.hdel(state, "next_attempt_at")
+
+    _while_target_exists(r, group, write)
     return {"sent": sent, "skipped": skipped, "error": None}
 
 
 def _record_failure(r, group, error, now=None):
     now = time.time() if now is None else now
-    failures = r.hincrby(keys.delivery_state(group), "failures", 1)
-    wait = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (failures - 1))
-    r.hset(keys.delivery_state(group), mapping={"last_error": error, "last_error_at": now_iso(),
-                                                "next_attempt_at": repr(now + wait)})
+    state = keys.delivery_state(group)
+
+    def write(pipe, failures):
+        failures += 1
+        wait = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (failures - 1))
+        pipe.hset(state, mapping={"failures": failures, "last_error": error, "last_error_at": now_iso(),
+                                  "next_attempt_at": repr(now + wait)})
+
+    _while_target_exists(r, group, write, read=lambda pipe: int(pipe.hget(state, "failures") or 0), watch=(state,))
 
 
 def due_targets(r, now=None):
