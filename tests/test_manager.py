@@ -212,6 +212,33 @@ def test_blocked_resource_cannot_be_switched_off(api, client, r):
     assert got["cats"] == sub["cats"] and got["status"] == "subscribed" and got["custom_fields"]["plan"] == "gold"
 
 
+
+def test_save_keeps_a_locked_category_as_it_is_stored(api, client, r):
+    """A required box is disabled, so a browser never sends it: Save keeps what is stored, also off (stopped from
+    a message's own link, or made required by the sender after the person stopped it), and the ledger never
+    says the person switched it on."""
+    res, ident, sub, path = setup_profile(api)
+    smid = api.ok("messages/links", **ident, category="receipts")["smid"]
+    assert client.post(f"/unsubscribe/{smid}", data={"List-Unsubscribe": "One-Click"}).status_code == 200
+    assert api.ok("subscriptions/get", **ident)["cats"] == ["news"]
+    html = client.get(path).get_data(as_text=True)
+    assert re.search(r'value="receipts"\s+disabled', html)                     # off, and locked
+    assert post(client, path, action="save", hash_id=sub["hash_id"], categories=["news"],
+                **{"field.plan": "pro"}).status_code == 303
+    assert api.ok("subscriptions/get", **ident)["cats"] == ["news"]
+    assert events.list_events(r, 1, "p-42")[0][0]["method"] == "one_click"   # no manager event: only the field
+    # A box made required after the person switched it off in the manager: it stays off.
+    assert post(client, path, action="save", hash_id=sub["hash_id"], **{"field.plan": "pro"}).status_code == 303
+    assert api.ok("subscriptions/get", **ident)["cats"] == []
+    api.ok("resources/update", id=res["id"], categories=[
+        dict(c, required=True) for c in email_resource()["categories"]])
+    assert post(client, path, action="save", hash_id=sub["hash_id"], categories=["news", "receipts"],
+                **{"field.plan": "gold"}).status_code == 303
+    got = api.ok("subscriptions/get", **ident)
+    assert got["cats"] == [] and got["custom_fields"]["plan"] == "gold"
+    event = events.list_events(r, 1, "p-42")[0][0]
+    assert event["method"] == "manager" and event["after"]["cats"] == []      # the person's own switch-off
+
 def test_one_profiles_token_cannot_touch_another_profile(api, client, r):
     _res, ident_a, sub_a, path_a = setup_profile(api, "alice", "alice@example.com")
     _res_b, ident_b, sub_b, path_b = setup_profile(api, "bob", "bob@example.com")

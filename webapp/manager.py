@@ -60,7 +60,8 @@ def subscription_view(token, hash_id, record, resource, errors=None, entered=Non
         "hash_id": hash_id, "resource": resource, "channel": record["channel"],
         "channel_label": channel_label(record["channel"]),
         "address": mask_address(record), "status": status.word, "blocked": blocked,
-        "categories": [{**c, "on": c["api_name"] in on, "locked": c["required"] or (blocked and c["api_name"] in on)}
+        "categories": [{**c, "on": c["api_name"] in on,
+                        "locked": preferences.category_locked(c, blocked, c["api_name"] in on)}
                        for c in resource["categories"] if c["in_manager"]],
         "fields": fields,
         "can_unsubscribe": not blocked and status in (Status.SUBSCRIBED, Status.SUSPENDED, Status.UNCONFIRMED),

@@ -1,7 +1,8 @@
 """The subscription manager's rules: what a person may change about their own subscriptions.
 
-- categories marked `in_manager` can be switched; `required` ones cannot be switched off, and nothing can
-  be switched off on a blocked resource;
+- categories marked `in_manager` can be switched; `required` ones cannot be switched (a Save keeps them as
+  stored: one stopped from its own message's link stays stopped), and nothing can be switched off on a
+  blocked resource;
 - custom fields marked `in_manager` can be edited, typed and validated (all errors reported at once);
 - unsubscribe, suspend for 14/30/60/90 days (status `suspended`, back to `subscribed` when it ends: the
   worker's sweeper reads keys.suspensions_due), resume;
@@ -69,6 +70,12 @@ def parse_field(fdef, raw):
 _CONTROL_CHARACTERS = dict.fromkeys(c for c in range(32) if chr(c) not in "\t\n\r")
 
 
+def category_locked(cat, blocked, on):
+    """Whether the person cannot switch the category's box (the page shows it disabled): a required one, or
+    one that is on in a blocked resource."""
+    return cat["required"] or (blocked and on)
+
+
 def _parse_preferences(resource, record, cats_on, field_values):
     """Return (uncats, custom_fields) from the form; raises InvalidFields with every bad field."""
     shown = {c["api_name"]: c for c in resource["categories"] if c["in_manager"]}
@@ -79,8 +86,11 @@ def _parse_preferences(resource, record, cats_on, field_values):
     uncats = set(record.get("uncats", []))
     blocked = resource["unsubscribe"]["mode"] == "blocked"
     for name, cat in shown.items():
-        # A locked box (required, or on in a blocked resource) is disabled, so a browser never sends it: it stays on.
-        if name in cats_on or cat["required"] or (blocked and name not in uncats):
+        # A locked box is disabled, so a browser never sends it: it keeps its stored state, on or off (a
+        # required category stopped from its own message's link stays stopped).
+        if category_locked(cat, blocked, name not in uncats):
+            continue
+        if name in cats_on:
             uncats.discard(name)
         else:
             uncats.add(name)
