@@ -290,6 +290,21 @@ def test_confirm_refuses_required_category_and_empty_choice(api, client, r):
     assert redis_state(r) == before
 
 
+
+def test_confirm_page_of_a_required_categorys_message_offers_to_stop_it(api, client, r):
+    """A message sent for a required category can stop it from its link, as its one-click does: the page offers
+    it, ticked, and does not list it as continuing; the other categories stay as they are."""
+    _res, path, body = make_link(api, "confirm", category="receipts")
+    html = client.get(path).get_data(as_text=True)
+    assert re.search(r'value="receipts"[^>]*checked', html) and not re.search(r'value="news"[^>]*checked', html)
+    assert "because they are required" not in html
+    resp = client.post(path, data={"action": "unsubscribe", "scope": "categories", "categories": ["receipts"],
+                                   "csrf_token": form_token(html)})
+    assert resp.status_code == 303
+    got = get_sub(api, body)
+    assert got["status"] == "subscribed" and got["cats"] == ["news"]
+    assert events.list_events(r, 1, "p-42")[0][0]["method"] == "page_confirm"
+
 def test_a_page_the_sender_changed_meanwhile_says_so_in_its_language(api, client, r):
     res, path, _body = make_link(api, "confirm")
     token = form_token(client.get(path + "?lang=ru").get_data(as_text=True))

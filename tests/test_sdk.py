@@ -98,6 +98,32 @@ def test_confirm_without_categories_stops_the_message_scope(client, api):
     assert sub(api, ident)[0] == "unsubscribed"
 
 
+
+def test_a_required_category_stops_only_from_its_own_messages_link(client, api, r):
+    """What a message was sent for can always be stopped from its link, required or not (as its one-click and
+    the hosted page do); `required` keeps a person from choosing other required categories."""
+    res, ident, smid = make(api, "confirm", category="receipts")
+    resp = call(client, res["id"], smid=smid, action="confirm", categories=["receipts"])
+    assert resp.status_code == 200, resp.get_json()
+    assert resp.get_json()["cats"] == ["news", "promo"] and sub(api, ident) == ("subscribed", ["news", "promo"])
+    event = last_event(r, ident)
+    assert event["method"] == "sdk" and event["after"]["cats"] == ["news", "promo"]
+    # The state says what a person may choose from this link (what a page of one's own offers).
+    state = call(client, res["id"], smid=smid, action="state").get_json()
+    assert state["message_category"] == "receipts"
+    assert {c["api_name"]: c["choosable"] for c in state["categories"]} == {"news": True, "promo": True,
+                                                                             "receipts": True}
+    # From a news message's link, receipts cannot be chosen: 400, nothing changes.
+    res, ident, smid = make(api, "confirm", profile_id="p-43", category="news")
+    state = call(client, res["id"], smid=smid, action="state").get_json()
+    assert {c["api_name"]: c["choosable"] for c in state["categories"]} == {"news": True, "promo": True,
+                                                                             "receipts": False}
+    before = store_state(r)
+    for categories in (["receipts"], ["news", "receipts"]):
+        resp = call(client, res["id"], smid=smid, action="confirm", categories=categories)
+        assert resp.status_code == 400 and "'receipts' is required" in resp.get_json()["error_text"]
+    assert store_state(r) == before
+
 def test_show_in_each_mode(client, api, r):
     res, ident, smid = make(api, "instant")
     body = call(client, res["id"], smid=smid, action="show").get_json()

@@ -301,6 +301,15 @@ def test_example_page_in_the_states_a_person_can_be_in(live_server, sites, open_
     page = open_page(f"{shop.origin}/promo.html?smid={quote(smid)}")
     page.locator("#choose").wait_for()
     assert page.locator('input[value="promo"]').is_checked() and not page.locator('input[value="news"]').is_checked()
+    # A message for a required category offers that one too, ticked: what a message was sent for can be stopped.
+    res, ident, smid, _hash = setup(live_server, shop, "confirm", profile_id="p-46", category="receipts")
+    example_page(shop, res, "/receipts.html")
+    page = open_page(f"{shop.origin}/receipts.html?smid={quote(smid)}")
+    page.locator("#choose").wait_for()
+    assert page.locator('input[value="receipts"]').is_checked() and not page.locator('input[value="news"]').is_checked()
+    page.get_by_role("button", name="Confirm unsubscribe").click()
+    page.get_by_text("Done. You still get: News, Promotions.").wait_for()
+    assert status(live_server, ident) == ("subscribed", ["news", "promo"])
     # A paused subscription can still be stopped: not shown as unsubscribed.
     res, ident, smid, _hash = setup(live_server, shop, "confirm", profile_id="p-44")
     live_server.api.ok("subscriptions/set", **ident, status="suspended")

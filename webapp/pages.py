@@ -72,10 +72,12 @@ def page_view(ctx, done=None, chosen=None):
     subscribed = set(subscribed_cats(resource, record)) if stoppable else set()
     message_scope = unsubscribe.resolve_scope(ctx)  # the message's category, if the resource still has it
     category = message_scope["cats"][0] if message_scope["cats"] else None
+    # What the person may stop here (unsubscribe.person_may_stop): the message's own category even if it is
+    # required; the other required ones continue.
     choosable = [dict(c, checked=(c["api_name"] in chosen if chosen is not None
                                   else c["api_name"] == category if category else True))
-                 for c in cats if not c["required"] and c["api_name"] in subscribed]
-    required = [c for c in cats if c["required"] and c["api_name"] in subscribed]
+                 for c in cats if c["api_name"] in subscribed and unsubscribe.person_may_stop(c, category)]
+    required = [c for c in cats if c["api_name"] in subscribed and not unsubscribe.person_may_stop(c, category)]
     # A timer started in delayed mode runs on (and fires) whatever the mode is now, so every page shows it;
     # blocked.html shows only the blocked text, and the firers drop such a timer (scripts.FIRE_TIMERS).
     pending = unsubscribe.read_pending(client_of(app), ctx)

@@ -262,12 +262,16 @@ def _state(r, ctx, result):
     state = state_of(ctx.resource, record)
     pending = unsubscribe.read_pending(r, ctx)  # in every mode: a timer outlives a change of mode, and fires
     stoppable = record["status"] in unsubscribe.STOPPABLE_STATUSES  # a paused one's categories come back too
+    own = unsubscribe.message_category(ctx)
     return {
         "error": 0, "mode": ctx.mode, "result": result, "status": state["status"], "cats": state["cats"],
+        # choosable: confirm may name it in `categories` from this link (the message's own category, even a
+        # required one, and every category that is not required)
         "categories": [{"api_name": c["api_name"], "title": c["title"], "required": c["required"],
-                        "subscribed": c["api_name"] in state["cats"] and stoppable}
+                        "subscribed": c["api_name"] in state["cats"] and stoppable,
+                        "choosable": unsubscribe.person_may_stop(c, own)}
                        for c in ctx.resource["categories"]],
-        "message_category": unsubscribe.message_category(ctx),  # what a category link's page should pre-select
+        "message_category": own,  # what a category link's page should pre-select
         "pending": _pending_state(ctx, pending),
     }
 

@@ -4,7 +4,9 @@ No Flask here: pages, one-click, the API's message_unsub, the SDK endpoint and t
 Rules (contract §4):
 - the scope is the categories asked for, else the message's category, else the whole subscription; a
   category unsubscribe that leaves no category subscribed unsubscribes the whole subscription;
-- people (pages, SDK) cannot drop `required` categories; the sending platform's API and RFC 8058 can;
+- a person (pages, SDK) can always stop through a message's link what the message was sent for (its
+  category, even a `required` one, as its RFC 8058 one-click does), and may choose other categories there,
+  but not `required` ones (person_may_stop: the one rule); the sending platform's API may drop any;
 - a blocked resource changes nothing (Blocked), and GET/HEAD callers never reach this module's writers;
 - a soft-deleted subscription's links work as a live one's (the change lands on the stored record, which stays
   deleted); a deleted resource's links raise NoSuchResource;
@@ -112,22 +114,31 @@ def message_category(ctx):
     return category if category and any(c["api_name"] == category for c in ctx.resource["categories"]) else None
 
 
+def person_may_stop(cat, own):
+    """Whether a person (pages, SDK) may choose to stop the category `cat` through the link of a message sent
+    for `own` (message_category: None for the whole subscription): one that is not `required`, and the one
+    the message was sent for, required or not, since an opt-out from what was received must work (CAN-SPAM;
+    the one-click mail providers show stops it too). `required` keeps people from choosing the others."""
+    return not cat["required"] or cat["api_name"] == own
+
+
 def resolve_scope(ctx, categories=None, by_person=True):
     """Return the scope {"cats": [...]} (categories) or {"cats": None} (whole subscription).
 
-    Raises InvalidInput for an unknown category, or a required one asked for by a person.
+    Raises InvalidInput for an unknown category, or one a person asked for that person_may_stop refuses.
     """
+    own = message_category(ctx)
     if categories is None:
-        category = message_category(ctx)
-        return {"cats": [category] if category else None}
+        return {"cats": [own] if own else None}
     if not isinstance(categories, list) or not all(isinstance(c, str) for c in categories):
         raise InvalidInput("categories must be a list of category api names", field="categories")
     by_name = {c["api_name"]: c for c in ctx.resource["categories"]}
     for cat in categories:
         if cat not in by_name:
             raise InvalidInput(f"category {cat!r} is not a category of this resource", field="categories")
-        if by_person and by_name[cat]["required"]:
-            raise InvalidInput(f"category {cat!r} is required and cannot be unsubscribed", field="categories")
+        if by_person and not person_may_stop(by_name[cat], own):
+            raise InvalidInput(f"category {cat!r} is required: only a message sent for it can unsubscribe from it",
+                               field="categories")
     if not categories:
         raise InvalidInput("choose at least one category", field="categories")
     return {"cats": list(dict.fromkeys(categories))}
