@@ -213,31 +213,38 @@ def test_blocked_resource_cannot_be_switched_off(api, client, r):
 
 
 
-def test_save_keeps_a_locked_category_as_it_is_stored(api, client, r):
-    """A required box is disabled, so a browser never sends it: Save keeps what is stored, also off (stopped from
-    a message's own link, or made required by the sender after the person stopped it), and the ledger never
-    says the person switched it on."""
+def test_a_required_category_is_locked_only_while_it_is_on(api, client, r):
+    """A required box that is on is disabled (a browser never sends it) and Save keeps it on. One that is off
+    (stopped from its own message's link, or made required after the person stopped it) is not locked: Save
+    leaves it off unless the person ticks it, and the ledger never says the person switched it on."""
     res, ident, sub, path = setup_profile(api)
+    html = client.get(path).get_data(as_text=True)
+    assert re.search(r'value="receipts"\s+checked\s+disabled', html)          # on, and locked
     smid = api.ok("messages/links", **ident, category="receipts")["smid"]
     assert client.post(f"/unsubscribe/{smid}", data={"List-Unsubscribe": "One-Click"}).status_code == 200
     assert api.ok("subscriptions/get", **ident)["cats"] == ["news"]
     html = client.get(path).get_data(as_text=True)
-    assert re.search(r'value="receipts"\s+disabled', html)                     # off, and locked
+    assert re.search(r'value="receipts"\s*>', html) and "cannot be switched off" not in html  # off, switchable
     assert post(client, path, action="save", hash_id=sub["hash_id"], categories=["news"],
                 **{"field.plan": "pro"}).status_code == 303
     assert api.ok("subscriptions/get", **ident)["cats"] == ["news"]
     assert events.list_events(r, 1, "p-42")[0][0]["method"] == "one_click"   # no manager event: only the field
-    # A box made required after the person switched it off in the manager: it stays off.
+    # A box made required after the person switched it off in the manager: it stays off until ticked.
     assert post(client, path, action="save", hash_id=sub["hash_id"], **{"field.plan": "pro"}).status_code == 303
     assert api.ok("subscriptions/get", **ident)["cats"] == []
     api.ok("resources/update", id=res["id"], categories=[
         dict(c, required=True) for c in email_resource()["categories"]])
-    assert post(client, path, action="save", hash_id=sub["hash_id"], categories=["news", "receipts"],
-                **{"field.plan": "gold"}).status_code == 303
+    assert post(client, path, action="save", hash_id=sub["hash_id"], **{"field.plan": "gold"}).status_code == 303
     got = api.ok("subscriptions/get", **ident)
     assert got["cats"] == [] and got["custom_fields"]["plan"] == "gold"
+    assert post(client, path, action="save", hash_id=sub["hash_id"], categories=["receipts"],
+                **{"field.plan": "gold"}).status_code == 303
+    assert api.ok("subscriptions/get", **ident)["cats"] == ["receipts"]
     event = events.list_events(r, 1, "p-42")[0][0]
-    assert event["method"] == "manager" and event["after"]["cats"] == []      # the person's own switch-off
+    assert event["method"] == "manager" and event["after"]["cats"] == ["receipts"]  # the person's own switch-on
+    html = client.get(path).get_data(as_text=True)
+    assert re.search(r'value="receipts"\s+checked\s+disabled', html) and re.search(r'value="news"\s*>', html)
+
 
 def test_one_profiles_token_cannot_touch_another_profile(api, client, r):
     _res, ident_a, sub_a, path_a = setup_profile(api, "alice", "alice@example.com")

@@ -71,9 +71,10 @@ _CONTROL_CHARACTERS = dict.fromkeys(c for c in range(32) if chr(c) not in "\t\n\
 
 
 def category_locked(cat, blocked, on):
-    """Whether the person cannot switch the category's box (the page shows it disabled): a required one, or
-    one that is on in a blocked resource."""
-    return cat["required"] or (blocked and on)
+    """Whether the person cannot switch the category's box (the page shows it disabled): one that is on and
+    required, or on in a blocked resource. Such a box only keeps mail from being switched off; one that is off
+    (stopped from its own message's link, or made required after the person stopped it) can be switched on."""
+    return on and (cat["required"] or blocked)
 
 
 def _parse_preferences(resource, record, cats_on, field_values):
@@ -86,8 +87,7 @@ def _parse_preferences(resource, record, cats_on, field_values):
     uncats = set(record.get("uncats", []))
     blocked = resource["unsubscribe"]["mode"] == "blocked"
     for name, cat in shown.items():
-        # A locked box is disabled, so a browser never sends it: it keeps its stored state, on or off (a
-        # required category stopped from its own message's link stays stopped).
+        # A locked box is disabled, so a browser never sends it: it stays on.
         if category_locked(cat, blocked, name not in uncats):
             continue
         if name in cats_on:
