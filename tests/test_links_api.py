@@ -182,3 +182,43 @@ def test_ten_thousand_links_perform_zero_redis_writes(api, r, resource):
     assert stats.get("cmdstat_hget", {}).get("calls") == 10_000   # the reads did happen
     assert _write_calls(r) == 0
     assert redis_state(r) == before_state
+
+
+def test_no_links_for_an_address_whose_hash_id_another_address_holds(api, r, app, resource):
+    """user6340@ and user46395@example.com share hash_id 8bca7962 on resource 1: links for the second, which
+    has no subscription, must not be links that unsubscribe the first."""
+    first, second = "user6340@example.com", "user46395@example.com"
+    made = api.ok("subscriptions/set", db_id=1, profile_id="p-42", resource_id=resource["id"], channel="email",
+                  email=first)
+    assert "no such subscription" in api.fail("messages/links", 404, **msg(resource, email=second))
+    error = api.fail("messages/links_bulk", 404, messages=[msg(resource, email=first), msg(resource, email=second)])
+    assert error.startswith("messages[1]: no such subscription")
+    data = api.ok("messages/links_bulk", messages=[msg(resource, email=first)] * 2)
+    assert read_smid(app.extensions["signing_keys"], data[1]["smid"]).hash_id == made["hash_id"]
+
+
+def test_links_find_every_channels_address_in_either_stored_form(api, r):
+    """The existence check builds each stored record's identity in Lua (scripts.SUBSCRIPTIONS_EXIST): every
+    channel's address, a record in the long form, and a chat id past 2**53 (which Lua reads as a double)."""
+    import json
+
+    from webapp import keys
+    from webapp.subscriptions import decode_record
+    res = api.ok("resources/add", **email_resource(
+        channels=["email", "sms", "push", "telegram_bot", "whatsapp", "max_bot"],
+        channel_settings={"email": {"from_email": "a@shop.example"}}))
+    base = {"db_id": 1, "profile_id": "p1", "resource_id": res["id"]}
+    addresses = [{"channel": "email", "email": "ann@example.com"}, {"channel": "sms", "phone": "+79000000000"},
+                 {"channel": "push", "provider": "android-firebase", "subscription_id": "a81c264a938b475"},
+                 {"channel": "telegram_bot", "cc_data": {"id": -1001234567890}},
+                 {"channel": "whatsapp", "cc_data": {"phone": "+79000000001"}},
+                 {"channel": "max_bot", "cc_data": {"id": "12345678901234567891"}}]
+    made = [api.ok("subscriptions/set", **base, **address)["hash_id"] for address in addresses]
+    messages = [{**base, **address} for address in addresses]
+    smids = [link["smid"] for link in api.ok("messages/links_bulk", messages=messages)]
+    subs_key = keys.profile_subscriptions(1, "p1")
+    for hash_id, raw in r.hgetall(subs_key).items():                   # as the code before stored records
+        r.hset(subs_key, hash_id, json.dumps(decode_record(raw)))
+    assert len(api.ok("messages/links_bulk", messages=messages)) == len(smids) == len(set(made))
+    near = {**messages[-1], "cc_data": {"id": "12345678901234567892"}}  # the same double, another chat
+    assert "no such subscription" in api.fail("messages/links", 404, **near)

@@ -525,3 +525,52 @@ def test_now_iso_is_format_time_of_now():
         before = format_time(datetime.now(timezone.utc))
         now = now_iso()
         assert before <= now <= format_time(datetime.now(timezone.utc)) and len(now) == len(before)
+
+
+# Two addresses of one profile whose 8-hex hash_id is the same (make_hash_id) are two subscriptions, never one.
+COLLIDING_EMAILS = ("user6340@example.com", "user46395@example.com")   # both 8bca7962 on resource 1, email
+COLLIDING_CHATS = (72662, 93196)                                         # both 4c68d980 on resource 1, telegram_bot
+
+
+def test_an_address_whose_hash_id_another_holds_is_refused_not_merged(api, r, resource):
+    from webapp.subscriptions import make_hash_id
+    first, second = COLLIDING_EMAILS
+    assert resource["id"] == 1 and make_hash_id(1, "email", first) == make_hash_id(1, "email", second)
+    made = api.ok("subscriptions/set", **sub(resource, email=first))
+    before = redis_state(r)
+    error = api.fail("subscriptions/set", 409, **sub(resource, email=second, status="unsubscribed"))
+    assert "another address" in error and first not in error      # says why, without naming the other person
+    assert redis_state(r) == before                                # the first one's record is untouched
+    for path in ("subscriptions/get", "subscriptions/delete", "subscriptions/undelete"):
+        assert "no such subscription" in api.fail(path, 404, **sub(resource, email=second))
+    assert redis_state(r) == before
+    assert api.ok("subscriptions/get", **sub(resource, email=first)) == made
+    assert [s["email"] for s in api.ok("subscriptions/list", db_id=1, profile_id="p-42")] == [first]
+    # In another profile the second address is a subscription of its own.
+    assert api.ok("subscriptions/set", **sub(resource, email=second, profile_id="p-43"))["email"] == second
+
+
+def test_a_chat_whose_hash_id_another_chat_holds_is_refused_and_still_found_by_an_older_spelling(api, r):
+    from webapp import keys
+    from webapp.subscriptions import make_hash_id
+    res = api.ok("resources/add", **email_resource(channels=["telegram_bot"], channel_settings={}))
+    first, second = COLLIDING_CHATS
+    assert make_hash_id(res["id"], "telegram_bot", str(first)) == make_hash_id(res["id"], "telegram_bot", str(second))
+    base = {"db_id": 1, "profile_id": "p1", "resource_id": res["id"], "channel": "telegram_bot"}
+    made = api.ok("subscriptions/set", **base, cc_data={"id": first})
+    before = redis_state(r)
+    assert "another address" in api.fail("subscriptions/set", 409, **base, cc_data={"id": second})
+    assert "no such subscription" in api.fail("subscriptions/get", 404, **base, cc_data={"id": str(second)})
+    assert "no such subscription" in api.fail("messages/links", 404, **base, cc_data={"id": second})
+    assert redis_state(r) == before
+    # The second chat stored under an older spelling of its id (as the code did before chat ids were made
+    # canonical) is found by it, past the first chat that holds its canonical hash_id.
+    other = api.ok("subscriptions/set", **{**base, "profile_id": "p2"}, cc_data={"id": second}, status="unsubscribed")
+    legacy = make_hash_id(res["id"], "telegram_bot", f"0{second}")
+    r.hset(keys.profile_subscriptions(1, "p1"), legacy,
+           r.hget(keys.profile_subscriptions(1, "p2"), other["hash_id"]))
+    got = api.ok("subscriptions/get", **base, cc_data={"id": second})
+    assert (got["hash_id"], got["status"], got["cc_data"]) == (legacy, "unsubscribed", {"id": second})
+    assert api.ok("subscriptions/set", **base, cc_data={"id": second}, priority=4)["hash_id"] == legacy
+    assert api.ok("messages/links", **base, cc_data={"id": second})["smid"]
+    assert api.ok("subscriptions/get", **base, cc_data={"id": first}) == made

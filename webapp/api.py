@@ -237,13 +237,16 @@ def _links_for(messages):
             raise
         prepared.append((res, db_id, profile_id, subscriptions.make_hash_id(rid, channel, identity), channel,
                          category, sent_at, identity))
-    exists = subscriptions_exist(r, [(keys.profile_subscriptions(db_id, pid), h)
-                                     for _res, db_id, pid, h, *_ in prepared])
+    exists = subscriptions_exist(r, [(keys.profile_subscriptions(db_id, pid), h,
+                                      subscriptions.script_identity_key(res["id"], ch, identity))
+                                     for res, db_id, pid, h, ch, _cat, _at, identity in prepared])
     for i, found in enumerate(exists):
         if not found:  # a chat stored under an older spelling of its id is found by its stored id (rarely asked)
             res, db_id, pid, computed, ch, cat, at, identity = prepared[i]
             stored = subscriptions.subscription_hash_id(r, db_id, pid, res["id"], ch, identity)
-            found = stored != computed and subscriptions_exist(r, [(keys.profile_subscriptions(db_id, pid), stored)])[0]
+            found = stored != computed and subscriptions_exist(r, [(
+                keys.profile_subscriptions(db_id, pid), stored,
+                subscriptions.script_identity_key(res["id"], ch, identity))])[0]
             prepared[i] = (res, db_id, pid, stored, ch, cat, at, identity)
         if not found:
             prefix = f"messages[{i}]: " if request.path.endswith("_bulk") else ""

@@ -7,26 +7,50 @@ from redis.exceptions import ConnectionError, NoScriptError
 
 from . import direct
 
-# KEYS[i]: a profile's subscriptions hash; ARGV[i]: a hash_id. Returns a string of "1"/"0", one per pair: "1"
-# when the record is there and not deleted (`is_delete`, stored as "x" in the compact form), since a deleted
-# subscription is sent no new messages (the links already sent keep working). One EVAL instead of a pipeline
-# of N reads: packing and parsing 1000 replies cost more than the lookups.
+# KEYS[i]: a profile's subscriptions hash; ARGV[2i-1]: a hash_id, ARGV[2i]: subscriptions.script_identity_key of
+# the subscription meant (its resource, channel and address). Returns a string of "1"/"0", one per pair: "1" when
+# the record is there, is that subscription (two addresses of a profile can share a hash_id: the key built
+# from the record, in the compact or the long form, must be the one given) and is not deleted (`is_delete`,
+# stored as "x" in the compact form), since a deleted subscription is sent no new messages (the links already
+# sent keep working). One EVAL instead of a pipeline of N reads: packing and parsing 1000 replies cost more
+# than the lookups. cjson reads a chat id as a double (exact to 2**53, as far as Telegram's ids go): the key
+# given spells it that way too (subscriptions.script_identity_key).
 SUBSCRIPTIONS_EXIST = """
+local function str(v) return type(v) == 'string' and v or nil end
+local function identity(a)
+  if type(a) == 'string' then return a end
+  if type(a) ~= 'table' then return nil end
+  if str(a.email) then return a.email end
+  if str(a.phone) then return a.phone end
+  if str(a.provider) and str(a.subscription_id) then return a.provider .. '\\0' .. a.subscription_id end
+  local cc = a.cc_data
+  if type(cc) ~= 'table' then return nil end
+  if str(cc.phone) then return cc.phone end
+  if type(cc.id) == 'number' then return string.format('%.0f', cc.id) end
+end
 local out = {}
 for i = 1, #KEYS do
-  local raw = redis.call('HGET', KEYS[i], ARGV[i])
+  local raw = redis.call('HGET', KEYS[i], ARGV[2 * i - 1])
   local ok, record = pcall(cjson.decode, raw or 'null')
-  out[i] = (ok and type(record) == 'table' and not (record.x or record.is_delete)) and '1' or '0'
+  local found = ok and type(record) == 'table' and not (record.x or record.is_delete)
+  if found then
+    local rid, channel = record.r or record.resource_id, str(record.c or record.channel)
+    local id = identity(record.a or record.address)
+    found = type(rid) == 'number' and channel and id and
+      (rid .. '\\0' .. channel .. '\\0' .. id) == ARGV[2 * i]
+  end
+  out[i] = found and '1' or '0'
 end
 return table.concat(out)
 """
 
 
-def subscriptions_exist(r, pairs):
-    """[(subs_key, hash_id)] -> [bool]; read-only."""
-    if not pairs:
+def subscriptions_exist(r, triples):
+    """[(subs_key, hash_id, subscriptions.script_identity_key)] -> [bool]; read-only."""
+    if not triples:
         return []
-    flags = r.eval_ro(SUBSCRIPTIONS_EXIST, len(pairs), *[k for k, _ in pairs], *[h for _, h in pairs])
+    flags = r.eval_ro(SUBSCRIPTIONS_EXIST, len(triples), *[k for k, _, _ in triples],
+                      *[x for _, h, key in triples for x in (h, key)])
     return [c == "1" for c in flags]
 
 

@@ -13,7 +13,7 @@ import time
 from enum import IntEnum
 
 from . import events, keys, scripts
-from .errors import InvalidInput, NoSuchSubscription
+from .errors import Conflict, InvalidInput, NoSuchSubscription
 from .resources import PHONE_CC_CHANNELS, current_field_values, get_resource, get_resources, validate_field_value
 from .validation import (as_chat_id, as_datetime, as_email, as_int, as_ip, as_language, as_list, as_object,
                          as_phone, as_profile_id, as_text, as_url, ms_to_time, no_unknown_keys, now_iso, require,
@@ -144,9 +144,39 @@ def decode_record(raw):
     return record
 
 
+def identity_key(resource_id, channel, identity):
+    """The text that names a subscription (resource, channel, address `identity` as read_address gives it):
+    make_hash_id digests it, scripts.SUBSCRIPTIONS_EXIST builds it again from a stored record."""
+    return f"{resource_id}\x00{channel}\x00{identity}"
+
+
+def script_identity_key(resource_id, channel, identity):
+    """identity_key as scripts.SUBSCRIPTIONS_EXIST builds it from a stored record, whose JSON numbers Lua reads
+    as doubles: a chat id past 2**53 spelt as the double it rounds to."""
+    return identity_key(resource_id, channel, f"{float(identity):.0f}" if is_chat(channel) else identity)
+
+
 def make_hash_id(resource_id, channel, identity):
-    """8 hex chars naming a subscription within its profile (the SMID carries it instead of the address)."""
-    return hashlib.sha256(f"{resource_id}\x00{channel}\x00{identity}".encode()).hexdigest()[:8]
+    """8 hex chars naming a subscription within its profile (the SMID carries it instead of the address). Two
+    addresses of one profile can have the same (user6340@ and user46395@example.com on resource 1): the record
+    stored under a hash_id is that subscription's only when `holds` says so."""
+    return hashlib.sha256(identity_key(resource_id, channel, identity).encode()).hexdigest()[:8]
+
+
+def holds(record, resource_id, channel, identity):
+    """Whether `record` is the subscription (resource, channel, address `identity`) names, and not another
+    address's whose hash_id is the same. A chat is one identity however its id was spelt when stored."""
+    if record["resource_id"] != resource_id or record["channel"] != channel:
+        return False
+    address = record["address"]
+    if channel == "email":
+        return address.get("email") == identity
+    if channel == "sms":
+        return address.get("phone") == identity
+    if channel == "push":
+        return f"{address.get('provider')}\x00{address.get('subscription_id')}" == identity
+    cc = address.get("cc_data") or {}
+    return cc.get("phone") == identity if channel in PHONE_CC_CHANNELS else cc.get("id") == int(identity)
 
 
 def locate(r, data):
@@ -172,28 +202,34 @@ def stored_hash_id(records, resource_id, channel, identity):
     `records` (hash_id -> record). A chat id is one identity however it is written ("007" is chat 7); a chat's
     subscription stored before that was hashed under the spelling it was given: it is found by its stored chat
     id, whatever the spelling used now. `records` is a profile's whole hash, or, for a chat, just the record
-    under the canonical hash_id when there is one (scripts.subscription_or_all): no read of its own."""
+    under the canonical hash_id when that one `holds` it (scripts.subscription_or_all): no read of its own.
+    The record under the hash_id returned may still be another address's (see holds)."""
     hash_id = make_hash_id(resource_id, channel, identity)
-    if hash_id in records or not is_chat(channel):
+    if not is_chat(channel) or (hash_id in records and holds(records[hash_id], resource_id, channel, identity)):
         return hash_id
     for other, record in records.items():
-        if (record["resource_id"] == resource_id and record["channel"] == channel
-                and record["address"].get("cc_data", {}).get("id") == int(identity)):
+        if holds(record, resource_id, channel, identity):
             return other
     return hash_id
 
 
 def read_subscription(r, db_id, profile_id, resource_id, channel, identity):
     """(hash_id, record or None) of the subscription (resource, channel, address `identity`): one round trip
-    for every channel, a chat stored under an older spelling of its id included (stored_hash_id)."""
+    for every channel, a chat stored under an older spelling of its id included (stored_hash_id); two for a
+    chat whose canonical hash_id another chat holds. None also when the record under the hash_id is another
+    address's (holds)."""
     subs_key = keys.profile_subscriptions(db_id, profile_id)
     hash_id = make_hash_id(resource_id, channel, identity)
     if not is_chat(channel):
         raw = r.hget(subs_key, hash_id)
-        return hash_id, None if raw is None else decode_record(raw)
-    records = {h: decode_record(raw) for h, raw in scripts.subscription_or_all(r, subs_key, hash_id).items()}
-    hash_id = stored_hash_id(records, resource_id, channel, identity)
-    return hash_id, records.get(hash_id)
+        record = None if raw is None else decode_record(raw)
+    else:
+        records = {h: decode_record(raw) for h, raw in scripts.subscription_or_all(r, subs_key, hash_id).items()}
+        if hash_id in records and not holds(records[hash_id], resource_id, channel, identity):
+            records = load_records(r, db_id, profile_id)   # another chat's: this one may be under an older spelling
+        hash_id = stored_hash_id(records, resource_id, channel, identity)
+        record = records.get(hash_id)
+    return hash_id, record if record is not None and holds(record, resource_id, channel, identity) else None
 
 
 def subscription_hash_id(r, db_id, profile_id, resource_id, channel, identity):
@@ -401,6 +437,10 @@ def set_subscription(r, data):
     def change(pc):
         hash_id = stored_hash_id(pc.records, resource["id"], channel, identity)
         old = pc.records.get(hash_id)
+        if old is not None and not holds(old, resource["id"], channel, identity):
+            raise Conflict(f"another address of profile {profile_id} already has hash_id {hash_id} (8 hex "
+                           "characters of resource, channel and address): this address cannot be subscribed in "
+                           "this profile", field="profile_id")
         is_new = old is None
         record = dict(old) if old else {
             "resource_id": resource["id"], "channel": channel, "address": address,
@@ -470,7 +510,7 @@ def set_deleted(r, data, deleted):
     def change(pc):
         hash_id = stored_hash_id(pc.records, resource["id"], channel, identity)
         record = pc.records.get(hash_id)
-        if record is None:
+        if record is None or not holds(record, resource["id"], channel, identity):
             raise NoSuchSubscription("no such subscription")
         record = pc.save(hash_id, {**record, "is_delete": deleted, "updated_at": now_iso()}, resource)
         return extended_form(resource, db_id, profile_id, hash_id, record)
