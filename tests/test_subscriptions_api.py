@@ -574,3 +574,23 @@ def test_a_chat_whose_hash_id_another_chat_holds_is_refused_and_still_found_by_a
     assert api.ok("subscriptions/set", **base, cc_data={"id": second}, priority=4)["hash_id"] == legacy
     assert api.ok("messages/links", **base, cc_data={"id": second})["smid"]
     assert api.ok("subscriptions/get", **base, cc_data={"id": first}) == made
+
+
+@pytest.mark.parametrize("status", ["hardbounced", "complained", "unsubscribed", "invalid", "suspended"])
+def test_a_database_the_resource_no_longer_lists_still_records_what_stops_messages(api, r, resource, status):
+    """dbs_ids decides who may subscribe: a subscription made before its database left the list can still be
+    bounced, complained about, unsubscribed, marked invalid or paused, and edited, but not subscribed again."""
+    api.ok("subscriptions/set", **sub(resource))
+    api.ok("resources/update", id=resource["id"], dbs_ids=[2])
+    got = api.ok("subscriptions/set", **sub(resource, status=status))
+    assert got["status"] == status
+    assert api.ok("subscriptions/set", **sub(resource, priority=3, cats=["receipts"]))["status"] == status
+    before = redis_state(r)
+    if status != "suspended":   # a pause that ends is no new subscription; out of a stopped status is one
+        for again in ("subscribed", "unconfirmed", "suspended"):
+            assert "may not subscribe" in api.fail("subscriptions/set", 400, **sub(resource, status=again))
+    assert "may not subscribe" in api.fail("subscriptions/set", 400, **sub(resource, email="new@example.com",
+                                                                              status=status))
+    assert redis_state(r) == before
+    if status == "suspended":
+        assert api.ok("subscriptions/set", **sub(resource, status="subscribed"))["status"] == "subscribed"

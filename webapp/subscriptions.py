@@ -422,9 +422,6 @@ def set_subscription(r, data):
     data = as_object(data, "request")
     no_unknown_keys(data, SET_FIELDS)
     resource, db_id, profile_id, channel, address, identity = locate(r, data)
-    if resource["dbs_ids"] and db_id not in resource["dbs_ids"]:
-        raise InvalidInput(f"profiles of database {db_id} may not subscribe to resource {resource['id']} "
-                           f"(dbs_ids: {resource['dbs_ids']})", field="db_id")
     status = parse_status(data["status"]) if data.get("status") is not None else None
     priority = as_int(data["priority"], "priority", 0, 2 ** 31) if data.get("priority") is not None else None
     uncats = _validate_cats(resource, data["cats"]) if data.get("cats") is not None else None
@@ -442,6 +439,14 @@ def set_subscription(r, data):
                            "characters of resource, channel and address): this address cannot be subscribed in "
                            "this profile", field="profile_id")
         is_new = old is None
+        # dbs_ids names the databases whose profiles may subscribe: checked when a subscription is made or
+        # subscribed again (out of a stopped status), not when one made before its database left the list
+        # records a bounce, a complaint, an unsubscribe or a pause.
+        subscribing = is_new or (old["status"] in STOPPED_STATUSES and status is not None
+                                 and status not in STOPPED_STATUSES)
+        if subscribing and resource["dbs_ids"] and db_id not in resource["dbs_ids"]:
+            raise InvalidInput(f"profiles of database {db_id} may not subscribe to resource {resource['id']} "
+                               f"(dbs_ids: {resource['dbs_ids']})", field="db_id")
         record = dict(old) if old else {
             "resource_id": resource["id"], "channel": channel, "address": address,
             "status": Status.SUBSCRIBED, "priority": 0, "uncats": [], "custom_fields": {},
