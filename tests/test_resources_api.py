@@ -189,6 +189,26 @@ def test_delete(api, r, resource):
     assert redis_state(r) == before
 
 
+@pytest.mark.parametrize("path,body", [
+    ("resources/get", {"force_id_typo": True}), ("resources/delete", {"force_id_typo": True}),
+    ("resources/fields_get", {"channel": "email", "chanel": "sms"}), ("resources/list", {"from": 1}),
+    ("resources/get", {"id": 3}), ("resources/delete", {"id": 3}), ("resources/fields_get", {"id": 3, "channel": "sms"}),
+    ("resources/update", {"id": 3, "name": "Renamed"})])
+def test_a_request_naming_two_resources_or_an_unknown_field_is_refused(api, r, path, body):
+    """resources/delete {"resource_id": 1, "id": 3, "force_id_typo": true} deleted resource 3: as every other
+    endpoint, these refuse a field they do not know, and `id` and `resource_id` that name different resources."""
+    for _ in range(3):
+        api.ok("resources/add", **email_resource())
+    before = redis_state(r)
+    ids = {} if path == "resources/list" else {"resource_id": 1}
+    error = api.fail(path, 400, **ids, **body)
+    unknown = next((k for k in body if k not in ("id", "name", "channel")), None)
+    assert (f"{unknown} is not a known field" if unknown else "id and resource_id name different resources") in error
+    assert redis_state(r) == before
+    assert api.ok("resources/get", resource_id=3, id="3")["id"] == 3    # the same resource, however written
+
+
+
 @pytest.mark.parametrize("kwargs,status", [
     ({"token": None}, 401), ({"token": "wrong"}, 401), ({"token": ""}, 401),
 ])
@@ -220,6 +240,19 @@ def test_openapi_lists_every_endpoint(client, app):
     export = client.post("/api/v1.1/events/export", json={"token": "test-api-token"})
     documented = spec["paths"]["/api/v1.1/events/export"]["post"]["responses"]["200"]["content"]
     assert export.mimetype in documented                                # JSON lines, as the server answers
+
+
+
+def test_every_documented_endpoint_refuses_a_field_it_does_not_know(api, r):
+    """The OpenAPI document says so (additionalProperties: false), and each endpoint does, before anything else."""
+    from webapp.openapi import ENDPOINTS
+    spec = api.client.get("/api/v1.1/openapi.json").get_json()
+    before = redis_state(r)
+    for path in ENDPOINTS:
+        assert spec["paths"][f"/api/v1.1/{path}"]["post"]["requestBody"]["content"]["application/json"]["schema"][
+            "additionalProperties"] is False
+        assert "zz_typo is not a known field" in api.fail(path, 400, zz_typo=True), path
+    assert redis_state(r) == before
 
 
 @pytest.mark.parametrize("value", ["p-42", "a@b.c:1_2", "a b", "p" * 40, "p" * 41, "x\n", "", "п"])

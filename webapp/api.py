@@ -89,8 +89,18 @@ def optional(data, key, check, *args):
     return check(data[key], key, *args) if data.get(key) is not None else None
 
 
-def _resource_id(data):
-    return as_int(data.get("id", data.get("resource_id")), "id", 1)
+RESOURCE_ID_FIELDS = ("token", "id", "resource_id")
+
+
+def _resource_id(data, fields):
+    """The resource a request names by `id` (Altcraft's) or `resource_id` (both when they agree), once the
+    request is found to hold no field but those and `fields`."""
+    no_unknown_keys(data, RESOURCE_ID_FIELDS + fields)
+    rid = optional(data, "id", as_int, 1)
+    alias = optional(data, "resource_id", as_int, 1)
+    if rid is not None and alias is not None and rid != alias:
+        raise InvalidInput("id and resource_id name different resources: give one of them", field="resource_id")
+    return as_int(alias if rid is None else rid, "id", 1)
 
 
 # -- resources ----------------------------------------------------------------------------------------
@@ -111,18 +121,19 @@ def resources_add(data):
 
 @endpoint("resources/update")
 def resources_update(data):
-    rid = _resource_id(data)
-    changes = {k: v for k, v in data.items() if k not in ("token", "id", "resource_id")}  # as resources/get
+    rid = _resource_id(data, resources.TOP_LEVEL_FIELDS + resources.UPDATE_ONLY_FIELDS)
+    changes = {k: v for k, v in data.items() if k not in RESOURCE_ID_FIELDS}  # as resources/get
     return _with_call_url_outbox(resources.update_resource(get_redis(), rid, changes))
 
 
 @endpoint("resources/get")
 def resources_get(data):
-    return public_resource(resources.get_resource(get_redis(), _resource_id(data)))
+    return public_resource(resources.get_resource(get_redis(), _resource_id(data, ())))
 
 
 @endpoint("resources/list")
 def resources_list(data):
+    no_unknown_keys(data, ("token", "from_id", "limit"))
     from_id = as_int(data.get("from_id", 0), "from_id", 0)
     limit = as_int(data.get("limit", 20), "limit", 1, 100)
     items, next_from_id, total = resources.list_resources(get_redis(), from_id, limit)
@@ -131,14 +142,14 @@ def resources_list(data):
 
 @endpoint("resources/delete")
 def resources_delete(data):
-    rid = _resource_id(data)
+    rid = _resource_id(data, ())
     resources.delete_resource(get_redis(), rid)
     return {"id": rid}
 
 
 @endpoint("resources/fields_get")
 def resources_fields_get(data):
-    res = resources.get_resource(get_redis(), _resource_id(data))
+    res = resources.get_resource(get_redis(), _resource_id(data, ("channel",)))
     return resources.field_descriptors(res, data.get("channel"))
 
 

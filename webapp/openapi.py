@@ -51,19 +51,22 @@ SUBSCRIPTION_SET = {**SUBSCRIPTION_ID, "status": STATUS,
 LINK_MESSAGE = {**SUBSCRIPTION_ID, "category": {"type": "string"},
                 "sent_at": {"type": "integer", "description": "unix seconds; default now"}}
 SCOPE = {"db_id": ID, "profile_id": PROFILE_ID, "resource_id": ID, "channel": CHANNEL}
+# A resource is named by `id` or, as the other endpoints name it, `resource_id`: both only when they agree.
+RESOURCE_NAMED = {"id": ID, "resource_id": {**ID, "description": "the same as id; when both are given, equal"}}
 
 # path -> (summary, body properties, required)
 ENDPOINTS = {
     "resources/add": ("Create a resource", RESOURCE_BODY, ["name", "channels"]),
     "resources/update": ("Change a resource (partial; api_names fixed)",
-                         {"id": ID, **RESOURCE_BODY, "delete_categories": {"type": "array"},
+                         {**RESOURCE_NAMED, **RESOURCE_BODY, "delete_categories": {"type": "array"},
                           "regenerate_rtoken": {"type": "boolean"}}, ["id"]),
-    "resources/get": ("One resource with id, rtoken and sdk_script_url", {"id": ID}, ["id"]),
+    "resources/get": ("One resource with id, rtoken and sdk_script_url", RESOURCE_NAMED, ["id"]),
     "resources/list": ("Resources paged by from_id/limit",
                        {"from_id": {"type": "integer", "minimum": 0},
                         "limit": {"type": "integer", "minimum": 1, "maximum": 100}}, []),
-    "resources/delete": ("Delete a resource", {"id": ID}, ["id"]),
-    "resources/fields_get": ("Field descriptors of a channel", {"id": ID, "channel": CHANNEL}, ["id", "channel"]),
+    "resources/delete": ("Delete a resource", RESOURCE_NAMED, ["id"]),
+    "resources/fields_get": ("Field descriptors of a channel", {**RESOURCE_NAMED, "channel": CHANNEL},
+                             ["id", "channel"]),
     "subscriptions/set": ("Add or edit a subscription", SUBSCRIPTION_SET,
                           ["db_id", "profile_id", "resource_id", "channel"]),
     "subscriptions/get": ("One subscription, extended form", SUBSCRIPTION_ID,
@@ -120,7 +123,9 @@ def register_endpoint(path, summary, properties, required):
 def build_spec(base_url):
     paths = {}
     for path, (summary, props, required) in ENDPOINTS.items():
-        schema = {"type": "object", "properties": {"token": TOKEN, **props}, "required": required}
+        # Every endpoint refuses a field it does not know (400), as it refuses a value of the wrong type.
+        schema = {"type": "object", "properties": {"token": TOKEN, **props}, "required": required,
+                  "additionalProperties": False}
         paths[f"/api/v1.1/{path}"] = {"post": {
             "summary": summary,
             "operationId": path.replace("/", "_"),
