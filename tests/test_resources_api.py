@@ -82,6 +82,17 @@ BAD_RESOURCES = [
     ("unsubscribe.list_unsubscribe.called_url", "mailto:x@y.z", "absolute"),
     ("default_locale", "de", "default_locale must be one of"),
     ("surprise", 1, "surprise is not a known field"),
+    # A value of another JSON type is refused, not taken for "none" because it is falsy.
+    ("description", {}, "description must be a string"),
+    ("description", 0, "description must be a string"),
+    ("url", 0, "url must be an absolute"),
+    ("url", False, "url must be an absolute"),
+    ("url", [], "url must be an absolute"),
+    ("trk_domain", [], "trk_domain must be a domain name"),
+    ("trk_domain", 0, "trk_domain must be a domain name"),
+    ("channel_settings.email", 0, "channel_settings.email must be an object"),
+    ("channel_settings.email", [], "channel_settings.email must be an object"),
+    ("channel_settings.sms", False, "channel_settings.sms must be an object"),
 ]
 
 
@@ -100,6 +111,19 @@ def test_non_ascii_domains_are_kept_as_browsers_and_mail_systems_spell_them(api)
     ident = {"db_id": 1, "profile_id": "p-1", "resource_id": created["id"], "channel": "email"}
     stored = api.ok("subscriptions/set", **ident, email="Ann@Straße.example")
     assert stored["email"] == "ann@xn--strae-oqa.example"
+
+
+
+def test_null_or_empty_text_still_means_none(api):
+    """null (and "" for url and trk_domain) is "none", as the README says: only other JSON types are refused."""
+    created = api.ok("resources/add", **email_resource(description=None, url="", trk_domain="",
+                                                       channel_settings={"email": None}))
+    assert (created["description"], created["url"], created["trk_domain"]) == ("", None, None)
+    assert created["channel_settings"]["email"]["from_email"] == ""
+    updated = api.ok("resources/update", id=created["id"], url="https://shop.example", trk_domain="t.shop.example")
+    cleared = api.ok("resources/update", id=created["id"], url=None, trk_domain=None, description=None)
+    assert (updated["url"], cleared["url"], cleared["trk_domain"], cleared["description"]) == (
+        "https://shop.example", None, None, "")
 
 
 def test_page_url_placeholders_are_accepted(api):

@@ -102,6 +102,17 @@ BAD_SUBSCRIPTIONS = [
     ({"resource_id": "abc"}, "resource_id must be an integer"),
     ({"extra": 1}, "extra is not a known field"),
     ({"cats": ["news", ["receipts"]]}, "not a category"),            # not a name at all (was a 500)
+    # A value of another JSON type is refused, not read as an address or taken for "none" because it is falsy.
+    ({"ip": True}, "ip is not an IP address"),                        # was stored as 0.0.0.1
+    ({"ip": 3232235777}, "ip is not an IP address"),                  # was stored as 192.168.1.1
+    ({"ip": 0}, "ip is not an IP address"),
+    ({"ip": []}, "ip is not an IP address"),
+    ({"date": 0}, "date must be an RFC 3339 date-time"),
+    ({"date": False}, "date must be an RFC 3339 date-time"),
+    ({"date": {}}, "date must be an RFC 3339 date-time"),
+    ({"url": 0}, "url must be an absolute"),
+    ({"url": []}, "url must be an absolute"),
+    ({"url": {}}, "url must be an absolute"),
 ]
 
 
@@ -111,6 +122,23 @@ def test_set_rejects_bad_input_and_writes_nothing(api, r, resource, change, mess
     before = redis_state(r)
     body = {k: v for k, v in {**sub(resource), **change}.items() if v is not None}
     assert message in api.fail("subscriptions/set", 400, **body)
+    assert redis_state(r) == before
+
+
+def test_empty_registration_fields_mean_none(api, resource):
+    """date, ip and url given as null or "" are not given (README): the registration takes its defaults."""
+    got = api.ok("subscriptions/set", **sub(resource, date="", ip="", url=""))
+    assert (got["reg_info"]["ip"], got["reg_info"]["url"]) == (None, None) and got["reg_info"]["date"]
+    again = api.ok("subscriptions/set", **sub(resource, email="bob@example.com", date=None, ip=None, url=None))
+    assert (again["reg_info"]["ip"], again["reg_info"]["url"]) == (None, None)
+
+
+@pytest.mark.parametrize("path", ["subscriptions/list", "subscriptions/suspend_all", "subscriptions/unsuspend_all"])
+@pytest.mark.parametrize("channel", [5, ["email"], {"email": 1}, True])
+def test_a_channel_that_is_not_a_string_is_refused(api, r, resource, path, channel):
+    api.ok("subscriptions/set", **sub(resource))
+    before = redis_state(r)
+    assert "channel must be a string" in api.fail(path, 400, db_id=1, profile_id="p-42", channel=channel)
     assert redis_state(r) == before
 
 

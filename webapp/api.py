@@ -19,7 +19,8 @@ from .openapi import build_spec
 from .scripts import subscriptions_exist
 from .store import ensure_housekeeping, get_redis
 from .tokens import same_secret
-from .validation import as_api_name, as_int, as_list, as_object, as_profile_id, json_object, no_unknown_keys
+from .validation import (as_api_name, as_int, as_list, as_object, as_profile_id, as_text, json_object,
+                         no_unknown_keys)
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1.1")
 OK_TEXT = "Successful operation"
@@ -172,7 +173,8 @@ def subscriptions_list(data):
     db_id = as_int(data.get("db_id"), "db_id", 1)
     profile_id = as_profile_id(data.get("profile_id"))
     rid = optional(data, "resource_id", as_int, 1)
-    items = subscriptions.list_subscriptions(get_redis(), db_id, profile_id, rid, data.get("channel"))
+    channel = optional(data, "channel", as_text)
+    items = subscriptions.list_subscriptions(get_redis(), db_id, profile_id, rid, channel)
     return Reply(items, total_count=len(items))
 
 
@@ -193,9 +195,7 @@ def _bulk_status(data, from_status, to_status):
     rid = optional(data, "resource_id", as_int, 1)
     if rid is not None:
         resources.get_resource(r, rid)
-    channel = data.get("channel")
-    if channel is not None and not isinstance(channel, str):
-        raise InvalidInput("channel must be a string", field="channel")
+    channel = optional(data, "channel", as_text)
     profiles = ([as_profile_id(data["profile_id"])] if data.get("profile_id") is not None
                 else subscriptions.profiles_of_db(r, db_id))
     updated = subscriptions.set_status_where(r, db_id, profiles, from_status, to_status, "api", rid, channel)

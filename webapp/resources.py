@@ -18,7 +18,7 @@ from . import keys
 from .errors import InvalidInput, NoSuchResource
 from .tokens import new_resource_token
 from .validation import (DOT_ATOM_RE, as_api_name, as_bool, as_email, as_float, as_hostname, as_int,
-                         as_list, as_object, as_text, as_url, no_unknown_keys, now_iso, require)
+                         as_list, as_object, as_text, as_url, blank_or, no_unknown_keys, now_iso, require)
 
 MAX_CHANNELS = 8
 KNOWN_CHANNELS = ("email", "sms", "push", "telegram_bot", "whatsapp", "viber", "notify")
@@ -153,7 +153,7 @@ def _validate_categories(items, old_categories, deletions):
 
 def _validate_channel_settings(channel, settings, old_settings):
     where = f"channel_settings.{channel}."
-    settings = as_object(settings or {}, where[:-1])
+    settings = as_object({} if settings is None else settings, where[:-1])
     allowed = CHANNEL_SETTINGS.get(channel, CUSTOM_CHANNEL_SETTINGS)
     extra = ("fields", "delete_fields") + (("providers",) if channel == "push" else ())
     no_unknown_keys(settings, tuple(allowed) + extra, where)
@@ -216,15 +216,15 @@ def validate_resource(data, old=None):
     res = dict(old or {})
     if old is None or "name" in data:
         res["name"] = as_text(require(data, "name"), "name", allow_empty=False, for_header=True)  # List-ID
-    res["description"] = as_text(data.get("description", res.get("description", "")) or "", "description", 2000)
+    description = data.get("description", res.get("description"))
+    res["description"] = as_text("" if description is None else description, "description", 2000)
     if "url" in data or old is None:
-        res["url"] = as_url(data["url"], "url") if data.get("url") else None
+        res["url"] = blank_or(data.get("url"), as_url, "url")
     urls = data.get("urls", res.get("urls", []))
     res["urls"] = [as_url(u, f"urls[{i}]") for i, u in enumerate(as_list(urls, "urls", 50))]
     dbs = data.get("dbs_ids", res.get("dbs_ids", []))
     res["dbs_ids"] = sorted({as_int(d, "dbs_ids", 1, 2 ** 31) for d in as_list(dbs, "dbs_ids", 1000)})
-    trk = data.get("trk_domain", res.get("trk_domain"))
-    res["trk_domain"] = as_hostname(trk, "trk_domain") if trk else None
+    res["trk_domain"] = blank_or(data.get("trk_domain", res.get("trk_domain")), as_hostname, "trk_domain")
     res["increase_priority"] = as_bool(data.get("increase_priority", res.get("increase_priority", False)),
                                        "increase_priority")
     # None: the visitor's Accept-Language decides (a resource default would always win over it).

@@ -16,8 +16,8 @@ from . import events, keys, scripts
 from .errors import Conflict, InvalidInput, NoSuchSubscription
 from .resources import PHONE_CC_CHANNELS, current_field_values, get_resource, get_resources, validate_field_value
 from .validation import (as_chat_id, as_datetime, as_email, as_int, as_ip, as_language, as_list, as_object,
-                         as_phone, as_profile_id, as_text, as_url, ms_to_time, no_unknown_keys, now_iso, require,
-                         time_to_ms)
+                         as_phone, as_profile_id, as_text, as_url, blank_or, ms_to_time, no_unknown_keys, now_iso,
+                         require, time_to_ms)
 
 
 class Status(IntEnum):
@@ -425,9 +425,9 @@ def set_subscription(r, data):
     status = parse_status(data["status"]) if data.get("status") is not None else None
     priority = as_int(data["priority"], "priority", 0, 2 ** 31) if data.get("priority") is not None else None
     uncats = _validate_cats(resource, data["cats"]) if data.get("cats") is not None else None
-    reg_date = as_datetime(data["date"]) if data.get("date") else None
-    reg_ip = as_ip(data["ip"]) if data.get("ip") else None
-    reg_url = as_url(data["url"], "url") if data.get("url") else None
+    reg_date = blank_or(data.get("date"), as_datetime, "date")
+    reg_ip = blank_or(data.get("ip"), as_ip, "ip")
+    reg_url = blank_or(data.get("url"), as_url, "url")
     # The person's language, as the sender knows it: the pages' choice after ?lang= (contract §4). "" clears it.
     locale = (as_language(data["locale"]) if data["locale"] != "" else "") if data.get("locale") is not None else None
 

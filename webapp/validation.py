@@ -30,6 +30,12 @@ def require(data, key, where=""):
     return data[key]
 
 
+def blank_or(value, check, field, *args):
+    """None for an optional text given as null or "", else check(value, field, *args): a value of another JSON
+    type (0, false, [], {}) goes to the check and is refused there, not taken for "none" as falsy."""
+    return None if value is None or value == "" else check(value, field, *args)
+
+
 def no_unknown_keys(data, allowed, where=""):
     unknown = sorted(set(data) - set(allowed))
     if unknown:
@@ -255,6 +261,8 @@ def ascii_uri(value, field):
 
 
 def as_ip(value, field="ip"):
+    if not isinstance(value, str):  # ipaddress also takes a number (3232235777 is 192.168.1.1, true 0.0.0.1)
+        raise InvalidInput(f"{field} is not an IP address", field=field)
     try:
         return str(ipaddress.ip_address(value))
     except (ValueError, TypeError):
