@@ -324,3 +324,22 @@ def test_a_deleted_resources_pause_ends_without_a_change(api, app, client, r):
     time.sleep(0.4)
     assert preferences.resume_due_suspensions(r) == 0                         # out of service: left as it was
     assert len(events.list_events(r, 1, "p-42")[0]) == count and r.zcard("us:suspensions:due") == 0
+
+
+@pytest.mark.parametrize("unsubscribed_by", ["one_click", "none"])
+def test_an_api_suspension_has_no_end_whatever_pause_the_record_had(api, client, r, unsubscribed_by):
+    """A manager pause's end stays on the record through a one-click unsubscribe (an Undo brings the pause back);
+    subscriptions/set status: suspended then suspends indefinitely, as suspend_all does: no old end shown, and
+    the sweeper does not resume it at that end. Over a pause still running, it replaces it the same way."""
+    _res, ident, sub, path = setup_profile(api)
+    assert post(client, path, action="suspend", hash_id=sub["hash_id"], days="14").status_code == 303
+    if unsubscribed_by == "one_click":
+        url = api.ok("messages/links", **ident)["unsubscribe_url"].removeprefix("https://unsub.example")
+        assert client.post(url, data="List-Unsubscribe=One-Click",
+                           content_type="application/x-www-form-urlencoded").status_code == 200
+        assert api.ok("subscriptions/get", **ident)["status"] == "unsubscribed"
+    got = api.ok("subscriptions/set", **ident, status="suspended")
+    assert got["status"] == "suspended" and "suspended_until" not in got
+    assert "suspended_until" not in api.ok("subscriptions/get", **ident)
+    assert preferences.resume_due_suspensions(r, now=time.time() + 15 * 86400) == 0    # past the old end
+    assert api.ok("subscriptions/get", **ident)["status"] == "suspended"

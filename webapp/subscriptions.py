@@ -457,8 +457,10 @@ def set_subscription(r, data):
                                                           record["custom_fields"], is_new)
         if status is not None:
             record["status"] = int(status)
-            if status != Status.SUSPENDED:
-                record.pop("suspended_until", None)
+            # A pause's end belongs to a manager pause (kept through an unsubscribe for its Undo); a status set
+            # here, a suspension too, has none: the API's suspension lasts until the API lifts it, as
+            # suspend_all's. (The sweeper drops the pause's entry in the due index when it comes to it.)
+            record.pop("suspended_until", None)
         if uncats is not None:
             record["uncats"] = uncats
         if locale:
