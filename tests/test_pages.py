@@ -127,6 +127,22 @@ def test_one_click_stops_a_paused_or_unconfirmed_subscription_for_good(api, clie
     assert preferences.resume_due_suspensions(r) == 0 and get_sub(api, body)["status"] == "unsubscribed"
 
 
+def test_undo_of_an_unsubscribe_from_a_senders_suspension_brings_the_suspension_back(api, client, r):
+    """A suspension the sender set (no end) stays until the sender lifts it: the person's Undo of their
+    unsubscribe must not turn it into 'subscribed' and send what the sender held back."""
+    from webapp import preferences
+    _res, path, body = make_link(api, "instant", category=None)
+    ident = {k: v for k, v in body.items() if k != "category"}
+    api.ok("subscriptions/set", **ident, status="suspended")
+    token = form_token(client.get(path).get_data(as_text=True))
+    assert client.post(path, data={"action": "unsubscribe", "csrf_token": token}).status_code == 303
+    assert get_sub(api, body)["status"] == "unsubscribed"
+    assert client.post(path, data={"action": "undo", "csrf_token": token}).status_code == 303
+    sub = get_sub(api, body)
+    assert sub["status"] == "suspended" and "suspended_until" not in sub
+    assert preferences.resume_due_suspensions(r) == 0 and get_sub(api, body)["status"] == "suspended"
+
+
 @pytest.mark.parametrize("pause_ends_first", [False, True])
 def test_undo_of_a_paused_subscriptions_unsubscribe_brings_the_pause_back_never_one_without_end(
         api, client, r, pause_ends_first):

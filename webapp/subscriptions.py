@@ -256,10 +256,11 @@ def with_state(resource, record, state):
     kept = set(state["cats"])
     restored = dict(record, status=int(Status[state["status"].upper()]), updated_at=now_iso())
     restored["uncats"] = [c["api_name"] for c in resource["categories"] if c["api_name"] not in kept]
-    # A pause comes back only with its end still ahead (the unsubscribe kept it); one that would have ended
-    # meanwhile comes back as what its end makes it, subscribed: never a pause with no end.
+    # A pause the person took (it has an end; unsubscribes keep it) comes back only with its end still ahead;
+    # one that would have ended meanwhile comes back as what its end makes it, subscribed. A suspension with no
+    # end is the sender's (subscriptions/set, suspend_all) and lasts until the sender lifts it: it comes back so.
     until = restored.get("suspended_until")
-    if restored["status"] == Status.SUSPENDED and not (until and time_to_ms(until) > time.time() * 1000):
+    if restored["status"] == Status.SUSPENDED and until and time_to_ms(until) <= time.time() * 1000:
         restored["status"] = int(Status.SUBSCRIBED)
     if restored["status"] != Status.SUSPENDED:
         restored.pop("suspended_until", None)
