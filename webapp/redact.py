@@ -5,7 +5,10 @@ from urllib.parse import unquote
 
 from gunicorn.glogging import Logger
 
-TOKEN_PATH_RE = re.compile(r"(/+(?:unsubscribe|manage)/+)([A-Za-z0-9_-]{8})[A-Za-z0-9_-]+")
+# A run of slashes is matched only from its first one (the lookbehind): from every slash of a long run, `/+`
+# would each time try the rest of it again, quadratic time on a header of many slashes that any client sends.
+TOKEN_PATH_RE = re.compile(r"((?<!/)/+(?:unsubscribe|manage)/+)([A-Za-z0-9_-]{8})[A-Za-z0-9_-]+", re.IGNORECASE)
+FORMAT_ATOM_RE = re.compile(r"%\((.+?)\)s")
 KEEP = 8
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -27,10 +30,13 @@ class RedactingLogger(Logger):
 
     def atoms(self, resp, req, environ, request_time):
         atoms = super().atoms(resp, req, environ, request_time)
-        # Every atom a format can name: the request line and path, but also the Referer, the Location of a
-        # redirect ({location}o) and the environ's RAW_URI / PATH_INFO ({raw_uri}e).
-        for key, value in list(atoms.items()):
-            if isinstance(value, str) and ("unsubscribe" in value or "manage" in value or "%" in value):
+        # Every atom the access log's format names (only those: the others, every request header among them, are
+        # never written): the request line and path, but also a Referer, the Location of a redirect
+        # ({location}o) or the environ's RAW_URI / PATH_INFO ({raw_uri}e).
+        for key in set(FORMAT_ATOM_RE.findall(self.cfg.access_log_format)) & atoms.keys():
+            value = atoms[key]
+            lowered = value.lower() if isinstance(value, str) else ""
+            if "unsubscribe" in lowered or "manage" in lowered or "%" in lowered:
                 atoms[key] = redact(value)
         return atoms
 
