@@ -223,7 +223,7 @@ def test_call_url_after_one_click(api, client, r, receiver):
     path = links["unsubscribe_url"].removeprefix("https://unsub.example")
     assert client.post(path, data={"List-Unsubscribe": "One-Click"}).status_code == 200
     assert client.post(path, data={"List-Unsubscribe": "One-Click"}).status_code == 200   # replay: no 2nd call
-    assert webhooks.deliver(r, webhooks.CALLED_URL) == {"sent": 1, "skipped": 1, "error": None}
+    assert webhooks.deliver(r, webhooks.call_url_group(res["id"])) == {"sent": 1, "skipped": 1, "error": None}
     (call,) = receiver.bodies()
     assert call["smid"] == links["smid"] and call["result"] == "unsubscribed" and call["profile_id"] == "p-42"
     sig = receiver.requests[0]["headers"]["X-Webhook-Signature"]
@@ -279,7 +279,8 @@ def test_a_webhook_deleted_during_its_delivery_leaves_nothing_behind(api, r, res
     def then_delete(*args, **kwargs):
         result = real(*args, **kwargs)
         if not deleted and lands_after(args, result):
-            deleted.append(api.ok("webhooks/delete", id=hook["id"]))
+            deleted.append(hook["id"])                       # first: the delete itself checks existence again
+            api.ok("webhooks/delete", id=hook["id"])
         return result
 
     monkeypatch.setattr(owner, name, then_delete)
@@ -307,3 +308,100 @@ def test_the_backlog_of_a_webhook_for_one_resource_counts_only_that_resources_ev
     change(api, other)                                    # and of the one it follows
     after = {h["url"]: h["backlog"] for h in api.ok("webhooks/list")}
     assert after["http://127.0.0.1:9/hook"] == after["http://127.0.0.1:9/all"] - before["http://127.0.0.1:9/all"] > 0
+
+
+def call_url_resource(api, called_url, name="Weekly news"):
+    return api.ok("resources/add", **email_resource(name=name, unsubscribe={
+        "mode": "confirm", "list_unsubscribe": {"enabled": True, "called_url": called_url}}))
+
+
+def one_click(api, client, res, profile_id="p-42"):
+    ident = {"db_id": 1, "profile_id": profile_id, "resource_id": res["id"], "channel": "email",
+             "email": f"{profile_id}@example.com"}
+    api.ok("subscriptions/set", **ident)
+    links = api.ok("messages/links", **ident)
+    assert client.post(links["unsubscribe_url"].removeprefix("https://unsub.example"),
+                       data={"List-Unsubscribe": "One-Click"}).status_code == 200
+    return links["smid"]
+
+
+def delivery_leftovers(r):
+    """Consumer groups on the timeline and delivery-state keys: what a removed target must not leave."""
+    groups = [g["name"] for g in r.xinfo_groups(keys.events_timeline())] if r.exists(keys.events_timeline()) else []
+    return groups + sorted(r.scan_iter(keys.delivery_state("*")))
+
+
+def test_resources_get_shows_no_call_url_delivery_without_a_call_url(api, resource):
+    assert api.ok("resources/get", id=resource["id"])["called_url_delivery"] is None
+
+
+@pytest.mark.parametrize("removal", ["call URL cleared", "resource deleted"])
+def test_a_removed_call_url_leaves_no_group_or_delivery_state(api, client, r, receiver, removal):
+    """A call URL's target (its consumer group, its delivery state) lives as long as the call URL: added with it
+    by resources/add or update, removed when it is cleared or its resource deleted."""
+    res = api.ok("resources/add", **email_resource())
+    assert delivery_leftovers(r) == []
+    api.ok("resources/update", id=res["id"], unsubscribe={"list_unsubscribe": {"called_url": receiver.url}})
+    (group,) = delivery_leftovers(r)
+    assert group == f"called_url:{res['id']}"
+    one_click(api, client, res)
+    receiver.behaviours = [500]
+    assert webhooks.deliver(r, group)["error"] == "HTTP 500"
+    assert delivery_leftovers(r) == [group, keys.delivery_state(group)]
+    if removal == "call URL cleared":
+        api.ok("resources/update", id=res["id"], unsubscribe={"list_unsubscribe": {"called_url": None}})
+    else:
+        api.ok("resources/delete", id=res["id"])
+    assert delivery_leftovers(r) == []
+    assert webhooks.due_targets(r) == []
+
+
+# Where the call URL's removal lands in its delivery (see DELETE_MOMENTS).
+CALL_URL_REMOVAL_MOMENTS = {k: v for k, v in DELETE_MOMENTS.items() if k != "after the existence check"}
+
+
+@pytest.mark.parametrize("removal", ["call URL cleared", "resource deleted"])
+@pytest.mark.parametrize("moment", CALL_URL_REMOVAL_MOMENTS)
+def test_a_call_url_removed_during_its_delivery_leaves_nothing_behind(api, client, r, receiver, monkeypatch,
+                                                                     moment, removal):
+    """As for a webhook deleted during its delivery: the job brings back no group or delivery state."""
+    res = call_url_resource(api, receiver.url)
+    (group,) = delivery_leftovers(r)
+    one_click(api, client, res, "p-1")
+    one_click(api, client, res, "p-2")                                           # 2 calls
+    receiver.behaviours = [500] if moment == "during a failed POST" else []
+    owner, name, lands_after = CALL_URL_REMOVAL_MOMENTS[moment]
+    real, removed = getattr(owner, name), []
+
+    def then_remove(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if not removed and lands_after(args, result):
+            removed.append(removal)                          # first: the removal reads the timeline too
+            if removal == "resource deleted":
+                api.ok("resources/delete", id=res["id"])
+            else:
+                api.ok("resources/update", id=res["id"], unsubscribe={"list_unsubscribe": {"called_url": None}})
+        return result
+
+    monkeypatch.setattr(owner, name, then_remove)
+    webhooks.deliver(r, group)
+    assert removed
+    assert delivery_leftovers(r) == []
+    assert len(receiver.requests) == (2 if moment == "after the last read" else 1)   # none after the removal
+
+
+def test_each_call_url_is_its_own_target(api, client, r, receiver):
+    """A failing call URL backs off alone: the other resource's call is due and delivered."""
+    down, up = call_url_resource(api, "http://127.0.0.1:9/down", "A"), call_url_resource(api, receiver.url, "B")
+    group_a, group_b = f"called_url:{down['id']}", f"called_url:{up['id']}"
+    assert delivery_leftovers(r) == [group_a, group_b]
+    one_click(api, client, down, "a-1")
+    smid = one_click(api, client, up, "b-1")
+    assert sorted(webhooks.due_targets(r, now=1000.0)) == sorted([group_a, group_b])
+    assert webhooks.deliver(r, group_a, now=1000.0, timeout=1)["error"].startswith("ConnectionRefusedError")
+    assert webhooks.due_targets(r, now=1000.5) == [group_b]                      # A backs off, B does not
+    assert webhooks.deliver(r, group_b) == {"sent": 1, "skipped": 3, "error": None}   # the others' events skipped
+    assert [b["smid"] for b in receiver.bodies()] == [smid]
+    assert webhooks.due_targets(r, now=1000.5) == []
+    assert api.ok("resources/get", id=down["id"])["called_url_delivery"]["backlog"] == 1   # its one call
+    assert api.ok("resources/get", id=up["id"])["called_url_delivery"]["backlog"] == 0

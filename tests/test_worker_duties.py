@@ -192,26 +192,30 @@ def plain_rq_worker(redis_url):
 def test_a_plain_rq_worker_delivers_webhooks_and_the_call_url(api, client, r, receiver, workers,  # noqa: F811
                                                              redis_url):
     """No Housekeeper thread there: a chain of RQ housekeeping ticks, started by webhooks/add (and a call URL),
-    dispatches the deliveries, retries after backoff included."""
-    workers.start(plain_rq_worker(redis_url))
-    hook = api.ok("webhooks/add", url=receiver.url, secret=SECRET)
-    res, ident = set_up(api, receiver, unsubscribe={"mode": "confirm",
-                                                    "list_unsubscribe": {"enabled": True, "called_url": receiver.url}})
-    receiver.behaviours = [500]
-    api.ok("subscriptions/set", **ident)
-    links = api.ok("messages/links", **ident)
-    assert client.post(links["unsubscribe_url"].removeprefix("https://unsub.example"),
-                       data={"List-Unsubscribe": "One-Click"}).status_code == 200
-    wait_until(lambda: webhooks.target_state(r, webhooks.group_name(hook["id"]))["backlog"] == 0, 20)
-    wait_until(lambda: webhooks.target_state(r, webhooks.CALLED_URL)["backlog"] == 0, 20)
-    bodies = [json.loads(req["body"]) for req in receiver.requests]
-    assert [b["method"] for b in bodies if "method" in b][-2:] == ["api", "one_click"]   # after a 500, retried
-    hook_requests = [req for req, body in zip(receiver.requests, bodies) if "method" in body]
-    assert hook_requests[0]["answered"] == 500 and hook_requests[1]["answered"] == 200   # the 500 was answered
-    assert [req["answered"] for req in receiver.requests].count(500) == 1
-    assert (hook_requests[1]["headers"]["X-Webhook-Id"] == hook_requests[0]["headers"]["X-Webhook-Id"]
-            == json.loads(hook_requests[0]["body"])["id"])   # and the same event is sent again after it
-    assert [b["smid"] for b in bodies if "result" in b] == [links["smid"]]              # the call URL, once
+    dispatches the deliveries, retries after backoff included. The call URL has a receiver of its own: the
+    two targets' jobs run in either order, and the webhook's first answer must be the 500."""
+    from receiver import Receiver
+    called = Receiver()
+    try:
+        workers.start(plain_rq_worker(redis_url))
+        hook = api.ok("webhooks/add", url=receiver.url, secret=SECRET)
+        res, ident = set_up(api, receiver, unsubscribe={"mode": "confirm", "list_unsubscribe": {
+            "enabled": True, "called_url": called.url}})
+        receiver.behaviours = [500]
+        api.ok("subscriptions/set", **ident)
+        links = api.ok("messages/links", **ident)
+        assert client.post(links["unsubscribe_url"].removeprefix("https://unsub.example"),
+                           data={"List-Unsubscribe": "One-Click"}).status_code == 200
+        wait_until(lambda: webhooks.target_state(r, webhooks.group_name(hook["id"]))["backlog"] == 0, 20)
+        wait_until(lambda: webhooks.target_state(r, webhooks.call_url_group(res["id"]))["backlog"] == 0, 20)
+        hook_requests = receiver.requests
+        assert [b["method"] for b in receiver.bodies()] == ["api", "api", "one_click"]   # after a 500, retried
+        assert [req["answered"] for req in hook_requests] == [500, 200, 200]             # the 500 was answered
+        assert (hook_requests[1]["headers"]["X-Webhook-Id"] == hook_requests[0]["headers"]["X-Webhook-Id"]
+                == json.loads(hook_requests[0]["body"])["id"])   # and the same event is sent again after it
+        assert [b["smid"] for b in called.bodies()] == [links["smid"]]                   # the call URL, once
+    finally:
+        called.close()
 
 
 def test_a_plain_rq_worker_ends_a_pause(api, app, client, r, workers, redis_url):  # noqa: F811
@@ -438,3 +442,91 @@ def test_worker_warns_about_redis_settings_that_cost_memory_or_data(r, workers):
     finally:
         r.config_set("appendonly", "no")
         r.config_set("hash-max-listpack-value", 64)
+
+
+DOWN = "http://127.0.0.1:9/down"                          # nothing listens there: every call is refused
+
+
+def call_url_resource(api, name, called_url):
+    return api.ok("resources/add", **email_resource(name=name, unsubscribe={
+        "mode": "confirm", "list_unsubscribe": {"enabled": True, "called_url": called_url}}))
+
+
+def one_click(api, client, res, profile_id):
+    """A subscription of `profile_id` to `res`, then its message's one-click; returns the SMID."""
+    ident = {"db_id": 1, "profile_id": profile_id, "resource_id": res["id"], "channel": "email",
+             "email": f"{profile_id}@example.com"}
+    api.ok("subscriptions/set", **ident)
+    links = api.ok("messages/links", **ident)
+    assert client.post(links["unsubscribe_url"].removeprefix("https://unsub.example"),
+                       data={"List-Unsubscribe": "One-Click"}).status_code == 200
+    return links["smid"]
+
+
+def call_url_failures(r):
+    """The failures recorded for any call-URL target, whatever its group is called."""
+    from webapp import keys
+    return sum(int(r.hget(key, "failures") or 0) for key in r.scan_iter(keys.delivery_state("called_url*"))
+               if r.type(key) == "hash")                 # not the targets' lock and queued markers
+
+
+def test_a_call_url_that_is_down_does_not_delay_another_resources_call(api, client, r, receiver,  # noqa: F811
+                                                                      workers):
+    """Resource A's call URL refuses every call; resource B's answers. Each call URL is its own delivery target,
+    with its own backoff: B's call goes out at once while A keeps failing, and resources/get shows each one's
+    delivery state as webhooks/list shows a webhook's."""
+    res_a, res_b = call_url_resource(api, "A", DOWN), call_url_resource(api, "B", receiver.url)
+    one_click(api, client, res_a, "a-1")
+    workers.start()
+    wait_until(lambda: call_url_failures(r) >= 2, 20)            # A is backing off (1 s, then 2 s)
+    smid_b = one_click(api, client, res_b, "b-1")
+    (call,) = receiver.wait_for(1, timeout=5)                    # not behind A's backoff
+    assert json.loads(call["body"])["smid"] == smid_b
+    wait_until(lambda: api.ok("resources/get", id=res_b["id"])["called_url_delivery"]["backlog"] == 0, 5)
+    state_b = api.ok("resources/get", id=res_b["id"])["called_url_delivery"]
+    assert state_b["failures"] == 0 and state_b["last_error"] is None and state_b["last_success_at"]
+    assert state_b["next_attempt_at"] is None
+    state_a = api.ok("resources/get", id=res_a["id"])["called_url_delivery"]
+    assert state_a["backlog"] == 1 and state_a["failures"] >= 2 and state_a["last_success_at"] is None
+    assert state_a["last_error"].startswith("ConnectionRefusedError") and state_a["last_error_at"]
+    assert state_a["next_attempt_at"].endswith("Z")             # RFC 3339, as webhooks/list shows it
+    assert set(state_a) == set(state_b) == {"backlog", "last_error", "last_error_at", "last_success_at", "failures",
+                                            "next_attempt_at"}
+
+
+def test_an_upgrade_from_the_shared_call_url_group_delivers_its_undelivered_calls(api, client, r, receiver,  # noqa: F811,E501
+                                                                                  workers):
+    """Older versions had one consumer group, `called_url`, for every resource's call URL. Left as such a version
+    leaves it (B's first call delivered; A's call and B's second read and unacknowledged, A's having failed;
+    B's third not read yet; the shared target backing off), it is upgraded: each resource's target starts where
+    the shared group stood, so B gets its second and third calls (not the first again) while A keeps failing,
+    and the shared group and its delivery state are gone."""
+    from webapp import keys
+    res_a, res_b = call_url_resource(api, "A", DOWN), call_url_resource(api, "B", receiver.url)
+    timeline = keys.events_timeline()
+
+    def last_entry():
+        return r.xrevrange(timeline, count=1)[0][0]
+
+    one_click(api, client, res_b, "b-1")
+    delivered = last_entry()
+    one_click(api, client, res_a, "a-1")
+    smid_b2 = one_click(api, client, res_b, "b-2")
+    read = last_entry()
+    smid_b3 = one_click(api, client, res_b, "b-3")
+    for group in r.xinfo_groups(timeline):                      # the older version's layout: one shared group
+        r.xgroup_destroy(timeline, group["name"])
+    r.xgroup_create(timeline, "called_url", id=delivered)
+    r.xreadgroup("called_url", "deliverer", {timeline: ">"}, count=len(r.xrange(timeline, "(" + delivered, read)))
+    assert r.xinfo_groups(timeline)[0]["pending"] > 0
+    r.hset(keys.delivery_state("called_url"), mapping={"failures": 5, "last_error": "ConnectionRefusedError",
+                                                        "next_attempt_at": repr(time.time() + 3600)})
+    workers.start()
+    receiver.wait_for(2, timeout=10)
+    time.sleep(1)                                                # and nothing more
+    assert [b["smid"] for b in receiver.bodies()] == [smid_b2, smid_b3]
+    assert sorted(g["name"] for g in r.xinfo_groups(timeline)) == sorted(
+        [f"called_url:{res_a['id']}", f"called_url:{res_b['id']}"])
+    assert not r.exists(keys.delivery_state("called_url"))
+    wait_until(lambda: api.ok("resources/get", id=res_a["id"])["called_url_delivery"]["failures"] >= 1, 5)
+    assert api.ok("resources/get", id=res_a["id"])["called_url_delivery"]["backlog"] == 1   # its call, not lost

@@ -106,10 +106,9 @@ def _resource_id(data, fields):
 
 # -- resources ----------------------------------------------------------------------------------------
 
-def _with_call_url_outbox(res):
-    """A resource that asks for the list-unsubscribe call URL needs its delivery target to exist."""
-    if res["unsubscribe"]["list_unsubscribe"].get("called_url"):
-        webhooks.ensure_group(get_redis(), webhooks.CALLED_URL)
+def _with_call_url_target(res):
+    """The resource's call URL has its own delivery target while it is set: created with it, removed with it."""
+    if webhooks.sync_call_url_target(get_redis(), res["id"]):
         ensure_housekeeping()
     return public_resource(res)
 
@@ -117,19 +116,21 @@ def _with_call_url_outbox(res):
 @endpoint("resources/add")
 def resources_add(data):
     res = resources.add_resource(get_redis(), {k: v for k, v in data.items() if k != "token"})
-    return _with_call_url_outbox(res)
+    return _with_call_url_target(res)
 
 
 @endpoint("resources/update")
 def resources_update(data):
     rid = _resource_id(data, resources.TOP_LEVEL_FIELDS + resources.UPDATE_ONLY_FIELDS)
     changes = {k: v for k, v in data.items() if k not in RESOURCE_ID_FIELDS}  # as resources/get
-    return _with_call_url_outbox(resources.update_resource(get_redis(), rid, changes))
+    return _with_call_url_target(resources.update_resource(get_redis(), rid, changes))
 
 
 @endpoint("resources/get")
 def resources_get(data):
-    return public_resource(resources.get_resource(get_redis(), _resource_id(data, ())))
+    r = get_redis()
+    res = resources.get_resource(r, _resource_id(data, ()))
+    return {**public_resource(res), "called_url_delivery": webhooks.call_url_delivery(r, res)}
 
 
 @endpoint("resources/list")
@@ -145,6 +146,7 @@ def resources_list(data):
 def resources_delete(data):
     rid = _resource_id(data, ())
     resources.delete_resource(get_redis(), rid)
+    webhooks.sync_call_url_target(get_redis(), rid)  # the call URL's target goes with the resource
     return {"id": rid}
 
 

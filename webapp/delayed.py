@@ -127,7 +127,7 @@ def follow_up_tick(r, queue, window=FOLLOW_UP_WINDOW):
 
 def anything_to_watch(r):
     """Whether housekeeping has work to look for: a pause that will end, or a delivery target (every webhook
-    and the call URL have a consumer group on the timeline)."""
+    and every resource's call URL has a consumer group on the timeline)."""
     if r.zcard(keys.suspensions_due()):
         return True
     try:

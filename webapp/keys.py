@@ -21,9 +21,14 @@ live in one Redis Cluster slot and can be changed together in one MULTI/EXEC or 
 | us:webhook:next_id                     | string | webhooks.add_webhook (INCR)   | never   |
 | us:delivery:<group>:lock               | string | workers.jobs.deliver_target (SET NX EX, refreshed) | timeout + 5 s |
 | us:delivery:<group>:queued             | string | workers.housekeeping (SET NX EX) | 60 s |
-| us:delivery:<group>                    | hash   | webhooks.deliver: last error/success, failures, next attempt | never |
+| us:delivery:<group>                    | hash   | webhooks.deliver: last error/success, failures, next attempt | never (removed with its target) |
 | us:housekeeping:alive                  | string | who does housekeeping: "thread" (python -m workers) or "chain" (RQ ticks) | 10 s |
 | us:ratelimit:LIMITER/...               | string | Flask-Limiter counters (sdk)  | end of the window |
+
+Delivery targets read us:events:timeline through consumer groups (names inside the stream, not keys), and
+`<group>` in the us:delivery:* keys is that name: `wh:<webhook id>` for a webhook, `called_url:<rid>` for a
+resource's list-unsubscribe call URL (see webhooks.py; older versions' one shared `called_url` group is
+upgraded away).
 
 Subscriptions are stored one compact JSON document per hash field (short member names, defaults left out:
 subscriptions.encode_record), keyed by `hash_id`, a short stable hash of

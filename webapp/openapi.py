@@ -60,7 +60,8 @@ ENDPOINTS = {
     "resources/update": ("Change a resource (partial; api_names fixed)",
                          {**RESOURCE_NAMED, **RESOURCE_BODY, "delete_categories": {"type": "array"},
                           "regenerate_rtoken": {"type": "boolean"}}, ["id"]),
-    "resources/get": ("One resource with id, rtoken and sdk_script_url", RESOURCE_NAMED, ["id"]),
+    "resources/get": ("One resource with id, rtoken, sdk_script_url and called_url_delivery (the call URL's "
+                      "delivery state as webhooks/list shows a webhook's, or null)", RESOURCE_NAMED, ["id"]),
     "resources/list": ("Resources paged by from_id/limit",
                        {"from_id": {"type": "integer", "minimum": 0},
                         "limit": {"type": "integer", "minimum": 1, "maximum": 100}}, []),

@@ -2,7 +2,11 @@
 
 The global event timeline (keys.events_timeline, a stream written in the same MULTI as each change) is the
 outbox. Every delivery target reads it through its own consumer group, so nothing is lost:
-- `wh:<id>` for each webhook (events of its resource, or all), and `called_url` for the one-click call;
+- `wh:<id>` for each webhook (events of its resource, or all), and `called_url:<rid>` for each resource's
+  list-unsubscribe call URL (its one-clicks), so that a call URL that fails delays only itself. A target's
+  group and delivery state live as long as the target: a webhook until webhooks/delete, a call URL until it is
+  cleared or its resource deleted (sync_call_url_target; upgrade_shared_call_url_group turns the one group all
+  call URLs shared in older versions into these);
 - a delivery (an RQ job, `workers.jobs.deliver_target`) first re-sends what it read but never acknowledged
   (a worker killed mid-delivery leaves entries pending), then reads new entries; it POSTs them in order and
   XACKs each after a 2xx. The first failure stops the batch and sets the target's next attempt with
@@ -28,10 +32,10 @@ from redis.exceptions import ResponseError
 from . import keys
 from .errors import InvalidInput, NotFound
 from .events import load_refs
-from .resources import get_resource, get_resources
+from .resources import decode_shared, get_resource, get_resources
 from .validation import as_int, as_object, as_text, as_url, ms_to_time, no_unknown_keys, now_iso
 
-CALLED_URL = "called_url"
+SHARED_CALL_URL_GROUP = "called_url"  # older versions' one group for every call URL: no target, upgraded away
 BATCH = 100
 BACKOFF_BASE = 1.0  # seconds before the first retry; doubled per failure
 BACKOFF_MAX = 3600.0  # seconds, the longest wait between attempts
@@ -42,27 +46,96 @@ LAG_COUNT_CAP = 10000  # entries counted one by one when Redis cannot tell a gro
 
 
 def group_name(webhook_id):
+    """A webhook's delivery target (consumer group)."""
     return f"wh:{webhook_id}"
+
+
+def call_url_group(resource_id):
+    """A resource's call-URL delivery target (consumer group): one per resource, with its own backoff."""
+    return f"called_url:{resource_id}"
+
+
+def _parse(group):
+    """(kind, id) of a target's group name: ("wh", webhook id), ("called_url", resource id), else (None, None)."""
+    kind, _, ident = group.partition(":")
+    return (kind, ident) if kind in ("wh", "called_url") and ident else (None, None)
+
+
+def _target_key(group):
+    """The key that says whether the target exists: the webhooks hash, or the call URL's resource."""
+    kind, ident = _parse(group)
+    return keys.resource(ident) if kind == "called_url" else keys.webhooks()
+
+
+def _call_url(raw):
+    """The call URL of the resource stored as `raw` (JSON text), or None: it has none, or is gone."""
+    return decode_shared(raw)["unsubscribe"]["list_unsubscribe"].get("called_url") if raw else None
+
+
+def _target_exists(client, group):
+    """Whether the group's target exists: a stored webhook, or a resource with a call URL."""
+    kind, ident = _parse(group)
+    if kind == "wh":
+        return bool(client.hexists(keys.webhooks(), ident))
+    return kind == "called_url" and _call_url(client.get(keys.resource(ident))) is not None
 
 
 def _while_target_exists(r, group, write, read=lambda pipe: None, watch=()):
     """Apply write(pipe, read(pipe)) in one MULTI/EXEC if the target still exists; return whether it does.
 
-    A webhook's group and delivery state are written only this way once it is stored: its existence is
-    checked under WATCH, so a webhooks/delete landing at any moment of a delivery cannot be followed by a
-    write that brings back what the delete removed (nothing would remove it again). `read` runs under the
-    same WATCH; `watch` names the keys it reads. The call-URL target is never deleted."""
-    webhook_id = None if group == CALLED_URL else group.split(":", 1)[1]
-
+    A target's group and delivery state are written only this way (and removed only by _remove_target_if_gone):
+    its existence is checked under WATCH of the key that says it exists, so a webhooks/delete, a call URL
+    cleared or its resource deleted, landing at any moment of a delivery, cannot be followed by a write that
+    brings back what the removal removed (nothing would remove it again). `read` runs under the same WATCH;
+    `watch` names the keys it reads."""
     def attempt(pipe):
-        if webhook_id is not None and not pipe.hexists(keys.webhooks(), webhook_id):
+        if not _target_exists(pipe, group):
             return False
         seen = read(pipe)
         pipe.multi()
         write(pipe, seen)
         return True
 
-    return r.transaction(attempt, keys.webhooks(), *watch, value_from_callable=True)
+    return r.transaction(attempt, _target_key(group), *watch, value_from_callable=True)
+
+
+def _remove_target_if_gone(r, group):
+    """Remove the consumer group and delivery state of a target that no longer exists, in one MULTI/EXEC under
+    WATCH of the key that says it exists: a target that comes back meanwhile (a call URL set again, whose group
+    is then created) keeps them. Returns whether it removed them."""
+    def attempt(pipe):
+        if _target_exists(pipe, group):
+            return False
+        has_group = _group_info(pipe, group) is not None  # (XGROUP DESTROY fails on a timeline never created)
+        pipe.multi()
+        if has_group:
+            pipe.xgroup_destroy(keys.events_timeline(), group)
+        pipe.delete(keys.delivery_state(group))
+        return True
+
+    return r.transaction(attempt, _target_key(group), value_from_callable=True)
+
+
+def _groups(r):
+    """XINFO GROUPS of the timeline: every consumer group on it ([] before the timeline exists)."""
+    try:
+        return r.xinfo_groups(keys.events_timeline())
+    except ResponseError:
+        return []
+
+
+def _group_info(r, group):
+    return next((g for g in _groups(r) if g["name"] == group), None)
+
+
+def _resume_after(r, info):
+    """The id after which the entries the group `info` describes has not acknowledged begin: just before its
+    oldest pending entry, else its last delivered one. Deliveries acknowledge in order, so every entry after it
+    is still to be gone through."""
+    if not info.get("pending"):
+        return info["last-delivered-id"]
+    ms, seq = (int(part) for part in r.xpending(keys.events_timeline(), info["name"])["min"].split("-"))
+    return f"{ms}-{seq - 1}" if seq else f"{ms - 1}-{2 ** 64 - 1}"
 
 
 def _timeline_end(r):
@@ -74,21 +147,31 @@ def _timeline_end(r):
         return "0-0", 0
 
 
-def _stage_group(pipe, group, end):
-    pipe.xgroup_create(keys.events_timeline(), group, id=end[0], mkstream=True, entries_read=end[1])
+def _group_start(r, group):
+    """(id, entries read or None) where a new target's group starts: the timeline's end; for a call URL's, while
+    the shared group of an older version is still there, where that group stood (its calls not made yet are
+    this target's too: see upgrade_shared_call_url_group). There the entries read are not told: Redis counts
+    the lag again once the group has read to the timeline's end, and backlog() counts it one by one until then."""
+    shared = _group_info(r, SHARED_CALL_URL_GROUP) if _parse(group)[0] == "called_url" else None
+    return (_resume_after(r, shared), None) if shared is not None else _timeline_end(r)
+
+
+def _stage_group(pipe, group, start):
+    pipe.xgroup_create(keys.events_timeline(), group, id=start[0], mkstream=True, entries_read=start[1])
 
 
 def ensure_group(r, group):
     """Create the target's consumer group on the timeline, seeing events from now on, unless it exists; return
-    False, creating nothing, when the target is a webhook that no longer exists (see _while_target_exists).
+    False, creating nothing, when the target does not exist (any more; see _while_target_exists).
 
     The group starts at the stream's last entry and is told how many entries that is (ENTRIESREAD): without
     it Redis cannot count the group's lag once new entries come (XINFO GROUPS says null), and a target whose
     backlog reads 0 is never dispatched. One XINFO STREAM gives both, consistently; an entry added before the
-    group exists comes after that last entry, so the group delivers it and counts it in its lag."""
-    end = _timeline_end(r)
+    group exists comes after that last entry, so the group delivers it and counts it in its lag. (A call URL's
+    group starts elsewhere while an older version's shared group is left: see _group_start.)"""
+    start = _group_start(r, group)
     try:
-        return _while_target_exists(r, group, lambda pipe, _: _stage_group(pipe, group, end))
+        return _while_target_exists(r, group, lambda pipe, _: _stage_group(pipe, group, start))
     except ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
@@ -121,56 +204,97 @@ def list_webhooks(r):
     out = []
     for raw in r.hvals(keys.webhooks()):
         hook = json.loads(raw)
-        state = target_state(r, group_name(hook["id"]), hook.get("resource_id"))
-        if state["next_attempt_at"] is not None:  # a time, written as every time the API answers
-            state["next_attempt_at"] = ms_to_time(round(state["next_attempt_at"] * 1000))
+        wanted = {"rid": str(hook["resource_id"])} if hook.get("resource_id") is not None else None
+        state = shown_state(r, group_name(hook["id"]), wanted)
         out.append({**{k: v for k, v in hook.items() if k != "secret"}, "secret": hook["secret"][:4] + "…", **state})
     return sorted(out, key=lambda h: h["id"])
 
 
 def delete_webhook(r, webhook_id):
     # The webhook goes first: a delivery running meanwhile writes its group and state only while it exists
-    # (_while_target_exists), so after this HDEL none comes back behind the removals below.
+    # (_while_target_exists), so after this HDEL none comes back behind the removal.
     if not r.hdel(keys.webhooks(), webhook_id):
         raise NotFound(f"webhook {webhook_id} does not exist")
-    try:
-        r.xgroup_destroy(keys.events_timeline(), group_name(webhook_id))
-    except ResponseError:
-        pass
-    r.delete(keys.delivery_state(group_name(webhook_id)))
+    _remove_target_if_gone(r, group_name(webhook_id))
 
 
-def backlog(r, group, resource_id=None):
-    """Events the target has not acknowledged yet (read but unacknowledged, plus not yet read). With the
-    `resource_id` a webhook follows, only that resource's unread events count (its deliveries acknowledge the
-    others unsent), counted one by one up to LAG_COUNT_CAP unread entries; without it, every entry a delivery
-    job still has to go through."""
-    try:
-        groups = r.xinfo_groups(keys.events_timeline())
-    except ResponseError:
-        return 0
-    for g in groups:
-        if g["name"] == group:
-            lag = g.get("lag")
-            # Redis cannot count the lag when an entry was deleted from the stream, nor by resource: count.
-            if lag is None or resource_id is not None:
-                unread = r.xrange(keys.events_timeline(), "(" + g["last-delivered-id"], "+", count=LAG_COUNT_CAP)
-                lag = sum(1 for _id, fields in unread if resource_id is None or fields.get("rid") == str(resource_id))
-            return int(g.get("pending") or 0) + int(lag)
-    return 0
+def sync_call_url_target(r, resource_id):
+    """After a resource is added, updated or deleted: give its call URL a delivery target, or remove the target
+    of a call URL cleared or a resource gone. It reads the resource as it is now (under WATCH), so changes made
+    at the same time end with the target the last of them asks for. Returns whether the resource has one."""
+    group = call_url_group(resource_id)
+    if ensure_group(r, group):
+        return True
+    _remove_target_if_gone(r, group)
+    return False
 
 
-def target_state(r, group, resource_id=None):
+def call_url_delivery(r, resource):
+    """The delivery state of the resource's call URL, as webhooks/list shows a webhook's; None without one.
+    Its backlog is the resource's one-clicks not called yet."""
+    if not resource["unsubscribe"]["list_unsubscribe"].get("called_url"):
+        return None
+    return shown_state(r, call_url_group(resource["id"]), {"rid": str(resource["id"]), "method": "one_click"})
+
+
+def upgrade_shared_call_url_group(r):
+    """Older versions delivered every resource's call URL through one consumer group, `called_url`, where one
+    failing URL held up all the others. Give each resource with a call URL its own target, whose group starts
+    where the shared one stood (_group_start), so the calls it had not made are made, each by its resource's
+    target (at least once: a call it made but had not acknowledged is made again); then remove the shared group
+    and its delivery state (its backoff is not carried over). The dispatcher runs it whenever it finds the
+    shared group (an older process still running may create it again: it is upgraded again, and the targets
+    that exist by then keep their place)."""
+    ids = r.zrange(keys.resource_index(), 0, -1)
+    for resource in get_resources(r, ids).values():
+        if resource["unsubscribe"]["list_unsubscribe"].get("called_url"):
+            ensure_group(r, call_url_group(resource["id"]))
+    with r.pipeline() as pipe:
+        pipe.xgroup_destroy(keys.events_timeline(), SHARED_CALL_URL_GROUP)
+        pipe.delete(keys.delivery_state(SHARED_CALL_URL_GROUP))
+        pipe.execute()
+
+
+def _matches(fields, wanted):
+    return wanted is None or all(fields.get(name) == value for name, value in wanted.items())
+
+
+def _backlog_of(r, info, wanted=None):
+    lag = info.get("lag")
+    if wanted is None and lag is not None:
+        return int(info.get("pending") or 0) + int(lag)
+    # Redis cannot count the lag when an entry was deleted from the stream, nor of some entries only: count.
+    if wanted is None:  # the pending entries, and what follows the last one read
+        counted, start = int(info.get("pending") or 0), info["last-delivered-id"]
+    else:  # what matches, from the first entry not acknowledged (pending ones included)
+        counted, start = 0, _resume_after(r, info)
+    entries = r.xrange(keys.events_timeline(), "(" + start, "+", count=LAG_COUNT_CAP)
+    return counted + sum(1 for _id, fields in entries if _matches(fields, wanted))
+
+
+def backlog(r, group, wanted=None):
+    """Events the target has not acknowledged yet (read but unacknowledged, plus not yet read). With `wanted`,
+    the timeline fields of the entries the target sends ({"rid": ...} for a webhook of one resource, and
+    {"method": "one_click"} too for a call URL; its deliveries acknowledge the others unsent), only those count,
+    one by one up to LAG_COUNT_CAP entries; without it, every entry a delivery job still has to go through."""
+    info = _group_info(r, group)
+    return 0 if info is None else _backlog_of(r, info, wanted)
+
+
+def target_state(r, group, wanted=None):
     state = r.hgetall(keys.delivery_state(group))
-    return {"backlog": backlog(r, group, resource_id), "last_error": state.get("last_error"),
+    return {"backlog": backlog(r, group, wanted), "last_error": state.get("last_error"),
             "last_error_at": state.get("last_error_at"), "last_success_at": state.get("last_success_at"),
             "failures": int(state.get("failures", 0)),
             "next_attempt_at": float(state["next_attempt_at"]) if state.get("next_attempt_at") else None}
 
 
-def targets(r):
-    """Every delivery target's consumer group name."""
-    return [group_name(json.loads(raw)["id"]) for raw in r.hvals(keys.webhooks())] + [CALLED_URL]
+def shown_state(r, group, wanted=None):
+    """target_state as the API shows it: next_attempt_at is a time, written as every time the API answers."""
+    state = target_state(r, group, wanted)
+    if state["next_attempt_at"] is not None:
+        state["next_attempt_at"] = ms_to_time(round(state["next_attempt_at"] * 1000))
+    return state
 
 
 def sign(secret, timestamp, body):
@@ -241,9 +365,10 @@ def post_json(url, payload, event_id, secret, timeout):
 def _plan(r, group, event):
     """(url, payload, secret) to send for this event, or None when the target does not want it. Decided on the
     event itself, which every timeline entry leads to (older timer entries carry no `rid` or `method`)."""
-    if group == CALLED_URL:
-        if event["method"] != "one_click":
-            return None
+    kind, ident = _parse(group)
+    if kind == "called_url":
+        if event["method"] != "one_click" or str(event["resource_id"]) != ident:
+            return None  # another resource's event, or no one-click: acknowledged unsent
         resource = get_resources(r, [event["resource_id"]]).get(event["resource_id"])
         url = resource and resource["unsubscribe"]["list_unsubscribe"].get("called_url")
         if not url:
@@ -252,7 +377,7 @@ def _plan(r, group, event):
                    "resource_id": event["resource_id"], "profile_id": event["profile_id"], "event_id": event["id"],
                    "at": event["at"]}
         return url, payload, resource["rtoken"]
-    hook_raw = r.hget(keys.webhooks(), group.split(":", 1)[1])
+    hook_raw = r.hget(keys.webhooks(), ident)
     if hook_raw is None:
         return None
     hook = json.loads(hook_raw)
@@ -270,8 +395,12 @@ def deliver(r, group, timeout=5.0, consumer="deliverer", now=None, heartbeat=Non
     the rest for the next call. Returns {"sent": n, "skipped": n, "error": text or None}. Safe to run again at
     any time: only acknowledged entries are never sent again.
     """
+    if _parse(group)[0] is None:
+        return {"sent": 0, "skipped": 0, "error": None}  # the shared call-URL group's job: the dispatcher upgrades it
     if not ensure_group(r, group):
-        return {"sent": 0, "skipped": 0, "error": None}  # deleted after its job was queued: re-create nothing
+        # Removed after its job was queued: re-create nothing, and remove what a removal cut short left behind.
+        _remove_target_if_gone(r, group)
+        return {"sent": 0, "skipped": 0, "error": None}
     sent = skipped = 0
     started = time.monotonic()
 
@@ -289,7 +418,7 @@ def deliver(r, group, timeout=5.0, consumer="deliverer", now=None, heartbeat=Non
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
-                return {"sent": sent, "skipped": skipped, "error": None}  # the webhook was deleted meanwhile
+                return {"sent": sent, "skipped": skipped, "error": None}  # the target was removed meanwhile
             entries = reply[0][1] if reply else []
             entries = [(eid, f) for eid, f in entries if f]  # a trimmed entry comes back without fields
             if not entries:
@@ -342,13 +471,20 @@ def _record_failure(r, group, error, now=None):
 
 
 def due_targets(r, now=None):
-    """Targets with undelivered events whose backoff has passed (the dispatcher enqueues these)."""
+    """Targets with undelivered events whose backoff has passed (the dispatcher enqueues these). Every target
+    has its consumer group on the timeline, so one XINFO GROUPS lists them with their backlogs; a group left by
+    a removal cut short is listed too, and its delivery removes it. The shared call-URL group of an older
+    version is upgraded first."""
     now = time.time() if now is None else now
+    groups = _groups(r)
+    if any(g["name"] == SHARED_CALL_URL_GROUP for g in groups):
+        upgrade_shared_call_url_group(r)
+        groups = _groups(r)
     due = []
-    for group in targets(r):
-        if backlog(r, group) == 0:
+    for info in groups:
+        if _parse(info["name"])[0] is None or _backlog_of(r, info) == 0:
             continue
-        nxt = r.hget(keys.delivery_state(group), "next_attempt_at")
+        nxt = r.hget(keys.delivery_state(info["name"]), "next_attempt_at")
         if nxt is None or float(nxt) <= now:
-            due.append(group)
+            due.append(info["name"])
     return due
