@@ -70,6 +70,38 @@ def test_a_required_field_added_later_takes_its_default_on_existing_subscription
     assert got["status"] == "complained" and got["custom_fields"]["tier"] == 1
 
 
+def push_resource(api, **settings):
+    """A resource with a push channel (and email, whose settings the seed's example does not need)."""
+    return api.ok("resources/add", **email_resource(
+        channels=["email", "push"], channel_settings={"email": {"from_email": "a@shop.example"},
+                                                      "push": settings}))
+
+
+def test_the_seeds_push_example_sets_the_standard_push_fields(api):
+    """subscription-object.txt's push subscription: custom_fields holds "standard and additional" fields."""
+    res = push_resource(api, fields=[{"title": "Field 1", "api_name": "custom_field_1", "type": "line"}])
+    seed = {"db_id": 1, "profile_id": "p1", "resource_id": res["id"], "channel": "push",
+            "subscription_id": "a81c264a938b475", "provider": "android-firebase",
+            "custom_fields": {"_browser_name": "Firefox", "_device_type": "web", "custom_field_1": "test value"},
+            "cats": ["news", "receipts"]}
+    created = api.ok("subscriptions/set", **seed)
+    assert created["custom_fields"] == seed["custom_fields"]
+    ident = {k: seed[k] for k in ("db_id", "profile_id", "resource_id", "channel", "subscription_id", "provider")}
+    assert api.ok("subscriptions/get", **ident)["custom_fields"] == seed["custom_fields"]
+    edited = api.ok("subscriptions/set", **ident, custom_fields={"_device_type": None}, status="complained")
+    assert edited["custom_fields"] == {"_browser_name": "Firefox", "_device_type": None,
+                                       "custom_field_1": "test value"}
+    assert "_browser_name must be a string" in api.fail("subscriptions/set", 400, **ident,
+                                                        custom_fields={"_browser_name": 5})
+    listed = api.ok("resources/fields_get", id=res["id"], channel="push")
+    for name in ("_browser_name", "_device_type"):
+        assert {"category": "system", "name": name, "required": False, "type": "line"}.items() <= next(
+            f for f in listed if f["name"] == name).items()
+    # Standard fields are the push channel's: email has none.
+    assert "_browser_name is not a field of the email channel" in api.fail(
+        "subscriptions/set", 400, **sub(res, custom_fields={"_browser_name": "Firefox"}))
+
+
 BAD_SUBSCRIPTIONS = [
     ({"email": "not-an-email"}, "email is not a valid email address"),
     ({"email": "a@b"}, "email is not a valid email address"),

@@ -42,10 +42,13 @@ SUBSCRIPTION_ID = {
     "provider": {"type": "string"}, "subscription_id": {"type": "string"},
     "cc_data": {"type": "object", "properties": {"id": {"type": ["integer", "string"]}, "phone": {"type": "string"}}},
 }
+CUSTOM_FIELDS = {"type": "object",
+                 "description": "the channel's custom fields by api_name, and its standard fields (push: "
+                                "_browser_name and _device_type, text)"}
 SUBSCRIPTION_SET = {**SUBSCRIPTION_ID, "status": STATUS,
                     "priority": {"type": "integer", "minimum": 0, "maximum": 2 ** 31},
                     "locale": {"type": "string", "pattern": r"^([A-Za-z]{2,3}([-_][A-Za-z0-9]{1,8})*)?$"},
-                    "cats": {"type": "array", "items": {"type": "string"}}, "custom_fields": {"type": "object"},
+                    "cats": {"type": "array", "items": {"type": "string"}}, "custom_fields": CUSTOM_FIELDS,
                     "date": {"type": "string", "format": "date-time"}, "ip": {"type": "string"},
                     "url": {"type": "string"}}
 LINK_MESSAGE = {**SUBSCRIPTION_ID, "category": {"type": "string"},

@@ -76,11 +76,19 @@ def _validate_field_value(ftype, value, field):
 FIELD_VALUE_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "line": (str,)}
 
 
+def subscription_fields(resource, channel):
+    """The fields a subscription's custom_fields may hold on the channel, api_name -> definition: the channel's
+    standard fields (STANDARD_FIELDS), then the resource's custom fields."""
+    standard = {name: {"title": title, "api_name": name, "type": ftype, "default": None, "required": False,
+                       "in_manager": False} for name, title, ftype in STANDARD_FIELDS.get(channel, ())}
+    return {**standard, **{f["api_name"]: f for f in resource["channel_settings"].get(channel, {}).get("fields", [])}}
+
+
 def current_field_values(resource, channel, values):
     """The stored custom-field values the channel still has a field for, each still of that field's type: a
     field deleted (or deleted and added again with another type) leaves values behind in the records. Only
     the type is looked at: a value stored under older rules of content stays."""
-    defs = {f["api_name"]: f for f in resource["channel_settings"].get(channel, {}).get("fields", [])}
+    defs = subscription_fields(resource, channel)
     return {name: value for name, value in values.items() if name in defs and (
         value is None or (isinstance(value, FIELD_VALUE_TYPES[defs[name]["type"]])
                           and (defs[name]["type"] == "bool") == isinstance(value, bool)))}
@@ -382,18 +390,31 @@ SYSTEM_FIELDS = {
     "push": [("provider", "Provider", "line"), ("subscription_id", "Subscription ID", "line")],
     "telegram_bot": [("cc_data.id", "Chat ID", "line")],
 }
+# The channel's standard subscription fields: set in custom_fields beside the resource's own fields, as the
+# seed's push example does ("Standard and additional subscription fields"), but listed as system fields and
+# neither defined nor deleted by the sender (a leading "_" keeps them apart from any custom api_name).
+STANDARD_FIELDS = {
+    "push": [("_browser_name", "Browser name", "line"), ("_device_type", "Device type", "line")],
+}
 PHONE_CC_CHANNELS = ("whatsapp", "viber", "notify")
+
+
+def system_fields(channel):
+    """(name, title, type, required) of the channel's system fields: its address, status, priority and its
+    standard fields."""
+    address = SYSTEM_FIELDS.get(channel) or (
+        [("cc_data.phone", "Phone", "line")] if channel in PHONE_CC_CHANNELS else [("cc_data.id", "ID", "line")])
+    return ([(n, t, ty, True) for n, t, ty in address]
+            + [("status", "Status", "line", False), ("priority", "Priority", "int", False)]
+            + [(n, t, ty, False) for n, t, ty in STANDARD_FIELDS.get(channel, ())])
 
 
 def field_descriptors(resource, channel):
     """The fields_get answer: system fields of the channel, then its custom fields."""
     if channel not in resource["channels"]:
         raise InvalidInput(f"channel {channel!r} is not a channel of resource {resource['id']}", field="channel")
-    address = SYSTEM_FIELDS.get(channel) or (
-        [("cc_data.phone", "Phone", "line")] if channel in PHONE_CC_CHANNELS else [("cc_data.id", "ID", "line")])
-    system = [(n, t, ty, True) for n, t, ty in address] + [("status", "Status", "line", False),
-                                                          ("priority", "Priority", "int", False)]
-    out = [{"category": "system", "title": t, "name": n, "required": req, "type": ty} for n, t, ty, req in system]
+    out = [{"category": "system", "title": t, "name": n, "required": req, "type": ty}
+           for n, t, ty, req in system_fields(channel)]
     out += [{"category": "custom", "title": f["title"], "name": f["api_name"], "required": f["required"],
              "type": f["type"]} for f in resource["channel_settings"][channel]["fields"]]
     return out

@@ -14,7 +14,8 @@ from enum import IntEnum
 
 from . import events, keys, scripts
 from .errors import Conflict, InvalidInput, NoSuchSubscription
-from .resources import PHONE_CC_CHANNELS, current_field_values, get_resource, get_resources, validate_field_value
+from .resources import (PHONE_CC_CHANNELS, current_field_values, get_resource, get_resources, subscription_fields,
+                        validate_field_value)
 from .validation import (as_chat_id, as_datetime, as_email, as_int, as_ip, as_language, as_list, as_object,
                          as_phone, as_profile_id, as_text, as_url, blank_or, ms_to_time, no_unknown_keys, now_iso,
                          require, time_to_ms)
@@ -395,7 +396,7 @@ def _validate_cats(resource, cats):
 
 
 def _validate_custom_fields(resource, channel, given, existing, is_new):
-    defs = {f["api_name"]: f for f in resource["channel_settings"][channel]["fields"]}
+    defs = subscription_fields(resource, channel)
     given = as_object(given, "custom_fields")
     values = current_field_values(resource, channel, existing)
     for name, value in given.items():
