@@ -205,6 +205,36 @@ def test_fields_get(api, resource):
     assert "not a channel" in api.fail("resources/fields_get", 400, id=resource["id"], channel="push")
 
 
+@pytest.mark.parametrize("channel,name", [("email", "email"), ("email", "status"), ("sms", "phone"),
+                                          ("sms", "priority"), ("push", "provider"), ("push", "subscription_id")])
+def test_a_custom_field_may_not_take_a_system_fields_name(api, r, channel, name):
+    """fields_get listed two `email` fields, and custom_fields.email could not be told from the address."""
+    before = redis_state(r)
+    body = email_resource(channels=["email", "sms", "push"],
+                          channel_settings={channel: {"fields": [{"api_name": name, "type": "line"}]}})
+    error = api.fail("resources/add", 400, **body)
+    assert f"fields[0].api_name {name!r} is the name of a system field of the {channel} channel" in error
+    assert redis_state(r) == before
+    # Another channel's system field name is free (a sms field may be called email).
+    other = "sms" if channel != "sms" else "email"
+    body["channel_settings"] = {other: {"fields": [{"api_name": name, "type": "line"}]}}
+    if name not in ("status", "priority"):
+        assert [f["name"] for f in api.ok("resources/fields_get", id=api.ok("resources/add", **body)["id"],
+                                          channel=other)].count(name) == 1
+
+
+def test_a_field_stored_under_a_system_name_before_the_rule_does_not_block_updates(api, r, resource):
+    from webapp import keys
+    stored = json.loads(r.get(keys.resource(resource["id"])))
+    stored["channel_settings"]["email"]["fields"].append(
+        {"title": "Status", "api_name": "status", "type": "line", "default": None, "required": False,
+         "in_manager": False})
+    r.set(keys.resource(resource["id"]), json.dumps(stored))
+    assert api.ok("resources/update", id=resource["id"], name="Renamed")["name"] == "Renamed"
+    assert "status" not in [f["api_name"] for f in api.ok("resources/update", id=resource["id"], channel_settings={
+        "email": {"delete_fields": ["status"]}})["channel_settings"]["email"]["fields"]]
+
+
 def test_delete(api, r, resource):
     api.ok("resources/delete", id=resource["id"])
     assert api.fail("resources/get", 404, id=resource["id"])

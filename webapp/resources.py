@@ -5,6 +5,7 @@ Rules kept here:
 - at most 8 channels; known channels have their own settings, custom channels are named ^[a-z][a-z0-9_]*$;
 - category and custom-field api_names are fixed after creation: an update must list every existing
   api_name (or name it in `delete_categories` / a channel's `delete_fields`), and a field keeps its type;
+  a custom field's api_name is not one of the channel's system fields (`system_fields`);
 - the email channel's List-ID follows RFC 2919 (dot-atom-text label, <= 255 octets) and its domain is the
   sender's domain or a subdomain of it;
 - unsubscribe: mode instant|confirm|blocked|delayed, timer_minutes 1..30 (delayed), page_url may use only
@@ -98,9 +99,10 @@ def validate_field_value(field_def, value, where):
     return _validate_field_value(field_def["type"], value, f"{where}{field_def['api_name']}")
 
 
-def _validate_fields(items, old_fields, deletions, where):
+def _validate_fields(channel, items, old_fields, deletions, where):
     """Validate a channel's custom-field list against the stored one (api_name and type are fixed)."""
     old = {f["api_name"]: f for f in old_fields}
+    system_names = {name for name, _title, _type, _required in system_fields(channel)}
     out, seen = [], set()
     for i, item in enumerate(as_list(items, f"{where}fields", max_items=100)):
         at = f"{where}fields[{i}]."
@@ -110,6 +112,10 @@ def _validate_fields(items, old_fields, deletions, where):
         if api_name in seen:
             raise InvalidInput(f"{at}api_name {api_name!r} is used twice", field=f"{at}api_name")
         seen.add(api_name)
+        # fields_get would list two fields of that name. One stored before this rule keeps its fixed name.
+        if api_name in system_names and api_name not in old:
+            raise InvalidInput(f"{at}api_name {api_name!r} is the name of a system field of the {channel} channel",
+                               field=f"{at}api_name")
         ftype = require(item, "type", at)
         if ftype not in FIELD_TYPES:
             raise InvalidInput(f"{at}type must be one of {', '.join(FIELD_TYPES)}", field=f"{at}type")
@@ -183,7 +189,7 @@ def _validate_channel_settings(channel, settings, old_settings):
                  for name in as_list(settings.get("delete_fields", []), where + "delete_fields")]
     old_fields = (old_settings or {}).get("fields", [])
     fields = settings["fields"] if "fields" in settings else [f for f in old_fields if f["api_name"] not in deletions]
-    merged["fields"] = _validate_fields(fields, old_fields, deletions, where)
+    merged["fields"] = _validate_fields(channel, fields, old_fields, deletions, where)
     return merged
 
 
