@@ -580,7 +580,7 @@ def test_page_url_redirect_fills_placeholders(api, client, mode):
 
 
 def test_blocked_ignores_page_url(api, client):
-    _res, path, _body = make_link(api, "blocked", unsubscribe={"page_url": "https://shop.example/x"})
+    _res, path, _body = make_link(api, "blocked", unsubscribe={"page_url": "https://shop.example/x?smid={send_message_id}"})
     assert client.get(path).status_code == 200
 
 

@@ -131,6 +131,23 @@ def test_page_url_placeholders_are_accepted(api):
     assert api.ok("resources/add", **body)["unsubscribe"]["page_url"].endswith("{resource_token}")
 
 
+@pytest.mark.parametrize("page_url", ["https://shop.example/bye", "https://shop.example/bye?rt={resource_token}"])
+def test_a_page_url_without_the_smid_is_refused(api, r, resource, page_url):
+    """The seed: {send_message_id} is a required parameter of the page's URL; without it an instant-mode link
+    sent people to a page that could not tell which subscription to stop."""
+    before = redis_state(r)
+    for path, body in [("resources/add", _with("unsubscribe.page_url", page_url)),
+                       ("resources/update", {"id": resource["id"], "unsubscribe": {"page_url": page_url}})]:
+        error = api.fail(path, 400, **body)
+        assert "unsubscribe.page_url must contain {send_message_id}" in error, path
+    assert redis_state(r) == before
+    with_smid = "https://shop.example/bye/{send_message_id}"
+    assert api.ok("resources/update", id=resource["id"], unsubscribe={"page_url": with_smid})[
+        "unsubscribe"]["page_url"] == with_smid
+    assert api.ok("resources/update", id=resource["id"], unsubscribe={"page_url": None})[
+        "unsubscribe"]["page_url"] is None
+
+
 def test_update_keeps_api_names_fixed(api, r, resource):
     rid = resource["id"]
     renamed = copy.deepcopy(email_resource()["categories"])

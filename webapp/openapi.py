@@ -32,7 +32,10 @@ RESOURCE_BODY = {
     "unsubscribe": {"type": "object", "properties": {
         "mode": {"enum": ["instant", "confirm", "blocked", "delayed"]},
         "timer_minutes": {"type": "integer", "minimum": 1, "maximum": 30},
-        "page_url": {"type": ["string", "null"]}, "blocked_text": {"type": ["string", "null"]},
+        "page_url": {"type": ["string", "null"], "pattern": r"\{send_message_id\}",
+                     "description": "absolute http(s) URL; must contain {send_message_id}, may contain "
+                                    "{resource_token}"},
+        "blocked_text": {"type": ["string", "null"]},
         "list_unsubscribe": {"type": "object", "properties": {
             "enabled": {"type": "boolean"}, "called_url": {"type": ["string", "null"]}}}}},
 }

@@ -9,7 +9,7 @@ Rules kept here:
 - the email channel's List-ID follows RFC 2919 (dot-atom-text label, <= 255 octets) and its domain is the
   sender's domain or a subdomain of it;
 - unsubscribe: mode instant|confirm|blocked|delayed, timer_minutes 1..30 (delayed), page_url may use only
-  {send_message_id} and {resource_token}.
+  {send_message_id} (which it must contain) and {resource_token}.
 """
 import functools
 import json
@@ -206,6 +206,10 @@ def _validate_unsubscribe(value, old):
                                      "unsubscribe.timer_minutes", 1, 30)
     if merged.get("page_url") is not None:
         as_url(merged["page_url"], "unsubscribe.page_url", PAGE_URL_PLACEHOLDERS)
+        # The seed makes it a required parameter: a page without it cannot tell whose subscription to stop.
+        if "{send_message_id}" not in merged["page_url"]:
+            raise InvalidInput("unsubscribe.page_url must contain {send_message_id}, which names the message "
+                               "(and so the subscription) to unsubscribe", field="unsubscribe.page_url")
     if merged.get("blocked_text") is not None:
         as_text(merged["blocked_text"], "unsubscribe.blocked_text", max_len=2000)
     lu = dict(merged.get("list_unsubscribe") or {})
