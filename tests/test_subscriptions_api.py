@@ -70,6 +70,31 @@ def test_a_required_field_added_later_takes_its_default_on_existing_subscription
     assert got["status"] == "complained" and got["custom_fields"]["tier"] == 1
 
 
+def test_a_required_field_added_later_without_a_default_holds_only_new_subscriptions_and_what_is_given(api, r,
+                                                                                                     resource):
+    """A bounce or a complaint must be recordable on a subscription made before the field was required."""
+    api.ok("subscriptions/set", **sub(resource))
+    fields = resource["channel_settings"]["email"]["fields"] + [
+        {"title": "Age", "api_name": "age", "type": "int", "required": True},
+        {"title": "Nick", "api_name": "nick", "type": "line", "required": True}]
+    api.ok("resources/update", id=resource["id"], channel_settings={"email": {"fields": fields}})
+    assert api.ok("subscriptions/set", **sub(resource), status="complained")["status"] == "complained"
+    assert api.ok("subscriptions/set", **sub(resource), priority=3)["priority"] == 3
+    assert api.ok("subscriptions/set", **sub(resource), custom_fields={"age": 40})["custom_fields"]["age"] == 40
+    before = redis_state(r)
+    for given, name in [({"age": None}, "age"), ({"nick": ""}, "nick"), ({"nick": "  "}, "nick")]:
+        assert f"custom_fields.{name} is required" in api.fail("subscriptions/set", 400, **sub(resource),
+                                                               custom_fields=given)
+    # A new subscription must have every required field.
+    assert "custom_fields.nick is required" in api.fail("subscriptions/set", 400, **sub(
+        resource, email="new@example.com", custom_fields={"age": 1}))
+    assert "custom_fields.age is required" in api.fail("subscriptions/set", 400, **sub(
+        resource, email="new@example.com", custom_fields={"nick": "x"}))
+    assert redis_state(r) == before
+    made = api.ok("subscriptions/set", **sub(resource, email="new@example.com", custom_fields={"age": 1, "nick": "x"}))
+    assert made["custom_fields"] == {"plan": "free", "age": 1, "nick": "x"}
+
+
 def push_resource(api, **settings):
     """A resource with a push channel (and email, whose settings the seed's example does not need)."""
     return api.ok("resources/add", **email_resource(

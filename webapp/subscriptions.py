@@ -405,13 +405,21 @@ def _validate_custom_fields(resource, channel, given, existing, is_new):
                                field=f"custom_fields.{name}")
         values[name] = None if value is None else validate_field_value(defs[name], value, "custom_fields.")
     for name, fdef in defs.items():  # a default is for "no value given": on a new subscription, and for a
-        # required field added to the resource since (else every later set of an existing one is refused)
+        # required field added to the resource since (the subscriptions made before it get the value it asks for)
         if values.get(name) is None and fdef["default"] is not None and (is_new or fdef["required"]):
             values[name] = fdef["default"]
+    # `required` holds a subscription when it is made, and an edit only in the fields it gives: a required field
+    # the resource gains later without a default must not stop a bounce or a complaint being recorded on the
+    # subscriptions made before it.
     for name, fdef in defs.items():
-        if fdef["required"] and values.get(name) is None:
+        if fdef["required"] and (is_new or name in given) and _is_empty(values.get(name)):
             raise InvalidInput(f"custom_fields.{name} is required", field=f"custom_fields.{name}")
     return values
+
+
+def _is_empty(value):
+    """No value for a required field: none, or text of nothing but spaces (as the manager's form reads it)."""
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
 def set_subscription(r, data):
