@@ -127,6 +127,24 @@ def test_the_seeds_push_example_sets_the_standard_push_fields(api):
         "subscriptions/set", 400, **sub(res, custom_fields={"_browser_name": "Firefox"}))
 
 
+def test_a_push_provider_must_be_one_the_resource_lists(api, r):
+    res = push_resource(api, providers=["android-firebase", "Firefox"])
+    ident = {"db_id": 1, "profile_id": "p1", "resource_id": res["id"], "channel": "push", "subscription_id": "a81c"}
+    before = redis_state(r)
+    error = api.fail("subscriptions/set", 400, **ident, provider="ios-apns")
+    assert error == "provider 'ios-apns' is not one of the push providers of resource 1: android-firebase, Firefox"
+    assert redis_state(r) == before
+    assert api.ok("subscriptions/set", **ident, provider="Firefox")["provider"] == "Firefox"
+    # As dbs_ids: a subscription made before its provider left the list can still have a bounce recorded.
+    api.ok("resources/update", id=res["id"], channel_settings={"push": {"providers": ["android-firebase"]}})
+    assert api.ok("subscriptions/set", **ident, provider="Firefox", status="hardbounced")["status"] == "hardbounced"
+    assert "not one of the push providers" in api.fail("subscriptions/set", 400, **ident, provider="Firefox",
+                                                       status="subscribed")
+    # No list: any provider.
+    unlisted = push_resource(api)
+    assert api.ok("subscriptions/set", **{**ident, "resource_id": unlisted["id"]}, provider="ios-apns")
+
+
 BAD_SUBSCRIPTIONS = [
     ({"email": "not-an-email"}, "email is not a valid email address"),
     ({"email": "a@b"}, "email is not a valid email address"),

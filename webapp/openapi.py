@@ -28,7 +28,10 @@ RESOURCE_BODY = {
     "categories": {"type": "array", "items": CATEGORY},
     "channels": {"type": "array", "maxItems": 8, "items": CHANNEL},
     "channel_settings": {"type": "object", "additionalProperties": {
-        "type": "object", "properties": {"fields": {"type": "array", "items": FIELD}}}},
+        "type": "object", "properties": {
+            "fields": {"type": "array", "items": FIELD},
+            "providers": {"type": "array", "maxItems": 32, "items": {"type": "string", "minLength": 1, "maxLength": 64},
+                          "description": "push only: the providers a push subscription may name (any when empty)"}}}},
     "unsubscribe": {"type": "object", "properties": {
         "mode": {"enum": ["instant", "confirm", "blocked", "delayed"]},
         "timer_minutes": {"type": "integer", "minimum": 1, "maximum": 30},

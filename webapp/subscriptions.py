@@ -422,6 +422,15 @@ def _is_empty(value):
     return value is None or (isinstance(value, str) and not value.strip())
 
 
+def _check_provider(resource, provider):
+    """A push subscription's provider is one the resource's push channel lists (as the subscription names it,
+    e.g. android-firebase), when it lists any."""
+    providers = resource["channel_settings"]["push"].get("providers", [])
+    if providers and provider not in providers:
+        raise InvalidInput(f"provider {provider!r} is not one of the push providers of resource {resource['id']}: "
+                           + ", ".join(providers), field="provider")
+
+
 def set_subscription(r, data):
     """Add or edit a subscription (Altcraft subscriptions/set); return its extended form and whether it is new.
 
@@ -457,6 +466,8 @@ def set_subscription(r, data):
         if subscribing and resource["dbs_ids"] and db_id not in resource["dbs_ids"]:
             raise InvalidInput(f"profiles of database {db_id} may not subscribe to resource {resource['id']} "
                                f"(dbs_ids: {resource['dbs_ids']})", field="db_id")
+        if subscribing and channel == "push":  # the same for the push providers the resource lists
+            _check_provider(resource, address["provider"])
         record = dict(old) if old else {
             "resource_id": resource["id"], "channel": channel, "address": address,
             "status": Status.SUBSCRIBED, "priority": 0, "uncats": [], "custom_fields": {},
