@@ -145,6 +145,29 @@ def test_a_push_provider_must_be_one_the_resource_lists(api, r):
     assert api.ok("subscriptions/set", **{**ident, "resource_id": unlisted["id"]}, provider="ios-apns")
 
 
+def test_an_opt_out_of_a_deleted_category_outlives_a_rewrite_of_the_categories(api, resource):
+    """Two people who opted out of `news` get the same categories when the sender deletes and re-creates it,
+    whatever was done to their subscriptions meanwhile."""
+    for email in ("a@example.com", "b@example.com"):
+        api.ok("subscriptions/set", **sub(resource, email=email, cats=["receipts"]))
+    categories = resource["categories"]
+    api.ok("resources/update", id=resource["id"], delete_categories=["news"])
+    assert api.ok("subscriptions/set", **sub(resource, email="b@example.com", cats=["receipts"]))["cats"] == [
+        "receipts"]
+    api.ok("resources/update", id=resource["id"], categories=categories)
+    assert [api.ok("subscriptions/get", **sub(resource, email=email))["cats"]
+            for email in ("a@example.com", "b@example.com")] == [["receipts"], ["receipts"]]
+
+
+def test_a_state_set_back_keeps_the_opt_outs_of_deleted_categories_it_does_not_name():
+    """with_state (an Undo, a revert) rewrites the categories as subscriptions/set does."""
+    from webapp.subscriptions import with_state
+    resource = {"categories": [{"api_name": "receipts"}, {"api_name": "promo"}]}
+    record = {"status": 1, "uncats": ["news", "promo", "old"]}   # news and old: deleted since
+    kept = with_state(resource, record, {"status": "subscribed", "cats": ["receipts", "old"]})
+    assert sorted(kept["uncats"]) == ["news", "promo"]          # `old` was on in that state
+
+
 BAD_SUBSCRIPTIONS = [
     ({"email": "not-an-email"}, "email is not a valid email address"),
     ({"email": "a@b"}, "email is not a valid email address"),

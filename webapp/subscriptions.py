@@ -5,7 +5,8 @@ in its stored form (`encode_record`: short member names, defaults left out, time
 Every write goes through `update_profile`, which WATCHes the profile's keys, lets a change function edit
 records, and writes the records and their ledger events in one MULTI/EXEC (a concurrent writer makes it
 retry on fresh data). Categories are stored as the ones opted out of (`uncats`), so a category added to
-the resource later reaches existing subscribers; the API shows `cats`, the categories still subscribed.
+the resource later reaches existing subscribers (but for one deleted and created again: an opt-out of it is
+kept, `uncats_keeping`); the API shows `cats`, the categories still subscribed.
 """
 import hashlib
 import json
@@ -252,11 +253,20 @@ def state_of(resource, record):
     return {"status": Status(record["status"]).word, "cats": subscribed_cats(resource, record)}
 
 
+def uncats_keeping(resource, record, kept):
+    """The record's opt-outs (`uncats`) rewritten so that it stays subscribed to the categories `kept`: every
+    other category of the resource, and the record's opt-outs of categories the resource no longer has that
+    `kept` does not name. Those are the person's: kept, a rewrite of the categories leaves a record as one left
+    alone, and the opt-out is honoured if the sender creates the category again."""
+    names = [c["api_name"] for c in resource["categories"]]
+    deleted = [c for c in record.get("uncats", ()) if c not in names and c not in kept]
+    return [name for name in names if name not in kept] + deleted
+
+
 def with_state(resource, record, state):
     """The record set back to a ledger state {"status": word, "cats": [...]} (for undo and revert)."""
-    kept = set(state["cats"])
     restored = dict(record, status=int(Status[state["status"].upper()]), updated_at=now_iso())
-    restored["uncats"] = [c["api_name"] for c in resource["categories"] if c["api_name"] not in kept]
+    restored["uncats"] = uncats_keeping(resource, record, set(state["cats"]))
     # A pause the person took (it has an end; unsubscribes keep it) comes back only with its end still ahead;
     # one that would have ended meanwhile comes back as what its end makes it, subscribed. A suspension with no
     # end is the sender's (subscriptions/set, suspend_all) and lasts until the sender lifts it: it comes back so.
@@ -387,12 +397,13 @@ def update_profile(r, db_id, profile_id, change, watch=()):
 
 
 def _validate_cats(resource, cats):
+    """The categories `cats` names to stay subscribed to, each one of the resource's."""
     names = {c["api_name"] for c in resource["categories"]}
     cats = as_list(cats, "cats", max_items=200)
     for i, cat in enumerate(cats):
         if not isinstance(cat, str) or cat not in names:
             raise InvalidInput(f"cats[{i}] {cat!r} is not a category of resource {resource['id']}", field="cats")
-    return [c["api_name"] for c in resource["categories"] if c["api_name"] not in cats]
+    return set(cats)
 
 
 def _validate_custom_fields(resource, channel, given, existing, is_new):
@@ -443,7 +454,7 @@ def set_subscription(r, data):
     resource, db_id, profile_id, channel, address, identity = locate(r, data)
     status = parse_status(data["status"]) if data.get("status") is not None else None
     priority = as_int(data["priority"], "priority", 0, 2 ** 31) if data.get("priority") is not None else None
-    uncats = _validate_cats(resource, data["cats"]) if data.get("cats") is not None else None
+    kept_cats = _validate_cats(resource, data["cats"]) if data.get("cats") is not None else None
     reg_date = blank_or(data.get("date"), as_datetime, "date")
     reg_ip = blank_or(data.get("ip"), as_ip, "ip")
     reg_url = blank_or(data.get("url"), as_url, "url")
@@ -482,8 +493,8 @@ def set_subscription(r, data):
             # here, a suspension too, has none: the API's suspension lasts until the API lifts it, as
             # suspend_all's. (The sweeper drops the pause's entry in the due index when it comes to it.)
             record.pop("suspended_until", None)
-        if uncats is not None:
-            record["uncats"] = uncats
+        if kept_cats is not None:
+            record["uncats"] = uncats_keeping(resource, record, kept_cats)
         if locale:
             record["locale"] = locale
         elif locale == "":
