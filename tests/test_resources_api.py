@@ -326,6 +326,49 @@ def test_every_documented_endpoint_refuses_a_field_it_does_not_know(api, r):
     assert redis_state(r) == before
 
 
+def test_the_documented_limits_are_the_ones_the_server_keeps(api, r):
+    """200 categories, 100 fields per channel, 32-character api names, 1024-character line values: the OpenAPI
+    document gives each, and the server takes exactly that much and refuses one more."""
+    spec = api.client.get("/api/v1.1/openapi.json").get_json()["paths"]
+    body = spec["/api/v1.1/resources/add"]["post"]["requestBody"]["content"]["application/json"]["schema"][
+        "properties"]
+    max_categories = body["categories"]["maxItems"]
+    max_name = body["categories"]["items"]["properties"]["api_name"]["maxLength"]
+    field_schema = body["channel_settings"]["additionalProperties"]["properties"]["fields"]
+    max_fields = field_schema["maxItems"]
+    assert field_schema["items"]["properties"]["api_name"]["maxLength"] == max_name
+    subscription = spec["/api/v1.1/subscriptions/set"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"]["properties"]
+    max_line = subscription["custom_fields"]["additionalProperties"]["maxLength"]
+    assert subscription["cats"]["maxItems"] == max_categories
+    assert (max_categories, max_fields, max_name, max_line) == (200, 100, 32, 1024)    # as the README says
+
+    def cats(n, prefix="c"):
+        return [{"api_name": f"{prefix}{i}"} for i in range(n)]
+
+    def fields(n):
+        return {"email": {"fields": [{"api_name": f"f{i}", "type": "line"} for i in range(n)]}}
+
+    res = api.ok("resources/add", **email_resource(categories=cats(max_categories), channel_settings=fields(
+        max_fields)))
+    assert "categories has more than" in api.fail("resources/add", 400, **email_resource(
+        categories=cats(max_categories + 1)))
+    assert "fields has more than" in api.fail("resources/add", 400, **email_resource(
+        channel_settings=fields(max_fields + 1)))
+    long_name = "n" * max_name
+    named = api.ok("resources/add", **email_resource(categories=[{"api_name": long_name}], channel_settings={
+        "email": {"fields": [{"api_name": long_name, "type": "line"}]}}))
+    for where in ("categories", "channel_settings"):
+        too_long = email_resource(categories=[{"api_name": long_name + "n"}]) if where == "categories" else \
+            email_resource(channel_settings={"email": {"fields": [{"api_name": long_name + "n", "type": "line"}]}})
+        assert f"at most {max_name} characters" in api.fail("resources/add", 400, **too_long)
+    ident = {"db_id": 1, "profile_id": "p1", "resource_id": named["id"], "channel": "email", "email": "a@b.example"}
+    assert api.ok("subscriptions/set", **ident, custom_fields={long_name: "x" * max_line})
+    assert f"longer than {max_line} characters" in api.fail("subscriptions/set", 400, **ident,
+                                                            custom_fields={long_name: "x" * (max_line + 1)})
+    assert api.ok("subscriptions/set", **{**ident, "resource_id": res["id"]}, cats=[f"c{i}" for i in range(200)])
+
+
 @pytest.mark.parametrize("value", ["p-42", "a@b.c:1_2", "a b", "p" * 40, "p" * 41, "x\n", "", "п"])
 def test_the_documented_profile_id_is_the_one_the_server_takes(value):
     import re

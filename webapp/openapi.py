@@ -1,4 +1,6 @@
 """The OpenAPI 3.1 document of the sending-platform API, built from one table of endpoints."""
+from .resources import MAX_CATEGORIES, MAX_CHANNELS, MAX_FIELDS, MAX_LINE_LENGTH
+from .validation import API_NAME_MAX_LENGTH
 
 ENVELOPE = {
     "type": "object",
@@ -13,24 +15,30 @@ CHANNEL = {"type": "string", "examples": ["email", "sms", "push", "telegram_bot"
 STATUS = {"oneOf": [{"type": "string", "enum": ["subscribed", "unsubscribed", "complained", "hardbounced",
                                                  "unconfirmed", "suspended", "invalid"]},
                     {"type": "integer", "minimum": 0, "maximum": 6}]}
+# What validation.as_api_name takes: a category's or custom field's name in the API.
+API_NAME = {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9_]*$", "maxLength": API_NAME_MAX_LENGTH}
+# A `line` field's value (maxLength binds only strings: an int, float or bool field's value is not one).
+LINE_VALUE = {"maxLength": MAX_LINE_LENGTH}
 FIELD = {"type": "object", "required": ["api_name", "type"], "properties": {
-    "title": {"type": "string"}, "api_name": {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9_]*$"},
-    "type": {"enum": ["int", "float", "line", "bool"]}, "default": {}, "required": {"type": "boolean"},
+    "title": {"type": "string"}, "api_name": API_NAME,
+    "type": {"enum": ["int", "float", "line", "bool"]}, "default": LINE_VALUE, "required": {"type": "boolean"},
     "in_manager": {"type": "boolean"}}}
 CATEGORY = {"type": "object", "required": ["api_name"], "properties": {
-    "title": {"type": "string"}, "api_name": {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9_]*$"},
+    "title": {"type": "string"}, "api_name": API_NAME,
     "in_manager": {"type": "boolean"}, "required": {"type": "boolean"}}}
 RESOURCE_BODY = {
     "name": {"type": "string"}, "description": {"type": "string"}, "url": {"type": ["string", "null"]},
     "urls": {"type": "array", "items": {"type": "string", "format": "uri"}},
     "dbs_ids": {"type": "array", "items": ID}, "trk_domain": {"type": ["string", "null"]},
     "increase_priority": {"type": "boolean"}, "default_locale": {"enum": ["en", "ru", None]},
-    "categories": {"type": "array", "items": CATEGORY},
-    "channels": {"type": "array", "maxItems": 8, "items": CHANNEL},
+    "categories": {"type": "array", "maxItems": MAX_CATEGORIES, "items": CATEGORY},
+    "channels": {"type": "array", "maxItems": MAX_CHANNELS, "items": CHANNEL},
     "channel_settings": {"type": "object", "additionalProperties": {
         "type": "object", "properties": {
-            "fields": {"type": "array", "items": FIELD},
-            "providers": {"type": "array", "maxItems": 32, "items": {"type": "string", "minLength": 1, "maxLength": 64},
+            "fields": {"type": "array", "maxItems": MAX_FIELDS, "items": FIELD},
+            "delete_fields": {"type": "array", "items": API_NAME},
+            "providers": {"type": "array", "maxItems": 32,
+                          "items": {"type": "string", "minLength": 1, "maxLength": 64},
                           "description": "push only: the providers a push subscription may name (any when empty)"}}}},
     "unsubscribe": {"type": "object", "properties": {
         "mode": {"enum": ["instant", "confirm", "blocked", "delayed"]},
@@ -48,16 +56,17 @@ SUBSCRIPTION_ID = {
     "provider": {"type": "string"}, "subscription_id": {"type": "string"},
     "cc_data": {"type": "object", "properties": {"id": {"type": ["integer", "string"]}, "phone": {"type": "string"}}},
 }
-CUSTOM_FIELDS = {"type": "object",
+CUSTOM_FIELDS = {"type": "object", "additionalProperties": LINE_VALUE,
                  "description": "the channel's custom fields by api_name, and its standard fields (push: "
                                 "_browser_name and _device_type, text)"}
 SUBSCRIPTION_SET = {**SUBSCRIPTION_ID, "status": STATUS,
                     "priority": {"type": "integer", "minimum": 0, "maximum": 2 ** 31},
                     "locale": {"type": "string", "pattern": r"^([A-Za-z]{2,3}([-_][A-Za-z0-9]{1,8})*)?$"},
-                    "cats": {"type": "array", "items": {"type": "string"}}, "custom_fields": CUSTOM_FIELDS,
+                    "cats": {"type": "array", "maxItems": MAX_CATEGORIES, "items": {"type": "string"}},
+                    "custom_fields": CUSTOM_FIELDS,
                     "date": {"type": "string", "format": "date-time"}, "ip": {"type": "string"},
                     "url": {"type": "string"}}
-LINK_MESSAGE = {**SUBSCRIPTION_ID, "category": {"type": "string"},
+LINK_MESSAGE = {**SUBSCRIPTION_ID, "category": API_NAME,
                 "sent_at": {"type": "integer", "description": "unix seconds; default now"}}
 SCOPE = {"db_id": ID, "profile_id": PROFILE_ID, "resource_id": ID, "channel": CHANNEL}
 # A resource is named by `id` or, as the other endpoints name it, `resource_id`: both only when they agree.
@@ -67,7 +76,7 @@ RESOURCE_NAMED = {"id": ID, "resource_id": {**ID, "description": "the same as id
 ENDPOINTS = {
     "resources/add": ("Create a resource", RESOURCE_BODY, ["name", "channels"]),
     "resources/update": ("Change a resource (partial; api_names fixed)",
-                         {**RESOURCE_NAMED, **RESOURCE_BODY, "delete_categories": {"type": "array"},
+                         {**RESOURCE_NAMED, **RESOURCE_BODY, "delete_categories": {"type": "array", "items": API_NAME},
                           "regenerate_rtoken": {"type": "boolean"}}, ["id"]),
     "resources/get": ("One resource with id, rtoken, sdk_script_url and called_url_delivery (the call URL's "
                       "delivery state as webhooks/list shows a webhook's, or null)", RESOURCE_NAMED, ["id"]),

@@ -21,7 +21,7 @@ from redis.exceptions import ResponseError
 
 from . import keys
 from .errors import Blocked, Conflict, Forbidden, InvalidFields, InvalidInput, NoSuchSubscription, report_broken
-from .resources import current_field_values, get_resources
+from .resources import MAX_LINE_LENGTH, current_field_values, get_resources
 from .subscriptions import Status, load_records, update_profile
 from .validation import format_time, now_iso
 
@@ -62,7 +62,7 @@ def parse_field(fdef, raw):
         if value != value or value in (float("inf"), float("-inf")):
             raise ValueError("float")
         return value
-    if len(raw) > 1024:
+    if len(raw) > MAX_LINE_LENGTH:
         raise ValueError("long")
     return raw.translate(_CONTROL_CHARACTERS)  # invisible, and refused by the API's checks of the same fields
 

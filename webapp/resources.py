@@ -22,6 +22,11 @@ from .validation import (DOT_ATOM_RE, as_api_name, as_bool, as_email, as_float, 
                          as_list, as_object, as_text, as_url, blank_or, no_unknown_keys, now_iso, require)
 
 MAX_CHANNELS = 8
+# Bounds of a resource (the seed sets none): a resource document is read whole by every page and link, and a
+# record's values decoded on every request. openapi.py states the same numbers.
+MAX_CATEGORIES = 200
+MAX_FIELDS = 100  # custom fields per channel
+MAX_LINE_LENGTH = 1024  # characters of a `line` field's value
 KNOWN_CHANNELS = ("email", "sms", "push", "telegram_bot", "whatsapp", "viber", "notify")
 CUSTOM_CHANNEL_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}\Z")
 FIELD_TYPES = ("int", "float", "line", "bool")
@@ -71,7 +76,7 @@ def _validate_field_value(ftype, value, field):
         return as_float(value, field)
     if ftype == "bool":
         return as_bool(value, field)
-    return as_text(value, field, max_len=1024)
+    return as_text(value, field, max_len=MAX_LINE_LENGTH)
 
 
 FIELD_VALUE_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "line": (str,)}
@@ -104,7 +109,7 @@ def _validate_fields(channel, items, old_fields, deletions, where):
     old = {f["api_name"]: f for f in old_fields}
     system_names = {name for name, _title, _type, _required in system_fields(channel)}
     out, seen = [], set()
-    for i, item in enumerate(as_list(items, f"{where}fields", max_items=100)):
+    for i, item in enumerate(as_list(items, f"{where}fields", max_items=MAX_FIELDS)):
         at = f"{where}fields[{i}]."
         as_object(item, at[:-1])
         no_unknown_keys(item, ("title", "api_name", "type", "default", "required", "in_manager"), at)
@@ -147,7 +152,7 @@ def _check_nothing_renamed(old, seen, deletions, field, deletion_key):
 def _validate_categories(items, old_categories, deletions):
     old = {c["api_name"]: c for c in old_categories}
     out, seen = [], set()
-    for i, item in enumerate(as_list(items, "categories", max_items=200)):
+    for i, item in enumerate(as_list(items, "categories", max_items=MAX_CATEGORIES)):
         at = f"categories[{i}]."
         as_object(item, at[:-1])
         no_unknown_keys(item, ("title", "api_name", "in_manager", "required"), at)

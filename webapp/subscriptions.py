@@ -15,8 +15,8 @@ from enum import IntEnum
 
 from . import events, keys, scripts
 from .errors import Conflict, InvalidInput, NoSuchSubscription
-from .resources import (PHONE_CC_CHANNELS, current_field_values, get_resource, get_resources, subscription_fields,
-                        validate_field_value)
+from .resources import (MAX_CATEGORIES, PHONE_CC_CHANNELS, current_field_values, get_resource, get_resources,
+                        subscription_fields, validate_field_value)
 from .validation import (as_chat_id, as_datetime, as_email, as_int, as_ip, as_language, as_list, as_object,
                          as_phone, as_profile_id, as_text, as_url, blank_or, ms_to_time, no_unknown_keys, now_iso,
                          require, time_to_ms)
@@ -399,7 +399,7 @@ def update_profile(r, db_id, profile_id, change, watch=()):
 def _validate_cats(resource, cats):
     """The categories `cats` names to stay subscribed to, each one of the resource's."""
     names = {c["api_name"] for c in resource["categories"]}
-    cats = as_list(cats, "cats", max_items=200)
+    cats = as_list(cats, "cats", max_items=MAX_CATEGORIES)
     for i, cat in enumerate(cats):
         if not isinstance(cat, str) or cat not in names:
             raise InvalidInput(f"cats[{i}] {cat!r} is not a category of resource {resource['id']}", field="cats")

@@ -13,6 +13,7 @@ import idna
 from .errors import InvalidInput
 
 API_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*\Z")
+API_NAME_MAX_LENGTH = 32  # category and custom-field api names
 PROFILE_ID_RE = re.compile(r"^[A-Za-z0-9._:@-]+\Z")
 E164_RE = re.compile(r"^\+[1-9][0-9]{6,14}\Z")
 CHAT_ID_RE = re.compile(r"^-?[0-9]{1,20}\Z")
@@ -128,7 +129,7 @@ def as_language(value, field="locale"):
     return re.split("[-_]", value, maxsplit=1)[0].lower()
 
 
-def as_api_name(value, field, max_len=32):
+def as_api_name(value, field, max_len=API_NAME_MAX_LENGTH):
     if not isinstance(value, str) or not API_NAME_RE.match(value) or len(value) > max_len:
         raise InvalidInput(f"{field} must match ^[A-Za-z][A-Za-z0-9_]*$ (at most {max_len} characters)",
                            field=field)
