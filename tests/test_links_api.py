@@ -81,6 +81,16 @@ def test_no_unsubscribe_headers_when_blocked_or_disabled(api, unsubscribe):
     assert headers == {"List-ID": "Weekly news <weekly.shop.example>"}
 
 
+def test_no_list_id_header_without_a_list_id(api):
+    """list_id is optional (the contract's resource does not require it): List-ID is issued only when it is set,
+    as the README says; the unsubscribe headers are not held back for want of it."""
+    res = api.ok("resources/add", **email_resource(channel_settings={"email": {"from_email": "news@shop.example"}}))
+    assert res["channel_settings"]["email"]["list_id"] == ""
+    api.ok("subscriptions/set", db_id=1, profile_id="p-42", resource_id=res["id"], channel="email",
+           email="ann@example.com")
+    assert set(api.ok("messages/links", **msg(res))["headers"]) == {"List-Unsubscribe", "List-Unsubscribe-Post"}
+
+
 def test_sms_links_have_no_email_headers(api, resource):
     api.ok("subscriptions/set", db_id=1, profile_id="p-42", resource_id=resource["id"], channel="sms",
            phone="+79000000000")
