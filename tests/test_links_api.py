@@ -152,7 +152,15 @@ def test_no_links_for_a_deleted_subscription(api, client, resource, subscription
     (tests/test_unsubscribe_deleted.py)."""
     ident = {k: v for k, v in msg(resource).items() if k != "category"}
     api.ok("subscriptions/delete", **ident)
-    assert "no such subscription" in api.fail("messages/links", 404, **msg(resource))
+    # What to do about it: subscriptions/set keeps it deleted, undelete brings it back.
+    assert api.fail("messages/links", 404, **msg(resource)) == (
+        "the subscription is deleted (subscriptions/delete): subscriptions/undelete brings it back")
+    assert api.fail("messages/links_bulk", 404, messages=[msg(resource, profile_id="p-9"), msg(resource)]) == (
+        "messages[0]: no such subscription: add it with subscriptions/set")
+    api.ok("subscriptions/set", db_id=1, profile_id="p-9", resource_id=resource["id"], channel="email",
+           email="ann@example.com")
+    assert api.fail("messages/links_bulk", 404, messages=[msg(resource, profile_id="p-9"), msg(resource)]) == (
+        "messages[1]: the subscription is deleted (subscriptions/delete): subscriptions/undelete brings it back")
     api.ok("subscriptions/undelete", **ident)
     url = api.ok("messages/links", **msg(resource))["unsubscribe_url"]
     assert client.get(url.removeprefix("https://unsub.example")).status_code == 200

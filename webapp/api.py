@@ -254,16 +254,18 @@ def _links_for(messages):
                                       subscriptions.script_identity_key(res["id"], ch, identity))
                                      for res, db_id, pid, h, ch, _cat, _at, identity in prepared])
     for i, found in enumerate(exists):
-        if not found:  # a chat stored under an older spelling of its id is found by its stored id (rarely asked)
-            res, db_id, pid, computed, ch, cat, at, identity = prepared[i]
-            stored = subscriptions.subscription_hash_id(r, db_id, pid, res["id"], ch, identity)
-            found = stored != computed and subscriptions_exist(r, [(
-                keys.profile_subscriptions(db_id, pid), stored,
-                subscriptions.script_identity_key(res["id"], ch, identity))])[0]
-            prepared[i] = (res, db_id, pid, stored, ch, cat, at, identity)
-        if not found:
+        if found:
+            continue
+        # Rarely asked: a chat stored under an older spelling of its id (found by its stored id), a deleted
+        # subscription, or none. The record says which, and so what to do about it.
+        res, db_id, pid, _computed, ch, cat, at, identity = prepared[i]
+        stored, record = subscriptions.read_subscription(r, db_id, pid, res["id"], ch, identity)
+        if record is None or record.get("is_delete"):
             prefix = f"messages[{i}]: " if request.path.endswith("_bulk") else ""
-            raise subscriptions.NoSuchSubscription(prefix + "no such subscription: add it with subscriptions/set")
+            raise subscriptions.NoSuchSubscription(prefix + (
+                "the subscription is deleted (subscriptions/delete): subscriptions/undelete brings it back"
+                if record else "no such subscription: add it with subscriptions/set"))
+        prepared[i] = (res, db_id, pid, stored, ch, cat, at, identity)
     ring, base = current_app.extensions["signing_keys"], current_app.config["PUBLIC_BASE_URL"]
     return [message_links(ring, base, res, db_id, pid, h, ch, cat, at)
             for res, db_id, pid, h, ch, cat, at, _identity in prepared]
