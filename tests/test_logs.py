@@ -92,8 +92,9 @@ def served(redis_url, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "webapp", "gunicorn.conf.py"),
          "-b", f"127.0.0.1:{port}", "-w", "1", "--access-logfile", str(logs["access"]),
-         # the default's atoms and those that also hold the path: the environ's RAW_URI, a redirect's Location
-         "--access-logformat", '%(h)s "%(r)s" %(s)s %(U)s %({raw_uri}e)s %({location}o)s "%(f)s"',
+         # the default's atoms and those that also hold the path: the environ's RAW_URI, a redirect's Location,
+         # a Referer, named in any case as gunicorn allows
+         "--access-logformat", '%(h)s "%(r)s" %(s)s %(U)s %({RAW_URI}e)s %({Location}o)s %({Referer}i)s "%(f)s"',
          "--error-logfile", str(logs["error"]), "webapp:create_app()"],
         env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -122,7 +123,7 @@ def test_no_log_holds_a_whole_token(served):
     smid, manage = links["smid"], links["manage_url"].rsplit("/manage/", 1)[1].strip("/")
     escaped = "".join(f"%{ord(c):02X}" for c in smid[:4]) + smid[4:]
     assert fetch(port, "GET", f"/%75nsubscribe/{escaped}")[0] == 200       # routed as /unsubscribe/<smid>
-    assert fetch(port, "GET", f"/manage/{manage}/")[0] == 200
+    assert fetch(port, "GET", f"/manage/{manage}/", headers={"Referer": f"https://mail.example/unsubscribe/{smid}"})[0] == 200
     status, headers, _ = fetch(port, "GET", f"/unsubscribe//{smid}", headers={"Host": "evil.example"})
     assert status == 200 and "Location" not in headers                      # served, no redirect built from Host
     assert fetch(port, "POST", "/api/v1.1//resources/list", "{}", {"Content-Type": "application/json",

@@ -1,5 +1,6 @@
 """Keeping tokens out of logs: a SMID or manager token is a bearer credential for one person's subscription,
 so logs (ours and gunicorn's access log) show only its first characters."""
+import functools
 import re
 from urllib.parse import unquote
 
@@ -33,12 +34,18 @@ class RedactingLogger(Logger):
         # Every atom the access log's format names (only those: the others, every request header among them, are
         # never written): the request line and path, but also a Referer, the Location of a redirect
         # ({location}o) or the environ's RAW_URI / PATH_INFO ({raw_uri}e).
-        for key in set(FORMAT_ATOM_RE.findall(self.cfg.access_log_format)) & atoms.keys():
+        for key in _format_atoms(self.cfg.access_log_format) & atoms.keys():
             value = atoms[key]
             lowered = value.lower() if isinstance(value, str) else ""
             if "unsubscribe" in lowered or "manage" in lowered or "%" in lowered:
                 atoms[key] = redact(value)
         return atoms
+
+
+@functools.lru_cache(maxsize=4)
+def _format_atoms(access_log_format):
+    """The atoms a format names, as gunicorn keys them: a header's or environ's name ({Referer}i) in lower case."""
+    return {name.lower() if name.startswith("{") else name for name in FORMAT_ATOM_RE.findall(access_log_format)}
 
 
 def _redacting(level):
