@@ -148,6 +148,17 @@ def test_a_page_url_without_the_smid_is_refused(api, r, resource, page_url):
         "unsubscribe"]["page_url"] is None
 
 
+def test_a_resource_stored_with_a_page_url_without_the_smid_can_still_be_updated(api, r, resource):
+    """Stored before the rule: its other parts can be changed; a page_url given anew must follow the rule."""
+    from webapp import keys
+    stored = json.loads(r.get(keys.resource(resource["id"])))
+    stored["unsubscribe"]["page_url"] = "https://shop.example/bye"
+    r.set(keys.resource(resource["id"]), json.dumps(stored))
+    assert api.ok("resources/update", id=resource["id"], name="Renamed")["name"] == "Renamed"
+    assert "must contain {send_message_id}" in api.fail("resources/update", 400, id=resource["id"],
+                                                         unsubscribe={"page_url": "https://shop.example/bye2"})
+
+
 def test_update_keeps_api_names_fixed(api, r, resource):
     rid = resource["id"]
     renamed = copy.deepcopy(email_resource()["categories"])

@@ -212,7 +212,8 @@ def _validate_unsubscribe(value, old):
     if merged.get("page_url") is not None:
         as_url(merged["page_url"], "unsubscribe.page_url", PAGE_URL_PLACEHOLDERS)
         # The seed makes it a required parameter: a page without it cannot tell whose subscription to stop.
-        if "{send_message_id}" not in merged["page_url"]:
+        # Checked when given: a resource stored before this rule can still be updated in its other parts.
+        if "{send_message_id}" not in merged["page_url"] and value.get("page_url") is not None:
             raise InvalidInput("unsubscribe.page_url must contain {send_message_id}, which names the message "
                                "(and so the subscription) to unsubscribe", field="unsubscribe.page_url")
     if merged.get("blocked_text") is not None:
