@@ -1,8 +1,8 @@
 """The subscription manager's rules: what a person may change about their own subscriptions.
 
-- categories marked `in_manager` can be switched; `required` ones cannot be switched (a Save keeps them as
-  stored: one stopped from its own message's link stays stopped), and nothing can be switched off on a
-  blocked resource;
+- categories marked `in_manager` can be switched, except off: a `required` one that is on stays on (one that
+  is off, stopped from its own message's link, can be switched back on), and nothing can be switched off on a
+  blocked resource (category_locked);
 - custom fields marked `in_manager` can be edited, typed and validated (all errors reported at once);
 - unsubscribe, suspend for 14/30/60/90 days (status `suspended`, back to `subscribed` when it ends: the
   worker's sweeper reads keys.suspensions_due), resume;
