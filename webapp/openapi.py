@@ -64,8 +64,9 @@ SUBSCRIPTION_SET = {**SUBSCRIPTION_ID, "status": STATUS,
                     "locale": {"type": "string", "pattern": r"^([A-Za-z]{2,3}([-_][A-Za-z0-9]{1,8})*)?$"},
                     "cats": {"type": "array", "maxItems": MAX_CATEGORIES, "items": {"type": "string"}},
                     "custom_fields": CUSTOM_FIELDS,
-                    "date": {"type": "string", "format": "date-time"}, "ip": {"type": "string"},
-                    "url": {"type": "string"}}
+                    # null (and "") mean not given, as platforms send them
+                    "date": {"type": ["string", "null"], "format": "date-time"}, "ip": {"type": ["string", "null"]},
+                    "url": {"type": ["string", "null"]}}
 LINK_MESSAGE = {**SUBSCRIPTION_ID, "category": API_NAME,
                 "sent_at": {"type": "integer", "description": "unix seconds; default now"}}
 SCOPE = {"db_id": ID, "profile_id": PROFILE_ID, "resource_id": ID, "channel": CHANNEL}
@@ -101,7 +102,8 @@ ENDPOINTS = {
                        ["db_id", "profile_id", "resource_id", "channel"]),
     "messages/links_bulk": ("Links for up to 1000 messages, in order",
                             {"messages": {"type": "array", "minItems": 1, "maxItems": 1000,
-                                          "items": {"type": "object", "properties": LINK_MESSAGE}}},
+                                          "items": {"type": "object", "properties": LINK_MESSAGE,
+                                                    "additionalProperties": False}}},
                             ["messages"]),
     "profiles/message_unsub": ("Unsubscribe the SMID's subscription now (only `categories` when given); "
                                "profile_id is returned top-level",
