@@ -25,7 +25,6 @@ def setup_profile(api, profile_id="p-42", email="ann@example.com", mode="confirm
     return res, ident, sub, links["manage_url"].removeprefix("https://unsub.example")
 
 
-
 def post(client, path, **form):
     html = client.get(path).get_data(as_text=True)
     return client.post(path, data={"csrf_token": form_token(html), **form})
@@ -210,7 +209,6 @@ def test_blocked_resource_cannot_be_switched_off(api, client, r):
     assert post(client, path, action="save", hash_id=sub["hash_id"], **{"field.plan": "gold"}).status_code == 303
     got = api.ok("subscriptions/get", **ident)
     assert got["cats"] == sub["cats"] and got["status"] == "subscribed" and got["custom_fields"]["plan"] == "gold"
-
 
 
 def test_a_required_category_is_locked_only_while_it_is_on(api, client, r):

@@ -241,7 +241,6 @@ def test_one_click_front_answers_exactly_as_flask(api, app, r, name, mode, categ
         assert [status for status, _headers, _body in through_front[0]] == ["200 OK", "200 OK"]
 
 
-
 def test_confirm_needs_the_click_and_csrf(api, client, r):
     _res, path, body = make_link(api, "confirm")
     html = client.get(path).get_data(as_text=True)
@@ -306,7 +305,6 @@ def test_confirm_refuses_required_category_and_empty_choice(api, client, r):
     assert redis_state(r) == before
 
 
-
 def test_confirm_page_of_a_required_categorys_message_offers_to_stop_it(api, client, r):
     """A message sent for a required category can stop it from its link, as its one-click does: the page offers
     it, ticked, and does not list it as continuing; the other categories stay as they are."""
@@ -320,6 +318,7 @@ def test_confirm_page_of_a_required_categorys_message_offers_to_stop_it(api, cli
     got = get_sub(api, body)
     assert got["status"] == "subscribed" and got["cats"] == ["news"]
     assert events.list_events(r, 1, "p-42")[0][0]["method"] == "page_confirm"
+
 
 def test_a_page_the_sender_changed_meanwhile_says_so_in_its_language(api, client, r):
     res, path, _body = make_link(api, "confirm")

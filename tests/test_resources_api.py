@@ -113,7 +113,6 @@ def test_non_ascii_domains_are_kept_as_browsers_and_mail_systems_spell_them(api)
     assert stored["email"] == "ann@xn--strae-oqa.example"
 
 
-
 def test_null_or_empty_text_still_means_none(api):
     """null (and "" for url and trk_domain) is "none", as the README says: only other JSON types are refused."""
     created = api.ok("resources/add", **email_resource(description=None, url="", trk_domain="",
@@ -290,7 +289,6 @@ def test_a_request_naming_two_resources_or_an_unknown_field_is_refused(api, r, p
     assert api.ok("resources/get", resource_id=3, id="3")["id"] == 3    # the same resource, however written
 
 
-
 @pytest.mark.parametrize("kwargs,status", [
     ({"token": None}, 401), ({"token": "wrong"}, 401), ({"token": ""}, 401),
 ])
@@ -322,7 +320,6 @@ def test_openapi_lists_every_endpoint(client, app):
     export = client.post("/api/v1.1/events/export", json={"token": "test-api-token"})
     documented = spec["paths"]["/api/v1.1/events/export"]["post"]["responses"]["200"]["content"]
     assert export.mimetype in documented                                # JSON lines, as the server answers
-
 
 
 def test_every_documented_endpoint_refuses_a_field_it_does_not_know(api, r):

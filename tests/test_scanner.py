@@ -4,7 +4,6 @@ import time
 from conftest import API_TOKEN, email_resource, form_token, redis_state
 
 
-
 def subscribe(api, res, profile_id, email, sent_at=None):
     ident = {"db_id": 1, "profile_id": profile_id, "resource_id": res["id"], "channel": "email", "email": email}
     api.ok("subscriptions/set", **ident)

@@ -98,7 +98,6 @@ def test_confirm_without_categories_stops_the_message_scope(client, api):
     assert sub(api, ident)[0] == "unsubscribed"
 
 
-
 def test_a_required_category_stops_only_from_its_own_messages_link(client, api, r):
     """What a message was sent for can always be stopped from its link, required or not (as its one-click and
     the hosted page do); `required` keeps a person from choosing other required categories."""
@@ -123,6 +122,7 @@ def test_a_required_category_stops_only_from_its_own_messages_link(client, api, 
         resp = call(client, res["id"], smid=smid, action="confirm", categories=categories)
         assert resp.status_code == 400 and "'receipts' is required" in resp.get_json()["error_text"]
     assert store_state(r) == before
+
 
 def test_show_in_each_mode(client, api, r):
     res, ident, smid = make(api, "instant")
