@@ -341,3 +341,29 @@ def test_an_api_suspension_has_no_end_whatever_pause_the_record_had(api, client,
     assert "suspended_until" not in api.ok("subscriptions/get", **ident)
     assert preferences.resume_due_suspensions(r, now=time.time() + 15 * 86400) == 0    # past the old end
     assert api.ok("subscriptions/get", **ident)["status"] == "suspended"
+
+
+def test_undo_is_only_for_the_link_that_made_the_change(api, client, r):
+    """Two addresses of one profile: Y's own manager link unsubscribes Y. X's link may neither resubscribe Y
+    (only Y's link may) nor undo Y's change, which would subscribe Y again all the same: its page offers no
+    Undo for it, and an Undo posted from it changes nothing. Y's link still undoes its own change."""
+    _res, ident, sub_x, path_x = setup_profile(api)
+    ident_y = {**ident, "email": "work@example.com"}
+    sub_y = api.ok("subscriptions/set", **ident_y)
+    path_y = api.ok("messages/links", **ident_y)["manage_url"].removeprefix("https://unsub.example")
+    assert post(client, path_y, action="unsubscribe", hash_id=sub_y["hash_id"]).status_code == 303
+    assert "Undo last change" in client.get(path_y).get_data(as_text=True)
+    assert "Undo last change" not in client.get(path_x).get_data(as_text=True)
+    before = redis_state(r)
+    assert post(client, path_x, action="resubscribe", hash_id=sub_y["hash_id"]).status_code == 403
+    assert post(client, path_x, action="undo", hash_id=sub_y["hash_id"]).status_code == 409
+    assert post(client, path_x, action="undo", hash_id=sub_x["hash_id"]).status_code == 409
+    assert redis_state(r) == before and api.ok("subscriptions/get", **ident_y)["status"] == "unsubscribed"
+    assert post(client, path_y, action="undo", hash_id=sub_y["hash_id"]).status_code == 303
+    assert api.ok("subscriptions/get", **ident_y)["status"] == "subscribed"
+    # and X's own change is X's to undo, not Y's
+    assert post(client, path_x, action="unsubscribe", hash_id=sub_x["hash_id"]).status_code == 303
+    assert "Undo last change" not in client.get(path_y).get_data(as_text=True)
+    assert post(client, path_y, action="undo", hash_id=sub_x["hash_id"]).status_code == 409
+    assert post(client, path_x, action="undo", hash_id=sub_x["hash_id"]).status_code == 303
+    assert api.ok("subscriptions/get", **ident)["status"] == "subscribed"

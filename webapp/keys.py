@@ -13,7 +13,7 @@ live in one Redis Cluster slot and can be changed together in one MULTI/EXEC or 
 | us:{<db_id>:<pid>}:events              | list   | events.queue_append (encode_event, chained) | never |
 | us:{<db_id>:<pid>}:pending:<hash_id>   | hash   | unsubscribe.arm_timer: deadline, armed_at, scope, smid, evidence; `lease` (3 s claim by a firer) | deadline + 1 day |
 | us:pending:due                         | zset   | delayed timers: member "db|pid|hash_id", score = deadline | never (members removed when settled) |
-| us:{<db_id>:<pid>}:manager_undo        | hash   | preferences (last manager change) | 10 minutes |
+| us:{<db_id>:<pid>}:manager_undo        | hash   | preferences (last manager change, and the link that made it) | 10 minutes |
 | us:suspensions:due                     | zset   | preferences.suspend: "db|pid|hash_id" by end time | never (members removed on resume) |
 | us:events:timeline                     | stream | events.queue_append (global index, webhook outbox) | never |
 | us:views:<sha256(smid)[:24]>           | hash   | pages GET/HEAD: {GET: n, HEAD: n} (scanner evidence) | 10 minutes |
@@ -93,7 +93,8 @@ def pending_due_member(db_id, profile_id, hash_id):
 
 def manager_undo(db_id, profile_id):
     """Hash: the subscription record as it was before the profile's last change in the manager
-    (fields hash_id, record, after), kept for the undo window."""
+    (fields hash_id, record, after, and link: the manager link that made it, preferences.undo_link), kept for
+    the undo window."""
     return f"{PREFIX}:{_profile_tag(db_id, profile_id)}:manager_undo"
 
 

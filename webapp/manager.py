@@ -97,7 +97,7 @@ def render_manager(token_str, token, status=200, errors=None, entered=None, fail
         groups[-1]["subscriptions"].append(sub)
     if not done_agrees(next((sub for sub in subs if sub["hash_id"] == done_hash), None), done_at):
         done = done_hash = None
-    undo_hash = preferences.undo_available(r, token.db_id, token.profile_id)
+    undo_hash = preferences.undo_available(r, token.db_id, token.profile_id, token.hash_id)  # this link's own
     html = render_page("manage.html", groups=groups, action_url=url_for("manager.manage", token=token_str),
                            form_token=issue_form_token(current_app.extensions["signing_keys"], token_str),
                            undo_hash=undo_hash,
@@ -133,25 +133,25 @@ def manage(token):
     if action not in ACTIONS:
         return render_manager(token, parsed, status=400, message="unknown")
     r, ev = get_redis(), evidence()
-    db_id, profile_id = parsed.db_id, parsed.profile_id
+    db_id, profile_id, link = parsed.db_id, parsed.profile_id, parsed.hash_id  # link: whose Undo the change is
     try:
         if action == "save":
             fields = {k[6:]: v for k, v in request.form.items() if k.startswith("field.")}
             record, _ = preferences.save_preferences(r, db_id, profile_id, hash_id,
-                                                     request.form.getlist("categories"), fields, ev)
+                                                     request.form.getlist("categories"), fields, ev, link)
         elif action == "unsubscribe":
-            record, _ = preferences.unsubscribe_all(r, db_id, profile_id, hash_id, ev)
+            record, _ = preferences.unsubscribe_all(r, db_id, profile_id, hash_id, ev, link)
         elif action == "suspend":
             days = request.form.get("days", "")
             record, _ = preferences.suspend(r, db_id, profile_id, hash_id,
                                             int(days) if re.fullmatch("[0-9]{1,3}", days) else 0,
-                                            current_app.config["SUSPEND_DAY_SECONDS"], ev)
+                                            current_app.config["SUSPEND_DAY_SECONDS"], ev, link)
         elif action == "resume":
-            record, _ = preferences.resume(r, db_id, profile_id, hash_id, ev)
+            record, _ = preferences.resume(r, db_id, profile_id, hash_id, ev, link)
         elif action == "resubscribe":
-            record, _ = preferences.resubscribe(r, db_id, profile_id, hash_id, parsed.hash_id, ev)
+            record, _ = preferences.resubscribe(r, db_id, profile_id, hash_id, link, ev)
         else:
-            record, _ = preferences.undo(r, db_id, profile_id, ev)
+            record, _ = preferences.undo(r, db_id, profile_id, link, ev)
         if record.get("status") == Status.SUSPENDED:  # a pause (a suspend, an Undo that restores one): someone
             ensure_housekeeping()                     # must end it, also under a plain rq worker
     except InvalidFields as exc:

@@ -8,7 +8,9 @@
   worker's sweeper reads keys.suspensions_due), resume;
 - resubscribe from `unsubscribed` only with the manager token issued for that very subscription (proof of
   control of the address); `complained`, `hardbounced` and `invalid` are never resubscribed by the person;
-- the last change stays undoable for UNDO_WINDOW_SECONDS (keys.manager_undo), unless something changed since.
+- the last change stays undoable for UNDO_WINDOW_SECONDS (keys.manager_undo), unless something changed since,
+  and only from the manager link that made it: one address's link must not bring back what another address's
+  link stopped (only a subscription's own link may resubscribe it).
 Every change goes through subscriptions.update_profile and is a ledger event with method `manager`.
 """
 import json
@@ -113,9 +115,10 @@ def _parse_preferences(resource, record, cats_on, field_values):
     return sorted(uncats, key=lambda c: order.index(c) if c in order else len(order)), values
 
 
-def _change(r, db_id, profile_id, hash_id, edit, evidence, watch=()):
+def _change(r, db_id, profile_id, hash_id, edit, evidence, link, watch=()):
     """Apply edit(record, resource, pc) -> new record to one subscription as a manager change, keep the
-    undo record and the suspension index in step, all in one MULTI/EXEC."""
+    undo record (with the link that acted: `link`, see undo_link) and the suspension index in step, all in one
+    MULTI/EXEC."""
     undo_key = keys.manager_undo(db_id, profile_id)
     member = f"{db_id}|{profile_id}|{hash_id}"
 
@@ -140,7 +143,7 @@ def _change(r, db_id, profile_id, hash_id, edit, evidence, watch=()):
                 pipe.zrem(keys.suspensions_due(), member)
             if not getattr(edit, "is_undo", False):
                 pipe.hset(undo_key, mapping={"hash_id": hash_id, "record": json.dumps(record),
-                                             "after": new["updated_at"]})
+                                             "after": new["updated_at"], "link": undo_link(link)})
                 pipe.expire(undo_key, UNDO_WINDOW_SECONDS)
             else:
                 pipe.delete(undo_key)
@@ -150,19 +153,25 @@ def _change(r, db_id, profile_id, hash_id, edit, evidence, watch=()):
     return update_profile(r, db_id, profile_id, change, watch=(undo_key,) + tuple(watch))[0]
 
 
+def undo_link(link):
+    """How the undo record names the manager link that acted: the subscription the link was sent for (the
+    token's hash_id), "" for a link issued for the whole profile."""
+    return link or ""
+
+
 def _epoch(iso):
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
-def save_preferences(r, db_id, profile_id, hash_id, cats_on, field_values, evidence=None):
+def save_preferences(r, db_id, profile_id, hash_id, cats_on, field_values, evidence=None, link=None):
     """Categories switched on (the rest of the manager's categories off) and field values from the form."""
     def edit(record, resource, _pc):
         record["uncats"], record["custom_fields"] = _parse_preferences(resource, record, cats_on, field_values)
         return record
-    return _change(r, db_id, profile_id, hash_id, edit, evidence)
+    return _change(r, db_id, profile_id, hash_id, edit, evidence, link)
 
 
-def unsubscribe_all(r, db_id, profile_id, hash_id, evidence=None):
+def unsubscribe_all(r, db_id, profile_id, hash_id, evidence=None, link=None):
     def edit(record, resource, _pc):
         if resource["unsubscribe"]["mode"] == "blocked":
             raise Blocked("these messages cannot be switched off")
@@ -170,10 +179,10 @@ def unsubscribe_all(r, db_id, profile_id, hash_id, evidence=None):
             record["status"] = int(Status.UNSUBSCRIBED)
             record.pop("suspended_until", None)
         return record
-    return _change(r, db_id, profile_id, hash_id, edit, evidence)
+    return _change(r, db_id, profile_id, hash_id, edit, evidence, link)
 
 
-def suspend(r, db_id, profile_id, hash_id, days, day_seconds, evidence=None):
+def suspend(r, db_id, profile_id, hash_id, days, day_seconds, evidence=None, link=None):
     """Suspend a subscribed subscription for 14, 30, 60 or 90 days."""
     if days not in SUSPEND_DAYS:
         raise InvalidInput(f"suspend for one of {', '.join(map(str, SUSPEND_DAYS))} days", field="days")
@@ -187,17 +196,17 @@ def suspend(r, db_id, profile_id, hash_id, days, day_seconds, evidence=None):
         record["suspended_until"] = format_time(datetime.fromtimestamp(time.time() + days * day_seconds,
                                                                        tz=timezone.utc))
         return record
-    return _change(r, db_id, profile_id, hash_id, edit, evidence)
+    return _change(r, db_id, profile_id, hash_id, edit, evidence, link)
 
 
-def resume(r, db_id, profile_id, hash_id, evidence=None):
+def resume(r, db_id, profile_id, hash_id, evidence=None, link=None):
     def edit(record, _resource, _pc):
         if record["status"] != Status.SUSPENDED:
             raise Conflict("this subscription is not paused")
         record["status"] = int(Status.SUBSCRIBED)
         record.pop("suspended_until", None)
         return record
-    return _change(r, db_id, profile_id, hash_id, edit, evidence)
+    return _change(r, db_id, profile_id, hash_id, edit, evidence, link)
 
 
 def resubscribe(r, db_id, profile_id, hash_id, token_hash_id, evidence=None):
@@ -214,19 +223,21 @@ def resubscribe(r, db_id, profile_id, hash_id, token_hash_id, evidence=None):
             raise Forbidden("to subscribe this address again, open the link in a message sent to it")
         record["status"] = int(Status.SUBSCRIBED)
         return record
-    return _change(r, db_id, profile_id, hash_id, edit, evidence)
+    return _change(r, db_id, profile_id, hash_id, edit, evidence, token_hash_id)
 
 
-def undo_available(r, db_id, profile_id):
-    """The hash_id whose last manager change can still be undone, or None."""
-    return r.hget(keys.manager_undo(db_id, profile_id), "hash_id")
+def undo_available(r, db_id, profile_id, link):
+    """The hash_id whose last manager change `link` (see undo_link) can still undo, or None."""
+    hash_id, saved_link = r.hmget(keys.manager_undo(db_id, profile_id), ["hash_id", "link"])
+    return hash_id if saved_link == undo_link(link) else None
 
 
-def undo(r, db_id, profile_id, evidence=None):
-    """Restore the subscription the last manager change touched, if nothing changed it since."""
+def undo(r, db_id, profile_id, link, evidence=None):
+    """Restore the subscription the last manager change touched, if `link` made that change (see undo_link)
+    and nothing changed it since."""
     saved = r.hgetall(keys.manager_undo(db_id, profile_id))
-    if not saved:
-        raise Conflict("there is no recent change to undo")
+    if not saved or saved.get("link") != undo_link(link):
+        raise Conflict("there is no recent change of this link to undo")
     hash_id = saved["hash_id"]
 
     def edit(record, _resource, pc):
@@ -235,7 +246,7 @@ def undo(r, db_id, profile_id, evidence=None):
             raise Conflict("the subscription changed since; there is nothing to undo")
         return json.loads(saved["record"])
     edit.is_undo = True
-    return _change(r, db_id, profile_id, hash_id, edit, evidence)
+    return _change(r, db_id, profile_id, hash_id, edit, evidence, link)
 
 
 def resume_due_suspensions(r, now=None, limit=1000):
