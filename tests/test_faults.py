@@ -561,7 +561,7 @@ def test_which_error_replies_mean_redis_cannot_serve_for_a_while(exc, refused):
     (ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), False),
 ])
 def test_which_error_replies_refuse_writes_only(exc, reads_served):
-    """The SDK's rate limiter lets show and state through uncounted on these alone (sdk._counted)."""
+    """The rate limiter lets a request through uncounted on these alone (ratelimits.ServiceLimiter)."""
     assert writes_refused(exc) is reads_served
 
 

@@ -280,3 +280,21 @@ def test_bad_link_page(live_server, open_page, lang):
     assert page.locator("h1").inner_text() == {"en": "This link is not valid",
                                                "ru": "Ссылка недействительна"}[lang]
     screenshot(page, f"bad-link-{lang}")
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_too_many_form_posts_get_a_readable_page_that_changes_nothing(live_server, open_page, r, monkeypatch,
+                                                                      lang):
+    """Over the link's limit a person's click is answered with a page in their language that says nothing was
+    changed and when to try again, and fits a phone."""
+    monkeypatch.setitem(live_server.app.config, "PAGE_RATE_LIMIT_PER_LINK", "1 per minute")
+    url, ident = link_for(live_server, "instant", category=None)
+    page = open_page(url, lang, mobile=True)
+    page.wait_for_url("**done=unsubscribed**")                                 # the page's own POST: the one allowed
+    page.locator('button[value="undo"]').click()
+    heading = {"en": "Too many requests", "ru": "Слишком много запросов"}[lang]
+    page.locator("h1", has_text=heading).wait_for()
+    assert {"en": "Nothing was changed", "ru": "Ничего не изменено"}[lang] in page.locator("main").inner_text()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390         # no sideways scrolling
+    assert status(live_server, ident)[0] == "unsubscribed"
+    screenshot(page, f"too-many-requests-{lang}")

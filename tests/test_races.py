@@ -100,7 +100,9 @@ def test_concurrent_writers_keep_every_chain_and_state_consistent(r, redis_url, 
     unlimited = "10000/minute"  # the storm comes from one address and few links
     server = Gunicorn(redis_url, workers=4, env={"TIME_UNIT_SECONDS": TIME_UNIT, "SUSPEND_DAY_SECONDS": DAY,
                                                  "SDK_RATE_LIMIT_PER_IP": unlimited,
-                                                 "SDK_RATE_LIMIT_PER_SMID": unlimited})
+                                                 "SDK_RATE_LIMIT_PER_SMID": unlimited,
+                                                 "PAGE_RATE_LIMIT_PER_LINK": unlimited,
+                                                 "PAGE_RATE_LIMIT_PER_IP": unlimited})
     workers = WorkerProcesses(redis_url, tmp_path)
     try:
         workers.start(TIME_UNIT_SECONDS=TIME_UNIT, SUSPEND_DAY_SECONDS=DAY)

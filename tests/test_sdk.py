@@ -17,7 +17,8 @@ from conftest import (API_TOKEN, SIGNING_KEYS, ApiActions, close_clients, email_
                       start_redis_server)
 from webapp import events, keys
 from webapp.delayed import sweep_once
-from webapp.sdk import limiter_storage_uri, origin_of, parse_script_id
+from webapp.ratelimits import limiter_storage_uri
+from webapp.sdk import origin_of, parse_script_id
 
 ORIGIN = "https://shop.example"
 CATEGORIES = [{"title": "News", "api_name": "news", "required": False},

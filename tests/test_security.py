@@ -260,3 +260,90 @@ def test_session_signing_serializer_is_built_once_per_key(app):
     assert rotated is not first and rotated.loads(cookie) == {"csrf_token": "x"}  # old cookies still open
     with pytest.raises(BadSignature):
         first.loads(rotated.dumps({"a": 1}))                                         # new ones use the new key
+
+
+# -- rate limits of the page and manager forms ---------------------------------------------------------------
+
+def assert_readable_429(resp, text):
+    """A 429 a person can read, with when to come back, and every header a page has."""
+    html = resp.get_data(as_text=True)
+    assert resp.status_code == 429 and text in html and "<main" in html, (resp.status_code, html[:300])
+    assert 1 <= int(resp.headers["Retry-After"]) <= 61
+    assert resp.headers["Cache-Control"] == "no-store" and resp.headers["Referrer-Policy"] == "no-referrer"
+    for header in ("Content-Security-Policy", "X-Frame-Options", "X-Content-Type-Options"):
+        assert len(resp.headers.getlist(header)) == 1, header
+
+
+def test_page_and_manager_forms_are_limited_per_link(app, client, api, r):
+    """A link's forms (any action) are counted per link: over the limit a readable 429 in the page's language
+    changes nothing, while the link's one-click, its GET and other links go on; no Redis key holds a token."""
+    from conftest import redis_state
+    from webapp import events
+    from webapp.tokens import link_digest
+    app.config["PAGE_RATE_LIMIT_PER_LINK"] = "3 per minute"
+    page, manage, hash_id = make_link(api, "instant", "p-limited")
+    other_page, _other_manage, _ = make_link(api, "confirm", "p-other")
+    token = link_token(client, page)
+    for action in ("unsubscribe", "undo", "unsubscribe"):
+        submit(client, page, token, action=action)
+    before, ledger = redis_state(r), len(events.list_events(r, 1, "p-limited")[0])
+    resp = client.post(page, data={"csrf_token": token, "action": "undo", "lang": "ru"})
+    assert_readable_429(resp, "Слишком много запросов")
+    assert "Попробуйте ещё раз через 1 минуту." in resp.get_data(as_text=True)
+    resp = client.post(page, data={"csrf_token": token, "action": "undo"}, headers={"Accept-Language": "en"})
+    assert_readable_429(resp, "Please try again in 1 minute.")
+    assert redis_state(r) == before and len(events.list_events(r, 1, "p-limited")[0]) == ledger
+    assert client.get(page).status_code == 200                                     # GET is not limited
+    manager_token = link_token(client, manage)                                      # the manager link: its own count
+    for _ in range(3):
+        submit(client, manage, manager_token, action="save", hash_id=hash_id, categories="news")
+    assert_readable_429(client.post(manage, data={"csrf_token": manager_token, "action": "save", "hash_id": hash_id}),
+                        "Too many requests")
+    submit(client, other_page, link_token(client, other_page), action="unsubscribe")   # another link goes on
+    for _ in range(5):                       # the one-click is never limited: in front of Flask, and through it
+        assert client.post(page, data="List-Unsubscribe=One-Click",
+                           content_type="application/x-www-form-urlencoded").status_code == 200
+        assert client.post(page, data={"List-Unsubscribe": "One-Click"},
+                           content_type="multipart/form-data").status_code == 200
+    counters = [key for key in r.scan_iter("us:ratelimit:*")]
+    assert any(link_digest(page.rsplit("/", 1)[1]) in key for key in counters)
+    assert any(link_digest(manage.rsplit("/", 1)[1]) in key for key in counters)
+    assert not [key for key in r.scan_iter() if page.rsplit("/", 1)[1] in key or manage.rsplit("/", 1)[1] in key]
+
+
+def test_page_and_manager_forms_are_limited_per_address(app, client, api, r):
+    """One budget per client address for the forms of every link, unsubscribe pages and managers alike."""
+    from conftest import redis_state
+    app.config["PAGE_RATE_LIMIT_PER_IP"] = "4 per minute"
+    links = [make_link(api, "confirm", f"p-{i}") for i in range(3)]
+    for page, manage, hash_id in links[:2]:
+        submit(client, manage, link_token(client, manage), action="save", hash_id=hash_id, categories="news")
+        submit(client, page, link_token(client, page), action="unsubscribe")
+    page, manage, hash_id = links[2]
+    before = redis_state(r)
+    assert_readable_429(client.post(page, data={"csrf_token": link_token(client, page), "action": "unsubscribe"}),
+                        "Too many requests")
+    assert_readable_429(client.post(manage, data={"csrf_token": link_token(client, manage), "action": "save",
+                                                  "hash_id": hash_id}), "Too many requests")
+    assert redis_state(r) == before
+    elsewhere = client.post(page, data={"csrf_token": link_token(client, page), "action": "unsubscribe"},
+                            environ_base={"REMOTE_ADDR": "192.0.2.7"})
+    assert elsewhere.status_code == 303                                           # another address goes on
+
+
+@pytest.mark.parametrize("how", ["out of memory", "replica"])
+def test_a_form_limit_that_cannot_count_is_no_error_of_its_own(app, client, api, r, how):
+    """While Redis refuses writes the limiter cannot count: a form goes on uncounted, as the SDK's read-only
+    actions do. One with nothing to write (an unsubscribe made already) answers as usual; a change meets the
+    same refusal in the view (503: not saved, nothing written), never a 429 or a 500."""
+    from test_sdk import redis_refusing_writes
+    page, manage, hash_id = make_link(api, "instant", "p-refused")
+    token, manager_token = link_token(client, page), link_token(client, manage)
+    submit(client, page, token, action="unsubscribe")
+    with redis_refusing_writes(r, how):
+        assert client.post(page, data={"csrf_token": token, "action": "unsubscribe"}).status_code == 303
+        refused = client.post(page, data={"csrf_token": token, "action": "undo"})
+        assert refused.status_code == 503 and "We could not confirm" in refused.get_data(as_text=True)
+        refused = client.post(manage, data={"csrf_token": manager_token, "action": "resubscribe", "hash_id": hash_id})
+        assert refused.status_code == 503
+    assert client.post(page, data={"csrf_token": token, "action": "undo"}).status_code == 303

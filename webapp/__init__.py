@@ -101,14 +101,16 @@ def create_app(test_config=None):
 
     store.init_app(app)
     csrf.init_app(app)
-    from . import api, locale, manager, pages, sdk
+    from . import api, locale, manager, pages, ratelimits, sdk
     locale.init_app(app)
     app.register_blueprint(api.bp)
     csrf.exempt(api.bp)
     app.register_blueprint(pages.bp)
     app.register_blueprint(sdk.bp)
     csrf.exempt(sdk.bp)
-    sdk.init_rate_limits(app)
+    limiter = ratelimits.init_app(app, hooked_blueprints=(sdk.bp.name,),
+                                  link_form_blueprints=(pages.bp.name, manager.bp.name))
+    sdk.init_rate_limits(limiter)
     app.register_blueprint(manager.bp)
     csrf.exempt(manager.bp)  # its forms carry a token bound to the manager link (pages.check_link_form)
     _register_error_handlers(app)
@@ -118,18 +120,23 @@ def create_app(test_config=None):
 def _register_error_handlers(app):
     from .api import envelope
     from .pages import no_store
+    from .ratelimits import retry_after_seconds
 
     @app.errorhandler(HTTPException)
     def http_error(exc):
+        retry_after = retry_after_seconds() if exc.code == 429 else None  # when the breached limit's window resets
         if request.path.startswith("/api/"):
             resp = make_response(envelope(None, exc.code, exc.code, exc.description or exc.name))
         elif request.path.startswith("/sdk/"):
             resp = make_response(jsonify({"error": exc.code, "error_text": exc.description or exc.name}), exc.code)
         else:  # no-store as the pages' own errors: a cache may keep a 404 or 405 unasked (RFC 9110 §15.1)
-            resp = no_store(make_response(render_page("message.html", status=exc.code), exc.code))
+            resp = no_store(make_response(render_page("message.html", status=exc.code, retry_after=retry_after),
+                                          exc.code))
         # The answer's own headers go with any body: a 405's Allow (RFC 9110 §15.5.6 MUST), a 401's challenge.
         resp.headers.extend((name, value) for name, value in exc.get_headers(request.environ)
                             if name.lower() not in ("content-type", "content-length"))
+        if retry_after:
+            resp.headers["Retry-After"] = str(retry_after)
         return resp
 
     @app.errorhandler(RedisConnectionError)

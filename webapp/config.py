@@ -36,12 +36,17 @@ DEFAULTS = {
     # SDK endpoint POSTs (Flask-Limiter notation, e.g. "120 per minute" or "10/second;1000/hour"):
     "SDK_RATE_LIMIT_PER_IP": "120 per minute",
     "SDK_RATE_LIMIT_PER_SMID": "20 per minute",
+    # Form POSTs of the unsubscribe pages and the manager (every one a ledger event, a timeline entry and a
+    # webhook POST when it changes something), per link and per client address; never the RFC 8058 one-click:
+    "PAGE_RATE_LIMIT_PER_LINK": "30 per minute",
+    "PAGE_RATE_LIMIT_PER_IP": "120 per minute",
     "WEBHOOK_TIMEOUT_SECONDS": 5,  # seconds a webhook or call-URL target has to answer one POST, in all
     # Seconds between a web process's looks at whether housekeeping has work and nobody does it (then it
     # starts the chain of housekeeping ticks again: delayed.HousekeepingRearm); 0: never.
     "HOUSEKEEPING_REARM_SECONDS": 5,
 }
-RATE_LIMIT_SETTINGS = ("SDK_RATE_LIMIT_PER_IP", "SDK_RATE_LIMIT_PER_SMID")
+RATE_LIMIT_SETTINGS = ("SDK_RATE_LIMIT_PER_IP", "SDK_RATE_LIMIT_PER_SMID", "PAGE_RATE_LIMIT_PER_LINK",
+                       "PAGE_RATE_LIMIT_PER_IP")
 # Whole numbers with their least and greatest values; the float settings are lengths of time, above 0.
 NUMBER_SETTINGS = {"PORT": (int, 1, 65535), "TRUSTED_PROXIES": (int, 0, 100), "WEB_WORKERS": (int, 1, 1000),
                    "TIME_UNIT_SECONDS": (float, None, None), "SUSPEND_DAY_SECONDS": (float, None, None),
@@ -194,7 +199,7 @@ def _number(name, value, kind, least, most):
 
 def check_rate_limit(name, value):
     """Raise ConfigError unless `value` is a rate limit Flask-Limiter reads: a bad one would otherwise fail
-    every SDK request instead of the start."""
+    every request it limits instead of the start."""
     from limits import parse_many
 
     try:

@@ -16,6 +16,7 @@ from . import preferences
 from .errors import BadToken, InvalidFields, ServiceError
 from .locale import render_page, set_page_locale
 from .pages import check_link_form, evidence, mask_address, no_store, slash_optional_route
+from .ratelimits import count_link_form
 from .resources import current_field_values
 from .store import ensure_housekeeping, get_redis
 from .subscriptions import Status, subscribed_cats
@@ -129,6 +130,7 @@ def manage(token):
         return render_manager(token, parsed, done=done if done in ACTIONS else None,
                               done_hash=request.args.get("saved"), done_at=request.args.get("at"))
     check_link_form(token)  # CSRF: the form token bound to this manager link (no session cookie needed)
+    count_link_form(token)  # a 429 before anything is read or changed
     action, hash_id = request.form.get("action"), request.form.get("hash_id", "")
     if action not in ACTIONS:
         return render_manager(token, parsed, status=400, message="unknown")

@@ -17,6 +17,7 @@ from .delayed import schedule_timer
 from .errors import BadToken, Blocked, Conflict, InvalidInput, NotFound, ServiceError
 from .headers import manage_url
 from .locale import LOCALES, explicit_locale, render_page, set_page_locale
+from .ratelimits import count_link_form
 from .store import client_of, get_redis, get_timer_queue
 from .subscriptions import Status, subscribed_cats
 from .sdk import origin_of
@@ -171,6 +172,7 @@ def unsubscribe_page(smid):
         if request.form.get("action") is None:
             return one_click(smid)
         check_link_form(smid)
+        count_link_form(smid)  # a 429 before anything is read or changed (the one-click above is never limited)
         return page_action(smid, request.form["action"])
     try:
         ctx = open_page_context(smid, count_view=request.method)  # GET or HEAD

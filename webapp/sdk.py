@@ -26,45 +26,41 @@ Every /sdk/ response carries `Vary: Origin`. Cookies are never used (the SDK fet
 so the blueprint is exempt from CSRF; the Origin allow-list plus the forced preflight stand in for it, and the
 signed SMID is the authorization (a non-browser client can forge Origin, never a SMID).
 
-Rate limits (Flask-Limiter, Redis storage under keys.rate_limits()): POSTs per client IP and per SMID (taken from
-the JSON body), from the settings SDK_RATE_LIMIT_PER_IP / SDK_RATE_LIMIT_PER_SMID (config.py), read from app config
-on every request. Over the limit: 429 JSON with Retry-After (seconds until the breached window resets).
-While Redis refuses writes but serves reads (out of memory under noeviction, a failed snapshot, a replica), the
-limiter cannot count: `show` and `state` then go through uncounted and answer as usual (a `show` that would act,
-in instant or delayed mode, meets the same refusal: 503, nothing written), and `confirm` and `cancel` answer
-503 {"reason": "unavailable"}, with CORS headers, having written nothing. A Redis that is down or stalled
-answers 503 (without CORS headers, see add_cors_headers), having been waited for once.
+Rate limits (ratelimits.py: Flask-Limiter, Redis storage under keys.rate_limits()): POSTs per client IP and per SMID
+(taken from the JSON body), from the settings SDK_RATE_LIMIT_PER_IP / SDK_RATE_LIMIT_PER_SMID (config.py), read
+from app config on every request. Over the limit: 429 JSON with Retry-After (seconds until the breached window
+resets). While Redis refuses writes but serves reads (out of memory under noeviction, a failed snapshot, a
+replica), the limiter cannot count: `show` and `state` then go through uncounted and answer as usual (a `show`
+that would act, in instant or delayed mode, meets the same refusal: 503, nothing written), and `confirm` and
+`cancel` answer 503 {"reason": "unavailable"}, with CORS headers, having written nothing. A Redis that is down or
+stalled answers 503 (without CORS headers, see add_cors_headers), having been waited for once.
 """
 import base64
 import binascii
 import hashlib
 import json
-import logging
-import math
 import os
 import re
-import time
-from functools import partial, wraps
+from functools import wraps
 from urllib.parse import urlsplit
 
 from flask import Blueprint, current_app, g, jsonify, make_response, request
-from redis.exceptions import ResponseError as RedisResponseError
 
-from . import keys, store, unsubscribe
+from . import keys, unsubscribe
 from .delayed import schedule_timer
 from .errors import BadToken, Blocked, Forbidden, InvalidInput, NoSuchResource, NotFound, ServiceError
 from .locale import choose_locale, request_accept_language
+from .ratelimits import client_ip
 from .resources import get_resource
-from .store import get_redis, get_timer_queue, timeouts
+from .store import get_redis, get_timer_queue
 from .subscriptions import decode_record, state_of
 from .tokens import SMID_MAX_CHARS, same_secret
 from .validation import idna_ascii, json_object
 
 bp = Blueprint("sdk", __name__)
-log = logging.getLogger(__name__)
 
 ACTIONS = ("confirm", "cancel", "show", "state")
-READ_ONLY_ACTIONS = ("show", "state")  # let through uncounted while Redis refuses writes (see _counted)
+READ_ONLY_ACTIONS = ("show", "state")  # let through uncounted while Redis refuses writes (see init_rate_limits)
 PREFLIGHT_MAX_AGE = 7200  # Chromium caps Access-Control-Max-Age at 2 hours
 SCRIPT_MAX_AGE = 300
 SCRIPT_FILE = "ak_list_unsubscribe.js"
@@ -182,8 +178,6 @@ def add_cors_headers(resp):
         return resp
     resp.vary.add("Origin")
     resp.headers.setdefault("Cache-Control", "no-store")
-    if resp.status_code == 429:
-        resp.headers["Retry-After"] = str(retry_after_seconds())
     if request.endpoint == "sdk.sdk_origin":
         resp.headers["Access-Control-Allow-Origin"] = "*"  # read-only, no credentials: any page may ask, errors too
         return resp
@@ -412,24 +406,6 @@ def sdk_script():
 
 # -- rate limits --------------------------------------------------------------------------------------
 
-def limiter_storage_uri(redis_url):
-    """The `limits` library spells a unix-socket Redis URL redis+unix:///path."""
-    if redis_url.startswith("unix://"):
-        return "redis+" + redis_url
-    return redis_url
-
-
-def retry_after_seconds():
-    """Seconds until the breached limit's window resets (at least 1)."""
-    limiter = current_app.extensions.get("sdk_limiter")
-    resets = [lim.reset_at for lim in (limiter.current_limits if limiter else []) if lim.breached]
-    return max(1, math.ceil(max(resets, default=0) - time.time()))
-
-
-def _client_ip():
-    return request.remote_addr or "unknown"
-
-
 def _smid_key():
     try:
         smid = _json_body().get("smid")
@@ -440,62 +416,21 @@ def _smid_key():
     return smid
 
 
-def _counted(check):
-    """Run the limiter's check; while Redis refuses writes (its counter could not be written) let a read-only
-    action through uncounted, as the page GET goes without its view count (hotpaths._read_for_page). Any other
-    request, and any other failure (a Redis down or stalled: it is not asked again), goes to the 503 handler."""
+def _read_only_while_writes_refused():
+    """Whether this request may go on uncounted while Redis refuses the limiter's writes: a read-only action,
+    as the page GET goes without its view count (hotpaths._read_for_page)."""
+    g.sdk_writes_refused = True  # reads still work: the 503 may carry CORS headers (add_cors_headers)
     try:
-        check()
-    except RedisResponseError as exc:
-        if not store.writes_refused(exc):
-            raise
-        g.sdk_writes_refused = True  # reads still work: the 503 may carry CORS headers (add_cors_headers)
-        try:
-            action = _action(_json_body())
-        except SdkError:  # a body the view would refuse: it acts on nothing, and the 503 stands
-            action = None
-        if action not in READ_ONLY_ACTIONS:
-            raise
-        log.warning("SDK %s not rate-limited: Redis refuses writes (%s)", action, exc)
+        action = _action(_json_body())
+    except SdkError:  # a body the view would refuse: it acts on nothing, and the 503 stands
+        return False
+    return action in READ_ONLY_ACTIONS
 
 
-def init_rate_limits(app):
-    """A Flask-Limiter instance of this app (the extension keeps its storage per instance, so one per app)."""
-    from flask_limiter import Limiter
-
-    class SdkLimiter(Limiter):
-        # The before-request hook init_app registers: a private method, hence flask-limiter pinned <5 (pyproject).
-        def _check_request_limit(self, *args, **kwargs):
-            _counted(partial(super()._check_request_limit, *args, **kwargs))
-
-    limiter = SdkLimiter(
-        _client_ip, storage_uri=limiter_storage_uri(app.config["REDIS_URL"]),
-        storage_options={"key_prefix": keys.rate_limits(), **timeouts(app.config["REDIS_TIMEOUT_SECONDS"])},
-        strategy="fixed-window", headers_enabled=False,
-    )
-    limiter.limit(lambda: current_app.config["SDK_RATE_LIMIT_PER_IP"], key_func=_client_ip, methods=["POST"],
+def init_rate_limits(limiter):
+    """The endpoint's limits on the blueprint, checked before the view (ratelimits.init_app hooks them)."""
+    limiter.limit(lambda: current_app.config["SDK_RATE_LIMIT_PER_IP"], key_func=client_ip, methods=["POST"],
                   scope="sdk-ip", error_message="Too many requests from this address")(bp)
     limiter.limit(lambda: current_app.config["SDK_RATE_LIMIT_PER_SMID"], key_func=_smid_key, methods=["POST"],
                   scope="sdk-smid", error_message="Too many requests for this message")(bp)
-    limiter.init_app(app)
-    _scope_hooks_to_blueprint(app, limiter, bp.name)
-    app.extensions["sdk_limiter"] = limiter
-    return limiter
-
-
-def _scope_hooks_to_blueprint(app, limiter, name):
-    """Flask-Limiter hooks every request of the app (before, after, teardown), and resolving "no limits here"
-    costs a few hundred microseconds on each page, one-click POST and API call. Only this blueprint has
-    limits, so its hooks run for this blueprint's requests alone; Flask runs blueprint hooks after the app's
-    before-request hooks (the limiter's was the last of those) and before the app's after-request and
-    teardown hooks (the limiter's were the first of those), so the order is unchanged."""
-    def mine(fn):
-        return getattr(fn, "__self__", None) is limiter or (isinstance(fn, partial) and fn.args[:1] == (limiter,))
-
-    for hooks in (app.before_request_funcs, app.after_request_funcs, app.teardown_request_funcs):
-        app_wide = hooks.get(None, [])
-        moved = [fn for fn in app_wide if mine(fn)]
-        if moved:
-            hooks[None] = [fn for fn in app_wide if not mine(fn)]
-            hooks.setdefault(name, []).extend(moved)
-
+    limiter.uncounted_while_writes_refused[bp.name] = _read_only_while_writes_refused

@@ -207,6 +207,11 @@ def _form_mac(keys, kid, link_token):
     return _b64url(keys.mac(kid, _FORM_PURPOSE, link_token.encode()))
 
 
+def link_digest(token):
+    """A digest of a SMID or manager token, for Redis keys: none holds a whole token (keys.py)."""
+    return hashlib.sha256(token.encode()).hexdigest()[:24]
+
+
 def new_resource_token():
     """A fresh per-resource secret (rtoken)."""
     return secrets.token_urlsafe(18)

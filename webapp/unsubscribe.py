@@ -17,7 +17,6 @@ Rules (contract §4):
   subscription and the ledger are what it read; a Lua write breaks a concurrent WATCH, so whichever comes
   first wins and the other sees it is gone. Arming twice keeps the deadline.
 """
-import hashlib
 import json
 import logging
 import math
@@ -30,7 +29,7 @@ from .errors import Blocked, Conflict, InvalidInput, NoSuchResource, NoSuchSubsc
 from .resources import decode_shared, get_resources
 from .subscriptions import (Status, decode_record, drop_pending, encode_record, state_of, subscribed_cats,
                             update_profile, with_state)
-from .tokens import read_smid
+from .tokens import link_digest, read_smid
 from .validation import now_iso
 
 log = logging.getLogger(__name__)
@@ -92,7 +91,7 @@ def context_from(token, smid, resource_raw, raw, views):
 
 def view_digest(token):
     """Page-view counters are keyed by a digest, so Redis keys never hold a whole SMID."""
-    return hashlib.sha256(token.encode()).hexdigest()[:24]
+    return link_digest(token)
 
 
 def record_view(r, token, method):
