@@ -240,7 +240,7 @@ REFUSALS = {
         f"/sdk/v1/{res['id']}/unsubscribe", data={"smid": smid, "action": "confirm"},
         headers={"Origin": ORIGIN}), 415, "application/json"),
     "json nested past the recursion limit": (lambda c, res, other, smid: c.post(
-        f"/sdk/v1/{res['id']}/unsubscribe", data="[" * 100000 + "]" * 100000, content_type="application/json",
+        f"/sdk/v1/{res['id']}/unsubscribe", data="[" * 30000 + "]" * 30000, content_type="application/json",
         headers={"Origin": ORIGIN}), 400, "must be a JSON object"),
     "lone surrogate in the smid": (lambda c, res, other, smid: c.post(
         f"/sdk/v1/{res['id']}/unsubscribe", data='{"action": "confirm", "smid": "%s\\ud800"}' % smid,

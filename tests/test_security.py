@@ -1,5 +1,6 @@
 """Security properties across surfaces: CSRF on every form, no open redirect, headers, constant-time token
 checks, tokens kept out of logs."""
+import io
 import logging
 import re
 
@@ -347,3 +348,99 @@ def test_a_form_limit_that_cannot_count_is_no_error_of_its_own(app, client, api,
         refused = client.post(manage, data={"csrf_token": manager_token, "action": "resubscribe", "hash_id": hash_id})
         assert refused.status_code == 503
     assert client.post(page, data={"csrf_token": token, "action": "undo"}).status_code == 303
+
+
+# -- request bodies -------------------------------------------------------------------------------------------
+
+class CountedBody(io.BytesIO):
+    """A request body that counts the bytes the request's handling reads of it."""
+
+    def __init__(self, data):
+        super().__init__(data)
+        self.read_bytes = 0
+
+    def read(self, size=-1):
+        data = super().read(size)
+        self.read_bytes += len(data)
+        return data
+
+    def readinto(self, buffer):
+        n = super().readinto(buffer)
+        self.read_bytes += n
+        return n
+
+    def readline(self, size=-1):
+        data = super().readline(size)
+        self.read_bytes += len(data)
+        return data
+
+
+BIG = 4 * 1024 * 1024 - 1024  # within the app-wide MAX_CONTENT_LENGTH (the API's)
+
+
+def post_body(client, path, start, content_type, size=BIG, chunked=False, headers=None):
+    """POST `start` padded with "a"s to `size` bytes, with its Content-Length (or none, as a chunked body that
+    the server ends: gunicorn's wsgi.input_terminated); (response, bytes the handling read)."""
+    body = CountedBody(start + b"a" * (size - len(start)))
+    chunks = {"Transfer-Encoding": "chunked"} if chunked else {}                  # then no length counts
+    resp = client.post(path, input_stream=body, content_type=content_type, headers={**(headers or {}), **chunks},
+                       environ_overrides={"wsgi.input_terminated": True})
+    resp.get_data()
+    return resp, body.read_bytes
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["with its length", "chunked"])
+def test_a_large_body_is_refused_before_it_is_read(app, client, api, r, chunked):
+    """A large body to a page, a one-click (in front of Flask or through it), the manager or the SDK endpoint is
+    answered 413 before it is read (one without a length is read up to the limit), with a readable page (or the
+    SDK's JSON), and changes nothing. It was parsed first: a 4 MB form cost 2 s before its 404."""
+    from conftest import redis_state
+    page, manage, hash_id = make_link(api, "instant", "p-big")
+    sdk_resource = api.ok("resources/add", **email_resource(name="sdk", unsubscribe={"mode": "instant"}))
+    token, limit = link_token(client, page), app.config["PAGE_BODY_LIMIT_BYTES"]
+    form = "application/x-www-form-urlencoded"
+    posts = {
+        "one-click": (page, b"List-Unsubscribe=One-Click&pad=", form),
+        "one-click, multipart": (page, b"--x\r\nContent-Disposition: form-data; name=\"List-Unsubscribe\"\r\n\r\n"
+                                       b"One-Click\r\n--x\r\nContent-Disposition: form-data; name=\"pad\"\r\n\r\n",
+                                 "multipart/form-data; boundary=x"),
+        "page form": (page, f"csrf_token={token}&action=unsubscribe&pad=".encode(), form),
+        "manager form": (manage, f"csrf_token={link_token(client, manage)}&action=unsubscribe&hash_id={hash_id}"
+                                 "&pad=".encode(), form),
+        "unknown link": ("/unsubscribe/" + "A" * 60 + "/", b"action=unsubscribe&pad=", form),
+        "unknown manager link": ("/manage/" + "A" * 60, b"action=unsubscribe&pad=", form),
+        "sdk": (f"/sdk/v1/{sdk_resource['id']}/unsubscribe", b'{"action": "confirm", "pad": "', "application/json"),
+    }
+    before = redis_state(r)
+    for name, (path, start, content_type) in posts.items():
+        resp, read = post_body(client, path, start, content_type, chunked=chunked,
+                               headers={"Origin": "https://shop.example", "Accept-Language": "ru"})
+        assert resp.status_code == 413, (name, resp.status_code)
+        assert read == (limit + 1 if chunked else 0), (name, read)      # without a length: one byte past the limit
+        if name == "sdk":
+            assert resp.get_json()["error"] == 413 and resp.headers["Access-Control-Allow-Origin"]
+        else:
+            html = resp.get_data(as_text=True)
+            assert "<h1>Слишком большой запрос</h1>" in html and "Ничего не изменено" in html, name
+            assert resp.headers["Cache-Control"] == "no-store" and resp.headers["X-Frame-Options"] == "DENY"
+    assert redis_state(r) == before
+    resp, _read = post_body(client, page, f"csrf_token={token}&action=unsubscribe&pad=".encode(), form,
+                            size=limit, chunked=chunked)                        # up to the limit: taken
+    assert resp.status_code == 303 and api.ok("subscriptions/get", db_id=1, profile_id="p-big", resource_id=1,
+                                              channel="email", email="p-big@example.com")["status"] == "unsubscribed"
+
+
+def test_the_api_checks_a_bearer_token_before_it_reads_the_body(client):
+    """A wrong token in the Authorization header is refused before the body is read; the API's own limit (a
+    bulk call is large) and a token in the JSON body (Altcraft's way) stay as they were."""
+    body = b'{"pad": "'
+    resp, read = post_body(client, "/api/v1.1/resources/list", body, "application/json",
+                           headers={"Authorization": "Bearer wrong"})
+    assert resp.status_code == 401 and read == 0
+    resp, read = post_body(client, "/api/v1.1/resources/list", body, "application/json",
+                           headers={"Authorization": f"Bearer {API_TOKEN}"})
+    assert resp.status_code == 400 and read == BIG                                # read, and refused as JSON
+    resp, read = post_body(client, "/api/v1.1/resources/list", b'{"token": "wrong", "pad": "', "application/json")
+    assert resp.status_code == 400 and read == BIG                                # the token is in the body
+    assert client.post("/api/v1.1/resources/list", json={"token": API_TOKEN}).status_code == 200
+    assert client.post("/api/v1.1/resources/list", json={"token": "wrong"}).status_code == 401

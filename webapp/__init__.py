@@ -5,17 +5,17 @@ import logging
 import os
 import re
 
-from flask import Flask, jsonify, make_response, request
+from flask import Flask, current_app, jsonify, make_response, request
 from flask.sessions import SecureCookieSessionInterface
 from flask_wtf.csrf import CSRFProtect
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import store
-from .config import DEFAULTS, https_warning, load_settings, signing_key_ring
+from .config import DEFAULTS, MAX_BODY_BYTES, https_warning, load_settings, signing_key_ring
 from .locale import PageEnvironment, render_page
 from .redact import redact
 from .tokens import SigningKeys
@@ -57,6 +57,24 @@ def collapse_slashes(wsgi_app):
     return app
 
 
+def small_bodies_only():
+    """The first before-request hook of the pages, the manager and the SDK endpoint: their forms and JSON are
+    small, and a body was parsed before any check (a 4 MB form cost 2 s before its 404). A POST body longer
+    than PAGE_BODY_LIMIT_BYTES is refused (413) before anything reads it; one without a length (chunked) is read
+    here, one byte past the limit at most. The API keeps MAX_CONTENT_LENGTH."""
+    if request.method != "POST":
+        return  # nothing else of theirs reads a body
+    limit = request.max_content_length = current_app.config["PAGE_BODY_LIMIT_BYTES"]  # the 413 page's too
+    length = request.content_length
+    if length is None:
+        # Werkzeug ends a stream at its limit without a word, and a form cut there would be taken as sent: the
+        # views read what is kept here (get_data's cache) instead.
+        request.max_content_length = limit + 1
+        length = len(request.get_data(cache=True))
+    if length > limit:
+        raise RequestEntityTooLarge(f"The request body is larger than {limit} bytes")
+
+
 def create_app(test_config=None):
     """Build the app from the environment, or from `test_config` laid over it (tests pass REDIS_URL etc.)."""
     overrides = {k: v for k, v in (test_config or {}).items() if k in DEFAULTS and v is not None}
@@ -70,7 +88,7 @@ def create_app(test_config=None):
     app.session_interface = CookieSessions()
     app.config.update(settings)
     app.config.update({
-        "MAX_CONTENT_LENGTH": 4 * 1024 * 1024,
+        "MAX_CONTENT_LENGTH": MAX_BODY_BYTES,  # the API's; the pages, manager and SDK take less (small_bodies_only)
         "SESSION_COOKIE_SAMESITE": "Lax",
         "SESSION_COOKIE_HTTPONLY": True,
         "SESSION_COOKIE_SECURE": settings["PUBLIC_BASE_URL"].startswith("https://"),
@@ -113,6 +131,8 @@ def create_app(test_config=None):
     sdk.init_rate_limits(limiter)
     app.register_blueprint(manager.bp)
     csrf.exempt(manager.bp)  # its forms carry a token bound to the manager link (pages.check_link_form)
+    for name in (pages.bp.name, manager.bp.name, sdk.bp.name):  # first: before the SDK's limiter reads the body
+        app.before_request_funcs.setdefault(name, []).insert(0, small_bodies_only)
     _register_error_handlers(app)
     return app
 

@@ -40,6 +40,9 @@ DEFAULTS = {
     # webhook POST when it changes something), per link and per client address; never the RFC 8058 one-click:
     "PAGE_RATE_LIMIT_PER_LINK": "30 per minute",
     "PAGE_RATE_LIMIT_PER_IP": "120 per minute",
+    # Bytes of a request body the pages, the manager and the SDK endpoint read: their forms and JSON are a few
+    # hundred bytes (a manager form with long custom fields a few kilobytes). The API keeps MAX_BODY_BYTES.
+    "PAGE_BODY_LIMIT_BYTES": 65536,
     "WEBHOOK_TIMEOUT_SECONDS": 5,  # seconds a webhook or call-URL target has to answer one POST, in all
     # Seconds between a web process's looks at whether housekeeping has work and nobody does it (then it
     # starts the chain of housekeeping ticks again: delayed.HousekeepingRearm); 0: never.
@@ -47,8 +50,10 @@ DEFAULTS = {
 }
 RATE_LIMIT_SETTINGS = ("SDK_RATE_LIMIT_PER_IP", "SDK_RATE_LIMIT_PER_SMID", "PAGE_RATE_LIMIT_PER_LINK",
                        "PAGE_RATE_LIMIT_PER_IP")
+MAX_BODY_BYTES = 4 * 1024 * 1024  # the largest request body of any kind (the API's bulk calls): MAX_CONTENT_LENGTH
 # Whole numbers with their least and greatest values; the float settings are lengths of time, above 0.
 NUMBER_SETTINGS = {"PORT": (int, 1, 65535), "TRUSTED_PROXIES": (int, 0, 100), "WEB_WORKERS": (int, 1, 1000),
+                   "PAGE_BODY_LIMIT_BYTES": (int, 1024, MAX_BODY_BYTES),
                    "TIME_UNIT_SECONDS": (float, None, None), "SUSPEND_DAY_SECONDS": (float, None, None),
                    "REDIS_TIMEOUT_SECONDS": (float, None, None), "WEBHOOK_TIMEOUT_SECONDS": (float, None, None),
                    "HOUSEKEEPING_REARM_SECONDS": (float, 0, None)}

@@ -20,7 +20,10 @@ from .pages import NOSNIFF, ONE_CLICK_DONE, ONE_CLICK_FAILURE, PAGE_SECURITY_HEA
 from .store import client_of
 
 _PATH_RE = re.compile(r"/unsubscribe/([A-Za-z0-9_-]{1,200})/?")
-_MAX_BODY = 256  # "List-Unsubscribe=One-Click" is 26 bytes; anything much longer is not a provider's POST
+# "List-Unsubscribe=One-Click" is 26 bytes; anything much longer is not a provider's POST, and goes to Flask
+# unread (as does one without a length), where a body over PAGE_BODY_LIMIT_BYTES is refused (413) before it is
+# read (webapp.small_bodies_only).
+_MAX_BODY = 256
 _BODY = ONE_CLICK_DONE.encode()
 # What Flask sends for pages.one_click's 200 (pages.plain + pages.security_headers), in the same order.
 _HEADERS = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(_BODY))),
