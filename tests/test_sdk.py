@@ -643,3 +643,14 @@ def test_an_instant_show_reads_the_pending_timer_with_the_record_in_one_round_tr
                                                                              started["deadline"])
     first_read = [sent for sent in sends if b":pending:" in sent][0]
     assert b"HGETALL" in first_read and b"us:resource:" in first_read and b":subs\r\n" in first_read
+
+
+def test_the_per_smid_counter_is_keyed_by_a_digest_of_the_smid(client, api, r):
+    """No Redis key holds a whole SMID (keys.py): the per-SMID counter is keyed by its digest, as the page and
+    manager forms' per-link counters are."""
+    from webapp.tokens import link_digest
+    res, ident, smid = make(api, "confirm")
+    assert call(client, res["id"], smid=smid, action="state").status_code == 200
+    counters = list(r.scan_iter(keys.rate_limits() + ":*"))
+    assert any(link_digest(smid) in key for key in counters), counters
+    assert not [key for key in r.scan_iter() if smid in key]

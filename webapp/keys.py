@@ -23,7 +23,7 @@ live in one Redis Cluster slot and can be changed together in one MULTI/EXEC or 
 | us:delivery:<group>:queued             | string | workers.housekeeping (SET NX EX) | 60 s |
 | us:delivery:<group>                    | hash   | webhooks.deliver: last error/success, failures, next attempt | never (removed with its target) |
 | us:housekeeping:alive                  | string | who does housekeeping: "thread" (python -m workers) or "chain" (RQ ticks) | 10 s |
-| us:ratelimit:LIMITER/...               | string | Flask-Limiter counters (ratelimits.py): per client address; per SMID (sdk); per link (forms: tokens.link_digest) | end of the window |
+| us:ratelimit:LIMITER/...               | string | Flask-Limiter counters (ratelimits.py): per client address, or per link by its tokens.link_digest | end of the window |
 
 Delivery targets read us:events:timeline through consumer groups (names inside the stream, not keys), and
 `<group>` in the us:delivery:* keys is that name: `wh:<webhook id>` for a webhook, `called_url:<rid>` for a

@@ -26,14 +26,15 @@ Every /sdk/ response carries `Vary: Origin`. Cookies are never used (the SDK fet
 so the blueprint is exempt from CSRF; the Origin allow-list plus the forced preflight stand in for it, and the
 signed SMID is the authorization (a non-browser client can forge Origin, never a SMID).
 
-Rate limits (ratelimits.py: Flask-Limiter, Redis storage under keys.rate_limits()): POSTs per client IP and per SMID
-(taken from the JSON body), from the settings SDK_RATE_LIMIT_PER_IP / SDK_RATE_LIMIT_PER_SMID (config.py), read
-from app config on every request. Over the limit: 429 JSON with Retry-After (seconds until the breached window
-resets). While Redis refuses writes but serves reads (out of memory under noeviction, a failed snapshot, a
-replica), the limiter cannot count: `show` and `state` then go through uncounted and answer as usual (a `show`
-that would act, in instant or delayed mode, meets the same refusal: 503, nothing written), and `confirm` and
-`cancel` answer 503 {"reason": "unavailable"}, with CORS headers, having written nothing. A Redis that is down or
-stalled answers 503 (without CORS headers, see add_cors_headers), having been waited for once.
+Rate limits (ratelimits.py: Flask-Limiter, Redis storage under keys.rate_limits()): POSTs per client IP and per
+SMID (taken from the JSON body, counted under its digest), from the settings SDK_RATE_LIMIT_PER_IP /
+SDK_RATE_LIMIT_PER_SMID (config.py), read from app config on every request. Over the limit: 429 JSON with
+Retry-After (seconds until the breached window resets). While Redis refuses writes but serves reads (out of memory
+under noeviction, a failed snapshot, a replica), the limiter cannot count: `show` and `state` then go through
+uncounted and answer as usual (a `show` that would act, in instant or delayed mode, meets the same refusal: 503,
+nothing written), and `confirm` and `cancel` answer 503 {"reason": "unavailable"}, with CORS headers, having
+written nothing. A Redis that is down or stalled answers 503 (without CORS headers, see add_cors_headers), having
+been waited for once.
 """
 import base64
 import binascii
@@ -54,7 +55,7 @@ from .ratelimits import client_ip
 from .resources import get_resource
 from .store import get_redis, get_timer_queue
 from .subscriptions import decode_record, state_of
-from .tokens import SMID_MAX_CHARS, same_secret
+from .tokens import SMID_MAX_CHARS, link_digest, same_secret
 from .validation import idna_ascii, json_object
 
 bp = Blueprint("sdk", __name__)
@@ -407,13 +408,14 @@ def sdk_script():
 # -- rate limits --------------------------------------------------------------------------------------
 
 def _smid_key():
+    """The per-SMID counter's key: a digest of the SMID, as no Redis key holds a whole token (keys.py)."""
     try:
         smid = _json_body().get("smid")
     except SdkError:
         smid = None
     if not isinstance(smid, str) or not 0 < len(smid) <= SMID_MAX_CHARS:
         return "-"
-    return smid
+    return link_digest(smid)
 
 
 def _read_only_while_writes_refused():
