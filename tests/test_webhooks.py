@@ -405,3 +405,56 @@ def test_each_call_url_is_its_own_target(api, client, r, receiver):
     assert webhooks.due_targets(r, now=1000.5) == []
     assert api.ok("resources/get", id=down["id"])["called_url_delivery"]["backlog"] == 1   # its one call
     assert api.ok("resources/get", id=up["id"])["called_url_delivery"]["backlog"] == 0
+
+
+def count_delivery_costs(monkeypatch):
+    """XACK calls and events loaded from their ledgers for delivery, counted as they go."""
+    counts = {"XACK calls": 0, "events loaded": 0}
+    real_xack, real_load_refs = redis.Redis.xack, webhooks.load_refs
+
+    def xack(self, *args):
+        counts["XACK calls"] += 1
+        return real_xack(self, *args)
+
+    def load_refs(r_, refs):
+        counts["events loaded"] += len(refs)
+        return real_load_refs(r_, refs)
+
+    monkeypatch.setattr(redis.Redis, "xack", xack)
+    monkeypatch.setattr(webhooks, "load_refs", load_refs)
+    return counts
+
+
+@pytest.mark.parametrize("target", ["call URL", "webhook of one resource"])
+def test_a_target_of_one_resource_goes_through_other_resources_events_unloaded(api, client, r, resource, receiver,
+                                                                             monkeypatch, target):
+    """A call URL, or a webhook of one resource, reads every resource's timeline entries. Those of the others say
+    so by their rid: they do not make it due, its delivery loads none of their events and acknowledges them in
+    one XACK (or in the XACK of the next event it sends); DISPATCH_LOOKAHEAD of them do make it due, so its
+    delivery goes past them and its own events further on are seen."""
+    monkeypatch.setattr(webhooks, "DISPATCH_LOOKAHEAD", 6)
+    if target == "call URL":
+        own = call_url_resource(api, receiver.url, "Own")
+        group, make_own_events = webhooks.call_url_group(own["id"]), lambda pid: one_click(api, client, own, pid)
+    else:
+        own = api.ok("resources/add", **email_resource(name="Own"))
+        hook = api.ok("webhooks/add", url=receiver.url, resource_id=own["id"], secret=SECRET)
+        group, make_own_events = webhooks.group_name(hook["id"]), lambda pid: change(api, own, profile_id=pid)
+    change(api, resource, profile_id="p-1")
+    change(api, resource, profile_id="p-2")                                      # 4 entries of another resource
+    assert webhooks.due_targets(r) == [] and not webhooks.needs_delivery(r, group)
+    counts = count_delivery_costs(monkeypatch)
+    assert webhooks.deliver(r, group) == {"sent": 0, "skipped": 4, "error": None}
+    assert counts == {"XACK calls": 1, "events loaded": 0}
+    make_own_events("own-1")                                                     # 2 entries, 1 or 2 sent
+    counts.update(dict.fromkeys(counts, 0))
+    assert webhooks.due_targets(r) == [group]
+    sent = 1 if target == "call URL" else 2
+    assert webhooks.deliver(r, group) == {"sent": sent, "skipped": 2 - sent, "error": None}
+    assert counts == {"XACK calls": sent, "events loaded": sent}  # a call URL's other entry: not a one-click
+    for n in range(3):
+        change(api, resource, profile_id=f"p-{n + 3}")                           # 6 entries of another resource
+    make_own_events("own-2")
+    assert webhooks.due_targets(r) == [group]                                    # its own beyond the 6 looked at
+    assert webhooks.deliver(r, group)["sent"] == sent
+    assert webhooks.backlog(r, group) == 0 and webhooks.due_targets(r) == []

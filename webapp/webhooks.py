@@ -9,9 +9,11 @@ outbox. Every delivery target reads it through its own consumer group, so nothin
   call URLs shared in older versions into these);
 - a delivery (an RQ job, `workers.jobs.deliver_target`) first re-sends what it read but never acknowledged
   (a worker killed mid-delivery leaves entries pending), then reads new entries; it POSTs them in order and
-  XACKs each after a 2xx. The first failure stops the batch and sets the target's next attempt with
-  exponential backoff; the dispatcher (workers/housekeeping.py) enqueues one job per target that has work and
-  whose backoff has passed. Delivery is at least once; receivers de-duplicate on X-Webhook-Id.
+  XACKs each after a 2xx, with the entries it skipped before it in the same XACK (an entry's `rid` and `method`
+  tell most of those without loading its event). The first failure stops the batch and sets the target's next
+  attempt with exponential backoff; the dispatcher (workers/housekeeping.py) enqueues one job per target that
+  has work (for a call URL or a webhook of one resource: an entry of its own, or many to skip) and whose
+  backoff has passed. Delivery is at least once; receivers de-duplicate on X-Webhook-Id.
 - targets take turns: a job sends at most DELIVERY_BUDGET_EVENTS events or starts no new POST after
   DELIVERY_BUDGET_SECONDS, then puts the target's next job at the back of the queue, behind the other targets'
   jobs, so one slow (or busy) target cannot hold the shared queue.
@@ -43,6 +45,7 @@ USER_AGENT = "unsubscribe-service-webhooks/1"
 DELIVERY_BUDGET_EVENTS = 100  # POSTs one delivery job makes before it leaves the rest to the target's next job
 DELIVERY_BUDGET_SECONDS = 1.0  # no new POST after this long in one job (one POST may still take its timeout)
 LAG_COUNT_CAP = 10000  # entries counted one by one when Redis cannot tell a group's lag
+DISPATCH_LOOKAHEAD = BATCH  # unacknowledged entries the dispatcher looks through for one a target sends
 
 
 def group_name(webhook_id):
@@ -65,6 +68,26 @@ def _target_key(group):
     """The key that says whether the target exists: the webhooks hash, or the call URL's resource."""
     kind, ident = _parse(group)
     return keys.resource(ident) if kind == "called_url" else keys.webhooks()
+
+
+def _call_url_wanted(resource_id):
+    """The timeline fields of the entries a resource's call URL sends: its one-clicks."""
+    return {"rid": str(resource_id), "method": "one_click"}
+
+
+def _webhook_wanted(hook):
+    """The timeline fields of the entries a webhook sends: its resource's, or None for every entry."""
+    return {"rid": str(hook["resource_id"])} if hook.get("resource_id") is not None else None
+
+
+def _wanted(r, group):
+    """The timeline fields of the entries the target sends (see backlog), or None: every entry (also for a
+    webhook gone, whose delivery then removes what is left of it)."""
+    kind, ident = _parse(group)
+    if kind == "called_url":
+        return _call_url_wanted(ident)
+    raw = r.hget(keys.webhooks(), ident)
+    return _webhook_wanted(json.loads(raw)) if raw else None
 
 
 def _call_url(raw):
@@ -204,8 +227,7 @@ def list_webhooks(r):
     out = []
     for raw in r.hvals(keys.webhooks()):
         hook = json.loads(raw)
-        wanted = {"rid": str(hook["resource_id"])} if hook.get("resource_id") is not None else None
-        state = shown_state(r, group_name(hook["id"]), wanted)
+        state = shown_state(r, group_name(hook["id"]), _webhook_wanted(hook))
         out.append({**{k: v for k, v in hook.items() if k != "secret"}, "secret": hook["secret"][:4] + "…", **state})
     return sorted(out, key=lambda h: h["id"])
 
@@ -234,7 +256,7 @@ def call_url_delivery(r, resource):
     Its backlog is the resource's one-clicks not called yet."""
     if not resource["unsubscribe"]["list_unsubscribe"].get("called_url"):
         return None
-    return shown_state(r, call_url_group(resource["id"]), {"rid": str(resource["id"]), "method": "one_click"})
+    return shown_state(r, call_url_group(resource["id"]), _call_url_wanted(resource["id"]))
 
 
 def upgrade_shared_call_url_group(r):
@@ -259,6 +281,12 @@ def _matches(fields, wanted):
     return wanted is None or all(fields.get(name) == value for name, value in wanted.items())
 
 
+def _may_match(fields, wanted):
+    """Whether the entry may be one the target sends, as far as its own fields tell: an older entry without
+    `rid` and `method` may (its event decides)."""
+    return wanted is None or all(fields.get(name, value) == value for name, value in wanted.items())
+
+
 def _backlog_of(r, info, wanted=None):
     lag = info.get("lag")
     if wanted is None and lag is not None:
@@ -279,6 +307,26 @@ def backlog(r, group, wanted=None):
     one by one up to LAG_COUNT_CAP entries; without it, every entry a delivery job still has to go through."""
     info = _group_info(r, group)
     return 0 if info is None else _backlog_of(r, info, wanted)
+
+
+def _worth_a_job(r, info):
+    """Whether the target the group `info` describes needs a delivery job: an entry it has not acknowledged that
+    it may send (see _may_match) among the first DISPATCH_LOOKAHEAD, or that many entries (its job goes through
+    them, unloaded, and the next look starts after them). So another resource's events do not make a call URL,
+    or a webhook of one resource, due, and looking costs one XRANGE, no work per event where events are made."""
+    if _backlog_of(r, info) == 0:
+        return False
+    wanted = _wanted(r, info["name"])
+    if wanted is None:
+        return True
+    entries = r.xrange(keys.events_timeline(), "(" + _resume_after(r, info), "+", count=DISPATCH_LOOKAHEAD)
+    return len(entries) == DISPATCH_LOOKAHEAD or any(_may_match(fields, wanted) for _id, fields in entries)
+
+
+def needs_delivery(r, group):
+    """Whether the target needs a delivery job (see _worth_a_job)."""
+    info = _group_info(r, group)
+    return info is not None and _worth_a_job(r, info)
 
 
 def target_state(r, group, wanted=None):
@@ -364,7 +412,8 @@ def post_json(url, payload, event_id, secret, timeout):
 
 def _plan(r, group, event):
     """(url, payload, secret) to send for this event, or None when the target does not want it. Decided on the
-    event itself, which every timeline entry leads to (older timer entries carry no `rid` or `method`)."""
+    event itself, which every timeline entry leads to (deliver loads only those whose entry's fields may match:
+    older entries carry no `rid` or `method`)."""
     kind, ident = _parse(group)
     if kind == "called_url":
         if event["method"] != "one_click" or str(event["resource_id"]) != ident:
@@ -401,8 +450,16 @@ def deliver(r, group, timeout=5.0, consumer="deliverer", now=None, heartbeat=Non
         # Removed after its job was queued: re-create nothing, and remove what a removal cut short left behind.
         _remove_target_if_gone(r, group)
         return {"sent": 0, "skipped": 0, "error": None}
+    wanted = _wanted(r, group)
     sent = skipped = 0
     started = time.monotonic()
+    gone_through = []  # ids skipped since the last XACK: acknowledged with the next one sent, in one call
+
+    def acknowledge(*ids):
+        ids = gone_through + list(ids)
+        gone_through.clear()
+        if ids:
+            r.xack(keys.events_timeline(), group, *ids)
 
     def budget_spent():
         return ((max_events is not None and sent >= max_events)
@@ -423,22 +480,30 @@ def deliver(r, group, timeout=5.0, consumer="deliverer", now=None, heartbeat=Non
             entries = [(eid, f) for eid, f in entries if f]  # a trimmed entry comes back without fields
             if not entries:
                 break
-            refs = [f["ref"].split("|") for _eid, f in entries]
-            for (entry_id, fields), event in zip(entries, load_refs(r, refs)):
+            # An entry's own rid and method tell most of those the target does not send: their events are not
+            # loaded (a call URL goes through every resource's events).
+            loading = [_may_match(fields, wanted) for _eid, fields in entries]
+            events = iter(load_refs(r, [f["ref"].split("|") for (_eid, f), load in zip(entries, loading) if load]))
+            for (entry_id, fields), load in zip(entries, loading):
+                event = next(events) if load else None
                 plan = _plan(r, group, event) if event else None
-                if plan:
-                    if budget_spent():
-                        return _finish(r, group, sent, skipped)
-                    if heartbeat:
-                        heartbeat()
-                    error = post_json(plan[0], plan[1], event["id"], plan[2], timeout)
-                    if error:
-                        _record_failure(r, group, error, now)
-                        return {"sent": sent, "skipped": skipped, "error": error}
-                    sent += 1
-                else:
+                if not plan:
                     skipped += 1
-                r.xack(keys.events_timeline(), group, entry_id)
+                    gone_through.append(entry_id)
+                    continue
+                if budget_spent():
+                    acknowledge()
+                    return _finish(r, group, sent, skipped)
+                if heartbeat:
+                    heartbeat()
+                error = post_json(plan[0], plan[1], event["id"], plan[2], timeout)
+                if error:
+                    acknowledge()
+                    _record_failure(r, group, error, now)
+                    return {"sent": sent, "skipped": skipped, "error": error}
+                sent += 1
+                acknowledge(entry_id)
+            acknowledge()
             if start == "0" and len(entries) < count:
                 break
     return _finish(r, group, sent, skipped)
@@ -471,10 +536,10 @@ def _record_failure(r, group, error, now=None):
 
 
 def due_targets(r, now=None):
-    """Targets with undelivered events whose backoff has passed (the dispatcher enqueues these). Every target
-    has its consumer group on the timeline, so one XINFO GROUPS lists them with their backlogs; a group left by
-    a removal cut short is listed too, and its delivery removes it. The shared call-URL group of an older
-    version is upgraded first."""
+    """Targets with events to send (see _worth_a_job) whose backoff has passed (the dispatcher enqueues these).
+    Every target has its consumer group on the timeline, so one XINFO GROUPS lists them with their backlogs; a
+    group left by a removal cut short is listed too (a call URL's once DISPATCH_LOOKAHEAD entries came after
+    it), and its delivery removes it. The shared call-URL group of an older version is upgraded first."""
     now = time.time() if now is None else now
     groups = _groups(r)
     if any(g["name"] == SHARED_CALL_URL_GROUP for g in groups):
@@ -482,7 +547,7 @@ def due_targets(r, now=None):
         groups = _groups(r)
     due = []
     for info in groups:
-        if _parse(info["name"])[0] is None or _backlog_of(r, info) == 0:
+        if _parse(info["name"])[0] is None or not _worth_a_job(r, info):
             continue
         nxt = r.hget(keys.delivery_state(info["name"]), "next_attempt_at")
         if nxt is None or float(nxt) <= now:

@@ -8,7 +8,7 @@ from webapp.config import load_settings
 from webapp.delayed import ensure_housekeeping, fire_due, follow_up_tick, is_sweeper_process, tick_grace, timer_queue
 from webapp.store import connect
 from webapp.unsubscribe import fire_timer
-from webapp.webhooks import DELIVERY_BUDGET_EVENTS, DELIVERY_BUDGET_SECONDS, backlog, deliver
+from webapp.webhooks import DELIVERY_BUDGET_EVENTS, DELIVERY_BUDGET_SECONDS, deliver, needs_delivery
 from workers import housekeeping
 from workers.housekeeping import enqueue_delivery
 
@@ -85,7 +85,7 @@ def deliver_target(group):
         if r.get(lock) == token:
             r.delete(lock)
     job = get_current_job()
-    if result["error"] is None and job is not None and backlog(r, group):
+    if result["error"] is None and job is not None and needs_delivery(r, group):
         enqueue_delivery(r, timer_queue(job.connection, job.origin), group)
     if job is not None and not is_sweeper_process():  # a target backing off needs a later dispatch
         ensure_housekeeping(r, timer_queue(job.connection, job.origin))
