@@ -156,6 +156,17 @@ def read_key(r, key, scores=True, stream_ids=True):
     return kind, value
 
 
+def round_trips(monkeypatch):
+    """What each round trip to Redis sent (a command, or a pipeline's commands together), as it goes."""
+    sends = []
+    real_send = redis.connection.AbstractConnection.send_packed_command
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command",
+                        lambda self, command, *a, **k: sends.append(
+                            command if isinstance(command, bytes) else b"".join(command))
+                        or real_send(self, command, *a, **k))
+    return sends
+
+
 def redis_state(r):
     """Every key with its type and content: compare before/after to prove nothing was written.
     Telemetry keys (page-view counters, rate-limit counters) are left out: they are not subscription state."""

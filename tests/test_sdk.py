@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from conftest import (API_TOKEN, SIGNING_KEYS, ApiActions, close_clients, email_resource, read_key, redis_state,
-                      start_redis_server)
+                      round_trips, start_redis_server)
 from webapp import events, keys
 from webapp.delayed import sweep_once
 from webapp.ratelimits import limiter_storage_uri
@@ -57,17 +57,6 @@ def sub(api, ident):
 
 def last_event(r, ident):
     return events.decode_event(r.lindex(keys.profile_events(ident["db_id"], ident["profile_id"]), -1))
-
-
-def round_trips(monkeypatch):
-    """What each round trip to Redis sent (a command, or a pipeline's commands together), as it goes."""
-    sends = []
-    real_send = redis.connection.AbstractConnection.send_packed_command
-    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command",
-                        lambda self, command, *a, **k: sends.append(
-                            command if isinstance(command, bytes) else b"".join(command))
-                        or real_send(self, command, *a, **k))
-    return sends
 
 
 # -- changes ------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import json
 import pytest
 import redis
 
-from conftest import email_resource, redis_state
+from conftest import email_resource, redis_state, round_trips
 from webapp import keys, webhooks
 
 SECRET = "s3cret-webhook-key-123"
@@ -458,3 +458,37 @@ def test_a_target_of_one_resource_goes_through_other_resources_events_unloaded(a
     assert webhooks.due_targets(r) == [group]                                    # its own beyond the 6 looked at
     assert webhooks.deliver(r, group)["sent"] == sent
     assert webhooks.backlog(r, group) == 0 and webhooks.due_targets(r) == []
+
+
+def commands(sends):
+    """The command each round trip began with (MULTI for a transaction's pipeline)."""
+    return [send.split(b"\r\n")[2].decode() for send in sends]
+
+
+def test_a_change_of_a_resource_without_a_call_url_looks_at_no_delivery_target(api, r, monkeypatch):
+    """resources/add, update and delete of a resource with no call URL, before or after, have no call URL target
+    to create or remove: they send nothing about the timeline's groups, only the change."""
+    def add_update_delete():
+        res = api.ok("resources/add", **email_resource())
+        api.ok("resources/update", id=res["id"], name="Monthly news")
+        api.ok("resources/delete", id=res["id"])
+
+    add_update_delete()                                 # the app's start and its connections, before the count
+    sends = round_trips(monkeypatch)
+    add_update_delete()
+    assert not any(keys.events_timeline().encode() in send for send in sends)
+    assert commands(sends) == ["INCRBY", "MULTI", "WATCH", "GET", "MULTI", "WATCH", "GET", "MULTI"]
+
+
+@pytest.mark.parametrize("target", ["webhook", "call URL"])
+def test_a_delivery_checks_that_its_target_exists_and_makes_no_group(api, r, receiver, monkeypatch, target):
+    """A delivery job reads its target's existence in one command (a webhook's filter in one more), not by
+    trying to create its group (made with the target): with nothing to send it costs two reads of the timeline
+    and the write of its delivery state."""
+    if target == "webhook":
+        group, exists = webhooks.group_name(api.ok("webhooks/add", url=receiver.url)["id"]), ["HEXISTS", "HGET"]
+    else:
+        group, exists = webhooks.call_url_group(call_url_resource(api, receiver.url)["id"]), ["GET"]
+    sends = round_trips(monkeypatch)
+    assert webhooks.deliver(r, group) == {"sent": 0, "skipped": 0, "error": None}
+    assert commands(sends) == exists + ["XREADGROUP", "XREADGROUP", "WATCH", exists[0], "MULTI"]

@@ -115,9 +115,9 @@ def _resource_id(data, fields):
 
 # -- resources ----------------------------------------------------------------------------------------
 
-def _with_call_url_target(res):
+def _with_call_url_target(before, res):
     """The resource's call URL has its own delivery target while it is set: created with it, removed with it."""
-    if webhooks.sync_call_url_target(get_redis(), res["id"]):
+    if webhooks.sync_call_url_target(get_redis(), res["id"], before, res):
         ensure_housekeeping()
     return public_resource(res)
 
@@ -125,14 +125,14 @@ def _with_call_url_target(res):
 @endpoint("resources/add")
 def resources_add(data):
     res = resources.add_resource(get_redis(), {k: v for k, v in data.items() if k != "token"})
-    return _with_call_url_target(res)
+    return _with_call_url_target(None, res)
 
 
 @endpoint("resources/update")
 def resources_update(data):
     rid = _resource_id(data, resources.TOP_LEVEL_FIELDS + resources.UPDATE_ONLY_FIELDS)
     changes = {k: v for k, v in data.items() if k not in RESOURCE_ID_FIELDS}  # as resources/get
-    return _with_call_url_target(resources.update_resource(get_redis(), rid, changes))
+    return _with_call_url_target(*resources.update_resource(get_redis(), rid, changes))
 
 
 @endpoint("resources/get")
@@ -154,8 +154,8 @@ def resources_list(data):
 @endpoint("resources/delete")
 def resources_delete(data):
     rid = _resource_id(data, ())
-    resources.delete_resource(get_redis(), rid)
-    webhooks.sync_call_url_target(get_redis(), rid)  # the call URL's target goes with the resource
+    deleted = resources.delete_resource(get_redis(), rid)
+    webhooks.sync_call_url_target(get_redis(), rid, deleted, None)  # the call URL's target goes with the resource
     return {"id": rid}
 
 

@@ -309,17 +309,19 @@ def add_resource(r, data):
 
 
 def update_resource(r, resource_id, data):
-    """Apply a partial update; `regenerate_rtoken: true` issues a new rtoken. Raises NoSuchResource."""
+    """Apply a partial update; `regenerate_rtoken: true` issues a new rtoken. Returns (the resource as it was, as
+    it is now). Raises NoSuchResource."""
     key = keys.resource(resource_id)
 
     def change(pipe):
-        res = validate_resource(data, _load(pipe.get(key), resource_id))
+        before = _load(pipe.get(key), resource_id)
+        res = validate_resource(data, before)
         if as_bool(data.get("regenerate_rtoken", False), "regenerate_rtoken"):
             res["rtoken"] = new_resource_token()
         res["updated_at"] = now_iso()
         pipe.multi()
         pipe.set(key, json.dumps(res, separators=(",", ":")))
-        return res
+        return before, res
 
     # WATCH/MULTI: a concurrent update makes this one retry on fresh data instead of overwriting it.
     return r.transaction(change, key, value_from_callable=True)
@@ -392,12 +394,18 @@ def list_resources(r, from_id=0, limit=20):
 
 
 def delete_resource(r, resource_id):
-    """Remove a resource. Its subscriptions stay stored; its links then answer 404."""
-    get_resource(r, resource_id)
-    with r.pipeline() as pipe:
-        pipe.delete(keys.resource(resource_id))
+    """Remove a resource and return it as it was. Its subscriptions stay stored; its links then answer 404."""
+    key = keys.resource(resource_id)
+
+    def remove(pipe):
+        res = _load(pipe.get(key), resource_id)
+        pipe.multi()
+        pipe.delete(key)
         pipe.zrem(keys.resource_index(), resource_id)
-        pipe.execute()
+        return res
+
+    # WATCH/MULTI: what it returns is what it removed, not an older version a concurrent update replaced.
+    return r.transaction(remove, key, value_from_callable=True)
 
 
 SYSTEM_FIELDS = {

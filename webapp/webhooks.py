@@ -90,6 +90,11 @@ def _wanted(r, group):
     return _webhook_wanted(json.loads(raw)) if raw else None
 
 
+def has_call_url(resource):
+    """Whether the resource (a dict, or None for none) has a list-unsubscribe call URL."""
+    return bool(resource and resource["unsubscribe"]["list_unsubscribe"].get("called_url"))
+
+
 def _call_url(raw):
     """The call URL of the resource stored as `raw` (JSON text), or None: it has none, or is gone."""
     return decode_shared(raw)["unsubscribe"]["list_unsubscribe"].get("called_url") if raw else None
@@ -240,10 +245,15 @@ def delete_webhook(r, webhook_id):
     _remove_target_if_gone(r, group_name(webhook_id))
 
 
-def sync_call_url_target(r, resource_id):
-    """After a resource is added, updated or deleted: give its call URL a delivery target, or remove the target
-    of a call URL cleared or a resource gone. It reads the resource as it is now (under WATCH), so changes made
-    at the same time end with the target the last of them asks for. Returns whether the resource has one."""
+def sync_call_url_target(r, resource_id, before, after):
+    """After a resource is added, updated or deleted (`before` and `after`: the resource the change found and
+    left, None for none): give its call URL a delivery target, or remove the target of a call URL cleared or a
+    resource gone. It reads the resource as it is now (under WATCH), so changes made at the same time end with
+    the target the last of them asks for. A change with a call URL on neither side has no target to change and
+    costs nothing (the change that last set or cleared the call URL syncs it). Returns whether the resource
+    has a target."""
+    if not (has_call_url(before) or has_call_url(after)):
+        return False
     group = call_url_group(resource_id)
     if ensure_group(r, group):
         return True
@@ -254,7 +264,7 @@ def sync_call_url_target(r, resource_id):
 def call_url_delivery(r, resource):
     """The delivery state of the resource's call URL, as webhooks/list shows a webhook's; None without one.
     Its backlog is the resource's one-clicks not called yet."""
-    if not resource["unsubscribe"]["list_unsubscribe"].get("called_url"):
+    if not has_call_url(resource):
         return None
     return shown_state(r, call_url_group(resource["id"]), _call_url_wanted(resource["id"]))
 
@@ -269,7 +279,7 @@ def upgrade_shared_call_url_group(r):
     that exist by then keep their place)."""
     ids = r.zrange(keys.resource_index(), 0, -1)
     for resource in get_resources(r, ids).values():
-        if resource["unsubscribe"]["list_unsubscribe"].get("called_url"):
+        if has_call_url(resource):
             ensure_group(r, call_url_group(resource["id"]))
     with r.pipeline() as pipe:
         pipe.xgroup_destroy(keys.events_timeline(), SHARED_CALL_URL_GROUP)
@@ -446,10 +456,13 @@ def deliver(r, group, timeout=5.0, consumer="deliverer", now=None, heartbeat=Non
     """
     if _parse(group)[0] is None:
         return {"sent": 0, "skipped": 0, "error": None}  # the shared call-URL group's job: the dispatcher upgrades it
-    if not ensure_group(r, group):
+    if not _target_exists(r, group):
         # Removed after its job was queued: re-create nothing, and remove what a removal cut short left behind.
         _remove_target_if_gone(r, group)
         return {"sent": 0, "skipped": 0, "error": None}
+    # The target's group was made with it (a webhook's in the same MULTI, a call URL's by sync_call_url_target),
+    # so it is not made here: a removal from now on makes the reads below answer NOGROUP, and the writes
+    # (_while_target_exists) write nothing.
     wanted = _wanted(r, group)
     sent = skipped = 0
     started = time.monotonic()
