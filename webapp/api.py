@@ -259,8 +259,7 @@ def _links_for(messages):
             raise
         prepared.append((res, db_id, profile_id, subscriptions.make_hash_id(rid, channel, identity), channel,
                          category, sent_at, identity))
-    exists = subscriptions_exist(r, [(keys.profile_subscriptions(db_id, pid), h,
-                                      subscriptions.script_identity_key(res["id"], ch, identity))
+    exists = subscriptions_exist(r, [(keys.profile_subscriptions(db_id, pid), h, res["id"], ch, identity)
                                      for res, db_id, pid, h, ch, _cat, _at, identity in prepared])
     for i, found in enumerate(exists):
         if found:

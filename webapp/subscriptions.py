@@ -148,14 +148,8 @@ def decode_record(raw):
 
 def identity_key(resource_id, channel, identity):
     """The text that names a subscription (resource, channel, address `identity` as read_address gives it):
-    make_hash_id digests it, scripts.SUBSCRIPTIONS_EXIST builds it again from a stored record."""
+    make_hash_id digests it."""
     return f"{resource_id}\x00{channel}\x00{identity}"
-
-
-def script_identity_key(resource_id, channel, identity):
-    """identity_key as scripts.SUBSCRIPTIONS_EXIST builds it from a stored record, whose JSON numbers Lua reads
-    as doubles: a chat id past 2**53 spelt as the double it rounds to."""
-    return identity_key(resource_id, channel, f"{float(identity):.0f}" if is_chat(channel) else identity)
 
 
 def make_hash_id(resource_id, channel, identity):
