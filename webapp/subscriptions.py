@@ -209,6 +209,17 @@ def stored_hash_id(records, resource_id, channel, identity):
     return hash_id
 
 
+def find_subscription(records, resource_id, channel, identity):
+    """(hash_id, record, taken) of the subscription (resource, channel, address `identity`) among `records`, as
+    stored_hash_id reads them: record is None when it is not there, and then `taken` tells whether its hash_id
+    holds another address's record (holds), which is never returned as this one's."""
+    hash_id = stored_hash_id(records, resource_id, channel, identity)
+    record = records.get(hash_id)
+    if record is not None and not holds(record, resource_id, channel, identity):
+        return hash_id, None, True
+    return hash_id, record, False
+
+
 def read_subscription(r, db_id, profile_id, resource_id, channel, identity):
     """(hash_id, record or None) of the subscription (resource, channel, address `identity`): one round trip
     for every channel, a chat stored under an older spelling of its id included (stored_hash_id); two for a
@@ -218,14 +229,13 @@ def read_subscription(r, db_id, profile_id, resource_id, channel, identity):
     hash_id = make_hash_id(resource_id, channel, identity)
     if not is_chat(channel):
         raw = r.hget(subs_key, hash_id)
-        record = None if raw is None else decode_record(raw)
+        records = {} if raw is None else {hash_id: decode_record(raw)}
     else:
         records = {h: decode_record(raw) for h, raw in scripts.subscription_or_all(r, subs_key, hash_id).items()}
         if hash_id in records and not holds(records[hash_id], resource_id, channel, identity):
             records = load_records(r, db_id, profile_id)   # another chat's: this one may be under an older spelling
-        hash_id = stored_hash_id(records, resource_id, channel, identity)
-        record = records.get(hash_id)
-    return hash_id, record if record is not None and holds(record, resource_id, channel, identity) else None
+    hash_id, record, _taken = find_subscription(records, resource_id, channel, identity)
+    return hash_id, record
 
 
 def subscription_hash_id(r, db_id, profile_id, resource_id, channel, identity):
@@ -456,9 +466,8 @@ def set_subscription(r, data):
     locale = (as_language(data["locale"]) if data["locale"] != "" else "") if data.get("locale") is not None else None
 
     def change(pc):
-        hash_id = stored_hash_id(pc.records, resource["id"], channel, identity)
-        old = pc.records.get(hash_id)
-        if old is not None and not holds(old, resource["id"], channel, identity):
+        hash_id, old, taken = find_subscription(pc.records, resource["id"], channel, identity)
+        if taken:
             raise Conflict(f"another address of profile {profile_id} already has hash_id {hash_id} (8 hex "
                            "characters of resource, channel and address): this address cannot be subscribed in "
                            "this profile", field="profile_id")
@@ -541,9 +550,8 @@ def set_deleted(r, data, deleted):
     resource, db_id, profile_id, channel, _address, identity = locate(r, data)
 
     def change(pc):
-        hash_id = stored_hash_id(pc.records, resource["id"], channel, identity)
-        record = pc.records.get(hash_id)
-        if record is None or not holds(record, resource["id"], channel, identity):
+        hash_id, record, _taken = find_subscription(pc.records, resource["id"], channel, identity)
+        if record is None:
             raise NoSuchSubscription("no such subscription")
         record = pc.save(hash_id, {**record, "is_delete": deleted, "updated_at": now_iso()}, resource)
         return extended_form(resource, db_id, profile_id, hash_id, record)
