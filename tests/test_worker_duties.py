@@ -5,6 +5,7 @@ import time
 
 from conftest import email_resource, form_token
 from test_delayed_support import wait_until, workers  # noqa: F401  (fixture)
+from test_webhooks import call_url_resource, one_click
 from webapp import webhooks
 
 SECRET = "s3cret-webhook-key-123"
@@ -447,22 +448,6 @@ def test_worker_warns_about_redis_settings_that_cost_memory_or_data(r, workers):
 DOWN = "http://127.0.0.1:9/down"                          # nothing listens there: every call is refused
 
 
-def call_url_resource(api, name, called_url):
-    return api.ok("resources/add", **email_resource(name=name, unsubscribe={
-        "mode": "confirm", "list_unsubscribe": {"enabled": True, "called_url": called_url}}))
-
-
-def one_click(api, client, res, profile_id):
-    """A subscription of `profile_id` to `res`, then its message's one-click; returns the SMID."""
-    ident = {"db_id": 1, "profile_id": profile_id, "resource_id": res["id"], "channel": "email",
-             "email": f"{profile_id}@example.com"}
-    api.ok("subscriptions/set", **ident)
-    links = api.ok("messages/links", **ident)
-    assert client.post(links["unsubscribe_url"].removeprefix("https://unsub.example"),
-                       data={"List-Unsubscribe": "One-Click"}).status_code == 200
-    return links["smid"]
-
-
 def call_url_failures(r):
     """The failures recorded for any call-URL target, whatever its group is called."""
     from webapp import keys
@@ -475,7 +460,7 @@ def test_a_call_url_that_is_down_does_not_delay_another_resources_call(api, clie
     """Resource A's call URL refuses every call; resource B's answers. Each call URL is its own delivery target,
     with its own backoff: B's call goes out at once while A keeps failing, and resources/get shows each one's
     delivery state as webhooks/list shows a webhook's."""
-    res_a, res_b = call_url_resource(api, "A", DOWN), call_url_resource(api, "B", receiver.url)
+    res_a, res_b = call_url_resource(api, DOWN, "A"), call_url_resource(api, receiver.url, "B")
     one_click(api, client, res_a, "a-1")
     workers.start()
     wait_until(lambda: call_url_failures(r) >= 2, 20)            # A is backing off (1 s, then 2 s)
@@ -502,7 +487,7 @@ def test_an_upgrade_from_the_shared_call_url_group_delivers_its_undelivered_call
     the shared group stood, so B gets its second and third calls (not the first again) while A keeps failing,
     and the shared group and its delivery state are gone."""
     from webapp import keys
-    res_a, res_b = call_url_resource(api, "A", DOWN), call_url_resource(api, "B", receiver.url)
+    res_a, res_b = call_url_resource(api, DOWN, "A"), call_url_resource(api, receiver.url, "B")
     timeline = keys.events_timeline()
 
     def last_entry():
