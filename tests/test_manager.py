@@ -244,6 +244,16 @@ def test_a_required_category_is_locked_only_while_it_is_on(api, client, r):
     assert re.search(r'value="receipts"\s+checked\s+disabled', html) and re.search(r'value="news"\s*>', html)
 
 
+@pytest.mark.parametrize("phone, masked", [("+79001234567", "+7••••••4567"), ("+4930123456", "+4•••••3456"),
+                                           ("+3531234567", "+3•••••4567"), ("+1234567", "+1••••67"),
+                                           ("+298123456", "+2••••••56")])
+def test_a_phone_number_shows_at_most_half_of_its_digits(phone, masked):
+    from webapp.pages import mask_address
+    assert mask_address({"address": {"phone": phone}}) == masked
+    digits_shown = sum(c.isdigit() for c in masked)
+    assert digits_shown * 2 <= sum(c.isdigit() for c in phone)
+
+
 def test_one_profiles_token_cannot_touch_another_profile(api, client, r):
     _res, ident_a, sub_a, path_a = setup_profile(api, "alice", "alice@example.com")
     _res_b, ident_b, sub_b, path_b = setup_profile(api, "bob", "bob@example.com")

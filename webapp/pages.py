@@ -41,7 +41,9 @@ def mask_address(record):
         return f"{local[:1]}{'•' * max(2, min(len(local) - 1, 6))}@{domain}"
     phone = address.get("phone") or address.get("cc_data", {}).get("phone")
     if phone:
-        return f"{phone[:2]}{'•' * (len(phone) - 6)}{phone[-4:]}"
+        # "+" and the first digit, then the last four, or two of a short number: never more than half its digits
+        tail = 4 if len(phone) >= 11 else 2
+        return f"{phone[:2]}{'•' * (len(phone) - 2 - tail)}{phone[-tail:]}"
     if "provider" in address:
         return address["provider"]
     return "#" + str(address.get("cc_data", {}).get("id", ""))[-4:]
