@@ -31,6 +31,11 @@
   const SCRIPT_ORIGIN = script && script.src ? new URL(script.src, location.href).origin : location.origin;
   const PREFERRED_PARAMS = ["smid", "send_message_id"];
   const MAX_CANDIDATES = 3;
+  // How long a call waits for the service's whole answer, then for the probe that explains a failure. The
+  // service itself gives up on its storage after REDIS_TIMEOUT_SECONDS (5 s), a few times at most.
+  const CALL_TIMEOUT_MS = 20000;
+  const PROBE_TIMEOUT_MS = 10000;
+  const TIMED_OUT = {};
   const AUTOMATED = navigator.webdriver === true || /HeadlessChrome|PhantomJS/.test(navigator.userAgent);
   let lastInstance = null;
 
@@ -90,6 +95,29 @@
     err.status = status || 0;
     err.reason = reason || "error";
     return err;
+  }
+
+  // fetch(url, init) and its JSON body (null when it is not JSON), given up after `ms`: a server that accepts
+  // the connection and never answers (or stops half-way through the body) would leave the promise pending
+  // forever. Rejects with TIMED_OUT then, with fetch's own error otherwise.
+  async function fetchJson(url, init, ms) {
+    const controller = new AbortController();
+    let timedOut = false;
+    const timer = setTimeout(() => { timedOut = true; controller.abort(); }, ms);
+    try {
+      const response = await fetch(url, Object.assign({signal: controller.signal}, init));
+      let data = null;
+      try {
+        data = await response.json();
+      } catch (e) {
+        if (timedOut) throw e;
+      }
+      return {response: response, data: data};
+    } catch (e) {
+      throw timedOut ? TIMED_OUT : e;
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   function reported(promise) {
@@ -171,22 +199,20 @@
       if (categories) body.categories = categories;
       if (this.rtoken) body.rtoken = this.rtoken;
       const base = this.pxlDomain + "/sdk/v1/" + encodeURIComponent(this.resourceId);
-      let response;
+      let response, data;
       try {
         // No cache: "no-store" here: with it Chromium skips its preflight cache and every call costs two round
         // trips. A POST's answer is never cached, and the service's carry Cache-Control: no-store anyway.
-        response = await fetch(base + "/unsubscribe", {
+        ({response, data} = await fetchJson(base + "/unsubscribe", {
           method: "POST", mode: "cors", credentials: "omit", referrerPolicy: "no-referrer",
           headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
-        });
+        }, CALL_TIMEOUT_MS));
       } catch (e) {
+        if (e === TIMED_OUT) {  // the request may have been acted on: no probe, just say so
+          throw sdkError("The unsubscribe service at " + this.pxlDomain + " did not answer in time; please try " +
+            "again", 0, "timeout");
+        }
         throw await this._explainFailure(base);
-      }
-      let data = null;
-      try {
-        data = await response.json();
-      } catch (e) {
-        data = null;
       }
       if (!response.ok || !data || data.error) {
         let message = (data && data.error_text) || ("the unsubscribe service answered HTTP " + response.status);
@@ -203,9 +229,8 @@
     // storage is down) look the same to a script; ask which one it was.
     async _explainFailure(base) {
       try {
-        const probe = await fetch(base + "/origin",
-          {credentials: "omit", cache: "no-store", referrerPolicy: "no-referrer"});
-        const info = await probe.json();
+        const {response: probe, data: info} = await fetchJson(base + "/origin",
+          {credentials: "omit", cache: "no-store", referrerPolicy: "no-referrer"}, PROBE_TIMEOUT_MS);
         if (probe.status === 404) return sdkError(info.error_text, 404, "unknown_resource");
         if (probe.status === 503) return sdkError(info.error_text, 503, info.reason || "unavailable");
         if (info && info.allowed === false) {

@@ -2,6 +2,7 @@
 of 127.0.0.1 loads the script from the live server and calls the endpoint with CORS. Screenshots of the example
 page land in test-artifacts/screens/."""
 import os
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -385,3 +386,34 @@ def test_example_page(live_server, sites, open_page, r):
     page.get_by_role("button", name="Keep my subscription").click()
     page.get_by_text("Your subscription continues.").wait_for()
     assert r.zcard(keys.pending_due()) == 0 and status(live_server, ident)[0] == "subscribed"
+
+
+def test_a_service_that_never_answers_rejects_after_a_timeout(live_server, sites, browser, r):
+    """A pxl_domain that accepts the connection and never answers (a hung proxy, a stalled server): the promise
+    rejects with a readable timeout, and the SDK does not go on to probe the service (the POST may have landed).
+    The page's clock is Playwright's, moved on by hand."""
+    shop, _ = sites
+    res, ident, smid, _hash = setup(live_server, shop, "confirm")
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)                                     # the kernel accepts connections; nobody ever answers
+    shop.pages["/hung.html"] = page_html(res["sdk_script_url"],
+                                         "{pxl_domain: 'http://127.0.0.1:%d'}" % silent.getsockname()[1])
+    context = browser.new_context()
+    try:
+        context.clock.install()
+        page = context.new_page()
+        page.goto(shop.origin + "/hung.html")
+        page.evaluate("(s) => { window.outcome = null; akUnsub.confirmUnsub(s).then("
+                      "() => { window.outcome = 'resolved'; }, (e) => { window.outcome = [e.message, e.status, "
+                      "e.reason]; }); }", smid)
+        page.wait_for_timeout(500)                        # real time: the request is on its way, unanswered
+        assert page.evaluate("window.outcome") is None
+        page.clock.run_for(30_000)
+        page.wait_for_function("window.outcome !== null", timeout=5000)
+        assert page.evaluate("window.outcome") == [
+            f"The unsubscribe service at http://127.0.0.1:{silent.getsockname()[1]} did not answer in time; "
+            "please try again", 0, "timeout"]
+    finally:
+        context.close()
+        silent.close()
