@@ -11,7 +11,8 @@
  *   Promises resolving with the resulting state {mode, result, status, cats, categories, pending} or rejecting
  *   with an Error whose message says what went wrong (err.status and err.reason carry the details). With no
  *   smid, the SMID found in the page's URL is used. AkUnsub.confirmUnsub(...) / AkUnsub.cancelUnsub(...) call
- *   the last constructed instance.
+ *   the last constructed instance. A smid that is neither a string nor nothing (an array: the categories put
+ *   first) is refused.
  *
  * The SMID in the page's URL: put {send_message_id} into the resource's page_url as a query parameter, e.g.
  * https://shop.example/unsubscribe?smid={send_message_id}. Parameters named "smid" or "send_message_id" are tried
@@ -182,8 +183,17 @@
     }
 
     async _call(action, smid, categories) {
-      // Not a string (nothing, or the click event of `onclick = AkUnsub.confirmUnsub`): the page's own SMID.
-      const id = typeof smid === "string" && smid ? smid : this.smid;
+      // Nothing (undefined, null, "") or the click event of `onclick = AkUnsub.confirmUnsub`: the page's own SMID.
+      // Anything else that is not a string is a mistake (the categories where the SMID goes): refused, not
+      // replaced by the page's SMID, which would stop more than was asked.
+      const given = smid === undefined || smid === null || smid === "" || smid instanceof Event ? null : smid;
+      if (given !== null && typeof given !== "string") {
+        const got = Array.isArray(given) ? "an array" : typeof given === "object" ? "an object"
+          : /^[aeiou]/.test(typeof given) ? "an " + typeof given : "a " + typeof given;
+        throw sdkError("AkUnsub: the SMID (first argument) must be a string, got " + got + "; the categories " +
+          "come second: confirmUnsub(smid, ['news'])", 0, "invalid");
+      }
+      const id = given || this.smid;
       if (typeof id !== "string" || !id) {
         throw sdkError("AkUnsub: a SMID is required (none was given and none is in the page's URL)", 0, "invalid");
       }

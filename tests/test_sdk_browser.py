@@ -417,3 +417,27 @@ def test_a_service_that_never_answers_rejects_after_a_timeout(live_server, sites
     finally:
         context.close()
         silent.close()
+
+
+def test_an_smid_of_the_wrong_type_is_refused_not_replaced_by_the_pages(live_server, sites, open_page, r):
+    """confirmUnsub(['promo']) (the categories where the SMID goes, as one writes when the SMID is optional)
+    must not unsubscribe the whole subscription of the page's own SMID: a wrong type is refused, nothing
+    changes. Nothing, null and a click event still mean the page's own SMID."""
+    shop, _ = sites
+    res, ident, smid, _hash = setup(live_server, shop, "confirm")
+    shop.pages["/types.html"] = page_html(res["sdk_script_url"])
+    page = open_page(f"{shop.origin}/types.html?smid={quote(smid)}")
+    assert page.evaluate("run(akUnsub.ready)")["state"]["result"] == "waiting"
+    before = store_state(r)
+    outcome = "akUnsub.%s.then((s) => s.status, (e) => [e.message, e.status, e.reason])"
+    for call, got in [("confirmUnsub(['promo'])", "an array"), ("cancelUnsub(['promo'])", "an array"),
+                      ("confirmUnsub(42)", "a number"), ("confirmUnsub({smid: akUnsub.smid})", "an object"),
+                      ("confirmUnsub(true, ['promo'])", "a boolean")]:
+        assert page.evaluate(outcome % call) == [
+            f"AkUnsub: the SMID (first argument) must be a string, got {got}; the categories come second: "
+            "confirmUnsub(smid, ['news'])", 0, "invalid"], call
+        assert page.evaluate(f"AkUnsub.{call}.catch((e) => e.reason)") == "invalid", call
+    assert store_state(r) == before and status(live_server, ident)[0] == "subscribed"
+    assert page.evaluate(outcome % "confirmUnsub(null, ['promo'])") == "subscribed"
+    assert status(live_server, ident) == ("subscribed", ["news", "receipts"])
+    assert page.evaluate(outcome % "confirmUnsub(new MouseEvent('click'))") == "unsubscribed"
