@@ -19,7 +19,8 @@
  * first, then any other parameter whose value looks like a SMID; the service decides which one verifies.
  * When one is found, constructing AkUnsub does what the hosted page does when shown (once the page is visible):
  * instant mode unsubscribes, delayed mode starts the timer, confirm mode waits for confirmUnsub. The outcome is
- * the promise akUnsub.ready (null when the URL has no SMID); akUnsub.smid is the SMID it used. In a browser an
+ * the promise akUnsub.ready (null when the URL has no SMID); akUnsub.smid is the SMID it used. Only the first
+ * instance in a page does this; another one constructed later for the same URL reads the state. In a browser an
  * automation drives (navigator.webdriver) or a headless one, a link scanner's, it changes nothing and waits
  * for confirmUnsub as in confirm mode.
  */
@@ -39,6 +40,10 @@
   const TIMED_OUT = {};
   const AUTOMATED = navigator.webdriver === true || /HeadlessChrome|PhantomJS/.test(navigator.userAgent);
   let lastInstance = null;
+  // The show of each set of SMIDs in this page, by the first instance that made it: a page constructing AkUnsub
+  // again (a component mounted twice, or again after a route change) must not show the link a second time,
+  // which would start a new timer after "Keep my subscription". Later instances read the state instead.
+  const shows = new Map();
 
   function normalizeDomain(value) {
     const text = String(value).trim().replace(/\/+$/, "");
@@ -139,7 +144,7 @@
       this.namedCandidates = found.named;
       this.smid = this.candidates[0] || null;
       lastInstance = this;
-      this.ready = reported(this.candidates.length ? whenVisible().then(() => this._show()) : Promise.resolve(null));
+      this.ready = reported(this.candidates.length ? this._showOnce() : Promise.resolve(null));
     }
 
     confirmUnsub(smid, categories) {
@@ -163,11 +168,21 @@
         : Promise.reject(sdkError("AkUnsub: create it first with new AkUnsub()", 0, "not_initialised"));
     }
 
-    async _show() {
+    _showOnce() {
+      const key = JSON.stringify([this.pxlDomain, this.resourceId, this.candidates]);
+      const earlier = shows.get(key);
+      // After an earlier instance's show succeeded, only read; after it failed (a network error), show again.
+      const mine = earlier ? earlier.then(() => this._show("state"), () => this._show("show"))
+        : whenVisible().then(() => this._show("show"));
+      shows.set(key, mine);
+      return mine;
+    }
+
+    async _show(action) {
       let lastError = null;
       for (const smid of this.candidates) {
         try {
-          const state = await this._call(AUTOMATED ? "state" : "show", smid);
+          const state = await this._call(AUTOMATED ? "state" : action, smid);
           this.smid = smid;
           return state;
         } catch (err) {

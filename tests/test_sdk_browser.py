@@ -441,3 +441,33 @@ def test_an_smid_of_the_wrong_type_is_refused_not_replaced_by_the_pages(live_ser
     assert page.evaluate(outcome % "confirmUnsub(null, ['promo'])") == "subscribed"
     assert status(live_server, ident) == ("subscribed", ["news", "receipts"])
     assert page.evaluate(outcome % "confirmUnsub(new MouseEvent('click'))") == "unsubscribed"
+
+
+def test_constructing_again_in_the_same_page_does_not_show_the_link_again(live_server, sites, open_page, r):
+    """A page that constructs AkUnsub more than once (a component mounted twice, as React's StrictMode does, or
+    again after a route change) shows the link once: a second instance reads the state. Else "Keep my
+    subscription" is undone by the next construction, which starts a new timer the page does not show."""
+    shop, _ = sites
+    res, ident, smid, hash_id = setup(live_server, shop, "delayed")
+    shop.pages["/spa.html"] = page_html(res["sdk_script_url"])
+    page = open_page(f"{shop.origin}/spa.html?smid={quote(smid)}")
+    posts = []
+    page.on("request", lambda req: posts.append(req.post_data_json["action"])
+            if req.method == "POST" and req.url.endswith("/unsubscribe") else None)
+    assert page.evaluate("run(akUnsub.ready)")["state"]["result"] == "pending"
+    assert page.evaluate("run(akUnsub.cancelUnsub())")["state"]["result"] == "cancelled"
+    again = page.evaluate("run(new AkUnsub().ready)")["state"]                # mounted again
+    assert (again["result"], again["pending"]) == ("waiting", None)
+    assert r.zcard(keys.pending_due()) == 0 and not r.exists(keys.pending_unsubscribe(1, "p-42", hash_id))
+    # Two at once in instant mode: one show between them.
+    res, ident, smid, hash_id = setup(live_server, shop, "instant", profile_id="p-43")
+    shop.pages["/twice.html"] = page_html(res["sdk_script_url"]).replace(
+        "</body>", "<script>window.second = new AkUnsub();</script></body>")
+    page = open_page(shop.origin + "/none")
+    del posts[:]
+    page.on("request", lambda req: posts.append(req.post_data_json["action"])
+            if req.method == "POST" and req.url.endswith("/unsubscribe") else None)
+    page.goto(f"{shop.origin}/twice.html?smid={quote(smid)}")
+    got = page.evaluate("Promise.all([akUnsub.ready, second.ready]).then((s) => s.map((x) => [x.result, x.status]))")
+    assert got == [["unsubscribed", "unsubscribed"], ["waiting", "unsubscribed"]]
+    assert sorted(posts) == ["show", "state"] and page.evaluate("second.smid") == smid
