@@ -15,8 +15,9 @@
  *   first) is refused.
  *
  * The SMID in the page's URL: put {send_message_id} into the resource's page_url as a query parameter, e.g.
- * https://shop.example/unsubscribe?smid={send_message_id}. Parameters named "smid" or "send_message_id" are tried
- * first, then any other parameter whose value looks like a SMID; the service decides which one verifies.
+ * https://shop.example/unsubscribe?smid={send_message_id}. Parameters named "smid" or "send_message_id" (in the
+ * query or the #fragment) are tried first, then anything else in the URL that looks like a SMID (another
+ * parameter's value, a bare ?SMID or #SMID, a path segment); the service decides which one verifies.
  * When one is found, constructing AkUnsub does what the hosted page does when shown (once the page is visible):
  * instant mode unsubscribes, delayed mode starts the timer, confirm mode waits for confirmUnsub. The outcome is
  * the promise akUnsub.ready (null when the URL has no SMID); akUnsub.smid is the SMID it used. Only the first
@@ -64,22 +65,27 @@
     }
   }
 
-  // Where a page_url's {send_message_id} may have put the SMID: a query or #fragment parameter (those named
-  // smid or send_message_id first), or a path segment. Returns {values, named}: the values to try, in order, and
-  // those found under one of the two names (a value that only looks like a SMID may be some tracking code).
+  // Where a page_url's {send_message_id} may have put the SMID: a query or #fragment parameter (those named smid
+  // or send_message_id first; a fragment may hold a client-side route with a query of its own, "#/u?smid="),
+  // or anywhere else: a path segment, the whole query or fragment ("?{send_message_id}"), a route's segment,
+  // before an extension. Returns {values, named}: the values to try, in order, and those found under one of the
+  // two names (a value that only looks like a SMID may be some tracking code).
   function smidCandidates(loc) {
-    const lists = [new URLSearchParams(loc.search), new URLSearchParams(loc.hash.replace(/^#/, ""))];
     const found = [];
     const named = new Set();
+    const decode = (v) => { try { return decodeURIComponent(v); } catch (e) { return ""; } };
     const add = (v) => { if (v && looksLikeSmid(v) && found.indexOf(v) < 0) found.push(v); };
-    lists.forEach((params) => PREFERRED_PARAMS.forEach((name) => params.getAll(name).forEach((v) => {
-      add(v);
-      named.add(v);
-    })));
-    lists.forEach((params) => params.forEach((value, name) => { if (PREFERRED_PARAMS.indexOf(name) < 0) add(value); }));
-    loc.pathname.split("/").forEach((segment) => {
-      try { add(decodeURIComponent(segment)); } catch (e) { /* not a SMID */ }
-    });
+    const pairs = (loc.search.slice(1) + "&" + loc.hash.slice(1)).split(/[?&#;]/).map((pair) => {
+      const eq = pair.indexOf("=");
+      return eq < 0 ? null : [decode(pair.slice(0, eq).replace(/^.*[/!]/, "")), decode(pair.slice(eq + 1))];
+    }).filter(Boolean);
+    PREFERRED_PARAMS.forEach((name) => pairs.forEach(([key, value]) => {
+      if (key !== name) return;
+      add(value);
+      named.add(value);
+    }));
+    // A SMID is base64url: the characters around one (/ ? # & = . ; !) are never part of it.
+    (loc.search + " " + loc.hash + " " + loc.pathname).split(/[^A-Za-z0-9_%-]+/).forEach((piece) => add(decode(piece)));
     return {values: found.slice(0, MAX_CANDIDATES), named: named};
   }
 

@@ -471,3 +471,22 @@ def test_constructing_again_in_the_same_page_does_not_show_the_link_again(live_s
     got = page.evaluate("Promise.all([akUnsub.ready, second.ready]).then((s) => s.map((x) => [x.result, x.status]))")
     assert got == [["unsubscribed", "unsubscribed"], ["waiting", "unsubscribed"]]
     assert sorted(posts) == ["show", "state"] and page.evaluate("second.smid") == smid
+
+
+@pytest.mark.parametrize("page_url", ["/unsubscribe.html?{send_message_id}", "/unsubscribe.html#{send_message_id}",
+                                      "/app#/unsubscribe/{send_message_id}", "/unsubscribe/{send_message_id}.html",
+                                      "/app#!/unsubscribe?smid={send_message_id}&rtoken={resource_token}"])
+def test_the_smid_where_page_url_puts_it_bare_or_in_an_app_route(live_server, sites, open_page, r, page_url):
+    """The resource's page_url may put {send_message_id} anywhere: as the whole query or fragment, in a
+    client-side router's path, before an extension. The person follows the message's link (the service
+    redirects to page_url) and the page's SDK finds the SMID: in instant mode, it unsubscribes."""
+    shop, _ = sites
+    res, ident, smid, _hash = setup(live_server, shop, "instant")
+    live_server.api.ok("resources/update", id=res["id"], unsubscribe={"page_url": shop.origin + page_url})
+    path = page_url.split("?")[0].split("#")[0].replace("{send_message_id}", smid)
+    shop.pages[path] = page_html(res["sdk_script_url"])
+    link = live_server.api.ok("messages/links", **ident)["unsubscribe_url"]
+    page = open_page(link)
+    assert page.url.startswith(shop.origin + path)
+    assert page.evaluate("run(akUnsub.ready)")["state"]["result"] == "unsubscribed"
+    assert page.evaluate("akUnsub.smid") == smid and status(live_server, ident)[0] == "unsubscribed"
