@@ -45,6 +45,17 @@
   // again (a component mounted twice, or again after a route change) must not show the link a second time,
   // which would start a new timer after "Keep my subscription". Later instances read the state instead.
   const shows = new Map();
+  // The origins this page's Content-Security-Policy refused a connection to: a fetch it blocks fails like a
+  // network error, and trying again would never help.
+  const cspRefused = new Set();
+  document.addEventListener("securitypolicyviolation", (event) => {
+    if ((event.effectiveDirective || event.violatedDirective || "").indexOf("connect-src") !== 0) return;
+    try {
+      cspRefused.add(new URL(event.blockedURI).origin);
+    } catch (e) {
+      // not a URL ("inline", "eval"): not ours
+    }
+  });
 
   function normalizeDomain(value) {
     const text = String(value).trim().replace(/\/+$/, "");
@@ -269,7 +280,13 @@
             "resource: add it to the resource's URLs", 403, "forbidden_origin");
         }
       } catch (e) {
-        // unreachable too: a network failure
+        // unreachable too: a network failure, or this page's policy refused both
+      }
+      await new Promise((resolve) => setTimeout(resolve, 0));  // the policy's violation events come as tasks
+      const origin = new URL(this.pxlDomain).origin;
+      if (cspRefused.has(origin)) {
+        return sdkError("This page's Content-Security-Policy does not allow connecting to the unsubscribe " +
+          "service at " + origin + ": add it to the policy's connect-src", 0, "csp");
       }
       return sdkError("Could not reach the unsubscribe service at " + this.pxlDomain +
         " (network error); please try again", 0, "network");

@@ -24,7 +24,8 @@ CATEGORIES = [{"title": "News", "api_name": "news", "required": False},
 
 
 class Site:
-    """A customer's web site: serves the HTML put into `pages` (path -> text) on its own port."""
+    """A customer's web site: serves the HTML put into `pages` (path -> text, or (text, {header: value}))
+    on its own port."""
 
     def __init__(self):
         self.pages = {}
@@ -33,9 +34,12 @@ class Site:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 body = site.pages.get(urlsplit(self.path).path)
+                body, headers = body if isinstance(body, tuple) else (body, {})
                 data = (body or "not found").encode()
                 self.send_response(200 if body else 404)
                 self.send_header("Content-Type", "text/html; charset=utf-8")
+                for name, value in headers.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(data)))
                 self.send_header("Cache-Control", "no-store")
                 self.end_headers()
@@ -490,3 +494,25 @@ def test_the_smid_where_page_url_puts_it_bare_or_in_an_app_route(live_server, si
     assert page.url.startswith(shop.origin + path)
     assert page.evaluate("run(akUnsub.ready)")["state"]["result"] == "unsubscribed"
     assert page.evaluate("akUnsub.smid") == smid and status(live_server, ident)[0] == "unsubscribed"
+
+
+def test_a_page_with_a_strict_csp(live_server, sites, open_page, r):
+    """The script needs no eval, no inline code and no DOM sinks: it runs under a nonce-based strict-dynamic
+    policy with Trusted Types enforced. A policy whose connect-src leaves the service out gets an error that
+    says so (retrying would never help), not a network error."""
+    shop, _ = sites
+    res, ident, smid, _hash = setup(live_server, shop, "instant")
+    html = page_html(res["sdk_script_url"]).replace("<script", '<script nonce="n0nce"')
+    strict = ("default-src 'none'; script-src 'nonce-n0nce' 'strict-dynamic'; base-uri 'none'; object-src 'none'; "
+              "require-trusted-types-for 'script'; trusted-types 'none'; connect-src ")
+    shop.pages["/strict.html"] = (html, {"Content-Security-Policy": strict + live_server.url})
+    page = open_page(f"{shop.origin}/strict.html?smid={quote(smid)}")
+    assert page.evaluate("run(akUnsub.ready)")["state"]["status"] == "unsubscribed"
+    res, ident, smid, _hash = setup(live_server, shop, "instant", profile_id="p-43")
+    before = store_state(r)
+    shop.pages["/self.html"] = (html, {"Content-Security-Policy": strict + "'self'"})
+    page = open_page(f"{shop.origin}/self.html?smid={quote(smid)}")
+    assert page.evaluate("akUnsub.ready.catch((e) => [e.message, e.status, e.reason])") == [
+        f"This page's Content-Security-Policy does not allow connecting to the unsubscribe service at "
+        f"{live_server.url}: add it to the policy's connect-src", 0, "csp"]
+    assert store_state(r) == before
