@@ -57,13 +57,45 @@
     }
   });
 
+  function typeName(value) {
+    if (Array.isArray(value)) return "an array";
+    if (value === null) return "null";
+    return (/^[aeiou]/.test(typeof value) ? "an " : "a ") + typeof value;
+  }
+
+  // "host[:port]" (https assumed) or "http(s)://host[:port][/prefix]", as the service's base URL.
   function normalizeDomain(value) {
-    const text = String(value).trim().replace(/\/+$/, "");
-    const url = new URL(text.indexOf("://") >= 0 ? text : "https://" + text);
-    if (url.protocol !== "https:" && url.protocol !== "http:") {
-      throw new TypeError("AkUnsub: pxl_domain must be an http(s) host, got " + value);
+    const bad = () => new TypeError("AkUnsub: pxl_domain must be a host or an http(s) URL, got " + value);
+    if (typeof value !== "string") throw bad();
+    const text = value.trim().replace(/\/+$/, "");
+    let url;
+    try {
+      url = new URL(/^[A-Za-z][A-Za-z0-9+.-]*:\/\//.test(text) ? text : "https://" + text);
+    } catch (e) {
+      throw bad();
+    }
+    if ((url.protocol !== "https:" && url.protocol !== "http:") || url.username || url.password || url.search ||
+        url.hash || !/^([A-Za-z0-9_-]+\.)*[A-Za-z0-9_-]+$|^\[[0-9A-Fa-f:.]+\]$/.test(url.hostname)) {
+      throw bad();
     }
     return (url.origin + url.pathname).replace(/\/+$/, "");  // a path prefix (service mounted under one) is kept
+  }
+
+  function checkedOptions(options) {
+    if (options === undefined || options === null) return {};
+    if (typeof options !== "object" || Array.isArray(options)) {
+      throw new TypeError("AkUnsub: the options must be an object {rtoken?, pxl_domain?}, got " + typeName(options));
+    }
+    Object.keys(options).forEach((name) => {
+      if (name !== "rtoken" && name !== "pxl_domain" && global.console) {
+        console.warn("AkUnsub: unknown option " + name + " (the options are rtoken and pxl_domain)");
+      }
+    });
+    const rtoken = options.rtoken;
+    if (rtoken !== undefined && rtoken !== null && typeof rtoken !== "string") {
+      throw new TypeError("AkUnsub: rtoken must be a string (the resource token), got " + typeName(rtoken));
+    }
+    return options;
   }
 
   // A SMID is base64url of a record whose first byte is its format (1); the service checks the signature.
@@ -151,10 +183,12 @@
 
   class AkUnsub {
     constructor(options) {
-      const opts = options || {};
+      const opts = checkedOptions(options);
       const served = SERVED || {};
       this.rtoken = opts.rtoken || null;
-      this.pxlDomain = normalizeDomain(opts.pxl_domain || served.pxl_domain || SCRIPT_ORIGIN);
+      const given = opts.pxl_domain === undefined || opts.pxl_domain === null || opts.pxl_domain === "" ? null
+        : opts.pxl_domain;
+      this.pxlDomain = normalizeDomain(given !== null ? given : served.pxl_domain || SCRIPT_ORIGIN);
       this.resourceId = served.resource_id || null;
       const found = smidCandidates(location);
       this.candidates = found.values;
@@ -220,10 +254,8 @@
       // replaced by the page's SMID, which would stop more than was asked.
       const given = smid === undefined || smid === null || smid === "" || smid instanceof Event ? null : smid;
       if (given !== null && typeof given !== "string") {
-        const got = Array.isArray(given) ? "an array" : typeof given === "object" ? "an object"
-          : /^[aeiou]/.test(typeof given) ? "an " + typeof given : "a " + typeof given;
-        throw sdkError("AkUnsub: the SMID (first argument) must be a string, got " + got + "; the categories " +
-          "come second: confirmUnsub(smid, ['news'])", 0, "invalid");
+        throw sdkError("AkUnsub: the SMID (first argument) must be a string, got " + typeName(given) +
+          "; the categories come second: confirmUnsub(smid, ['news'])", 0, "invalid");
       }
       const id = given || this.smid;
       if (typeof id !== "string" || !id) {

@@ -516,3 +516,31 @@ def test_a_page_with_a_strict_csp(live_server, sites, open_page, r):
         f"This page's Content-Security-Policy does not allow connecting to the unsubscribe service at "
         f"{live_server.url}: add it to the policy's connect-src", 0, "csp"]
     assert store_state(r) == before
+
+
+def test_constructor_options_of_the_wrong_type_are_refused(live_server, sites, open_page, r):
+    """new AkUnsub('rtoken') would drop the rtoken the page meant the service to check, and a pxl_domain that
+    is not a host sent every call to a made-up address: both throw a TypeError that says what is expected.
+    A misspelt option is named in the console."""
+    shop, _ = sites
+    res, ident, smid, _hash = setup(live_server, shop, "confirm")
+    shop.pages["/options.html"] = page_html(res["sdk_script_url"])
+    page = open_page(f"{shop.origin}/options.html")
+    warnings = []
+    page.on("console", lambda msg: warnings.append(msg.text) if msg.type == "warning" else None)
+    construct = "(o) => { try { new AkUnsub(eval('(' + o + ')')); return 'made'; } catch (e) { return e.name + ': ' + e.message; } }"
+    expected = {
+        "'abc'": "TypeError: AkUnsub: the options must be an object {rtoken?, pxl_domain?}, got a string",
+        "{rtoken: 123}": "TypeError: AkUnsub: rtoken must be a string (the resource token), got a number",
+        "{pxl_domain: 42}": "TypeError: AkUnsub: pxl_domain must be a host or an http(s) URL, got 42",
+        "{pxl_domain: 'bad host!'}": "TypeError: AkUnsub: pxl_domain must be a host or an http(s) URL, got bad host!",
+        "{pxl_domain: 'https://unsub.example/?x=1'}":
+            "TypeError: AkUnsub: pxl_domain must be a host or an http(s) URL, got https://unsub.example/?x=1",
+        "{pxl_domain: 'ftp://x'}": "TypeError: AkUnsub: pxl_domain must be a host or an http(s) URL, got ftp://x",
+        "{pxl_domain: 'unsub.example:8443/u/'}": "made", "{rtoken: 'x', pxl_domain: 'https://unsub.example'}": "made",
+        "undefined": "made", "null": "made", "{}": "made",
+    }
+    assert {o: page.evaluate(construct, o) for o in expected} == expected
+    assert page.evaluate("new AkUnsub({pxl_domain: 'unsub.example:8443/u/'}).pxlDomain") == "https://unsub.example:8443/u"
+    assert page.evaluate(construct, "{pxlDomain: 'unsub.example'}") == "made"
+    assert warnings == ["AkUnsub: unknown option pxlDomain (the options are rtoken and pxl_domain)"]
