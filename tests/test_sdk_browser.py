@@ -528,7 +528,8 @@ def test_constructor_options_of_the_wrong_type_are_refused(live_server, sites, o
     page = open_page(f"{shop.origin}/options.html")
     warnings = []
     page.on("console", lambda msg: warnings.append(msg.text) if msg.type == "warning" else None)
-    construct = "(o) => { try { new AkUnsub(eval('(' + o + ')')); return 'made'; } catch (e) { return e.name + ': ' + e.message; } }"
+    construct = ("(o) => { try { new AkUnsub(eval('(' + o + ')')); return 'made'; } "
+                 "catch (e) { return e.name + ': ' + e.message; } }")
     expected = {
         "'abc'": "TypeError: AkUnsub: the options must be an object {rtoken?, pxl_domain?}, got a string",
         "{rtoken: 123}": "TypeError: AkUnsub: rtoken must be a string (the resource token), got a number",
@@ -541,6 +542,7 @@ def test_constructor_options_of_the_wrong_type_are_refused(live_server, sites, o
         "undefined": "made", "null": "made", "{}": "made",
     }
     assert {o: page.evaluate(construct, o) for o in expected} == expected
-    assert page.evaluate("new AkUnsub({pxl_domain: 'unsub.example:8443/u/'}).pxlDomain") == "https://unsub.example:8443/u"
+    made = page.evaluate("new AkUnsub({pxl_domain: 'unsub.example:8443/u/'}).pxlDomain")
+    assert made == "https://unsub.example:8443/u"
     assert page.evaluate(construct, "{pxlDomain: 'unsub.example'}") == "made"
     assert warnings == ["AkUnsub: unknown option pxlDomain (the options are rtoken and pxl_domain)"]
