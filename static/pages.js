@@ -44,8 +44,12 @@
       last = s;
       if (s <= 0) {
         clearInterval(timer);
-        // The server settles the timer within 2 s of the deadline; then show the result.
-        setTimeout(function () { location.replace(location.pathname + location.search.replace(/([?&])done=[^&]*&?/, "$1")); }, 2500);
+        // The server settles the timer within 2 s of the deadline; then show the result. The page comes back
+        // with done=started, so it does not act by itself: a timer cancelled meanwhile in another tab is shown
+        // as cancelled, not started again (an opened page without `done` starts one).
+        var query = location.search.replace(/([?&])done=[^&]*(&|$)/, "$1").replace(/[?&]$/, "");
+        setTimeout(function () { location.replace(location.pathname + (query ? query + "&" : "?") + "done=started"); },
+                   2500);
       }
     }
     var timer = setInterval(tick, 1000);

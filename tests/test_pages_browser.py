@@ -2,7 +2,7 @@
 Screenshots of every page land in test-artifacts/screens/."""
 import pytest
 
-from conftest import email_resource, screenshot
+from conftest import email_resource, form_token, screenshot
 from webapp import keys
 
 pytestmark = pytest.mark.browser
@@ -216,6 +216,28 @@ def test_delayed_countdown_is_announced_at_its_moments(live_server, browser, r, 
             before = sentence
     finally:
         context.close()
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_a_timer_cancelled_elsewhere_is_not_started_again_when_the_count_ends(live_server, open_page, r, lang):
+    """When its count ends the page reloads itself to show the outcome. The person may have cancelled the
+    timer meanwhile in another tab: the reload shows that, and must not start the timer again by itself (an
+    opened page starts one): they said no, and would be unsubscribed without knowing."""
+    url, ident = link_for(live_server, "delayed", timer_minutes=3)              # 3 s (TIME_UNIT_SECONDS=1)
+    page = open_page(url, lang)
+    page.wait_for_url("**done=started**")
+    other_tab = live_server.app.test_client()
+    token = form_token(other_tab.get(url).get_data(as_text=True))
+    assert other_tab.post(url, data={"action": "cancel", "csrf_token": token}).status_code == 303
+    assert r.zcard(keys.pending_due()) == 0
+    with page.expect_event("load", timeout=10_000):                            # the count ended: reloaded
+        pass
+    page.wait_for_timeout(1000)                                                 # time for a form to be sent
+    assert r.zcard(keys.pending_due()) == 0 and page.locator('[role="timer"]').count() == 0
+    assert status(live_server, ident) == ("subscribed", ["news", "receipts"])
+    assert f"lang={lang}" in page.url                                           # the language kept
+    assert page.locator('button[value="start"]').is_visible()                   # it can be started again
+    screenshot(page, f"delayed-cancelled-elsewhere-{lang}")
 
 
 def test_a_second_submit_is_not_sent_until_5_s_have_passed(live_server, browser, r):
