@@ -377,3 +377,24 @@ def test_undo_is_only_for_the_link_that_made_the_change(api, client, r):
     assert post(client, path_y, action="undo", hash_id=sub_x["hash_id"]).status_code == 409
     assert post(client, path_x, action="undo", hash_id=sub_x["hash_id"]).status_code == 303
     assert api.ok("subscriptions/get", **ident)["status"] == "subscribed"
+
+
+def test_the_page_speaks_the_language_of_the_subscription_whose_link_opened_it(api, client):
+    """The manager link in a Russian resource's message (and on its Russian unsubscribe page) opens the manager
+    in Russian, even when another of the profile's subscriptions, in English, comes first on the page."""
+    ident = {"db_id": 1, "profile_id": "p-42", "channel": "email", "email": "ann@example.com"}
+    first = api.ok("resources/add", **email_resource(name="Alpha news", default_locale="en"))
+    api.ok("subscriptions/set", **ident, resource_id=first["id"])
+    russian = api.ok("resources/add", **email_resource(name="Zeta news", default_locale="ru"))
+    api.ok("subscriptions/set", **ident, resource_id=russian["id"])
+    links = api.ok("messages/links", **ident, resource_id=russian["id"])
+    english = {"Accept-Language": "en"}
+    page = client.get(links["unsubscribe_url"].removeprefix("https://unsub.example"), headers=english)
+    assert '<html lang="ru">' in page.get_data(as_text=True)
+    footer = re.search(r'<footer.*?href="https://unsub.example([^"]+)"', page.get_data(as_text=True), re.S).group(1)
+    for path in (links["manage_url"].removeprefix("https://unsub.example"), footer):
+        html = client.get(path, headers=english).get_data(as_text=True)
+        assert '<html lang="ru">' in html and "Мои подписки" in html, path
+        assert html.index("Alpha news") < html.index("Zeta news")               # the order stays by name
+    assert '<html lang="en">' in client.get(links["manage_url"].removeprefix("https://unsub.example") + "?lang=en",
+                                            headers=english).get_data(as_text=True)   # the switcher still wins

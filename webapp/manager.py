@@ -87,8 +87,10 @@ def render_manager(token_str, token, status=200, errors=None, entered=None, fail
     items = preferences.overview(r, token.db_id, token.profile_id)
     if not items:
         return not_found()
-    first_record, first_resource = items[0][1], items[0][2]
-    set_page_locale(first_record.get("locale"), first_resource.get("default_locale"))
+    # The language of the subscription whose message carried the link (its profile's, its resource's), as its
+    # unsubscribe page chose it: not that of whichever subscription comes first by name.
+    _, own_record, own_resource = next((item for item in items if item[0] == token.hash_id), items[0])
+    set_page_locale(own_record.get("locale"), own_resource.get("default_locale"))
     subs = [subscription_view(token, h, rec, res, errors if h == failed_hash else None,
                               entered if h == failed_hash else None) for h, rec, res in items]
     groups = []
