@@ -802,3 +802,16 @@ def test_widened_timer_one_click_of_one_category_keeps_it_for_the_other(api, cli
     sweep_once(r, now=time.time() + 3600)
     assert get_sub(api, body)["cats"] == ["receipts"] and r.zcard("us:pending:due") == 0
     assert api.ok("events/verify", db_id=1, profile_id="p-42")["ok"] is True
+
+
+@pytest.mark.parametrize("lang, heading", [("en", "Nothing to undo"), ("ru", "Отменять нечего")])
+def test_an_undo_with_nothing_to_undo_is_titled_so(api, client, r, lang, heading):
+    """WCAG 2.4.2 and 2.4.6: the heading and the window title of the page an Undo too late gets say what
+    happened, not "Something went wrong"."""
+    _res, path, _body = make_link(api, "instant", category=None)
+    token = form_token(client.get(path).get_data(as_text=True))
+    resp = client.post(path, data={"action": "undo", "csrf_token": token, "lang": lang})
+    html = resp.get_data(as_text=True)
+    assert resp.status_code == 409 and f'<html lang="{lang}">' in html
+    assert re.search(r"<h1>(.*?)</h1>", html).group(1) == heading
+    assert title_of(resp) == {"en": "Error: ", "ru": "Ошибка: "}[lang] + heading
