@@ -113,3 +113,28 @@ def test_a_required_category_with_a_long_name_fits_320_px(live_server, open_page
         page.set_viewport_size({"width": 320, "height": 700})
         assert page.evaluate("document.documentElement.scrollWidth") <= 320, url   # no sideways scrolling
         screenshot(page, "manager-320-ru" if url == links["manage_url"] else "confirm-320-ru")
+
+
+@pytest.mark.parametrize("lang", ["en", "ru"])
+def test_no_two_cards_controls_have_the_same_name(live_server, open_page, r, lang):
+    """A card's Save, Pause, Resume and Subscribe again act on that card's subscription only, so their
+    accessible names say which (WCAG 2.4.6; a screen reader's list of buttons, a voice command "click Pause"):
+    the visible word first, the card's subscription after it, as the Unsubscribe buttons do."""
+    url, ident = manager_link(live_server)
+    api = live_server.api
+    paused = {**ident, "email": "work@example.com"}
+    api.ok("subscriptions/set", **paused, status="suspended")
+    stopped = api.ok("subscriptions/set", **{**ident, "email": "old@example.com"}, status="unsubscribed")
+    page = open_page(url, lang, mobile=True)
+    tree = page.locator("main").aria_snapshot()
+    names = [line.strip() for line in tree.splitlines() if line.strip().startswith(("- button", "- combobox"))]
+    assert len(names) >= 8 and len(names) == len(set(names)), tree
+    save = {"en": "Save", "ru": "Сохранить"}[lang]
+    assert f'button "{save} (Email · a••@example.com, Weekly news)"'.replace("Email", {"en": "Email", "ru": "Эл. почта"}[lang]) in tree
+    for card in page.locator("article").all():                                # the visible word alone, unchanged
+        button = card.locator('button[value="save"]')
+        assert button.evaluate("b => b.firstChild.textContent") == save
+        box = button.locator(".visually-hidden").bounding_box()
+        assert box["width"] <= 1 and box["height"] <= 1
+    assert page.locator(f'#sub-{stopped["hash_id"]} button[value="resubscribe"]').count() == 0  # another link's
+    screenshot(page, f"manager-control-names-{lang}")
