@@ -815,3 +815,23 @@ def test_an_undo_with_nothing_to_undo_is_titled_so(api, client, r, lang, heading
     assert resp.status_code == 409 and f'<html lang="{lang}">' in html
     assert re.search(r"<h1>(.*?)</h1>", html).group(1) == heading
     assert title_of(resp) == {"en": "Error: ", "ru": "Ошибка: "}[lang] + heading
+
+
+@pytest.mark.parametrize("lang, heading, advice", [
+    ("en", "This subscription no longer exists", "the link may be incomplete"),
+    ("ru", "Этой подписки больше нет", "ссылка неполная")])
+def test_a_valid_link_whose_subscription_is_gone_does_not_say_the_link_is_broken(api, client, r, lang, heading,
+                                                                                 advice):
+    """A whole link whose resource the sender deleted is still a 404, but its page does not tell the person the
+    link is invalid and to copy it again (it is whole): it says the subscription is gone. The manager link too."""
+    res, path, body = make_link(api, "confirm", category=None)
+    manage = api.ok("messages/links", **body)["manage_url"].removeprefix("https://unsub.example")
+    api.ok("resources/delete", id=res["id"])
+    for url in (path, manage):
+        resp = client.get(f"{url}?lang={lang}")
+        html = resp.get_data(as_text=True)
+        assert resp.status_code == 404 and re.search(r"<h1>(.*?)</h1>", html).group(1) == heading, url
+        assert title_of(resp) == {"en": "Error: ", "ru": "Ошибка: "}[lang] + heading
+        assert advice not in html.lower()
+    broken = client.get(f"{path[:-5]}?lang={lang}").get_data(as_text=True)       # a cut link: as before
+    assert advice in broken.lower() and heading not in broken

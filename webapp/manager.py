@@ -86,7 +86,7 @@ def render_manager(token_str, token, status=200, errors=None, entered=None, fail
     r = get_redis()
     items = preferences.overview(r, token.db_id, token.profile_id)
     if not items:
-        return not_found()
+        return not_found(gone=True)  # a valid link whose subscriptions the sender removed
     # The language of the subscription whose message carried the link (its profile's, its resource's), as its
     # unsubscribe page chose it: not that of whichever subscription comes first by name.
     _, own_record, own_resource = next((item for item in items if item[0] == token.hash_id), items[0])
@@ -116,9 +116,9 @@ def done_agrees(sub, done_at):
     return sub is not None and bool(done_at) and sub["updated_at"] == done_at
 
 
-def not_found():
+def not_found(gone=False):
     set_page_locale()
-    return no_store(make_response(render_page("message.html", status=404), 404))
+    return no_store(make_response(render_page("message.html", status=404, gone=gone), 404))
 
 
 @slash_optional_route(bp, "/manage/<token>/", methods=["GET", "POST"])

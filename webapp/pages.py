@@ -318,7 +318,8 @@ def error_page(exc):
     elif isinstance(exc, InvalidInput):  # a page the sender changed since it was opened, or an altered form
         message = _("This page is out of date: the sender has changed this subscription's options since it "
                     "was opened. Please open the link again.")
-    return no_store(make_response(render_page("message.html", status=status, message=message), status))
+    gone = isinstance(exc, NotFound) and not isinstance(exc, BadToken)  # the link is whole: do not say it is not
+    return no_store(make_response(render_page("message.html", status=status, message=message, gone=gone), status))
 
 
 # Pages never load third-party code, never leak the SMID in a Referer, never render in frames.
