@@ -815,6 +815,7 @@ def test_an_undo_with_nothing_to_undo_is_titled_so(api, client, r, lang, heading
     assert resp.status_code == 409 and f'<html lang="{lang}">' in html
     assert re.search(r"<h1>(.*?)</h1>", html).group(1) == heading
     assert title_of(resp) == {"en": "Error: ", "ru": "Ошибка: "}[lang] + heading
+    assert html.count(heading) == 2                                             # the text does not say it again
 
 
 @pytest.mark.parametrize("lang, heading, advice", [

@@ -314,7 +314,7 @@ def error_page(exc):
     if isinstance(exc, PageChoiceError):
         message = exc.message
     elif isinstance(exc, Conflict):
-        message = _("There is nothing to undo: the change is too old, or something changed since.")
+        message = _("That change is too old to undo, or something changed since.")  # under "Nothing to undo"
     elif isinstance(exc, InvalidInput):  # a page the sender changed since it was opened, or an altered form
         message = _("This page is out of date: the sender has changed this subscription's options since it "
                     "was opened. Please open the link again.")
