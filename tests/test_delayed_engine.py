@@ -519,3 +519,18 @@ def test_scheduler_lock_watch_releases_only_a_lock_nobody_refreshes(r):
     assert r.get(live) == "scheduler-a" and not r.exists(dead)
     r.set(dead, "scheduler-c", ex=61)                              # a new holder starts a new watch
     assert watch.check(r) == [] and r.get(dead) == "scheduler-c"
+
+
+def test_no_setting_makes_a_timer_longer_than_thirty_minutes(app, r):
+    """Altcraft's timer is at most 30 minutes. TIME_UNIT_SECONDS exists to shorten timers in tests: a "minute"
+    longer than 60 s (a typo, or seconds taken for minutes) would keep a person's unsubscribe waiting for hours,
+    so the start refuses it; and a timer is never armed for longer than 30 real minutes, whatever it is given."""
+    from webapp.config import ConfigError, load_settings
+    base = {"API_TOKEN": "t", "SIGNING_KEYS": "k1:s"}
+    for unit in ("61", "120", "3600"):
+        with pytest.raises(ConfigError, match="^TIME_UNIT_SECONDS "):
+            load_settings({**base, "TIME_UNIT_SECONDS": unit}, dotenv_path="/nonexistent")
+    assert load_settings({**base, "TIME_UNIT_SECONDS": "60"}, dotenv_path="/nonexistent")["TIME_UNIT_SECONDS"] == 60
+    (ctx,) = delayed_contexts(app, r, 1, timer_minutes=30)
+    result = arm(r, ctx, unit=3600)                                   # 30 "minutes" of an hour each
+    assert result["deadline"] <= u.server_time(r) + 30 * 60

@@ -28,7 +28,9 @@ DEFAULTS = {
     "SIGNING_KEYS_VERIFY_ONLY": None,
     "DEFAULT_LOCALE": "en",
     "TRUSTED_PROXIES": 0,  # number of proxies whose X-Forwarded-* headers are believed
-    "TIME_UNIT_SECONDS": 60,  # length of one "minute" of delayed-unsubscribe timers; tests shorten it
+    # Length of one "minute" of delayed-unsubscribe timers, at most 60: tests shorten it, nothing lengthens a
+    # timer past Altcraft's 30 minutes.
+    "TIME_UNIT_SECONDS": 60,
     "SUSPEND_DAY_SECONDS": 86400,  # length of one "day" of a suspension chosen in the manager; tests shorten it
     "VAR_DIR": "var",  # local redis data and generated development secrets
     "RQ_QUEUE": "unsubscribe",
@@ -51,10 +53,11 @@ DEFAULTS = {
 RATE_LIMIT_SETTINGS = ("SDK_RATE_LIMIT_PER_IP", "SDK_RATE_LIMIT_PER_SMID", "PAGE_RATE_LIMIT_PER_LINK",
                        "PAGE_RATE_LIMIT_PER_IP")
 MAX_BODY_BYTES = 4 * 1024 * 1024  # the largest request body of any kind (the API's bulk calls): MAX_CONTENT_LENGTH
-# Whole numbers with their least and greatest values; the float settings are lengths of time, above 0.
+# Whole numbers with their least and greatest values; the float settings are lengths of time, above 0 (and at
+# most their greatest value when one is given).
 NUMBER_SETTINGS = {"PORT": (int, 1, 65535), "TRUSTED_PROXIES": (int, 0, 100), "WEB_WORKERS": (int, 1, 1000),
                    "PAGE_BODY_LIMIT_BYTES": (int, 1024, MAX_BODY_BYTES),
-                   "TIME_UNIT_SECONDS": (float, None, None), "SUSPEND_DAY_SECONDS": (float, None, None),
+                   "TIME_UNIT_SECONDS": (float, None, 60), "SUSPEND_DAY_SECONDS": (float, None, None),
                    "REDIS_TIMEOUT_SECONDS": (float, None, None), "WEBHOOK_TIMEOUT_SECONDS": (float, None, None),
                    "HOUSEKEEPING_REARM_SECONDS": (float, 0, None)}
 REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -189,8 +192,8 @@ def load_settings(environ=None, dotenv_path=".env"):
 
 
 def _number(name, value, kind, least, most):
-    """`value` as an int from `least` to `most`, or a finite float above 0 (or 0 too when `least` is 0); else
-    ConfigError."""
+    """`value` as an int from `least` to `most`, or a finite float above 0 (or 0 too when `least` is 0) and at
+    most `most` when given; else ConfigError."""
     try:
         number = kind(value)
     except (TypeError, ValueError):
@@ -199,6 +202,8 @@ def _number(name, value, kind, least, most):
         raise ConfigError(f"{name} {value!r} is not a whole number from {least} to {most}")
     if kind is float and not (number is not None and (0 < number or least == 0 == number) and number < float("inf")):
         raise ConfigError(f"{name} {value!r} is not a number {'from 0' if least == 0 else 'above 0'}")
+    if kind is float and most is not None and number > most:
+        raise ConfigError(f"{name} {value!r} is more than {most}")
     return number
 
 

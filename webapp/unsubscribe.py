@@ -272,6 +272,7 @@ def _own_recent_change(r, ctx):
 # answers "unsubscribed". Duplicate or late runs find nothing and change nothing.
 # Deadlines come from the Redis server clock (TIME), and the Lua script decides "due" by the same clock.
 
+MAX_TIMER_SECONDS = 30 * 60  # Altcraft's longest timer: no resource or setting arms one for longer
 FIRE_BATCH = 500  # timers settled per Lua call
 FIRE_ATTEMPTS = 5  # reads-and-applies of a timer whose state changed under us, before leaving it to the next sweep
 # Seconds other firers leave a claimed timer alone. Should its claimer die between claiming and settling, the
@@ -363,7 +364,7 @@ def arm_timer(r, ctx, scope, unit_seconds, evidence=None, on_armed=None):
     _check_not_blocked(ctx)
     db_id, profile_id, hash_id = ctx.key
     pending_key = keys.pending_unsubscribe(db_id, profile_id, hash_id)
-    seconds = ctx.resource["unsubscribe"]["timer_minutes"] * unit_seconds
+    seconds = min(ctx.resource["unsubscribe"]["timer_minutes"] * unit_seconds, MAX_TIMER_SECONDS)
 
     def change(pc):
         existing = _decode_pending(pc.pipe.hgetall(pending_key))
