@@ -534,3 +534,32 @@ def test_no_setting_makes_a_timer_longer_than_thirty_minutes(app, r):
     (ctx,) = delayed_contexts(app, r, 1, timer_minutes=30)
     result = arm(r, ctx, unit=3600)                                   # 30 "minutes" of an hour each
     assert result["deadline"] <= u.server_time(r) + 30 * 60
+
+
+def test_a_category_stopped_and_then_resumed_in_the_manager_or_the_api_is_not_stopped_again_by_the_timer(app, r):
+    """A timer for News waits; meanwhile the person switches News off in the manager (or the sender drops it
+    through the API's `cats`), which leaves the timer nothing to stop, and then switches it back on. The timer
+    must not stop News again at its deadline: as for a status change by another path, the latest choice holds.
+    A timer that still has something to stop (the whole subscription, while only News went off) waits on."""
+    from webapp import preferences
+    manager, api_cats, whole = delayed_contexts(app, r, 3, timer_minutes=1, category="news", categories=THREE_CATS)
+    whole = message_context(app, r, whole, None)
+    result = [arm(r, ctx) for ctx in (manager, api_cats, whole)][-1]
+    all_cats = [c["api_name"] for c in THREE_CATS]
+    for ctx in (manager, whole):
+        preferences.save_preferences(r, 1, ctx.key[1], ctx.key[2], ["promo", "receipts"], {})   # News off
+    ident = {"db_id": 1, "profile_id": api_cats.key[1], "resource_id": api_cats.resource["id"], "channel": "email",
+             "email": "u1@example.com"}
+    set_subscription(r, {**ident, "cats": ["promo", "receipts"]})
+    assert not u.read_pending(r, manager) and not u.read_pending(r, api_cats)    # nothing left for them to stop
+    assert u.read_pending(r, whole)
+    preferences.save_preferences(r, 1, manager.key[1], manager.key[2], all_cats, {})          # News on again
+    set_subscription(r, {**ident, "cats": all_cats})
+    sleep_past(result)
+    assert u.fire_timers(r, [manager.key, api_cats.key, whole.key]) == {
+        manager.key: "gone", api_cats.key: "gone", whole.key: "fired"}
+    assert subscribed(r, manager) == ("subscribed", all_cats) and timer_events(r, manager) == []
+    assert subscribed(r, api_cats) == ("subscribed", all_cats) and timer_events(r, api_cats) == []
+    assert subscribed(r, whole)[0] == "unsubscribed"
+    for ctx in (manager, api_cats, whole):
+        assert events.verify_chain(r, 1, ctx.key[1]) is None

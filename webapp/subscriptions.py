@@ -318,7 +318,10 @@ class ProfileChange:
         self.pipe, self.db_id, self.profile_id = pipe, db_id, profile_id
         self.records = records
         self._status_read = {h: rec["status"] for h, rec in records.items()}
+        self._uncats_read = {h: set(rec.get("uncats", ())) for h, rec in records.items()}
         self._saved = {}
+        self._resources = {}  # hash_id -> the resource its saved record was checked against
+        self.timer_checked = set()  # hash_ids whose pending timer the change function settled itself, if due
         self._events = []
         self._extra = []
         self._last_event = None
@@ -330,6 +333,7 @@ class ProfileChange:
         after = state_of(resource, record)
         self.records[hash_id] = record
         self._saved[hash_id] = record
+        self._resources[hash_id] = resource
         if method and before != after:
             if not self._last_loaded:
                 self._last_event = events.last_event(self.pipe, self.db_id, self.profile_id)
@@ -350,19 +354,38 @@ class ProfileChange:
     def events(self):
         return list(self._events)
 
+    def _timers_to_settle(self):
+        """The saved subscriptions whose delayed unsubscribe this change settles. A change by another path that
+        stops the subscription (an unsubscribe, a complaint, a bounce) settles it: else the timer, still
+        pending, would stop it again after a later resubscribe. So does one that stops categories (the
+        manager's boxes, the API's `cats`) when that leaves the timer nothing to stop (a timer for those
+        categories): else switching them back on would be undone at the deadline. A pause, its end, a
+        confirmation, or a change that leaves the timer something to stop leaves it waiting."""
+        from .unsubscribe import timer_settled  # unsubscribe.py builds on this module
+        settle = []
+        for hash_id, record in self._saved.items():
+            if record["status"] in STOPPED_STATUSES:
+                if self._status_read.get(hash_id) != record["status"]:
+                    settle.append(hash_id)
+            elif (hash_id not in self.timer_checked
+                  and set(record.get("uncats", ())) - self._uncats_read.get(hash_id, set())):
+                pending_key = keys.pending_unsubscribe(self.db_id, self.profile_id, hash_id)
+                self.pipe.watch(pending_key)  # a timer armed or widened meanwhile makes the transaction retry
+                scope = self.pipe.hget(pending_key, "scope")
+                if scope is not None and timer_settled(self._resources[hash_id], record, scope):
+                    settle.append(hash_id)
+        return settle
+
     def flush(self):
         pipe = self.pipe
+        settle = self._timers_to_settle()  # reads, so before MULTI
         pipe.multi()
         if self._saved:
             pipe.hset(keys.profile_subscriptions(self.db_id, self.profile_id),
                       mapping={h: encode_record(rec) for h, rec in self._saved.items()})
             pipe.sadd(keys.db_profiles(self.db_id), self.profile_id)
-        for hash_id, record in self._saved.items():
-            # A change by another path that stops the subscription (an unsubscribe, a complaint, a bounce)
-            # settles its delayed unsubscribe: else the timer, still pending, would stop it again after a later
-            # resubscribe. A pause, its end or a confirmation leaves the timer to stop the messages.
-            if record["status"] in STOPPED_STATUSES and self._status_read.get(hash_id) != record["status"]:
-                drop_pending(pipe, self.db_id, self.profile_id, hash_id)
+        for hash_id in settle:
+            drop_pending(pipe, self.db_id, self.profile_id, hash_id)
         for event in self._events:
             events.queue_append(pipe, event)
         for fn in self._extra:

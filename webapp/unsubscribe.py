@@ -204,6 +204,7 @@ def unsubscribe(r, ctx, scope, method, evidence=None, allow_blocked=False):
             new["updated_at"] = now_iso()
             pc.save(hash_id, new, ctx.resource, method=method, smid=ctx.token, evidence=_evidence(ctx, evidence))
         pending_scope = pc.pipe.hget(pending_key, "scope")
+        pc.timer_checked.add(hash_id)  # read here already: flush need not read it again
         if pending_scope is not None and timer_settled(ctx.resource, new, pending_scope):
             pc.also(lambda pipe: drop_pending(pipe, db_id, profile_id, hash_id))
         return {"changed": changed, "state": state_of(ctx.resource, new)}
