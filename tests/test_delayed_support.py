@@ -134,3 +134,128 @@ def workers(redis_url, tmp_path):
     procs = WorkerProcesses(redis_url, tmp_path)
     yield procs
     procs.close()
+
+
+# An LD_PRELOAD library that puts a process's wall clock (gettimeofday, clock_gettime of CLOCK_REALTIME, time)
+# ahead by the number of seconds (a float, negative for behind) written in the file $CLOCK_OFFSET_FILE, read
+# again at most every 20 ms: a redis-server whose host clock is skewed, or steps, while the test runs. The
+# monotonic clocks are left alone, as a clock step leaves them.
+CLOCK_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef int (*clock_gettime_fn)(clockid_t, struct timespec *);
+
+static int real_clock_gettime(clockid_t id, struct timespec *ts) {
+    static clock_gettime_fn real;
+    if (!real) real = (clock_gettime_fn)dlsym(RTLD_NEXT, "clock_gettime");
+    return real(id, ts);
+}
+
+static long long offset_ns(void) {
+    static long long offset, read_at = -1000000000LL;
+    struct timespec now;
+    real_clock_gettime(CLOCK_MONOTONIC, &now);
+    long long mono = now.tv_sec * 1000000000LL + now.tv_nsec;
+    if (mono - read_at >= 20000000LL) {
+        const char *path = getenv("CLOCK_OFFSET_FILE");
+        int fd = path ? open(path, O_RDONLY) : -1;
+        if (fd >= 0) {
+            char buf[64];
+            ssize_t n = read(fd, buf, sizeof buf - 1);
+            close(fd);
+            if (n > 0) { buf[n] = 0; offset = (long long)(strtod(buf, NULL) * 1e9); }
+        }
+        read_at = mono;
+    }
+    return offset;
+}
+
+static void shift(struct timespec *ts) {
+    long long ns = ts->tv_sec * 1000000000LL + ts->tv_nsec + offset_ns();
+    ts->tv_sec = ns / 1000000000LL;
+    ts->tv_nsec = ns % 1000000000LL;
+}
+
+int clock_gettime(clockid_t id, struct timespec *ts) {
+    int rc = real_clock_gettime(id, ts);
+    if (rc == 0 && (id == CLOCK_REALTIME || id == CLOCK_REALTIME_COARSE)) shift(ts);
+    return rc;
+}
+
+int gettimeofday(struct timeval *restrict tv, void *restrict tz) {
+    struct timespec ts;
+    int rc = clock_gettime(CLOCK_REALTIME, &ts);
+    if (rc == 0 && tv) { tv->tv_sec = ts.tv_sec; tv->tv_usec = ts.tv_nsec / 1000; }
+    (void)tz;
+    return rc;
+}
+
+time_t time(time_t *out) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    if (out) *out = ts.tv_sec;
+    return ts.tv_sec;
+}
+"""
+
+
+class SkewedClock:
+    """A redis-server (with AOF) whose wall clock runs `offset` seconds off the test's, set and stepped with
+    `set`: CLOCK_SHIM preloaded into it. restart() stops it (SHUTDOWN, which syncs the AOF) and starts it again
+    on the same files, with the clock as set then."""
+
+    def __init__(self, workdir, offset=0.0):
+        import shutil as _shutil
+        cc = _shutil.which("cc") or _shutil.which("gcc")
+        if cc is None:
+            pytest.fail("a C compiler is needed to skew redis-server's clock (apt-get install gcc)")
+        self.workdir = str(workdir)
+        source, self.library = os.path.join(self.workdir, "clock.c"), os.path.join(self.workdir, "clock.so")
+        with open(source, "w") as f:
+            f.write(CLOCK_SHIM)
+        subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", self.library, source, "-ldl"], check=True,
+                       capture_output=True)
+        self.offset_file = os.path.join(self.workdir, "clock-offset")
+        self.set(offset)
+        self.proc = self.url = None
+
+    def set(self, offset):
+        with open(self.offset_file + ".new", "w") as f:
+            f.write(repr(float(offset)))
+        os.replace(self.offset_file + ".new", self.offset_file)
+        time.sleep(0.05)  # the shim reads it again within 20 ms
+
+    def start(self):
+        from conftest import start_redis_server
+        saved = {k: os.environ.get(k) for k in ("LD_PRELOAD", "CLOCK_OFFSET_FILE")}
+        os.environ.update(LD_PRELOAD=self.library, CLOCK_OFFSET_FILE=self.offset_file)
+        try:
+            self.proc, self.url = start_redis_server(self.workdir, appendonly=True)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        return self.url
+
+    def stop(self):
+        import redis
+        if self.proc is None:
+            return
+        try:
+            redis.Redis.from_url(self.url).shutdown(save=False)
+        except redis.ConnectionError:
+            pass
+        self.proc.wait(timeout=20)
+        self.proc = None
+
+    def restart(self):
+        self.stop()
+        return self.start()

@@ -13,8 +13,8 @@ import pytest
 import redis
 
 from conftest import API_TOKEN, SIGNING_KEYS, start_redis_server
-from test_delayed_support import (WorkerProcesses, assert_fired_once, delayed_contexts, fired_at, status_of,
-                                  timer_events, wait_until, workers)  # noqa: F401 - the fixture
+from test_delayed_support import (SkewedClock, WorkerProcesses, assert_fired_once, delayed_contexts, fired_at,
+                                  status_of, timer_events, wait_until, workers)  # noqa: F401 - the fixture
 from webapp import create_app, delayed, keys, scripts
 from webapp import unsubscribe as u
 from webapp.subscriptions import Status, decode_record
@@ -186,6 +186,33 @@ def test_timers_still_fire_after_redis_restarts_with_aof(tmp_path):
         proc.kill()
         proc.wait(timeout=10)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_a_timer_still_fires_when_the_service_comes_back_days_after_its_deadline(tmp_path):
+    """The service (Redis with AOF, and its workers) stopped just after a person started a timer, and started
+    again two days later (a machine off over a weekend; or the Redis host's clock stepped two days ahead): the
+    person asked to be unsubscribed and nobody cancelled, so the timer fires as soon as a worker runs. The
+    pending record must not have expired with Redis's clock meanwhile."""
+    clock = SkewedClock(tmp_path)
+    url = clock.start()
+    procs = WorkerProcesses(url, tmp_path)
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        app = create_app({"TESTING": True, "REDIS_URL": url, "API_TOKEN": API_TOKEN, "SIGNING_KEYS": SIGNING_KEYS,
+                          "PUBLIC_BASE_URL": "https://unsub.example", "VAR_DIR": str(tmp_path),
+                          "TIME_UNIT_SECONDS": 1})
+        first, second = delayed_contexts(app, client, 2, timer_minutes=2)
+        for ctx in (first, second):
+            assert u.arm_timer(client, ctx, u.resolve_scope(ctx), 1)["state"] == "pending"
+        clock.set(2 * 86400)                                  # down for two days
+        clock.restart()
+        procs.start()
+        wait_until(lambda: all(status_of(client, ctx) == Status.UNSUBSCRIBED for ctx in (first, second)), 10)
+        assert_fired_once(client, [first, second])
+    finally:
+        client.close()
+        procs.close()
+        clock.stop()
 
 
 def test_timers_fire_within_seconds_of_a_worker_coming_back(app, r, workers, queue):

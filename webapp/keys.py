@@ -11,7 +11,7 @@ live in one Redis Cluster slot and can be changed together in one MULTI/EXEC or 
 | us:db:<db_id>:profiles                 | set    | subscriptions (first sub)     | never   |
 | us:{<db_id>:<pid>}:subs                | hash   | subscriptions (hash_id->record, encode_record) | never |
 | us:{<db_id>:<pid>}:events              | list   | events.queue_append (encode_event, chained) | never |
-| us:{<db_id>:<pid>}:pending:<hash_id>   | hash   | unsubscribe.arm_timer: deadline, armed_at, scope, smid, evidence; `lease` (3 s claim by a firer) | deadline + 1 day |
+| us:{<db_id>:<pid>}:pending:<hash_id>   | hash   | unsubscribe.arm_timer: deadline, armed_at, scope, smid, evidence; `lease` (1 s claim by a firer) | never (deleted when settled) |
 | us:pending:due                         | zset   | delayed timers: member "db|pid|hash_id", score = deadline | never (members removed when settled) |
 | us:{<db_id>:<pid>}:manager_undo        | hash   | preferences (last manager change, and the link that made it) | 10 minutes |
 | us:suspensions:due                     | zset   | preferences.suspend: "db|pid|hash_id" by end time | never (members removed on resume) |

@@ -340,8 +340,10 @@ def queue_pending_writes(pipe, db_id, profile_id, hash_id, fields):
     pending_key = keys.pending_unsubscribe(db_id, profile_id, hash_id)
     deadline = float(fields["deadline"])
     pipe.hset(pending_key, mapping=fields)
-    # Kept a day past the deadline so a late sweeper still finds it; settled records are deleted.
-    pipe.expireat(pending_key, int(deadline) + 86400)
+    # No expiry: a record lives until a cancel or a firer settles it (deletes it), however late that is. One
+    # that expired would drop the person's unsubscribe unasked when the workers, or the whole service, were
+    # down for long past the deadline (Redis expires a key on load too), or when the Redis host's clock
+    # stepped ahead.
     pipe.zadd(keys.pending_due(), {keys.pending_due_member(db_id, profile_id, hash_id): deadline})
 
 
