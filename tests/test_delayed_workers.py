@@ -330,3 +330,36 @@ def test_sweepers_in_threads_never_fire_twice(app, r):
             s.stopped.set()
             s.join(timeout=5)
     assert_fired_once(r, contexts)
+
+
+@pytest.mark.parametrize("skew", [150.0, -150.0], ids=["redis-ahead", "redis-behind"])
+def test_the_page_and_the_sdk_count_down_by_the_clock_that_fires_the_timer(tmp_path, skew):
+    """Deadlines are on the Redis host's clock, which fires the timer; a web host whose clock is off from it
+    (hosts drift, a VM resumed) must still show the time that is really left: a countdown of 3:30 for a timer
+    that fires in 1:00 tells the person they may still cancel when they cannot, one of 0:00 reloads the page
+    in a loop while the timer still runs."""
+    import re
+
+    from conftest import ApiActions, close_clients, email_resource, form_token
+    clock = SkewedClock(tmp_path, skew)
+    url = clock.start()
+    app = create_app({"TESTING": True, "REDIS_URL": url, "API_TOKEN": API_TOKEN, "SIGNING_KEYS": SIGNING_KEYS,
+                      "PUBLIC_BASE_URL": "https://unsub.example", "VAR_DIR": str(tmp_path), "TIME_UNIT_SECONDS": 30})
+    try:
+        client = app.test_client()
+        api = ApiActions(client)
+        res = api.ok("resources/add", **email_resource(unsubscribe={"mode": "delayed", "timer_minutes": 2}))
+        ident = {"db_id": 1, "profile_id": "p-1", "resource_id": res["id"], "channel": "email",
+                 "email": "ann@example.com"}
+        api.ok("subscriptions/set", **ident)
+        smid = api.ok("messages/links", **ident)["smid"]
+        path = f"/unsubscribe/{smid}"
+        client.post(path, data={"action": "start", "csrf_token": form_token(client.get(path).get_data(as_text=True))})
+        html = client.get(path).get_data(as_text=True)
+        assert 55 <= int(re.search(r'data-seconds-left="(\d+)"', html).group(1)) <= 60
+        state = client.post(f"/sdk/v1/{res['id']}/unsubscribe", json={"smid": smid, "action": "state"},
+                            headers={"Origin": "https://shop.example"}).get_json()
+        assert 55 <= state["pending"]["seconds_left"] <= 60
+    finally:
+        close_clients(app)
+        clock.stop()

@@ -5,8 +5,9 @@ wake-up of redis-server and a blocking read) and, on this kind of VM, to every c
 cold per request (a cold EVALSHA of six reads ~29 us of Redis CPU, each plain command a few us). So these do
 the same reads and writes as the generic code paths in fewer calls, on direct.py's transport:
 
-- the unsubscribe page GET/HEAD (`open_for_page`): open_smid's three reads, the pending timer and record_view's
-  count as six plain commands in one pipeline, where they took two round trips;
+- the unsubscribe page GET/HEAD (`open_for_page`): open_smid's three reads, the pending timer, the Redis clock
+  (a countdown is of the clock the deadline is on) and record_view's count as seven plain commands in one
+  pipeline, where they took two round trips;
 - the RFC 8058 one-click POST (`one_click`): open_smid's reads plus what the unsubscribe needs as five plain
   reads in one pipeline, then one compare-and-set Lua call (APPLY) that writes the new record and its
   chained ledger event; the generic open_smid + unsubscribe took six round trips (three reads, WATCH,
@@ -68,20 +69,21 @@ return 1
 
 
 def _read_for_page(r, smid, token, method):
-    """[resource JSON, subscription JSON, view counts as read before this view, pending timer's hash], with
+    """[resource JSON, subscription JSON, view counts as read before this view, pending timer's hash, TIME], with
     record_view's count pipelined after the reads: plain commands (a Lua call that decided whether to count
-    cost Redis about five times as much CPU as these six commands)."""
+    cost Redis about five times as much CPU as these seven commands)."""
     views = keys.page_views(unsubscribe.view_digest(token))
     reply = direct.pipeline(r, (("GET", keys.resource(smid.resource_id)),
                                 ("HGET", keys.profile_subscriptions(smid.db_id, smid.profile_id), smid.hash_id),
                                 ("HGETALL", views),
                                 ("HGETALL", keys.pending_unsubscribe(smid.db_id, smid.profile_id, smid.hash_id)),
+                                ("TIME",),
                                 ("HINCRBY", views, method, 1),
                                 ("EXPIRE", views, unsubscribe.VIEW_TTL_SECONDS)), raise_errors=False)
     # The count is telemetry: a Redis refusing writes (out of memory, a failed snapshot) still shows the page.
-    for value in reply[:4]:
+    for value in reply[:5]:
         direct.raise_error(value)
-    return reply[:4]
+    return reply[:5]
 
 
 def _read_for_one_click(r, smid, token):
@@ -113,6 +115,7 @@ def open_for_page(r, ring, token, method):
     reply = _read_for_page(r, smid, token, method)
     ctx = _context(token, smid, reply)
     ctx.pending_fields = _as_dict(reply[3])
+    ctx.now = int(reply[4][0]) + int(reply[4][1]) / 1_000_000
     return ctx
 
 

@@ -119,7 +119,8 @@ def page_view(ctx, done=None, chosen=None):
         # (one timer per subscription: it may have been started, or widened, from another message's link).
         "scope": unsubscribe.describe_scope(resource, unsubscribe.now_scope(ctx, pending)),
         "message_category": next((c["title"] for c in cats if c["api_name"] == category), None),
-        "pending": pending, "joins": joins, "seconds_left": unsubscribe.seconds_left(pending) if pending else None,
+        "pending": pending, "joins": joins,
+        "seconds_left": unsubscribe.seconds_left(pending, ctx.now) if pending else None,
         "timer_minutes": resource["unsubscribe"]["timer_minutes"],
         "blocked_text": resource["unsubscribe"].get("blocked_text"),
         "manage_url": manage_url(app.config["PUBLIC_BASE_URL"],

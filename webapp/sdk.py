@@ -249,10 +249,12 @@ def _action(body):
 
 
 def _state(r, ctx, result):
-    with r.pipeline(transaction=False) as pipe:  # the record and the pending timer, in one round trip
+    with r.pipeline(transaction=False) as pipe:  # the record, the pending timer and the clock, in one round trip
         pipe.hget(keys.profile_subscriptions(*ctx.key[:2]), ctx.smid.hash_id)
         pipe.hgetall(keys.pending_unsubscribe(*ctx.key))
-        raw, ctx.pending_fields = pipe.execute()
+        pipe.time()
+        raw, ctx.pending_fields, (seconds, micros) = pipe.execute()
+    ctx.now = seconds + micros / 1_000_000
     record = decode_record(raw) if raw else ctx.record
     state = state_of(ctx.resource, record)
     pending = unsubscribe.read_pending(r, ctx)  # in every mode: a timer outlives a change of mode, and fires
@@ -278,7 +280,7 @@ def _pending_state(ctx, pending):
     if not pending:
         return None
     scope = unsubscribe.describe_scope(ctx.resource, pending["scope"])
-    return {"deadline": pending["deadline"], "seconds_left": unsubscribe.seconds_left(pending),
+    return {"deadline": pending["deadline"], "seconds_left": unsubscribe.seconds_left(pending, ctx.now),
             "cats": pending["scope"]["cats"], "whole": scope["whole"], "stops": scope["stops"],
             "continues": scope["continues"]}
 

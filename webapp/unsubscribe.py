@@ -48,6 +48,7 @@ class Context:
     record: dict
     views: dict = field(default_factory=dict)  # recent GET/HEAD counts of this SMID's page (scanner evidence)
     pending_fields: dict = None  # the pending timer's hash as read with the SMID, the page or the SDK's state
+    now: float = None  # the Redis clock (epoch seconds) as read with them: deadlines are on it, not the host's
 
     @property
     def key(self):
@@ -67,11 +68,13 @@ def open_smid(r, ring, token, with_pending=False):
         pipe.get(keys.resource(smid.resource_id))
         pipe.hget(keys.profile_subscriptions(smid.db_id, smid.profile_id), smid.hash_id)
         pipe.hgetall(keys.page_views(view_digest(token)))
+        pipe.time()
         if with_pending:
             pipe.hgetall(keys.pending_unsubscribe(smid.db_id, smid.profile_id, smid.hash_id))
-        resource_raw, raw, views, *pending = pipe.execute()
+        resource_raw, raw, views, (seconds, micros), *pending = pipe.execute()
     ctx = context_from(token, smid, resource_raw, raw, views)
     ctx.pending_fields = pending[0] if pending else None
+    ctx.now = seconds + micros / 1_000_000
     return ctx
 
 
@@ -317,9 +320,11 @@ def now_scope(ctx, pending):
     return widened_scope(pending["scope"], resolve_scope(ctx))
 
 
-def seconds_left(pending, now=None):
-    """Whole seconds until a pending timer's deadline, rounded up: a 30-minute timer just armed shows 30:00."""
-    return max(0, math.ceil(pending["deadline"] - (time.time() if now is None else now)))
+def seconds_left(pending, now):
+    """Whole seconds until a pending timer's deadline, rounded up: a 30-minute timer just armed shows 30:00.
+    `now` is the Redis clock (Context.now, server_time), which set the deadline and fires the timer: the web
+    host's own clock may be off from it by any amount, and the person would be shown the time left wrong."""
+    return max(0, math.ceil(pending["deadline"] - now))
 
 
 def _decode_pending(raw):
