@@ -836,3 +836,24 @@ def test_a_valid_link_whose_subscription_is_gone_does_not_say_the_link_is_broken
         assert advice not in html.lower()
     broken = client.get(f"{path[:-5]}?lang={lang}").get_data(as_text=True)       # a cut link: as before
     assert advice in broken.lower() and heading not in broken
+
+
+def test_a_category_link_already_stopped_still_shows_the_pending_timer_that_will_stop_the_rest(api, client, r):
+    """The News message was one-clicked already; then a whole-subscription timer was started from another
+    message's link. News's page must not say "You are unsubscribed, these continue: Promotions" with no way to
+    cancel: Promotions stops too at the deadline. It shows that timer, its countdown and Cancel, as every page
+    shows a pending timer."""
+    res, news_path, body = make_link(api, "delayed", categories=[
+        {"title": "News", "api_name": "news"}, {"title": "Promotions", "api_name": "promo"}])
+    whole_path = api.ok("messages/links", **{k: v for k, v in body.items() if k != "category"})[
+        "unsubscribe_url"].removeprefix("https://unsub.example")
+    assert client.post(news_path, data={"List-Unsubscribe": "One-Click"}).status_code == 200
+    token = form_token(client.get(whole_path).get_data(as_text=True))
+    assert client.post(whole_path, data={"action": "start", "csrf_token": token}).status_code == 303
+    html = client.get(news_path).get_data(as_text=True)
+    assert "data-deadline" in html and 'value="cancel"' in html and 'value="now"' in html
+    assert "These continue" not in html and "You are unsubscribed" not in html
+    assert 'data-auto-submit="start"' not in html        # nothing of this link's is left to add to the timer
+    token = form_token(html)
+    assert client.post(news_path, data={"action": "cancel", "csrf_token": token}).status_code == 303
+    assert get_sub(api, body)["cats"] == ["promo"] and get_sub(api, body)["status"] == "subscribed"

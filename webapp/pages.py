@@ -91,11 +91,17 @@ def page_view(ctx, done=None, chosen=None):
         state = "unsubscribed"  # what this message was about has stopped
     else:
         state = "active"
+    if pending and state == "unsubscribed" and stoppable:
+        # What this message was about has stopped, but a timer started from another message's link will stop
+        # more at its deadline: the page shows that timer (its countdown, Cancel), not "these continue".
+        state = "active"
     stopped = [c["title"] for c in cats if c["api_name"] not in subscribed]
     # A delayed page whose link asks for more than the pending timer covers (another category's message) adds
-    # it to that timer when shown, as it starts one (unsubscribe.arm_timer widens it, same deadline).
+    # it to that timer when shown, as it starts one (unsubscribe.arm_timer widens it, same deadline); not what
+    # has stopped already.
     joins = []
-    if pending and ctx.mode == "delayed" and state == "active":
+    if (pending and ctx.mode == "delayed" and state == "active"
+            and unsubscribe.unsubscribed_record(resource, record, message_scope) != record):
         wider = unsubscribe.widened_scope(pending["scope"], message_scope)
         if wider != pending["scope"]:
             now_stops = unsubscribe.describe_scope(resource, pending["scope"])["stops"]
