@@ -44,12 +44,13 @@
       last = s;
       if (s <= 0) {
         clearInterval(timer);
-        // The server settles the timer within 2 s of the deadline; then show the result. The page comes back
-        // with done=started, so it does not act by itself: a timer cancelled meanwhile in another tab is shown
-        // as cancelled, not started again (an opened page without `done` starts one).
-        var query = location.search.replace(/([?&])done=[^&]*(&|$)/, "$1").replace(/[?&]$/, "");
-        setTimeout(function () { location.replace(location.pathname + (query ? query + "&" : "?") + "done=started"); },
-                   2500);
+        // The server settles the timer within 2 s of the deadline; then show the result. The reload is this
+        // script's, not the person opening the link again: it carries done=started, which keeps the page from
+        // starting a new timer by itself (one cancelled meanwhile, in another tab, stays cancelled).
+        setTimeout(function () {
+          var query = location.search.replace(/([?&])done=[^&]*&?/, "$1").replace(/[?&]$/, "");
+          location.replace(location.pathname + query + (query ? "&" : "?") + "done=started");
+        }, 2500);
       }
     }
     var timer = setInterval(tick, 1000);

@@ -320,3 +320,4 @@ def test_too_many_form_posts_get_a_readable_page_that_changes_nothing(live_serve
     assert page.evaluate("document.documentElement.scrollWidth") <= 390         # no sideways scrolling
     assert status(live_server, ident)[0] == "unsubscribed"
     screenshot(page, f"too-many-requests-{lang}")
+
