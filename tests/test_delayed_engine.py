@@ -424,6 +424,23 @@ def test_a_broken_record_does_not_hold_up_the_other_timers(app, r, caplog, monke
     assert u.read_pending(r, bad_ledger) and len(timer_events(r, good)) == 1
 
 
+def test_a_full_batch_of_broken_records_does_not_hold_up_a_timer_due_after_them(app, r):
+    """Broken timers stay pending at their deadline, first in every sweep: a sweep's whole batch of them would
+    keep every later timer from firing. They go to the back, to be tried again later."""
+    first, second, good = delayed_contexts(app, r, 3, timer_minutes=1)
+    for ctx in (first, second):
+        arm(r, ctx)
+        r.rpush(keys.profile_events(1, ctx.key[1]), "not json")
+    sleep_past(arm(r, good))
+    assert delayed.sweep_once(r, limit=2) == 0                                # the two broken ones: a full batch
+    for ctx in (first, second):
+        r.hdel(keys.pending_unsubscribe(*ctx.key), "lease")                    # as if their leases had run out
+    assert delayed.sweep_once(r, limit=2) == 1 and status_of(r, good) == Status.UNSUBSCRIBED
+    assert u.read_pending(r, first) and u.read_pending(r, second)             # still pending, to be repaired
+    retry = r.zscore(keys.pending_due(), keys.pending_due_member(*first.key)) - u.server_time(r)
+    assert u.BROKEN_RETRY_SECONDS - 5 < retry <= u.BROKEN_RETRY_SECONDS
+
+
 @pytest.mark.parametrize("broken_key", ["profiles", "timeline"])
 def test_a_key_a_fire_would_fail_to_write_is_found_before_any_write(app, r, caplog, broken_key):
     (ctx,) = delayed_contexts(app, r, 1, timer_minutes=1)

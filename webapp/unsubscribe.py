@@ -285,6 +285,9 @@ FIRE_ATTEMPTS = 5  # reads-and-applies of a timer whose state changed under us, 
 # settles a batch in well under this; one slower than it only lets another firer do the same work, and
 # FIRE_TIMERS's compare-and-set lets one of them write.
 FIRE_LEASE = 1.0
+# Seconds a timer whose data cannot be read waits before it is tried again: left at its deadline, it would come
+# first in every sweep, and a batch of them would hold up every other timer.
+BROKEN_RETRY_SECONDS = 60
 
 
 def _parse_member(member):
@@ -537,7 +540,8 @@ def fire_timers(r, timers, now=None):
     before), "early" (not due yet), "leased" (another firer is settling it right now; should it die, the lease
     runs out after FIRE_LEASE seconds),
     "changed" (kept changing under us FIRE_ATTEMPTS times; the next sweep retries it) or "broken" (its data
-    cannot be read or has the wrong type: logged once, left pending, the other timers go on).
+    cannot be read or has the wrong type: logged once, left pending and tried again BROKEN_RETRY_SECONDS later,
+    behind the other due timers).
     """
     todo = list(dict.fromkeys((int(d), p, h) for d, p, h in timers))
     results, owner = {}, secrets.token_hex(8)
@@ -547,6 +551,10 @@ def fire_timers(r, timers, now=None):
         for start in range(0, len(todo), FIRE_BATCH):
             results.update(_fire_round(r, todo[start:start + FIRE_BATCH], now, owner))
         todo = [t for t in todo if results[t] == "changed"]
+    broken = {keys.pending_due_member(*t): None for t, code in results.items() if code == "broken"}
+    if broken:
+        retry_at = (server_time(r) if now is None else now) + BROKEN_RETRY_SECONDS
+        r.zadd(keys.pending_due(), dict.fromkeys(broken, retry_at), xx=True)  # its pending record is kept
     return results
 
 
