@@ -219,7 +219,9 @@ def test_run_without_redis_server_says_how_to_install_it(tmp_path):
                                       "127.0.0.1:0", "webapp:create_app()"]], ids=["run", "workers", "gunicorn"])
 @pytest.mark.parametrize("setting, value", [("SDK_RATE_LIMIT_PER_IP", "lots"), ("SIGNING_KEYS", "no-colon"),
                                             ("PORT", "80a"), ("TIME_UNIT_SECONDS", "0"),
-                                            ("REDIS_URL", "localhost:6379"),
+                                            ("REDIS_URL", "localhost:6379"), ("REDIS_URL", "redis://localhost:63a9"),
+                                            ("REDIS_URL", "redis://localhost:6379/zero"), ("REDIS_URL", "unix://"),
+                                            ("REDIS_URL", "redis://localhost:6379/0?socket_timeot=5"),
                                             ("PUBLIC_BASE_URL", "https://u.example/x>, <mailto:x@y")])
 def test_a_bad_setting_stops_the_command_with_its_message_before_anything_starts(tmp_path, command, setting, value):
     result = subprocess.run([sys.executable, "-m", *command], cwd=tmp_path, env=clean_env(**{setting: value}),
@@ -228,6 +230,29 @@ def test_a_bad_setting_stops_the_command_with_its_message_before_anything_starts
     error_lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert error_lines[0].startswith(f"Configuration error: {setting} ") and "Traceback" not in result.stderr
     assert not (tmp_path / "var" / "redis").exists()  # no local Redis was started
+
+
+@pytest.mark.parametrize("command", [["webapp", "run"], ["workers"]], ids=["run", "workers"])
+def test_a_redis_that_does_not_answer_is_said_in_one_line_without_its_password(tmp_path, command):
+    """REDIS_URL well formed but nothing answers there (a typo in the host or port, Redis not started): `run`
+    and the worker say so in one line, not with redis-py's traceback, and show no password of the URL."""
+    port = free_port()  # free: nothing listens there
+    env = clean_env(REDIS_URL=f"redis://:hunter2-secret@127.0.0.1:{port}/0", PORT=str(free_port()),
+                    API_TOKEN="t", SIGNING_KEYS="k1:s")
+    result = subprocess.run([sys.executable, "-m", *command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Redis at redis://:***@127.0.0.1:{port}/0 does not answer (Error 111 connecting to 127.0.0.1:{port}. "
+        "Connection refused.): start it, or correct REDIS_URL")
+    assert "hunter2" not in result.stderr + result.stdout and "Web app on" not in result.stdout
+
+
+def test_a_bad_redis_url_is_named_without_its_password():
+    with pytest.raises(ConfigError, match=r"^REDIS_URL 'redis://u:\*\*\*@h:63a9/0' cannot be used: Port") as caught:
+        load_settings({"API_TOKEN": "t", "SIGNING_KEYS": "k1:s", "REDIS_URL": "redis://u:pass@h:63a9/0"},
+                      dotenv_path="/nonexistent")
+    assert "pass" not in str(caught.value)
 
 
 def test_gunicorn_without_a_redis_url_says_so_in_one_line(tmp_path):

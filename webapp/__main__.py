@@ -86,6 +86,11 @@ def run():
         sys.exit("redis-server is not installed: sudo apt-get install -y redis-server (or set REDIS_URL)")
     if not port_free(settings["PORT"]):
         sys.exit(f"Port {settings['PORT']} of 127.0.0.1 is in use (another server?): set PORT to a free one")
+    if settings["REDIS_URL"]:
+        from .store import unreachable
+        problem = unreachable(settings["REDIS_URL"], settings["REDIS_TIMEOUT_SECONDS"])
+        if problem:
+            sys.exit(problem)
     try:
         env = dict(os.environ)
         if not settings["REDIS_URL"]:

@@ -171,8 +171,8 @@ def load_settings(environ=None, dotenv_path=".env"):
     merged["WEB_WORKERS"] = merged["WEB_WORKERS"] or default_web_workers()
     for key, (kind, least, most) in NUMBER_SETTINGS.items():
         merged[key] = _number(key, merged[key], kind, least, most)
-    if merged["REDIS_URL"] and not merged["REDIS_URL"].startswith(REDIS_URL_SCHEMES):
-        raise ConfigError(f"REDIS_URL {merged['REDIS_URL']!r} must start with redis://, rediss:// or unix://")
+    if merged["REDIS_URL"]:
+        check_redis_url(merged["REDIS_URL"])
     from .locale import LOCALES
     if merged["DEFAULT_LOCALE"] not in LOCALES:
         raise ConfigError(f"DEFAULT_LOCALE {merged['DEFAULT_LOCALE']!r} must be one of {', '.join(LOCALES)}")
@@ -189,6 +189,43 @@ def load_settings(environ=None, dotenv_path=".env"):
         merged["PUBLIC_BASE_URL"] = f"http://127.0.0.1:{merged['PORT']}"
     merged["PUBLIC_BASE_URL"] = public_base_url(merged["PUBLIC_BASE_URL"])
     return merged
+
+
+def shown_url(url):
+    """`url` as messages and logs may show it: a password in it replaced by ***."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:  # not a URL urlsplit can read: shown up to its host part, whatever follows an @ cut
+        return url.rpartition("@")[2] if "@" in url else url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
+def check_redis_url(url):
+    """Raise ConfigError unless redis-py can make a connection of `url` (it connects only at the first
+    command, so a bad port, database number or option would otherwise fail every request and the worker's
+    start with a traceback, or, for a database that is not a number, quietly use database 0)."""
+    import redis
+    shown = f"REDIS_URL {shown_url(url)!r}"
+    if not url.startswith(REDIS_URL_SCHEMES):
+        raise ConfigError(f"{shown} must start with redis://, rediss:// or unix://")
+    try:
+        parts = urlsplit(url)
+        if url.startswith("unix://") and not parts.path:
+            raise ValueError("it names no socket path (unix:///path/to/redis.sock)")
+        if not url.startswith("unix://") and not re.fullmatch(r"/?|/\d+", parts.path):
+            raise ValueError(f"the database {parts.path[1:]!r} is not a number")
+        client = redis.Redis.from_url(url)
+        client.connection_pool.make_connection()  # builds the connection object only: no I/O
+    except ValueError as exc:
+        raise ConfigError(f"{shown} cannot be used: {exc}") from None
+    except TypeError as exc:  # an option in the query that no connection takes (?foo=1)
+        unknown = re.search(r"argument '(\w+)'", str(exc))
+        raise ConfigError(f"{shown} cannot be used: redis-py has no connection option "
+                          f"{unknown.group(1) if unknown else str(exc)!r}") from None
 
 
 def _number(name, value, kind, least, most):

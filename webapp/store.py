@@ -83,6 +83,19 @@ def settings_advice(client):
     return advice
 
 
+def unreachable(url, timeout=DEFAULTS["REDIS_TIMEOUT_SECONDS"]):
+    """None when the Redis at `url` answers a PING within `timeout` seconds, else one line saying why not (for a
+    command's start: `python -m webapp run` with REDIS_URL set, `python -m workers`)."""
+    try:
+        with redis.Redis.from_url(url, **timeouts(timeout)) as client:
+            client.ping()
+    except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
+        from .config import shown_url
+        detail = str(exc).strip() or type(exc).__name__
+        return f"Redis at {shown_url(url)} does not answer ({detail}): start it, or correct REDIS_URL"
+    return None
+
+
 def init_app(app):
     app.extensions.pop("redis", None)
     app.extensions.pop("timer_queue", None)

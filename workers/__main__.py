@@ -27,7 +27,7 @@ from rq.serializers import JSONSerializer
 
 from webapp.config import settings_or_exit
 from webapp.delayed import Sweeper, mark_sweeper_process, timer_queue
-from webapp.store import settings_advice
+from webapp.store import settings_advice, unreachable
 from workers.housekeeping import Housekeeper
 
 WORKER_TTL = 20  # seconds; RQ's default is 420. The idle worker wakes every WORKER_TTL - 15 s for maintenance
@@ -49,6 +49,9 @@ def main():
     if not url:
         sys.exit("REDIS_URL is not set: run `python -m webapp run`, or set REDIS_URL")
     os.environ["REDIS_URL"] = url
+    problem = unreachable(url, settings["REDIS_TIMEOUT_SECONDS"])
+    if problem:
+        sys.exit(problem)  # one line, not redis-py's traceback; a supervisor starts the worker again
     rq_redis = redis.Redis.from_url(url)
     with redis.Redis.from_url(url, decode_responses=True) as client:
         for advice in settings_advice(client):
