@@ -615,3 +615,40 @@ def test_access_log_never_holds_a_whole_token(r, redis_url):
         log = f.read()
     assert f"/unsubscribe/{smid[:8]}…" in log
     assert smid not in log and smid[:20] not in log
+
+
+def test_readiness_follows_redis_and_liveness_does_not(tmp_path):
+    """A load balancer's probes: /readyz answers 503 (JSON, Retry-After, within REDIS_TIMEOUT_SECONDS) while Redis
+    is down and 200 again once it is back, with no restart of the web app; /healthz stays 200 throughout, so an
+    orchestrator does not restart web processes for an outage of Redis. Neither shows where Redis is."""
+    proc, url = start_redis_server(str(tmp_path), appendonly=True)
+    server = Gunicorn(url, workers=1, env={"REDIS_TIMEOUT_SECONDS": "1"})
+    try:
+        def probe(path, method="GET"):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            try:
+                conn.request(method, path)
+                resp = conn.getresponse()
+                return resp.status, dict(resp.getheaders()), resp.read().decode()
+            finally:
+                conn.close()
+
+        for path in ("/healthz", "/readyz"):
+            status, headers, body = probe(path)
+            assert status == 200 and headers["Cache-Control"] == "no-store", (path, status, body)
+            assert headers["Content-Type"] == "application/json" and probe(path, "HEAD")[0] == 200
+        assert json.loads(probe("/readyz")[2]) == {"status": "ready"}
+        proc.kill()
+        proc.wait()
+        started = time.monotonic()
+        status, headers, body = probe("/readyz")
+        assert time.monotonic() - started < 2.5
+        assert (status, headers.get("Retry-After"), json.loads(body)["status"]) == (503, "5", "unavailable")
+        assert str(tmp_path) not in body and "redis.sock" not in body
+        assert probe("/healthz")[0] == 200
+        proc, url = start_redis_server(str(tmp_path), appendonly=True)
+        assert probe("/readyz")[0] == 200
+    finally:
+        server.stop()
+        proc.kill()
+        proc.wait()

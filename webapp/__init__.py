@@ -119,8 +119,9 @@ def create_app(test_config=None):
 
     store.init_app(app)
     csrf.init_app(app)
-    from . import api, locale, manager, pages, ratelimits, sdk
+    from . import api, health, locale, manager, pages, ratelimits, sdk
     locale.init_app(app)
+    app.register_blueprint(health.bp)
     app.register_blueprint(api.bp)
     csrf.exempt(api.bp)
     app.register_blueprint(pages.bp)
