@@ -180,14 +180,21 @@ def load_settings(environ=None, dotenv_path=".env"):
         check_rate_limit(key, merged[key])
     if merged["SIGNING_KEYS"]:
         parse_signing_keys(merged["SIGNING_KEYS"])  # a bad list stops the start, before secrets are generated
-    if not merged["API_TOKEN"] or not merged["SIGNING_KEYS"]:
+    if not merged["PUBLIC_BASE_URL"]:
+        merged["PUBLIC_BASE_URL"] = f"http://127.0.0.1:{merged['PORT']}"
+    merged["PUBLIC_BASE_URL"] = public_base_url(merged["PUBLIC_BASE_URL"])
+    missing = [key for key in ("SIGNING_KEYS", "API_TOKEN") if not merged[key]]
+    if missing and not local_address(merged["PUBLIC_BASE_URL"]):
+        # Generated secrets are one machine's: links signed on one instance would be refused (404) by every other,
+        # and a new VAR_DIR would turn every link already sent into a 404.
+        raise ConfigError(f"{missing[0]} is not set: PUBLIC_BASE_URL {merged['PUBLIC_BASE_URL']} is not a local "
+                          "address, and secrets are generated only for development (set SIGNING_KEYS and "
+                          "API_TOKEN, the same on every instance)")
+    if missing:
         generated = _dev_secrets(merged["VAR_DIR"])
         merged["API_TOKEN"] = merged["API_TOKEN"] or generated["API_TOKEN"]
         merged["SIGNING_KEYS"] = merged["SIGNING_KEYS"] or generated["SIGNING_KEYS"]
     signing_key_ring(merged)  # the start stops at a bad list, not every worker that loads it
-    if not merged["PUBLIC_BASE_URL"]:
-        merged["PUBLIC_BASE_URL"] = f"http://127.0.0.1:{merged['PORT']}"
-    merged["PUBLIC_BASE_URL"] = public_base_url(merged["PUBLIC_BASE_URL"])
     return merged
 
 
@@ -271,10 +278,14 @@ def default_web_workers():
     return max(2, 2 * (os.cpu_count() or 1))
 
 
+def local_address(url):
+    """Whether `url` names this machine (a development install): localhost, 127.0.0.1 or ::1."""
+    return urlsplit(url).hostname in ("localhost", "127.0.0.1", "::1")
+
+
 def one_click_capable(url):
     """Whether a link can be an RFC 8058 one-click: https (§3.1), or a local development address."""
-    parts = urlsplit(url)
-    return parts.scheme.lower() == "https" or parts.hostname in ("localhost", "127.0.0.1", "::1")
+    return urlsplit(url).scheme.lower() == "https" or local_address(url)
 
 
 def public_base_url(value):
