@@ -16,6 +16,8 @@ import redis
 from conftest import ROOT
 from webapp.config import ConfigError, default_web_workers, load_settings
 
+KEYS, TOKEN = "k1:a-secret-of-the-test", "an-api-token-of-the-test"
+
 
 def free_port():
     import socket
@@ -238,7 +240,7 @@ def test_a_redis_that_does_not_answer_is_said_in_one_line_without_its_password(t
     and the worker say so in one line, not with redis-py's traceback, and show no password of the URL."""
     port = free_port()  # free: nothing listens there
     env = clean_env(REDIS_URL=f"redis://:hunter2-secret@127.0.0.1:{port}/0", PORT=str(free_port()),
-                    API_TOKEN="t", SIGNING_KEYS="k1:s")
+                    API_TOKEN=TOKEN, SIGNING_KEYS=KEYS)
     result = subprocess.run([sys.executable, "-m", *command], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=30)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
@@ -250,7 +252,7 @@ def test_a_redis_that_does_not_answer_is_said_in_one_line_without_its_password(t
 
 def test_a_bad_redis_url_is_named_without_its_password():
     with pytest.raises(ConfigError, match=r"^REDIS_URL 'redis://u:\*\*\*@h:63a9/0' cannot be used: Port") as caught:
-        load_settings({"API_TOKEN": "t", "SIGNING_KEYS": "k1:s", "REDIS_URL": "redis://u:pass@h:63a9/0"},
+        load_settings({"API_TOKEN": TOKEN, "SIGNING_KEYS": KEYS, "REDIS_URL": "redis://u:pass@h:63a9/0"},
                       dotenv_path="/nonexistent")
     assert "pass" not in str(caught.value)
 
@@ -282,7 +284,7 @@ def test_a_public_address_without_its_secrets_is_refused_rather_than_given_gener
 def test_gunicorn_without_a_redis_url_says_so_in_one_line(tmp_path):
     command = [sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "webapp", "gunicorn.conf.py"), "-b",
                "127.0.0.1:0", "webapp:create_app()"]
-    result = subprocess.run(command, cwd=tmp_path, env=clean_env(API_TOKEN="t", SIGNING_KEYS="k1:s"),
+    result = subprocess.run(command, cwd=tmp_path, env=clean_env(API_TOKEN=TOKEN, SIGNING_KEYS=KEYS),
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "Configuration error: REDIS_URL is not set" in result.stderr
@@ -291,7 +293,7 @@ def test_gunicorn_without_a_redis_url_says_so_in_one_line(tmp_path):
 def test_gunicorn_opens_no_control_socket_shared_with_every_other_gunicorn(tmp_path):
     command = [sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "webapp", "gunicorn.conf.py"), "-b",
                "127.0.0.1:0", "--log-level", "info", "webapp:create_app()"]
-    env = clean_env(REDIS_URL=f"unix://{tmp_path}/none.sock", API_TOKEN="t", SIGNING_KEYS="k1:s")
+    env = clean_env(REDIS_URL=f"unix://{tmp_path}/none.sock", API_TOKEN=TOKEN, SIGNING_KEYS=KEYS)
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     lines = []
@@ -313,28 +315,44 @@ def test_gunicorn_opens_no_control_socket_shared_with_every_other_gunicorn(tmp_p
                                             ("REDIS_URL", "localhost:6379"), ("DEFAULT_LOCALE", "ru-RU")])
 def test_numbers_out_of_their_range_are_refused(setting, value):
     with pytest.raises(ConfigError, match=f"^{setting} "):
-        load_settings({"API_TOKEN": "t", "SIGNING_KEYS": "k1:s", setting: value}, dotenv_path="/nonexistent")
-    assert load_settings({"API_TOKEN": "t", "SIGNING_KEYS": "k1:s", "TRUSTED_PROXIES": "0",
+        load_settings({"API_TOKEN": TOKEN, "SIGNING_KEYS": KEYS, setting: value}, dotenv_path="/nonexistent")
+    assert load_settings({"API_TOKEN": TOKEN, "SIGNING_KEYS": KEYS, "TRUSTED_PROXIES": "0",
                           "REDIS_TIMEOUT_SECONDS": "0.5"}, dotenv_path="/nonexistent")["REDIS_TIMEOUT_SECONDS"] == 0.5
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"SIGNING_KEYS": "k1:s"}, "SIGNING_KEYS secret of kid 'k1' has 1 characters: use at least 12 random ones"),
+    ({"SIGNING_KEYS": KEYS + ",k2:short-key"}, "SIGNING_KEYS secret of kid 'k2' has 9 characters"),
+    ({"SIGNING_KEYS_VERIFY_ONLY": "k2:next"}, "SIGNING_KEYS_VERIFY_ONLY secret of kid 'k2' has 4 characters"),
+    ({"API_TOKEN": "t"}, "API_TOKEN has 1 characters: use at least 12 random ones")])
+def test_a_secret_short_enough_to_guess_is_refused(tmp_path, settings, message):
+    """One link is enough to try signing keys offline until its MAC matches: a short one would let anyone sign
+    links for every subscription. `run`, the worker and gunicorn stop with the message, before anything starts."""
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        load_settings({"API_TOKEN": TOKEN, "SIGNING_KEYS": KEYS, **settings}, dotenv_path="/nonexistent")
+    result = subprocess.run([sys.executable, "-m", "workers"], cwd=tmp_path,
+                            env=clean_env(**{"API_TOKEN": TOKEN, "SIGNING_KEYS": KEYS, **settings}),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and result.stderr.startswith(f"Configuration error: {message}"), result.stderr
 
 
 def test_dotenv_is_read_as_shells_read_it(tmp_path):
     env_file = tmp_path / ".env"
     env_file.write_text("\ufeff# settings\n"                                  # a BOM, as some editors write
                         "PUBLIC_BASE_URL=https://unsub.example.com   # production\n"
-                        "export API_TOKEN=my-secret-token\n"
-                        'SIGNING_KEYS="k1:abc #1"  # rotated 2026-01\n'
+                        "export API_TOKEN=my-secret#token\n"                            # '#' inside a word
+                        'SIGNING_KEYS="k1:abc-of-the-test #1"  # rotated 2026-01\n'
                         "RQ_QUEUE='unsub'\n"
-                        "REDIS_URL=redis://:p#ss@127.0.0.1:6379/0\n"                  # '#' inside a word
+                        "REDIS_URL=redis://:p%23ss@127.0.0.1:6379/0\n"      # a URL's '#' is escaped (redis-py)
                         'VAR_DIR="a \\"quoted\\" dir"\n'
                         "TRUSTED_PROXIES=\n")
     settings = load_settings({}, dotenv_path=str(env_file))
     assert settings["PUBLIC_BASE_URL"] == "https://unsub.example.com"
-    assert settings["API_TOKEN"] == "my-secret-token" and settings["SIGNING_KEYS"] == "k1:abc #1"
+    assert settings["API_TOKEN"] == "my-secret#token" and settings["SIGNING_KEYS"] == "k1:abc-of-the-test #1"
     assert settings["RQ_QUEUE"] == "unsub" and settings["TRUSTED_PROXIES"] == 0
-    assert settings["REDIS_URL"] == "redis://:p#ss@127.0.0.1:6379/0" and settings["VAR_DIR"] == 'a "quoted" dir'
+    assert settings["REDIS_URL"] == "redis://:p%23ss@127.0.0.1:6379/0" and settings["VAR_DIR"] == 'a "quoted" dir'
     overridden = load_settings({"RQ_QUEUE": "other", "API_TOKEN": ""}, dotenv_path=str(env_file))
-    assert overridden["RQ_QUEUE"] == "other" and overridden["API_TOKEN"] == "my-secret-token"   # "" is unset
+    assert overridden["RQ_QUEUE"] == "other" and overridden["API_TOKEN"] == "my-secret#token"   # "" is unset
     for bad in ('SIGNING_KEYS=k1:secret"', "SIGNING_KEYS=\"k1:secret", "SIGNING_KEYS='k1' x", "not a setting"):
         env_file.write_text(bad + "\n")
         with pytest.raises(ConfigError, match="line 1 is not KEY=value"):
@@ -352,7 +370,7 @@ def test_gunicorn_workers_move_what_they_built_at_start_out_of_the_collectors_vi
         "before = len(gc.get_objects())\n"
         "conf['post_worker_init'](None)\n"
         "print(json.dumps([before, gc.get_freeze_count(), len(gc.get_objects())]))\n")
-    env = clean_env(REDIS_URL="redis://127.0.0.1:1/0", API_TOKEN="t", SIGNING_KEYS="k1:secret",
+    env = clean_env(REDIS_URL="redis://127.0.0.1:1/0", API_TOKEN=TOKEN, SIGNING_KEYS=KEYS,
                     VAR_DIR=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=60)

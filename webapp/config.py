@@ -62,6 +62,8 @@ NUMBER_SETTINGS = {"PORT": (int, 1, 65535), "TRUSTED_PROXIES": (int, 0, 100), "W
                    "HOUSEKEEPING_REARM_SECONDS": (float, 0, None)}
 REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 
+# The least length of a signing secret and of API_TOKEN (each is a password an attacker can try offline or online).
+MIN_SECRET_CHARS = 12
 KID_RE = re.compile(r"^[A-Za-z0-9_-]{1,8}\Z")
 
 
@@ -194,8 +196,23 @@ def load_settings(environ=None, dotenv_path=".env"):
         generated = _dev_secrets(merged["VAR_DIR"])
         merged["API_TOKEN"] = merged["API_TOKEN"] or generated["API_TOKEN"]
         merged["SIGNING_KEYS"] = merged["SIGNING_KEYS"] or generated["SIGNING_KEYS"]
-    signing_key_ring(merged)  # the start stops at a bad list, not every worker that loads it
+    signing, verify_only = signing_key_ring(merged)  # the start stops at a bad list, not every worker that loads it
+    check_secret_lengths(merged["API_TOKEN"], signing, verify_only)
     return merged
+
+
+def check_secret_lengths(api_token, signing, verify_only):
+    """Raise ConfigError for a secret short enough to guess: anyone holding one link could try signing keys
+    offline until its MAC matches, then sign links for every subscription (the generated ones have 43
+    characters)."""
+    for name, pairs in (("SIGNING_KEYS", signing), ("SIGNING_KEYS_VERIFY_ONLY", verify_only)):
+        for kid, secret in pairs:
+            if len(secret) < MIN_SECRET_CHARS:
+                raise ConfigError(f"{name} secret of kid {kid!r} has {len(secret)} characters: use at least "
+                                  f"{MIN_SECRET_CHARS} random ones (python3 -c 'import secrets; "
+                                  "print(secrets.token_urlsafe(32))')")
+    if len(api_token) < MIN_SECRET_CHARS:
+        raise ConfigError(f"API_TOKEN has {len(api_token)} characters: use at least {MIN_SECRET_CHARS} random ones")
 
 
 def shown_url(url):
