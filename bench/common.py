@@ -12,7 +12,7 @@ import urllib.request
 import redis
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH_TOKEN = "bench-token"
+BENCH_TOKEN = "bench-api-token"
 sys.path.insert(0, ROOT)
 from webapp.config import default_web_workers  # noqa: E402
 

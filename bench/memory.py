@@ -143,13 +143,13 @@ def used_memory(r):
 def verify_sample(services, r, n, sample, template_sub):
     """Read a random sample back through the real API; returns how many were checked."""
     from webapp import create_app
-    app = create_app({"TESTING": True, "REDIS_URL": services.redis_url, "API_TOKEN": "bench-token",
+    app = create_app({"TESTING": True, "REDIS_URL": services.redis_url, "API_TOKEN": "bench-api-token",
                       "SIGNING_KEYS": "b1:bench-secret", "PUBLIC_BASE_URL": "https://unsub.example",
                       "VAR_DIR": services.dir})
     client = app.test_client()
 
     def call(path, **body):
-        reply = client.post(f"/api/v1.1/{path}", json={"token": "bench-token", **body}).get_json()
+        reply = client.post(f"/api/v1.1/{path}", json={"token": "bench-api-token", **body}).get_json()
         assert reply["error"] == 0, reply
         return reply["data"]
 
