@@ -336,6 +336,35 @@ def test_a_secret_short_enough_to_guess_is_refused(tmp_path, settings, message):
     assert result.returncode == 1 and result.stderr.startswith(f"Configuration error: {message}"), result.stderr
 
 
+def test_a_name_that_is_not_a_setting_is_warned_about_once(tmp_path):
+    """A misspelt setting (TRUSTED_PROXY for TRUSTED_PROXIES: X-Forwarded-For then ignored, every client one
+    address to the rate limits) was ignored without a word. Every name .env sets that is not a setting, and an
+    environment variable spelt almost like one, is now warned about at start, once for all that `run` starts."""
+    (tmp_path / ".env").write_text("DEFAULT_LOCAL=ru\n")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "webapp", "run"], cwd=tmp_path,
+                            env=clean_env(PORT=str(port), TRUSTED_PROXY="1", HOME_DIR="/x"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline and not _worker_registered(tmp_path):
+            time.sleep(0.2)
+        assert _worker_registered(tmp_path)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=40)
+    warnings = [line for line in out.splitlines() if line.startswith("warning: ")]
+    assert warnings == [
+        "warning: DEFAULT_LOCAL, set in .env, is not a setting of this service and is ignored "
+        "(did you mean DEFAULT_LOCALE?)",
+        "warning: TRUSTED_PROXY, set in the environment, is not a setting of this service and is ignored "
+        "(did you mean TRUSTED_PROXIES?)"], out
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "webapp", "gunicorn.conf.py"),
+                             "webapp:create_app()"], cwd=tmp_path, env=clean_env(TRUSTED_PROXY="1"),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "did you mean TRUSTED_PROXIES?" in result.stderr   # and REDIS_URL is unset
+
+
 def test_dotenv_is_read_as_shells_read_it(tmp_path):
     env_file = tmp_path / ".env"
     env_file.write_text("\ufeff# settings\n"                                  # a BOM, as some editors write

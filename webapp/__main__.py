@@ -15,7 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .config import https_warning, settings_or_exit
+from .config import WARNED_MARK, https_warning, settings_or_exit
 
 USAGE = """usage: python -m webapp run
 
@@ -92,7 +92,7 @@ def run():
         if problem:
             sys.exit(problem)
     try:
-        env = dict(os.environ)
+        env = {**os.environ, WARNED_MARK: "1"}  # the web app and the worker need not repeat the warnings
         if not settings["REDIS_URL"]:
             env["REDIS_URL"], _data_lock = start_local_redis(settings["VAR_DIR"], children)
             print(f"Started redis-server (AOF everysec) with data in {Path(settings['VAR_DIR'], 'redis')}")

@@ -280,12 +280,42 @@ def check_rate_limit(name, value):
                           "'10/second;1000/hour'") from None
 
 
+# Set by `python -m webapp run` for the web app and the worker it starts: it has said the warnings already.
+WARNED_MARK = "_UNSUB_SETTINGS_WARNED"
+
+
 def settings_or_exit():
-    """load_settings() for a command line: a ConfigError ends the process with its message, no traceback."""
+    """load_settings() for a command line: a ConfigError ends the process with its message, no traceback;
+    warnings about names that are not settings go to stderr first."""
+    if not os.environ.get(WARNED_MARK):
+        for warning in name_warnings():
+            print(f"warning: {warning}", file=sys.stderr)
     try:
         return load_settings()
     except ConfigError as exc:
         sys.exit(f"Configuration error: {exc}")
+
+
+def name_warnings(environ=None, dotenv_path=".env"):
+    """Warnings about names that are not settings but look meant as one: every name `.env` sets that is not a
+    setting (the file is this service's), and an environment variable spelt almost like one (TRUSTED_PROXY,
+    DEFAULT_LOCAL, REDIS_URI). Either would otherwise be ignored without a word, its setting left at its default."""
+    import difflib
+    environ = os.environ if environ is None else environ
+    try:
+        in_dotenv = read_dotenv(dotenv_path)
+    except ConfigError:
+        in_dotenv = {}  # load_settings says what is wrong with the file
+    found = [(name, ".env") for name in in_dotenv if name not in DEFAULTS]
+    found += [(name, "the environment") for name in sorted(environ)
+              if name not in DEFAULTS and name not in in_dotenv and name != WARNED_MARK
+              and difflib.get_close_matches(name, DEFAULTS, n=1, cutoff=0.8)]
+    warnings = []
+    for name, where in found:
+        close = difflib.get_close_matches(name, DEFAULTS, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        warnings.append(f"{name}, set in {where}, is not a setting of this service and is ignored{hint}")
+    return warnings
 
 
 def default_web_workers():
