@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -32,10 +33,12 @@ def clean_env(**extra):
     return {**env, "PYTHONPATH": ROOT, **extra}
 
 
-def start_run(tmp_path):
-    """`python -m webapp run` in tmp_path, once it serves and its worker has registered: (process, port)."""
+def start_run(tmp_path, **env):
+    """`python -m webapp run` in tmp_path (with `env` added to its environment), once it serves and its worker
+    has registered: (process, port)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "webapp", "run"], cwd=tmp_path, env=clean_env(PORT=str(port)),
+    proc = subprocess.Popen([sys.executable, "-m", "webapp", "run"], cwd=tmp_path,
+                            env=clean_env(PORT=str(port), **env),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 30
     while time.time() < deadline:
@@ -506,3 +509,77 @@ def test_run_starts_nothing_when_given_arguments_it_does_not_take(tmp_path, args
     assert result.returncode == code
     assert "usage: python -m webapp run" in (result.stdout if code == 0 else result.stderr)
     assert "Redis" not in result.stdout.replace("a local Redis", "") and not (tmp_path / "var").exists()
+
+
+def _call(port, path, **body):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1.1/{path}", data=json.dumps(body).encode(),
+                                 headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    answer = json.loads(urllib.request.urlopen(req, timeout=10).read())
+    assert answer["error"] == 0, answer
+    return answer["data"]
+
+
+def _status(port, method, path, body=None):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method, data=body and body.encode(),
+                                 headers={"Content-Type": "application/x-www-form-urlencoded"} if body else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _stop(proc, signum=signal.SIGTERM):
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=40)
+    assert proc.returncode == 0 and out.rstrip().endswith("Stopped."), out
+
+
+def test_a_key_rotation_through_the_running_service_keeps_sent_links_working(tmp_path):
+    """The README's rotation, through `python -m webapp run` restarted with each key list (SIGTERM between, as a
+    service manager stops it): with k2 added last, new links are signed with k2 and every link signed with k1
+    before (one sent 40 days ago too) still opens, unsubscribes by one-click, and its manager link works; once
+    k1 is dropped, its links answer 404 and k2's keep working. What was acknowledged before each SIGTERM is
+    still there after the restart."""
+    from webapp.config import parse_signing_keys
+    from webapp.tokens import SigningKeys, issue_smid, read_smid
+    k1, k2 = "k1:the-first-secret-key", "k2:the-second-secret-key"
+    old_ring, new_ring = SigningKeys(parse_signing_keys(k1)), SigningKeys(parse_signing_keys(k2))
+    from conftest import email_resource
+    proc, port = start_run(tmp_path, SIGNING_KEYS=k1, API_TOKEN=TOKEN)
+    try:
+        rid = _call(port, "resources/add", **email_resource(unsubscribe={"mode": "confirm"}))["id"]
+        idents = [{"db_id": 1, "profile_id": f"p-{i}", "resource_id": rid, "channel": "email",
+                   "email": f"user{i}@example.com"} for i in range(4)]
+        for ident in idents:
+            _call(port, "subscriptions/set", **ident)
+        sent = [_call(port, "messages/links", **ident) for ident in idents]
+        paths = [link["unsubscribe_url"].split(str(port), 1)[1] for link in sent]
+        manage = sent[2]["manage_url"].split(str(port), 1)[1]
+        assert _status(port, "POST", paths[0], "List-Unsubscribe=One-Click") == 200    # acknowledged, then SIGTERM
+    finally:
+        _stop(proc)
+    first = read_smid(old_ring, sent[3]["smid"])
+    month_old = issue_smid(old_ring, rid, 1, "p-3", first.hash_id, sent_at=time.time() - 40 * 86400)
+
+    proc, port = start_run(tmp_path, SIGNING_KEYS=f"{k1},{k2}", API_TOKEN=TOKEN)
+    try:
+        assert _call(port, "subscriptions/get", **idents[0])["status"] == "unsubscribed"   # kept over the SIGTERM
+        fresh = _call(port, "messages/links", **idents[1])
+        assert read_smid(new_ring, fresh["smid"]).profile_id == "p-1"                       # signed with the newest
+        fresh_path = fresh["unsubscribe_url"].split(str(port), 1)[1]
+        assert _status(port, "GET", paths[1]) == 200 and _status(port, "GET", manage) == 200
+        assert _status(port, "POST", paths[2], "List-Unsubscribe=One-Click") == 200
+        assert _call(port, "subscriptions/get", **idents[2])["status"] == "unsubscribed"
+        assert _status(port, "POST", f"/unsubscribe/{month_old}", "List-Unsubscribe=One-Click") == 200
+        assert _call(port, "subscriptions/get", **idents[3])["status"] == "unsubscribed"
+    finally:
+        _stop(proc, signal.SIGINT)
+
+    proc, port = start_run(tmp_path, SIGNING_KEYS=k2, API_TOKEN=TOKEN)
+    try:
+        assert _status(port, "GET", paths[1]) == 404 and _status(port, "GET", manage) == 404   # k1 retired
+        assert _status(port, "GET", fresh_path) == 200
+        assert _call(port, "subscriptions/get", **idents[1])["status"] == "subscribed"       # GETs changed nothing
+    finally:
+        _stop(proc)
