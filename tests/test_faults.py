@@ -620,7 +620,8 @@ def test_access_log_never_holds_a_whole_token(r, redis_url):
 def test_readiness_follows_redis_and_liveness_does_not(tmp_path):
     """A load balancer's probes: /readyz answers 503 (JSON, Retry-After, within REDIS_TIMEOUT_SECONDS) while Redis
     is down and 200 again once it is back, with no restart of the web app; /healthz stays 200 throughout, so an
-    orchestrator does not restart web processes for an outage of Redis. Neither shows where Redis is."""
+    orchestrator does not restart web processes for an outage of Redis. Neither shows where Redis is. Meanwhile
+    a page answers 503 in the person's language, and, like the SDK's script (a script, not a page), no-store."""
     proc, url = start_redis_server(str(tmp_path), appendonly=True)
     server = Gunicorn(url, workers=1, env={"REDIS_TIMEOUT_SECONDS": "1"})
     try:
@@ -638,6 +639,7 @@ def test_readiness_follows_redis_and_liveness_does_not(tmp_path):
             assert status == 200 and headers["Cache-Control"] == "no-store", (path, status, body)
             assert headers["Content-Type"] == "application/json" and probe(path, "HEAD")[0] == 200
         assert json.loads(probe("/readyz")[2]) == {"status": "ready"}
+        smids = [link.rsplit("/", 1)[1] for link in make_links(server, 1)]
         proc.kill()
         proc.wait()
         started = time.monotonic()
@@ -646,6 +648,17 @@ def test_readiness_follows_redis_and_liveness_does_not(tmp_path):
         assert (status, headers.get("Retry-After"), json.loads(body)["status"]) == (503, "5", "unavailable")
         assert str(tmp_path) not in body and "redis.sock" not in body
         assert probe("/healthz")[0] == 200
+        links = [f"/unsubscribe/{smid}" for smid in smids]
+        page = server.fetch("GET", links[0], headers={"Accept-Language": "ru"})
+        assert page[0] == 503 and '<html lang="ru">' in page[1]                    # in the person's language
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        for path in (links[0], "/ak_list_unsubscribe.js?id=MXwx"):
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            resp.read()
+            assert (resp.status, resp.getheader("Cache-Control")) == (503, "no-store"), path  # no cache keeps it
+        assert resp.getheader("Content-Type").startswith("application/javascript")   # a script, as its 404 is
+        conn.close()
         proc, url = start_redis_server(str(tmp_path), appendonly=True)
         assert probe("/readyz")[0] == 200
     finally:

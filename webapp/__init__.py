@@ -173,8 +173,12 @@ def _register_error_handlers(app):
             body = {"error": 503, "error_text": "The unsubscribe service is unavailable; please try again shortly",
                     "reason": "unavailable"}
             return jsonify(body), 503, {"Retry-After": "5"}
+        if request.path == "/ak_list_unsubscribe.js":  # a script, as its 404 is: an HTML page there is refused
+            body = "/* AkUnsub: the unsubscribe service is unavailable; try again shortly */\n"
+            return body, 503, {"Content-Type": "application/javascript; charset=utf-8", "Retry-After": "5",
+                               "Cache-Control": "no-store"}
         page = render_page("message.html", status=503, unconfirmed=request.method == "POST")
-        return page, 503, {"Retry-After": "5"}
+        return page, 503, {"Retry-After": "5", "Cache-Control": "no-store"}  # as every error page
 
     @app.errorhandler(RedisResponseError)
     def store_refused(exc):

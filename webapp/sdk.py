@@ -2,7 +2,8 @@
 
 GET /ak_list_unsubscribe.js?id=<base64 of "account|resource">
     static/ak_list_unsubscribe.js with the resource's defaults filled in (pxl_domain = PUBLIC_BASE_URL, resource
-    id). Public and cacheable (5 minutes, ETag); 404 with a JS comment for an unknown or malformed id. The rtoken
+    id). Public and cacheable (5 minutes, ETag); 404 with a JS comment for an unknown or malformed id (503 likewise
+    while Redis is down: webapp/__init__.py). The rtoken
     is never put in the script: it is a secret of the customer's server.
 
 POST /sdk/v1/<resource_id>/unsubscribe   {"smid", "action": "confirm"|"cancel"|"show"|"state", "categories"?, "rtoken"?}
