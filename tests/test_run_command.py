@@ -368,6 +368,44 @@ def test_a_name_that_is_not_a_setting_is_warned_about_once(tmp_path):
     assert result.returncode == 1 and "did you mean TRUSTED_PROXIES?" in result.stderr   # and REDIS_URL is unset
 
 
+@pytest.mark.parametrize("case", ["var is a file", "secrets file broken", "secrets file without keys",
+                                  "redis data dir impossible"])
+def test_a_var_dir_that_cannot_be_used_is_said_in_one_line(tmp_path, case):
+    """VAR_DIR holds the generated secrets and the local Redis's data: a path that cannot be a directory, or a
+    secrets file that is not what the service wrote, stops `run` with one line naming VAR_DIR, not a traceback."""
+    env = clean_env(PORT=str(free_port()))
+    if case == "var is a file":
+        (tmp_path / "var").write_text("")
+    elif case == "redis data dir impossible":
+        (tmp_path / "var").write_text("")
+        env.update(SIGNING_KEYS=KEYS, API_TOKEN=TOKEN)
+    else:
+        (tmp_path / "var").mkdir()
+        (tmp_path / "var" / "dev-secrets.json").write_text("{broken" if case == "secrets file broken" else "[]")
+    result = subprocess.run([sys.executable, "-m", "webapp", "run"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("Configuration error: VAR_DIR 'var'"), result.stderr
+    assert "Web app on" not in result.stdout and "Stopped." not in result.stdout
+
+
+def test_processes_starting_at_once_generate_one_set_of_development_secrets(tmp_path):
+    """gunicorn's master and `python -m workers` started together in a new VAR_DIR: each either writes the secrets
+    whole or reads the ones another wrote, never a half-written file, and all end with the same ones."""
+    probe = ("import json, sys\nfrom webapp.config import load_settings\n"
+             "s = load_settings({'VAR_DIR': sys.argv[1]}, dotenv_path='/nonexistent')\n"
+             "print(json.dumps([s['API_TOKEN'], s['SIGNING_KEYS']]))\n")
+    for attempt in range(5):
+        var = tmp_path / f"var{attempt}"
+        procs = [subprocess.Popen([sys.executable, "-c", probe, str(var)], cwd=ROOT, env=clean_env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)]
+        answers = [proc.communicate(timeout=60) for proc in procs]
+        assert all(proc.returncode == 0 for proc in procs), answers
+        assert len({out for out, _err in answers}) == 1, answers
+        assert sum("Generated development secrets" in err for _out, err in answers) == 1
+        assert sorted(p.name for p in var.iterdir()) == ["dev-secrets.json"]
+
+
 def test_dotenv_is_read_as_shells_read_it(tmp_path):
     env_file = tmp_path / ".env"
     env_file.write_text("\ufeff# settings\n"                                  # a BOM, as some editors write

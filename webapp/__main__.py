@@ -43,12 +43,23 @@ def lock_data_dir(data):
     return lock
 
 
+def local_redis_dir(var_dir):
+    """The local Redis's data directory under var_dir, made if need be (this user's alone); one line and exit
+    when it cannot be."""
+    data = Path(var_dir, "redis").resolve()
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+        data.chmod(0o700)  # the AOF and RDB hold every rtoken, webhook secret and SMID: this user's alone
+    except OSError as exc:
+        sys.exit(f"Configuration error: VAR_DIR {str(var_dir)!r} cannot hold the local Redis's data in {data} "
+                 f"({exc.strerror or exc}): set VAR_DIR to a directory this user can write")
+    return data
+
+
 def start_local_redis(var_dir, children):
     """Start redis-server with persistence under var_dir, added to `children` at once (so that it is stopped
     whatever happens next); return its URL once it answers, and the lock held on its data directory."""
-    data = Path(var_dir, "redis").resolve()
-    data.mkdir(parents=True, exist_ok=True)
-    data.chmod(0o700)  # the AOF and RDB hold every rtoken, webhook secret and SMID: this user's alone
+    data = local_redis_dir(var_dir)
     lock = lock_data_dir(data)
     sock = data / "redis.sock"
     proc = subprocess.Popen(
@@ -86,6 +97,8 @@ def run():
         sys.exit("redis-server is not installed: sudo apt-get install -y redis-server (or set REDIS_URL)")
     if not port_free(settings["PORT"]):
         sys.exit(f"Port {settings['PORT']} of 127.0.0.1 is in use (another server?): set PORT to a free one")
+    if not settings["REDIS_URL"]:
+        local_redis_dir(settings["VAR_DIR"])
     if settings["REDIS_URL"]:
         from .store import unreachable
         problem = unreachable(settings["REDIS_URL"], settings["REDIS_TIMEOUT_SECONDS"])

@@ -145,20 +145,44 @@ def parse_signing_keys(value, name="SIGNING_KEYS"):
 
 
 def _dev_secrets(var_dir):
-    """Load or create the generated development secrets; print them when new."""
+    """Load or create the generated development secrets; print them when new. Raises ConfigError when VAR_DIR
+    cannot hold them or the file is not what this wrote. Made whole under a temporary name and linked into place,
+    so processes starting at once (gunicorn's master and `python -m workers`) all read the one that won."""
     path = Path(var_dir) / "dev-secrets.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    generated = {
-        "API_TOKEN": secrets.token_urlsafe(24),
-        "SIGNING_KEYS": f"dev1:{secrets.token_urlsafe(32)}",
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(generated, indent=2))
-    path.chmod(0o600)
-    print(f"Generated development secrets in {path}:", file=sys.stderr)
-    print(f"  API_TOKEN={generated['API_TOKEN']}", file=sys.stderr)
-    return generated
+    if not path.exists():
+        generated = {
+            "API_TOKEN": secrets.token_urlsafe(24),
+            "SIGNING_KEYS": f"dev1:{secrets.token_urlsafe(32)}",
+        }
+        temporary = path.with_name(f".dev-secrets.{os.getpid()}.{secrets.token_hex(4)}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(generated, indent=2))
+            try:
+                os.link(temporary, path)  # fails if another process has linked its own meanwhile: that one counts
+            except FileExistsError:
+                pass
+            else:
+                print(f"Generated development secrets in {path}:", file=sys.stderr)
+                print(f"  API_TOKEN={generated['API_TOKEN']}", file=sys.stderr)
+            finally:
+                temporary.unlink()
+        except OSError as exc:
+            raise ConfigError(f"VAR_DIR {str(var_dir)!r} cannot hold the generated development secrets "
+                              f"({exc.strerror or exc}): set VAR_DIR to a directory this user can write, or set "
+                              "SIGNING_KEYS and API_TOKEN") from None
+    try:
+        stored = json.loads(path.read_text())
+        if not (isinstance(stored, dict) and all(isinstance(stored.get(k), str) and stored[k]
+                                                 for k in ("API_TOKEN", "SIGNING_KEYS"))):
+            raise ValueError("it has no API_TOKEN and SIGNING_KEYS")
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"VAR_DIR {str(var_dir)!r}: {path} cannot be read ({reason}): restore it (links signed "
+                          "with its key work only with it), or set SIGNING_KEYS and API_TOKEN") from None
+    return stored
 
 
 def load_settings(environ=None, dotenv_path=".env"):
