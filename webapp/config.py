@@ -185,9 +185,10 @@ def _dev_secrets(var_dir):
     return stored
 
 
-def load_settings(environ=None, dotenv_path=".env"):
+def load_settings(environ=None, dotenv_path=".env", needs_secrets=True):
     """Return the settings dict from DEFAULTS, `.env` and the environment (environment wins).
-    Raises ConfigError for a value the service cannot run with."""
+    Raises ConfigError for a value the service cannot run with. needs_secrets=False (the worker, which signs and
+    checks nothing): SIGNING_KEYS and API_TOKEN may be missing, and then none are generated."""
     environ = os.environ if environ is None else environ
     merged = dict(DEFAULTS)
     source = {**read_dotenv(dotenv_path), **{k: v for k, v in environ.items() if v != ""}}  # "" is unset
@@ -210,17 +211,21 @@ def load_settings(environ=None, dotenv_path=".env"):
         merged["PUBLIC_BASE_URL"] = f"http://127.0.0.1:{merged['PORT']}"
     merged["PUBLIC_BASE_URL"] = public_base_url(merged["PUBLIC_BASE_URL"])
     missing = [key for key in ("SIGNING_KEYS", "API_TOKEN") if not merged[key]]
-    if missing and not local_address(merged["PUBLIC_BASE_URL"]):
+    if missing and needs_secrets and not local_address(merged["PUBLIC_BASE_URL"]):
         # Generated secrets are one machine's: links signed on one instance would be refused (404) by every other,
         # and a new VAR_DIR would turn every link already sent into a 404.
         raise ConfigError(f"{missing[0]} is not set: PUBLIC_BASE_URL {merged['PUBLIC_BASE_URL']} is not a local "
                           "address, and secrets are generated only for development (set SIGNING_KEYS and "
                           "API_TOKEN, the same on every instance)")
-    if missing:
+    if missing and needs_secrets:
         generated = _dev_secrets(merged["VAR_DIR"])
         merged["API_TOKEN"] = merged["API_TOKEN"] or generated["API_TOKEN"]
         merged["SIGNING_KEYS"] = merged["SIGNING_KEYS"] or generated["SIGNING_KEYS"]
-    signing, verify_only = signing_key_ring(merged)  # the start stops at a bad list, not every worker that loads it
+    if merged["SIGNING_KEYS"]:
+        signing, verify_only = signing_key_ring(merged)  # the start stops at a bad list, not each worker loading it
+    else:  # a worker's (needs_secrets=False)
+        extra = merged["SIGNING_KEYS_VERIFY_ONLY"]
+        signing, verify_only = [], parse_signing_keys(extra, "SIGNING_KEYS_VERIFY_ONLY") if extra else []
     check_secret_lengths(merged["API_TOKEN"], signing, verify_only)
     return merged
 
@@ -235,7 +240,7 @@ def check_secret_lengths(api_token, signing, verify_only):
                 raise ConfigError(f"{name} secret of kid {kid!r} has {len(secret)} characters: use at least "
                                   f"{MIN_SECRET_CHARS} random ones (python3 -c 'import secrets; "
                                   "print(secrets.token_urlsafe(32))')")
-    if len(api_token) < MIN_SECRET_CHARS:
+    if api_token is not None and len(api_token) < MIN_SECRET_CHARS:
         raise ConfigError(f"API_TOKEN has {len(api_token)} characters: use at least {MIN_SECRET_CHARS} random ones")
 
 
@@ -308,14 +313,14 @@ def check_rate_limit(name, value):
 WARNED_MARK = "_UNSUB_SETTINGS_WARNED"
 
 
-def settings_or_exit():
+def settings_or_exit(needs_secrets=True):
     """load_settings() for a command line: a ConfigError ends the process with its message, no traceback;
     warnings about names that are not settings go to stderr first."""
     if not os.environ.get(WARNED_MARK):
         for warning in name_warnings():
             print(f"warning: {warning}", file=sys.stderr)
     try:
-        return load_settings()
+        return load_settings(needs_secrets=needs_secrets)
     except ConfigError as exc:
         sys.exit(f"Configuration error: {exc}")
 

@@ -44,7 +44,7 @@ def routine_maintenance_hidden(record):
 def main():
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     logging.getLogger("rq.worker").addFilter(routine_maintenance_hidden)
-    settings = settings_or_exit()
+    settings = settings_or_exit(needs_secrets=False)  # a worker signs and checks no link: it needs no keys
     url = settings["REDIS_URL"] or os.environ.get("REDIS_URL")
     if not url:
         sys.exit("REDIS_URL is not set: run `python -m webapp run`, or set REDIS_URL")

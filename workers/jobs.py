@@ -21,7 +21,7 @@ def _settings():
     """The settings (environment and .env, checked), read once per process."""
     global _loaded_settings
     if _loaded_settings is None:
-        _loaded_settings = load_settings()
+        _loaded_settings = load_settings(needs_secrets=False)
     return _loaded_settings
 
 
