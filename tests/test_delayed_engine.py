@@ -546,7 +546,7 @@ def test_no_setting_makes_a_timer_longer_than_thirty_minutes(app, r):
     longer than 60 s (a typo, or seconds taken for minutes) would keep a person's unsubscribe waiting for hours,
     so the start refuses it; and a timer is never armed for longer than 30 real minutes, whatever it is given."""
     from webapp.config import ConfigError, load_settings
-    base = {"API_TOKEN": "t", "SIGNING_KEYS": "k1:s"}
+    base = {"API_TOKEN": "t" * 16, "SIGNING_KEYS": "k1:" + "s" * 16}
     for unit in ("61", "120", "3600"):
         with pytest.raises(ConfigError, match="^TIME_UNIT_SECONDS "):
             load_settings({**base, "TIME_UNIT_SECONDS": unit}, dotenv_path="/nonexistent")
