@@ -21,7 +21,8 @@
  * When one is found, constructing AkUnsub does what the hosted page does when shown (once the page is visible):
  * instant mode unsubscribes, delayed mode starts the timer, confirm mode waits for confirmUnsub. The outcome is
  * the promise akUnsub.ready (null when the URL has no SMID); akUnsub.smid is the SMID it used. Only the first
- * instance in a page does this; another one constructed later for the same URL reads the state. In a browser an
+ * instance in a page does this; another one constructed later for the same URL reads the state (also after this
+ * script was loaded a second time: the first load's AkUnsub stays, and one page serves one resource). In a browser an
  * automation drives (navigator.webdriver) or a headless one, a link scanner's, it changes nothing and waits
  * for confirmUnsub as in confirm mode.
  */
@@ -30,6 +31,25 @@
 
   // Filled in by /ak_list_unsubscribe.js?id=...: {"pxl_domain": "...", "resource_id": N}.
   const SERVED = /*@ak-defaults*/null;
+  // This script loaded again in the same page (a tag manager adds the tag, and so does the page's template): keep
+  // the AkUnsub the first load defined, and with it its record of what was shown (below, `shows`) and its last
+  // instance. A second definition would start with an empty record, and the next construction would show the
+  // link again: in delayed mode, a new timer after "Keep my subscription". The first one loaded is kept whatever
+  // the second is (another version, another resource or service: AkUnsub can only be one of them; the page is
+  // warned when the second is for another resource). One that was not served for a resource (its file loaded
+  // from /static/) is useless and replaced.
+  const LOADED = Symbol.for("AkUnsub.served");
+  const earlier = typeof global.AkUnsub === "function" ? global.AkUnsub[LOADED] : null;
+  if (earlier && earlier.resource_id) {
+    if (SERVED && (SERVED.resource_id !== earlier.resource_id || SERVED.pxl_domain !== earlier.pxl_domain) &&
+        global.console) {
+      const where = (served) => "resource " + served.resource_id +
+        (SERVED.pxl_domain !== earlier.pxl_domain ? " (at " + served.pxl_domain + ")" : "");
+      console.warn("AkUnsub: this page loads the script of " + where(SERVED) + " as well as that of " +
+        where(earlier) + "; the first one loaded is kept: use one resource per page");
+    }
+    return;
+  }
   const script = document.currentScript;
   const SCRIPT_ORIGIN = script && script.src ? new URL(script.src, location.href).origin : location.origin;
   const PREFERRED_PARAMS = ["smid", "send_message_id"];
@@ -325,5 +345,6 @@
     }
   }
 
+  Object.defineProperty(AkUnsub, LOADED, {value: Object.freeze(Object.assign({}, SERVED))});
   global.AkUnsub = AkUnsub;
 })(window);

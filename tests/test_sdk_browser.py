@@ -546,3 +546,46 @@ def test_constructor_options_of_the_wrong_type_are_refused(live_server, sites, o
     assert made == "https://unsub.example:8443/u"
     assert page.evaluate(construct, "{pxlDomain: 'unsub.example'}") == "made"
     assert warnings == ["AkUnsub: unknown option pxlDomain (the options are rtoken and pxl_domain)"]
+
+
+def load_script_again(page, url):
+    """Add one more <script src=url> to the page, as a tag manager does after the page's own, and wait for it."""
+    page.evaluate("""(url) => new Promise((resolve, reject) => {
+        const tag = document.createElement("script");
+        tag.src = url;
+        tag.onload = resolve;
+        tag.onerror = () => reject(new Error("the script did not load"));
+        document.head.appendChild(tag);
+    })""", url)
+
+
+def test_the_script_loaded_twice_keeps_the_first_ones_record_of_what_was_shown(live_server, sites, open_page, r):
+    """A page that loads the script a second time (a tag manager and a template each add the tag) keeps the
+    AkUnsub the first load defined, and with it the record of what was shown: a later construction reads the
+    state rather than showing the link again, which in delayed mode would start a new timer after "Keep my
+    subscription". A load for another resource is ignored too, with a console warning naming both."""
+    shop, _ = sites
+    res, ident, smid, hash_id = setup(live_server, shop, "delayed")
+    shop.pages["/twice.html"] = page_html(res["sdk_script_url"])
+    page = open_page(shop.origin + "/none")
+    posts, warnings = [], []
+    page.on("request", lambda req: posts.append(req.post_data_json["action"])
+            if req.method == "POST" and req.url.endswith("/unsubscribe") else None)
+    page.on("console", lambda msg: warnings.append(msg.text) if msg.type == "warning" else None)
+    page.goto(f"{shop.origin}/twice.html?smid={quote(smid)}")
+    assert page.evaluate("run(akUnsub.ready)")["state"]["result"] == "pending"
+    assert page.evaluate("run(akUnsub.cancelUnsub())")["state"]["result"] == "cancelled"
+    page.evaluate("() => { window.first = AkUnsub; }")
+    load_script_again(page, res["sdk_script_url"])
+    assert page.evaluate("AkUnsub === first")
+    again = page.evaluate("run(new AkUnsub().ready)")["state"]               # a component mounted after it
+    assert (again["result"], again["pending"]) == ("waiting", None)
+    assert posts == ["show", "cancel", "state"] and warnings == []
+    assert r.zcard(keys.pending_due()) == 0 and not r.exists(keys.pending_unsubscribe(1, "p-42", hash_id))
+    # The script of another resource: the first one loaded is kept, and the console says so.
+    other = live_server.api.ok("resources/add", **email_resource(name="Other", url=shop.origin + "/"))
+    load_script_again(page, other["sdk_script_url"])
+    assert page.evaluate("AkUnsub === first && new AkUnsub().resourceId") == res["id"]
+    assert warnings == [f"AkUnsub: this page loads the script of resource {other['id']} as well as that of resource "
+                        f"{res['id']}; the first one loaded is kept: use one resource per page"]
+    assert posts == ["show", "cancel", "state", "state"] and status(live_server, ident)[0] == "subscribed"
