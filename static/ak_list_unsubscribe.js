@@ -195,6 +195,17 @@
     }
   }
 
+  // Every answer of the service is a JSON object whose `error` is a number (0 on success); anything else came from
+  // another server: a pxl_domain that reaches a web site, a proxy's error page.
+  function isServiceAnswer(data) {
+    return data !== null && typeof data === "object" && typeof data.error === "number";
+  }
+
+  function notTheService(pxlDomain, status) {
+    return sdkError("The answer from " + pxlDomain + " (HTTP " + status + ") was not the unsubscribe service's: " +
+      "check pxl_domain", status, "not_the_service");
+  }
+
   function reported(promise) {
     // The page may not look at akUnsub.ready: say what went wrong in the console instead of an unhandled rejection.
     promise.catch((err) => { if (global.console) console.warn("AkUnsub:", err.message); });
@@ -308,12 +319,12 @@
         }
         throw await this._explainFailure(base);
       }
-      if (!response.ok || !data || data.error) {
-        let message = (data && data.error_text) || ("the unsubscribe service answered HTTP " + response.status);
+      if (!isServiceAnswer(data)) throw notTheService(this.pxlDomain, response.status);
+      if (!response.ok || data.error) {
+        let message = data.error_text || ("the unsubscribe service answered HTTP " + response.status);
         const retry = parseInt(response.headers.get("Retry-After"), 10);
         if (response.status === 429 && retry >= 0) message += " (try again in " + retry + " s)";
-        throw sdkError(message, response.status, (data && data.reason) ||
-          (response.status === 429 ? "rate_limited" : "error"));
+        throw sdkError(message, response.status, data.reason || (response.status === 429 ? "rate_limited" : "error"));
       }
       delete data.error;
       return data;
@@ -325,6 +336,11 @@
       try {
         const {response: probe, data: info} = await fetchJson(base + "/origin",
           {credentials: "omit", cache: "no-store", referrerPolicy: "no-referrer"}, PROBE_TIMEOUT_MS);
+        // A server that lets any page read it (a CDN, a static site) but is not the service refuses the preflight
+        // and answers this: say so rather than "network error".
+        if (!isServiceAnswer(info) && !(info && typeof info.allowed === "boolean")) {
+          return notTheService(this.pxlDomain, probe.status);
+        }
         if (probe.status === 404) return sdkError(info.error_text, 404, "unknown_resource");
         if (probe.status === 503) return sdkError(info.error_text, 503, info.reason || "unavailable");
         if (info && info.allowed === false) {

@@ -589,3 +589,75 @@ def test_the_script_loaded_twice_keeps_the_first_ones_record_of_what_was_shown(l
     assert warnings == [f"AkUnsub: this page loads the script of resource {other['id']} as well as that of resource "
                         f"{res['id']}; the first one loaded is kept: use one resource per page"]
     assert posts == ["show", "cancel", "state", "state"] and status(live_server, ident)[0] == "subscribed"
+
+
+class NotTheService:
+    """A web server that is not the unsubscribe service, as a wrong pxl_domain reaches one (a web site, a proxy's
+    error page): answers every GET and POST with `answer` (status, content type, body) and, as a permissive
+    proxy or CDN does, Access-Control-Allow-Origin: *; a preflight is allowed only when `preflight`."""
+
+    def __init__(self, answer, preflight=True):
+        self.answer, self.preflight = answer, preflight
+        site = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _send(self, status, content_type, body, extra=()):
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Access-Control-Allow-Origin", "*")
+                for name, value in extra:
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_OPTIONS(self):
+                if not site.preflight:
+                    return self._send(405, "text/html", "<h1>405 Not Allowed</h1>")
+                self._send(204, "text/plain", "", [("Access-Control-Allow-Methods", "POST"),
+                                                    ("Access-Control-Allow-Headers", "Content-Type")])
+
+            def do_GET(self):
+                self._send(*site.answer)
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self._send(*site.answer)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.origin = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("answer, preflight, status_seen", [
+    ((501, "text/html", "<h1>Not Implemented</h1>"), True, 501),       # a proxy's error page, readable
+    ((200, "application/json", '{"ok": true}'), True, 200),              # some other JSON API
+    ((404, "text/html", "<h1>Not Found</h1>"), False, 404),              # a static site: the preflight fails,
+])                                                                       # the probe reads its page
+def test_an_answer_that_is_not_the_services_says_to_check_pxl_domain(live_server, sites, open_page, r, answer,
+                                                                      preflight, status_seen):
+    """A pxl_domain that reaches another server: the call rejects saying the answer was not the service's and to
+    check pxl_domain, with a reason of its own (not "the service answered HTTP 501", nor a network error, nor,
+    for a JSON answer of another kind, a resolved promise)."""
+    shop, _ = sites
+    res, ident, smid, _hash = setup(live_server, shop, "confirm")
+    foreign = NotTheService(answer, preflight)
+    try:
+        shop.pages["/wrong.html"] = page_html(res["sdk_script_url"], "{pxl_domain: %r}" % foreign.origin)
+        page = open_page(shop.origin + "/wrong.html")
+        got = page.evaluate("(s) => akUnsub.confirmUnsub(s).then((x) => ['resolved', x], "
+                            "(e) => [e.message, e.status, e.reason])", smid)
+    finally:
+        foreign.close()
+    assert got == [f"The answer from {foreign.origin} (HTTP {status_seen}) was not the unsubscribe service's: "
+                   "check pxl_domain", status_seen, "not_the_service"]
+    assert status(live_server, ident)[0] == "subscribed"
