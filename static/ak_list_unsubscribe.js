@@ -168,7 +168,7 @@
     const err = new Error(message);
     err.name = "AkUnsubError";
     err.status = status || 0;
-    err.reason = reason || "error";
+    err.reason = reason;  // one of the README's list: each call here names its own
     return err;
   }
 

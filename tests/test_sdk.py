@@ -643,3 +643,68 @@ def test_the_per_smid_counter_is_keyed_by_a_digest_of_the_smid(client, api, r):
     counters = list(r.scan_iter(keys.rate_limits() + ":*"))
     assert any(link_digest(smid) in key for key in counters), counters
     assert not [key for key in r.scan_iter() if smid in key]
+
+
+def _call_arguments(source, name):
+    """The argument text of every call `name(...)` in `source` (parentheses balanced, string literals skipped)."""
+    found = []
+    for start in [i + len(name) + 1 for i in range(len(source)) if source.startswith(name + "(", i)
+                  and not source[i - 1].isalnum() and source[i - 1] not in "_."]:
+        depth, i, quote = 1, start, None
+        while depth:
+            ch = source[i]
+            if quote:
+                if ch == "\\":
+                    i += 1
+                elif ch == quote:
+                    quote = None
+            elif ch in "\"'":
+                quote = ch
+            elif ch == "(":
+                depth += 1
+            elif ch == ")":
+                depth -= 1
+            i += 1
+        found.append(source[start:i - 1])
+    return found
+
+
+def _last_argument(arguments):
+    depth, cut, quote = 0, 0, None
+    for i, ch in enumerate(arguments):
+        if quote:
+            quote = None if ch == quote and arguments[i - 1] != "\\" else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            cut = i + 1
+    return arguments[cut:]
+
+
+def test_the_readme_lists_exactly_the_reasons_the_script_and_the_endpoint_give():
+    """AkUnsubError.reason is the script's own word (the last argument of each sdkError call) or the one the
+    endpoint answered with (SdkError's, error_response's, the 503 and 500 handlers'): the README's table of
+    reasons lists exactly those."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    read = lambda *path: root.joinpath(*path).read_text(encoding="utf-8")  # noqa: E731
+    word = re.compile(r'"([a-z]+(?:_[a-z]+)*)"')
+    script = read("static", "ak_list_unsubscribe.js")
+    calls = _call_arguments(script, "sdkError")
+    assert len(calls) >= 10 and len(re.findall(r"\.reason\s*=(?!=)", script)) == 1  # only sdkError sets it
+    from_script = {w for args in calls[1:] for w in word.findall(_last_argument(args))}  # [0]: its definition
+    sdk, app = read("webapp", "sdk.py"), read("webapp", "__init__.py")
+    assert len(re.findall(r"\bSdkError\(\d", sdk)) == len(re.findall(r'\bSdkError\(\d+, "[a-z_]+"', sdk))
+    from_endpoint = (set(re.findall(r'\bSdkError\(\d+, "([a-z_]+)"', sdk)) |
+                     set(re.findall(r'reason = "([a-z_]+)"', sdk)) | set(re.findall(r'"reason": "([a-z_]+)"', app)))
+    assert {"not_initialised", "timeout", "rate_limited"} <= from_script
+    assert {"unknown_smid", "unsupported_media_type", "unavailable"} <= from_endpoint
+    section = read("README.md").split("## Embedding the SDK", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^\| `([a-z_]+)` \|", section, re.M)
+    assert len(listed) == len(set(listed))
+    assert set(listed) == from_script | from_endpoint

@@ -50,7 +50,7 @@ from flask import Blueprint, current_app, g, jsonify, make_response, request
 
 from . import keys, unsubscribe
 from .delayed import schedule_timer
-from .errors import BadToken, Blocked, Forbidden, InvalidInput, NoSuchResource, NotFound, ServiceError
+from .errors import BadToken, Blocked, InvalidInput, NoSuchResource, NotFound, ServiceError
 from .locale import choose_locale, request_accept_language
 from .ratelimits import client_ip
 from .resources import get_resource
@@ -207,9 +207,7 @@ def error_response(exc):
         reason = "not_found"
     elif isinstance(exc, InvalidInput):
         reason = "invalid"
-    elif isinstance(exc, Forbidden):
-        reason = "forbidden"
-    else:
+    else:  # no other refusal is raised on this path (Forbidden's are SdkErrors or Blocked); the README lists these
         reason = "error"
     message = exc.message
     if isinstance(exc, BadToken):
