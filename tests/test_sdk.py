@@ -708,3 +708,29 @@ def test_the_readme_lists_exactly_the_reasons_the_script_and_the_endpoint_give()
     listed = re.findall(r"^\| `([a-z_]+)` \|", section, re.M)
     assert len(listed) == len(set(listed))
     assert set(listed) == from_script | from_endpoint
+
+
+def test_a_refused_origin_is_answered_before_the_rate_limits_count(app, client, api, r):
+    """The origin check comes before the rate limiter: a POST from an origin the resource does not list (or
+    from no page, or for no resource) is refused without touching anything, not even a counter, so pages on
+    other sites cannot use up a person's (or an address's) allowance. Even while Redis refuses writes, which
+    the limiter's count would meet first, such a POST gets its 403."""
+    app.config["SDK_RATE_LIMIT_PER_SMID"] = "2 per minute"
+    app.config["SDK_RATE_LIMIT_PER_IP"] = "3 per minute"
+    res, ident, smid = make(api, "confirm")
+    everything = lambda: {key: read_key(r, key) for key in r.scan_iter(count=1000)}  # noqa: E731
+    before = everything()
+    evil = "https://evil.example"
+    for _ in range(4):
+        assert call(client, res["id"], origin=evil, smid=smid, action="confirm").status_code == 403
+        assert client.post(f"/sdk/v1/{res['id']}/unsubscribe", data=json.dumps({"smid": smid, "action": "show"}),
+                           content_type="text/plain", headers={"Origin": evil}).status_code == 403
+        assert call(client, res["id"], origin=None, smid=smid, action="confirm").status_code == 403
+        assert call(client, 999, smid=smid, action="confirm").status_code == 404
+    assert everything() == before                               # not even a rate-limit counter
+    with redis_refusing_writes(r, "out of memory"):
+        resp = call(client, res["id"], origin=evil, smid=smid, action="confirm")
+        assert resp.status_code == 403 and resp.get_json()["reason"] == "forbidden_origin"
+    # The person's own page has its whole allowance.
+    assert [call(client, res["id"], smid=smid, action="state").status_code for _ in range(3)] == [200, 200, 429]
+    assert sub(api, ident)[0] == "subscribed"

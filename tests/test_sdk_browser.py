@@ -661,3 +661,28 @@ def test_an_answer_that_is_not_the_services_says_to_check_pxl_domain(live_server
     assert got == [f"The answer from {foreign.origin} (HTTP {status_seen}) was not the unsubscribe service's: "
                    "check pxl_domain", status_seen, "not_the_service"]
     assert status(live_server, ident)[0] == "subscribed"
+
+
+def test_a_page_on_another_site_cannot_use_up_the_persons_allowance(live_server, sites, open_page, r):
+    """Any site the person visits can make their browser POST to the endpoint (a text/plain POST needs no
+    preflight): refused for its origin before the rate limiter counts it, it leaves the person's own page its
+    whole allowance."""
+    shop, other = sites
+    res, ident, smid, _hash = setup(live_server, shop, "confirm")
+    other.pages["/ad.html"] = "<!doctype html><title>Ad</title><p>An ad</p>"
+    shop.pages["/unsubscribe.html"] = page_html(res["sdk_script_url"])
+    saved = live_server.app.config["SDK_RATE_LIMIT_PER_IP"]
+    live_server.app.config["SDK_RATE_LIMIT_PER_IP"] = "3 per minute"
+    try:
+        ad = open_page(other.origin + "/ad.html")
+        sent = ad.evaluate("""([url, smid]) => Promise.all([1, 2, 3, 4, 5].map(() => fetch(url, {
+            method: "POST", mode: "no-cors", body: JSON.stringify({smid: smid, action: "show"})}).then(() => "sent")))""",
+                           [f"{live_server.url}/sdk/v1/{res['id']}/unsubscribe", smid])
+        assert sent == ["sent"] * 5                                  # they reached the service (and got 403s)
+        page = open_page(f"{shop.origin}/unsubscribe.html?smid={quote(smid)}")
+        assert page.evaluate("run(akUnsub.ready)")["state"]["result"] == "waiting"
+        got = page.evaluate("([s, c]) => run(akUnsub.confirmUnsub(s, c))", [smid, ["promo"]])
+    finally:
+        live_server.app.config["SDK_RATE_LIMIT_PER_IP"] = saved
+    assert got["state"]["result"] == "unsubscribed" and status(live_server, ident) == ("subscribed",
+                                                                                     ["news", "receipts"])

@@ -2,7 +2,8 @@
 extension keeps its storage per instance).
 
 - The SDK endpoint's POSTs, per client address and per SMID: sdk.init_rate_limits puts them on its blueprint,
-  checked by the limiter's before-request hook, which runs for that blueprint alone (see init_app).
+  checked by the limiter's before-request hook, which runs for that blueprint alone (see init_app), after the
+  blueprint's own origin check (sdk.check_origin_first): a POST from an origin it refuses is not counted.
 - The forms of the unsubscribe page and of the manager (their POSTs with an `action`), per link (a digest of
   its SMID or manager token: no Redis key holds a whole token) and per client address, each one bucket for
   both kinds of page: count_link_form, which their views call once the form's CSRF check has passed. The RFC

@@ -28,7 +28,8 @@ so the blueprint is exempt from CSRF; the Origin allow-list plus the forced pref
 signed SMID is the authorization (a non-browser client can forge Origin, never a SMID).
 
 Rate limits (ratelimits.py: Flask-Limiter, Redis storage under keys.rate_limits()): POSTs per client IP and per
-SMID (taken from the JSON body, counted under its digest), from the settings SDK_RATE_LIMIT_PER_IP /
+SMID (taken from the JSON body, counted under its digest), checked after the origin (check_origin_first: a POST
+refused for its origin or resource counts against nothing), from the settings SDK_RATE_LIMIT_PER_IP /
 SDK_RATE_LIMIT_PER_SMID (config.py), read from app config on every request. Over the limit: 429 JSON with
 Retry-After (seconds until the breached window resets). While Redis refuses writes but serves reads (out of memory
 under noeviction, a failed snapshot, a replica), the limiter cannot count: `show` and `state` then go through
@@ -43,7 +44,6 @@ import hashlib
 import json
 import os
 import re
-from functools import wraps
 from urllib.parse import urlsplit
 
 from flask import Blueprint, current_app, g, jsonify, make_response, request
@@ -140,36 +140,39 @@ def cors_allowed_origin():
     return origin if resource and origin in allowed_origins(resource) else None
 
 
-def cors_checked(view):
-    """Answer the preflight, and refuse (403, before the view runs) a POST from an origin the resource does
-    not list. The response headers are added by add_cors_headers."""
-
-    @wraps(view)
-    def wrapper(resource_id, **kwargs):
-        try:
-            resource = _load_resource(resource_id)
-            if resource is None:
-                raise SdkError(404, "unknown_resource", f"Unknown resource {resource_id}: check the script's id")
-            origin = request_origin()
-            if origin is None:
-                raise SdkError(403, "forbidden_origin",
-                               "This request has no web page origin: the SDK must be used from a page of one of "
-                               "the resource's sites")
-            if origin not in allowed_origins(resource):
-                raise SdkError(403, "forbidden_origin",
-                               f"The origin {origin} is not allowed for this resource: add it to the resource's URLs")
-            if request.method == "OPTIONS":
-                resp = make_response("", 204)
-                del resp.headers["Content-Type"]
-                resp.headers["Access-Control-Allow-Methods"] = "POST"
-                resp.headers["Access-Control-Allow-Headers"] = "Content-Type"
-                resp.headers["Access-Control-Max-Age"] = str(PREFLIGHT_MAX_AGE)
-                return resp
-        except SdkError as exc:
-            return error_response(exc)
-        return view(resource, **kwargs)
-
-    return wrapper
+@bp.before_request
+def check_origin_first():
+    """For the endpoint, before anything else looks at the request (only the body size check comes earlier):
+    answer the preflight, and refuse (403, or 404 for an unknown resource) a POST from an origin the resource
+    does not list. The rate limiter's hook comes after this one (ratelimits.init_app appends it to the
+    blueprint's hooks, registered before it), so a refused request counts against no limit: a page on another
+    site cannot use up a person's allowance, per address or per SMID. The response headers are added by
+    add_cors_headers."""
+    if request.endpoint != "sdk.sdk_unsubscribe":
+        return None
+    resource_id = request.view_args["resource_id"]
+    try:
+        resource = _load_resource(resource_id)
+        if resource is None:
+            raise SdkError(404, "unknown_resource", f"Unknown resource {resource_id}: check the script's id")
+        origin = request_origin()
+        if origin is None:
+            raise SdkError(403, "forbidden_origin",
+                           "This request has no web page origin: the SDK must be used from a page of one of "
+                           "the resource's sites")
+        if origin not in allowed_origins(resource):
+            raise SdkError(403, "forbidden_origin",
+                           f"The origin {origin} is not allowed for this resource: add it to the resource's URLs")
+    except SdkError as exc:
+        return error_response(exc)
+    if request.method == "OPTIONS":
+        resp = make_response("", 204)
+        del resp.headers["Content-Type"]
+        resp.headers["Access-Control-Allow-Methods"] = "POST"
+        resp.headers["Access-Control-Allow-Headers"] = "Content-Type"
+        resp.headers["Access-Control-Max-Age"] = str(PREFLIGHT_MAX_AGE)
+        return resp
+    return None
 
 
 @bp.after_app_request
@@ -285,8 +288,8 @@ def _pending_state(ctx, pending):
 
 
 @bp.route("/sdk/v1/<int:resource_id>/unsubscribe", methods=["POST", "OPTIONS"], provide_automatic_options=False)
-@cors_checked
-def sdk_unsubscribe(resource):
+def sdk_unsubscribe(resource_id):
+    resource = g.sdk_resource  # read, and the origin checked, by check_origin_first (which answers the OPTIONS)
     r = get_redis()
     try:
         body = _json_body()
