@@ -686,3 +686,19 @@ def test_a_page_on_another_site_cannot_use_up_the_persons_allowance(live_server,
         live_server.app.config["SDK_RATE_LIMIT_PER_IP"] = saved
     assert got["state"]["result"] == "unsubscribed" and status(live_server, ident) == ("subscribed",
                                                                                      ["news", "receipts"])
+
+
+def test_the_rtoken_in_the_pages_url_is_not_sent(live_server, sites, open_page, r):
+    """A page_url's {resource_token} is for a page that unsubscribes through its own server (the API's
+    message_unsub); the resource token is a secret of that server, which the SDK never sends unless the page
+    passes it as the rtoken option. An rtoken in the URL, even a stale one, changes nothing of what the SDK does."""
+    shop, _ = sites
+    res, ident, smid, _hash = setup(live_server, shop, "instant")
+    shop.pages["/own.html"] = page_html(res["sdk_script_url"])
+    page = open_page(shop.origin + "/none")
+    bodies = []
+    page.on("request", lambda req: bodies.append(req.post_data_json)
+            if req.method == "POST" and req.url.endswith("/unsubscribe") else None)
+    page.goto(f"{shop.origin}/own.html?smid={quote(smid)}&rtoken=stale-token")
+    assert page.evaluate("run(akUnsub.ready)")["state"]["result"] == "unsubscribed"
+    assert [sorted(body) for body in bodies] == [["action", "resource_id", "smid"]]
