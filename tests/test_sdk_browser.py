@@ -676,8 +676,8 @@ def test_a_page_on_another_site_cannot_use_up_the_persons_allowance(live_server,
     try:
         ad = open_page(other.origin + "/ad.html")
         sent = ad.evaluate("""([url, smid]) => Promise.all([1, 2, 3, 4, 5].map(() => fetch(url, {
-            method: "POST", mode: "no-cors", body: JSON.stringify({smid: smid, action: "show"})}).then(() => "sent")))""",
-                           [f"{live_server.url}/sdk/v1/{res['id']}/unsubscribe", smid])
+            method: "POST", mode: "no-cors", body: JSON.stringify({smid: smid, action: "show"}),
+        }).then(() => "sent")))""", [f"{live_server.url}/sdk/v1/{res['id']}/unsubscribe", smid])
         assert sent == ["sent"] * 5                                  # they reached the service (and got 403s)
         page = open_page(f"{shop.origin}/unsubscribe.html?smid={quote(smid)}")
         assert page.evaluate("run(akUnsub.ready)")["state"]["result"] == "waiting"
