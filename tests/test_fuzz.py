@@ -99,7 +99,7 @@ def seeded(app, api, client, r):
     api.ok("webhooks/add", url="http://127.0.0.1:9/hook", secret="fuzz-webhook-secret-0123")
     state = strict_state(r)
     pending = [k for k in state if ":pending:" in k and k != keys.pending_due()]
-    assert len(pending) == 1 and state[pending[0]][2] > 0                         # armed, with its expiry
+    assert len(pending) == 1 and state[pending[0]][2] == -1           # armed: kept until it fires or is cancelled
     assert state[keys.manager_undo(1, "p-instant")][2] > 0                        # manager undo, with its expiry
     assert api.ok("subscriptions/get", **links["instant"][2]["ident"])["status"] == "suspended"
     assert r.zcard(keys.suspensions_due()) == 1 and r.zcard(keys.pending_due()) == 1
