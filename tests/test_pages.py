@@ -704,7 +704,7 @@ def test_pages_link_their_form_and_assets_under_the_app_root_as_url_for_would(ap
             if name.startswith("unsubscribe-") and "blocked" not in name:
                 smid = path.rstrip("/").rsplit("/", 1)[1]
                 action = url_for("pages.unsubscribe_page", smid=smid)
-                assert page_path(smid) == action and f'action="{action}"' in html
+                assert page_path(smid) == action and f'action="{action}?lang=en"' in html  # + the page's language
                 assert f'src="{js}"' in html
 
 
@@ -857,3 +857,29 @@ def test_a_category_link_already_stopped_still_shows_the_pending_timer_that_will
     token = form_token(html)
     assert client.post(news_path, data={"action": "cancel", "csrf_token": token}).status_code == 303
     assert get_sub(api, body)["cats"] == ["promo"] and get_sub(api, body)["status"] == "subscribed"
+
+
+@pytest.mark.parametrize("source", ["profile", "resource"])
+def test_a_form_too_large_to_read_is_answered_in_the_language_the_form_was_shown_in(app, api, client, r, source):
+    """A form POST over PAGE_BODY_LIMIT_BYTES is refused (413) before its body, and so its `lang` field, is read:
+    the language the page was shown in, from the profile or the resource rather than `?lang=`, comes with the
+    forms' URL, not from the browser's Accept-Language. The page's own URL stays as the message sent it."""
+    res, path, body = make_link(api, "confirm", **({"default_locale": "ru"} if source == "resource" else {}))
+    ident = {k: v for k, v in body.items() if k != "category"}
+    if source == "profile":
+        api.ok("subscriptions/set", **ident, locale="ru")
+    manage = api.ok("messages/links", **body)["manage_url"].removeprefix("https://unsub.example")
+    pad = "a" * app.config["PAGE_BODY_LIMIT_BYTES"]
+    before = redis_state(r)
+    for url in (path, manage):
+        html = client.get(url, headers={"Accept-Language": "en"}).get_data(as_text=True)
+        assert '<html lang="ru">' in html, url
+        actions = set(re.findall(r'<form method="post" action="([^"]+)"', html))
+        assert actions, url
+        for action in actions:
+            form = {"csrf_token": form_token(html), "action": "unsubscribe", "lang": "ru", "pad": pad}
+            resp = client.post(action, data=form, headers={"Accept-Language": "en"})
+            page = resp.get_data(as_text=True)
+            assert resp.status_code == 413 and '<html lang="ru">' in page, (action, resp.status_code)
+            assert "<h1>Слишком большой запрос</h1>" in page and "Ничего не изменено" in page
+    assert redis_state(r) == before

@@ -9,7 +9,7 @@ browser that blocks cookies, and across a rotation of the signing keys.
 import re
 from urllib.parse import urlsplit
 
-from flask import Blueprint, current_app, make_response, redirect, request, url_for
+from flask import Blueprint, current_app, g, make_response, redirect, request, url_for
 from flask_babel import gettext
 
 from . import preferences
@@ -101,7 +101,10 @@ def render_manager(token_str, token, status=200, errors=None, entered=None, fail
     if not done_agrees(next((sub for sub in subs if sub["hash_id"] == done_hash), None), done_at):
         done = done_hash = None
     undo_hash = preferences.undo_available(r, token.db_id, token.profile_id, token.hash_id)  # this link's own
-    html = render_page("manage.html", groups=groups, action_url=url_for("manager.manage", token=token_str),
+    # The page's language in the forms' URL, as on the unsubscribe page: a 413 answers before the body (and its
+    # `lang` field) is read.
+    html = render_page("manage.html", groups=groups, action_url=url_for("manager.manage", token=token_str,
+                                                                        lang=g.locale),
                            form_token=issue_form_token(current_app.extensions["signing_keys"], token_str),
                            undo_hash=undo_hash,
                            failed_hash=failed_hash, message=message, done=done, done_hash=done_hash,

@@ -8,7 +8,7 @@ The page's CSRF token is bound to the link, not to a session (check_link_form): 
 import functools
 from urllib.parse import quote
 
-from flask import Blueprint, current_app, jsonify, make_response, redirect, request, url_for
+from flask import Blueprint, current_app, g, jsonify, make_response, redirect, request, url_for
 from flask_wtf.csrf import CSRFError
 from flask_babel import gettext as _
 
@@ -132,7 +132,9 @@ def page_view(ctx, done=None, chosen=None):
         "manage_url": manage_url(app.config["PUBLIC_BASE_URL"],
                                  issue_manager_token(ring, smid.db_id, smid.profile_id, smid.hash_id))
                       + (f"?lang={lang}" if (lang := explicit_locale()) else ""),  # the language the person chose
-        "done": done, "notice": notice, "action_url": page_path(ctx.token),
+        # The forms post to the page's path with the page's language in the query: a body too large to read
+        # (small_bodies_only's 413) loses the form's `lang` field, and the 413 page is to be in this language.
+        "done": done, "notice": notice, "action_url": f"{page_path(ctx.token)}?lang={g.locale}",
         # Undo only where it would restore something: this link's own recent unsubscribe.
         "can_undo": state == "unsubscribed" and unsubscribe.can_undo(client_of(app), ctx),
         "form_token": issue_form_token(ring, ctx.token),
