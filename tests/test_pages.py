@@ -883,3 +883,29 @@ def test_a_form_too_large_to_read_is_answered_in_the_language_the_form_was_shown
             assert resp.status_code == 413 and '<html lang="ru">' in page, (action, resp.status_code)
             assert "<h1>Слишком большой запрос</h1>" in page and "Ничего не изменено" in page
     assert redis_state(r) == before
+
+
+@pytest.mark.parametrize("lang", ["en", "ru"])
+def test_nothing_to_undo_links_back_to_the_page_without_making_it_act(api, client, r, lang):
+    """The 409 "Nothing to undo" page links back to the unsubscribe page (not only the browser's Back button),
+    in the page's language, with a `done` that keeps an instant page from unsubscribing again by itself: here
+    the Undo came after another change (the person subscribed again elsewhere), so the page, opened plainly,
+    would unsubscribe them again."""
+    _res, path, body = make_link(api, "instant", category=None)
+    token = form_token(client.get(path).get_data(as_text=True))
+    assert client.post(path, data={"action": "unsubscribe", "csrf_token": token}).status_code == 303
+    api.ok("subscriptions/set", **{k: v for k, v in body.items() if k != "category"}, status="subscribed")
+    resp = client.post(path + f"?lang={lang}", data={"action": "undo", "csrf_token": token, "lang": lang})
+    html = resp.get_data(as_text=True)
+    assert resp.status_code == 409
+    link = re.search(r'<a href="([^"]+)">([^<]+)</a>', html.split("<main")[1])
+    assert link and link.group(2) == {"en": "Back to the unsubscribe page", "ru": "Вернуться на страницу отписки"}[lang]
+    href = link.group(1).replace("&amp;", "&")
+    assert href.startswith(path) and "done=" in href and f"lang={lang}" in href
+    before = redis_state(r)
+    back = client.get(href)
+    page = back.get_data(as_text=True)
+    assert back.status_code == 200 and f'<html lang="{lang}">' in page
+    assert "data-auto-submit" not in page and 'role="status"' not in page       # waits for a click, says nothing
+    assert 'value="unsubscribe"' in page
+    assert redis_state(r) == before and get_sub(api, body)["status"] == "subscribed"

@@ -321,3 +321,27 @@ def test_too_many_form_posts_get_a_readable_page_that_changes_nothing(live_serve
     assert status(live_server, ident)[0] == "unsubscribed"
     screenshot(page, f"too-many-requests-{lang}")
 
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_the_way_back_from_nothing_to_undo_does_not_unsubscribe_again(live_server, open_page, r, lang):
+    """An Undo that comes after another change (the person subscribed again elsewhere) is answered "Nothing to
+    undo" (409), with a link back to the page. In a real browser an instant page opened plainly unsubscribes by
+    itself: the link's page must not, since the person is subscribed and asked for nothing."""
+    url, ident = link_for(live_server, "instant", category=None)
+    page = open_page(url, lang, mobile=(lang == "ru"))
+    page.wait_for_url("**done=unsubscribed**")
+    live_server.api.ok("subscriptions/set", **ident, status="subscribed")        # subscribed again elsewhere
+    page.locator('button[value="undo"]').click()
+    heading = {"en": "Nothing to undo", "ru": "Отменять нечего"}[lang]
+    page.locator("h1", has_text=heading).wait_for()
+    screenshot(page, f"nothing-to-undo-{lang}")
+    back = page.get_by_role("link", name={"en": "Back to the unsubscribe page",
+                                          "ru": "Вернуться на страницу отписки"}[lang])
+    back.click()
+    page.wait_for_url("**done=back**")
+    page.wait_for_load_state("load")
+    page.wait_for_timeout(700)                                                  # time for a form to be sent
+    assert "done=back" in page.url and f"lang={lang}" in page.url
+    assert status(live_server, ident)[0] == "subscribed"
+    assert page.locator('button[value="unsubscribe"]').is_visible()              # it waits for a click
+    screenshot(page, f"back-from-nothing-to-undo-{lang}")

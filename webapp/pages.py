@@ -60,8 +60,10 @@ def open_page_context(smid, count_view=None):
     return ctx
 
 
-# What the redirect after a page action says was done (`?done=`): each has its notice in page_view.
-DONE_WORDS = ("unsubscribed", "undone", "cancelled", "started", "late")
+# What the redirect after a page action says was done (`?done=`): each has its notice in page_view. "back" is
+# the link back from an answer that changed nothing (an Undo too late, error_page): no notice, but a `done`, so
+# that the page does not act by itself as a page first opened does (instant unsubscribes, delayed starts a timer).
+DONE_WORDS = ("unsubscribed", "undone", "cancelled", "started", "late", "back")
 
 
 def page_view(ctx, done=None, chosen=None):
@@ -112,7 +114,7 @@ def page_view(ctx, done=None, chosen=None):
     notice = None
     if done is not None:
         agrees = {"undone": state == "active", "cancelled": state == "active" and not pending,
-                  "unsubscribed": bool(stopped), "started": bool(pending), "late": state == "unsubscribed"}
+                  "unsubscribed": bool(stopped), "started": bool(pending), "late": state == "unsubscribed", "back": False}
         notice = done if agrees[done] else None
     return {
         "smid": ctx.token, "mode": ctx.mode, "resource": resource, "address": mask_address(record),
@@ -303,6 +305,8 @@ def page_action(smid, action):
     except ServiceError as exc:
         if wants_json():
             return jsonify({"error": exc.code, "error_text": exc.message}), exc.status
+        if isinstance(exc, Conflict):  # nothing changed; the page again, as it is now, without acting by itself
+            return error_page(exc, back_url=f"{page_path(ctx.token)}?done=back&lang={g.locale}")
         return error_page(exc)
     if wants_json():
         return jsonify({"error": 0, "done": done})
@@ -315,9 +319,10 @@ def wants_json():
     return request.accept_mimetypes.best == "application/json"
 
 
-def error_page(exc):
+def error_page(exc, back_url=None):
     """A readable page in the chosen language. Core code's messages are English and written for developers, so
-    a page shows its own: the person's choice to make again, or what went wrong."""
+    a page shows its own: the person's choice to make again, or what went wrong. `back_url`: a link back to the
+    unsubscribe page, one that does not make it act again (`done=back`)."""
     status = 404 if isinstance(exc, BadToken) else exc.status
     message = None  # the page's own text for its status
     if isinstance(exc, PageChoiceError):
@@ -328,7 +333,8 @@ def error_page(exc):
         message = _("This page is out of date: the sender has changed this subscription's options since it "
                     "was opened. Please open the link again.")
     gone = isinstance(exc, NotFound) and not isinstance(exc, BadToken)  # the link is whole: do not say it is not
-    return no_store(make_response(render_page("message.html", status=status, message=message, gone=gone), status))
+    return no_store(make_response(render_page("message.html", status=status, message=message, gone=gone,
+                                                   back_url=back_url), status))
 
 
 # Pages never load third-party code, never leak the SMID in a Referer, never render in frames.
