@@ -25,6 +25,16 @@ def setup_profile(api, profile_id="p-42", email="ann@example.com", mode="confirm
     return res, ident, sub, links["manage_url"].removeprefix("https://unsub.example")
 
 
+def shown(html):
+    """The text of an HTML fragment as it is seen: without what is only for screen readers."""
+    return re.sub(r"<[^>]+>", "", re.sub(r'<span class="visually-hidden">.*?</span>', "", html))
+
+
+def heard(html):
+    """The text of an HTML fragment as a screen reader reads it: without what is aria-hidden."""
+    return re.sub(r"<[^>]+>", "", re.sub(r'<span aria-hidden="true">.*?</span>', "", html))
+
+
 def post(client, path, **form):
     html = client.get(path).get_data(as_text=True)
     return client.post(path, data={"csrf_token": form_token(html), **form})
@@ -34,7 +44,7 @@ def test_page_shows_subscriptions_grouped_and_masked(api, client):
     res, ident, sub, path = setup_profile(api)
     api.ok("subscriptions/set", **{**ident, "channel": "sms", "email": None, "phone": "+79001234567"})
     html = client.get(path).get_data(as_text=True)
-    assert "Weekly news" in html and "a••@example.com" in html and "+7••••••4567" in html
+    assert "Weekly news" in html and "a••@example.com" in shown(html) and "+7••••••4567" in shown(html)
     assert "ann@example.com" not in html and "secret-note" not in html       # no full address, no hidden field
     assert re.search(r'value="receipts"\s+checked disabled', html)             # required category locked
     assert "Why am I getting this?" in html and "shop.example" in html
@@ -79,18 +89,23 @@ def test_each_cards_unsubscribe_button_names_what_it_stops_and_its_notice_says_w
     sms = api.ok("subscriptions/set", **{**ident, "channel": "sms", "email": None, "phone": "+79001234567"})
     api.ok("subscriptions/set", **{**ident, "email": "work@example.com"})
     html = client.get(path).get_data(as_text=True)
-    names = re.findall(r'<button type="submit" name="action" value="unsubscribe"[^>]*>([^<]*)</button>', html)
-    assert sorted(names) == ["Unsubscribe +7••••••4567 from Weekly news", "Unsubscribe a••@example.com from Weekly news",
-                             "Unsubscribe w•••@example.com from Weekly news"]
+    buttons = re.findall(r'<button type="submit" name="action" value="unsubscribe"[^>]*>(.*?)</button>', html)
+    assert sorted(map(shown, buttons)) == ["Unsubscribe +7••••••4567 from Weekly news",
+                                           "Unsubscribe a••@example.com from Weekly news",
+                                           "Unsubscribe w•••@example.com from Weekly news"]
+    assert sorted(map(heard, buttons)) == ["Unsubscribe +7… ending in 4567 from Weekly news",   # no "bullet"s
+                                           "Unsubscribe a… at example.com from Weekly news",
+                                           "Unsubscribe w… at example.com from Weekly news"]
     assert "Unsubscribe from all" not in html
     resp = post(client, path, action="unsubscribe", hash_id=sms["hash_id"])
     html = client.get(resp.headers["Location"]).get_data(as_text=True)
     card = html.split(f'id="sub-{sms["hash_id"]}"')[1].split("</article>")[0]
-    assert "Unsubscribed: messages from Weekly news will no longer come to +7••••••4567." in card
+    assert "Unsubscribed: messages from Weekly news will no longer come to +7••••••4567." in shown(card)
     assert "Saved." not in html
     resp = post(client, path + "?lang=ru", action="undo", hash_id=sms["hash_id"], lang="ru")
     html = client.get(resp.headers["Location"]).get_data(as_text=True)
-    assert "Последнее изменение отменено." in html and "Отписать a••@example.com от «Weekly news»" in html
+    assert "Последнее изменение отменено." in html and "Отписать a••@example.com от «Weekly news»" in shown(html)
+    assert "Отписать a… в домене example.com от «Weekly news»" in heard(html)
 
 
 def test_a_choice_the_sender_removed_meanwhile_says_the_page_is_out_of_date(api, client, r):

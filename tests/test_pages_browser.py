@@ -345,3 +345,35 @@ def test_the_way_back_from_nothing_to_undo_does_not_unsubscribe_again(live_serve
     assert status(live_server, ident)[0] == "subscribed"
     assert page.locator('button[value="unsubscribe"]').is_visible()              # it waits for a click
     screenshot(page, f"back-from-nothing-to-undo-{lang}")
+
+
+HEARD = {"en": ("a… at example.com", "+7… ending in 4567"),
+         "ru": ("a… в домене example.com", "+7…, последние цифры 4567")}
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_masked_addresses_are_read_without_bullets(live_server, open_page, r, lang):
+    """"a••@example.com" was read aloud as "a bullet bullet at example dot com": in the accessibility tree the
+    bullets are hidden and a readable form stands in their place, in the page's language; on screen the masked
+    address is as it was. The unsubscribe page and the manager, an email and a phone."""
+    url, ident = link_for(live_server, "confirm", category=None)
+    sms = {**ident, "channel": "sms", "email": None, "phone": "+79001234567"}
+    live_server.api.ok("subscriptions/set", **sms)
+    manage = live_server.api.ok("messages/links", **ident)["manage_url"]
+    email, phone = HEARD[lang]
+    for target in (url, manage):
+        page = open_page(target, lang, mobile=(lang == "ru"))
+        tree = page.locator("body").aria_snapshot()
+        assert "•" not in tree, tree
+        assert email in tree and (target == url or phone in tree), tree
+        assert "a••@example.com" in page.locator("main").inner_text()               # seen as before
+        if target == url:
+            assert page.get_by_text("a••@example.com").first.is_visible()
+            assert page.get_by_role("button", name={"en": "Confirm unsubscribe",
+                                                    "ru": "Подтвердить отписку"}[lang]).is_visible()
+        else:
+            assert "+7••••••4567" in page.locator("main").inner_text()
+            unsubscribe = {"en": f"Unsubscribe {email} from Weekly news",
+                           "ru": f"Отписать {email} от «Weekly news»"}[lang]
+            assert page.get_by_role("button", name=unsubscribe, exact=True).count() == 1
+            screenshot(page, f"manager-addresses-{lang}")

@@ -15,7 +15,7 @@ from flask_babel import gettext
 from . import preferences
 from .errors import BadToken, InvalidFields, ServiceError
 from .locale import render_page, set_page_locale
-from .pages import check_link_form, evidence, mask_address, no_store, slash_optional_route
+from .pages import check_link_form, evidence, mask_address, no_store, slash_optional_route, spoken_address
 from .ratelimits import count_link_form
 from .resources import current_field_values
 from .store import ensure_housekeeping, get_redis
@@ -60,7 +60,7 @@ def subscription_view(token, hash_id, record, resource, errors=None, entered=Non
     return {
         "hash_id": hash_id, "resource": resource, "channel": record["channel"],
         "channel_label": channel_label(record["channel"]),
-        "address": mask_address(record), "status": status.word, "blocked": blocked,
+        "address": spoken_address(mask_address(record)), "status": status.word, "blocked": blocked,
         "categories": [{**c, "on": c["api_name"] in on,
                         "locked": preferences.category_locked(c, blocked, c["api_name"] in on)}
                        for c in resource["categories"] if c["in_manager"]],
