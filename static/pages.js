@@ -73,7 +73,20 @@
     });
   });
 
+  // Dates are sent in UTC, said so (<time datetime="...Z">14 December 2026, 23:00 UTC</time>): here they are
+  // put in the reader's own time zone and the page's language, a date (data-local="date") or a date and time.
+  function localTime(el) {
+    var moment = new Date(el.getAttribute("datetime"));
+    if (isNaN(moment.getTime()) || !window.Intl) return;
+    var options = el.getAttribute("data-local") === "datetime" ? {dateStyle: "long", timeStyle: "short"}
+                                                                : {dateStyle: "long"};
+    try {
+      el.textContent = new Intl.DateTimeFormat(document.documentElement.lang || undefined, options).format(moment);
+    } catch (e) { /* an old browser without dateStyle: the UTC text stays, which is correct */ }
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
+    Array.prototype.forEach.call(document.querySelectorAll("time[data-local]"), localTime);
     if (!automated) Array.prototype.forEach.call(document.querySelectorAll("form[data-auto-submit]"), autoSubmit);
     Array.prototype.forEach.call(document.querySelectorAll(".countdown"), countdown);
   });

@@ -7,14 +7,14 @@ pytestmark = pytest.mark.browser
 HEARD = {"en": "a… at example.com", "ru": "a… в домене example.com"}  # a••@example.com, without its bullets
 
 
-def manager_link(live):
+def manager_link(live, **first):
     api = live.api
     res = api.ok("resources/add", **email_resource(channel_settings={"email": {
         "from_email": "news@shop.example", "list_id": "weekly.shop.example",
         "fields": [{"title": "Age", "api_name": "age", "type": "int", "in_manager": True}]}}))
     ident = {"db_id": 1, "profile_id": "p-42", "resource_id": res["id"], "channel": "email",
              "email": "ann@example.com"}
-    api.ok("subscriptions/set", **ident, url="https://shop.example/signup")
+    api.ok("subscriptions/set", **ident, url="https://shop.example/signup", **first)
     api.ok("subscriptions/set", db_id=1, profile_id="p-42", resource_id=res["id"], channel="sms",
            phone="+79001234567")
     return api.ok("messages/links", **ident)["manage_url"], ident
@@ -139,3 +139,62 @@ def test_no_two_cards_controls_have_the_same_name(live_server, open_page, r, lan
         assert box["width"] <= 1 and box["height"] <= 1
     assert page.locator(f'#sub-{stopped["hash_id"]} button[value="resubscribe"]').count() == 0  # another link's
     screenshot(page, f"manager-control-names-{lang}")
+
+
+MONTHS = {"en": ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+                 "November", "December"],
+          "ru": ["января", "февраля", "марта", "апреля", "мая", "июня", "июля", "августа", "сентября", "октября",
+                 "ноября", "декабря"]}
+
+
+def long_date(day, lang):
+    return (f"{MONTHS['en'][day.month - 1]} {day.day}, {day.year}" if lang == "en"
+            else f"{day.day} {MONTHS['ru'][day.month - 1]} {day.year} г.")
+
+
+@pytest.mark.parametrize("lang", ["en", "ru"])
+def test_manager_dates_are_the_readers_own_or_say_utc(live_server, browser, r, lang):
+    """"Paused until" and "You subscribed on" were UTC dates, a day off for a reader far east or west of UTC. They
+    are sent as <time datetime="...Z"> saying the UTC date and time and "UTC" (right without scripts), and the
+    page's script shows the reader's own date (and time, for the pause) in their time zone."""
+    from datetime import datetime, timezone
+    from zoneinfo import ZoneInfo
+    from conftest import form_token
+    registered_at = datetime(2026, 3, 3, 23, 30, tzinfo=timezone.utc)           # 4 March east of UTC+1
+    url, ident = manager_link(live_server, date="2026-03-03T23:30:00Z")
+    api = live_server.api
+    other = live_server.app.test_client()
+    path = url.removeprefix(live_server.url)
+    sub = api.ok("subscriptions/get", **ident)
+    resp = other.post(path, data={"csrf_token": form_token(other.get(path).get_data(as_text=True)),
+                                  "action": "suspend", "days": "14", "hash_id": sub["hash_id"]})
+    assert resp.status_code == 303
+    until = datetime.fromisoformat(api.ok("subscriptions/get", **ident)["suspended_until"].replace("Z", "+00:00"))
+    # A zone where the pause's last day is not its UTC date: 14 hours east of UTC, or 11 west.
+    zone = "Pacific/Kiritimati" if until.hour >= 10 else "Pacific/Pago_Pago"
+    local_until = until.astimezone(ZoneInfo(zone))
+    assert local_until.date() != until.date()
+    for scripts in (True, False):
+        context = browser.new_context(locale=lang, timezone_id=zone, java_script_enabled=scripts,
+                                      extra_http_headers={"Accept-Language": lang}, viewport={"width": 390, "height": 844})
+        try:
+            context.set_default_timeout(5000)
+            page = context.new_page()
+            page.goto(url + f"?lang={lang}")
+            card = page.locator("article").first
+            card.locator("details.why summary").click()
+            spaced = str.maketrans({"\u202f": " ", "\xa0": " "})                 # CLDR's narrow and no-break spaces
+            paused = card.locator("p", has_text={"en": "Paused until", "ru": "На паузе до"}[lang]).inner_text()
+            paused = paused.translate(spaced)
+            registered = card.locator("details.why p").inner_text().translate(spaced)
+            if scripts:
+                assert long_date(local_until, lang) in paused and "UTC" not in paused, paused
+                assert long_date(registered_at.astimezone(ZoneInfo(zone)), lang) in registered, registered
+                assert "UTC" not in registered
+            else:
+                assert long_date(until, lang) in paused and paused.rstrip(".").endswith("UTC"), paused
+                assert long_date(datetime(2026, 3, 3), lang) in registered and "UTC" in registered, registered
+            assert card.locator("time").first.get_attribute("datetime") == until.strftime("%Y-%m-%dT%H:%M:%SZ")
+            screenshot(page, f"manager-dates-{lang}-{'script' if scripts else 'noscript'}")
+        finally:
+            context.close()

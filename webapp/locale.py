@@ -9,14 +9,15 @@ every render. Plurals (`ngettext`) and `_()` of a variable still go through Flas
 import functools
 import os
 
-from datetime import datetime
+from datetime import datetime, timezone
 from urllib.parse import urlencode
 
 from flask import g, render_template, request
 from flask.templating import Environment
 from babel import Locale
-from flask_babel import Babel, force_locale, format_date, format_datetime, get_translations
+from flask_babel import Babel, force_locale, format_date, format_time, get_translations
 from jinja2 import BaseLoader, nodes
+from markupsafe import Markup
 from jinja2.visitor import NodeTransformer
 from werkzeug.exceptions import HTTPException
 from werkzeug.datastructures import LanguageAccept
@@ -201,13 +202,21 @@ def init_app(app):
         npgettext=lambda c, s, p, n: _translations().unpgettext(c, s, p, n),
     )
 
-    @app.template_filter("localdate")
-    def localdate(iso, with_time=False):
-        """An RFC 3339 timestamp as a date (and time) in the page's language."""
+    @app.template_filter("utc_time")
+    def utc_time(iso, local="date"):
+        """An RFC 3339 timestamp for a person: `<time datetime="<UTC>">` whose text is the date and time in UTC,
+        said so ("14 December 2026, 23:00 UTC"), correct without scripts; pages.js puts the reader's own date
+        (local="date") or date and time (local="datetime") in its place. A date alone, in UTC, was a day off
+        for readers east or west of it."""
         if not iso:
             return ""
         moment = datetime.fromisoformat(iso.replace("Z", "+00:00"))
-        return format_datetime(moment, "medium") if with_time else format_date(moment, "long")
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.astimezone(timezone.utc)
+        text = f"{format_date(moment, 'long')}, {format_time(moment, 'short')} UTC"
+        return Markup('<time datetime="{}" data-local="{}">{}</time>').format(
+            moment.strftime("%Y-%m-%dT%H:%M:%SZ"), local, text)
 
     @app.context_processor
     def language_switcher():
