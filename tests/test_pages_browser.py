@@ -337,6 +337,7 @@ def test_the_way_back_from_nothing_to_undo_does_not_unsubscribe_again(live_serve
     screenshot(page, f"nothing-to-undo-{lang}")
     back = page.get_by_role("link", name={"en": "Back to the unsubscribe page",
                                           "ru": "Вернуться на страницу отписки"}[lang])
+    assert back.bounding_box()["height"] >= 43.99                               # a tap target (2.5.8)
     back.click()
     page.wait_for_url("**done=back**")
     page.wait_for_load_state("load")
@@ -377,3 +378,54 @@ def test_masked_addresses_are_read_without_bullets(live_server, open_page, r, la
                            "ru": f"Отписать {email} от «Weekly news»"}[lang]
             assert page.get_by_role("button", name=unsubscribe, exact=True).count() == 1
             screenshot(page, f"manager-addresses-{lang}")
+
+
+TARGETS = "a, button, input:not([type=hidden]), select, summary, label"
+# Every control's box, except text hidden for screen readers and the skip link while it is off screen.
+BOXES = """(selector) => Array.from(document.querySelectorAll(selector))
+    .filter((el) => !el.closest('.visually-hidden') && !el.classList.contains('skip') && el.getClientRects().length)
+    .map((el) => { const r = el.getBoundingClientRect();
+                   return {what: el.outerHTML.slice(0, 90), width: r.width, height: r.height,
+                           phone44: el.matches('.langs a, .foot a, .back a, summary, button, select, .check label')}; })"""
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_every_tap_target_is_24_px_and_44_px_tall_on_a_phone(live_server, browser, r, lang):
+    """WCAG 2.5.8: every link and control on the pages is at least 24×24 CSS px, at a phone's 360 px and on a
+    desktop; the language links ("English", "Русский": 19 px high), the footer's link, the way back, "Why am I
+    getting this?", buttons and the checkboxes' labels are 44 px tall on a phone."""
+    confirm, _ = link_for(live_server, "confirm", category="news")               # checkboxes
+    delayed, _ = link_for(live_server, "delayed", category="news")
+    api = live_server.api
+    res = api.ok("resources/add", **email_resource(name="Instant news", unsubscribe={"mode": "instant"}))
+    ident = {"db_id": 1, "profile_id": "p-42", "resource_id": res["id"], "channel": "email",
+             "email": "bob@example.com"}                                        # its own address: its own Undo
+    api.ok("subscriptions/set", **ident)
+    url, manage = (api.ok("messages/links", **ident)[k] for k in ("unsubscribe_url", "manage_url"))
+    client = live_server.app.test_client()
+    path = url.removeprefix(live_server.url)
+    token = form_token(client.get(path).get_data(as_text=True))
+    assert client.post(path, data={"action": "unsubscribe", "csrf_token": token}).status_code == 303
+    undone = url + "?done=unsubscribed"                                         # Undo, the Manage link
+    for width, height in ((360, 740), (1280, 800)):
+        context = browser.new_context(locale=lang, viewport={"width": width, "height": height},
+                                      extra_http_headers={"Accept-Language": lang})
+        try:
+            context.set_default_timeout(10_000)
+            page = context.new_page()
+            for target in (confirm, undone, delayed, manage, live_server.url + "/unsubscribe/nope"):
+                page.goto(target)
+                if target == delayed:
+                    page.locator('[role="timer"]').wait_for()                    # started, or shown again
+                page.locator("details.why").first.evaluate("d => d.open = true") if target == manage else None
+                boxes = page.evaluate(BOXES, TARGETS)
+                assert len(boxes) >= (1 if target.endswith("/nope") else 3), target
+                for box in boxes:
+                    assert box["width"] >= 23.99 and box["height"] >= 23.99, (width, target, box)
+                    if width <= 400 and box["phone44"]:
+                        assert box["height"] >= 43.99, (width, target, box)
+                assert page.evaluate("document.documentElement.scrollWidth") <= width, target
+                name = {confirm: "confirm", undone: "undo", delayed: "delayed", manage: "manager"}.get(target, "bad-link")
+                screenshot(page, f"targets-{name}-{width}-{lang}")
+        finally:
+            context.close()
