@@ -371,6 +371,17 @@ def test_a_name_that_is_not_a_setting_is_warned_about_once(tmp_path):
     assert result.returncode == 1 and "did you mean TRUSTED_PROXIES?" in result.stderr   # and REDIS_URL is unset
 
 
+@pytest.mark.parametrize("name", ["RQ_REDIS_URL", "REDIS_TLS_URL", "RQ_CONFIG", "WEB_CONCURRENCY"])
+def test_other_tools_variables_are_not_taken_for_misspelt_settings(name):
+    """The environment is shared with the tools the README runs beside the web app: `rq worker` reads
+    RQ_REDIS_URL (its -u), Heroku-style hosts set REDIS_TLS_URL next to REDIS_URL. Those are not typos of
+    REDIS_URL and RQ_QUEUE: no warning, while a real near-miss still gets one."""
+    from webapp.config import name_warnings
+    assert name_warnings({name: "redis://127.0.0.1:6379/0"}, dotenv_path="/nonexistent") == []
+    assert name_warnings({name: "x", "REDIS_URI": "x"}, dotenv_path="/nonexistent") == [
+        "REDIS_URI, set in the environment, is not a setting of this service and is ignored (did you mean REDIS_URL?)"]
+
+
 @pytest.mark.parametrize("case", ["var is a file", "secrets file broken", "secrets file without keys",
                                   "redis data dir impossible"])
 def test_a_var_dir_that_cannot_be_used_is_said_in_one_line(tmp_path, case):

@@ -311,6 +311,11 @@ def check_rate_limit(name, value):
 
 # Set by `python -m webapp run` for the web app and the worker it starts: it has said the warnings already.
 WARNED_MARK = "_UNSUB_SETTINGS_WARNED"
+# Environment variables of the tools run beside this service, spelt like one of its settings but not typos of
+# one: rq's command line (`rq worker -u` reads RQ_REDIS_URL, the README's production command), and the TLS URL that
+# Heroku-style hosts set next to REDIS_URL. Never warned about.
+OTHER_TOOLS_NAMES = frozenset({"RQ_REDIS_URL", "RQ_CONFIG", "RQ_WORKER_CLASS", "RQ_JOB_CLASS", "RQ_QUEUE_CLASS",
+                               "RQ_CONNECTION_CLASS", "RQ_KEY_PREFIX", "REDIS_TLS_URL"})
 
 
 def settings_or_exit(needs_secrets=True):
@@ -338,6 +343,7 @@ def name_warnings(environ=None, dotenv_path=".env"):
     found = [(name, ".env") for name in in_dotenv if name not in DEFAULTS]
     found += [(name, "the environment") for name in sorted(environ)
               if name not in DEFAULTS and name not in in_dotenv and name != WARNED_MARK
+              and name not in OTHER_TOOLS_NAMES
               and difflib.get_close_matches(name, DEFAULTS, n=1, cutoff=0.8)]
     warnings = []
     for name, where in found:
