@@ -15,7 +15,8 @@ import pytest
 import redis
 
 from conftest import ROOT
-from webapp.config import ConfigError, default_web_workers, load_settings
+from webapp.config import (ConfigError, default_web_workers, load_settings, parse_signing_keys,
+                           signing_key_ring)
 
 KEYS, TOKEN = "k1:a-secret-of-the-test", "an-api-token-of-the-test"
 
@@ -340,6 +341,30 @@ def test_a_secret_short_enough_to_guess_is_refused(tmp_path, settings, message):
                             env=clean_env(**{"API_TOKEN": TOKEN, "SIGNING_KEYS": KEYS, **settings}),
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 1 and result.stderr.startswith(f"Configuration error: {message}"), result.stderr
+
+
+def test_an_older_short_key_keeps_verifying_the_links_already_sent_with_a_warning(tmp_path):
+    """An install from before the 12-character rule rotates to a long key but must keep its old short one listed:
+    links never expire, and every link already sent was signed with it. The start refuses only a short key that
+    would sign new links (the newest of SIGNING_KEYS, or one on its way in); an older one verifies, said in a
+    warning (remove it once its links may go)."""
+    from webapp.config import short_key_warnings
+    from webapp.tokens import SigningKeys, issue_smid, read_smid
+    old_ring = SigningKeys(parse_signing_keys("k0:old-key"))
+    sent = issue_smid(old_ring, resource_id=1, db_id=1, profile_id="p-1", hash_id="0a1b2c3d")
+    settings = load_settings({"API_TOKEN": TOKEN, "SIGNING_KEYS": "k0:old-key," + KEYS}, dotenv_path="/nonexistent")
+    ring = SigningKeys(*signing_key_ring(settings))
+    assert read_smid(ring, sent).profile_id == "p-1"                             # the link already sent works
+    assert short_key_warnings(settings) == [
+        "SIGNING_KEYS secret of kid 'k0' has 7 characters: it only verifies links already sent; remove it once "
+        "they may stop working (new links are signed with 'k1')"]
+    assert short_key_warnings(load_settings({"API_TOKEN": TOKEN, "SIGNING_KEYS": KEYS},
+                                            dotenv_path="/nonexistent")) == []
+    result = subprocess.run([sys.executable, "-m", "workers"], cwd=tmp_path, capture_output=True, text=True,
+                            env=clean_env(API_TOKEN=TOKEN, SIGNING_KEYS="k0:old-key," + KEYS,
+                                          REDIS_URL="redis://127.0.0.1:1/0"), timeout=30)
+    assert "warning: SIGNING_KEYS secret of kid 'k0' has 7 characters" in result.stderr, result.stderr
+    assert "Configuration error" not in result.stderr and "Redis at redis://127.0.0.1:1/0" in result.stderr
 
 
 def test_a_name_that_is_not_a_setting_is_warned_about_once(tmp_path):

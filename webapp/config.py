@@ -231,10 +231,11 @@ def load_settings(environ=None, dotenv_path=".env", needs_secrets=True):
 
 
 def check_secret_lengths(api_token, signing, verify_only):
-    """Raise ConfigError for a secret short enough to guess: anyone holding one link could try signing keys
-    offline until its MAC matches, then sign links for every subscription (the generated ones have 43
-    characters)."""
-    for name, pairs in (("SIGNING_KEYS", signing), ("SIGNING_KEYS_VERIFY_ONLY", verify_only)):
+    """Raise ConfigError for a secret short enough to guess that signs or will sign links, or for API_TOKEN:
+    anyone holding one link could try signing keys offline until its MAC matches, then sign links for every
+    subscription (the generated ones have 43 characters). An older key of SIGNING_KEYS, one that only verifies
+    the links already sent, is not refused (links never expire; short_key_warnings says it instead)."""
+    for name, pairs in (("SIGNING_KEYS", signing[-1:]), ("SIGNING_KEYS_VERIFY_ONLY", verify_only)):
         for kid, secret in pairs:
             if len(secret) < MIN_SECRET_CHARS:
                 raise ConfigError(f"{name} secret of kid {kid!r} has {len(secret)} characters: use at least "
@@ -242,6 +243,18 @@ def check_secret_lengths(api_token, signing, verify_only):
                                   "print(secrets.token_urlsafe(32))')")
     if api_token is not None and len(api_token) < MIN_SECRET_CHARS:
         raise ConfigError(f"API_TOKEN has {len(api_token)} characters: use at least {MIN_SECRET_CHARS} random ones")
+
+
+def short_key_warnings(settings):
+    """Warnings about the older keys of SIGNING_KEYS under MIN_SECRET_CHARS, which check_secret_lengths lets
+    verify the links already sent: each is a key someone may guess from one of them, to be removed when those
+    links may stop working."""
+    if not settings.get("SIGNING_KEYS"):
+        return []
+    signing = parse_signing_keys(settings["SIGNING_KEYS"])
+    return [f"SIGNING_KEYS secret of kid {kid!r} has {len(secret)} characters: it only verifies links already "
+            f"sent; remove it once they may stop working (new links are signed with {signing[-1][0]!r})"
+            for kid, secret in signing[:-1] if len(secret) < MIN_SECRET_CHARS]
 
 
 def shown_url(url):
@@ -320,14 +333,18 @@ OTHER_TOOLS_NAMES = frozenset({"RQ_REDIS_URL", "RQ_CONFIG", "RQ_WORKER_CLASS", "
 
 def settings_or_exit(needs_secrets=True):
     """load_settings() for a command line: a ConfigError ends the process with its message, no traceback;
-    warnings about names that are not settings go to stderr first."""
+    warnings about names that are not settings go to stderr first, those about short older keys after."""
     if not os.environ.get(WARNED_MARK):
         for warning in name_warnings():
             print(f"warning: {warning}", file=sys.stderr)
     try:
-        return load_settings(needs_secrets=needs_secrets)
+        settings = load_settings(needs_secrets=needs_secrets)
     except ConfigError as exc:
         sys.exit(f"Configuration error: {exc}")
+    if not os.environ.get(WARNED_MARK):
+        for warning in short_key_warnings(settings):
+            print(f"warning: {warning}", file=sys.stderr)
+    return settings
 
 
 def name_warnings(environ=None, dotenv_path=".env"):
