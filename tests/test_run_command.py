@@ -288,6 +288,20 @@ def test_a_public_address_without_its_secrets_is_refused_rather_than_given_gener
     assert local["SIGNING_KEYS"].startswith("dev1:")                               # development: generated
 
 
+def test_a_public_address_refused_for_its_secrets_names_the_generated_key_that_signed_the_links_sent(tmp_path):
+    """An install that ran on its public address with generated secrets (before the start refused that) signed
+    every link sent so far with the key in VAR_DIR/dev-secrets.json: the refusal says to keep it, since new keys
+    alone would make all of those links 404."""
+    generated = load_settings({"VAR_DIR": str(tmp_path / "var")}, dotenv_path="/nonexistent")
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"VAR_DIR": str(tmp_path / "var"), "PUBLIC_BASE_URL": "https://unsub.example.com"},
+                      dotenv_path="/nonexistent")
+    assert str(caught.value).endswith(f"the same on every instance; the links sent so far were signed with the "
+                                      f"SIGNING_KEYS in {tmp_path / 'var' / 'dev-secrets.json'}: keep that key "
+                                      "listed)")
+    assert generated["SIGNING_KEYS"].split(":")[1] not in str(caught.value)   # the secret itself is not shown
+
+
 def test_gunicorn_without_a_redis_url_says_so_in_one_line(tmp_path):
     command = [sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "webapp", "gunicorn.conf.py"), "-b",
                "127.0.0.1:0", "webapp:create_app()"]

@@ -214,9 +214,14 @@ def load_settings(environ=None, dotenv_path=".env", needs_secrets=True):
     if missing and needs_secrets and not local_address(merged["PUBLIC_BASE_URL"]):
         # Generated secrets are one machine's: links signed on one instance would be refused (404) by every other,
         # and a new VAR_DIR would turn every link already sent into a 404.
+        earlier = Path(merged["VAR_DIR"]) / "dev-secrets.json"
+        # An install that ran on this address with generated secrets signed its links sent so far with them: new
+        # keys alone would turn every one of those links into a 404.
+        keep = (f"; the links sent so far were signed with the SIGNING_KEYS in {earlier}: keep that key listed"
+                if earlier.is_file() else "")
         raise ConfigError(f"{missing[0]} is not set: PUBLIC_BASE_URL {merged['PUBLIC_BASE_URL']} is not a local "
                           "address, and secrets are generated only for development (set SIGNING_KEYS and "
-                          "API_TOKEN, the same on every instance)")
+                          f"API_TOKEN, the same on every instance{keep})")
     if missing and needs_secrets:
         generated = _dev_secrets(merged["VAR_DIR"])
         merged["API_TOKEN"] = merged["API_TOKEN"] or generated["API_TOKEN"]
