@@ -56,6 +56,13 @@ def flip_times(r, contexts, timeout):
     return seen
 
 
+
+def app_on(url, tmp_path, time_unit=1):
+    """The app on the Redis at `url`, its timers' "minute" `time_unit` seconds long."""
+    return create_app({"TESTING": True, "REDIS_URL": url, "API_TOKEN": API_TOKEN, "SIGNING_KEYS": SIGNING_KEYS,
+                       "PUBLIC_BASE_URL": "https://unsub.example", "VAR_DIR": str(tmp_path),
+                       "TIME_UNIT_SECONDS": time_unit})
+
 def test_status_flips_within_two_seconds_after_the_deadline(app, r, workers, queue):
     assert app.config["TIME_UNIT_SECONDS"] == 1
     workers.start()
@@ -161,9 +168,7 @@ def test_timers_still_fire_after_redis_restarts_with_aof(tmp_path):
     procs = WorkerProcesses(url, tmp_path)
     client = redis.Redis.from_url(url, decode_responses=True)
     try:
-        app = create_app({"TESTING": True, "REDIS_URL": url, "API_TOKEN": API_TOKEN, "SIGNING_KEYS": SIGNING_KEYS,
-                          "PUBLIC_BASE_URL": "https://unsub.example", "VAR_DIR": str(tmp_path),
-                          "TIME_UNIT_SECONDS": 1})
+        app = app_on(url, tmp_path)
         rq_queue = delayed.timer_queue(redis.Redis.from_url(url), QUEUE)
         worker = procs.start()
         contexts = delayed_contexts(app, client, 100, timer_minutes=1)
@@ -198,9 +203,7 @@ def test_a_timer_still_fires_when_the_service_comes_back_days_after_its_deadline
     procs = WorkerProcesses(url, tmp_path)
     client = redis.Redis.from_url(url, decode_responses=True)
     try:
-        app = create_app({"TESTING": True, "REDIS_URL": url, "API_TOKEN": API_TOKEN, "SIGNING_KEYS": SIGNING_KEYS,
-                          "PUBLIC_BASE_URL": "https://unsub.example", "VAR_DIR": str(tmp_path),
-                          "TIME_UNIT_SECONDS": 1})
+        app = app_on(url, tmp_path)
         first, second = delayed_contexts(app, client, 2, timer_minutes=2)
         for ctx in (first, second):
             assert u.arm_timer(client, ctx, u.resolve_scope(ctx), 1)["state"] == "pending"
@@ -291,9 +294,7 @@ def test_sweeper_survives_a_redis_outage_in_process(tmp_path):
     sweeper = delayed.Sweeper(lambda: connect(url), interval=0.05)
     client = redis.Redis.from_url(url, decode_responses=True)
     try:
-        app = create_app({"TESTING": True, "REDIS_URL": url, "API_TOKEN": API_TOKEN, "SIGNING_KEYS": SIGNING_KEYS,
-                          "PUBLIC_BASE_URL": "https://unsub.example", "VAR_DIR": str(tmp_path),
-                          "TIME_UNIT_SECONDS": 1})
+        app = app_on(url, tmp_path)
         (ctx,) = delayed_contexts(app, client, 1, timer_minutes=1)
         sweeper.start()
         u.arm_timer(client, ctx, u.resolve_scope(ctx), 2.5)
@@ -343,8 +344,7 @@ def test_the_page_and_the_sdk_count_down_by_the_clock_that_fires_the_timer(tmp_p
     from conftest import ApiActions, close_clients, email_resource, form_token
     clock = SkewedClock(tmp_path, skew)
     url = clock.start()
-    app = create_app({"TESTING": True, "REDIS_URL": url, "API_TOKEN": API_TOKEN, "SIGNING_KEYS": SIGNING_KEYS,
-                      "PUBLIC_BASE_URL": "https://unsub.example", "VAR_DIR": str(tmp_path), "TIME_UNIT_SECONDS": 30})
+    app = app_on(url, tmp_path, time_unit=30)
     try:
         client = app.test_client()
         api = ApiActions(client)
