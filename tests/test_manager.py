@@ -68,7 +68,11 @@ def test_toggle_category_and_edit_fields(api, client, r):
                                               ("field.age", "²", "whole number"),     # "²".isdigit() is True
                                               ("field.age", "--5", "whole number"),
                                               ("field.age", "9" * 5000, "whole number"),  # past int()'s digits
-                                              ("field.score", "lots", "Enter a number")])
+                                              ("field.score", "lots", "Enter a number"),
+                                              ("field.score", "1_000", "Enter a number"),  # float() takes these
+                                              ("field.score", "١٢", "Enter a number"),
+                                              ("field.score", "nan", "Enter a number"),
+                                              ("field.score", "1e999", "Enter a number")])
 def test_bad_field_value_shows_inline_error_and_saves_nothing(api, client, r, field, value, text):
     _res, _ident, sub, path = setup_profile(api)
     token = form_token(client.get(path).get_data(as_text=True))
@@ -81,6 +85,18 @@ def test_bad_field_value_shows_inline_error_and_saves_nothing(api, client, r, fi
     assert "<title>Error: My subscriptions</title>" in html                      # and in the window's title
     assert f'value="{value}"' in html                                          # what was typed stays
     assert redis_state(r) == before
+
+
+@pytest.mark.parametrize("field,value,stored", [("field.age", "-9223372036854775808", -2 ** 63),  # the API's range
+                                                ("field.age", " 12 ", 12),
+                                                ("field.score", "4,5", 4.5), ("field.score", "-.5", -0.5),
+                                                ("field.score", "1e3", 1000.0)])
+def test_a_number_is_taken_as_people_write_it(api, client, field, value, stored):
+    _res, ident, sub, path = setup_profile(api)
+    resp = post(client, path, action="save", hash_id=sub["hash_id"], categories=["news"], **{field: value})
+    assert resp.status_code == 303
+    got = api.ok("subscriptions/get", **ident)["custom_fields"][field.removeprefix("field.")]
+    assert got == stored and type(got) is type(stored)
 
 
 def test_each_cards_unsubscribe_button_names_what_it_stops_and_its_notice_says_what_stopped(api, client):

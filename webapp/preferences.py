@@ -53,15 +53,17 @@ def parse_field(fdef, raw):
             raise ValueError("required")
         return None
     if ftype == "int":
-        if not re.fullmatch("-?[0-9]{1,19}", raw) or abs(int(raw)) >= 2 ** 63:  # ASCII digits: "²".isdigit()
+        # ASCII digits ("²".isdigit()), and the API's range: a 64-bit signed integer.
+        if not re.fullmatch("-?[0-9]{1,19}", raw) or not -2 ** 63 <= int(raw) < 2 ** 63:
             raise ValueError("int")
         return int(raw)
     if ftype == "float":
-        try:
-            value = float(raw.replace(",", "."))
-        except ValueError:
-            raise ValueError("float") from None
-        if value != value or value in (float("inf"), float("-inf")):
+        # A number as people write it, with a point or a (Russian) decimal comma, and an exponent: not all that
+        # Python's float() takes ("1_000", digits of other scripts such as "١٢", "nan", "inf").
+        if not _FLOAT.fullmatch(raw):
+            raise ValueError("float")
+        value = float(raw.replace(",", "."))
+        if value in (float("inf"), float("-inf")):  # "1e999"
             raise ValueError("float")
         return value
     if len(raw) > MAX_LINE_LENGTH:
@@ -69,6 +71,7 @@ def parse_field(fdef, raw):
     return raw.translate(_CONTROL_CHARACTERS)  # invisible, and refused by the API's checks of the same fields
 
 
+_FLOAT = re.compile(r"[-+]?([0-9]+([.,][0-9]*)?|[.,][0-9]+)([eE][-+]?[0-9]+)?")
 _CONTROL_CHARACTERS = dict.fromkeys(c for c in range(32) if chr(c) not in "\t\n\r")
 
 
