@@ -99,6 +99,36 @@ def test_a_number_is_taken_as_people_write_it(api, client, field, value, stored)
     assert got == stored and type(got) is type(stored)
 
 
+def hidden_inputs(html, hash_id, form_class="prefs"):
+    """The hidden inputs of a card's form, as the browser sends them."""
+    card = html.split(f'id="sub-{hash_id}"')[1].split("</article>")[0]
+    form = card.split(f'class="{form_class}"')[1].split("</form>")[0]
+    return dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', form))
+
+
+def test_a_save_from_a_page_opened_before_the_sender_added_options_leaves_them_alone(api, client, r):
+    """A box or field the page did not show is no choice of the person's: an unchecked box sends nothing, so
+    the category the sender added meanwhile stays on, and a field put in the manager meanwhile keeps its value."""
+    res, ident, sub, path = setup_profile(api)
+    form = hidden_inputs(client.get(path).get_data(as_text=True), sub["hash_id"])
+    email = res["channel_settings"]["email"]
+    api.ok("resources/update", id=res["id"], categories=email_resource()["categories"] + [
+        {"title": "Tips", "api_name": "tips"}], channel_settings={"email": {**email, "fields": [
+            {**f, "in_manager": True} for f in email["fields"]]}})
+    assert api.ok("subscriptions/get", **ident)["cats"] == ["news", "receipts", "tips"]
+    resp = client.post(path, data={**form, "action": "save", "field.age": "5"})   # news switched off
+    assert resp.status_code == 303
+    got = api.ok("subscriptions/get", **ident)
+    assert got["cats"] == ["receipts", "tips"]
+    assert got["custom_fields"] == {"internal": "secret-note", "age": 5, "vip": False}
+    # The page as it is now shows them, and its save changes them.
+    form = hidden_inputs(client.get(path).get_data(as_text=True), sub["hash_id"])
+    assert form["shown_categories"] == "news receipts tips" and form["shown_fields"] == "plan age score vip internal"
+    client.post(path, data={**form, "action": "save", "categories": ["news"], "field.internal": "mine"})
+    got = api.ok("subscriptions/get", **ident)
+    assert got["cats"] == ["news", "receipts"] and got["custom_fields"] == {"internal": "mine", "vip": False}
+
+
 def test_each_cards_unsubscribe_button_names_what_it_stops_and_its_notice_says_what_stopped(api, client):
     """A card's button stops that card's subscription only: it says which, and no two read the same."""
     _res, ident, sub, path = setup_profile(api)

@@ -144,8 +144,10 @@ def manage(token):
     try:
         if action == "save":
             fields = {k[6:]: v for k, v in request.form.items() if k.startswith("field.")}
+            shown = [None if request.form.get(name) is None else request.form[name].split()
+                     for name in ("shown_categories", "shown_fields")]  # None: a page from before they were sent
             record, _ = preferences.save_preferences(r, db_id, profile_id, hash_id,
-                                                     request.form.getlist("categories"), fields, ev, link)
+                                                     request.form.getlist("categories"), fields, ev, link, *shown)
         elif action == "unsubscribe":
             record, _ = preferences.unsubscribe_all(r, db_id, profile_id, hash_id, ev, link)
         elif action == "suspend":

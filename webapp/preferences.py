@@ -82,13 +82,20 @@ def category_locked(cat, blocked, on):
     return on and (cat["required"] or blocked)
 
 
-def _parse_preferences(resource, record, cats_on, field_values):
-    """Return (uncats, custom_fields) from the form; raises InvalidFields with every bad field."""
+def _parse_preferences(resource, record, cats_on, field_values, shown_categories=None, shown_fields=None):
+    """Return (uncats, custom_fields) from the form; raises InvalidFields with every bad field.
+
+    `shown_categories` and `shown_fields` name what the form showed (None: everything the manager shows now).
+    Only those change: a category or field the sender added, or put in the manager, after the page was opened
+    is not in the form, and its missing box or input is no choice of the person's (an unchecked box sends
+    nothing), so it must not switch the category off or clear the field."""
     shown = {c["api_name"]: c for c in resource["categories"] if c["in_manager"]}
     cats_on = set(cats_on)
     unknown = cats_on - set(shown)
     if unknown:
         raise InvalidInput(f"category {sorted(unknown)[0]!r} cannot be changed here", field="categories")
+    if shown_categories is not None:
+        shown = {name: cat for name, cat in shown.items() if name in set(shown_categories)}
     uncats = set(record.get("uncats", []))
     blocked = resource["unsubscribe"]["mode"] == "blocked"
     for name, cat in shown.items():
@@ -101,7 +108,7 @@ def _parse_preferences(resource, record, cats_on, field_values):
             uncats.add(name)
     values, errors = current_field_values(resource, record["channel"], record.get("custom_fields", {})), {}
     for fdef in resource["channel_settings"].get(record["channel"], {}).get("fields", []):
-        if not fdef["in_manager"]:
+        if not fdef["in_manager"] or (shown_fields is not None and fdef["api_name"] not in shown_fields):
             continue
         try:
             value = parse_field(fdef, field_values.get(fdef["api_name"]))
@@ -166,10 +173,13 @@ def _epoch(iso):
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
-def save_preferences(r, db_id, profile_id, hash_id, cats_on, field_values, evidence=None, link=None):
-    """Categories switched on (the rest of the manager's categories off) and field values from the form."""
+def save_preferences(r, db_id, profile_id, hash_id, cats_on, field_values, evidence=None, link=None,
+                     shown_categories=None, shown_fields=None):
+    """Categories switched on (the rest of the categories the form showed off) and field values from the form
+    (see _parse_preferences)."""
     def edit(record, resource, _pc):
-        record["uncats"], record["custom_fields"] = _parse_preferences(resource, record, cats_on, field_values)
+        record["uncats"], record["custom_fields"] = _parse_preferences(resource, record, cats_on, field_values,
+                                                                       shown_categories, shown_fields)
         return record
     return _change(r, db_id, profile_id, hash_id, edit, evidence, link)
 
