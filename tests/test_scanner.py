@@ -145,3 +145,28 @@ def test_a_persons_change_between_flagged_ones_stops_the_run(api, app, r):
     result = api.ok("events/revert_flagged", **{"from": 0})
     assert result == {"reverted": [newer], "skipped": [{"id": older, "reason": "changed since"}]}
     assert api.ok("subscriptions/get", **ident)["cats"] == ["promo"]
+
+
+def test_a_person_who_changed_back_to_the_flagged_state_keeps_it(api, app, client, r):
+    """A scanner unsubscribes; the person subscribes again in the manager, then unsubscribes there for good.
+    The state is the flagged change's `after` again, but it is the person's: the revert leaves it."""
+    res = api.ok("resources/add", **email_resource(unsubscribe={"mode": "confirm"}, categories=[]))
+    ident, path = subscribe(api, res, "p1", "a@corp.example")
+    bot = app.test_client()
+    bot.head(path)
+    html = bot.get(path).get_data(as_text=True)
+    bot.post(path, data={"action": "unsubscribe", "csrf_token": form_token(html)})
+    [flagged] = api.ok("events/flagged", **{"from": 0})
+    manage = api.ok("messages/links", **ident)["manage_url"].removeprefix("https://unsub.example")
+    hash_id = flagged["event"]["hash_id"]
+    for action in ("resubscribe", "unsubscribe"):
+        html = client.get(manage).get_data(as_text=True)
+        assert client.post(manage, data={"csrf_token": form_token(html), "action": action,
+                                         "hash_id": hash_id}).status_code == 303
+    assert [e["method"] for e in api.ok("events/list", db_id=1, profile_id="p1")] == [
+        "manager", "manager", "page_confirm", "api"]
+    before = redis_state(r)
+    result = api.ok("events/revert_flagged", **{"from": 0})
+    assert result == {"reverted": [], "skipped": [{"id": flagged["event"]["id"], "reason": "changed since"}]}
+    assert api.ok("subscriptions/get", **ident)["status"] == "unsubscribed"
+    assert redis_state(r) == before

@@ -17,8 +17,9 @@ the API are a mailbox provider's or a platform's explicit request and are never 
 """
 import re
 
+from . import keys
 from .errors import InvalidInput
-from .events import export_events
+from .events import decode_event, export_events
 from .resources import get_resources
 from .subscriptions import Status, state_of, update_profile, with_state
 from .unsubscribe import FINAL_STATUSES
@@ -109,11 +110,21 @@ def revert(r, flagged, only_ids=None):
             record = pc.records.get(hash_id)
             if record is None:
                 return {event["id"]: "subscription deleted" for event, _ in changes}
+            # The subscription's events since its earliest flagged change, from the ledger (watched, as the
+            # record is): a later change back to the same state (a person who resubscribed and then
+            # unsubscribed again) is a change since, though the state alone would not show it.
+            first_seq = min(event["seq"] for event, _ in changes)
+            ledger = {event["id"]: event for event, _ in changes}
+            for raw in pc.pipe.lrange(keys.profile_events(db_id, profile_id), first_seq - 1, -1):
+                later = decode_event(raw)
+                if isinstance(later, dict) and later.get("hash_id") == hash_id and later.get("seq", 0) >= first_seq:
+                    ledger.setdefault(later.get("id"), later)
+            asked = {event["id"]: (event, flags) for event, flags in changes}
             state, run = state_of(resource, record), []
-            for event, flags in reversed(changes):
-                if event["after"] != state:  # changed since: by the person, or by a change not reverted
-                    break
-                run.append((event, flags))
+            for event in sorted(ledger.values(), key=lambda e: e["seq"], reverse=True):
+                if event["id"] not in asked or event["after"] != state:  # changed since: by the person, or by
+                    break                                                 # a change not reverted
+                run.append(asked[event["id"]])
                 state = event["before"]
             outcome = {event["id"]: "changed since" for event, _ in changes}
             if not run:
