@@ -170,3 +170,26 @@ def test_a_person_who_changed_back_to_the_flagged_state_keeps_it(api, app, clien
     assert result == {"reverted": [], "skipped": [{"id": flagged["event"]["id"], "reason": "changed since"}]}
     assert api.ok("subscriptions/get", **ident)["status"] == "unsubscribed"
     assert redis_state(r) == before
+
+
+def test_a_persons_undo_and_second_confirm_are_not_a_burst_of_fetches(api, app, r):
+    """The pages the person's own clicks lead to (`?done=`) are no fetches of the link: one look at the page,
+    confirm, Undo, confirm again, an hour after the send, is a person's, and not flagged."""
+    res = api.ok("resources/add", **email_resource(unsubscribe={"mode": "confirm"}, categories=[]))
+    ident, path = subscribe(api, res, "p1", "a@home.example", sent_at=int(time.time()) - 3600)
+    person = app.test_client()
+    html = person.get(path).get_data(as_text=True)
+    for action in ("unsubscribe", "undo", "unsubscribe"):
+        resp = person.post(path, data={"action": action, "csrf_token": form_token(html)})
+        assert resp.status_code == 303 and "done=" in resp.headers["Location"]
+        html = person.get(resp.headers["Location"]).get_data(as_text=True)
+    assert api.ok("subscriptions/get", **ident)["status"] == "unsubscribed"
+    assert api.ok("events/flagged", **{"from": 0}) == []
+    assert api.ok("events/list", db_id=1, profile_id="p1")[0]["evidence"]["page_views"] == {"GET": 1}
+    # Fetches of the link itself still count.
+    person.get(path), person.head(path)
+    html = person.get(path + "?done=back").get_data(as_text=True)
+    person.post(path, data={"action": "undo", "csrf_token": form_token(html)})
+    person.post(path, data={"action": "unsubscribe", "csrf_token": form_token(html)})
+    [flagged] = api.ok("events/flagged", **{"from": 0})
+    assert set(flagged["flags"]) == {"head_request", "get_burst"}

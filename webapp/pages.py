@@ -77,13 +77,14 @@ def spoken_address(masked):
     return Markup(f'<span aria-hidden="true">{escape(masked)}</span><span class="visually-hidden">{escape(said)}</span>')
 
 
-def open_page_context(smid, count_view=None):
+def open_page_context(smid, count_view=None, with_pending=False):
     """open_smid plus the page language; raises ServiceError subclasses. With count_view ("GET" or "HEAD") it
-    also counts the page view (unsubscribe.record_view) once the SMID is open, in the same round trip."""
+    also counts the page view (unsubscribe.record_view) once the SMID is open, in the same round trip, and
+    reads the pending timer as with_pending does."""
     if count_view:
         ctx = hotpaths.open_for_page(get_redis(), current_app.extensions["signing_keys"], smid, count_view)
     else:
-        ctx = unsubscribe.open_smid(get_redis(), current_app.extensions["signing_keys"], smid)
+        ctx = unsubscribe.open_smid(get_redis(), current_app.extensions["signing_keys"], smid, with_pending)
     set_page_locale(ctx.record.get("locale"), ctx.resource.get("default_locale"))
     return ctx
 
@@ -217,7 +218,11 @@ def unsubscribe_page(smid):
         count_link_form(smid)  # a 429 before anything is read or changed (the one-click above is never limited)
         return page_action(smid, request.form["action"])
     try:
-        ctx = open_page_context(smid, count_view=request.method)  # GET or HEAD
+        # A fetch of the link the message carried counts (GET or HEAD), for the scanner review's get_burst; the
+        # page the person's own form led to (`?done=`: the redirect after an action, the way back) does not:
+        # confirm, Undo and confirm again is one look at the link and clicks, not a scanner's three fetches.
+        ctx = open_page_context(smid, count_view=None if "done" in request.args else request.method,
+                                with_pending=True)
     except ServiceError as exc:
         return error_page(exc)
     page_url = ctx.resource["unsubscribe"].get("page_url")
