@@ -129,6 +129,23 @@ def test_a_save_from_a_page_opened_before_the_sender_added_options_leaves_them_a
     assert got["cats"] == ["news", "receipts"] and got["custom_fields"] == {"internal": "mine", "vip": False}
 
 
+def test_a_refused_save_shows_the_boxes_as_the_person_left_them(api, client, r):
+    """Not as stored: correcting the field and saving again must not bring back what the person unticked."""
+    _res, ident, sub, path = setup_profile(api)
+    post(client, path, action="save", hash_id=sub["hash_id"], categories=["news"], **{"field.vip": "on"})
+    form = hidden_inputs(client.get(path).get_data(as_text=True), sub["hash_id"])
+    resp = client.post(path, data={**form, "action": "save", "field.age": "x"})      # news and VIP unticked
+    html = resp.get_data(as_text=True)
+    assert resp.status_code == 400
+    boxes = dict(re.findall(r'<input type="checkbox" id="[^"]*" name="[^"]*" value="(\w+)"\s*([^>]*)>', html))
+    assert boxes == {"news": "", "receipts": 'checked disabled aria-describedby="r-%s-receipts"' % sub["hash_id"],
+                     "on": ""}
+    form = hidden_inputs(html, sub["hash_id"])
+    assert client.post(path, data={**form, "action": "save", "field.age": "7"}).status_code == 303
+    got = api.ok("subscriptions/get", **ident)
+    assert got["cats"] == ["receipts"] and got["custom_fields"]["vip"] is False and got["custom_fields"]["age"] == 7
+
+
 def test_each_cards_unsubscribe_button_names_what_it_stops_and_its_notice_says_what_stopped(api, client):
     """A card's button stops that card's subscription only: it says which, and no two read the same."""
     _res, ident, sub, path = setup_profile(api)

@@ -47,22 +47,31 @@ def source_label(reg_info):
 
 
 def subscription_view(token, hash_id, record, resource, errors=None, entered=None):
+    """The card of one subscription. `entered` (a form refused for its fields: entered_form) is what the person
+    chose in it, shown again, boxes too, so that correcting the field and saving keeps their other choices."""
     status = Status(record["status"])
     blocked = resource["unsubscribe"]["mode"] == "blocked"
     on = set(subscribed_cats(resource, record))
+    stored_on = set(on)
+    if entered is not None:
+        shown = entered["shown_categories"]
+        on = {c["api_name"] for c in resource["categories"] if (
+            c["api_name"] in entered["categories"] if shown is None or c["api_name"] in shown
+            else c["api_name"] in on)}
     fields, stored = [], current_field_values(resource, record["channel"], record.get("custom_fields", {}))
     for fdef in resource["channel_settings"].get(record["channel"], {}).get("fields", []):
         if fdef["in_manager"]:
-            value = stored.get(fdef["api_name"])
-            if entered is not None and fdef["api_name"] in entered:
-                value = entered[fdef["api_name"]]
-            fields.append({**fdef, "value": value, "error": (errors or {}).get(fdef["api_name"])})
+            name, value = fdef["api_name"], stored.get(fdef["api_name"])
+            if entered is not None and (entered["shown_fields"] is None or name in entered["shown_fields"]):
+                value = (name in entered["fields"]) if fdef["type"] == "bool" else entered["fields"].get(name, value)
+            fields.append({**fdef, "value": value, "error": (errors or {}).get(name)})
     return {
         "hash_id": hash_id, "resource": resource, "channel": record["channel"],
         "channel_label": channel_label(record["channel"]),
         "address": spoken_address(mask_address(record)), "status": status.word, "blocked": blocked,
-        "categories": [{**c, "on": c["api_name"] in on,
-                        "locked": preferences.category_locked(c, blocked, c["api_name"] in on)}
+        "categories": [{**c, "on": c["api_name"] in on or preferences.category_locked(c, blocked,
+                                                                                    c["api_name"] in stored_on),
+                        "locked": preferences.category_locked(c, blocked, c["api_name"] in stored_on)}
                        for c in resource["categories"] if c["in_manager"]],
         "fields": fields,
         "can_unsubscribe": not blocked and status in (Status.SUBSCRIBED, Status.SUSPENDED, Status.UNCONFIRMED),
@@ -75,6 +84,16 @@ def subscription_view(token, hash_id, record, resource, errors=None, entered=Non
         "registered": record["reg_info"].get("date"), "source": source_label(record["reg_info"]),
         "updated_at": record.get("updated_at"),
     }
+
+
+def entered_form():
+    """A card's Save form as sent: the categories ticked, the field values (`field.<api_name>`; a bool's
+    unchecked box sends nothing), and what the form showed (`shown_categories`, `shown_fields`: None for a page
+    from before they were sent, which showed everything)."""
+    return {"categories": request.form.getlist("categories"),
+            "fields": {k[6:]: v for k, v in request.form.items() if k.startswith("field.")},
+            **{name: None if request.form.get(name) is None else request.form[name].split()
+               for name in ("shown_categories", "shown_fields")}}
 
 
 def read_token(token):
@@ -143,11 +162,10 @@ def manage(token):
     db_id, profile_id, link = parsed.db_id, parsed.profile_id, parsed.hash_id  # link: whose Undo the change is
     try:
         if action == "save":
-            fields = {k[6:]: v for k, v in request.form.items() if k.startswith("field.")}
-            shown = [None if request.form.get(name) is None else request.form[name].split()
-                     for name in ("shown_categories", "shown_fields")]  # None: a page from before they were sent
-            record, _ = preferences.save_preferences(r, db_id, profile_id, hash_id,
-                                                     request.form.getlist("categories"), fields, ev, link, *shown)
+            form = entered_form()
+            record, _ = preferences.save_preferences(r, db_id, profile_id, hash_id, form["categories"],
+                                                     form["fields"], ev, link, form["shown_categories"],
+                                                     form["shown_fields"])
         elif action == "unsubscribe":
             record, _ = preferences.unsubscribe_all(r, db_id, profile_id, hash_id, ev, link)
         elif action == "suspend":
@@ -164,9 +182,8 @@ def manage(token):
         if record.get("status") == Status.SUSPENDED:  # a pause (a suspend, an Undo that restores one): someone
             ensure_housekeeping()                     # must end it, also under a plain rq worker
     except InvalidFields as exc:
-        entered = {k[6:]: v for k, v in request.form.items() if k.startswith("field.")}
-        return render_manager(token, parsed, status=400, errors=exc.errors, entered=entered, failed_hash=hash_id,
-                              message="InvalidFields")
+        return render_manager(token, parsed, status=400, errors=exc.errors, entered=entered_form(),
+                              failed_hash=hash_id, message="InvalidFields")
     except ServiceError as exc:
         return render_manager(token, parsed, status=exc.status, failed_hash=hash_id,
                               message=type(exc).__name__)
