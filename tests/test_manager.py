@@ -352,6 +352,18 @@ def test_forged_token_gets_a_404_page(api, client, lang, text):
         assert resp.status_code == 404 and text in resp.get_data(as_text=True)
 
 
+def test_head_only_reads_whatever_it_carries(api, client, r):
+    """A link scanner's HEAD of the manager link is answered as its GET, and a form in a HEAD changes nothing."""
+    _res, ident, sub, path = setup_profile(api)
+    token = form_token(client.get(path).get_data(as_text=True))
+    before = redis_state(r)
+    for form in ({}, {"csrf_token": token, "action": "unsubscribe", "hash_id": sub["hash_id"]}):
+        resp = client.open(path, method="HEAD", data=form)
+        assert resp.status_code == 200 and resp.headers["Cache-Control"] == "no-store" and resp.data == b""
+    assert api.ok("subscriptions/get", **ident)["status"] == "subscribed"
+    assert redis_state(r) == before
+
+
 def test_forms_need_csrf(api, client, r):
     _res, _ident, sub, path = setup_profile(api)
     _res_b, _ident_b, _sub_b, path_b = setup_profile(api, "bob", "bob@example.com")

@@ -149,7 +149,7 @@ def manage(token):
         parsed = read_token(token)
     except BadToken:
         return not_found()
-    if request.method == "GET":
+    if request.method != "POST":  # GET, and HEAD (Flask routes it here too): it only reads, whatever it carries
         done = request.args.get("done")
         return render_manager(token, parsed, done=done if done in ACTIONS else None,
                               done_hash=request.args.get("saved"), done_at=request.args.get("at"))
