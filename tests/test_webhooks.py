@@ -492,3 +492,18 @@ def test_a_delivery_checks_that_its_target_exists_and_makes_no_group(api, r, rec
     sends = round_trips(monkeypatch)
     assert webhooks.deliver(r, group) == {"sent": 0, "skipped": 0, "error": None}
     assert commands(sends) == exists + ["XREADGROUP", "XREADGROUP", "WATCH", exists[0], "MULTI"]
+
+
+def test_the_backoff_stays_at_an_hour_however_long_a_target_is_down(api, r, resource, receiver):
+    """After 1024 failures in a row (about 43 days down at one attempt an hour) 2 ** failures no longer fits in a
+    float: the failure must still be recorded with an hour's wait, not raise and leave the target due at once
+    (a POST every housekeeping tick, and a failed job each time)."""
+    hook = api.ok("webhooks/add", url=receiver.url, secret=SECRET)
+    group = webhooks.group_name(hook["id"])
+    change(api, resource)
+    r.hset(keys.delivery_state(group), mapping={"failures": 1100, "next_attempt_at": "999.0"})
+    receiver.behaviours = [500]
+    assert webhooks.deliver(r, group, now=1000.0)["error"] == "HTTP 500"
+    state = webhooks.target_state(r, group)
+    assert state["failures"] == 1101 and state["next_attempt_at"] == 1000.0 + webhooks.BACKOFF_MAX
+    assert webhooks.due_targets(r, now=1001.0) == []

@@ -541,7 +541,8 @@ def _record_failure(r, group, error, now=None):
 
     def write(pipe, failures):
         failures += 1
-        wait = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (failures - 1))
+        # The exponent stops growing once the wait is at its longest: 2 ** 1024 would not fit in a float.
+        wait = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** min(failures - 1, 64))
         pipe.hset(state, mapping={"failures": failures, "last_error": error, "last_error_at": now_iso(),
                                   "next_attempt_at": repr(now + wait)})
 
