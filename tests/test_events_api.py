@@ -226,3 +226,27 @@ def test_verify_names_damaged_compact_entries(api, r, resource):
         result = api.ok("events/verify", db_id=1, profile_id=profile_id)
         assert result["first_bad"]["seq"] == 2 and result["first_bad"]["problem"] == "entry was altered", damage
         assert [e["seq"] for e in api.ok("events/list", db_id=1, profile_id=profile_id)] == [3, 2, 1]
+
+
+def test_verify_names_an_entry_rewritten_with_its_hash_recomputed_not_the_next_one(api, r, resource):
+    """The chain is not keyed, so whoever edits an entry can recompute its hash: the entry after it then no
+    longer links to it. That next entry is intact (its own hash covers the prev_hash it was written with, and
+    the one after it links to it): verify names the rewritten entry, not its successor."""
+    make_history(api, resource)
+    key = "us:{1:p-42}:events"
+    entry = events.decode_event(r.lindex(key, 1))
+    entry["after"]["cats"] = ["news"]
+    entry["hash"] = events.event_hash(entry)
+    r.lset(key, 1, events.encode_event(entry))
+    bad = api.ok("events/verify", db_id=1, profile_id="p-42")["first_bad"]
+    assert (bad["seq"], bad["id"]) == (2, entry["id"]) and "altered" in bad["problem"], bad
+    # An entry whose own prev_hash was edited (its hash recomputed or not) is the one named.
+    for profile_id, rehash in (("p-43", False), ("p-44", True)):
+        make_history(api, resource, profile_id, f"{profile_id}@example.com")
+        key = f"us:{{1:{profile_id}}}:events"
+        second = dict(events.decode_event(r.lindex(key, 1)), prev_hash="f" * 64)
+        if rehash:
+            second["hash"] = events.event_hash(second)
+        r.lset(key, 1, events.encode_event(second))
+        bad = api.ok("events/verify", db_id=1, profile_id=profile_id)["first_bad"]
+        assert (bad["seq"], bad["id"], bad["problem"]) == (2, second["id"], "prev_hash does not match"), bad

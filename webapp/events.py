@@ -132,24 +132,35 @@ def verify_chain(r, db_id, profile_id):
         pipe.lrange(keys.profile_events(db_id, profile_id), 0, -1)
         pipe.hgetall(keys.profile_subscriptions(db_id, profile_id))
         entries, records = pipe.execute()
-    prev_hash, expected_seq = GENESIS_HASH, 1
+    prev_hash, expected_seq, previous = GENESIS_HASH, 1, None
     last_of = {}  # hash_id -> its last event
-    for raw in entries:
-        try:
-            event = decode_event(raw)
-        except ValueError:
-            event = None
-        if not isinstance(event, dict):
+    for i, raw in enumerate(entries):
+        event = _read(raw)
+        if event is None:
             return {"seq": expected_seq, "id": None, "problem": "entry is not JSON"}
         if event.get("seq") != expected_seq:
             return {"seq": expected_seq, "id": event.get("id"), "problem": "entry missing or out of order"}
         if event.get("prev_hash") != prev_hash:
+            if previous is not None and _rehashed(previous, event, entries[i + 1] if i + 1 < len(entries) else None):
+                return {"seq": previous["seq"], "id": previous.get("id"),
+                        "problem": "entry was altered (its hash recomputed: the next entry does not link to it)"}
             return {"seq": expected_seq, "id": event.get("id"), "problem": "prev_hash does not match"}
         if event_hash(event) != event.get("hash"):
             return {"seq": expected_seq, "id": event.get("id"), "problem": "entry was altered"}
         last_of[event.get("hash_id")] = event
-        prev_hash, expected_seq = event["hash"], expected_seq + 1
+        prev_hash, expected_seq, previous = event["hash"], expected_seq + 1, event
     return _unanchored(records, last_of, expected_seq)
+
+
+def _rehashed(previous, event, following_raw):
+    """Whether `previous` (whose hash matches its content) rather than `event` (which does not link to it) is the
+    entry that was altered: `event` is as it was written (its own hash covers the prev_hash it has, and the entry
+    after it, if any, links to it), so `previous` was rewritten with its hash recomputed (the chain is not keyed).
+    Otherwise `event` itself was edited (its prev_hash, its hash recomputed or not), and it is the one named."""
+    if event_hash(event) != event.get("hash"):
+        return False
+    following = _read(following_raw) if following_raw is not None else None
+    return following_raw is None or (following is not None and following.get("prev_hash") == event.get("hash"))
 
 
 def _unanchored(records, last_of, next_seq):
