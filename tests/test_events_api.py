@@ -250,3 +250,17 @@ def test_verify_names_an_entry_rewritten_with_its_hash_recomputed_not_the_next_o
         r.lset(key, 1, events.encode_event(second))
         bad = api.ok("events/verify", db_id=1, profile_id=profile_id)["first_bad"]
         assert (bad["seq"], bad["id"], bad["problem"]) == (2, second["id"], "prev_hash does not match"), bad
+
+
+def test_export_range_with_finer_than_millisecond_ends_is_exact(api, client, r, resource):
+    """RFC 3339 times may carry microseconds; events' times are whole milliseconds. An event at 12:00:00.123 is
+    before a `from` of 12:00:00.1235 (not in the range) and before a `to` of 12:00:00.1235 (in it)."""
+    from webapp.validation import ms_to_time
+    make_history(api, resource)
+    first = api.ok("events/list", db_id=1, profile_id="p-42")[-1]
+    at = time_to_ms(first["at"])
+    after, before = ms_to_time(at)[:-1] + "500Z", ms_to_time(at - 1)[:-1] + "500Z"   # half a ms on either side
+    assert first["id"] not in [e["id"] for e in export(client, **{"from": after})]
+    assert first["id"] in [e["id"] for e in export(client, **{"from": 0, "to": after})]
+    assert first["id"] in [e["id"] for e in export(client, **{"from": before})]
+    assert first["id"] not in [e["id"] for e in export(client, **{"from": 0, "to": before})]

@@ -8,7 +8,7 @@ import base64
 import functools
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
@@ -337,17 +337,23 @@ def events_list(data):
 LAST_MS = 253402300799999  # 9999-12-31T23:59:59.999Z: the last time RFC 3339 can spell
 
 
-def _time_ms(value, field):
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _time_ms(value, field, up=False):
     """RFC 3339 or milliseconds since the epoch, kept between the epoch and year 9999 (a stream ID's time
-    cannot be negative, and Redis refuses one past 2**64 - 1 after the answer's status has gone out)."""
+    cannot be negative, and Redis refuses one past 2**64 - 1 after the answer's status has gone out). Events'
+    times are whole milliseconds: a time between two is rounded down, or up with `up` (a range's start), so
+    that a range includes exactly the events within it."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return min(value, LAST_MS)
     if isinstance(value, str):
         try:
             moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
             if moment.tzinfo is not None:
-                return min(max(0, int(moment.timestamp() * 1000)), LAST_MS)
-        except ValueError:
+                micros = (moment - EPOCH) // timedelta(microseconds=1)  # exact: no float
+                return min(max(0, -(-micros // 1000) if up else micros // 1000), LAST_MS)
+        except (ValueError, OverflowError):
             pass
     raise InvalidInput(f"{field} must be an RFC 3339 time with a zone, or milliseconds since the epoch",
                        field=field)
@@ -359,7 +365,7 @@ def events_export():
     try:
         data = _authorized_json()
         no_unknown_keys(data, ("token", "from", "to"))
-        start = _time_ms(data.get("from", 0), "from")
+        start = _time_ms(data.get("from", 0), "from", up=True)
         end = _time_ms(data["to"], "to") if data.get("to") is not None else int(datetime.now().timestamp() * 1000)
         if end < start:
             raise InvalidInput("to must not be before from", field="to")
@@ -372,7 +378,7 @@ def events_export():
 
 def _review_range(data, extra=()):
     no_unknown_keys(data, ("token", "from", "to", "domain_burst", "domain_window") + extra)
-    start = _time_ms(data.get("from", 0), "from")
+    start = _time_ms(data.get("from", 0), "from", up=True)
     end = _time_ms(data["to"], "to") if data.get("to") is not None else int(datetime.now().timestamp() * 1000)
     thresholds = {}
     if data.get("domain_burst") is not None:
