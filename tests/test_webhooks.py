@@ -507,3 +507,13 @@ def test_the_backoff_stays_at_an_hour_however_long_a_target_is_down(api, r, reso
     state = webhooks.target_state(r, group)
     assert state["failures"] == 1101 and state["next_attempt_at"] == 1000.0 + webhooks.BACKOFF_MAX
     assert webhooks.due_targets(r, now=1001.0) == []
+
+
+def test_webhooks_list_shows_no_part_of_the_secret(api, receiver):
+    """The secret signs every delivery: webhooks/add returns it once; webhooks/list shows none of it, not even its
+    first characters (a quarter of a 16-character secret)."""
+    secret = "Qz7pXw-webhook-key-abc"
+    hook = api.ok("webhooks/add", url=receiver.url, secret=secret)
+    assert hook["secret"] == secret
+    listed = api.ok("webhooks/list")[0]
+    assert "secret" in listed and "Qz7p" not in json.dumps(listed), listed

@@ -128,7 +128,7 @@ ENDPOINTS = {
                      {"url": {"type": "string"}, "resource_id": ID,
                       "secret": {"type": "string", "minLength": 16, "maxLength": 256}},
                      ["url"]),
-    "webhooks/list": ("Webhooks with last error, last success and backlog", {}, []),
+    "webhooks/list": ("Webhooks with last error, last success and backlog (the secret masked whole)", {}, []),
     "webhooks/delete": ("Remove a webhook", {"id": ID}, ["id"]),
 }
 

@@ -42,6 +42,7 @@ BATCH = 100
 BACKOFF_BASE = 1.0  # seconds before the first retry; doubled per failure
 BACKOFF_MAX = 3600.0  # seconds, the longest wait between attempts
 USER_AGENT = "unsubscribe-service-webhooks/1"
+SECRET_MASK = "…"  # webhooks/list's `secret`: set, and not shown
 DELIVERY_BUDGET_EVENTS = 100  # POSTs one delivery job makes before it leaves the rest to the target's next job
 DELIVERY_BUDGET_SECONDS = 1.0  # no new POST after this long in one job (one POST may still take its timeout)
 LAG_COUNT_CAP = 10000  # entries counted one by one when Redis cannot tell a group's lag
@@ -228,12 +229,13 @@ def add_webhook(r, data):
 
 
 def list_webhooks(r):
-    """Every webhook with its delivery state: last error, last success, backlog (undelivered events)."""
+    """Every webhook with its delivery state: last error, last success, backlog (undelivered events). The secret
+    is masked whole (webhooks/add returned it): even its first characters would give part of it away."""
     out = []
     for raw in r.hvals(keys.webhooks()):
         hook = json.loads(raw)
         state = shown_state(r, group_name(hook["id"]), _webhook_wanted(hook))
-        out.append({**{k: v for k, v in hook.items() if k != "secret"}, "secret": hook["secret"][:4] + "…", **state})
+        out.append({**{k: v for k, v in hook.items() if k != "secret"}, "secret": SECRET_MASK, **state})
     return sorted(out, key=lambda h: h["id"])
 
 
