@@ -193,3 +193,51 @@ def test_a_persons_undo_and_second_confirm_are_not_a_burst_of_fetches(api, app, 
     person.post(path, data={"action": "unsubscribe", "csrf_token": form_token(html)})
     [flagged] = api.ok("events/flagged", **{"from": 0})
     assert set(flagged["flags"]) == {"head_request", "get_burst"}
+
+
+def test_the_revert_finds_the_persons_changes_in_a_ledger_with_entries_removed_or_damaged(api, app, r):
+    """The ledger is read by its events' own seq, not by their places in the list: after entries were removed
+    from its start the later ones have moved up (events/export still finds them), and the person's changes back
+    to the flagged state must still be seen. An unreadable entry is passed over, not a 500."""
+    res, ident = three_category_subscription(api, "p1")
+    for i in range(3):                                       # three more entries before the flagged change
+        api.ok("subscriptions/set", **{**ident, "email": f"other{i}@corp.example"})
+    sdk_confirm(app, res, ident, "news")                     # flagged: [news, promo, tips] -> [promo, tips]
+    api.ok("subscriptions/set", **ident, cats=["news", "promo", "tips"])   # the person, and back again
+    api.ok("subscriptions/set", **ident, cats=["promo", "tips"])
+    sdk_confirm(app, res, ident, "promo")                    # flagged: [promo, tips] -> [tips]
+    for status in ("unsubscribed", "subscribed"):            # another subscription's changes
+        api.ok("subscriptions/set", **{**ident, "email": "other0@corp.example"}, status=status)
+    older, newer = [f["event"]["id"] for f in api.ok("events/flagged", **{"from": 0})]
+    key = "us:{1:p1}:events"
+    r.lset(key, -2, "{not json")                             # another subscription's entry damaged
+    for _ in range(3):                                       # the three entries before the flagged change gone
+        r.lpop(key)
+    result = api.ok("events/revert_flagged", **{"from": 0})
+    assert result == {"reverted": [newer], "skipped": [{"id": older, "reason": "changed since"}]}
+    assert api.ok("subscriptions/get", **ident)["cats"] == ["promo", "tips"]
+
+
+def test_the_revert_reads_the_ledger_back_a_page_at_a_time_and_only_as_far_as_needed(api, app, r, monkeypatch):
+    """The person's change may be pages back from the ledger's end, behind other subscriptions' changes; and a
+    change since stops the reading there, not at the flagged change (whose ledger may be long after it)."""
+    from webapp import scanner
+    monkeypatch.setattr(scanner, "LEDGER_PAGE", 2)
+    res, ident = three_category_subscription(api, "p1")
+    sdk_confirm(app, res, ident, "news")
+    api.ok("subscriptions/set", **ident, cats=["news", "promo", "tips"])
+    api.ok("subscriptions/set", **ident, cats=["promo", "tips"])
+    other = {**ident, "email": "other@corp.example"}
+    for status in ("subscribed", "unsubscribed") * 3:
+        api.ok("subscriptions/set", **other, status=status)
+    [flagged] = api.ok("events/flagged", **{"from": 0})
+    assert api.ok("events/revert_flagged", **{"from": 0}) == {
+        "reverted": [], "skipped": [{"id": flagged["event"]["id"], "reason": "changed since"}]}
+    key = "us:{1:p1}:events"
+    assert scanner.later_change(r, 1, "p1", ident_hash(api, ident), {flagged["event"]["id"]}, 2) == 4
+    r.lset(key, 3, "{not json")              # the person's newest change no longer readable: the one before it is
+    assert scanner.later_change(r, 1, "p1", ident_hash(api, ident), {flagged["event"]["id"]}, 2) == 3
+
+
+def ident_hash(api, ident):
+    return api.ok("subscriptions/get", **ident)["hash_id"]

@@ -135,7 +135,7 @@ def verify_chain(r, db_id, profile_id):
     prev_hash, expected_seq, previous = GENESIS_HASH, 1, None
     last_of = {}  # hash_id -> its last event
     for i, raw in enumerate(entries):
-        event = _read(raw)
+        event = read_event(raw)
         if event is None:
             return {"seq": expected_seq, "id": None, "problem": "entry is not JSON"}
         if event.get("seq") != expected_seq:
@@ -159,7 +159,7 @@ def _rehashed(previous, event, following_raw):
     Otherwise `event` itself was edited (its prev_hash, its hash recomputed or not), and it is the one named."""
     if event_hash(event) != event.get("hash"):
         return False
-    following = _read(following_raw) if following_raw is not None else None
+    following = read_event(following_raw) if following_raw is not None else None
     return following_raw is None or (following is not None and following.get("prev_hash") == event.get("hash"))
 
 
@@ -185,7 +185,8 @@ def _unanchored(records, last_of, next_seq):
     return None
 
 
-def _read(raw):
+def read_event(raw):
+    """decode_event of a ledger entry, or None for one that is not an event (damaged: verify_chain names it)."""
     try:
         event = decode_event(raw) if raw else None
     except ValueError:
@@ -201,7 +202,7 @@ def load_refs(r, refs):
     with r.pipeline(transaction=False) as pipe:
         for db_id, profile_id, seq in refs:
             pipe.lindex(keys.profile_events(db_id, profile_id), int(seq) - 1)
-        found = [_read(raw) for raw in pipe.execute()]
+        found = [read_event(raw) for raw in pipe.execute()]
     moved = sorted({(int(db_id), profile_id) for (db_id, profile_id, seq), event in zip(refs, found)
                     if event is None or event.get("seq") != int(seq)})
     if not moved:
@@ -211,7 +212,7 @@ def load_refs(r, refs):
             pipe.lrange(keys.profile_events(db_id, profile_id), 0, -1)
         by_seq = {}
         for (db_id, profile_id), entries in zip(moved, pipe.execute()):
-            for event in map(_read, entries):
+            for event in map(read_event, entries):
                 if event is not None:
                     by_seq.setdefault((db_id, profile_id, event.get("seq")), event)
     return [event if event is not None and event.get("seq") == int(seq)

@@ -19,7 +19,7 @@ import re
 
 from . import keys
 from .errors import InvalidInput
-from .events import decode_event, export_events
+from .events import export_events, read_event
 from .resources import get_resources
 from .subscriptions import Status, state_of, update_profile, with_state
 from .unsubscribe import FINAL_STATUSES
@@ -30,6 +30,7 @@ GET_BURST = 3
 DOMAIN_BURST = 10
 DOMAIN_WINDOW = 600
 HEADLESS_AGENT = re.compile(r"HeadlessChrome|PhantomJS|\bHeadless\b")
+LEDGER_PAGE = 100  # ledger entries read per round trip by later_change, from the newest back
 
 
 def flags_of(event):
@@ -79,6 +80,29 @@ def flagged_changes(r, start_ms, end_ms, thresholds=None):
     return review(export_events(r, start_ms, end_ms), thresholds)
 
 
+def later_change(client, db_id, profile_id, hash_id, reverted_ids, first_seq):
+    """The seq of the subscription's newest ledger event from `first_seq` on that is not one of `reverted_ids`
+    (a change since them), or 0 when there is none. Read from the ledger's end back, LEDGER_PAGE entries a round
+    trip, and only as far as needed: to that event, or to `first_seq`. Entries are known by their own seq, not
+    by their places (after one was removed from the list the later ones have moved up); an unreadable entry is
+    passed over (events/verify names it). `client` reads at once: a Redis client, or a pipeline that WATCHes."""
+    key = keys.profile_events(db_id, profile_id)
+    end = client.llen(key)
+    while end > 0:
+        start = max(0, end - LEDGER_PAGE)
+        for raw in reversed(client.lrange(key, start, end - 1)):
+            event = read_event(raw)
+            seq = event.get("seq") if event is not None else None
+            if type(seq) is not int:
+                continue
+            if seq < first_seq:
+                return 0
+            if event.get("hash_id") == hash_id and event.get("id") not in reverted_ids:
+                return seq
+        end = start
+    return 0
+
+
 def revert(r, flagged, only_ids=None):
     """Put each flagged change's subscription back to its `before` state, if it is still in the `after` state
     (a later change by the person wins). Returns (reverted ids, [{id, reason}] skipped), in `flagged`'s order.
@@ -110,21 +134,16 @@ def revert(r, flagged, only_ids=None):
             record = pc.records.get(hash_id)
             if record is None:
                 return {event["id"]: "subscription deleted" for event, _ in changes}
-            # The subscription's events since its earliest flagged change, from the ledger (watched, as the
-            # record is): a later change back to the same state (a person who resubscribed and then
-            # unsubscribed again) is a change since, though the state alone would not show it.
-            first_seq = min(event["seq"] for event, _ in changes)
-            ledger = {event["id"]: event for event, _ in changes}
-            for raw in pc.pipe.lrange(keys.profile_events(db_id, profile_id), first_seq - 1, -1):
-                later = decode_event(raw)
-                if isinstance(later, dict) and later.get("hash_id") == hash_id and later.get("seq", 0) >= first_seq:
-                    ledger.setdefault(later.get("id"), later)
-            asked = {event["id"]: (event, flags) for event, flags in changes}
+            # A later change of the person's counts as a change since even when it brought the subscription back
+            # to the flagged change's `after` (resubscribed, then unsubscribed again): the ledger says so, the
+            # state alone would not.
+            later = later_change(pc.pipe, db_id, profile_id, hash_id, {event["id"] for event, _ in changes},
+                                 min(event["seq"] for event, _ in changes))
             state, run = state_of(resource, record), []
-            for event in sorted(ledger.values(), key=lambda e: e["seq"], reverse=True):
-                if event["id"] not in asked or event["after"] != state:  # changed since: by the person, or by
-                    break                                                 # a change not reverted
-                run.append(asked[event["id"]])
+            for event, flags in sorted(changes, key=lambda change: change[0]["seq"], reverse=True):
+                if event["seq"] < later or event["after"] != state:  # changed since: by the person, or by a
+                    break                                              # change not reverted
+                run.append((event, flags))
                 state = event["before"]
             outcome = {event["id"]: "changed since" for event, _ in changes}
             if not run:
