@@ -56,12 +56,12 @@ def flip_times(r, contexts, timeout):
     return seen
 
 
-
 def app_on(url, tmp_path, time_unit=1):
     """The app on the Redis at `url`, its timers' "minute" `time_unit` seconds long."""
     return create_app({"TESTING": True, "REDIS_URL": url, "API_TOKEN": API_TOKEN, "SIGNING_KEYS": SIGNING_KEYS,
                        "PUBLIC_BASE_URL": "https://unsub.example", "VAR_DIR": str(tmp_path),
                        "TIME_UNIT_SECONDS": time_unit})
+
 
 def test_status_flips_within_two_seconds_after_the_deadline(app, r, workers, queue):
     assert app.config["TIME_UNIT_SECONDS"] == 1

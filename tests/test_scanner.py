@@ -70,13 +70,19 @@ def test_a_headless_browsers_change_is_flagged(api, app, r):
     assert [f["flags"] for f in flagged] == [["headless"]]
 
 
-def test_a_later_change_by_the_person_wins(api, app, r):
+def scanner_unsubscribes(api, app):
+    """A subscription a scanner stops through its confirm page (HEAD, GET, the form): a flagged change."""
     res = api.ok("resources/add", **email_resource(unsubscribe={"mode": "confirm"}, categories=[]))
     ident, path = subscribe(api, res, "p1", "a@corp.example")
     bot = app.test_client()
     bot.head(path)
     html = bot.get(path).get_data(as_text=True)
-    bot.post(path, data={"action": "unsubscribe", "csrf_token": form_token(html)})
+    assert bot.post(path, data={"action": "unsubscribe", "csrf_token": form_token(html)}).status_code == 303
+    return ident
+
+
+def test_a_later_change_by_the_person_wins(api, app, r):
+    ident = scanner_unsubscribes(api, app)
     api.ok("subscriptions/set", **ident, status="complained")
     result = api.ok("events/revert_flagged", **{"from": 0})
     assert result["reverted"] == [] and result["skipped"][0]["reason"] == "changed since"
@@ -150,12 +156,7 @@ def test_a_persons_change_between_flagged_ones_stops_the_run(api, app, r):
 def test_a_person_who_changed_back_to_the_flagged_state_keeps_it(api, app, client, r):
     """A scanner unsubscribes; the person subscribes again in the manager, then unsubscribes there for good.
     The state is the flagged change's `after` again, but it is the person's: the revert leaves it."""
-    res = api.ok("resources/add", **email_resource(unsubscribe={"mode": "confirm"}, categories=[]))
-    ident, path = subscribe(api, res, "p1", "a@corp.example")
-    bot = app.test_client()
-    bot.head(path)
-    html = bot.get(path).get_data(as_text=True)
-    bot.post(path, data={"action": "unsubscribe", "csrf_token": form_token(html)})
+    ident = scanner_unsubscribes(api, app)
     [flagged] = api.ok("events/flagged", **{"from": 0})
     manage = api.ok("messages/links", **ident)["manage_url"].removeprefix("https://unsub.example")
     hash_id = flagged["event"]["hash_id"]
