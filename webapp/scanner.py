@@ -104,8 +104,9 @@ def later_change(client, db_id, profile_id, hash_id, reverted_ids, first_seq):
 
 
 def revert(r, flagged, only_ids=None):
-    """Put each flagged change's subscription back to its `before` state, if it is still in the `after` state
-    (a later change by the person wins). Returns (reverted ids, [{id, reason}] skipped), in `flagged`'s order.
+    """Put each flagged change's subscription back to its `before` state, if it is still in the `after` state and
+    its ledger has no change of it since but flagged ones being reverted too (a later change by the person wins,
+    also one back to that state: later_change). Returns (reverted ids, [{id, reason}] skipped), in `flagged`'s order.
 
     A subscription's flagged changes are undone together, newest first: each one is undone only if the state
     reached so far is its `after` (so a flagged change after it counts as a change since only when it is not
