@@ -15,6 +15,7 @@ time range and flags:
 Only changes made by a browser are reviewed (pages, SDK, and timers they started); RFC 8058 one-click and
 the API are a mailbox provider's or a platform's explicit request and are never flagged.
 """
+import itertools
 import re
 
 from . import keys
@@ -87,10 +88,9 @@ def later_change(client, db_id, profile_id, hash_id, reverted_ids, first_seq):
     by their places (after one was removed from the list the later ones have moved up); an unreadable entry is
     passed over (events/verify names it). `client` reads at once: a Redis client, or a pipeline that WATCHes."""
     key = keys.profile_events(db_id, profile_id)
-    end = client.llen(key)
-    while end > 0:
-        start = max(0, end - LEDGER_PAGE)
-        for raw in reversed(client.lrange(key, start, end - 1)):
+    for page in itertools.count():  # from the end: LRANGE -100 -1, then -200 -101, ...
+        entries = client.lrange(key, -(page + 1) * LEDGER_PAGE, -page * LEDGER_PAGE - 1)
+        for raw in reversed(entries):
             event = read_event(raw)
             seq = event.get("seq") if event is not None else None
             if type(seq) is not int:
@@ -99,8 +99,8 @@ def later_change(client, db_id, profile_id, hash_id, reverted_ids, first_seq):
                 return 0
             if event.get("hash_id") == hash_id and event.get("id") not in reverted_ids:
                 return seq
-        end = start
-    return 0
+        if len(entries) < LEDGER_PAGE:  # the ledger's start
+            return 0
 
 
 def revert(r, flagged, only_ids=None):
