@@ -583,3 +583,39 @@ def test_a_category_stopped_and_then_resumed_in_the_manager_or_the_api_is_not_st
     assert subscribed(r, whole)[0] == "unsubscribed"
     for ctx in (manager, api_cats, whole):
         assert events.verify_chain(r, 1, ctx.key[1]) is None
+
+
+def test_a_cancel_after_a_category_timer_fired_says_unsubscribed_though_other_events_followed(app, r):
+    """A News timer fired (the subscription stays subscribed to the rest), then the sender's API changed
+    something else of the same subscription (its Promo box), and many changes of another subscription of the
+    profile came after: the Cancel clicked on the News page still came too late. The answer is the timer's own
+    event, found behind the later ones, not the ledger's last event of the subscription."""
+    news, promo, _whole = category_contexts(app, r)
+    sleep_past(arm(r, news))
+    assert u.fire_timer(r, *news.key) is True
+    ident = {"db_id": 1, "profile_id": "p-1", "resource_id": news.resource["id"], "channel": "email",
+             "email": "ann@example.com"}
+    set_subscription(r, {**ident, "cats": ["receipts"]})                    # the API stops Promo too
+    assert u.cancel_timer(r, news) == "unsubscribed"
+    other = {**ident, "email": "bob@example.com"}
+    for i in range(60):                                                    # more than a ledger page behind
+        set_subscription(r, {**other, "status": "unsubscribed" if i % 2 == 0 else "subscribed"})
+    assert u.cancel_timer(r, news) == "unsubscribed"
+    assert u.cancel_timer(r, promo) == "none"                   # Promo was stopped by the API, not by a timer
+    set_subscription(r, {**ident, "cats": ["news", "receipts"]})             # News back on: nothing was stopped
+    assert u.cancel_timer(r, news) == "none"
+    assert events.verify_chain(r, 1, "p-1") is None
+
+
+def test_a_cancel_through_the_sdk_after_a_category_timer_fired_and_another_change_resolves_unsubscribed(
+        app, r, client, api):
+    news, _promo, _whole = category_contexts(app, r)
+    body = client.post(f"/sdk/v1/{news.resource['id']}/unsubscribe", json={"smid": news.token, "action": "show"},
+                       headers={"Origin": "https://shop.example"}).get_json()
+    assert body["result"] == "pending"
+    assert wait_until(lambda: u.fire_timer(r, *news.key), 5)        # a 1 s timer (TIME_UNIT_SECONDS=1)
+    api.ok("subscriptions/set", db_id=1, profile_id="p-1", resource_id=news.resource["id"], channel="email",
+           email="ann@example.com", cats=["receipts"])
+    body = client.post(f"/sdk/v1/{news.resource['id']}/unsubscribe", json={"smid": news.token, "action": "cancel"},
+                       headers={"Origin": "https://shop.example"}).get_json()
+    assert (body["result"], body["status"]) == ("unsubscribed", "subscribed")

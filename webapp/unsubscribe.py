@@ -423,13 +423,51 @@ def cancel_timer(r, ctx, evidence=None):
         if record and record["status"] not in STOPPABLE_STATUSES:
             return "unsubscribed"
         # A timer that stopped only some categories leaves the subscription subscribed: its ledger says it fired.
-        recent = [events.decode_event(x) for x in pc.pipe.lrange(keys.profile_events(db_id, profile_id), -50, -1)]
-        mine = [e for e in recent if e["hash_id"] == hash_id]
-        if mine and mine[-1]["method"] == "timer":
+        if record and _stopped_by_timer(pc.pipe, ctx, record):
             return "unsubscribed"
         return "none"
 
     return update_profile(r, db_id, profile_id, change, watch=(pending_key,))[0]
+
+
+CANCEL_LOOK_BACK_EVENTS = 1000  # a profile's ledger entries a late cancel looks through for the timer's event
+CANCEL_LOOK_BACK_PAGE = 50
+CANCEL_CLOCK_SLACK = 3600  # seconds: a SMID's send time is the issuing host's clock, the events' the writers'
+
+
+def _stopped_by_timer(client, ctx, record):
+    """Whether the link's scope (its category; the whole subscription when it has none) is stopped in `record`
+    and the last change that stopped it was a timer: a Cancel that finds no timer then came too late, however
+    many changes (of the subscription's other categories, or of the profile's other subscriptions) followed
+    the timer's event in the profile's ledger. Reads the ledger from its end, a page at a time, only back to
+    the event that stopped the scope (on the first page as a rule), no further than the message's send time
+    (the timer of its link cannot be older), and CANCEL_LOOK_BACK_EVENTS at most."""
+    scope = resolve_scope(ctx)
+    if unsubscribed_record(ctx.resource, record, scope) != record:
+        return False  # the link's scope is subscribed (again): nothing was stopped that a cancel could undo
+    cats = scope["cats"] or ()  # (a whole-subscription scope stopped means a status that cancel_timer answers)
+    stoppable = {Status(s).word for s in STOPPABLE_STATUSES}
+
+    def stops(event):  # whether the event stopped one of the link's categories, alone or with the whole
+        before, after = event.get("before"), event.get("after") or {}
+        if not before or before.get("status") not in stoppable:
+            return False
+        return after.get("status") not in stoppable or any(
+            c in before.get("cats", ()) and c not in after.get("cats", ()) for c in cats)
+
+    key = keys.profile_events(*ctx.key[:2])
+    oldest_ms = (ctx.smid.sent_at - CANCEL_CLOCK_SLACK) * 1000
+    for end in range(-1, -CANCEL_LOOK_BACK_EVENTS - 1, -CANCEL_LOOK_BACK_PAGE):
+        page = client.lrange(key, end - CANCEL_LOOK_BACK_PAGE + 1, end)
+        for raw in reversed(page):
+            event = events.decode_event(raw)
+            if event["hash_id"] == ctx.key[2] and stops(event):
+                return event["method"] == "timer"
+            if int(event["id"][:13]) < oldest_ms:
+                return False
+        if len(page) < CANCEL_LOOK_BACK_PAGE:
+            return False
+    return False
 
 
 def timer_scope(resource, scope):
