@@ -363,3 +363,38 @@ def test_the_page_and_the_sdk_count_down_by_the_clock_that_fires_the_timer(tmp_p
     finally:
         close_clients(app)
         clock.stop()
+
+
+def test_an_upgraded_worker_keeps_the_timers_an_older_version_armed_with_an_expiry(tmp_path):
+    """Older versions armed a timer with an expiry a day past its deadline (EXPIREAT deadline + 86400). The
+    upgraded worker removes it at start-up, so such a timer still fires after the service was down for two
+    days (Redis expires a key on load too)."""
+    clock = SkewedClock(tmp_path)
+    url = clock.start()
+    procs = WorkerProcesses(url, tmp_path)
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        app = app_on(url, tmp_path)
+        old, new = delayed_contexts(app, client, 2, timer_minutes=2)
+        deadlines = {}
+        for ctx in (old, new):
+            deadlines[ctx.key] = u.arm_timer(client, ctx, u.resolve_scope(ctx), 30)["deadline"]  # a minute away
+        client.expireat(keys.pending_unsubscribe(*old.key), int(deadlines[old.key]) + 86400)  # as the old code did
+        client.zadd(keys.pending_due(), {"not-a-timer": deadlines[old.key] + 10})  # a due member naming nothing
+        assert client.ttl(keys.pending_unsubscribe(*old.key)) > 86400
+        worker = procs.start()
+        wait_until(lambda: client.ttl(keys.pending_unsubscribe(*old.key)) == -1, 10)
+        assert client.ttl(keys.pending_unsubscribe(*new.key)) == -1
+        assert u.read_pending(client, old)["deadline"] == deadlines[old.key]       # still waiting, not fired
+        assert status_of(client, old) == Status.SUBSCRIBED
+        procs.kill(worker)
+        clock.set(2 * 86400)                                  # the service down for two days
+        clock.restart()
+        procs.start()
+        wait_until(lambda: all(status_of(client, ctx) == Status.UNSUBSCRIBED for ctx in (old, new)), 10)
+        for ctx in (old, new):
+            assert len(timer_events(client, ctx)) == 1 and not client.exists(keys.pending_unsubscribe(*ctx.key))
+    finally:
+        client.close()
+        procs.close()
+        clock.stop()

@@ -82,6 +82,28 @@ def schedule_tick(queue, second, job=TICK_JOB, kind="timers"):
         pass  # this second's tick is already scheduled (or running: the sweepers catch what it misses)
 
 
+UPGRADE_SCAN_COUNT = 1000  # pending_due members per ZSCAN step (and PERSISTs per round trip) at start-up
+
+
+def persist_timer_records(r, count=UPGRADE_SCAN_COUNT):
+    """Remove the expiry that older versions gave every pending record (a day past its deadline), so that a
+    timer armed before an upgrade still fires however long the service is down (see queue_pending_writes).
+    Run once by each `python -m workers` at start-up: one ZSCAN step of pending_due and one pipelined round of
+    PERSIST (a no-op on a record without expiry, or one settled meanwhile) per `count` pending timers; a
+    member that names no timer is left to due_timers. Returns how many records had an expiry."""
+    persisted, cursor = 0, 0
+    while True:
+        cursor, members = r.zscan(keys.pending_due(), cursor, count=count)
+        with r.pipeline(transaction=False) as pipe:
+            for member, _deadline in members:
+                parts = member.split("|")
+                if len(parts) == 3:
+                    pipe.persist(keys.pending_unsubscribe(*parts))
+            persisted += sum(1 for done in pipe.execute() if done)
+        if cursor == 0:
+            return persisted
+
+
 def sweep_once(r, now=None, grace=SWEEP_GRACE, limit=FIRE_BATCH):
     """Fire up to `limit` timers due by `now` - `grace` (now: the Redis clock); return how many fired."""
     due = due_timers(r, now, limit, grace)

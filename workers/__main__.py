@@ -14,6 +14,8 @@ behind, and who takes it over:
 - suspensions ending and webhook deliveries: every worker's Housekeeper thread (workers/housekeeping.py;
   under a plain `rq worker`, a chain of RQ housekeeping ticks does the same);
   a delivery cut off by the kill left its events unacknowledged, and the next delivery job re-sends them;
+- at start-up it removes the expiry that older versions gave pending timer records (a day past the deadline),
+  so that a timer armed before the upgrade survives a long stop (webapp.delayed.persist_timer_records);
 - a job the dead worker was running is failed as abandoned by the others' maintenance once its heartbeat
   expires (about 90 s); a lost tick is harmless, the sweepers have fired its timers.
 """
@@ -26,7 +28,7 @@ from rq import Worker
 from rq.serializers import JSONSerializer
 
 from webapp.config import settings_or_exit
-from webapp.delayed import Sweeper, mark_sweeper_process, timer_queue
+from webapp.delayed import Sweeper, mark_sweeper_process, persist_timer_records, timer_queue
 from webapp.store import settings_advice, unreachable
 from workers.housekeeping import Housekeeper
 
@@ -56,6 +58,13 @@ def main():
     with redis.Redis.from_url(url, decode_responses=True) as client:
         for advice in settings_advice(client):
             logging.warning(advice)
+        try:  # timers an older version armed with an expiry must not be lost to a long stop
+            persisted = persist_timer_records(client)
+            if persisted:
+                logging.info("kept %d pending timers armed by an older version from expiring", persisted)
+        except redis.RedisError:
+            logging.exception("could not remove the expiry of older versions' pending timers; the next start "
+                              "tries again")
     queue = timer_queue(rq_redis, settings["RQ_QUEUE"])
     # Timeouts, so that a half-open connection cannot stall the sweeper for good (it reconnects and retries).
     sweeper = Sweeper(lambda: redis.Redis.from_url(url, decode_responses=True, socket_timeout=30,
