@@ -3,10 +3,12 @@ killed mid-delivery) and the end of suspensions (across a worker restart)."""
 import json
 import time
 
+import pytest
+
 from conftest import email_resource, form_token
 from test_delayed_support import wait_until, workers  # noqa: F401  (fixture)
 from test_webhooks import call_url_resource, one_click
-from webapp import webhooks
+from webapp import keys, webhooks
 
 SECRET = "s3cret-webhook-key-123"
 
@@ -515,3 +517,88 @@ def test_an_upgrade_from_the_shared_call_url_group_delivers_its_undelivered_call
     assert not r.exists(keys.delivery_state("called_url"))
     wait_until(lambda: api.ok("resources/get", id=res_a["id"])["called_url_delivery"]["failures"] >= 1, 5)
     assert api.ok("resources/get", id=res_a["id"])["called_url_delivery"]["backlog"] == 1   # its call, not lost
+
+
+def not_answering(addresses):
+    """Real TCP listeners on `addresses`, all on one port, that never accept: each one's queue (one connection)
+    is filled, so further SYNs are dropped and a connect waits out its own timeout, as to an address that does
+    not answer. Returns (port, sockets to close)."""
+    import socket
+    held, port = [], 0
+    for address in addresses:
+        listener = socket.socket()
+        listener.bind((address, port))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        filler = socket.create_connection((address, port), timeout=2)
+        held += [listener, filler]
+    probe = socket.socket()
+    probe.settimeout(0.3)
+    try:
+        probe.connect((addresses[0], port))
+        raise AssertionError("the listener answered: cannot make an address that does not answer here")
+    except TimeoutError:
+        pass
+    finally:
+        probe.close()
+    return port, held
+
+
+def worker_with_own_names(workers, tmp_path, names, **env):
+    """A real `python -m workers` whose host name lookups use their own hosts file (`names`: address, name pairs)
+    and a name server at 127.0.0.77 (none answers there unless a test binds it): /etc/hosts and
+    /etc/resolv.conf bind-mounted over in a mount namespace of its own (unshare), the machine's left alone."""
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "--mount", "true"]).returncode:
+        pytest.fail("unshare --mount is needed to give a worker its own /etc/hosts (util-linux, run as root)")
+    hosts, resolv = tmp_path / "hosts", tmp_path / "resolv.conf"
+    hosts.write_text("127.0.0.1 localhost\n" + "".join(f"{a} {n}\n" for a, n in names))
+    resolv.write_text("nameserver 127.0.0.77\n")
+    script = (f"mount --bind {shlex.quote(str(hosts))} /etc/hosts && "
+              f"mount --bind {shlex.quote(str(resolv))} /etc/resolv.conf && "
+              f"exec {shlex.quote(sys.executable)} -m workers")
+    return workers.start(["unshare", "--mount", "sh", "-c", script], **env)
+
+
+@pytest.mark.parametrize("target", ["eight addresses that do not answer", "a name server that does not answer"])
+def test_a_post_ends_within_its_timeout_lookup_and_every_connect_included(api, r, receiver, workers, tmp_path,
+                                                                         target):  # noqa: F811
+    """WEBHOOK_TIMEOUT_SECONDS bounds the whole POST: a name whose eight addresses do not answer (each connect
+    attempt gets only the time left, not the whole timeout again), or whose name server does not answer (the
+    lookup is bounded too), fails within the timeout, so the delivery job never outlives its target's lock
+    (timeout + 5 s), past which a second job could start and send the events twice or out of order. A name
+    that resolves to a real receiver is delivered to as before."""
+    import socket
+    from test_webhooks import change
+    port, held = not_answering([f"127.0.0.{i}" for i in range(2, 10)])
+    name_server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # takes the questions, answers none
+    name_server.bind(("127.0.0.77", 53))
+    try:
+        names = [("127.0.0.1", "receiver.test")] + [(f"127.0.0.{i}", "many.test") for i in range(2, 10)]
+        worker_with_own_names(workers, tmp_path, names, WEBHOOK_TIMEOUT_SECONDS="1")
+        res = api.ok("resources/add", **email_resource())
+        api.ok("webhooks/add", url=receiver.url.replace("127.0.0.1", "receiver.test"), secret=SECRET)
+        change(api, res, profile_id="p-1")
+        receiver.wait_for(2, timeout=20)                       # looked up, connected, delivered
+        host = "many.test" if target.startswith("eight") else "slow.test"
+        hook = api.ok("webhooks/add", url=f"http://{host}:{port}/hook", secret=SECRET)
+        group = webhooks.group_name(hook["id"])
+        lock, state = keys.delivery_lock(group), keys.delivery_state(group)
+        change(api, res, profile_id="p-2")
+        token = wait_until(lambda: r.get(lock), 20, interval=0.01)  # its delivery job started
+        started = time.monotonic()
+        while not r.hget(state, "last_error"):
+            assert r.get(lock) == token, f"the job outlived its lock ({time.monotonic() - started:.1f} s)"
+            assert time.monotonic() - started < 15
+            time.sleep(0.01)
+        took = time.monotonic() - started
+        assert r.hget(state, "last_error") == "TimeoutError: timed out (no complete answer within 1 s)"
+        assert took < 1.75, f"the POST took {took:.2f} s with a 1 s timeout"
+        receiver.wait_for(4, timeout=20)                       # the other target is not held up
+    finally:
+        name_server.close()
+        for sock in held:
+            sock.close()

@@ -372,12 +372,73 @@ def _abort(conn, fired):
             pass
 
 
+class _OutOfTime(TimeoutError):
+    """The POST's time ran out before it had a socket (looking the name up, or connecting)."""
+
+
+def _lookup(host, port, seconds):
+    """getaddrinfo(host, port) for a TCP connection, given at most `seconds`: the system's lookup cannot be
+    interrupted (a name server that does not answer holds it for its own timeouts and retries, 10 s by
+    default), so it runs in a daemon thread that is left to finish on its own when the time is up."""
+    found = {}
+
+    def look():
+        try:
+            found["infos"] = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller
+            found["error"] = exc
+
+    if seconds <= 0:
+        raise _OutOfTime("timed out")
+    thread = threading.Thread(target=look, name="webhook-lookup", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if "error" in found:
+        raise found["error"]
+    if "infos" not in found:
+        raise _OutOfTime("timed out")
+    return found["infos"]
+
+
+def _connect_by(deadline, per_read):
+    """A replacement for socket.create_connection (http.client's `_create_connection`) that ends by `deadline`
+    (time.monotonic()): a bounded lookup, then each of the name's addresses in turn with only the time left
+    (create_connection gives every address the whole timeout: n addresses that do not answer take n times
+    it). The connected socket reads with `per_read`; the POST's watchdog bounds the rest."""
+    def create_connection(address, _timeout=None, source_address=None):
+        host, port = address
+        error = None
+        for family, kind, proto, _name, sockaddr in _lookup(host, port, deadline - time.monotonic()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(left)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+                sock.settimeout(per_read)
+                return sock
+            except TimeoutError:  # it had all the time left
+                sock.close()
+                break
+            except OSError as exc:
+                sock.close()
+                error = exc
+        if error is not None and deadline > time.monotonic():
+            raise error  # every address refused (or failed) in time: say how
+        raise _OutOfTime("timed out")
+    return create_connection
+
+
 def post_json(url, payload, event_id, secret, timeout):
     """POST one event; return None on 2xx, else a short error text (never raises for HTTP problems).
 
-    `timeout` bounds the whole POST (connecting, sending, the answer's status and headers; a body cut off after
-    them does not undo a 2xx), not each socket read: a target that trickles its answer is cut off when its time
-    is up, so a delivery job and its target lock (which lasts timeout + 5 s) are never outlived by one POST.
+    `timeout` bounds the whole POST (the name's lookup, every connect attempt, sending, the answer's status and
+    headers; a body cut off after them does not undo a 2xx), not each socket read: a target that trickles its
+    answer is cut off when its time is up, so a delivery job and its target lock (which lasts timeout + 5 s)
+    are never outlived by one POST.
     A 3xx is the target's answer, not a delivery, and is not followed (that would send a GET without the event,
     or the event elsewhere)."""
     body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
@@ -387,13 +448,17 @@ def post_json(url, payload, event_id, secret, timeout):
     if secret:
         headers["X-Webhook-Signature"] = sign(secret, ts, body)
     fired = threading.Event()
+    deadline = time.monotonic() + timeout
     try:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url[:100]}")
         cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         conn = cls(parts.netloc.rpartition("@")[2], timeout=timeout)  # raises InvalidURL for a bad port
-        watchdog = threading.Timer(timeout, _abort, (conn, fired))
+        # The watchdog can only shut a socket that exists: the lookup and the connect attempts before it have
+        # their own bound. (HTTPSConnection.connect calls it too, then does the TLS handshake on its socket.)
+        conn._create_connection = _connect_by(deadline, timeout)
+        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _abort, (conn, fired))
         watchdog.daemon = True
         watchdog.start()
         try:
@@ -415,7 +480,7 @@ def post_json(url, payload, event_id, secret, timeout):
         return None if 200 <= resp.status < 300 else f"HTTP {resp.status}"
     except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, timed out, a bad answer, a URL
         # that cannot be sent (stored before as_url checked its port, or made it ASCII)
-        if fired.is_set():
+        if fired.is_set() or isinstance(exc, _OutOfTime):
             return f"TimeoutError: timed out (no complete answer within {timeout:g} s)"
         if isinstance(exc, UnicodeError):
             return "InvalidURL: the URL has characters that are not ASCII: add the target again to have it encoded"
