@@ -74,7 +74,8 @@ def spoken_address(masked):
         said = patterns[0] % {"start": start, "domain": end[1:]}
     else:
         said = patterns[1] % {"start": start, "end": end}
-    return Markup(f'<span aria-hidden="true">{escape(masked)}</span><span class="visually-hidden">{escape(said)}</span>')
+    return Markup(f'<span aria-hidden="true">{escape(masked)}</span>'
+                  f'<span class="visually-hidden">{escape(said)}</span>')
 
 
 def open_page_context(smid, count_view=None, with_pending=False):
@@ -143,7 +144,8 @@ def page_view(ctx, done=None, chosen=None):
     notice = None
     if done is not None:
         agrees = {"undone": state == "active", "cancelled": state == "active" and not pending,
-                  "unsubscribed": bool(stopped), "started": bool(pending), "late": state == "unsubscribed", "back": False}
+                  "unsubscribed": bool(stopped), "started": bool(pending), "late": state == "unsubscribed",
+                  "back": False}
         notice = done if agrees[done] else None
     return {
         "smid": ctx.token, "mode": ctx.mode, "resource": resource,
