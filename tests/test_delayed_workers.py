@@ -2,6 +2,7 @@
 redis-servers: deadline accuracy, the cancel race, kill -9 of a worker, a Redis restart with AOF, a worker that
 was down past the deadlines, and a dead worker's duties taken over. Timers are seconds long (TIME_UNIT_SECONDS=1,
 or an explicit unit), never real minutes."""
+import contextlib
 import math
 import os
 import random
@@ -61,6 +62,21 @@ def app_on(url, tmp_path, time_unit=1):
     return create_app({"TESTING": True, "REDIS_URL": url, "API_TOKEN": API_TOKEN, "SIGNING_KEYS": SIGNING_KEYS,
                        "PUBLIC_BASE_URL": "https://unsub.example", "VAR_DIR": str(tmp_path),
                        "TIME_UNIT_SECONDS": time_unit})
+
+
+@contextlib.contextmanager
+def service_on_a_skewed_clock(tmp_path):
+    """(clock, worker processes, client, app) on a redis-server whose clock the test can move (SkewedClock)."""
+    clock = SkewedClock(tmp_path)
+    url = clock.start()
+    procs = WorkerProcesses(url, tmp_path)
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        yield clock, procs, client, app_on(url, tmp_path)
+    finally:
+        client.close()
+        procs.close()
+        clock.stop()
 
 
 def test_status_flips_within_two_seconds_after_the_deadline(app, r, workers, queue):
@@ -198,12 +214,7 @@ def test_a_timer_still_fires_when_the_service_comes_back_days_after_its_deadline
     again two days later (a machine off over a weekend; or the Redis host's clock stepped two days ahead): the
     person asked to be unsubscribed and nobody cancelled, so the timer fires as soon as a worker runs. The
     pending record must not have expired with Redis's clock meanwhile."""
-    clock = SkewedClock(tmp_path)
-    url = clock.start()
-    procs = WorkerProcesses(url, tmp_path)
-    client = redis.Redis.from_url(url, decode_responses=True)
-    try:
-        app = app_on(url, tmp_path)
+    with service_on_a_skewed_clock(tmp_path) as (clock, procs, client, app):
         first, second = delayed_contexts(app, client, 2, timer_minutes=2)
         for ctx in (first, second):
             assert u.arm_timer(client, ctx, u.resolve_scope(ctx), 1)["state"] == "pending"
@@ -212,10 +223,6 @@ def test_a_timer_still_fires_when_the_service_comes_back_days_after_its_deadline
         procs.start()
         wait_until(lambda: all(status_of(client, ctx) == Status.UNSUBSCRIBED for ctx in (first, second)), 10)
         assert_fired_once(client, [first, second])
-    finally:
-        client.close()
-        procs.close()
-        clock.stop()
 
 
 def test_timers_fire_within_seconds_of_a_worker_coming_back(app, r, workers, queue):
@@ -369,12 +376,7 @@ def test_an_upgraded_worker_keeps_the_timers_an_older_version_armed_with_an_expi
     """Older versions armed a timer with an expiry a day past its deadline (EXPIREAT deadline + 86400). The
     upgraded worker removes it at start-up, so such a timer still fires after the service was down for two
     days (Redis expires a key on load too)."""
-    clock = SkewedClock(tmp_path)
-    url = clock.start()
-    procs = WorkerProcesses(url, tmp_path)
-    client = redis.Redis.from_url(url, decode_responses=True)
-    try:
-        app = app_on(url, tmp_path)
+    with service_on_a_skewed_clock(tmp_path) as (clock, procs, client, app):
         old, new = delayed_contexts(app, client, 2, timer_minutes=2)
         deadlines = {}
         for ctx in (old, new):
@@ -394,7 +396,3 @@ def test_an_upgraded_worker_keeps_the_timers_an_older_version_armed_with_an_expi
         wait_until(lambda: all(status_of(client, ctx) == Status.UNSUBSCRIBED for ctx in (old, new)), 10)
         for ctx in (old, new):
             assert len(timer_events(client, ctx)) == 1 and not client.exists(keys.pending_unsubscribe(*ctx.key))
-    finally:
-        client.close()
-        procs.close()
-        clock.stop()
