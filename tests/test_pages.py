@@ -600,6 +600,50 @@ def test_forged_and_truncated_smids(api, client, r):
     assert redis_state(r) == before
 
 
+# What mail clients, linkifiers and people add after a link (RFC 3986 App. C's "<URL>", a sentence's full
+# stop, a bracket or quote around it, a space), also percent-encoded: none of it is base64url, so the SMID is
+# the text before it, and the link opens as sent. Nothing of base64url's own alphabet is ever taken off.
+ADDED_AFTER = [">", ".", ")", ",", '"', "'", "]", ";", " ", "%20", "%3E", "%3e", ">.", ").", "%22", "%29"]
+
+
+@pytest.mark.parametrize("added", ADDED_AFTER)
+def test_a_link_with_characters_added_after_it_opens_the_page_and_changes_nothing(api, client, r, added):
+    _res, path, _body = make_link(api, "confirm")
+    before = redis_state(r)
+    page = client.get(path + added)
+    assert page.status_code == 200 and "Unsubscribe from Weekly news?" in page.get_data(as_text=True)
+    # the forms post to the link as sent, so the page works as the clean link's does
+    assert f'action="{path}/?lang=en"' in page.get_data(as_text=True)
+    assert client.head(path + added).status_code == 200
+    assert redis_state(r) == before
+
+
+@pytest.mark.parametrize("added", ADDED_AFTER)
+@pytest.mark.parametrize("name,kwargs", ONE_CLICK_BODIES[:2], ids=[n for n, _ in ONE_CLICK_BODIES[:2]])
+def test_one_click_to_a_link_with_characters_added_after_it_unsubscribes_as_without(api, app, added, name, kwargs):
+    _res, path, body = make_link(api, "confirm", category=None)
+    fresh = app.test_client(use_cookies=False)
+    for _attempt in range(2):
+        resp = fresh.post(path + added, **kwargs)
+        assert resp.status_code == 200 and "Location" not in resp.headers
+        assert resp.get_data(as_text=True) == "Unsubscribed.\n"
+    assert get_sub(api, body)["status"] == "unsubscribed"
+
+
+def test_a_smid_changed_in_its_own_alphabet_is_refused_readably_and_changes_nothing(api, client, r):
+    """base64url is case-sensitive: a SMID in another letter case, or with a base64url character added, is
+    another token; it is never repaired into the one sent, and its page is the readable 404."""
+    _res, path, _body = make_link(api, "instant")
+    smid = path.rsplit("/", 1)[1]
+    before = redis_state(r)
+    for bad in (smid.swapcase(), smid.upper(), smid.lower(), smid + "A", smid + "-", smid[:-1]):
+        for method in (client.get, client.post):
+            resp = method(f"/unsubscribe/{bad}", headers={"Accept-Language": "en"})
+            assert resp.status_code == 404, (bad, resp.status_code)
+        assert "This link is not valid" in client.get(f"/unsubscribe/{bad}").get_data(as_text=True)
+    assert redis_state(r) == before
+
+
 def test_language_chain(api, client):
     _res, path, _body = make_link(api, "confirm")
     assert "Отписаться" in client.get(path, headers={"Accept-Language": "ru,en;q=0.5"}).get_data(as_text=True)

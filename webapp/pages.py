@@ -22,7 +22,7 @@ from .ratelimits import count_link_form
 from .store import client_of, get_redis, get_timer_queue
 from .subscriptions import Status, subscribed_cats
 from .sdk import origin_of
-from .tokens import form_token_matches, issue_form_token, issue_manager_token
+from .tokens import form_token_matches, issue_form_token, issue_manager_token, token_in_link
 
 bp = Blueprint("pages", __name__)
 PAGE_RULE = "/unsubscribe/<smid>/"  # the page's route, and page_path's pattern
@@ -213,6 +213,7 @@ def slash_optional_route(blueprint, rule, **options):
 @slash_optional_route(bp, PAGE_RULE, methods=["GET", "POST"])
 @csrf.exempt
 def unsubscribe_page(smid):
+    smid = token_in_link(smid)  # a link with a ">", "." or space after it, as mail clients and people leave it
     if request.method == "POST":
         if request.form.get("action") is None:
             return one_click(smid)

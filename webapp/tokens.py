@@ -13,6 +13,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import secrets
 import struct
 import time
@@ -148,6 +149,18 @@ def _open(keys, fmt, token):
     if not hmac.compare_digest(mac, keys.mac(kid, _PURPOSE[fmt], payload)):
         raise BadToken("token signature does not match")
     return reader
+
+
+_B64URL_RUN = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def token_in_link(text):
+    """The token a link's path segment carries: its leading run of base64url characters. What a mail client,
+    a linkifier or a person adds after a link (the ">" of "<URL>", a full stop, a bracket or quote, a space,
+    also percent-encoded) is never base64url, so it is left out; nothing of the token's own alphabet is ever
+    taken off, changed or added (no case folding, no padding), so a link is never made into another token:
+    what remains is the token as sent, or one that does not verify."""
+    return _B64URL_RUN.match(text).group() if isinstance(text, str) else text
 
 
 def issue_smid(keys, resource_id, db_id, profile_id, hash_id, category=None, sent_at=None):
