@@ -352,6 +352,23 @@ def test_forged_token_gets_a_404_page(api, client, lang, text):
         assert resp.status_code == 404 and text in resp.get_data(as_text=True)
 
 
+@pytest.mark.parametrize("added", [">", ".", ")", ",", '"', " ", "%20", "%3E", ">."])
+def test_a_manager_link_with_characters_added_after_it_opens_and_its_forms_work(api, client, r, added):
+    """What a mail client or a person adds after a link is never base64url: the token is the text before it
+    (tokens.token_in_link). The page's forms post to the link as sent."""
+    _res, ident, sub, path = setup_profile(api)
+    before = redis_state(r)
+    page = client.get(path + added)
+    html = page.get_data(as_text=True)
+    assert page.status_code == 200 and "My subscriptions" in html
+    assert f'action="{path}/?lang=en"' in html
+    assert redis_state(r) == before
+    resp = client.post(path + added, data={"csrf_token": form_token(html), "action": "unsubscribe",
+                                           "hash_id": sub["hash_id"]})
+    assert resp.status_code == 303
+    assert api.ok("subscriptions/get", **ident)["status"] == "unsubscribed"
+
+
 def test_head_only_reads_whatever_it_carries(api, client, r):
     """A link scanner's HEAD of the manager link is answered as its GET, and a form in a HEAD changes nothing."""
     _res, ident, sub, path = setup_profile(api)

@@ -20,7 +20,7 @@ from .ratelimits import count_link_form
 from .resources import current_field_values
 from .store import ensure_housekeeping, get_redis
 from .subscriptions import Status, subscribed_cats
-from .tokens import issue_form_token, read_manager_token
+from .tokens import issue_form_token, read_manager_token, token_in_link
 
 bp = Blueprint("manager", __name__)
 ACTIONS = ("save", "unsubscribe", "suspend", "resume", "resubscribe", "undo")
@@ -145,6 +145,7 @@ def not_found(gone=False):
 
 @slash_optional_route(bp, "/manage/<token>/", methods=["GET", "POST"])
 def manage(token):
+    token = token_in_link(token)  # a link with a ">", "." or space after it, as mail clients and people leave it
     try:
         parsed = read_token(token)
     except BadToken:
