@@ -505,3 +505,10 @@ def test_the_page_speaks_the_language_of_the_subscription_whose_link_opened_it(a
         assert html.index("Alpha news") < html.index("Zeta news")               # the order stays by name
     assert '<html lang="en">' in client.get(links["manage_url"].removeprefix("https://unsub.example") + "?lang=en",
                                             headers=english).get_data(as_text=True)   # the switcher still wins
+
+
+def test_a_manager_link_with_index_html_after_it_is_the_link(api, client, r):
+    _res, ident, sub, path = setup_profile(api)
+    page = client.get(path + "/index.html")
+    assert page.status_code == 200 and "My subscriptions" in page.get_data(as_text=True)
+    assert f'action="{path}/?lang=en"' in page.get_data(as_text=True)

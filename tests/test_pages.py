@@ -644,6 +644,22 @@ def test_a_smid_changed_in_its_own_alphabet_is_refused_readably_and_changes_noth
     assert redis_state(r) == before
 
 
+@pytest.mark.parametrize("tail", ["/index.html", "/index.htm"])
+def test_a_link_with_index_html_after_it_is_the_link(api, app, r, tail):
+    """A link someone completed as a static page's ("/index.html"): the page, its one-click (200, no redirect),
+    and nothing changed by the GET."""
+    _res, path, body = make_link(api, "confirm", category=None)
+    fresh = app.test_client(use_cookies=False)
+    before = redis_state(r)
+    page = fresh.get(path + tail)
+    assert page.status_code == 200 and "Unsubscribe from Weekly news?" in page.get_data(as_text=True)
+    assert redis_state(r) == before
+    for name, kwargs in ONE_CLICK_BODIES[:2]:
+        resp = fresh.post(path + tail, **kwargs)
+        assert resp.status_code == 200 and "Location" not in resp.headers, name
+    assert get_sub(api, body)["status"] == "unsubscribed"
+
+
 def test_language_chain(api, client):
     _res, path, _body = make_link(api, "confirm")
     assert "Отписаться" in client.get(path, headers={"Accept-Language": "ru,en;q=0.5"}).get_data(as_text=True)

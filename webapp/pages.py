@@ -203,9 +203,12 @@ def slash_optional_route(blueprint, rule, **options):
     """blueprint.route for `rule` (ending in "/") and for it without the slash, as links are sent. Werkzeug's
     strict_slashes=False alone serves both, but answers another method on the slashless path 404: it lists
     the allowed methods (the 405 and its Allow) only for a rule that matches the path as it is. URLs are built
-    from `rule`, registered first."""
+    from `rule`, registered first. The link with "index.html" (or ".htm") after it, as someone may complete it,
+    is the link too."""
     def register(view):
         view = blueprint.route(rule, strict_slashes=False, **options)(view)
+        for index in ("index.html", "index.htm"):
+            view = blueprint.route(rule + index, **options)(view)
         return blueprint.route(rule.rstrip("/"), **options)(view)
     return register
 
