@@ -512,3 +512,14 @@ def test_a_manager_link_with_index_html_after_it_is_the_link(api, client, r):
     page = client.get(path + "/index.html")
     assert page.status_code == 200 and "My subscriptions" in page.get_data(as_text=True)
     assert f'action="{path}/?lang=en"' in page.get_data(as_text=True)
+
+
+def test_a_manager_link_cut_short_says_it_is_incomplete(api, client, r):
+    _res, _ident, _sub, path = setup_profile(api)
+    token = path.rsplit("/", 1)[1]
+    before = redis_state(r)
+    for cut in (3, 10, len(token) - 17):
+        resp = client.get(f"/manage/{token[:cut]}")
+        assert resp.status_code == 404 and "This link is incomplete" in resp.get_data(as_text=True), cut
+    assert "This link is incomplete" not in client.get("/manage/garbage").get_data(as_text=True)
+    assert redis_state(r) == before

@@ -127,3 +127,20 @@ def test_form_token_survives_rotation_and_names_one_link():
     assert not form_token_matches(OLD, other, token)
     for bad in (None, "", "k1", "k1.", token[:-1], "k9." + token[3:], token + "é", 42):
         assert not form_token_matches(OLD, smid, bad), bad
+
+
+def test_every_cut_of_a_token_is_refused_and_one_cut_within_its_record_or_mac_is_called_incomplete():
+    from webapp.errors import IncompleteToken
+    keys = SigningKeys([("k1", b"secret-one")])
+    for token, read in ((issue_smid(keys, 7, 1, "p-42", "0a1b2c3d", "news"), read_smid),
+                        (issue_manager_token(keys, 1, "p-42"), read_manager_token)):
+        for cut in range(2, len(token)):
+            with pytest.raises(IncompleteToken):
+                read(keys, token[:cut])
+        altered = token[:-1] + ("A" if token[-1] != "A" else "B")
+        with pytest.raises(BadToken) as refused:
+            read(keys, altered)
+        assert not isinstance(refused.value, IncompleteToken)
+        with pytest.raises(BadToken) as refused:
+            read(keys, token + "AAAA")
+        assert not isinstance(refused.value, IncompleteToken)

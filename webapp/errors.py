@@ -55,6 +55,11 @@ class BadToken(NotFound):
     """A SMID or manager token that is forged, truncated, altered or signed with an unknown key."""
 
 
+class IncompleteToken(BadToken):
+    """A token cut short (a link broken where a mail client wrapped the line): what it has begins as a token of
+    its kind does, signed with a listed key, and its record needs more than it has."""
+
+
 class Blocked(Forbidden):
     """The resource does not let people unsubscribe."""
 

@@ -13,7 +13,7 @@ from flask import Blueprint, current_app, g, make_response, redirect, request, u
 from flask_babel import gettext
 
 from . import preferences
-from .errors import BadToken, InvalidFields, ServiceError
+from .errors import BadToken, IncompleteToken, InvalidFields, ServiceError
 from .locale import render_page, set_page_locale
 from .pages import check_link_form, evidence, mask_address, no_store, slash_optional_route, spoken_address
 from .ratelimits import count_link_form
@@ -138,9 +138,9 @@ def done_agrees(sub, done_at):
     return sub is not None and bool(done_at) and sub["updated_at"] == done_at
 
 
-def not_found(gone=False):
+def not_found(gone=False, incomplete=False):
     set_page_locale()
-    return no_store(make_response(render_page("message.html", status=404, gone=gone), 404))
+    return no_store(make_response(render_page("message.html", status=404, gone=gone, incomplete=incomplete), 404))
 
 
 @slash_optional_route(bp, "/manage/<token>/", methods=["GET", "POST"])
@@ -148,8 +148,8 @@ def manage(token):
     token = token_in_link(token)  # a link with a ">", "." or space after it, as mail clients and people leave it
     try:
         parsed = read_token(token)
-    except BadToken:
-        return not_found()
+    except BadToken as exc:
+        return not_found(incomplete=isinstance(exc, IncompleteToken))  # a link cut short says so
     if request.method != "POST":  # GET, and HEAD (Flask routes it here too): it only reads, whatever it carries
         done = request.args.get("done")
         return render_manager(token, parsed, done=done if done in ACTIONS else None,

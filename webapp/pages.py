@@ -15,7 +15,7 @@ from markupsafe import Markup, escape
 
 from . import csrf, hotpaths, unsubscribe
 from .delayed import schedule_timer
-from .errors import BadToken, Blocked, Conflict, InvalidInput, NotFound, ServiceError
+from .errors import BadToken, Blocked, IncompleteToken, Conflict, InvalidInput, NotFound, ServiceError
 from .headers import manage_url
 from .locale import LOCALES, _translations, explicit_locale, render_page, set_page_locale
 from .ratelimits import count_link_form
@@ -374,6 +374,7 @@ def error_page(exc, back_url=None):
                     "was opened. Please open the link again.")
     gone = isinstance(exc, NotFound) and not isinstance(exc, BadToken)  # the link is whole: do not say it is not
     return no_store(make_response(render_page("message.html", status=status, message=message, gone=gone,
+                                                   incomplete=isinstance(exc, IncompleteToken),
                                                    back_url=back_url), status))
 
 

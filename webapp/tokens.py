@@ -19,7 +19,7 @@ import struct
 import time
 from dataclasses import dataclass
 
-from .errors import BadToken
+from .errors import BadToken, IncompleteToken
 
 MAC_BYTES = 16
 SMID_FORMAT = 1
@@ -163,6 +163,67 @@ def token_in_link(text):
     return _B64URL_RUN.match(text).group() if isinstance(text, str) else text
 
 
+def _open_or_say_cut_short(keys, fmt, token):
+    """_open, raising IncompleteToken for a token that is the beginning of one of this kind (_cut_short)."""
+    try:
+        return _open(keys, fmt, token)
+    except BadToken:
+        if _cut_short(keys, fmt, token):
+            raise IncompleteToken("token is incomplete") from None
+        raise
+
+
+# The text fields of a record, as issuing allows them: (longest, allowed bytes).
+_TEXT_FIELDS = {"profile": (PROFILE_ID_MAX, re.compile(rb"[A-Za-z0-9._:@-]*")),
+                "category": (CATEGORY_MAX, re.compile(rb"[A-Za-z0-9_]*"))}
+_RECORD_FIELDS = {SMID_FORMAT: ("kid", "varint", "varint", 8, "profile", "category"),
+                  MANAGER_FORMAT: ("kid", "varint", "profile")}  # a manager token's optional hash_id not counted
+
+
+def _cut_short(keys, fmt, token):
+    """Whether a token that did not verify is the start of a longer one: it decodes, begins with this kind's
+    format byte and (the start of) a listed key id, every field it has is one issuing could have written, and
+    its record and MAC need more bytes than it has. Only says which refusal to give: an incomplete token is
+    refused as any other."""
+    if not isinstance(token, str) or not 2 <= len(token) < SMID_MAX_CHARS:
+        return False
+    usable = token[:len(token) - 1] if len(token) % 4 == 1 else token  # a cut may leave a lone character
+    try:
+        raw = base64.urlsafe_b64decode(usable + "=" * (-len(usable) % 4))
+    except (binascii.Error, ValueError):
+        return False
+    if not raw or raw[0] != fmt:
+        return False
+    pos = 1
+    for field in _RECORD_FIELDS[fmt]:
+        if pos >= len(raw):
+            return True
+        if field == "varint":
+            for _ in range(5):
+                if pos >= len(raw):
+                    return True
+                pos += 1
+                if not raw[pos - 1] & 0x80:
+                    break
+            else:
+                return False
+        elif isinstance(field, int):
+            pos += field
+        else:
+            n, chunk = raw[pos], raw[pos + 1:pos + 1 + raw[pos]]
+            if field == "kid":
+                kids = [kid.encode() for kid in keys._macs]
+                if not any(kid == chunk if len(chunk) == n else kid.startswith(chunk) and len(kid) == n
+                           for kid in kids):
+                    return False
+            else:
+                longest, allowed = _TEXT_FIELDS[field]
+                if n > longest or not allowed.fullmatch(chunk) or (field == "profile" and n == 0):
+                    return False
+            pos += 1 + n
+    return pos + MAC_BYTES > len(raw)
+
+
 def issue_smid(keys, resource_id, db_id, profile_id, hash_id, category=None, sent_at=None):
     """Return the SMID string for one sent message. Writes nothing."""
     sent_at = int(time.time()) if sent_at is None else int(sent_at)
@@ -173,7 +234,7 @@ def issue_smid(keys, resource_id, db_id, profile_id, hash_id, category=None, sen
 
 def read_smid(keys, token):
     """Verify a SMID and return its Smid. Raises BadToken for anything forged, altered or truncated."""
-    r = _open(keys, SMID_FORMAT, token)
+    r = _open_or_say_cut_short(keys, SMID_FORMAT, token)
     resource_id, db_id = r.varint(), r.varint()
     sent_at = struct.unpack(">I", r.take(4))[0]
     hash_id = r.take(4).hex()
@@ -190,7 +251,7 @@ def issue_manager_token(keys, db_id, profile_id, hash_id=None):
 
 def read_manager_token(keys, token):
     """Verify a manager token and return its ManagerToken. Raises BadToken."""
-    r = _open(keys, MANAGER_FORMAT, token)
+    r = _open_or_say_cut_short(keys, MANAGER_FORMAT, token)
     db_id, profile_id = r.varint(), r.text()
     rest = r.data[r.pos:]
     if len(rest) not in (0, 4):
