@@ -429,3 +429,15 @@ def test_every_tap_target_is_24_px_and_44_px_tall_on_a_phone(live_server, browse
                 screenshot(page, f"targets-{name}-{width}-{lang}")
         finally:
             context.close()
+
+
+@pytest.mark.parametrize("added", [">", ").", "%20", "?utm_source=news&utm_medium=email#top", "/index.html"])
+def test_a_link_as_mail_clients_and_trackers_leave_it_works_in_a_browser(live_server, open_page, r, added):
+    """The instant link with a ">", a full stop, a space, a tracker's parameters or "/index.html" after it: the
+    page acts as for the link as sent, and its redirect lands on the link as sent."""
+    url, ident = link_for(live_server, "instant", category=None)
+    page = open_page(url + added)
+    page.wait_for_url("**done=unsubscribed**")
+    assert page.url.startswith(url + "/?") or page.url.startswith(url + "?")
+    assert status(live_server, ident)[0] == "unsubscribed"
+    assert page.locator("h1").inner_text() == "You are unsubscribed"
