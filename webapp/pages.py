@@ -15,7 +15,7 @@ from markupsafe import Markup, escape
 
 from . import csrf, hotpaths, unsubscribe
 from .delayed import schedule_timer
-from .errors import BadToken, Blocked, IncompleteToken, Conflict, InvalidInput, NotFound, ServiceError
+from .errors import BadToken, Blocked, Conflict, IncompleteToken, InvalidInput, NotFound, ServiceError
 from .headers import manage_url
 from .locale import LOCALES, _translations, explicit_locale, render_page, set_page_locale
 from .ratelimits import count_link_form
