@@ -1,11 +1,14 @@
-"""Bare Flask endpoints used as same-run baselines by the benchmarks (no Redis, no signing), and two floors
-(/one_redis_call, /two_redis_calls: one or two redis-py round trips and nothing else)."""
+"""Bare Flask endpoints used as same-run baselines by the benchmarks (no Redis, no signing), and floors: the
+cost of Redis round trips alone, through Flask and redis-py (/one_redis_call, /two_redis_calls) and through what
+the service's one-click uses, a WSGI layer in front of Flask and webapp/direct.py (/one_direct_call,
+/two_direct_calls)."""
 import os
 
 import redis
 from flask import Flask, jsonify, render_template, render_template_string, request
 from jinja2 import ChoiceLoader, DictLoader, FileSystemLoader
 
+from webapp import direct
 from webapp.pages import static_url
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,3 +93,28 @@ def two_redis_calls():
     client.get("bench:floor")
     client.get("bench:floor")
     return "", 204
+
+
+class DirectFloors:
+    """POST /one_direct_call and /two_direct_calls answered in front of Flask, as webapp/one_click_wsgi.py answers
+    the one-click: the body read, one or two round trips of one GET on the hot paths' transport (webapp/direct.py),
+    then 204; every other request goes to Flask. The floor of the one-click's architecture: what a first
+    unsubscribe (two round trips) or a replay (one) would reach if it did nothing else."""
+    CALLS = {"/one_direct_call": 1, "/two_direct_calls": 2}
+    READ = direct.pack("GET", "bench:floor")
+
+    def __init__(self, flask_wsgi):
+        self.flask_wsgi = flask_wsgi
+
+    def __call__(self, environ, start_response):
+        calls = self.CALLS.get(environ.get("PATH_INFO")) if environ.get("REQUEST_METHOD") == "POST" else None
+        if calls is None:
+            return self.flask_wsgi(environ, start_response)
+        environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        for _ in range(calls):
+            direct.call(_floor_client(), self.READ, 1)
+        start_response("204 No Content", [])
+        return []
+
+
+app.wsgi_app = DirectFloors(app.wsgi_app)

@@ -23,8 +23,9 @@ as application/x-www-form-urlencoded to the unsubscribe URLs. Two kinds of one-c
    p50/p99 from sending a request to the end of its reply, from the round with the median p99 (every
    round's p99 is printed too).
 
-With --floor, each kind is also compared with a bare Flask endpoint making as many redis-py round trips as it
-needs (two, one) and nothing else: the ratio no code of the service's could beat on this machine.
+With --floor, each kind is also compared with bare endpoints making as many Redis round trips as it needs (two,
+one) and nothing else: one in Flask on redis-py, and one in a WSGI layer in front of Flask on webapp/direct.py,
+as the service's one-click is answered. The second is the ratio no one-click of this design could beat here.
 
     .venv/bin/python bench/oneclick.py [--seconds 10] [--rounds 3] [--subscriptions 40000] [--workers N] [--floor]
 """
@@ -50,8 +51,8 @@ def main():
     add_load_arguments(parser)
     parser.set_defaults(subscriptions=40000)  # fresh links for every first-unsubscribe round (~2,500 req/s max)
     parser.add_argument("--floor", action="store_true",
-                        help="also measure bare endpoints making two and one redis-py calls (the round trips of "
-                             "a first unsubscribe and of a replay)")
+                        help="also measure bare endpoints making two and one Redis round trips (a first unsubscribe's "
+                             "and a replay's): through Flask and redis-py, and in front of Flask on webapp/direct.py")
     args = parser.parse_args()
     started = time.perf_counter()
     with Services() as services:
@@ -77,8 +78,7 @@ def main():
         events0 = events_written()
         runs = {"svc": (base, first_scripts, proc.pid), "bare": (bare_base, bare_script, bare_proc.pid)}
         if args.floor:
-            runs["floor"] = (bare_base, write_wrk_script(services.dir, "floor2.lua", "POST", ["/two_redis_calls"],
-                                                         BODY, FORM), bare_proc.pid)
+            runs.update(floor_runs(services, bare_base, bare_proc, "/two_redis_calls", "/two_direct_calls"))
         first = compare_max(runs, args.seconds, args.rounds, args.connections, redis_pid)
         changed = events_written() - events0
         # Replays: the links the first-unsubscribe rounds completed requests to (all of them unsubscribed).
@@ -86,8 +86,7 @@ def main():
         replay_script = write_wrk_script(services.dir, "replay.lua", "POST", used, BODY, FORM)
         runs = {"svc": (base, replay_script, proc.pid), "bare": (bare_base, bare_script, bare_proc.pid)}
         if args.floor:
-            runs["floor"] = (bare_base, write_wrk_script(services.dir, "floor.lua", "POST", ["/one_redis_call"], BODY,
-                                                         FORM), bare_proc.pid)
+            runs.update(floor_runs(services, bare_base, bare_proc, "/one_redis_call", "/one_direct_call"))
         events0 = events_written()
         replays = compare_max(runs, args.seconds, args.rounds, args.connections, redis_pid)
         replays_changed = events_written() - events0
@@ -105,15 +104,28 @@ def main():
         notes=[f"\nrequests that unsubscribed (wrote record + ledger event): first-unsubscribe rounds {changed:,} of "
                f"{first_requests:,}; replay rounds {replays_changed:,}; half load {half_changed:,} of {half_requests:,}"
                + ("  (links ran out: raise --subscriptions)" if ran_out else ""),
-               *([floor_note("two redis-py calls (a first unsubscribe's round trips)", first),
-                  floor_note("one redis-py call (a replay's round trip)", replays)] if args.floor else []),
+               *([floor_note("Flask endpoint making two redis-py calls (a first unsubscribe's round trips)", first,
+                             "floor"),
+                  floor_note("WSGI layer in front of Flask making two calls on webapp/direct.py (the one-click's "
+                             "own architecture)", first, "floor_direct"),
+                  floor_note("Flask endpoint making one redis-py call (a replay's round trip)", replays, "floor"),
+                  floor_note("WSGI layer in front of Flask making one call on webapp/direct.py", replays,
+                             "floor_direct")] if args.floor else []),
                setup_note(paths, setup, started)])
 
 
-def floor_note(what, res):
-    return (f"floor: bare Flask endpoint making {what}: {res['floor']['rps']:,.0f} req/s, "
-            f"{median_ratio(res['floor'], res['bare']):.2f} of the baseline (median of the per-round ratios), "
-            f"{res['floor']['cpu_ms']:.2f} ms server CPU per request")
+def floor_runs(services, bare_base, bare_proc, flask_path, direct_path):
+    """compare_max runs of the two floors of bench/baseline_app.py: through Flask and redis-py, and in front of
+    Flask on webapp/direct.py."""
+    return {name: (bare_base, write_wrk_script(services.dir, f"{path.strip('/')}.lua", "POST", [path], BODY, FORM),
+                   bare_proc.pid)
+            for name, path in (("floor", flask_path), ("floor_direct", direct_path))}
+
+
+def floor_note(what, res, name):
+    return (f"floor: bare {what}: {res[name]['rps']:,.0f} req/s, "
+            f"{median_ratio(res[name], res['bare']):.2f} of the baseline (median of the per-round ratios), "
+            f"{res[name]['cpu_ms']:.2f} ms server CPU per request")
 
 
 if __name__ == "__main__":

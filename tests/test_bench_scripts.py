@@ -48,6 +48,10 @@ def test_oneclick_bench():
                   r"([\d,]+) req/s", out) > 0
     assert number(r"floor: bare Flask endpoint making one redis-py call \(a replay's round trip\): ([\d,]+) req/s",
                   out) > 0
+    assert number(r"floor: bare WSGI layer in front of Flask making two calls on webapp/direct.py \(the one-click's "
+                  r"own architecture\): ([\d,]+) req/s", out) > 0
+    assert number(r"floor: bare WSGI layer in front of Flask making one call on webapp/direct.py: ([\d,]+) req/s",
+                  out) > 0
     assert re.search(r"goal ratio >= 0\.80: first unsubscribes (MET|NOT MET), replays (MET|NOT MET);"
                      r"\s+goal p99 at half load < 10 ms: [\d.]+ ms", out)
     assert "socket errors / non-2xx            0/0         0/0" in out
