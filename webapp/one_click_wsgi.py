@@ -18,8 +18,12 @@ from urllib.parse import parse_qsl
 from . import hotpaths
 from .pages import NOSNIFF, ONE_CLICK_DONE, ONE_CLICK_FAILURE, PAGE_SECURITY_HEADERS
 from .store import client_of
+from .tokens import token_in_link
 
-_PATH_RE = re.compile(r"/unsubscribe/([A-Za-z0-9_-]{1,200})/?")
+# The paths pages.unsubscribe_page is routed at (pages.slash_optional_route): the link, with or without its
+# slash or "index.html", its segment taken as the route takes it (a ">" or "." a mail client left after the
+# token is dropped by token_in_link, as there). A longer segment is no link of ours: Flask answers it.
+_PATH_RE = re.compile(r"/unsubscribe/([^/]{1,400})(?:/|/index\.html?)?")
 # "List-Unsubscribe=One-Click" is 26 bytes; anything much longer is not a provider's POST, and goes to Flask
 # unread (as does one without a length), where a body over PAGE_BODY_LIMIT_BYTES is refused (413) before it is
 # read (webapp.small_bodies_only).
@@ -38,7 +42,7 @@ class OneClickWSGI:
     def __call__(self, environ, start_response):
         if environ.get("REQUEST_METHOD") == "POST":
             match = _PATH_RE.fullmatch(environ.get("PATH_INFO", ""))
-            if match and self._unsubscribed(environ, match.group(1)):
+            if match and self._unsubscribed(environ, token_in_link(match.group(1))):
                 start_response("200 OK", list(_HEADERS))
                 return [_BODY]
         return self.flask_wsgi(environ, start_response)
