@@ -138,27 +138,31 @@ def create_app(test_config=None):
     return app
 
 
-def _register_error_handlers(app):
+def http_error(exc, **page):
+    """The answer to an HTTPException: the API's envelope, the SDK's JSON, else a page in the person's language.
+    `page`: more for that page (message.html)."""
     from .api import envelope
     from .pages import no_store
     from .ratelimits import retry_after_seconds
+    retry_after = retry_after_seconds() if exc.code == 429 else None  # when the breached limit's window resets
+    if request.path.startswith("/api/"):
+        resp = make_response(envelope(None, exc.code, exc.code, exc.description or exc.name))
+    elif request.path.startswith("/sdk/"):
+        resp = make_response(jsonify({"error": exc.code, "error_text": exc.description or exc.name}), exc.code)
+    else:  # no-store as the pages' own errors: a cache may keep a 404 or 405 unasked (RFC 9110 §15.1)
+        resp = no_store(make_response(render_page("message.html", status=exc.code, retry_after=retry_after,
+                                                  **page), exc.code))
+    # The answer's own headers go with any body: a 405's Allow (RFC 9110 §15.5.6 MUST), a 401's challenge.
+    resp.headers.extend((name, value) for name, value in exc.get_headers(request.environ)
+                        if name.lower() not in ("content-type", "content-length"))
+    if retry_after:
+        resp.headers["Retry-After"] = str(retry_after)
+    return resp
 
-    @app.errorhandler(HTTPException)
-    def http_error(exc):
-        retry_after = retry_after_seconds() if exc.code == 429 else None  # when the breached limit's window resets
-        if request.path.startswith("/api/"):
-            resp = make_response(envelope(None, exc.code, exc.code, exc.description or exc.name))
-        elif request.path.startswith("/sdk/"):
-            resp = make_response(jsonify({"error": exc.code, "error_text": exc.description or exc.name}), exc.code)
-        else:  # no-store as the pages' own errors: a cache may keep a 404 or 405 unasked (RFC 9110 §15.1)
-            resp = no_store(make_response(render_page("message.html", status=exc.code, retry_after=retry_after),
-                                          exc.code))
-        # The answer's own headers go with any body: a 405's Allow (RFC 9110 §15.5.6 MUST), a 401's challenge.
-        resp.headers.extend((name, value) for name, value in exc.get_headers(request.environ)
-                            if name.lower() not in ("content-type", "content-length"))
-        if retry_after:
-            resp.headers["Retry-After"] = str(retry_after)
-        return resp
+
+def _register_error_handlers(app):
+    from .api import envelope
+    app.register_error_handler(HTTPException, http_error)
 
     @app.errorhandler(RedisConnectionError)
     @app.errorhandler(RedisTimeoutError)

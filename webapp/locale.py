@@ -85,7 +85,8 @@ def language_href(code):
     return "?" + urlencode([(k, v) for k, v in args.items(multi=True) if k != "lang"] + [("lang", code)])
 
 
-def _select():
+def page_locale():
+    """This request's page language: the one a view chose (set_page_locale), else chosen now without page data."""
     if "locale" not in g:
         set_page_locale()
     return g.locale
@@ -117,7 +118,7 @@ LOCALE_MARK = ":"  # "ru:unsubscribe/confirm.html" is unsubscribe/confirm.html c
 
 def render_page(template_name, **context):
     """flask.render_template of the copy of `template_name` compiled in this request's language."""
-    return render_template(f"{_select()}{LOCALE_MARK}{template_name}", **context)
+    return render_template(f"{page_locale()}{LOCALE_MARK}{template_name}", **context)
 
 
 class _TranslateConstants(NodeTransformer):
@@ -192,7 +193,7 @@ class PageEnvironment(Environment):
 def init_app(app):
     app.config.setdefault("BABEL_TRANSLATION_DIRECTORIES", os.path.join(os.path.dirname(__file__), "translations"))
     # Flask-Babel passes what the selector returns to Locale.parse, which returns a Locale as it is.
-    Babel(app, locale_selector=lambda: _BABEL_LOCALES.get(_select()) or _select())
+    Babel(app, locale_selector=lambda: _BABEL_LOCALES.get(page_locale()) or page_locale())
     # The callables Flask-Babel installs, with the catalog looked up once per request (see _translations).
     app.jinja_env.install_gettext_callables(
         gettext=lambda s: _translations().ugettext(s),
@@ -220,4 +221,4 @@ def init_app(app):
 
     @app.context_processor
     def language_switcher():
-        return {"current_locale": _select, "language_names": LANGUAGE_NAMES, "language_href": language_href}
+        return {"current_locale": page_locale, "language_names": LANGUAGE_NAMES, "language_href": language_href}

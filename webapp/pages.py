@@ -17,7 +17,7 @@ from . import csrf, hotpaths, unsubscribe
 from .delayed import schedule_timer
 from .errors import BadToken, Blocked, Conflict, IncompleteToken, InvalidInput, NotFound, ServiceError
 from .headers import manage_url
-from .locale import LOCALES, _translations, explicit_locale, render_page, set_page_locale
+from .locale import LOCALES, _translations, explicit_locale, page_locale, render_page, set_page_locale
 from .ratelimits import count_link_form
 from .store import client_of, get_redis, get_timer_queue
 from .subscriptions import Status, subscribed_cats
@@ -346,13 +346,19 @@ def page_action(smid, action):
         if wants_json():
             return jsonify({"error": exc.code, "error_text": exc.message}), exc.status
         if isinstance(exc, Conflict):  # nothing changed; the page again, as it is now, without acting by itself
-            return error_page(exc, back_url=f"{page_path(ctx.token)}?done=back&lang={g.locale}")
+            return error_page(exc, back_url=page_back_url(ctx.token))
         return error_page(exc)
     if wants_json():
         return jsonify({"error": 0, "done": done})
     lang = request.form.get("lang")
     return redirect(url_for("pages.unsubscribe_page", smid=smid, done=done,
                             **({"lang": lang} if lang in LOCALES else {})), code=303)
+
+
+def page_back_url(smid):
+    """The way back to the unsubscribe page from an answer that changed nothing: the page as it is now, in this
+    page's language, with a `done` ("back") that keeps it from acting by itself as a page first opened does."""
+    return f"{page_path(smid)}?done=back&lang={page_locale()}"
 
 
 def wants_json():
@@ -362,7 +368,7 @@ def wants_json():
 def error_page(exc, back_url=None):
     """A readable page in the chosen language. Core code's messages are English and written for developers, so
     a page shows its own: the person's choice to make again, or what went wrong. `back_url`: a link back to the
-    unsubscribe page, one that does not make it act again (`done=back`)."""
+    unsubscribe page, one that does not make it act again (page_back_url)."""
     status = 404 if isinstance(exc, BadToken) else exc.status
     message = None  # the page's own text for its status
     if isinstance(exc, PageChoiceError):
