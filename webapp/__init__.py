@@ -140,7 +140,7 @@ def create_app(test_config=None):
 
 def http_error(exc, **page):
     """The answer to an HTTPException: the API's envelope, the SDK's JSON, else a page in the person's language.
-    `page`: more for that page (message.html)."""
+    `page`: more for that page (message.html), as the way back a link's form adds (pages.refused_form_page)."""
     from .api import envelope
     from .pages import no_store
     from .ratelimits import retry_after_seconds

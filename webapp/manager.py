@@ -14,8 +14,9 @@ from flask_babel import gettext
 
 from . import preferences
 from .errors import BadToken, IncompleteToken, InvalidFields, ServiceError
-from .locale import render_page, set_page_locale
-from .pages import check_link_form, evidence, mask_address, no_store, slash_optional_route, spoken_address
+from .locale import page_locale, render_page, set_page_locale
+from .pages import (check_link_form, evidence, mask_address, no_store, refused_form_page, slash_optional_route,
+                    spoken_address)
 from .ratelimits import count_link_form
 from .resources import current_field_values
 from .store import ensure_housekeeping, get_redis
@@ -141,6 +142,19 @@ def done_agrees(sub, done_at):
 def not_found(gone=False, incomplete=False):
     set_page_locale()
     return no_store(make_response(render_page("message.html", status=404, gone=gone, incomplete=incomplete), 404))
+
+
+def manager_back_url(token):
+    """The way back to the manager from an answer that changed nothing: its own link, in this page's language (a
+    GET of the manager only reads)."""
+    return url_for("manager.manage", token=token, lang=page_locale())
+
+
+@bp.errorhandler(413)
+@bp.errorhandler(429)
+def form_refused(exc):
+    return refused_form_page(exc, request.view_args["token"], read_manager_token, manager_back_url,
+                             back_to="manager")
 
 
 @slash_optional_route(bp, "/manage/<token>/", methods=["GET", "POST"])

@@ -13,7 +13,7 @@ from flask_wtf.csrf import CSRFError
 from flask_babel import gettext as _
 from markupsafe import Markup, escape
 
-from . import csrf, hotpaths, unsubscribe
+from . import csrf, hotpaths, http_error, unsubscribe
 from .delayed import schedule_timer
 from .errors import BadToken, Blocked, Conflict, IncompleteToken, InvalidInput, NotFound, ServiceError
 from .headers import manage_url
@@ -22,7 +22,7 @@ from .ratelimits import count_link_form
 from .store import client_of, get_redis, get_timer_queue
 from .subscriptions import Status, subscribed_cats
 from .sdk import origin_of
-from .tokens import form_token_matches, issue_form_token, issue_manager_token, token_in_link
+from .tokens import form_token_matches, issue_form_token, issue_manager_token, read_smid, token_in_link
 
 bp = Blueprint("pages", __name__)
 PAGE_RULE = "/unsubscribe/<smid>/"  # the page's route, and page_path's pattern
@@ -359,6 +359,25 @@ def page_back_url(smid):
     """The way back to the unsubscribe page from an answer that changed nothing: the page as it is now, in this
     page's language, with a `done` ("back") that keeps it from acting by itself as a page first opened does."""
     return f"{page_path(smid)}?done=back&lang={page_locale()}"
+
+
+def refused_form_page(exc, link_token, read, back_url, **page):
+    """The app's page for a link's form refused before anything was read or changed (413: small_bodies_only;
+    429: count_link_form), with the way back to the link's page: back_url(token). It is made from the route's
+    own path alone (never a Referer or the query), and only for a token the service issued (`read` verifies
+    it: read_smid, read_manager_token); any other path gets no link."""
+    token = token_in_link(link_token)
+    try:
+        read(current_app.extensions["signing_keys"], token)
+    except BadToken:
+        return http_error(exc)
+    return http_error(exc, back_url=back_url(token), **page)
+
+
+@bp.errorhandler(413)
+@bp.errorhandler(429)
+def form_refused(exc):
+    return refused_form_page(exc, request.view_args["smid"], read_smid, page_back_url)
 
 
 def wants_json():
