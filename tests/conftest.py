@@ -230,6 +230,26 @@ def form_token(html):
     return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
 
 
+def back_link(html):
+    """The way back an answer page offers (message.html's): (href, its words), or None."""
+    link = re.search(r'<p class="back"><a href="([^"]+)">([^<]+)</a>', html)
+    return link and (link.group(1).replace("&amp;", "&"), link.group(2))
+
+
+def refuse_form(app, client, url, form, status, **request):
+    """Post a link's form to `url` so that it is refused before anything is read or changed: 413, its body over
+    PAGE_BODY_LIMIT_BYTES, or 429, over the forms' limit per link (set to one, spent by a form with an action no
+    page has, which changes nothing either). `request`: more for client.post (headers). Returns the refusal."""
+    if status == 413:
+        form = {**form, "pad": "a" * app.config["PAGE_BODY_LIMIT_BYTES"]}
+    else:
+        app.config["PAGE_RATE_LIMIT_PER_LINK"] = "1 per minute"
+        assert client.post(url, data={**form, "action": "no-such-action"}, **request).status_code == 400
+    resp = client.post(url, data=form, **request)
+    assert resp.status_code == status, (url, resp.status_code)
+    return resp
+
+
 def email_resource(**overrides):
     """A typical resource as resources/add takes it (the contract's example)."""
     body = {

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from conftest import email_resource, form_token, redis_state
+from conftest import back_link, email_resource, form_token, redis_state, refuse_form
 from webapp import events, preferences
 
 
@@ -342,6 +342,29 @@ def test_one_profiles_token_cannot_touch_another_profile(api, client, r):
         assert resp.status_code == 404
     assert redis_state(r) == before
     assert api.ok("subscriptions/get", **ident_b)["status"] == "subscribed"
+
+
+@pytest.mark.parametrize("lang", ["en", "ru"])
+@pytest.mark.parametrize("status", [413, 429])
+def test_a_form_refused_unread_or_over_the_limit_links_back_to_the_manager(app, api, client, r, status, lang):
+    """A manager form refused before anything was read or changed, its body too large (413) or over the forms'
+    limit (429), links back to the manager itself, in the language its forms carry: a GET that only reads, here
+    for an instant-mode resource's subscription too."""
+    _res, ident, sub, path = setup_profile(api, mode="instant")
+    html = client.get(f"{path}?lang={lang}").get_data(as_text=True)
+    action = re.search(r'<form method="post" action="([^"]+)"', html).group(1).replace("&amp;", "&")
+    before = redis_state(r)
+    resp = refuse_form(app, client, action, {"csrf_token": form_token(html), "action": "unsubscribe",
+                                             "hash_id": sub["hash_id"]}, status)
+    assert f'<html lang="{lang}">' in resp.get_data(as_text=True)
+    href, words = back_link(resp.get_data(as_text=True)) or (None, None)
+    assert words == {"en": "Back to my subscriptions", "ru": "Вернуться к моим подпискам"}[lang]
+    assert href == f"{path}/?lang={lang}"
+    back = client.get(href)
+    page = back.get_data(as_text=True)
+    assert back.status_code == 200 and f'<html lang="{lang}">' in page
+    assert {"en": "My subscriptions", "ru": "Мои подписки"}[lang] in page and 'role="status"' not in page
+    assert redis_state(r) == before and api.ok("subscriptions/get", **ident)["status"] == "subscribed"
 
 
 @pytest.mark.parametrize("lang,text", [("en", "This link is not valid"), ("ru", "Ссылка недействительна")])

@@ -4,7 +4,8 @@ import time
 
 import pytest
 
-from conftest import email_resource, form_token, redis_state, restore, same_state, snapshot
+from conftest import (back_link, email_resource, form_token, redis_state, refuse_form, restore, same_state,
+                      snapshot)
 from webapp import events
 from webapp.tokens import read_smid
 
@@ -967,6 +968,31 @@ def test_a_form_too_large_to_read_is_answered_in_the_language_the_form_was_shown
             assert resp.status_code == 413 and '<html lang="ru">' in page, (action, resp.status_code)
             assert "<h1>Слишком большой запрос</h1>" in page and "Ничего не изменено" in page
     assert redis_state(r) == before
+
+
+@pytest.mark.parametrize("lang", ["en", "ru"])
+@pytest.mark.parametrize("status", [413, 429])
+def test_a_form_refused_unread_or_over_the_limit_links_back_to_the_page_without_making_it_act(app, api, client, r,
+                                                                                              status, lang):
+    """A page's form refused before anything was read or changed, its body too large (413) or over the forms'
+    limit (429), links back to the page it came from (not only the browser's Back button): the same page, in
+    the language its forms carry, with `done=back`, so that the instant page, opened by it, does not
+    unsubscribe by itself."""
+    _res, path, body = make_link(api, "instant", category=None)
+    html = client.get(f"{path}?lang={lang}").get_data(as_text=True)
+    action = re.search(r'<form method="post" action="([^"]+)"', html).group(1).replace("&amp;", "&")
+    before = redis_state(r)
+    resp = refuse_form(app, client, action, {"csrf_token": form_token(html), "action": "unsubscribe"}, status)
+    assert f'<html lang="{lang}">' in resp.get_data(as_text=True)
+    href, words = back_link(resp.get_data(as_text=True)) or (None, None)
+    assert words == {"en": "Back to the unsubscribe page", "ru": "Вернуться на страницу отписки"}[lang]
+    assert href == f"{path}/?done=back&lang={lang}"
+    back = client.get(href)
+    page = back.get_data(as_text=True)
+    assert back.status_code == 200 and f'<html lang="{lang}">' in page
+    assert "data-auto-submit" not in page and 'role="status"' not in page       # waits for a click, says nothing
+    assert 'value="unsubscribe"' in page
+    assert redis_state(r) == before and get_sub(api, body)["status"] == "subscribed"
 
 
 @pytest.mark.parametrize("lang", ["en", "ru"])

@@ -7,7 +7,7 @@ import re
 import pytest
 from itsdangerous import BadSignature
 
-from conftest import API_TOKEN, email_resource, form_token
+from conftest import API_TOKEN, back_link, email_resource, form_token, refuse_form
 from webapp import tokens
 from webapp.redact import redact
 
@@ -202,6 +202,34 @@ def test_no_open_redirect(client, pages):
     for name, page in pages.items():
         resp = client.get(page + "?next=https://evil.example&url=//evil.example")
         assert "evil" not in resp.headers.get("Location", ""), name
+
+
+@pytest.mark.parametrize("status", [413, 429])
+def test_the_way_back_from_a_refused_form_is_made_from_the_links_own_path_alone(app, client, api, r, status):
+    """The way back on a page's or the manager's 413 and 429 is the link's own page, whatever the request says
+    besides its path's token: not its Referer, its query (`next`, a `lang` that is no language) or what a mail
+    client added after the link. A path whose token is not one the service issued, even of base64url, gets no
+    link at all (only a 413 reaches it: a 429 needs the link's form token)."""
+    from conftest import redis_state
+    page, manage, hash_id = make_link(api, "instant", "p-back")
+    evil = {"headers": {"Referer": "https://evil.example/", "Accept-Language": "en"}}
+    query = "?next=https://evil.example&lang=//evil.example"
+    before = redis_state(r)
+    for link, back, form in ((page, f"{page}/?done=back&lang=en", {"action": "unsubscribe"}),
+                             (manage, f"{manage}/?lang=en", {"action": "unsubscribe", "hash_id": hash_id})):
+        token = link_token(client, link)
+        resp = refuse_form(app, client, link + "%3E" + query, {"csrf_token": token, **form}, status, **evil)
+        assert back_link(resp.get_data(as_text=True)) == (back, {page: "Back to the unsubscribe page",
+                                                                 manage: "Back to my subscriptions"}[link]), link
+    if status == 413:
+        forged = page[:-1] + ("A" if page[-1] != "A" else "B")
+        for junk in ("/unsubscribe/%3Cscript%3E/", "/unsubscribe/%5C%5Cevil.example", "/unsubscribe/" + "A" * 60,
+                     forged, page[:-3], "/manage/%3Cscript%3E", "/manage/" + "A" * 60, manage[:-3]):
+            resp = refuse_form(app, client, junk + query, {"action": "unsubscribe"}, 413, **evil)
+            html = resp.get_data(as_text=True)
+            assert back_link(html) is None, junk
+            assert not [href for href in re.findall(r'href="([^"]+)"', html) if href.startswith(("//", "http"))]
+    assert redis_state(r) == before
 
 
 def test_api_token_is_compared_in_constant_time(api, monkeypatch):
