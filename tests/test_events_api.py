@@ -1,6 +1,9 @@
 """The consent ledger API: history, export as JSON lines, and verification that catches tampering."""
+import hashlib
 import json
 import time
+
+import pytest
 
 from conftest import redis_state
 from webapp import events
@@ -264,3 +267,55 @@ def test_export_range_with_finer_than_millisecond_ends_is_exact(api, client, r, 
     assert first["id"] in [e["id"] for e in export(client, **{"from": 0, "to": after})]
     assert first["id"] in [e["id"] for e in export(client, **{"from": before})]
     assert first["id"] not in [e["id"] for e in export(client, **{"from": 0, "to": before})]
+
+
+# Newest ledger entries as damaged storage leaves them: not JSON, JSON that is not an object, an object that is
+# not an event (no seq, no hash).
+DAMAGED_ENTRIES = ["{not json", "[]", "{}"]
+
+
+def sha256_hex(text):
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("damaged", DAMAGED_ENTRIES)
+def test_a_change_after_a_damaged_newest_entry_is_applied_and_chained_past_it(api, r, resource, caplog, damaged):
+    """Bad data must not stop a change (an unsubscribe must be honoured): the new event links to the SHA-256 of
+    the damaged entry's stored text and takes the seq after its place, the next one follows it as usual, and
+    verify still names the damaged entry, not the events after it."""
+    ident = make_history(api, resource)                      # seq 1, 2, 3 (unsubscribed)
+    key = "us:{1:p-42}:events"
+    r.lset(key, -1, damaged)
+    api.ok("subscriptions/set", **ident, status="subscribed")
+    api.ok("subscriptions/set", **ident, status="unsubscribed")
+    assert api.ok("subscriptions/get", **ident)["status"] == "unsubscribed"
+    entries = r.lrange(key, 0, -1)
+    assert len(entries) == 5 and entries[2] == damaged
+    new, after = events.decode_event(entries[3]), events.decode_event(entries[4])
+    assert (new["seq"], new["prev_hash"]) == (4, sha256_hex(damaged))
+    assert new["hash"] == events.event_hash(new) and new["after"]["status"] == "subscribed"
+    assert (after["seq"], after["prev_hash"]) == (5, new["hash"])
+    assert "newest ledger entry of profile 1|p-42 is not an event" in caplog.text
+    bad = api.ok("events/verify", db_id=1, profile_id="p-42")["first_bad"]
+    assert (bad["db_id"], bad["profile_id"], bad["seq"], bad["id"]) == (1, "p-42", 3, None), bad
+    refs = [f["ref"] for _id, f in r.xrange("us:events:timeline")]
+    assert refs[-2:] == ["1|p-42|4", "1|p-42|5"]
+
+
+def test_after_damaged_entries_the_seq_continues_from_the_newest_readable_event(api, r, resource):
+    """The new event's seq is the newest readable event's + the damaged entries after it + 1, not the list's
+    length + 1: after an entry was removed from the middle, that would repeat a seq the timeline already names."""
+    ident = make_history(api, resource)
+    api.ok("subscriptions/set", **ident, status="subscribed")            # seq 4
+    api.ok("subscriptions/set", **ident, status="unsubscribed")          # seq 5
+    key = "us:{1:p-42}:events"
+    r.lrem(key, 1, r.lindex(key, 1))                                     # seq 2 removed: [1, 3, 4, 5]
+    r.lset(key, -1, "{not json")
+    r.lset(key, -2, "[]")                                                # [1, 3, damaged, damaged]
+    assert events.last_event(r, 1, "p-42") == {"seq": 5, "hash": sha256_hex("{not json")}
+    api.ok("subscriptions/set", **ident, status="subscribed")
+    new = events.decode_event(r.lindex(key, -1))
+    assert (new["seq"], new["prev_hash"]) == (6, sha256_hex("{not json"))
+    r.delete(key)
+    r.rpush(key, "{}", "{}")                                             # nothing readable at all
+    assert events.last_event(r, 1, "p-42") == {"seq": 2, "hash": sha256_hex("{}")}

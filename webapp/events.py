@@ -7,7 +7,9 @@ the reverse) cannot be stored. A global stream (`keys.events_timeline`) indexes 
 Events are stored compactly (`encode_event`); every reader gets them back as they were hashed (`decode_event`).
 """
 import hashlib
+import itertools
 import json
+import logging
 import secrets
 import time
 
@@ -15,6 +17,9 @@ from . import keys
 from .validation import ms_to_time, now_iso, time_to_ms
 
 GENESIS_HASH = "0" * 64
+LEDGER_PAGE = 100  # ledger entries read per round trip when a ledger is read from its newest entry back
+
+log = logging.getLogger(__name__)
 
 
 def event_hash(event):
@@ -101,9 +106,55 @@ def queue_append(pipe, event):
                                        "rid": event["resource_id"], "method": event["method"]})
 
 
-def last_event(pipe, db_id, profile_id):
-    raw = pipe.lindex(keys.profile_events(db_id, profile_id), -1)
-    return decode_event(raw) if raw else None
+def last_event(client, db_id, profile_id):
+    """What the profile's next event follows (new_event's `last`): see chain_tip."""
+    return chain_tip(client, db_id, profile_id, client.lindex(keys.profile_events(db_id, profile_id), -1))
+
+
+def chain_tip(client, db_id, profile_id, newest_raw):
+    """What the next event of a profile's chain follows, given its ledger's newest entry as stored (None or ""
+    for an empty ledger): that event, or None.
+
+    A newest entry that cannot be read as an event (damaged storage) must not stop the change: an unsubscribe
+    is honoured whatever the ledger holds. The chain goes on past it: the stand-in {seq, hash} returned makes
+    the next event link to the SHA-256 of the entry's stored text, with the seq after the places of the damaged
+    entries that follow the newest readable event (its seq + their count; their count with none readable).
+    That is the event's place in the list when no entry was removed (where load_refs looks first), and a seq
+    not used before unless entries were also removed from among the damaged ones (the list cannot tell). The
+    damaged entry stays where it is, and verify_chain names it. The ledger is read back (through `client`: a
+    Redis client, or a pipeline that WATCHes) only in that case."""
+    if not newest_raw:
+        return None
+    event = read_event(newest_raw)
+    if is_link(event):
+        return event
+    key = keys.profile_events(db_id, profile_id)
+    damaged = 0
+    for raw in newest_first(client, key):
+        event = read_event(raw)
+        if is_link(event):
+            break
+        damaged += 1
+    else:
+        event = {"seq": 0}
+    log.warning("the newest ledger entry of profile %s|%s is not an event: the change is chained after it "
+                "(events/verify names it)", db_id, profile_id)
+    text = newest_raw.encode() if isinstance(newest_raw, str) else newest_raw
+    return {"seq": event["seq"] + damaged, "hash": hashlib.sha256(text).hexdigest()}
+
+
+def is_link(event):
+    """Whether a read entry (read_event) can be chained after: it has its seq and hash."""
+    return event is not None and type(event.get("seq")) is int and isinstance(event.get("hash"), str)
+
+
+def newest_first(client, key):
+    """A ledger's entries as stored, newest first, read LEDGER_PAGE at a time and only as far as iterated."""
+    for page in itertools.count():  # LRANGE -100 -1, then -200 -101, ...
+        entries = client.lrange(key, -(page + 1) * LEDGER_PAGE, -page * LEDGER_PAGE - 1)
+        yield from reversed(entries)
+        if len(entries) < LEDGER_PAGE:  # the ledger's start
+            return
 
 
 def list_events(r, db_id, profile_id, from_seq=None, limit=50):
