@@ -222,8 +222,8 @@ def test_the_revert_finds_the_persons_changes_in_a_ledger_with_entries_removed_o
 def test_the_revert_reads_the_ledger_back_a_page_at_a_time_and_only_as_far_as_needed(api, app, r, monkeypatch):
     """The person's change may be pages back from the ledger's end, behind other subscriptions' changes; and a
     change since stops the reading there, not at the flagged change (whose ledger may be long after it)."""
-    from webapp import scanner
-    monkeypatch.setattr(scanner, "LEDGER_PAGE", 2)
+    from webapp import events, scanner
+    monkeypatch.setattr(events, "LEDGER_PAGE", 2)
     res, ident = three_category_subscription(api, "p1")
     sdk_confirm(app, res, ident, "news")
     api.ok("subscriptions/set", **ident, cats=["news", "promo", "tips"])

@@ -15,12 +15,11 @@ time range and flags:
 Only changes made by a browser are reviewed (pages, SDK, and timers they started); RFC 8058 one-click and
 the API are a mailbox provider's or a platform's explicit request and are never flagged.
 """
-import itertools
 import re
 
 from . import keys
 from .errors import InvalidInput
-from .events import export_events, read_event
+from .events import export_events, newest_first, read_event
 from .resources import get_resources
 from .subscriptions import Status, state_of, update_profile, with_state
 from .unsubscribe import FINAL_STATUSES
@@ -31,7 +30,6 @@ GET_BURST = 3
 DOMAIN_BURST = 10
 DOMAIN_WINDOW = 600
 HEADLESS_AGENT = re.compile(r"HeadlessChrome|PhantomJS|\bHeadless\b")
-LEDGER_PAGE = 100  # ledger entries read per round trip by later_change, from the newest back
 
 
 def flags_of(event):
@@ -83,24 +81,21 @@ def flagged_changes(r, start_ms, end_ms, thresholds=None):
 
 def later_change(client, db_id, profile_id, hash_id, reverted_ids, first_seq):
     """The seq of the subscription's newest ledger event from `first_seq` on that is not one of `reverted_ids`
-    (a change since them), or 0 when there is none. Read from the ledger's end back, LEDGER_PAGE entries a round
-    trip, and only as far as needed: to that event, or to `first_seq`. Entries are known by their own seq, not
-    by their places (after one was removed from the list the later ones have moved up); an unreadable entry is
-    passed over (events/verify names it). `client` reads at once: a Redis client, or a pipeline that WATCHes."""
-    key = keys.profile_events(db_id, profile_id)
-    for page in itertools.count():  # from the end: LRANGE -100 -1, then -200 -101, ...
-        entries = client.lrange(key, -(page + 1) * LEDGER_PAGE, -page * LEDGER_PAGE - 1)
-        for raw in reversed(entries):
-            event = read_event(raw)
-            seq = event.get("seq") if event is not None else None
-            if type(seq) is not int:
-                continue
-            if seq < first_seq:
-                return 0
-            if event.get("hash_id") == hash_id and event.get("id") not in reverted_ids:
-                return seq
-        if len(entries) < LEDGER_PAGE:  # the ledger's start
+    (a change since them), or 0 when there is none. Read from the ledger's end back (events.newest_first, a
+    page a round trip), and only as far as needed: to that event, or to `first_seq`. Entries are known by their
+    own seq, not by their places (after one was removed from the list the later ones have moved up); an
+    unreadable entry is passed over (events/verify names it). `client` reads at once: a Redis client, or a
+    pipeline that WATCHes."""
+    for raw in newest_first(client, keys.profile_events(db_id, profile_id)):
+        event = read_event(raw)
+        seq = event.get("seq") if event is not None else None
+        if type(seq) is not int:
+            continue
+        if seq < first_seq:
             return 0
+        if event.get("hash_id") == hash_id and event.get("id") not in reverted_ids:
+            return seq
+    return 0
 
 
 def revert(r, flagged, only_ids=None):
