@@ -1,5 +1,6 @@
 """Shared fixtures: one real redis-server per session (unix socket in a temp dir), flushed before each test;
 the Flask app built against it; an ApiActions helper that posts to the API and unwraps the envelope."""
+import hashlib
 import json
 import os
 import re
@@ -223,6 +224,23 @@ def same_state(r):
         kind, value = read_key(r, key, scores=False, stream_ids=False)
         out[key] = (kind, normalized(long_form(key, kind, value)), r.ttl(key) > 0)
     return out
+
+
+# Newest ledger entries as damaged storage leaves them: not JSON, JSON that is not an object, an object that is
+# not an event (no seq, no hash). A change after one is still applied, chained past it (events.chain_tip).
+DAMAGED_ENTRIES = ["{not json", "[]", "{}"]
+
+
+def damage_newest_entry(r, profile_id, text, db_id=1):
+    """Overwrite the profile's newest ledger entry with `text`; return the ledger's key."""
+    key = f"us:{{{db_id}:{profile_id}}}:events"
+    r.lset(key, -1, text)
+    return key
+
+
+def chained_past(damaged):
+    """The prev_hash of the event after a damaged entry: the SHA-256 of its stored text."""
+    return hashlib.sha256(damaged.encode()).hexdigest()
 
 
 def form_token(html):

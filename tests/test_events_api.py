@@ -1,11 +1,10 @@
 """The consent ledger API: history, export as JSON lines, and verification that catches tampering."""
-import hashlib
 import json
 import time
 
 import pytest
 
-from conftest import redis_state
+from conftest import DAMAGED_ENTRIES, chained_past, damage_newest_entry, redis_state
 from webapp import events
 from webapp.resources import get_resource
 from webapp.subscriptions import Status, update_profile
@@ -269,30 +268,20 @@ def test_export_range_with_finer_than_millisecond_ends_is_exact(api, client, r, 
     assert first["id"] not in [e["id"] for e in export(client, **{"from": 0, "to": before})]
 
 
-# Newest ledger entries as damaged storage leaves them: not JSON, JSON that is not an object, an object that is
-# not an event (no seq, no hash).
-DAMAGED_ENTRIES = ["{not json", "[]", "{}"]
-
-
-def sha256_hex(text):
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 @pytest.mark.parametrize("damaged", DAMAGED_ENTRIES)
 def test_a_change_after_a_damaged_newest_entry_is_applied_and_chained_past_it(api, r, resource, caplog, damaged):
     """Bad data must not stop a change (an unsubscribe must be honoured): the new event links to the SHA-256 of
     the damaged entry's stored text and takes the seq after its place, the next one follows it as usual, and
     verify still names the damaged entry, not the events after it."""
     ident = make_history(api, resource)                      # seq 1, 2, 3 (unsubscribed)
-    key = "us:{1:p-42}:events"
-    r.lset(key, -1, damaged)
+    key = damage_newest_entry(r, "p-42", damaged)
     api.ok("subscriptions/set", **ident, status="subscribed")
     api.ok("subscriptions/set", **ident, status="unsubscribed")
     assert api.ok("subscriptions/get", **ident)["status"] == "unsubscribed"
     entries = r.lrange(key, 0, -1)
     assert len(entries) == 5 and entries[2] == damaged
     new, after = events.decode_event(entries[3]), events.decode_event(entries[4])
-    assert (new["seq"], new["prev_hash"]) == (4, sha256_hex(damaged))
+    assert (new["seq"], new["prev_hash"]) == (4, chained_past(damaged))
     assert new["hash"] == events.event_hash(new) and new["after"]["status"] == "subscribed"
     assert (after["seq"], after["prev_hash"]) == (5, new["hash"])
     assert "newest ledger entry of profile 1|p-42 is not an event" in caplog.text
@@ -312,10 +301,10 @@ def test_after_damaged_entries_the_seq_continues_from_the_newest_readable_event(
     r.lrem(key, 1, r.lindex(key, 1))                                     # seq 2 removed: [1, 3, 4, 5]
     r.lset(key, -1, "{not json")
     r.lset(key, -2, "[]")                                                # [1, 3, damaged, damaged]
-    assert events.last_event(r, 1, "p-42") == {"seq": 5, "hash": sha256_hex("{not json")}
+    assert events.last_event(r, 1, "p-42") == {"seq": 5, "hash": chained_past("{not json")}
     api.ok("subscriptions/set", **ident, status="subscribed")
     new = events.decode_event(r.lindex(key, -1))
-    assert (new["seq"], new["prev_hash"]) == (6, sha256_hex("{not json"))
+    assert (new["seq"], new["prev_hash"]) == (6, chained_past("{not json"))
     r.delete(key)
     r.rpush(key, "{}", "{}")                                             # nothing readable at all
-    assert events.last_event(r, 1, "p-42") == {"seq": 2, "hash": sha256_hex("{}")}
+    assert events.last_event(r, 1, "p-42") == {"seq": 2, "hash": chained_past("{}")}
