@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from conftest import (back_link, email_resource, form_token, redis_state, refuse_form, restore, same_state,
-                      snapshot)
+from conftest import (DAMAGED_ENTRIES, back_link, chained_past, damage_newest_entry, email_resource, form_token,
+                      redis_state, refuse_form, restore, same_state, snapshot)
 from webapp import events
 from webapp.tokens import read_smid
 
@@ -81,6 +81,47 @@ def test_one_click_unsubscribes_without_cookies_or_redirect(api, app, r, mode, n
     history, _ = events.list_events(r, 1, "p-42")
     changes = [e["method"] for e in history if e["before"]]    # leave out the subscription's creation
     assert changes == ["one_click"]                              # the replay recorded nothing new
+
+
+def ledger_after_damage(r, damaged):
+    """The profile's ledger, whose entry 0 was damaged: [that entry as stored, the events after it]."""
+    first, *rest = r.lrange("us:{1:p-42}:events", 0, -1)
+    return [first, *map(events.decode_event, rest)]
+
+
+@pytest.mark.parametrize("damaged", DAMAGED_ENTRIES)
+@pytest.mark.parametrize("name,kwargs", ONE_CLICK_BODIES[:2], ids=[n for n, _ in ONE_CLICK_BODIES[:2]])
+def test_one_click_after_a_damaged_newest_ledger_entry_unsubscribes(api, app, r, name, kwargs, damaged):
+    """RFC 8058: the unsubscribe is honoured whatever the ledger holds; its event is chained past the damaged
+    entry (answered in front of Flask, urlencoded, and by Flask, multipart), and the replay changes nothing."""
+    _res, path, body = make_link(api, "confirm", category=None)
+    damage_newest_entry(r, "p-42", damaged)                   # the subscription's creation (seq 1)
+    fresh = app.test_client(use_cookies=False)
+    for _attempt in range(2):
+        assert fresh.post(path, **kwargs).status_code == 200
+    assert get_sub(api, body)["status"] == "unsubscribed"
+    stored, event = ledger_after_damage(r, damaged)
+    assert stored == damaged and event["method"] == "one_click"
+    assert (event["seq"], event["prev_hash"]) == (2, chained_past(damaged))
+    assert api.ok("events/verify", db_id=1, profile_id="p-42")["first_bad"]["seq"] == 1
+
+
+@pytest.mark.parametrize("damaged", DAMAGED_ENTRIES)
+def test_page_actions_after_a_damaged_newest_ledger_entry_work_and_undo(api, client, r, damaged):
+    """The page's unsubscribe, the page after it (which offers Undo by reading the ledger back) and the Undo."""
+    _res, path, body = make_link(api, "instant", category=None)
+    damage_newest_entry(r, "p-42", damaged)
+    token = form_token(client.get(path).get_data(as_text=True))
+    assert client.post(path, data={"action": "unsubscribe", "csrf_token": token}).status_code == 303
+    assert get_sub(api, body)["status"] == "unsubscribed"
+    html = client.get(path + "?done=unsubscribed").get_data(as_text=True)
+    assert "You are unsubscribed" in html and 'value="undo"' in html
+    assert client.post(path, data={"action": "undo", "csrf_token": token}).status_code == 303
+    assert get_sub(api, body)["status"] == "subscribed"
+    stored, unsub, undo = ledger_after_damage(r, damaged)
+    assert [e["method"] for e in (unsub, undo)] == ["page_instant", "page_undo"]
+    assert (unsub["seq"], unsub["prev_hash"]) == (2, chained_past(damaged))
+    assert (undo["seq"], undo["prev_hash"]) == (3, unsub["hash"])
 
 
 def test_one_click_with_trailing_slash_is_not_redirected(api, app):

@@ -142,7 +142,7 @@ def one_click(r, ring, token, evidence):
         new_raw = encode_record(new)
         before, after = state_of(ctx.resource, record), state_of(ctx.resource, new)
         if before != after:
-            last = events.decode_event(last_raw) if last_raw else None
+            last = events.chain_tip(r, db_id, profile_id, last_raw)  # APPLY checks last_raw is still the newest
             event = events.new_event(last, db_id=db_id, profile_id=profile_id,
                                      resource_id=new["resource_id"], channel=new["channel"], hash_id=hash_id,
                                      method=ONE_CLICK, before=before, after=after, smid=token,

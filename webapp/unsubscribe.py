@@ -249,8 +249,8 @@ def can_undo(r, ctx):
 def _own_recent_change(r, ctx):
     """The subscription's last ledger event if this SMID made it within UNDO_WINDOW_SECONDS, else None."""
     db_id, profile_id, hash_id = ctx.key
-    recent = [events.decode_event(x) for x in r.lrange(keys.profile_events(db_id, profile_id), -50, -1)]
-    mine = [e for e in recent if e["hash_id"] == hash_id]
+    recent = map(events.read_event, r.lrange(keys.profile_events(db_id, profile_id), -50, -1))
+    mine = [e for e in recent if events.is_link(e) and e.get("hash_id") == hash_id]  # damaged entries passed over
     last = mine[-1] if mine else None
     if (last is not None and last["smid"] == ctx.token
             and int(last["id"][:13]) / 1000 >= time.time() - UNDO_WINDOW_SECONDS):
