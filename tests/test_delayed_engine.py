@@ -5,7 +5,7 @@ import time
 import pytest
 from rq.registry import ScheduledJobRegistry
 
-from conftest import email_resource
+from conftest import DAMAGED_ENTRIES, chained_past, damage_newest_entry, email_resource
 
 from test_delayed_support import (assert_fired_once, delayed_contexts, message_context, status_of, timer_events,
                                   wait_until, workers)  # noqa: F401 - the fixture
@@ -187,8 +187,8 @@ def test_fire_is_a_compare_and_set_against_what_it_read(app, r):
         db_id, profile_id, hash_id = ctx.key
         (row,) = scripts.claim_timers(r, [(keys.pending_unsubscribe(*ctx.key), keys.profile_subscriptions(
             db_id, profile_id), keys.profile_events(db_id, profile_id), hash_id)], "test", 0.0)
-        item_keys, values, _has = u._settlement(db_id, profile_id, hash_id, row, {ctx.resource["id"]: ctx.resource},
-                                                "2026-01-01T00:00:00.000Z")
+        item_keys, values, _has = u._settlement(r, db_id, profile_id, hash_id, row,
+                                                {ctx.resource["id"]: ctx.resource}, "2026-01-01T00:00:00.000Z")
         return lambda: scripts.fire_timers(r, keys.pending_due(), keys.events_timeline(), [(item_keys, values)])
 
     apply_a, apply_b, apply_c = settle(a), settle(b), settle(c)
@@ -270,8 +270,8 @@ def test_a_firer_that_read_the_narrower_scope_does_not_apply_it_after_a_widening
     db_id, profile_id, hash_id = news.key
     (row,) = scripts.claim_timers(r, [(keys.pending_unsubscribe(*news.key), keys.profile_subscriptions(
         db_id, profile_id), keys.profile_events(db_id, profile_id), hash_id)], "test", 0.0)
-    item_keys, values, _has = u._settlement(db_id, profile_id, hash_id, row, {news.resource["id"]: news.resource},
-                                            "2026-01-01T00:00:00.000Z")
+    item_keys, values, _has = u._settlement(r, db_id, profile_id, hash_id, row,
+                                            {news.resource["id"]: news.resource}, "2026-01-01T00:00:00.000Z")
     assert arm(r, promo)["state"] == "pending"                         # due, not fired yet: still widened
     assert scripts.fire_timers(r, keys.pending_due(), keys.events_timeline(), [(item_keys, values)]) == ["changed"]
     assert cats_of(r, news) == [] and timer_events(r, news) == []
@@ -395,10 +395,17 @@ def test_a_tick_in_a_sweeper_worker_only_backs_the_sweeper_up(app, r, job_env, m
     assert_fired_once(r, [fresh, stale])
 
 
+def break_ledger(r, ctx):
+    """Make the profile's ledger unreadable: a key of the wrong type (a damaged entry in it is chained past)."""
+    key = keys.profile_events(1, ctx.key[1])
+    r.delete(key)
+    r.set(key, "oops")
+
+
 def test_a_broken_record_does_not_hold_up_the_other_timers(app, r, caplog, monkeypatch):
     bad_ledger, bad_subs, good = delayed_contexts(app, r, 3, timer_minutes=1)
     result = [arm(r, ctx) for ctx in (bad_ledger, bad_subs, good)][-1]
-    r.rpush(keys.profile_events(1, bad_ledger.key[1]), "not json")
+    break_ledger(r, bad_ledger)
     sleep_past(result)
     subs_key = keys.profile_subscriptions(1, bad_subs.key[1])
     saved = r.hgetall(subs_key)
@@ -424,13 +431,32 @@ def test_a_broken_record_does_not_hold_up_the_other_timers(app, r, caplog, monke
     assert u.read_pending(r, bad_ledger) and len(timer_events(r, good)) == 1
 
 
+@pytest.mark.parametrize("damaged", DAMAGED_ENTRIES)
+def test_a_timer_fires_after_a_damaged_newest_ledger_entry(app, r, damaged):
+    """The delayed unsubscribe the person asked for is honoured whatever the ledger holds: its event is chained
+    past the damaged entry; and a late Cancel reads back past a damaged entry to the timer's event."""
+    (ctx,) = delayed_contexts(app, r, 1, timer_minutes=1, category="news")
+    result = arm(r, ctx)
+    key = damage_newest_entry(r, ctx.key[1], damaged)         # the subscription's creation (seq 1)
+    sleep_past(result)
+    assert u.fire_timers(r, [ctx.key]) == {ctx.key: "fired"}
+    stored, raw = r.lrange(key, 0, -1)
+    event = events.decode_event(raw)
+    assert stored == damaged and event["method"] == "timer" and event["after"]["cats"] == ["receipts"]
+    assert (event["seq"], event["prev_hash"]) == (2, chained_past(damaged))
+    assert {"ref": f"1|{ctx.key[1]}|2", "rid": str(ctx.resource["id"]), "method": "timer"} in [
+        fields for _id, fields in r.xrange(keys.events_timeline())]
+    r.rpush(key, damaged)                                      # a damaged entry after the timer's event
+    assert u.cancel_timer(r, ctx) == "unsubscribed"            # too late: the ledger says the timer stopped it
+
+
 def test_a_full_batch_of_broken_records_does_not_hold_up_a_timer_due_after_them(app, r):
     """Broken timers stay pending at their deadline, first in every sweep: a sweep's whole batch of them would
     keep every later timer from firing. They go to the back, to be tried again later."""
     first, second, good = delayed_contexts(app, r, 3, timer_minutes=1)
     for ctx in (first, second):
         arm(r, ctx)
-        r.rpush(keys.profile_events(1, ctx.key[1]), "not json")
+        break_ledger(r, ctx)
     sleep_past(arm(r, good))
     assert delayed.sweep_once(r, limit=2) == 0                                # the two broken ones: a full batch
     for ctx in (first, second):

@@ -150,8 +150,9 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%.6f', now), 
 # owner token; then the timers' hash_ids.
 # Returns a JSON array with, per timer: [deadline, armed_at, scope, smid, evidence (the pending record's
 # fields), subscription JSON, ledger length, last event's seq, last event's hash], "" (or 0) for what does not
-# exist; or ["leased"] when another caller holds an unexpired lease on it; or [error text] when its data cannot
-# be read (a key of the wrong type, a ledger entry that is not JSON), so one broken record holds up no other.
+# exist, the seq and hash null for a newest ledger entry that is not an event (damaged: the caller chains past it,
+# events.chain_tip); or ["leased"] when another caller holds an unexpired lease on it; or [error text] when its
+# data cannot be read (a key of the wrong type), so one broken record holds up no other.
 CLAIM_TIMERS = NOW_FROM_ARGV1 + """
 local lease = string.format('%.6f', now + tonumber(ARGV[2])) .. '|' .. ARGV[3]
 
@@ -171,10 +172,10 @@ local function claim(i)
   local n = redis.call('LLEN', KEYS[3 * i])
   local seq, hash = 0, ''
   if n > 0 then
-    local last = cjson.decode(redis.call('LINDEX', KEYS[3 * i], -1))
-    seq, hash = last['q'] or last['seq'], last['x'] or last['hash']  -- events.encode_event's names, or the long form
-    if type(seq) ~= 'number' or type(hash) ~= 'string' then
-      error('the last ledger entry has no seq or hash')
+    local ok, last = pcall(cjson.decode, redis.call('LINDEX', KEYS[3 * i], -1))
+    seq, hash = cjson.null, cjson.null
+    if ok and type(last) == 'table' then  -- events.encode_event's names, or the long form
+      seq, hash = last['q'] or last['seq'] or cjson.null, last['x'] or last['hash'] or cjson.null
     end
   end
   return {p[1] or '', p[2] or '', p[3] or '', p[4] or '', p[5] or '', sub or '', n, seq, hash}

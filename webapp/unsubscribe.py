@@ -460,8 +460,10 @@ def _stopped_by_timer(client, ctx, record):
     for end in range(-1, -CANCEL_LOOK_BACK_EVENTS - 1, -CANCEL_LOOK_BACK_PAGE):
         page = client.lrange(key, end - CANCEL_LOOK_BACK_PAGE + 1, end)
         for raw in reversed(page):
-            event = events.decode_event(raw)
-            if event["hash_id"] == ctx.key[2] and stops(event):
+            event = events.read_event(raw)
+            if not events.is_link(event):
+                continue  # a damaged entry: events/verify names it
+            if event.get("hash_id") == ctx.key[2] and stops(event):
                 return event["method"] == "timer"
             if int(event["id"][:13]) < oldest_ms:
                 return False
@@ -497,7 +499,7 @@ def timer_settled(resource, record, scope_json):
         return True
 
 
-def _settlement(db_id, profile_id, hash_id, row, resources, now_text):
+def _settlement(r, db_id, profile_id, hash_id, row, resources, now_text):
     """(keys, values, subscription exists) for scripts.FIRE_TIMERS, from the timer's scripts.CLAIM_TIMERS row."""
     deadline, armed_at, scope, smid, evidence, sub_raw, ledger_len, last_seq, last_hash = row
     new_sub = event_raw = ref = ""
@@ -513,6 +515,8 @@ def _settlement(db_id, profile_id, hash_id, row, resources, now_text):
             before, after = state_of(resource, record), state_of(resource, new)
             if before != after:  # as ProfileChange.save: an event for every change of status or categories
                 last = {"seq": last_seq, "hash": last_hash} if ledger_len else None
+                if last is not None and not events.is_link(last):  # a damaged newest entry: chained past it
+                    last = events.last_event(r, db_id, profile_id)  # (FIRE_TIMERS checks the ledger's length)
                 event = events.new_event(last, db_id=db_id, profile_id=profile_id,
                                          resource_id=record["resource_id"], channel=record["channel"],
                                          hash_id=hash_id, method="timer", before=before, after=after, smid=smid,
@@ -540,7 +544,7 @@ def _fire_round(r, timers, now, owner):
         try:
             if len(row) != 9:
                 raise ValueError(row[0])
-            settlements.append(_settlement(*timer, row, resources, now_text))
+            settlements.append(_settlement(r, *timer, row, resources, now_text))
             todo.append(timer)
         except Exception as exc:  # noqa: BLE001 - one unreadable record must not hold up the other timers
             results[timer] = _broken(timer, exc)
