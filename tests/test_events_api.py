@@ -230,6 +230,20 @@ def test_verify_names_damaged_compact_entries(api, r, resource):
         assert [e["seq"] for e in api.ok("events/list", db_id=1, profile_id=profile_id)] == [3, 2, 1]
 
 
+@pytest.mark.parametrize("damaged", DAMAGED_ENTRIES)
+def test_a_damaged_entry_is_listed_in_its_place_not_a_500(api, r, resource, damaged):
+    """events/list over a range holding an entry that is not an event (damaged storage) lists the readable
+    events around it and names the damaged one by its place, as export names a missing one."""
+    make_history(api, resource)
+    key = "us:{1:p-42}:events"
+    intact = [events.decode_event(raw) for raw in r.lrange(key, 0, -1)]
+    r.lset(key, 1, damaged)
+    listed = api.ok("events/list", db_id=1, profile_id="p-42")
+    assert listed == [intact[2], {"db_id": 1, "profile_id": "p-42", "seq": 2, "damaged": True}, intact[0]]
+    assert api.ok("events/list", db_id=1, profile_id="p-42", from_id=2, limit=1) == [listed[1]]
+    assert api.ok("events/verify", db_id=1, profile_id="p-42")["first_bad"]["seq"] == 2
+
+
 def test_verify_names_an_entry_rewritten_with_its_hash_recomputed_not_the_next_one(api, r, resource):
     """The chain is not keyed, so whoever edits an entry can recompute its hash: the entry after it then no
     longer links to it. That next entry is intact (its own hash covers the prev_hash it was written with, and

@@ -158,14 +158,19 @@ def newest_first(client, key):
 
 
 def list_events(r, db_id, profile_id, from_seq=None, limit=50):
-    """A profile's events newest first, starting at seq <= from_seq; returns (events, next_from_seq)."""
+    """A profile's events newest first, starting at seq <= from_seq; returns (events, next_from_seq). An entry
+    that is not an event (damaged storage) is listed in its place as {db_id, profile_id, seq, damaged: true},
+    seq being its place, as export names a missing one: the history around it stays readable, and
+    verify_chain says what is wrong with it."""
     key = keys.profile_events(db_id, profile_id)
     total = r.llen(key)
     top = total if from_seq is None else min(int(from_seq), total)
     if top <= 0:
         return [], None
     start = max(0, top - limit)
-    items = [decode_event(x) for x in r.lrange(key, start, top - 1)][::-1]
+    items = [event if is_link(event := read_event(raw))
+             else {"db_id": db_id, "profile_id": profile_id, "seq": start + i + 1, "damaged": True}
+             for i, raw in enumerate(r.lrange(key, start, top - 1))][::-1]
     return items, (start if start > 0 else None)
 
 
