@@ -10,7 +10,6 @@ import functools
 import os
 
 from datetime import datetime, timezone
-from urllib.parse import urlencode
 
 from flask import g, render_template, request
 from flask.templating import Environment
@@ -74,15 +73,6 @@ def set_page_locale(profile=None, resource_default=None):
     g.locale = choose_locale(explicit_locale(), profile, resource_default, request_accept_language(),
                              current_app.config["DEFAULT_LOCALE"])
     return g.locale
-
-
-def language_href(code):
-    """This page again in language `code`: the query kept, `lang` swapped. Dropping the rest (a page's `done`)
-    would show the page as first opened, and an instant or delayed page acts again when first opened."""
-    args = request.args
-    if not args or (len(args) == 1 and "lang" in args):  # most pages: nothing else to keep
-        return f"?lang={code}"
-    return "?" + urlencode([(k, v) for k, v in args.items(multi=True) if k != "lang"] + [("lang", code)])
 
 
 def page_locale():
@@ -218,6 +208,10 @@ def init_app(app):
         text = f"{format_date(moment, 'long')}, {format_time(moment, 'short')} UTC"
         return Markup('<time datetime="{}" data-local="{}">{}</time>').format(
             moment.strftime("%Y-%m-%dT%H:%M:%SZ"), local, text)
+
+    # The switcher's links are made in pages.py, which knows what of a page's query must survive a switch (an
+    # unsubscribe page's `done`); it imports this module, so it is imported here rather than at the top.
+    from .pages import language_href
 
     @app.context_processor
     def language_switcher():

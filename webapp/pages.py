@@ -6,12 +6,13 @@ form; any other POST to the URL is the RFC 8058 one-click (no cookies, no CSRF t
 The page's CSRF token is bound to the link, not to a session (check_link_form): the page sets no cookie.
 """
 import functools
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from flask import Blueprint, current_app, g, jsonify, make_response, redirect, request, url_for
 from flask_wtf.csrf import CSRFError
 from flask_babel import gettext as _
 from markupsafe import Markup, escape
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from . import csrf, hotpaths, http_error, unsubscribe
 from .delayed import schedule_timer
@@ -26,6 +27,7 @@ from .tokens import form_token_matches, issue_form_token, issue_manager_token, r
 
 bp = Blueprint("pages", __name__)
 PAGE_RULE = "/unsubscribe/<smid>/"  # the page's route, and page_path's pattern
+PAGE_ENDPOINT = "pages.unsubscribe_page"
 PAGE_ACTIONS = ("unsubscribe", "undo", "start", "cancel", "now")
 
 
@@ -351,14 +353,43 @@ def page_action(smid, action):
     if wants_json():
         return jsonify({"error": 0, "done": done})
     lang = request.form.get("lang")
-    return redirect(url_for("pages.unsubscribe_page", smid=smid, done=done,
+    return redirect(url_for(PAGE_ENDPOINT, smid=smid, done=done,
                             **({"lang": lang} if lang in LOCALES else {})), code=303)
 
 
-def page_back_url(smid):
+def page_back_url(smid, lang=None):
     """The way back to the unsubscribe page from an answer that changed nothing: the page as it is now, in this
-    page's language, with a `done` ("back") that keeps it from acting by itself as a page first opened does."""
-    return f"{page_path(smid)}?done=back&lang={page_locale()}"
+    page's language (or `lang`, the switcher's), with a `done` ("back") that keeps it from acting by itself as
+    a page first opened does."""
+    return f"{page_path(smid)}?done=back&lang={lang or page_locale()}"
+
+
+def language_href(code):
+    """The language switcher's link (base.html, every page): this answer again in language `code`.
+
+    At the unsubscribe page's path it must never open the page fresh: there a real browser's instant page
+    unsubscribes and a delayed one starts a timer, and the person asked only for another language. So a view
+    of the page keeps its `done` (a word of DONE_WORDS, nothing else of the query), and an answer to anything
+    else, a form's POST (409, 413, 429, an error page), links to the way back (page_back_url): a repost would
+    act again, the bare URL would act as first opened. Only the route's own token and fixed words go in.
+    Elsewhere (the manager acts on no GET) the query is kept with `lang` swapped, so a notice survives."""
+    args = request.args  # `in` first: werkzeug's get() of a missing key builds and catches an exception
+    endpoint, view_args = request.endpoint, request.view_args
+    if endpoint is None and isinstance(request.routing_exception, MethodNotAllowed):
+        # A method no route takes (a PUT of the page's URL): its 405 page is at the page's path all the same.
+        try:
+            rule, view_args = current_app.create_url_adapter(request).match(method="GET", return_rule=True)
+            endpoint = rule.endpoint
+        except HTTPException:
+            pass  # a path GET does not take either: no page of ours to act
+    if endpoint == PAGE_ENDPOINT:
+        if request.method in ("GET", "HEAD"):
+            done = args["done"] if "done" in args else None
+            return f"?done={done}&lang={code}" if done in DONE_WORDS else f"?lang={code}"
+        return page_back_url(token_in_link(view_args["smid"]), code)
+    if not args or (len(args) == 1 and "lang" in args):  # most pages: nothing else to keep
+        return f"?lang={code}"
+    return "?" + urlencode([(k, v) for k, v in args.items(multi=True) if k != "lang"] + [("lang", code)])
 
 
 def refused_form_page(exc, link_token, read, back_url, **page):
