@@ -1060,3 +1060,76 @@ def test_nothing_to_undo_links_back_to_the_page_without_making_it_act(api, clien
     assert "data-auto-submit" not in page and 'role="status"' not in page       # waits for a click, says nothing
     assert 'value="unsubscribe"' in page
     assert redis_state(r) == before and get_sub(api, body)["status"] == "subscribed"
+
+
+def language_links(html):
+    """The language switcher's links: {language: href}."""
+    return {code: href.replace("&amp;", "&")
+            for href, code in re.findall(r'<a href="([^"]*)" lang="[a-z]+" hreflang="([a-z]+)">', html)}
+
+
+def answer_to_a_form(app, api, client, status, path, body, lang):
+    """An answer at an instant page's path to something other than a view of it, the person subscribed again
+    since the page unsubscribed them (so that the page, opened fresh, would act): an Undo too late (409), a form
+    refused unread or over the limit (413, 429), a form with a wrong token (400), a method no page takes (405)."""
+    html = client.get(f"{path}?lang={lang}").get_data(as_text=True)
+    action = re.search(r'<form method="post" action="([^"]+)"', html).group(1).replace("&amp;", "&")
+    form = {"csrf_token": form_token(html), "lang": lang}
+    assert client.post(action, data={**form, "action": "unsubscribe"}).status_code == 303
+    api.ok("subscriptions/set", **{k: v for k, v in body.items() if k != "category"}, status="subscribed")
+    if status == 409:
+        resp = client.post(action, data={**form, "action": "undo"})
+    elif status == 400:
+        resp = client.post(action, data={**form, "action": "undo", "csrf_token": "not-this-pages-token"})
+    elif status == 405:
+        resp = client.put(action, data={**form, "action": "undo"})
+    else:
+        resp = refuse_form(app, client, action, {**form, "action": "undo"}, status)
+    assert resp.status_code == status and f'<html lang="{lang}">' in resp.get_data(as_text=True)
+    return resp
+
+
+@pytest.mark.parametrize("lang", ["en", "ru"])
+@pytest.mark.parametrize("status", [409, 413, 429, 400, 405])
+def test_the_language_links_of_an_answer_to_a_form_lead_back_without_making_the_page_act(app, api, client, r,
+                                                                                         status, lang):
+    """"Nothing to undo", a refused form's page and any error page at the page's URL show the language switcher.
+    Its link used to be `?lang=` on the form's URL, which a browser GETs: the instant page opened fresh, and in a
+    real browser it unsubscribes by itself, though the person asked only for another language. It is the way
+    back, `done=back`, in the chosen language, as the page's own "Back" link is but for the language."""
+    _res, path, body = make_link(api, "instant", category=None)
+    other = {"en": "ru", "ru": "en"}[lang]
+    resp = answer_to_a_form(app, api, client, status, path, body, lang)
+    href = language_links(resp.get_data(as_text=True))[other]
+    assert href == f"{path}/?done=back&lang={other}"
+    if status in (409, 413, 429):
+        assert back_link(resp.get_data(as_text=True))[0] == f"{path}/?done=back&lang={lang}"  # the same, but for lang
+    before = redis_state(r)
+    page = client.get(href)
+    html = page.get_data(as_text=True)
+    assert page.status_code == 200 and f'<html lang="{other}">' in html
+    assert "data-auto-submit" not in html and 'role="status"' not in html       # waits for a click, says nothing
+    assert 'value="unsubscribe"' in html
+    assert redis_state(r) == before and get_sub(api, body)["status"] == "subscribed"
+
+
+@pytest.mark.parametrize("lang", ["en", "ru"])
+@pytest.mark.parametrize("mode, action, done", [("instant", "unsubscribe", "unsubscribed"),
+                                                ("delayed", "start", "started")])
+def test_the_language_links_of_a_page_after_an_action_keep_its_done_and_nothing_else(api, client, r, mode, action,
+                                                                                     done, lang):
+    """The page the redirect after an action shows (`?done=`) keeps its `done` across a switch of language, so
+    the page in the other language does not act again by itself; nothing else of its query goes into the link
+    (what a tracker or a person added: only the route's own words), and a `done` that is no word of the page's
+    is not carried either."""
+    _res, path, _body = make_link(api, mode, category=None)
+    token = form_token(client.get(f"{path}?lang={lang}").get_data(as_text=True))
+    resp = client.post(f"{path}/?lang={lang}", data={"action": action, "csrf_token": token, "lang": lang})
+    assert resp.status_code == 303 and f"done={done}" in resp.location
+    other = {"en": "ru", "ru": "en"}[lang]
+    for added in ("", "&utm_source=mail&next=https://evil.example/"):
+        html = client.get(resp.location + added).get_data(as_text=True)
+        assert language_links(html) == {other: f"?done={done}&lang={other}"}, added
+        assert "data-auto-submit" not in client.get(f"{path}/?done={done}&lang={other}").get_data(as_text=True)
+    html = client.get(f"{path}/?done=nonsense&lang={lang}&x=1").get_data(as_text=True)
+    assert language_links(html) == {other: f"?lang={other}"}
