@@ -441,3 +441,37 @@ def test_a_link_as_mail_clients_and_trackers_leave_it_works_in_a_browser(live_se
     assert page.url.startswith(url + "/?") or page.url.startswith(url + "?")
     assert status(live_server, ident)[0] == "unsubscribed"
     assert page.locator("h1").inner_text() == "You are unsubscribed"
+
+
+@pytest.mark.parametrize("lang", LANGS)
+@pytest.mark.parametrize("refusal", [409, 413])
+def test_another_language_on_an_answer_to_a_form_does_not_unsubscribe_again(live_server, open_page, r, refusal,
+                                                                            lang):
+    """"Nothing to undo" (an Undo after the person subscribed again elsewhere) and the 413 of a form too large
+    show the language switcher. Choosing the other language there must show the page in that language and leave
+    the subscription as it is: its link used to open the instant page fresh, which unsubscribed them again."""
+    url, ident = link_for(live_server, "instant", category=None)
+    page = open_page(url, lang, mobile=(lang == "ru"))
+    page.wait_for_url("**done=unsubscribed**")
+    live_server.api.ok("subscriptions/set", **ident, status="subscribed")        # subscribed again elsewhere
+    if refusal == 413:  # the Undo form, padded past what a page's form may carry
+        page.evaluate("""size => { const pad = document.createElement('input');
+            Object.assign(pad, {type: 'hidden', name: 'pad', value: 'a'.repeat(size)});
+            document.querySelector('button[value="undo"]').form.append(pad); }""",
+                      live_server.app.config["PAGE_BODY_LIMIT_BYTES"] + 1)
+    page.locator('button[value="undo"]').click()
+    heading = {409: {"en": "Nothing to undo", "ru": "Отменять нечего"},
+               413: {"en": "This request is too large", "ru": "Слишком большой запрос"}}[refusal][lang]
+    page.locator("h1", has_text=heading).wait_for()
+    screenshot(page, f"language-links-{refusal}-{lang}")
+    other = {"en": "ru", "ru": "en"}[lang]
+    page.locator(f'.langs a[hreflang="{other}"]').click()
+    page.wait_for_url(f"**lang={other}**")
+    page.wait_for_load_state("load")
+    page.wait_for_timeout(700)                                                  # time for a form to be sent
+    assert status(live_server, ident) == ("subscribed", ["news", "receipts"])
+    assert "done=back" in page.url and page.evaluate("document.documentElement.lang") == other
+    assert page.locator('button[value="unsubscribe"]').is_visible()              # it waits for a click
+    assert page.locator("h1:visible").inner_text() == {"en": "Unsubscribe from Weekly news",
+                                                       "ru": "Отписаться от «Weekly news»"}[other]
+    screenshot(page, f"language-links-{refusal}-{lang}-then-{other}")
