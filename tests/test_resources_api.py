@@ -421,3 +421,18 @@ def test_decode_shared_stays_bounded():
     for i in range(resources.SHARED_MAX + 10):
         resources.decode_shared(json.dumps({"id": i}))
     assert resources.decode_shared.cache_info().currsize == resources.SHARED_MAX
+
+
+def test_a_title_given_as_null_is_not_given(api):
+    """README, API notes: "An optional text given as null means not given". A category's or custom field's
+    title is optional (it defaults to the api_name): null takes that default, as leaving it out does."""
+    created = api.ok("resources/add", **email_resource(
+        categories=[{"title": None, "api_name": "news"}],
+        channel_settings={"email": {"fields": [{"title": None, "api_name": "plan", "type": "line"}]}}))
+    assert created["categories"][0]["title"] == "news"
+    assert created["channel_settings"]["email"]["fields"][0]["title"] == "plan"
+    updated = api.ok("resources/update", id=created["id"], categories=[{"title": None, "api_name": "news"}],
+                     channel_settings={"email": {"fields": [{"title": None, "api_name": "plan", "type": "line"}]}})
+    assert updated["categories"][0]["title"] == "news"
+    assert updated["channel_settings"]["email"]["fields"][0]["title"] == "plan"
+    api.fail("resources/add", **email_resource(categories=[{"title": "", "api_name": "news"}]))  # "" is no title

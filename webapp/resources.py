@@ -68,6 +68,11 @@ def validate_list_id(list_id, from_email, field="channel_settings.email.list_id"
     return list_id
 
 
+def _or_default(value, default):
+    """An optional value given as null is not given (README, API notes): its default."""
+    return default if value is None else value
+
+
 def _validate_field_value(ftype, value, field):
     """Check one custom-field value against its type; returns the stored value."""
     if ftype == "int":
@@ -130,7 +135,7 @@ def _validate_fields(channel, items, old_fields, deletions, where):
         if default is not None:
             default = _validate_field_value(ftype, default, f"{at}default")
         out.append({
-            "title": as_text(item.get("title", api_name), f"{at}title", allow_empty=False),
+            "title": as_text(_or_default(item.get("title"), api_name), f"{at}title", allow_empty=False),
             "api_name": api_name, "type": ftype, "default": default,
             "required": as_bool(item.get("required", False), f"{at}required"),
             "in_manager": as_bool(item.get("in_manager", False), f"{at}in_manager"),
@@ -161,7 +166,7 @@ def _validate_categories(items, old_categories, deletions):
             raise InvalidInput(f"{at}api_name {api_name!r} is used twice", field=f"{at}api_name")
         seen.add(api_name)
         out.append({
-            "title": as_text(item.get("title", api_name), f"{at}title", allow_empty=False),
+            "title": as_text(_or_default(item.get("title"), api_name), f"{at}title", allow_empty=False),
             "api_name": api_name,
             "in_manager": as_bool(item.get("in_manager", True), f"{at}in_manager"),
             "required": as_bool(item.get("required", False), f"{at}required"),
