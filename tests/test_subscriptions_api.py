@@ -420,6 +420,23 @@ def test_values_of_a_deleted_field_are_not_kept_as_the_new_fields(api, r):
     assert api.ok("subscriptions/set", **sub(res, custom_fields={"plan": True}))["custom_fields"] == {"plan": True}
 
 
+def test_null_on_resources_update_clears_an_optional_text(api):
+    """README, API notes: on resources/update, null given for one of a resource's optional texts clears it; one
+    left out is kept."""
+    res = api.ok("resources/add", **email_resource(description="Our weekly letter", unsubscribe={
+        "mode": "confirm", "page_url": "https://shop.example/u?s={send_message_id}", "blocked_text": "No",
+        "list_unsubscribe": {"enabled": True, "called_url": "https://shop.example/called"}}))
+    kept = api.ok("resources/update", id=res["id"], name="Renamed")
+    assert kept["description"] == "Our weekly letter" and kept["channel_settings"]["email"]["from_name"] == "Shop"
+    cleared = api.ok("resources/update", id=res["id"], description=None, url=None, trk_domain=None,
+                     channel_settings={"email": {"from_name": None}},
+                     unsubscribe={"page_url": None, "blocked_text": None, "list_unsubscribe": {"called_url": None}})
+    assert (cleared["description"], cleared["url"], cleared["trk_domain"]) == ("", None, None)
+    assert cleared["channel_settings"]["email"]["from_name"] == ""
+    assert cleared["unsubscribe"]["page_url"] is None and cleared["unsubscribe"]["blocked_text"] is None
+    assert cleared["unsubscribe"]["list_unsubscribe"]["called_url"] is None
+
+
 def test_a_value_stored_under_older_rules_of_content_is_kept(api, r, resource):
     """Only a value's type decides whether it still belongs to its field; a rule of content added since (a
     character refused now) does not make a stored value vanish on the next unrelated change."""
