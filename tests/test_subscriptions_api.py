@@ -420,6 +420,26 @@ def test_values_of_a_deleted_field_are_not_kept_as_the_new_fields(api, r):
     assert api.ok("subscriptions/set", **sub(res, custom_fields={"plan": True}))["custom_fields"] == {"plan": True}
 
 
+def test_a_field_added_again_with_its_type_shows_the_values_still_stored(api, client):
+    """README, API notes (what a deleted custom field leaves): its values are hidden at once, and dropped from a
+    record by the next subscriptions/set of it; a record not so edited meanwhile (a one-click rewrites the
+    record as it is) still holds its value, which the field added again with the same type shows."""
+    fields = [{"title": "Plan", "api_name": "plan", "type": "line"}]
+    res = api.ok("resources/add", **email_resource(unsubscribe={"mode": "instant"}, channel_settings={"email": {
+        "from_email": "a@shop.example", "fields": fields}}))
+    for pid in ("p-1", "p-2", "p-3"):
+        api.ok("subscriptions/set", **sub(res, profile_id=pid, custom_fields={"plan": "gold"}))
+    link = api.ok("messages/links", **sub(res, profile_id="p-3"))["unsubscribe_url"]
+    api.ok("resources/update", id=res["id"], channel_settings={"email": {"fields": [], "delete_fields": ["plan"]}})
+    assert api.ok("subscriptions/get", **sub(res, profile_id="p-1"))["custom_fields"] == {}
+    api.ok("subscriptions/set", **sub(res, profile_id="p-2", status="suspended"))
+    assert client.post(link.removeprefix("https://unsub.example"), data="List-Unsubscribe=One-Click",
+                       content_type="application/x-www-form-urlencoded").status_code == 200
+    api.ok("resources/update", id=res["id"], channel_settings={"email": {"fields": fields}})
+    shown = {pid: api.ok("subscriptions/get", **sub(res, profile_id=pid))["custom_fields"] for pid in ("p-1", "p-2", "p-3")}
+    assert shown == {"p-1": {"plan": "gold"}, "p-2": {}, "p-3": {"plan": "gold"}}
+
+
 def test_null_on_resources_update_clears_an_optional_text(api):
     """README, API notes: on resources/update, null given for one of a resource's optional texts clears it; one
     left out is kept."""
