@@ -226,9 +226,10 @@ def same_state(r):
     return out
 
 
-# Newest ledger entries as damaged storage leaves them: not JSON, JSON that is not an object, an object that is
-# not an event (no seq, no hash). A change after one is still applied, chained past it (events.chain_tip).
-DAMAGED_ENTRIES = ["{not json", "[]", "{}"]
+# Newest ledger entries as damaged storage leaves them: not JSON (an empty string too: an entry, not an empty
+# ledger), JSON that is not an object, an object that is not an event (no seq, no hash). A change after one is
+# still applied, chained past it (events.chain_tip).
+DAMAGED_ENTRIES = ["{not json", "[]", "{}", ""]
 
 
 def damage_newest_entry(r, profile_id, text, db_id=1):

@@ -112,8 +112,8 @@ def last_event(client, db_id, profile_id):
 
 
 def chain_tip(client, db_id, profile_id, newest_raw):
-    """What the next event of a profile's chain follows, given its ledger's newest entry as stored (None or ""
-    for an empty ledger): that event, or None.
+    """What the next event of a profile's chain follows, given its ledger's newest entry as stored (None for an
+    empty ledger; "" is an entry, a damaged one): that event, or None.
 
     A newest entry that cannot be read as an event (damaged storage) must not stop the change: an unsubscribe
     is honoured whatever the ledger holds. The chain goes on past it: the stand-in {seq, hash} returned makes
@@ -123,7 +123,7 @@ def chain_tip(client, db_id, profile_id, newest_raw):
     not used before unless entries were also removed from among the damaged ones (the list cannot tell). The
     damaged entry stays where it is, and verify_chain names it. The ledger is read back (through `client`: a
     Redis client, or a pipeline that WATCHes) only in that case."""
-    if not newest_raw:
+    if newest_raw is None:
         return None
     event = read_event(newest_raw)
     if is_link(event):

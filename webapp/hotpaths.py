@@ -88,14 +88,15 @@ def _read_for_page(r, smid, token, method):
 
 def _read_for_one_click(r, smid, token):
     """[resource JSON, subscription JSON, view counts, pending timer's scope JSON, last ledger entry], ""
-    where a key or field is missing: plain reads, nothing to decide inside Redis."""
+    where a key or field is missing, but None for an empty ledger: a newest entry "" is a damaged one, chained
+    past (events.chain_tip). Plain reads, nothing to decide inside Redis."""
     db_id, profile_id, hash_id = smid.db_id, smid.profile_id, smid.hash_id
     reply = direct.pipeline(r, (("GET", keys.resource(smid.resource_id)),
                                 ("HGET", keys.profile_subscriptions(db_id, profile_id), hash_id),
                                 ("HGETALL", keys.page_views(unsubscribe.view_digest(token))),
                                 ("HGET", keys.pending_unsubscribe(db_id, profile_id, hash_id), "scope"),
                                 ("LINDEX", keys.profile_events(db_id, profile_id), -1)))
-    return ["" if value is None else value for value in reply]
+    return ["" if value is None else value for value in reply[:4]] + [reply[4]]
 
 
 def _as_dict(reply):
@@ -153,7 +154,7 @@ def one_click(r, ring, token, evidence):
         r, APPLY, (keys.profile_subscriptions(db_id, profile_id), keys.profile_events(db_id, profile_id),
                    keys.pending_unsubscribe(db_id, profile_id, hash_id), keys.pending_due(),
                    keys.db_profiles(db_id), keys.events_timeline()),
-        (hash_id, reply[1], last_raw, pending_scope, new_raw, event_raw, ref, new["resource_id"], ONE_CLICK,
+        (hash_id, reply[1], last_raw or "", pending_scope, new_raw, event_raw, ref, new["resource_id"], ONE_CLICK,
          keys.pending_due_member(db_id, profile_id, hash_id), profile_id, "1" if drop else "0"))
     if not applied:
         return unsubscribe.unsubscribe(r, ctx, scope, ONE_CLICK, evidence)
