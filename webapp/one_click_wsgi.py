@@ -18,13 +18,13 @@ from urllib.parse import parse_qsl
 from . import hotpaths
 from .pages import NOSNIFF, ONE_CLICK_DONE, ONE_CLICK_FAILURE, PAGE_SECURITY_HEADERS
 from .store import client_of
-from .tokens import _B64URL_RUN
+from .tokens import B64URL_RUN
 
 # The paths pages.unsubscribe_page is routed at (pages.slash_optional_route): the link, with or without its
 # slash or "index.html", its segment (1-400 characters: a longer one is no link of ours, Flask answers it) taken
 # as the route takes it: the group is tokens.token_in_link's leading base64url run (a ">" or "." a mail client
 # left after the token is dropped, as there), in this one match rather than a second regex call per one-click.
-_PATH_RE = re.compile(rf"/unsubscribe/(?=[^/]{{1,400}}(?![^/]))({_B64URL_RUN.pattern})[^/]*(?:/|/index\.html?)?")
+_PATH_RE = re.compile(rf"/unsubscribe/(?=[^/]{{1,400}}(?![^/]))({B64URL_RUN.pattern})[^/]*(?:/|/index\.html?)?")
 # "List-Unsubscribe=One-Click" is 26 bytes; anything much longer is not a provider's POST, and goes to Flask
 # unread (as does one without a length), where a body over PAGE_BODY_LIMIT_BYTES is refused (413) before it is
 # read (webapp.small_bodies_only).

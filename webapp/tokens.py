@@ -151,7 +151,8 @@ def _open(keys, fmt, token):
     return reader
 
 
-_B64URL_RUN = re.compile(r"[A-Za-z0-9_-]*")
+# A token as links carry it: a run of base64url characters (token_in_link; one_click_wsgi matches it in its path).
+B64URL_RUN = re.compile(r"[A-Za-z0-9_-]*")
 
 
 def token_in_link(text):
@@ -160,7 +161,7 @@ def token_in_link(text):
     also percent-encoded) is never base64url, so it is left out; nothing of the token's own alphabet is ever
     taken off, changed or added (no case folding, no padding), so a link is never made into another token:
     what remains is the token as sent, or one that does not verify."""
-    return _B64URL_RUN.match(text).group() if isinstance(text, str) else text
+    return B64URL_RUN.match(text).group() if isinstance(text, str) else text
 
 
 def _open_or_say_cut_short(keys, fmt, token):
