@@ -322,3 +322,19 @@ def test_after_damaged_entries_the_seq_continues_from_the_newest_readable_event(
     r.delete(key)
     r.rpush(key, "{}", "{}")                                             # nothing readable at all
     assert events.last_event(r, 1, "p-42") == {"seq": 2, "hash": chained_past("{}")}
+
+
+def test_chain_tip_reads_seq_and_hash_as_decode_event_does():
+    """chain_tip reads only an entry's seq and hash (events._link_of): for every kind of entry, good or damaged,
+    they are those of read_event's full decoding, and an entry is chained after exactly when is_link says so."""
+    entries = ['{"i":"1-a","a":1796066052351,"q":3,"p":"' + "a" * 64 + '","x":"' + "b" * 64 + '"}',
+               '{"q":1,"x":"h"}', '{"q":1,"x":"h","hash":"long"}', '{"q":1,"hash":"long"}', '{"q":1,"x":"h","hash":5}',
+               '{"q":true,"x":"h"}', '{"q":1.0,"x":"h"}', '{"q":"1","x":"h"}', '{"q":1}', '{"x":"h"}', '{"q":1,"x":null}',
+               '{"seq":4,"hash":"h","id":"x"}', '{"seq":4,"x":"h"}', '{"seq":"4","hash":"h"}', '{"seq":4,"q":5,"hash":"h"}',
+               '{"q":2,"seq":null,"x":"h"}', "{}", "[]", "null", "7", '"text"', "{not json", "", '{"q":1,"x":"h"} junk']
+    for raw in entries:
+        event = events.read_event(raw)
+        expected = {"seq": event["seq"], "hash": event["hash"]} if events.is_link(event) else None
+        assert events._link_of(raw) == expected, raw
+        if expected is not None:  # read straight from the entry, no read of the ledger (client None)
+            assert events.chain_tip(None, 1, "p", raw) == expected, raw

@@ -113,7 +113,7 @@ def last_event(client, db_id, profile_id):
 
 def chain_tip(client, db_id, profile_id, newest_raw):
     """What the next event of a profile's chain follows, given its ledger's newest entry as stored (None for an
-    empty ledger; "" is an entry, a damaged one): that event, or None.
+    empty ledger; "" is an entry, a damaged one): that event's {seq, hash} (all new_event uses), or None.
 
     A newest entry that cannot be read as an event (damaged storage) must not stop the change: an unsubscribe
     is honoured whatever the ledger holds. The chain goes on past it: the stand-in {seq, hash} returned makes
@@ -125,22 +125,39 @@ def chain_tip(client, db_id, profile_id, newest_raw):
     Redis client, or a pipeline that WATCHes) only in that case."""
     if newest_raw is None:
         return None
-    event = read_event(newest_raw)
-    if is_link(event):
-        return event
+    link = _link_of(newest_raw)
+    if link is not None:
+        return link
     key = keys.profile_events(db_id, profile_id)
     damaged = 0
     for raw in newest_first(client, key):
-        event = read_event(raw)
-        if is_link(event):
+        link = _link_of(raw)
+        if link is not None:
             break
         damaged += 1
     else:
-        event = {"seq": 0}
+        link = {"seq": 0}
     log.warning("the newest ledger entry of profile %s|%s is not an event: the change is chained after it "
                 "(events/verify names it)", db_id, profile_id)
     text = newest_raw.encode() if isinstance(newest_raw, str) else newest_raw
-    return {"seq": event["seq"] + damaged, "hash": hashlib.sha256(text).hexdigest()}
+    return {"seq": link["seq"] + damaged, "hash": hashlib.sha256(text).hexdigest()}
+
+
+def _link_of(raw):
+    """{seq, hash} of a ledger entry that can be chained after (is_link of its read_event), else None: those
+    two members as decode_event gives them, without rebuilding the whole event (chain_tip runs on every change)."""
+    try:
+        stored = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    if not isinstance(stored, dict):
+        return None
+    if "seq" in stored:  # the long form
+        link = {"seq": stored["seq"], "hash": stored.get("hash")}
+    else:  # as decode_event, a member "hash" (no short name) wins over "x"
+        link = {"seq": stored.get(_EVENT_SHORT["seq"]),
+                "hash": stored.get("hash", stored.get(_EVENT_SHORT["hash"]))}
+    return link if is_link(link) else None
 
 
 def is_link(event):
