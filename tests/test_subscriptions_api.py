@@ -757,3 +757,24 @@ def test_a_database_the_resource_no_longer_lists_still_records_what_stops_messag
     assert redis_state(r) == before
     if status == "suspended":
         assert api.ok("subscriptions/set", **sub(resource, status="subscribed"))["status"] == "subscribed"
+
+
+def test_time_to_ms_of_a_text_ms_to_time_wrote_is_its_ms():
+    """time_to_ms finds the texts ms_to_time wrote lately without parsing them (validation._MS_OF_TEXT): the
+    number it gives is the one parsing gives, the ms the text was written from, for any ms a datetime holds."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from webapp import validation
+
+    @settings(max_examples=2000, deadline=None)
+    @given(st.integers(-62135596800000, 253402300799999))
+    def check(ms):
+        text = validation.ms_to_time(ms)
+        remembered = validation.time_to_ms(text)
+        validation._MS_OF_TEXT.clear()
+        parsed = validation.time_to_ms(text)
+        assert (remembered, type(remembered)) == (parsed, type(parsed)) == (ms, int), text
+    check()
+    validation._MS_OF_TEXT.clear()
+    got = validation.time_to_ms(validation.ms_to_time(True))  # a bool is not remembered as its text's ms
+    assert (got, type(got)) == (1, int)

@@ -304,7 +304,12 @@ def time_to_ms(text):
     """A format_time text as epoch milliseconds (for compact storage); anything else, or a text that would not
     come back identical from ms_to_time (2026-02-30, 24:00), is returned as it is. (A pattern and a cached
     day count rather than strptime, which cost ~35 us a call: every write encodes two or three times.)"""
-    match = _TIME_TEXT.fullmatch(text) if type(text) is str else None
+    if type(text) is not str:
+        return text
+    ms = _MS_OF_TEXT.get(text)
+    if ms is not None:
+        return ms
+    match = _TIME_TEXT.fullmatch(text)
     if match is None:
         return text
     year, month, day, hour, minute, second, milli = map(int, match.groups())
@@ -337,5 +342,16 @@ def ms_to_time(ms):
         return ms
     seconds, milli = divmod(ms, 1000)
     t = time.gmtime(seconds)
-    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min,
+    text = "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min,
                                                      t.tm_sec, milli)
+    if type(ms) is int:
+        if len(_MS_OF_TEXT) >= _MS_OF_TEXT_MAX:
+            _MS_OF_TEXT.clear()
+        _MS_OF_TEXT[text] = ms
+    return text
+
+
+# ms_to_time's latest texts, back to their ms (the exact inverse): a change decodes a record and encodes it
+# again, and encodes a fresh now_iso(), so time_to_ms finds most texts here instead of parsing them again.
+_MS_OF_TEXT = {}
+_MS_OF_TEXT_MAX = 1024
