@@ -14,7 +14,7 @@ import secrets
 import time
 
 from . import keys
-from .validation import ms_to_time, now_iso, time_to_ms
+from .validation import compact_json, ms_to_time, now_iso, time_to_ms
 
 GENESIS_HASH = "0" * 64
 LEDGER_PAGE = 100  # ledger entries read per round trip when a ledger is read from its newest entry back
@@ -22,9 +22,13 @@ LEDGER_PAGE = 100  # ledger entries read per round trip when a ledger is read fr
 log = logging.getLogger(__name__)
 
 
+# An event's canonical JSON (json.dumps(body, sort_keys=True, separators=(",", ":"))), its encoder made once.
+_canonical_json = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+
+
 def event_hash(event):
     body = {k: v for k, v in event.items() if k != "hash"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(_canonical_json(body).encode()).hexdigest()
 
 
 def new_event(last, *, db_id, profile_id, resource_id, channel, hash_id, method, before, after,
@@ -70,7 +74,7 @@ def encode_event(event):
         elif name == "at":
             value = time_to_ms(value)
         out[_EVENT_SHORT.get(name, name)] = value
-    return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
+    return compact_json(out)
 
 
 def decode_event(raw):

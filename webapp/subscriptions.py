@@ -18,8 +18,8 @@ from .errors import Conflict, InvalidInput, NoSuchSubscription
 from .resources import (MAX_CATEGORIES, PHONE_CC_CHANNELS, current_field_values, get_resource, get_resources,
                         subscription_fields, validate_field_value)
 from .validation import (as_chat_id, as_datetime, as_email, as_int, as_ip, as_language, as_list, as_object,
-                         as_phone, as_profile_id, as_text, as_url, blank_or, ms_to_time, no_unknown_keys, now_iso,
-                         require, time_to_ms)
+                         as_phone, as_profile_id, as_text, as_url, blank_or, compact_json, ms_to_time, no_unknown_keys,
+                         now_iso, require, time_to_ms)
 
 
 class Status(IntEnum):
@@ -104,10 +104,10 @@ def _is_default(value, default):
 def encode_record(record):
     """The record as stored in Redis (compact JSON)."""
     out = {}
+    one_member = _STRING_ADDRESS.get(record.get("channel"))
     for name, value in record.items():
         if name in _DEFAULTS and _is_default(value, _DEFAULTS[name]):
             continue
-        one_member = _STRING_ADDRESS.get(record.get("channel"))
         if name == "address" and isinstance(value, dict) and list(value) == [one_member] and isinstance(
                 value[one_member], str):  # decode_record expands only a string (a null stays {"email": null})
             value = value[one_member]
@@ -119,7 +119,7 @@ def encode_record(record):
         if name in _TIMES:
             value = time_to_ms(value)
         out[_SHORT.get(name, name)] = value
-    return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
+    return compact_json(out)
 
 
 def decode_record(raw):
@@ -250,11 +250,16 @@ def subscribed_cats(resource, record):
     return [c["api_name"] for c in resource["categories"] if c["api_name"] not in off]
 
 
+_WORDS = {int(s): s.word for s in Status}  # Status(n).word, without the enum lookup (every change asks twice)
+
+
 def state_of(resource, record):
     """The part of a subscription the ledger tracks."""
     if record is None:
         return None
-    return {"status": Status(record["status"]).word, "cats": subscribed_cats(resource, record)}
+    status = record["status"]
+    word = _WORDS.get(status) if type(status) is int else None
+    return {"status": word or Status(status).word, "cats": subscribed_cats(resource, record)}
 
 
 def uncats_keeping(resource, record, kept):
