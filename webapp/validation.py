@@ -335,20 +335,26 @@ def _days_since_epoch(year, month, day):
     return date(year, month, day).toordinal() - _EPOCH_ORDINAL
 
 
+@functools.lru_cache(maxsize=4096)
+def _date_text(days_since_epoch):
+    return date.fromordinal(days_since_epoch + _EPOCH_ORDINAL).isoformat()
+
+
 # The milliseconds a datetime can hold (years 1 to 9999), the range format_time's text covers.
 _MS_RANGE = range(-62135596800000, 253402300800000)
 
 
 def ms_to_time(ms):
     """format_time's text of epoch milliseconds, without datetime: stored records decode on every request,
-    and time.gmtime with %-formatting is about half the cost. A number no datetime can hold (only a damaged
-    entry has one) is returned as it is."""
+    and a cached date text with %-formatting of the time of day is about a third of the cost (time.gmtime's
+    was half). A number no datetime can hold (only a damaged entry has one) is returned as it is."""
     if ms not in _MS_RANGE:
         return ms
     seconds, milli = divmod(ms, 1000)
-    t = time.gmtime(seconds)
-    text = "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min,
-                                                     t.tm_sec, milli)
+    days, second = divmod(seconds, 86400)
+    minute, second = divmod(second, 60)
+    hour, minute = divmod(minute, 60)
+    text = "%sT%02d:%02d:%02d.%03dZ" % (_date_text(days), hour, minute, second, milli)
     if type(ms) is int:
         if len(_MS_OF_TEXT) >= _MS_OF_TEXT_MAX:
             _MS_OF_TEXT.clear()
