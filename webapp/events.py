@@ -27,7 +27,8 @@ _canonical_json = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
 
 
 def event_hash(event):
-    body = {k: v for k, v in event.items() if k != "hash"}
+    # new_event hashes before it adds "hash": no copy without it then
+    body = {k: v for k, v in event.items() if k != "hash"} if "hash" in event else event
     return hashlib.sha256(_canonical_json(body).encode()).hexdigest()
 
 
