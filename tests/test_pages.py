@@ -1,4 +1,5 @@
 """/unsubscribe/<smid>: GET/HEAD never change anything, RFC 8058 one-click, page actions, redirects, errors."""
+import json
 import re
 import time
 
@@ -122,6 +123,21 @@ def test_page_actions_after_a_damaged_newest_ledger_entry_work_and_undo(api, cli
     assert [e["method"] for e in (unsub, undo)] == ["page_instant", "page_undo"]
     assert (unsub["seq"], unsub["prev_hash"]) == (2, chained_past(damaged))
     assert (undo["seq"], undo["prev_hash"]) == (3, unsub["hash"])
+
+
+@pytest.mark.parametrize("altered_id", [5, None, "not-a-time", ""])
+def test_a_page_whose_last_event_has_an_altered_id_shows_without_undo_not_a_500(api, client, r, altered_id):
+    """The page after an unsubscribe offers Undo by the time in its event's id; an id altered in storage (not
+    text, not digits) is an event that cannot be undone, not a 500 (events/verify names the entry)."""
+    _res, path, body = make_link(api, "instant", category=None)
+    token = form_token(client.get(path).get_data(as_text=True))
+    assert client.post(path, data={"action": "unsubscribe", "csrf_token": token}).status_code == 303
+    key = "us:{1:p-42}:events"
+    r.lset(key, -1, json.dumps({**json.loads(r.lindex(key, -1)), "i": altered_id}))
+    resp = client.get(path + "?done=unsubscribed")
+    assert resp.status_code == 200 and 'value="undo"' not in resp.get_data(as_text=True)
+    assert client.post(path, data={"action": "undo", "csrf_token": token}).status_code in (303, 409)
+    assert get_sub(api, body)["status"] == "unsubscribed"
 
 
 def test_one_click_with_trailing_slash_is_not_redirected(api, app):

@@ -165,6 +165,13 @@ def _link_of(raw):
     return link if is_link(link) else None
 
 
+def id_ms(event):
+    """When an event was made, in epoch ms, from its id (13 digits, a dash, random hex: new_event's); None for an
+    entry whose id was altered past reading (verify_chain names it), which the pages pass over, not a 500."""
+    event_id = event.get("id")
+    return int(event_id[:13]) if isinstance(event_id, str) and event_id[:13].isdigit() else None
+
+
 def is_link(event):
     """Whether a read entry (read_event) can be chained after: it has its seq and hash."""
     return event is not None and type(event.get("seq")) is int and isinstance(event.get("hash"), str)

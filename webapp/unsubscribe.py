@@ -251,11 +251,10 @@ def _own_recent_change(r, ctx):
     db_id, profile_id, hash_id = ctx.key
     recent = map(events.read_event, r.lrange(keys.profile_events(db_id, profile_id), -50, -1))
     mine = [e for e in recent if events.is_link(e) and e.get("hash_id") == hash_id]  # damaged entries passed over
-    last = mine[-1] if mine else None
-    if (last is not None and last["smid"] == ctx.token
-            and int(last["id"][:13]) / 1000 >= time.time() - UNDO_WINDOW_SECONDS):
-        return last
-    return None
+    if not mine or mine[-1]["smid"] != ctx.token:
+        return None
+    made_ms = events.id_ms(mine[-1])
+    return mine[-1] if made_ms is not None and made_ms / 1000 >= time.time() - UNDO_WINDOW_SECONDS else None
 
 
 # -- delayed mode -------------------------------------------------------------------------------------
@@ -465,7 +464,8 @@ def _stopped_by_timer(client, ctx, record):
                 continue  # a damaged entry: events/verify names it
             if event.get("hash_id") == ctx.key[2] and stops(event):
                 return event["method"] == "timer"
-            if int(event["id"][:13]) < oldest_ms:
+            made_ms = events.id_ms(event)
+            if made_ms is not None and made_ms < oldest_ms:
                 return False
         if len(page) < CANCEL_LOOK_BACK_PAGE:
             return False
