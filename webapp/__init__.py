@@ -1,6 +1,8 @@
 """The unsubscribe service: `create_app()` builds the Flask app; importing this package does nothing else."""
+import functools
 import hashlib
 import hmac
+import inspect
 import logging
 import os
 import re
@@ -41,7 +43,17 @@ class CookieSessions(SecureCookieSessionInterface):
         return self._serializer[1]
 
 
+@functools.lru_cache(maxsize=1024)
+def _is_coroutine_function(func):
+    return inspect.iscoroutinefunction(func)
+
+
 class ServiceApp(Flask):
+    def ensure_sync(self, func):
+        """Flask's, with the answer remembered per function: it asks inspect on every call of every hook, view and
+        context processor, several per request, and a function's answer never changes."""
+        return self.async_to_sync(func) if _is_coroutine_function(func) else func
+
     def log_exception(self, exc_info):
         # Flask's own says "Exception on <path>": a page's or manager's path is a whole token.
         self.logger.error("Exception on %s [%s]", redact(request.path), request.method, exc_info=exc_info)
@@ -135,7 +147,16 @@ def create_app(test_config=None):
     for name in (pages.bp.name, manager.bp.name, sdk.bp.name):  # first: before the SDK's limiter reads the body
         app.before_request_funcs.setdefault(name, []).insert(0, small_bodies_only)
     _register_error_handlers(app)
+    _drop_repeated_context_processors(app)
     return app
+
+
+def _drop_repeated_context_processors(app):
+    """Every blueprint brings its own copy of Flask's default context processor (g, request, session), which the
+    app's own already gives to every template: each copy was called again on every page render."""
+    for name, processors in app.template_context_processors.items():
+        if name is not None:
+            processors[:] = [f for f in processors if f not in app.template_context_processors[None]]
 
 
 def http_error(exc, **page):

@@ -213,6 +213,6 @@ def init_app(app):
     # unsubscribe page's `done`); it imports this module, so it is imported here rather than at the top.
     from .pages import language_href
 
-    @app.context_processor
-    def language_switcher():
-        return {"current_locale": page_locale, "language_names": LANGUAGE_NAMES, "language_href": language_href}
+    # Globals, not a context processor: the values never change, and a processor is called on every render.
+    app.jinja_env.globals.update(current_locale=page_locale, language_names=LANGUAGE_NAMES,
+                                 language_href=language_href)
