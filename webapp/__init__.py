@@ -22,7 +22,18 @@ from .locale import PageEnvironment, render_page
 from .redact import redact
 from .tokens import SigningKeys
 
-csrf = CSRFProtect()
+
+class MethodFirstCSRF(CSRFProtect):
+    """Flask-WTF's CSRFProtect, asking the method first: its before-request check looked up the view's exemptions
+    (the blueprint, the view's dotted name) on every GET, a method it never checks. POST, PUT, PATCH and DELETE
+    go through its check as before."""
+
+    def protect(self, apply_exemptions=False):
+        if request.method in current_app.config["WTF_CSRF_METHODS"]:
+            super().protect(apply_exemptions)
+
+
+csrf = MethodFirstCSRF()
 log = logging.getLogger("webapp")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,6 +52,12 @@ class CookieSessions(SecureCookieSessionInterface):
         if self._serializer[0] != keys:
             self._serializer = (keys, super().get_signing_serializer(app))
         return self._serializer[1]
+
+    def open_session(self, app, request):
+        # No Cookie header (a message's link opened): the empty session Flask's would give, without parsing cookies.
+        if "HTTP_COOKIE" not in request.environ and self.get_signing_serializer(app) is not None:
+            return self.session_class()
+        return super().open_session(app, request)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -92,7 +109,8 @@ def create_app(test_config=None):
     overrides = {k: v for k, v in (test_config or {}).items() if k in DEFAULTS and v is not None}
     settings = load_settings({**os.environ, **overrides} if overrides else None)
     app = ServiceApp(__name__, template_folder=os.path.join(ROOT, "templates"),
-                     static_folder=os.path.join(ROOT, "static"))
+                     static_folder=os.path.join(ROOT, "static"),
+                     static_url_path="/static")  # Flask's own for the folder, not derived again per static_url
     # werkzeug's default answers /unsubscribe//<smid> with a redirect built from the Host header; doubled
     # slashes (an API client's base URL that ends in "/") are collapsed in front instead (collapse_slashes).
     app.url_map.merge_slashes = False

@@ -11,7 +11,7 @@ import os
 
 from datetime import datetime, timezone
 
-from flask import g, render_template, request
+from flask import current_app, g, render_template, request
 from flask.templating import Environment
 from babel import Locale
 from flask_babel import Babel, force_locale, format_date, format_time, get_translations
@@ -69,10 +69,9 @@ def explicit_locale():
 
 def set_page_locale(profile=None, resource_default=None):
     """Decide this request's language from page data; views call it before rendering."""
-    from flask import current_app
-    g.locale = choose_locale(explicit_locale(), profile, resource_default, request_accept_language(),
-                             current_app.config["DEFAULT_LOCALE"])
-    return g.locale
+    locale = g.locale = choose_locale(explicit_locale(), profile, resource_default, request_accept_language(),
+                                      current_app.config["DEFAULT_LOCALE"])
+    return locale
 
 
 def page_locale():
