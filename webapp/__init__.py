@@ -59,6 +59,12 @@ class CookieSessions(SecureCookieSessionInterface):
             return self.session_class()
         return super().open_session(app, request)
 
+    def save_session(self, app, session, response):
+        # A session never read nor changed (every page a link opens) has nothing to write or vary: Flask's reads
+        # seven cookie settings before it finds that out.
+        if session or session.modified or session.accessed:
+            super().save_session(app, session, response)
+
 
 @functools.lru_cache(maxsize=1024)
 def _is_coroutine_function(func):
