@@ -107,11 +107,8 @@ def test_one_click_after_a_damaged_newest_ledger_entry_unsubscribes(api, app, r,
     assert api.ok("events/verify", db_id=1, profile_id="p-42")["first_bad"]["seq"] == 1
 
 
-@pytest.mark.parametrize("damaged", DAMAGED_ENTRIES)
-def test_page_actions_after_a_damaged_newest_ledger_entry_work_and_undo(api, client, r, damaged):
-    """The page's unsubscribe, the page after it (which offers Undo by reading the ledger back) and the Undo."""
-    _res, path, body = make_link(api, "instant", category=None)
-    damage_newest_entry(r, "p-42", damaged)
+def unsubscribe_and_undo_on_the_page(api, client, path, body):
+    """An instant page's Unsubscribe, the page after it offering Undo, and the Undo; returns the form token."""
     token = form_token(client.get(path).get_data(as_text=True))
     assert client.post(path, data={"action": "unsubscribe", "csrf_token": token}).status_code == 303
     assert get_sub(api, body)["status"] == "unsubscribed"
@@ -119,6 +116,15 @@ def test_page_actions_after_a_damaged_newest_ledger_entry_work_and_undo(api, cli
     assert "You are unsubscribed" in html and 'value="undo"' in html
     assert client.post(path, data={"action": "undo", "csrf_token": token}).status_code == 303
     assert get_sub(api, body)["status"] == "subscribed"
+    return token
+
+
+@pytest.mark.parametrize("damaged", DAMAGED_ENTRIES)
+def test_page_actions_after_a_damaged_newest_ledger_entry_work_and_undo(api, client, r, damaged):
+    """The page's unsubscribe, the page after it (which offers Undo by reading the ledger back) and the Undo."""
+    _res, path, body = make_link(api, "instant", category=None)
+    damage_newest_entry(r, "p-42", damaged)
+    unsubscribe_and_undo_on_the_page(api, client, path, body)
     stored, unsub, undo = ledger_after_damage(r, damaged)
     assert [e["method"] for e in (unsub, undo)] == ["page_instant", "page_undo"]
     assert (unsub["seq"], unsub["prev_hash"]) == (2, chained_past(damaged))
@@ -404,13 +410,7 @@ def test_a_page_the_sender_changed_meanwhile_says_so_in_its_language(api, client
 
 def test_instant_unsubscribe_and_undo(api, client, r):
     _res, path, body = make_link(api, "instant", category=None)
-    token = form_token(client.get(path).get_data(as_text=True))
-    assert client.post(path, data={"action": "unsubscribe", "csrf_token": token}).status_code == 303
-    assert get_sub(api, body)["status"] == "unsubscribed"
-    html = client.get(path + "?done=unsubscribed").get_data(as_text=True)
-    assert "You are unsubscribed" in html and 'value="undo"' in html
-    assert client.post(path, data={"action": "undo", "csrf_token": token}).status_code == 303
-    assert get_sub(api, body)["status"] == "subscribed"
+    token = unsubscribe_and_undo_on_the_page(api, client, path, body)
     assert [e["method"] for e in events.list_events(r, 1, "p-42")[0]] == ["page_undo", "page_instant", "api"]
     again = client.post(path, data={"action": "undo", "csrf_token": token})    # a second click: the same answer
     assert again.status_code == 303 and again.headers["Location"].endswith("done=undone")
@@ -1027,6 +1027,17 @@ def test_a_form_too_large_to_read_is_answered_in_the_language_the_form_was_shown
     assert redis_state(r) == before
 
 
+def assert_the_page_waits_for_a_click(api, client, r, href, lang, body, before):
+    """GET `href` (a way back to an instant page): the page in `lang` that waits for a click and says nothing,
+    and Redis as it was `before` (the subscription still subscribed)."""
+    back = client.get(href)
+    page = back.get_data(as_text=True)
+    assert back.status_code == 200 and f'<html lang="{lang}">' in page
+    assert "data-auto-submit" not in page and 'role="status"' not in page       # waits for a click, says nothing
+    assert 'value="unsubscribe"' in page
+    assert redis_state(r) == before and get_sub(api, body)["status"] == "subscribed"
+
+
 @pytest.mark.parametrize("lang", ["en", "ru"])
 @pytest.mark.parametrize("status", [413, 429])
 def test_a_form_refused_unread_or_over_the_limit_links_back_to_the_page_without_making_it_act(app, api, client, r,
@@ -1044,12 +1055,7 @@ def test_a_form_refused_unread_or_over_the_limit_links_back_to_the_page_without_
     href, words = back_link(resp.get_data(as_text=True)) or (None, None)
     assert words == {"en": "Back to the unsubscribe page", "ru": "Вернуться на страницу отписки"}[lang]
     assert href == f"{path}/?done=back&lang={lang}"
-    back = client.get(href)
-    page = back.get_data(as_text=True)
-    assert back.status_code == 200 and f'<html lang="{lang}">' in page
-    assert "data-auto-submit" not in page and 'role="status"' not in page       # waits for a click, says nothing
-    assert 'value="unsubscribe"' in page
-    assert redis_state(r) == before and get_sub(api, body)["status"] == "subscribed"
+    assert_the_page_waits_for_a_click(api, client, r, href, lang, body, before)
 
 
 @pytest.mark.parametrize("lang", ["en", "ru"])
@@ -1070,12 +1076,7 @@ def test_nothing_to_undo_links_back_to_the_page_without_making_it_act(api, clien
     href = link.group(1).replace("&amp;", "&")
     assert href.startswith(path) and "done=" in href and f"lang={lang}" in href
     before = redis_state(r)
-    back = client.get(href)
-    page = back.get_data(as_text=True)
-    assert back.status_code == 200 and f'<html lang="{lang}">' in page
-    assert "data-auto-submit" not in page and 'role="status"' not in page       # waits for a click, says nothing
-    assert 'value="unsubscribe"' in page
-    assert redis_state(r) == before and get_sub(api, body)["status"] == "subscribed"
+    assert_the_page_waits_for_a_click(api, client, r, href, lang, body, before)
 
 
 def language_links(html):
@@ -1121,12 +1122,7 @@ def test_the_language_links_of_an_answer_to_a_form_lead_back_without_making_the_
     if status in (409, 413, 429):
         assert back_link(resp.get_data(as_text=True))[0] == f"{path}/?done=back&lang={lang}"  # the same, but for lang
     before = redis_state(r)
-    page = client.get(href)
-    html = page.get_data(as_text=True)
-    assert page.status_code == 200 and f'<html lang="{other}">' in html
-    assert "data-auto-submit" not in html and 'role="status"' not in html       # waits for a click, says nothing
-    assert 'value="unsubscribe"' in html
-    assert redis_state(r) == before and get_sub(api, body)["status"] == "subscribed"
+    assert_the_page_waits_for_a_click(api, client, r, href, other, body, before)
 
 
 @pytest.mark.parametrize("lang", ["en", "ru"])
