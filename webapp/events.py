@@ -172,17 +172,24 @@ def id_ms(event):
     return int(event_id[:13]) if isinstance(event_id, str) and event_id[:13].isdigit() else None
 
 
+def read_chained_event(raw):
+    """read_event of a ledger entry that is an event of the chain (is_link), else None: readers pass damaged
+    entries over (verify_chain names them)."""
+    event = read_event(raw)
+    return event if is_link(event) else None
+
+
 def is_link(event):
     """Whether a read entry (read_event) can be chained after: it has its seq and hash."""
     return event is not None and type(event.get("seq")) is int and isinstance(event.get("hash"), str)
 
 
-def newest_first(client, key):
-    """A ledger's entries as stored, newest first, read LEDGER_PAGE at a time and only as far as iterated."""
+def newest_first(client, key, page_size=LEDGER_PAGE):
+    """A ledger's entries as stored, newest first, read page_size at a time and only as far as iterated."""
     for page in itertools.count():  # LRANGE -100 -1, then -200 -101, ...
-        entries = client.lrange(key, -(page + 1) * LEDGER_PAGE, -page * LEDGER_PAGE - 1)
+        entries = client.lrange(key, -(page + 1) * page_size, -page * page_size - 1)
         yield from reversed(entries)
-        if len(entries) < LEDGER_PAGE:  # the ledger's start
+        if len(entries) < page_size:  # the ledger's start
             return
 
 
@@ -197,8 +204,8 @@ def list_events(r, db_id, profile_id, from_seq=None, limit=50):
     if top <= 0:
         return [], None
     start = max(0, top - limit)
-    items = [event if is_link(event := read_event(raw))
-             else {"db_id": db_id, "profile_id": profile_id, "seq": start + i + 1, "damaged": True}
+    items = [read_chained_event(raw)
+             or {"db_id": db_id, "profile_id": profile_id, "seq": start + i + 1, "damaged": True}
              for i, raw in enumerate(r.lrange(key, start, top - 1))][::-1]
     return items, (start if start > 0 else None)
 

@@ -17,6 +17,7 @@ Rules (contract §4):
   subscription and the ledger are what it read; a Lua write breaks a concurrent WATCH, so whichever comes
   first wins and the other sees it is gone. Arming twice keeps the deadline.
 """
+import itertools
 import json
 import logging
 import math
@@ -249,8 +250,8 @@ def can_undo(r, ctx):
 def _own_recent_change(r, ctx):
     """The subscription's last ledger event if this SMID made it within UNDO_WINDOW_SECONDS, else None."""
     db_id, profile_id, hash_id = ctx.key
-    recent = map(events.read_event, r.lrange(keys.profile_events(db_id, profile_id), -50, -1))
-    mine = [e for e in recent if events.is_link(e) and e.get("hash_id") == hash_id]  # damaged entries passed over
+    recent = map(events.read_chained_event, r.lrange(keys.profile_events(db_id, profile_id), -50, -1))
+    mine = [e for e in recent if e is not None and e.get("hash_id") == hash_id]  # damaged entries passed over
     if not mine or mine[-1]["smid"] != ctx.token:
         return None
     made_ms = events.id_ms(mine[-1])
@@ -456,18 +457,14 @@ def _stopped_by_timer(client, ctx, record):
 
     key = keys.profile_events(*ctx.key[:2])
     oldest_ms = (ctx.smid.sent_at - CANCEL_CLOCK_SLACK) * 1000
-    for end in range(-1, -CANCEL_LOOK_BACK_EVENTS - 1, -CANCEL_LOOK_BACK_PAGE):
-        page = client.lrange(key, end - CANCEL_LOOK_BACK_PAGE + 1, end)
-        for raw in reversed(page):
-            event = events.read_event(raw)
-            if not events.is_link(event):
-                continue  # a damaged entry: events/verify names it
-            if event.get("hash_id") == ctx.key[2] and stops(event):
-                return event["method"] == "timer"
-            made_ms = events.id_ms(event)
-            if made_ms is not None and made_ms < oldest_ms:
-                return False
-        if len(page) < CANCEL_LOOK_BACK_PAGE:
+    for raw in itertools.islice(events.newest_first(client, key, CANCEL_LOOK_BACK_PAGE), CANCEL_LOOK_BACK_EVENTS):
+        event = events.read_chained_event(raw)
+        if event is None:
+            continue  # a damaged entry: events/verify names it
+        if event.get("hash_id") == ctx.key[2] and stops(event):
+            return event["method"] == "timer"
+        made_ms = events.id_ms(event)
+        if made_ms is not None and made_ms < oldest_ms:
             return False
     return False
 
