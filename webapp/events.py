@@ -14,7 +14,7 @@ import secrets
 import time
 
 from . import keys
-from .validation import compact_json, ms_to_time, now_iso, time_to_ms
+from .validation import canonical_json_bytes, compact_json, ms_to_time, now_iso, time_to_ms
 
 GENESIS_HASH = "0" * 64
 LEDGER_PAGE = 100  # ledger entries read per round trip when a ledger is read from its newest entry back
@@ -22,14 +22,12 @@ LEDGER_PAGE = 100  # ledger entries read per round trip when a ledger is read fr
 log = logging.getLogger(__name__)
 
 
-# An event's canonical JSON (json.dumps(body, sort_keys=True, separators=(",", ":"))), its encoder made once.
-_canonical_json = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
-
-
 def event_hash(event):
+    """SHA-256 of the event's canonical JSON (json.dumps(body, sort_keys=True, separators=(",", ":"))), its
+    "hash" left out."""
     # new_event hashes before it adds "hash": no copy without it then
     body = {k: v for k, v in event.items() if k != "hash"} if "hash" in event else event
-    return hashlib.sha256(_canonical_json(body).encode()).hexdigest()
+    return hashlib.sha256(canonical_json_bytes(body)).hexdigest()
 
 
 def new_event(last, *, db_id, profile_id, resource_id, channel, hash_id, method, before, after,
