@@ -18,6 +18,7 @@ import secrets
 import struct
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import BadToken, IncompleteToken
 
@@ -32,8 +33,7 @@ _PURPOSE = {SMID_FORMAT: b"smid\x00", MANAGER_FORMAT: b"manager\x00"}
 _FORM_PURPOSE = b"page-form\x00"
 
 
-@dataclass(frozen=True)
-class Smid:
+class Smid(NamedTuple):  # a tuple: made on every request that opens a link, at a fraction of a frozen dataclass's cost
     resource_id: int
     db_id: int
     profile_id: str
@@ -80,9 +80,10 @@ def _varint(n):
 
 class _Reader:
     """Reads the payload fields back; any overrun or leftover raises BadToken."""
+    __slots__ = ("data", "pos")
 
-    def __init__(self, data):
-        self.data, self.pos = data, 0
+    def __init__(self, data, pos=0):
+        self.data, self.pos = data, pos
 
     def take(self, n):
         if self.pos + n > len(self.data):
@@ -92,6 +93,10 @@ class _Reader:
         return chunk
 
     def varint(self):
+        data, pos = self.data, self.pos
+        if pos < len(data) and data[pos] < 0x80:  # one byte (a number below 128): no loop
+            self.pos = pos + 1
+            return data[pos]
         shift = result = 0
         for _ in range(5):
             byte = self.take(1)[0]
@@ -102,9 +107,13 @@ class _Reader:
         raise BadToken("token has a malformed number")
 
     def text(self):
-        raw = self.take(self.take(1)[0])
+        data, pos = self.data, self.pos
+        end = pos + 1 + data[pos] if pos < len(data) else pos + 1
+        if end > len(data):
+            raise BadToken("token is truncated")
+        self.pos = end
         try:
-            return raw.decode("utf-8")
+            return data[pos + 1:end].decode("utf-8")
         except UnicodeDecodeError:
             raise BadToken("token has malformed text") from None
 
@@ -124,6 +133,10 @@ def _seal(keys, fmt, body):
     return _b64url(payload + keys.mac(kid, _PURPOSE[fmt], payload))
 
 
+_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
 def _b64url(raw):
     """base64url without padding: the spelling of every token here."""
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
@@ -133,16 +146,19 @@ def _open(keys, fmt, token):
     """Check the signature and return a reader positioned after the kid. Raises BadToken."""
     if not isinstance(token, str) or not 20 <= len(token) <= SMID_MAX_CHARS:
         raise BadToken("token has a wrong length")
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    try:  # base64.urlsafe_b64decode, _b64url: the same steps without their wrappers (every link opened)
+        text = token.encode("ascii")
+        raw = binascii.a2b_base64(text.translate(_FROM_URLSAFE) + b"=" * (-len(text) % 4))
     except (binascii.Error, ValueError):
         raise BadToken("token is not base64url") from None
-    if _b64url(raw) != token:
+    if binascii.b2a_base64(raw, newline=False).translate(_TO_URLSAFE).rstrip(b"=") != text:
         raise BadToken("token is not canonical base64url")  # no two spellings of one token
     payload, mac = raw[:-MAC_BYTES], raw[-MAC_BYTES:]
-    reader = _Reader(payload)
-    if reader.take(1)[0] != fmt:
+    if not payload:
+        raise BadToken("token is truncated")
+    if payload[0] != fmt:
         raise BadToken("token is of another kind")
+    reader = _Reader(payload, 1)
     kid = reader.text()
     if not keys.known(kid):
         raise BadToken("token is signed with an unknown key")
