@@ -20,8 +20,12 @@ the same data; only the transport differs. The one-click's reads are not one sna
 is not either); APPLY writes only if the record, the last ledger entry and the pending timer's scope are
 still what was read, else the generic WATCH/MULTI path (unsubscribe.unsubscribe) runs instead on fresh data.
 """
+import json
+import time
+
 from . import direct, events, keys, scripts, unsubscribe
-from .subscriptions import encode_record, state_of
+from .resources import decode_shared
+from .subscriptions import decode_for_change, encode_changed, encode_record, state_of
 from .tokens import read_smid
 from .validation import now_iso
 
@@ -120,12 +124,26 @@ def open_for_page(r, ring, token, method):
     return ctx
 
 
+def _context_for_change(token, smid, reply):
+    """(Context, stored members) for one_click: the Context of _context, its record only what an unsubscribe
+    reads of it (subscriptions.decode_for_change), and the stored members encode_changed writes the change
+    into; the full _context, and no stored members, for what that does not cover (a missing resource or
+    record, which _context raises for, a record in the long form or of another resource)."""
+    stored = json.loads(reply[1]) if reply[0] and reply[1] else None
+    record = decode_for_change(stored) if type(stored) is dict else None
+    resource = decode_shared(reply[0]) if record else None
+    if record is None or record["resource_id"] != resource["id"]:
+        return _context(token, smid, reply), None
+    views = {k: int(v) for k, v in _as_dict(reply[2]).items()}
+    return unsubscribe.Context(token, smid, resource, record, views), stored
+
+
 def one_click(r, ring, token, evidence):
     """open_smid, then unsubscribe(r, ctx, resolve_scope(ctx), "one_click", evidence), in two round trips
     (one for a replay). Returns {"changed": bool, "state": {...}}; raises what those raise."""
     smid = read_smid(ring, token)
     reply = _read_for_one_click(r, smid, token)
-    ctx = _context(token, smid, reply)
+    ctx, stored = _context_for_change(token, smid, reply)
     pending_scope, last_raw = reply[3], reply[4]
     scope = unsubscribe.resolve_scope(ctx)
     # What unsubscribe and its change function do, with ProfileChange.save and flush:
@@ -139,8 +157,11 @@ def one_click(r, ring, token, evidence):
         return {"changed": False, "state": state_of(ctx.resource, new)}
     new_raw = event_raw = ref = ""
     if changed:
-        new["updated_at"] = now_iso()
-        new_raw = encode_record(new)
+        if stored is None:
+            new["updated_at"] = now_iso()
+            new_raw = encode_record(new)
+        else:
+            new_raw = encode_changed(stored, new["status"], new["uncats"], time.time_ns() // 1_000_000)
         before, after = state_of(ctx.resource, record), state_of(ctx.resource, new)
         if before != after:
             last = events.chain_tip(r, db_id, profile_id, last_raw)  # APPLY checks last_raw is still the newest
