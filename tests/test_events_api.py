@@ -190,7 +190,7 @@ def test_events_stored_in_the_long_form_still_read_and_verify(api, r, resource):
 
 def test_every_event_survives_the_stored_form():
     """decode_event(encode_event(e)) is e, member order and value types included, for any event new_event
-    builds (hypothesis); its hash still verifies."""
+    builds (hypothesis); its hash still verifies, and the chain's next link is read from its end."""
     from hypothesis import given, settings
     from hypothesis import strategies as st
     text = st.text(max_size=20)
@@ -210,9 +210,13 @@ def test_every_event_survives_the_stored_form():
         event = events.new_event(last, db_id=db_id, profile_id=profile_id, resource_id=resource_id,
                                  channel=channel, hash_id=hash_id, method=method, before=before, after=after,
                                  smid=smid, evidence=evidence)
-        back = events.decode_event(events.encode_event(event))
+        stored = events.encode_event(event)
+        back = events.decode_event(stored)
         assert json.dumps(back) == json.dumps(event)  # same members, order and values
         assert events.event_hash(back) == event["hash"]
+        # The next event's link is read from the entry's end (events._ENTRY_END), as decoding it gives it.
+        assert events._ENTRY_END.search(stored)
+        assert events.chain_tip(None, db_id, profile_id, stored) == {"seq": event["seq"], "hash": event["hash"]}
     check()
 
 

@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import json
 import logging
+import re
 import secrets
 import time
 
@@ -146,9 +147,22 @@ def chain_tip(client, db_id, profile_id, newest_raw):
     return {"seq": link["seq"] + damaged, "hash": hashlib.sha256(text).hexdigest()}
 
 
+# How every entry encode_event writes ends: its seq, prev_hash (but the first event's) and hash, the last three
+# of new_event's members. Searched in the entry's last characters only: what it finds is all a chained event's
+# place needs, and is what decoding the whole entry gives.
+_ENTRY_END = re.compile(r',"q":([1-9][0-9]{0,17}),(?:"p":"[0-9a-f]{64}",)?"x":"([0-9a-f]{64})"\}\Z')
+_ENTRY_END_CHARS = 170  # ,"q":<18 digits>,"p":"<64>","x":"<64>"}
+
+
 def _link_of(raw):
     """{seq, hash} of a ledger entry that can be chained after (is_link of its read_event), else None: those
-    two members as decode_event gives them, without rebuilding the whole event (chain_tip runs on every change)."""
+    two members as decode_event gives them, without rebuilding the whole event (chain_tip runs on every change).
+    An entry that ends as encode_event ends every event (_ENTRY_END) is not parsed further: a damaged entry
+    that still ends so (its start altered, say) is chained after by the seq and hash it ends with, and
+    verify_chain names it all the same."""
+    end = _ENTRY_END.search(raw, len(raw) - _ENTRY_END_CHARS) if type(raw) is str else None
+    if end is not None:
+        return {"seq": int(end.group(1)), "hash": end.group(2)}
     try:
         stored = json.loads(raw) if raw else None
     except ValueError:
