@@ -15,7 +15,7 @@ import secrets
 import time
 
 from . import keys
-from .validation import canonical_json_bytes, compact_json, ms_to_time, now_iso, time_to_ms
+from .validation import canonical_json_bytes, compact_json, ms_to_time, time_to_ms
 
 GENESIS_HASH = "0" * 64
 LEDGER_PAGE = 100  # ledger entries read per round trip when a ledger is read from its newest entry back
@@ -34,9 +34,10 @@ def event_hash(event):
 def new_event(last, *, db_id, profile_id, resource_id, channel, hash_id, method, before, after,
               smid=None, evidence=None):
     """Build the next event of a profile's chain after `last` (the previous event dict, or None)."""
+    ms = time.time_ns() // 1_000_000  # one clock read for its id and its time
     event = {
-        "id": f"{int(time.time() * 1000):013d}-{secrets.token_hex(4)}",
-        "at": now_iso(),
+        "id": f"{ms:013d}-{secrets.token_hex(4)}",
+        "at": ms_to_time(ms),
         "db_id": db_id, "profile_id": profile_id, "resource_id": resource_id, "channel": channel,
         "hash_id": hash_id, "method": method, "before": before, "after": after, "smid": smid,
         "evidence": {"ip": None, "user_agent": None, "seconds_since_send": None, "locale": None,
@@ -63,17 +64,16 @@ _EVIDENCE_DEFAULTS = ("ip", "user_agent", "seconds_since_send", "locale")  # Non
 
 def encode_event(event):
     """The event as stored in its profile's ledger list (compact JSON)."""
-    out = {}
-    for name, value in event.items():
-        if name in _EVENT_DEFAULTS and value == _EVENT_DEFAULTS[name]:
-            continue
-        if name == "evidence":
-            value = {k: v for k, v in value.items() if not (k in _EVIDENCE_DEFAULTS and v is None)}
-            if not value:
-                continue
-        elif name == "at":
-            value = time_to_ms(value)
-        out[_EVENT_SHORT.get(name, name)] = value
+    out = {_EVENT_SHORT.get(name, name): value for name, value in event.items()
+           if name not in _EVENT_DEFAULTS or value != _EVENT_DEFAULTS[name]}
+    if "e" in out:
+        evidence = {k: v for k, v in out["e"].items() if not (k in _EVIDENCE_DEFAULTS and v is None)}
+        if evidence:
+            out["e"] = evidence
+        else:
+            del out["e"]
+    if "a" in out:
+        out["a"] = time_to_ms(out["a"])
     return compact_json(out)
 
 
