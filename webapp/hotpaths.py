@@ -90,16 +90,24 @@ def _read_for_page(r, smid, token, method):
     return reply[:5]
 
 
-def _read_for_one_click(r, smid, token):
+def _one_click_keys(smid):
+    """The keys of the subscription a one-click reads and writes: its profile's records, its ledger, its
+    pending timer."""
+    db_id, profile_id, hash_id = smid.db_id, smid.profile_id, smid.hash_id
+    return (keys.profile_subscriptions(db_id, profile_id), keys.profile_events(db_id, profile_id),
+            keys.pending_unsubscribe(db_id, profile_id, hash_id))
+
+
+def _read_for_one_click(r, smid, token, subscription_keys):
     """[resource JSON, subscription JSON, view counts, pending timer's scope JSON, last ledger entry], ""
     where a key or field is missing, but None for an empty ledger: a newest entry "" is a damaged one, chained
     past (events.chain_tip). Plain reads, nothing to decide inside Redis."""
-    db_id, profile_id, hash_id = smid.db_id, smid.profile_id, smid.hash_id
+    subs_key, events_key, pending_key = subscription_keys
     reply = direct.pipeline(r, (("GET", keys.resource(smid.resource_id)),
-                                ("HGET", keys.profile_subscriptions(db_id, profile_id), hash_id),
+                                ("HGET", subs_key, smid.hash_id),
                                 ("HGETALL", keys.page_views(unsubscribe.view_digest(token))),
-                                ("HGET", keys.pending_unsubscribe(db_id, profile_id, hash_id), "scope"),
-                                ("LINDEX", keys.profile_events(db_id, profile_id), -1)))
+                                ("HGET", pending_key, "scope"),
+                                ("LINDEX", events_key, -1)))
     return ["" if value is None else value for value in reply[:4]] + [reply[4]]
 
 
@@ -142,7 +150,8 @@ def one_click(r, ring, token, evidence):
     """open_smid, then unsubscribe(r, ctx, resolve_scope(ctx), "one_click", evidence), in two round trips
     (one for a replay). Returns {"changed": bool, "state": {...}}; raises what those raise."""
     smid = read_smid(ring, token)
-    reply = _read_for_one_click(r, smid, token)
+    subscription_keys = _one_click_keys(smid)
+    reply = _read_for_one_click(r, smid, token, subscription_keys)
     ctx, stored = _context_for_change(token, smid, reply)
     pending_scope, last_raw = reply[3], reply[4]
     scope = unsubscribe.resolve_scope(ctx)
@@ -156,6 +165,7 @@ def one_click(r, ring, token, evidence):
     if not changed and not drop:
         return {"changed": False, "state": state_of(ctx.resource, new)}
     new_raw = event_raw = ref = ""
+    after = None
     if changed:
         if stored is None:
             new["updated_at"] = now_iso()
@@ -172,11 +182,9 @@ def one_click(r, ring, token, evidence):
             event_raw = events.encode_event(event)
             ref = f"{db_id}|{profile_id}|{event['seq']}"
     applied = scripts.run_direct(
-        r, APPLY, (keys.profile_subscriptions(db_id, profile_id), keys.profile_events(db_id, profile_id),
-                   keys.pending_unsubscribe(db_id, profile_id, hash_id), keys.pending_due(),
-                   keys.db_profiles(db_id), keys.events_timeline()),
+        r, APPLY, (*subscription_keys, keys.pending_due(), keys.db_profiles(db_id), keys.events_timeline()),
         (hash_id, reply[1], last_raw or "", pending_scope, new_raw, event_raw, ref, new["resource_id"], ONE_CLICK,
          keys.pending_due_member(db_id, profile_id, hash_id), profile_id, "1" if drop else "0"))
     if not applied:
         return unsubscribe.unsubscribe(r, ctx, scope, ONE_CLICK, evidence)
-    return {"changed": changed, "state": state_of(ctx.resource, new)}
+    return {"changed": changed, "state": after or state_of(ctx.resource, new)}
