@@ -86,12 +86,13 @@ class Services:
         self.procs.append(proc)
         return proc
 
-    def gunicorn(self, app_spec, workers=1, worker_class="sync", threads=1):
-        """Start gunicorn for `app_spec`; return (base_url, process)."""
+    def gunicorn(self, app_spec, workers=1, worker_class="sync", threads=1, cwd=ROOT):
+        """Start gunicorn for `app_spec` (imported from `cwd`: this repository, or another checkout of it);
+        return (base_url, process)."""
         port = free_port()
         proc = self._spawn([sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "-w", str(workers),
                             "-k", worker_class, "--threads", str(threads), "--log-level", "error", app_spec],
-                           env=self.env, cwd=ROOT)
+                           env=self.env, cwd=cwd)
         base = f"http://127.0.0.1:{port}"
         for _ in range(300):
             try:

@@ -57,6 +57,18 @@ def test_oneclick_bench():
     assert "socket errors / non-2xx            0/0         0/0" in out
 
 
+def test_oneclick_versions_bench():
+    """Two versions (a git revision checked out into a worktree, and the working tree) run alternately; each
+    prints its rate and CPU per request, and the worktree is removed afterwards."""
+    out = run_bench("oneclick_versions.py", "HEAD", ".", "--rounds", "1", "--seconds", "2",
+                    "--subscriptions", "600", "--workers", "1")
+    for rev in ("HEAD", "."):
+        assert number(rf"\n  {re.escape(rev)}\s+([\d,]+) req/s", out) > 0
+    assert re.search(r"server CPU per request, \. against HEAD: [+-]\d+\.\d%", out), out
+    worktrees = subprocess.run(["git", "-C", ROOT, "worktree", "list"], capture_output=True, text=True).stdout
+    assert "us-versions-" not in worktrees
+
+
 def test_page_bench():
     out = run_bench("page.py", *LOAD, "--no-render")
     assert number(r"ratio service/baseline \(median of the per-round ratios\): ([\d.]+)", out) > 0

@@ -1,0 +1,74 @@
+"""First one-click unsubscribes of two versions of the service, run alternately in one run: CPU per request.
+
+A code change's effect on the one-click is a few percent of its CPU, and a shared machine's slow spells move
+bench/oneclick.py's figures by more than that from one run to the next. Here both versions run at once, each
+under gunicorn (--workers sync workers) with its own redis-server, and wrk drives them in alternating rounds
+(bench/common.compare_max) on links not used before, so a slow spell hits both. Each version is a git
+revision, checked out into a temporary worktree (or "." for the working tree as it is). Prints, per version,
+the median round's rate, every round's rate, and gunicorn's and the whole machine's CPU per request.
+
+    .venv/bin/python bench/oneclick_versions.py OLD_REV NEW_REV [--rounds 4] [--seconds 16]
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, Services, compare_max, make_subscriptions, run_wrk, write_wrk_script  # noqa: E402
+from oneclick import BODY, FORM  # noqa: E402
+
+
+def checkout(rev, into):
+    """The directory holding `rev`: the repository itself for ".", else a detached worktree made in `into`."""
+    if rev == ".":
+        return ROOT
+    path = os.path.join(into, rev.replace("/", "_"))
+    subprocess.run(["git", "-C", ROOT, "worktree", "add", "-q", "--detach", path, rev], check=True)
+    return path
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("revs", nargs=2, metavar="REV", help='git revisions ("." for the working tree)')
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=16, help="seconds per version, split into the rounds")
+    parser.add_argument("--subscriptions", type=int, default=30000, help="per version: fresh links for every round")
+    parser.add_argument("--workers", type=int, default=4)
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="us-versions-")
+    services, trees, runs = [], [], {}
+    try:
+        for rev in args.revs:
+            tree = checkout(rev, work)
+            trees.append(tree)
+            svc = Services()
+            services.append(svc)
+            base, proc = svc.gunicorn("webapp:create_app()", workers=args.workers, cwd=tree)
+            paths = make_subscriptions(base, args.subscriptions, "instant")
+            warm = paths[:500]
+            run_wrk(base, write_wrk_script(svc.dir, "warm.lua", "POST", warm, BODY, FORM), 1, 8)
+            per_round = (len(paths) - len(warm)) // args.rounds
+            scripts = [write_wrk_script(svc.dir, f"round{i}.lua", "POST",
+                                        paths[len(warm) + i * per_round:][:per_round], BODY, FORM)
+                       for i in range(args.rounds)]
+            runs[rev] = (base, scripts, proc.pid)
+        results = compare_max(runs, args.seconds, args.rounds, 8)
+    finally:
+        for svc in services:
+            svc.close()
+        for tree in trees:
+            if tree != ROOT:
+                subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", tree], check=False)
+    print(f"first one-click unsubscribes, {args.workers} sync workers per version, {args.rounds} alternating rounds")
+    for rev, fig in results.items():
+        rounds = ", ".join(f"{rps:,.0f}" for rps in fig["rps_rounds"])
+        print(f"  {rev:12s} {fig['rps']:7,.0f} req/s (rounds {rounds}); server CPU {fig['cpu_ms']:.3f} ms, "
+              f"whole machine {fig['machine_ms']:.3f} ms per request")
+    old, new = (results[rev] for rev in args.revs)
+    print(f"server CPU per request, {args.revs[1]} against {args.revs[0]}: {new['cpu_ms'] / old['cpu_ms'] - 1:+.1%}")
+
+
+if __name__ == "__main__":
+    main()
