@@ -144,3 +144,21 @@ def test_every_cut_of_a_token_is_refused_and_one_cut_within_its_record_or_mac_is
         with pytest.raises(BadToken) as refused:
             read(keys, token + "AAAA")
         assert not isinstance(refused.value, IncompleteToken)
+
+
+def test_a_token_has_one_spelling():
+    """The same bytes spelt another way (padding, the other base64 alphabet, a character base64 decoders skip,
+    unused low bits of the last character set) is refused: no two links are one token, and read_smid's own
+    decoding (binascii, for speed) accepts only what issuing writes."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    for profile in ("p", "p-", "p-4"):  # tokens of each length modulo 4 that base64url has
+        token = issue_smid(ROTATED, 7, 1, profile, "7641c5c5", "news", sent_at=1_700_000_000)
+        assert read_smid(ROTATED, token).profile_id == profile
+        last = alphabet.index(token[-1])
+        others = [token + "=" * (-len(token) % 4 or 4), token[:5] + "\n" + token[5:], token[:5] + " " + token[5:],
+                  token.replace("-", "+").replace("_", "/"), token[:-1] + alphabet[last | 1]]
+        for other in others:
+            if other == token:  # no "-" or "_" to swap, or the last character has no unused bit
+                continue
+            with pytest.raises(BadToken):
+                read_smid(ROTATED, other)
