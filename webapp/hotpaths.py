@@ -24,7 +24,6 @@ import json
 import time
 
 from . import direct, events, keys, scripts, unsubscribe
-from .resources import decode_shared
 from .subscriptions import decode_for_change, encode_changed, encode_record, state_of
 from .tokens import read_smid
 from .validation import now_iso
@@ -135,15 +134,12 @@ def open_for_page(r, ring, token, method):
 def _context_for_change(token, smid, reply):
     """(Context, stored members) for one_click: the Context of _context, its record only what an unsubscribe
     reads of it (subscriptions.decode_for_change), and the stored members encode_changed writes the change
-    into; the full _context, and no stored members, for what that does not cover (a missing resource or
-    record, which _context raises for, a record in the long form or of another resource)."""
+    into; the full _context, and no stored members, for a record that is missing or in the long form."""
     stored = json.loads(reply[1]) if reply[0] and reply[1] else None
     record = decode_for_change(stored) if type(stored) is dict else None
-    resource = decode_shared(reply[0]) if record else None
-    if record is None or record["resource_id"] != resource["id"]:
+    if record is None:
         return _context(token, smid, reply), None
-    views = {k: int(v) for k, v in _as_dict(reply[2]).items()}
-    return unsubscribe.Context(token, smid, resource, record, views), stored
+    return unsubscribe.context_from(token, smid, reply[0], reply[1], _as_dict(reply[2]), record=record), stored
 
 
 def one_click(r, ring, token, evidence):

@@ -79,13 +79,15 @@ def open_smid(r, ring, token, with_pending=False):
     return ctx
 
 
-def context_from(token, smid, resource_raw, raw, views):
+def context_from(token, smid, resource_raw, raw, views, record=None):
     """open_smid's checks of what it read (None where a key or field is missing); returns the Context.
-    Also used by hotpaths.py, which reads the same keys in one pipeline together with what its caller needs."""
+    Also used by hotpaths.py, which reads the same keys in one pipeline together with what its caller needs,
+    and may pass the record it decoded itself from `raw` (subscriptions.decode_for_change)."""
     if resource_raw is None:
         raise NoSuchResource(f"resource {smid.resource_id} does not exist")
     resource = decode_shared(resource_raw)
-    record = decode_record(raw) if raw else None
+    if record is None:
+        record = decode_record(raw) if raw else None
     # A soft-deleted subscription (`is_delete`) is still stored and `undelete` brings it back, so its sent
     # links keep working: an opt-out made through one meanwhile must hold after the undelete.
     if record is None or record["resource_id"] != resource["id"]:
