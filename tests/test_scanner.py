@@ -1,7 +1,11 @@
 """A scanner-like burst is flagged from its evidence, and the revert API restores exactly those changes."""
+import json
 import time
 
+import pytest
+
 from conftest import API_TOKEN, email_resource, form_token, redis_state
+from webapp import events
 
 
 def subscribe(api, res, profile_id, email, sent_at=None):
@@ -242,3 +246,58 @@ def test_the_revert_reads_the_ledger_back_a_page_at_a_time_and_only_as_far_as_ne
 
 def ident_hash(api, ident):
     return api.ok("subscriptions/get", **ident)["hash_id"]
+
+
+def _altered(event, path, value):
+    """The event with the member at `path` (names, outermost first) set to `value`."""
+    event = json.loads(json.dumps(event))
+    *outer, last = path
+    holder = event
+    for name in outer:
+        holder = holder[name]
+    holder[last] = value
+    return event
+
+
+# Members of a flagged change, each given a type new_event never writes: what someone editing Redis by hand, or
+# damaged storage, could leave in an entry that still reads as JSON (events/verify names such an entry).
+ALTERED_MEMBERS = [
+    (("evidence",), "fast"), (("evidence",), ["fast"]), (("evidence", "seconds_since_send"), "5"),
+    (("evidence", "seconds_since_send"), [5]), (("evidence", "page_views"), ["GET"]),
+    (("evidence", "page_views"), {"GET": "3"}), (("evidence", "page_views"), {"GET": None, "HEAD": [1]}),
+    (("evidence", "user_agent"), 7), (("evidence", "recipient_domain"), ["corp.example"]),
+    (("evidence", "recipient_domain"), {"corp": 1}), (("id",), 1234567890123), (("id",), "not-a-time"),
+    (("id",), None), (("method",), ["sdk"]), (("method",), {"sdk": 1}), (("resource_id",), {"id": 1}),
+    (("resource_id",), [1]), (("before",), "subscribed"), (("before",), ["news"]),
+    (("before", "status"), "bogus"), (("before", "status"), 0),
+    (("before", "status"), ["subscribed"]), (("before", "cats"), "news"),
+    (("before", "cats"), [1]), (("after",), {"cats": []}), (("after", "cats"), None), (("seq",), "2"),
+    (("seq",), None), (("db_id",), "1"), (("db_id",), [1]), (("profile_id",), ["p1"]), (("hash_id",), {"h": 1}),
+]
+
+
+@pytest.mark.parametrize("path, value", ALTERED_MEMBERS, ids=lambda x: repr(x)[:40])
+def test_a_flagged_change_altered_to_wrong_types_is_passed_over_not_a_500(api, app, r, path, value):
+    """A readable entry whose members have types new_event never writes is passed over by the review and the
+    revert, as unreadable entries are (events/verify names it): the other flagged changes are still listed and
+    reverted, and no call answers 500."""
+    res, ident = three_category_subscription(api, "p1")
+    _, other = three_category_subscription(api, "p2")
+    other["resource_id"] = res["id"]
+    api.ok("subscriptions/set", **other)
+    sdk_confirm(app, res, ident, "news")
+    sdk_confirm(app, res, other, "news")
+    flagged = api.ok("events/flagged", **{"from": 0})
+    assert [f["event"]["profile_id"] for f in flagged] == ["p1", "p2"]
+    key = "us:{1:p1}:events"
+    # Written in the long form (as older entries are), which reads back member for member.
+    r.lset(key, -1, json.dumps(_altered(events.decode_event(r.lindex(key, -1)), path, value)))
+    left = api.call("events/flagged", **{"from": 0})
+    assert left.status_code == 200, left.get_json()
+    assert [f["event"]["id"] for f in left.get_json()["data"]] == [flagged[1]["event"]["id"]]
+    reverted = api.call("events/revert_flagged", **{"from": 0})
+    assert reverted.status_code == 200, reverted.get_json()
+    assert reverted.get_json()["data"] == {"reverted": [flagged[1]["event"]["id"]], "skipped": []}
+    assert api.ok("subscriptions/get", **other)["cats"] == ["news", "promo", "tips"]
+    assert api.ok("subscriptions/get", **ident)["cats"] == ["promo", "tips"]
+    assert api.ok("events/verify", db_id=1, profile_id="p1")["first_bad"] is not None

@@ -19,7 +19,7 @@ import re
 
 from . import keys
 from .errors import InvalidInput
-from .events import export_events, newest_first, read_event
+from .events import export_events, id_ms, newest_first, read_event
 from .resources import get_resources
 from .subscriptions import Status, state_of, update_profile, with_state
 from .unsubscribe import FINAL_STATUSES
@@ -49,11 +49,37 @@ def flags_of(event):
     return flags
 
 
+_STATUS_WORDS = frozenset(s.word for s in Status)
+# The evidence members the review reads, and the types unsubscribe._evidence writes them with (or None).
+_EVIDENCE_TYPES = {"seconds_since_send": (int, float), "page_views": dict, "user_agent": str,
+                   "recipient_domain": str}
+
+
+def reviewable(event):
+    """Whether a ledger event has every member the review and the revert read, of the types new_event writes:
+    an entry that still reads as JSON but was altered past that (by hand, or damaged storage; events/verify
+    names it) is passed over, as unreadable entries are, rather than answered with a 500."""
+    evidence = event.get("evidence")
+    return (id_ms(event) is not None and type(event.get("seq")) is int and type(event.get("db_id")) is int
+            and type(event.get("profile_id")) is str and type(event.get("hash_id")) is str
+            and type(event.get("resource_id")) in (int, str) and _is_state(event.get("before"))
+            and (event.get("after") is None or _is_state(event["after"])) and isinstance(evidence, dict)
+            and all(evidence.get(name) is None or isinstance(evidence[name], kind)
+                    for name, kind in _EVIDENCE_TYPES.items())
+            and all(type(n) is int for n in (evidence.get("page_views") or {}).values()))
+
+
+def _is_state(state):
+    """A ledger state as state_of writes it: {"status": a status word, "cats": [api names]}."""
+    return (isinstance(state, dict) and type(state.get("status")) is str and state["status"] in _STATUS_WORDS and type(state.get("cats")) is list
+            and all(type(name) is str for name in state["cats"]))
+
+
 def review(events, thresholds=None):
     """[(event, flags)] for the reviewed events that carry at least one flag, oldest first."""
     t = {"DOMAIN_BURST": DOMAIN_BURST, "DOMAIN_WINDOW": DOMAIN_WINDOW, **(thresholds or {})}
     reviewed = [e for e in events if e.get("method") in REVIEWED_METHODS and e.get("before")
-                and e["after"] != e["before"]]
+                and e["after"] != e["before"] and reviewable(e)]
     flagged = {e["id"]: flags_of(e) for e in reviewed}
     groups = {}
     for e in reviewed:
