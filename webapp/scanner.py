@@ -71,8 +71,8 @@ def reviewable(event):
 
 def _is_state(state):
     """A ledger state as state_of writes it: {"status": a status word, "cats": [api names]}."""
-    return (isinstance(state, dict) and type(state.get("status")) is str and state["status"] in _STATUS_WORDS and type(state.get("cats")) is list
-            and all(type(name) is str for name in state["cats"]))
+    return (isinstance(state, dict) and type(state.get("status")) is str and state["status"] in _STATUS_WORDS
+            and type(state.get("cats")) is list and all(type(name) is str for name in state["cats"]))
 
 
 def review(events, thresholds=None):
