@@ -5,7 +5,9 @@ bench/oneclick.py's figures by more than that from one run to the next. Here bot
 under gunicorn (--workers sync workers) with its own redis-server, and wrk drives them in alternating rounds
 (bench/common.compare_max) on links not used before, so a slow spell hits both. Each version is a git
 revision, checked out into a temporary worktree (or "." for the working tree as it is). Prints, per version,
-the median round's rate, every round's rate, and gunicorn's and the whole machine's CPU per request.
+the median round's rate, every round's rate, gunicorn's and the whole machine's CPU per request, and how many
+of its requests unsubscribed (a round that runs out of fresh links replays them, which costs less: then
+raise --subscriptions).
 
     .venv/bin/python bench/oneclick_versions.py OLD_REV NEW_REV [--rounds 4] [--seconds 16]
 """
@@ -16,8 +18,11 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import redis  # noqa: E402
+
 from common import ROOT, Services, compare_max, make_subscriptions, run_wrk, write_wrk_script  # noqa: E402
 from oneclick import BODY, FORM  # noqa: E402
+from webapp.keys import events_timeline  # noqa: E402  (common put the repository on sys.path)
 
 
 def checkout(rev, into):
@@ -34,11 +39,11 @@ def main():
     parser.add_argument("revs", nargs=2, metavar="REV", help='git revisions ("." for the working tree)')
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=16, help="seconds per version, split into the rounds")
-    parser.add_argument("--subscriptions", type=int, default=30000, help="per version: fresh links for every round")
+    parser.add_argument("--subscriptions", type=int, default=60000, help="per version: fresh links for every round")
     parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="us-versions-")
-    services, trees, runs = [], [], {}
+    services, trees, runs, changes = [], [], {}, {}
     try:
         for rev in args.revs:
             tree = checkout(rev, work)
@@ -54,7 +59,11 @@ def main():
                                         paths[len(warm) + i * per_round:][:per_round], BODY, FORM)
                        for i in range(args.rounds)]
             runs[rev] = (base, scripts, proc.pid)
+            timeline = redis.Redis.from_url(svc.redis_url)
+            changes[rev] = (timeline, timeline.xlen(events_timeline()))
         results = compare_max(runs, args.seconds, args.rounds, 8)
+        # every unsubscribe writes one timeline entry: the requests that unsubscribed, per version
+        changed = {rev: timeline.xlen(events_timeline()) - before for rev, (timeline, before) in changes.items()}
     finally:
         for svc in services:
             svc.close()
@@ -65,7 +74,9 @@ def main():
     for rev, fig in results.items():
         rounds = ", ".join(f"{rps:,.0f}" for rps in fig["rps_rounds"])
         print(f"  {rev:12s} {fig['rps']:7,.0f} req/s (rounds {rounds}); server CPU {fig['cpu_ms']:.3f} ms, "
-              f"whole machine {fig['machine_ms']:.3f} ms per request")
+              f"whole machine {fig['machine_ms']:.3f} ms per request; {changed[rev]:,} of "
+              f"{sum(fig['requests_rounds']):,} requests unsubscribed"
+              + ("  (links ran out: raise --subscriptions)" if max(fig["requests_rounds"]) > per_round else ""))
     old, new = (results[rev] for rev in args.revs)
     print(f"server CPU per request, {args.revs[1]} against {args.revs[0]}: {new['cpu_ms'] / old['cpu_ms'] - 1:+.1%}")
 

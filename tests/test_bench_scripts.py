@@ -64,6 +64,10 @@ def test_oneclick_versions_bench():
                     "--subscriptions", "600", "--workers", "1")
     for rev in ("HEAD", "."):
         assert number(rf"\n  {re.escape(rev)}\s+([\d,]+) req/s", out) > 0
+        # 100 fresh links for a second of one-clicks: the rest were replays, which the figures must say
+        line = re.search(rf"\n  {re.escape(rev)}\s.*", out).group(0)
+        assert 0 < number(r"; ([\d,]+) of [\d,]+ requests unsubscribed", line) <= 100, line
+        assert "(links ran out: raise --subscriptions)" in line, line
     assert re.search(r"server CPU per request, \. against HEAD: [+-]\d+\.\d%", out), out
     worktrees = subprocess.run(["git", "-C", ROOT, "worktree", "list"], capture_output=True, text=True).stdout
     assert "us-versions-" not in worktrees
