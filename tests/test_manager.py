@@ -72,7 +72,10 @@ def test_toggle_category_and_edit_fields(api, client, r):
                                               ("field.score", "1_000", "Enter a number"),  # float() takes these
                                               ("field.score", "١٢", "Enter a number"),
                                               ("field.score", "nan", "Enter a number"),
-                                              ("field.score", "1e999", "Enter a number")])
+                                              ("field.score", "1e999", "Enter a number"),
+                                              # a thousand with its separator, or one with three decimals?
+                                              ("field.score", "1,000", "thousands separator"),
+                                              ("field.score", "-12,500", "thousands separator")])
 def test_bad_field_value_shows_inline_error_and_saves_nothing(api, client, r, field, value, text):
     _res, _ident, sub, path = setup_profile(api)
     token = form_token(client.get(path).get_data(as_text=True))
@@ -90,7 +93,9 @@ def test_bad_field_value_shows_inline_error_and_saves_nothing(api, client, r, fi
 @pytest.mark.parametrize("field,value,stored", [("field.age", "-9223372036854775808", -2 ** 63),  # the API's range
                                                 ("field.age", " 12 ", 12),
                                                 ("field.score", "4,5", 4.5), ("field.score", "-.5", -0.5),
-                                                ("field.score", "1e3", 1000.0)])
+                                                ("field.score", "1e3", 1000.0), ("field.score", "1,0", 1.0),
+                                                ("field.score", "1,5000", 1.5), ("field.score", "1000,5", 1000.5),
+                                                ("field.score", "0,125", 0.125)])
 def test_a_number_is_taken_as_people_write_it(api, client, field, value, stored):
     _res, ident, sub, path = setup_profile(api)
     resp = post(client, path, action="save", hash_id=sub["hash_id"], categories=["news"], **{field: value})

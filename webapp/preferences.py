@@ -62,6 +62,8 @@ def parse_field(fdef, raw):
         # Python's float() takes ("1_000", digits of other scripts such as "١٢", "nan", "inf").
         if not _FLOAT.fullmatch(raw):
             raise ValueError("float")
+        if _GROUPED.fullmatch(raw):  # "1,000": a thousand to one reader, one to another; neither is guessed
+            raise ValueError("float_grouped")
         value = float(raw.replace(",", "."))
         if value in (float("inf"), float("-inf")):  # "1e999"
             raise ValueError("float")
@@ -72,6 +74,9 @@ def parse_field(fdef, raw):
 
 
 _FLOAT = re.compile(r"[-+]?([0-9]+([.,][0-9]*)?|[.,][0-9]+)([eE][-+]?[0-9]+)?")
+# A comma after one to three digits (not a lone 0) and before exactly three: a thousands separator as English
+# writes it, or a decimal comma as Russian does.
+_GROUPED = re.compile(r"[-+]?[1-9][0-9]{0,2},[0-9]{3}")
 _CONTROL_CHARACTERS = dict.fromkeys(c for c in range(32) if chr(c) not in "\t\n\r")
 
 
