@@ -64,6 +64,18 @@ def test_toggle_category_and_edit_fields(api, client, r):
     assert event["method"] == "manager" and event["after"]["cats"] == ["receipts"]
 
 
+def test_a_line_field_keeps_no_line_breaks_or_controls(api, client):
+    """A line a person enters is one line, as a browser's text input sends it: line breaks of every kind (CR, LF,
+    NEL, U+2028/2029) and control characters are left out of a hand-made POST too, so a value a sender puts into
+    a mail header cannot add one (Bcc: injection); a tab is a space."""
+    _res, ident, sub, path = setup_profile(api)
+    value = "pro\r\nBcc: x@evil.example\u2028y\x85z\x9b\x7f\u2029\tplan\n"
+    resp = post(client, path, action="save", hash_id=sub["hash_id"], categories=["news"], **{"field.plan": value})
+    assert resp.status_code == 303
+    stored = api.ok("subscriptions/get", **ident)["custom_fields"]["plan"]
+    assert stored == "proBcc: x@evil.exampleyz plan" and stored.splitlines() == [stored]
+
+
 @pytest.mark.parametrize("field,value,text", [("field.age", "3.5", "whole number"),
                                               ("field.age", "²", "whole number"),     # "²".isdigit() is True
                                               ("field.age", "--5", "whole number"),

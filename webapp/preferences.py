@@ -77,7 +77,11 @@ _FLOAT = re.compile(r"[-+]?([0-9]+([.,][0-9]*)?|[.,][0-9]+)([eE][-+]?[0-9]+)?")
 # A comma after one to three digits (not a lone 0) and before exactly three: a thousands separator as English
 # writes it, or a decimal comma as Russian does.
 _GROUPED = re.compile(r"[-+]?[1-9][0-9]{0,2},[0-9]{3}")
-_CONTROL_CHARACTERS = dict.fromkeys(c for c in range(32) if chr(c) not in "\t\n\r")
+# What a person's line of text keeps out: control characters (invisible; the API refuses C0 ones) and line
+# breaks, as a browser's text input strips them from what is typed or pasted. Only a hand-made POST sends them,
+# and a "line" a sender puts into a mail header or a one-line template must not break it (Bcc: injection).
+_CONTROL_CHARACTERS = dict.fromkeys([*range(32), *range(0x7f, 0xa0), 0x2028, 0x2029])
+_CONTROL_CHARACTERS[ord("\t")] = " "  # a tab is blank space on a line
 
 
 def category_locked(cat, blocked, on):
