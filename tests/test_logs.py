@@ -140,3 +140,35 @@ def test_no_log_holds_a_whole_token(served):
     assert "/unsubscribe/" in text and "413" in text
     for token in (smid, manage):
         assert token[10:40] not in text, text[-2000:]
+
+
+def raw_answer(port, request):
+    """Send `request` (bytes) as it is and read the whole answer: (status, headers with lower-case names, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    return int(lines[0].split()[1]), {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}, body
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET /unsubscribe/" + b"A" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),     # over limit_request_line
+    (b"GET /unsubscribe/AQRkZXYx HTTP/1.1\r\nHost: x\r\nX-Big: " + b"B" * 9000 + b"\r\n\r\n", 431),
+    (b"GET /unsubscribe/AQRkZXYx<script> HTTP/9.9\r\nHost: x\r\n\r\n", 400),          # a request line it refuses
+])
+def test_what_gunicorn_refuses_is_answered_plainly_with_the_pages_security_headers(served, request_bytes, status):
+    """gunicorn answers a request it cannot take (before the app sees it) itself. Its answer carries the security
+    headers every page has, is plain text, and repeats nothing of the request (gunicorn's own is an HTML page
+    quoting part of it: a link's token, or markup)."""
+    from webapp.pages import NOSNIFF, PAGE_SECURITY_HEADERS
+    port, _logs = served
+    got, headers, body = raw_answer(port, request_bytes)
+    assert got == status
+    for name, value in (*PAGE_SECURITY_HEADERS, NOSNIFF, ("Cache-Control", "no-store"),
+                        ("Content-Type", "text/plain; charset=utf-8")):
+        assert headers[name.lower()] == value, (name, headers)
+    assert int(headers["content-length"]) == len(body) and body.startswith(str(status).encode())
+    assert b"AQRkZXYx" not in body and b"AAAA" not in body and b"<" not in body

@@ -24,3 +24,27 @@ def post_worker_init(worker):
     import gc
     gc.collect()
     gc.freeze()
+
+
+def _answer_refusals_plainly():
+    """gunicorn answers what it refuses before the app sees it itself: a request line over its limit (414), headers
+    over theirs (431), a malformed request (400). Its answer is an HTML page that quotes part of the request (a
+    link's token, or markup) and has none of the security headers of our pages. Here it is plain text naming the
+    status, with those headers, and nothing of the request."""
+    from gunicorn import util
+
+    def write_error(sock, status_int, reason, mesg):  # gunicorn.util.write_error's signature; `mesg` quotes
+        # Imported here, in a worker that has loaded the app: the master imports no app module (a gevent worker
+        # must patch the standard library before Flask and redis-py are imported).
+        from webapp.pages import NOSNIFF, PAGE_SECURITY_HEADERS
+        headers = "".join(f"{name}: {value}\r\n" for name, value in (
+            ("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store"), *PAGE_SECURITY_HEADERS,
+            NOSNIFF))
+        body = f"{status_int} {reason}\n"
+        util.write_nonblock(sock, (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n{headers}"
+                                   f"Content-Length: {len(body)}\r\n\r\n{body}").encode("latin-1"))
+
+    util.write_error = write_error  # the workers call it as util.write_error
+
+
+_answer_refusals_plainly()
