@@ -7,9 +7,9 @@ from webapp import create_app, pages
 _PAGE = "x" * 2066  # the confirm page's size in bench/page.py
 
 
-def _constant_page(_template_name, **_view):
+def _constant_page(_template_name, _view):
     return _PAGE
 
 
-pages.render_page = _constant_page
+pages.render_link_page = _constant_page
 app = create_app()

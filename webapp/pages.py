@@ -19,6 +19,7 @@ from .delayed import schedule_timer
 from .errors import BadToken, Blocked, Conflict, IncompleteToken, InvalidInput, NotFound, ServiceError
 from .headers import manage_url
 from .locale import LOCALES, _translations, explicit_locale, page_locale, render_page, set_page_locale
+from .page_cache import render_link_page
 from .ratelimits import count_link_form
 from .store import client_of, get_redis, get_timer_queue
 from .subscriptions import Status, subscribed_cats
@@ -239,7 +240,11 @@ def unsubscribe_page(smid):
         return redirect(fill_page_url(page_url, ctx.token, ctx.resource["rtoken"]), code=302)
     done = request.args.get("done")
     view = page_view(ctx, done if done in DONE_WORDS else None)
-    return no_store(make_response(render_page(page_template(ctx, view), **view)))
+    template = page_template(ctx, view)
+    # A page of a kind many links share is filled in from one render (page_cache.py); a countdown's page
+    # differs every second, so it is rendered.
+    page = render_page(template, **view) if view["pending"] else render_link_page(template, view)
+    return no_store(make_response(page))
 
 
 def page_template(ctx, view):
