@@ -39,13 +39,13 @@ def kept_kinds(app):
     return app.extensions.setdefault("page_kinds", {})
 
 
-def _key(template_name, view):
+def _key(app, template_name, view):
     """Everything but the link's own values that the render reads, as bytes. orjson writes Markup as the plain
     text it is, though Jinja prints it unescaped: the names of the values that are Markup are in the key too.
     A value orjson cannot write raises TypeError."""
     rest = {name: value for name, value in view.items() if name not in _MARKERS}
     markup = [name for name, value in rest.items() if isinstance(value, Markup)]
-    language_href = current_app.jinja_env.globals["language_href"]  # what the templates' switcher calls
+    language_href = app.jinja_env.globals["language_href"]  # what the templates' switcher calls
     switcher = [language_href(code) for code in LOCALES]
     return orjson.dumps([template_name, page_locale(), request.script_root, switcher, markup, rest],
                         option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
@@ -65,7 +65,7 @@ def render_link_page(template_name, view):
     if app.jinja_env.auto_reload:
         return render_page(template_name, **view)
     try:
-        key = _key(template_name, view)
+        key = _key(app, template_name, view)
     except TypeError:
         return render_page(template_name, **view)
     kinds = kept_kinds(app)

@@ -378,17 +378,18 @@ def language_href(code):
     else, a form's POST (409, 413, 429, an error page), links to the way back (page_back_url): a repost would
     act again, the bare URL would act as first opened. Only the route's own token and fixed words go in.
     Elsewhere (the manager acts on no GET) the query is kept with `lang` swapped, so a notice survives."""
-    args = request.args  # `in` first: werkzeug's get() of a missing key builds and catches an exception
-    endpoint, view_args = request.endpoint, request.view_args
-    if endpoint is None and isinstance(request.routing_exception, MethodNotAllowed):
+    req = request._get_current_object()  # one context-local lookup: every page calls this once per language
+    args = req.args  # `in` first: werkzeug's get() of a missing key builds and catches an exception
+    endpoint, view_args = req.endpoint, req.view_args
+    if endpoint is None and isinstance(req.routing_exception, MethodNotAllowed):
         # A method no route takes (a PUT of the page's URL): its 405 page is at the page's path all the same.
         try:
-            rule, view_args = current_app.create_url_adapter(request).match(method="GET", return_rule=True)
+            rule, view_args = current_app.create_url_adapter(req).match(method="GET", return_rule=True)
             endpoint = rule.endpoint
         except HTTPException:
             pass  # a path GET does not take either: no page of ours to act
     if endpoint == PAGE_ENDPOINT:
-        if request.method in ("GET", "HEAD"):
+        if req.method in ("GET", "HEAD"):
             done = args["done"] if "done" in args else None
             return f"?done={done}&lang={code}" if done in DONE_WORDS else f"?lang={code}"
         return page_back_url(token_in_link(view_args["smid"]), code)
