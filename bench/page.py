@@ -77,7 +77,8 @@ def main():
                f"baseline {bare_bytes:,} bytes",
                f"the service's confirm template rendered bare (GET /page_same_template, {same_bytes:,} bytes): "
                f"{same['rps']:,.0f} req/s, {same['cpu_ms']:.2f} ms server CPU per request; service/that: "
-               f"{median_ratio(svc, same):.2f} (median of the per-round ratios)",
+               f"{median_ratio(svc, same):.2f} (median of the per-round ratios; goal >= 0.70 against this "
+               f"baseline: {'MET' if median_ratio(svc, same) >= 0.7 else 'NOT MET'})",
                *([f"the service with rendering replaced by a constant string (bench/no_render_app.py): "
                   f"{res['no_render']['rps']:,.0f} req/s, {res['no_render']['cpu_ms']:.2f} ms server CPU per request; "
                   f"that/baseline: {median_ratio(res['no_render'], bare):.2f}"]

@@ -78,6 +78,8 @@ def test_page_bench():
     assert number(r"ratio service/baseline \(median of the per-round ratios\): ([\d.]+)", out) > 0
     assert number(r"replaced by a constant string \(bench/no_render_app.py\): ([\d,]+) req/s", out) > 0
     assert number(r"rendered bare \(GET /page_same_template, ([\d,]+) bytes\)", out) > 1000
+    assert re.search(r"service/that: [\d.]+ \(median of the per-round ratios; goal >= 0\.70 against this "
+                     r"baseline: (MET|NOT MET)\)", out)
     assert re.search(r"goal ratio >= 0\.70: (MET|NOT MET)", out)
 
 
