@@ -1,9 +1,12 @@
 """subscriptions/set, get, list, delete, undelete, suspend_all, unsuspend_all and their validation."""
 import hashlib
+import json
 
 import pytest
 
 from conftest import email_resource, redis_state
+from webapp import keys
+from webapp.tokens import read_smid
 
 
 def sub(resource, **kw):
@@ -843,3 +846,51 @@ def test_stored_text_is_the_json_modules_and_event_hashes_are_of_its_canonical_t
         else:
             assert compact_json(value) == expected
     check()
+
+
+# Stored texts under a subscription's hash_id that are not a record the service writes (altered in Redis by
+# hand, or damaged): not JSON, not an object, a member missing, a member of the wrong type (short names).
+DAMAGED_RECORDS = [
+    b"not json", b"", b"[1, 2]", b'"text"', b"null", b"{", b'{"c": "email", "a": "ann@example.com"}',
+    *[json.dumps({"r": 1, "c": "email", "a": "ann@example.com", **member}).encode() for member in (
+        {"r": "1"}, {"r": True}, {"r": None}, {"c": 5}, {"c": None}, {"a": 5}, {"a": None}, {"a": ["x"]},
+        {"s": "x"}, {"s": 9}, {"s": True}, {"s": None}, {"s": 0.0}, {"p": "1"}, {"p": None}, {"u": "news"},
+        {"u": [1]}, {"u": None}, {"f": []}, {"f": "x"}, {"x": 1}, {"x": "yes"}, {"t": [1]}, {"t": {}},
+        {"z": 5.5}, {"g": 5}, {"g": ["ru"]})],
+]
+
+
+@pytest.mark.parametrize("damaged", DAMAGED_RECORDS, ids=range(len(DAMAGED_RECORDS)))
+def test_a_damaged_record_is_taken_as_none_and_set_writes_it_anew(api, app, client, r, damaged, caplog):
+    """Never a 500: a person's link reads as one whose subscription is gone (404), the API as no subscription,
+    the profile's other subscriptions are unaffected, verify names it, and subscriptions/set writes it anew."""
+    res = api.ok("resources/add", **email_resource(unsubscribe={"mode": "confirm"}))
+    ident = {"db_id": 1, "profile_id": "p-42", "resource_id": res["id"], "channel": "email"}
+    api.ok("subscriptions/set", **ident, email="ann@example.com")
+    api.ok("subscriptions/set", **ident, email="bob@example.com")
+    links = api.ok("messages/links", **ident, email="ann@example.com")
+    path = links["unsubscribe_url"].removeprefix("https://unsub.example")
+    manage = links["manage_url"].removeprefix("https://unsub.example")
+    hash_id = read_smid(app.extensions["signing_keys"], path.rsplit("/", 1)[1]).hash_id
+    r.hset(keys.profile_subscriptions(1, "p-42"), hash_id, damaged)
+    before = redis_state(r)
+
+    page = client.get(path)
+    assert page.status_code == 404 and "<html" in page.get_data(as_text=True)
+    one_click = client.post(path, data="List-Unsubscribe=One-Click", content_type="application/x-www-form-urlencoded")
+    assert one_click.status_code == 404 and one_click.get_data(as_text=True) == "Unknown unsubscribe link.\n"
+    sdk = client.post(f"/sdk/v1/{res['id']}/unsubscribe", json={"smid": path.rsplit("/", 1)[1], "action": "show"},
+                      headers={"Origin": "https://shop.example"})
+    assert sdk.status_code == 404, sdk.get_json()
+    manager = client.get(manage)
+    assert manager.status_code == 200 and "b•" in manager.get_data(as_text=True)
+    assert api.fail("subscriptions/get", expect=404, **ident, email="ann@example.com")
+    listed = api.ok("subscriptions/list", db_id=1, profile_id="p-42")
+    assert [s["email"] for s in listed] == ["bob@example.com"]
+    assert redis_state(r) == before  # nothing above wrote (but telemetry)
+    assert api.ok("events/verify", db_id=1, profile_id="p-42")["ok"] is False
+    assert "taken as no record" in caplog.text
+
+    api.ok("subscriptions/set", **ident, email="ann@example.com")
+    assert api.ok("subscriptions/get", **ident, email="ann@example.com")["status"] == "subscribed"
+    assert client.get(path).status_code == 200

@@ -134,8 +134,12 @@ def open_for_page(r, ring, token, method):
 def _context_for_change(token, smid, reply):
     """(Context, stored members) for one_click: the Context of _context, its record only what an unsubscribe
     reads of it (subscriptions.decode_for_change), and the stored members encode_changed writes the change
-    into; the full _context, and no stored members, for a record that is missing or in the long form."""
-    stored = json.loads(reply[1]) if reply[0] and reply[1] else None
+    into; the full _context, and no stored members, for a record that is missing, in the long form or not
+    readable (subscriptions.readable_record: no record)."""
+    try:
+        stored = json.loads(reply[1]) if reply[0] and reply[1] else None
+    except ValueError:
+        stored = None
     record = decode_for_change(stored) if type(stored) is dict else None
     if record is None:
         return _context(token, smid, reply), None

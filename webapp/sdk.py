@@ -55,7 +55,7 @@ from .locale import choose_locale, request_accept_language
 from .ratelimits import client_ip
 from .resources import get_resource
 from .store import get_redis, get_timer_queue
-from .subscriptions import decode_record, state_of
+from .subscriptions import readable_record, state_of
 from .tokens import SMID_MAX_CHARS, link_digest, same_secret
 from .validation import idna_ascii, json_object
 
@@ -257,7 +257,7 @@ def _state(r, ctx, result):
         pipe.time()
         raw, ctx.pending_fields, (seconds, micros) = pipe.execute()
     ctx.now = seconds + micros / 1_000_000
-    record = decode_record(raw) if raw else ctx.record
+    record = (readable_record(raw, f"subscription {ctx.smid.hash_id} of a link") if raw else None) or ctx.record
     state = state_of(ctx.resource, record)
     pending = unsubscribe.read_pending(r, ctx)  # in every mode: a timer outlives a change of mode, and fires
     stoppable = record["status"] in unsubscribe.STOPPABLE_STATUSES  # a paused one's categories come back too

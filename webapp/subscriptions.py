@@ -10,6 +10,7 @@ kept, `uncats_keeping`); the API shows `cats`, the categories still subscribed.
 """
 import hashlib
 import json
+import logging
 import time
 from enum import IntEnum
 
@@ -19,7 +20,9 @@ from .resources import (MAX_CATEGORIES, PHONE_CC_CHANNELS, current_field_values,
                         subscription_fields, validate_field_value)
 from .validation import (as_chat_id, as_datetime, as_email, as_int, as_ip, as_language, as_list, as_object,
                          as_phone, as_profile_id, as_text, as_url, blank_or, compact_json, ms_to_time, no_unknown_keys,
-                         now_iso, require, time_to_ms)
+                         now_iso, require, time_to_ms, MS_RANGE)
+
+log = logging.getLogger(__name__)
 
 
 class Status(IntEnum):
@@ -122,11 +125,62 @@ def encode_record(record):
     return compact_json(out)
 
 
+class DamagedRecord(ValueError):
+    """Stored text that is not a subscription record as the service writes it (altered in Redis by hand, or
+    damaged): every reader but events/verify takes it as no record (readable_record)."""
+
+
+def _is_int(value):
+    return type(value) is int
+
+
+def _is_text_list(value):
+    return type(value) is list and all(type(item) is str for item in value)
+
+
+def _optional_text(value):
+    return value is None or type(value) is str
+
+
+# What the code relies on of a record's members, by long name (a member a record lacks takes its default).
+_SHAPES = {"resource_id": _is_int, "channel": lambda v: type(v) is str, "address": lambda v: type(v) is dict,
+           "status": lambda v: type(v) is int and v in _WORDS, "priority": _is_int, "uncats": _is_text_list,
+           "custom_fields": lambda v: type(v) is dict, "is_delete": lambda v: type(v) is bool,
+           "updated_at": _optional_text, "suspended_until": _optional_text, "locale": _optional_text,
+           "reg_info": lambda v: type(v) is dict}
+_REQUIRED = ("resource_id", "channel", "address")
+
+
+def _stored_time(value):
+    return _optional_text(value) or (type(value) is int and value in MS_RANGE)  # ms_to_time's text, when read
+
+
+# The same, of the stored members (decode_for_change checks them without decoding the record).
+_STORED_SHAPES = {**{_SHORT[name]: fits for name, fits in _SHAPES.items() if name in _SHORT},
+                  "a": lambda v: type(v) is dict or type(v) is str, "t": _stored_time, "z": _stored_time}
+_STORED_REQUIRED = tuple(_SHORT[name] for name in _REQUIRED)
+
+
+def _check_shape(record):
+    if not all(name in record for name in _REQUIRED):
+        raise DamagedRecord("a stored subscription record lacks a member it must have")
+    for name, fits in _SHAPES.items():
+        if name in record and not fits(record[name]):
+            raise DamagedRecord(f"a stored subscription record's {name} is not of its type")
+    return record
+
+
 def decode_record(raw):
-    """The record `encode_record` stored (raw JSON text), as the code works with it."""
-    stored = json.loads(raw)
+    """The record `encode_record` stored (raw JSON text), as the code works with it. Raises DamagedRecord for
+    text that is not one."""
+    try:
+        stored = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise DamagedRecord("a stored subscription record is not JSON") from None
+    if type(stored) is not dict:
+        raise DamagedRecord("a stored subscription record is not a JSON object")
     if "resource_id" in stored:  # the long form
-        return stored
+        return _check_shape(stored)
     record = dict(_DEFAULTS, uncats=[], custom_fields={})
     reg_info = None
     for short, value in stored.items():
@@ -139,11 +193,31 @@ def decode_record(raw):
         if name in _TIMES and type(value) is int:
             value = ms_to_time(value)
         record[name] = value
-    if isinstance(record.get("address"), str):
+    if isinstance(record.get("address"), str) and record.get("channel") in _STRING_ADDRESS:
         record["address"] = {_STRING_ADDRESS[record["channel"]]: record["address"]}
     if reg_info is not None:
         record["reg_info"] = reg_info
-    return record
+    return _check_shape(record)
+
+
+def readable_record(raw, where):
+    """decode_record(raw), or None (logged, naming `where`) for a DamagedRecord: no reader but events/verify
+    stops at one, and subscriptions/set writes a new record in its place."""
+    try:
+        return decode_record(raw)
+    except DamagedRecord as exc:
+        log.warning("%s (%s): taken as no record", exc, where)
+        return None
+
+
+def readable_records(raw_records, where):
+    """{hash_id: record} of a profile's stored records, those that are not readable left out (readable_record)."""
+    records = {}
+    for hash_id, raw in raw_records.items():
+        record = readable_record(raw, f"{where}, subscription {hash_id}")
+        if record is not None:
+            records[hash_id] = record
+    return records
 
 
 def decode_for_change(stored):
@@ -152,9 +226,17 @@ def decode_for_change(stored):
     text) without decoding the rest, which encode_changed carries over as stored. None for the long form."""
     if "resource_id" in stored:
         return None
+    for short, value in stored.items():
+        fits = _STORED_SHAPES.get(short)
+        if fits is not None and not fits(value):
+            return None  # damaged: decode_record, on the full path, says so
     channel, address = stored.get("c"), stored.get("a")
     if isinstance(address, str):
+        if channel not in _STRING_ADDRESS:
+            return None
         address = {_STRING_ADDRESS[channel]: address}
+    if not all(short in stored for short in _STORED_REQUIRED):
+        return None
     return {"status": stored.get("s", 0), "uncats": stored.get("u", []), "resource_id": stored.get("r"),
             "channel": channel, "address": address}
 
@@ -274,9 +356,9 @@ def read_subscription(r, db_id, profile_id, resource_id, channel, identity):
     hash_id = make_hash_id(resource_id, channel, identity)
     if not is_chat(channel):
         raw = r.hget(subs_key, hash_id)
-        records = {} if raw is None else {hash_id: decode_record(raw)}
+        records = {} if raw is None else readable_records({hash_id: raw}, subs_key)
     else:
-        records = {h: decode_record(raw) for h, raw in scripts.subscription_or_all(r, subs_key, hash_id).items()}
+        records = readable_records(scripts.subscription_or_all(r, subs_key, hash_id), subs_key)
         if hash_id in records and not holds(records[hash_id], resource_id, channel, identity):
             records = load_records(r, db_id, profile_id)   # another chat's: this one may be under an older spelling
     hash_id, record, _taken = find_subscription(records, resource_id, channel, identity)
@@ -449,8 +531,8 @@ def drop_pending(pipe, db_id, profile_id, hash_id):
 
 
 def load_records(r, db_id, profile_id):
-    raw = r.hgetall(keys.profile_subscriptions(db_id, profile_id))
-    return {h: decode_record(v) for h, v in raw.items()}
+    subs_key = keys.profile_subscriptions(db_id, profile_id)
+    return readable_records(r.hgetall(subs_key), subs_key)
 
 
 def update_profile(r, db_id, profile_id, change, watch=()):
@@ -464,7 +546,7 @@ def update_profile(r, db_id, profile_id, change, watch=()):
     events_key = keys.profile_events(db_id, profile_id)
 
     def attempt(pipe):
-        records = {h: decode_record(v) for h, v in pipe.hgetall(subs_key).items()}
+        records = readable_records(pipe.hgetall(subs_key), subs_key)
         pc = ProfileChange(pipe, db_id, profile_id, records)
         result = change(pc)
         pc.flush()

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from . import events, keys, scripts
 from .errors import Blocked, Conflict, InvalidInput, NoSuchResource, NoSuchSubscription, report_broken
 from .resources import decode_shared, get_resources
-from .subscriptions import (Status, decode_record, drop_pending, encode_record, state_of, subscribed_cats,
-                            update_profile, with_state)
+from .subscriptions import (Status, decode_record, drop_pending, encode_record, readable_record, state_of,
+                            subscribed_cats, update_profile, with_state)
 from .tokens import link_digest, read_smid
 from .validation import now_iso
 
@@ -87,7 +87,7 @@ def context_from(token, smid, resource_raw, raw, views, record=None):
         raise NoSuchResource(f"resource {smid.resource_id} does not exist")
     resource = decode_shared(resource_raw)
     if record is None:
-        record = decode_record(raw) if raw else None
+        record = readable_record(raw, f"subscription {smid.hash_id} of a link") if raw else None
     # A soft-deleted subscription (`is_delete`) is still stored and `undelete` brings it back, so its sent
     # links keep working: an opt-out made through one meanwhile must hold after the undelete.
     if record is None or record["resource_id"] != resource["id"]:
@@ -502,7 +502,7 @@ def _settlement(r, db_id, profile_id, hash_id, row, resources, now_text):
     """(keys, values, subscription exists) for scripts.FIRE_TIMERS, from the timer's scripts.CLAIM_TIMERS row."""
     deadline, armed_at, scope, smid, evidence, sub_raw, ledger_len, last_seq, last_hash = row
     new_sub = event_raw = ref = ""
-    record = decode_record(sub_raw) if sub_raw else None
+    record = decode_record(sub_raw) if sub_raw else None  # DamagedRecord: the timer is reported broken
     if deadline and record is not None:
         # A resource deleted since the timer started: no category is left, so the whole subscription stops.
         resource = resources.get(record["resource_id"]) or {"categories": []}

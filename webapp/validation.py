@@ -389,14 +389,14 @@ def _date_text(days_since_epoch):
 
 
 # The milliseconds a datetime can hold (years 1 to 9999), the range format_time's text covers.
-_MS_RANGE = range(-62135596800000, 253402300800000)
+MS_RANGE = range(-62135596800000, 253402300800000)
 
 
 def ms_to_time(ms):
     """format_time's text of epoch milliseconds, without datetime: stored records decode on every request,
     and a cached date text with %-formatting of the time of day is about a third of the cost (time.gmtime's
     was half). A number no datetime can hold (only a damaged entry has one) is returned as it is."""
-    if ms not in _MS_RANGE:
+    if ms not in MS_RANGE:
         return ms
     seconds, milli = divmod(ms, 1000)
     days, second = divmod(seconds, 86400)
