@@ -85,8 +85,8 @@ def test_a_page_after_a_change_is_a_kind_of_its_own(api, client, compared):
 
 
 def with_templates(app, templates):
-    app.jinja_env.loader = locale._LocalizedLoader(ChoiceLoader([DictLoader(templates),
-                                                                  app.jinja_env.loader.loader]))
+    loaders = [DictLoader(templates), app.jinja_env.loader.loader]
+    app.jinja_env.loader = locale._LocalizedLoader(ChoiceLoader(loaders))
 
 
 def view_of(token, address):

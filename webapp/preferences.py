@@ -24,7 +24,7 @@ from redis.exceptions import ResponseError
 from . import keys
 from .errors import Blocked, Conflict, Forbidden, InvalidFields, InvalidInput, NoSuchSubscription, report_broken
 from .resources import MAX_LINE_LENGTH, current_field_values, get_resources
-from .subscriptions import Status, load_records, update_profile
+from .subscriptions import DamagedRecord, Status, load_records, update_profile
 from .validation import format_time, now_iso
 
 log = logging.getLogger(__name__)
@@ -290,6 +290,8 @@ def _resume_if_due(r, member, now):
     db_id = int(db_id)
 
     def change(pc):
+        if hash_id in pc.unreadable:
+            raise DamagedRecord(f"subscription {hash_id}'s record is not readable")  # it stays due
         pc.also(lambda pipe: pipe.zrem(keys.suspensions_due(), member))
         record = pc.records.get(hash_id)
         if (record is None or record["status"] != Status.SUSPENDED or not record.get("suspended_until")

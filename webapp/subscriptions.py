@@ -144,8 +144,8 @@ def _optional_text(value):
 
 # What the code relies on of a record's members, by long name (a member a record lacks takes its default).
 _SHAPES = {"resource_id": _is_int, "channel": lambda v: type(v) is str, "address": lambda v: type(v) is dict,
-           "status": lambda v: type(v) is int and v in _WORDS, "priority": _is_int, "uncats": _is_text_list,
-           "custom_fields": lambda v: type(v) is dict, "is_delete": lambda v: type(v) is bool,
+           "status": lambda v: isinstance(v, int) and v in _WORDS, "priority": _is_int, "uncats": _is_text_list,
+           "custom_fields": lambda v: type(v) is dict, "is_delete": lambda v: isinstance(v, int),
            "updated_at": _optional_text, "suspended_until": _optional_text, "locale": _optional_text,
            "reg_info": lambda v: type(v) is dict}
 _REQUIRED = ("resource_id", "channel", "address")
@@ -193,7 +193,8 @@ def decode_record(raw):
         if name in _TIMES and type(value) is int:
             value = ms_to_time(value)
         record[name] = value
-    if isinstance(record.get("address"), str) and record.get("channel") in _STRING_ADDRESS:
+    if isinstance(record.get("address"), str) and type(record.get("channel")) is str and (
+            record["channel"] in _STRING_ADDRESS):
         record["address"] = {_STRING_ADDRESS[record["channel"]]: record["address"]}
     if reg_info is not None:
         record["reg_info"] = reg_info
@@ -444,11 +445,13 @@ def extended_form(resource, db_id, profile_id, hash_id, record):
 
 
 class ProfileChange:
-    """What a change function sees: the profile's records, and `save` to stage a changed one."""
+    """What a change function sees: the profile's records, and `save` to stage a changed one. `unreadable`: the
+    hash_ids whose stored text is not a record (readable_record), which `records` leaves out."""
 
-    def __init__(self, pipe, db_id, profile_id, records):
+    def __init__(self, pipe, db_id, profile_id, records, unreadable=frozenset()):
         self.pipe, self.db_id, self.profile_id = pipe, db_id, profile_id
         self.records = records
+        self.unreadable = unreadable
         self._status_read = {h: rec["status"] for h, rec in records.items()}
         self._uncats_read = {h: set(rec.get("uncats", ())) for h, rec in records.items()}
         self._saved = {}
@@ -546,8 +549,9 @@ def update_profile(r, db_id, profile_id, change, watch=()):
     events_key = keys.profile_events(db_id, profile_id)
 
     def attempt(pipe):
-        records = readable_records(pipe.hgetall(subs_key), subs_key)
-        pc = ProfileChange(pipe, db_id, profile_id, records)
+        stored = pipe.hgetall(subs_key)
+        records = readable_records(stored, subs_key)
+        pc = ProfileChange(pipe, db_id, profile_id, records, stored.keys() - records.keys())
         result = change(pc)
         pc.flush()
         return result, pc.events
