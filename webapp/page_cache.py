@@ -2,8 +2,8 @@
 
 Every recipient of a resource who opens a link in the same state and language sees the same page but for a few
 values of their own (LINK_VALUES): the masked address, the manager link, the form's URL and its CSRF token.
-Rendering the confirm template was three quarters of the page's own Python work (125 of 160 us in one
-process, README Performance). So a page is rendered once with a marker in place of each of those values, cut
+Rendering the confirm template was about half of what the page's view did in one process (119-125 of some
+240 us, README Performance). So a page is rendered once with a marker in place of each of those values, cut
 at the markers and kept, keyed by everything else the render reads: the template, the language, the app's
 root, the language switcher's links and the rest of the view. The next page of that kind is those pieces
 joined around this link's values, escaped as Jinja's autoescape escapes them.

@@ -224,7 +224,8 @@ def readable_records(raw_records, where):
 def decode_for_change(stored):
     """What an unsubscribe reads of a record (unsubscribe.unsubscribed_record, state_of, its ledger event):
     decode_record's status, uncats, resource_id, channel and address, from `stored` (json.loads of the stored
-    text) without decoding the rest, which encode_changed carries over as stored. None for the long form."""
+    text) without decoding the rest, which encode_changed carries over as stored. None for the long form, and
+    for a record decode_record refuses (DamagedRecord: tests/test_subscriptions_api.py checks they agree)."""
     if "resource_id" in stored:
         return None
     for short, value in stored.items():
