@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import email_resource, redis_state
-from webapp import resources
+from webapp import keys, resources
 
 
 def test_add_and_get_round_trip(api):
@@ -392,8 +392,13 @@ def test_the_documented_profile_id_is_the_one_the_server_takes(value):
     assert documented == taken
 
 
+def stored_resource(resource_id=1):
+    """A resource as resources/add stores it (with its id and rtoken)."""
+    return {**email_resource(), "id": resource_id, "rtoken": "r" * 24}
+
+
 def test_decode_shared_decodes_a_stored_text_once_read_only_and_copies_are_plain():
-    raw = json.dumps(email_resource(), separators=(",", ":"))
+    raw = json.dumps(stored_resource(), separators=(",", ":"))
     resource = resources.decode_shared(raw)
     assert resource == json.loads(raw)
     assert resources.decode_shared(raw.encode().decode()) is resource  # another str of the same text
@@ -419,7 +424,7 @@ def test_decode_shared_decodes_a_stored_text_once_read_only_and_copies_are_plain
 
 def test_decode_shared_stays_bounded():
     for i in range(resources.SHARED_MAX + 10):
-        resources.decode_shared(json.dumps({"id": i}))
+        resources.decode_shared(json.dumps(stored_resource(i)))
     assert resources.decode_shared.cache_info().currsize == resources.SHARED_MAX
 
 
@@ -436,3 +441,52 @@ def test_a_title_given_as_null_is_not_given(api):
     assert updated["categories"][0]["title"] == "news"
     assert updated["channel_settings"]["email"]["fields"][0]["title"] == "plan"
     api.fail("resources/add", **email_resource(categories=[{"title": "", "api_name": "news"}]))  # "" is no title
+
+
+def _damaged_resources():
+    whole = email_resource()
+    stored = stored_resource()
+    variants = [{"categories": "x"}, {"categories": [{"title": "News"}]}, {"categories": [{"api_name": 5,
+                "title": "x", "required": False}]}, {"unsubscribe": None}, {"unsubscribe": {**whole["unsubscribe"],
+                "mode": "later"}}, {"unsubscribe": {**whole["unsubscribe"], "timer_minutes": "10"}},
+                {"unsubscribe": {**whole["unsubscribe"], "list_unsubscribe": True}},
+                {"channel_settings": {"email": whole["channel_settings"]["email"]}},
+                {"channel_settings": {**whole["channel_settings"], "email": {"fields": {}}}},
+                {"channels": "email"}, {"name": 5}, {"id": "1"}, {"default_locale": "de"}]
+    texts = [b"not json", b"", b"[]", b'{"id": 1}', b'"resource"']
+    return texts + [json.dumps({**stored, **variant}).encode() for variant in variants]
+
+
+@pytest.mark.parametrize("damaged", _damaged_resources())
+def test_a_damaged_resource_is_taken_as_none_and_can_be_deleted(api, app, client, r, damaged, caplog):
+    """Never a 500: its links answer as those of a deleted resource, the API says there is no such resource,
+    the manager leaves its subscription out, and resources/delete removes it."""
+    res = api.ok("resources/add", **email_resource(unsubscribe={"mode": "confirm"}))
+    other = api.ok("resources/add", **email_resource(name="Other"))
+    ident = {"db_id": 1, "profile_id": "p-42", "channel": "email", "email": "ann@example.com"}
+    for resource in (res, other):
+        api.ok("subscriptions/set", **ident, resource_id=resource["id"])
+    links = api.ok("messages/links", **ident, resource_id=res["id"])
+    path = links["unsubscribe_url"].removeprefix("https://unsub.example")
+    r.set(keys.resource(res["id"]), damaged)
+    before = redis_state(r)
+
+    assert client.get(path).status_code == 404
+    one_click = client.post(path, data="List-Unsubscribe=One-Click", content_type="application/x-www-form-urlencoded")
+    assert one_click.status_code == 404 and one_click.get_data(as_text=True) == "Unknown unsubscribe link.\n"
+    sdk = client.post(f"/sdk/v1/{res['id']}/unsubscribe", json={"smid": path.rsplit("/", 1)[1], "action": "show"},
+                      headers={"Origin": "https://shop.example"})
+    assert sdk.status_code == 404, sdk.get_json()
+    manager = client.get(links["manage_url"].removeprefix("https://unsub.example"))
+    assert manager.status_code == 200 and "Other" in manager.get_data(as_text=True)
+    assert api.fail("resources/get", expect=404, id=res["id"])
+    assert api.fail("resources/update", expect=404, id=res["id"], name="New name")
+    assert [x["id"] for x in api.ok("resources/list")] == [other["id"]]
+    assert api.fail("subscriptions/get", expect=404, **ident, resource_id=res["id"])
+    assert api.fail("messages/links", expect=404, **ident, resource_id=res["id"])
+    assert redis_state(r) == before  # nothing above wrote (but telemetry)
+    assert "taken as no resource" in caplog.text
+
+    assert api.ok("resources/delete", id=res["id"]) == {"id": res["id"]}
+    assert r.get(keys.resource(res["id"])) is None
+    assert api.ok("subscriptions/get", **ident, resource_id=other["id"])["status"] == "subscribed"

@@ -13,6 +13,7 @@ Rules kept here:
 """
 import functools
 import json
+import logging
 import re
 
 from . import keys
@@ -20,6 +21,8 @@ from .errors import InvalidInput, NoSuchResource
 from .tokens import new_resource_token
 from .validation import (DOT_ATOM_RE, as_api_name, as_bool, as_email, as_float, as_hostname, as_int,
                          as_list, as_object, as_text, as_url, blank_or, no_unknown_keys, now_iso, require)
+
+log = logging.getLogger(__name__)
 
 MAX_CHANNELS = 8
 # Bounds of a resource (the seed sets none): a resource document is read whole by every page and link, and a
@@ -294,10 +297,79 @@ def validate_resource(data, old=None):
     return res
 
 
+class DamagedResource(ValueError):
+    """Stored text that is not a resource as the service writes it (edited in Redis by hand, or damaged
+    storage): every reader takes it as no resource (readable), and resources/delete removes it."""
+
+
+def _text(value):
+    return type(value) is str
+
+
+def _optional_text(value):
+    return value is None or type(value) is str
+
+
+def _flag(value):
+    return type(value) is bool
+
+
+def _object(members, required=()):
+    """A check of a JSON object: each of `members` present is of its kind ({name: check}), `required` are there."""
+    return lambda value: (type(value) is dict and all(name in value for name in required)
+                          and all(fits(value[name]) for name, fits in members.items() if name in value))
+
+
+def _list_of(fits):
+    return lambda value: type(value) is list and all(fits(item) for item in value)
+
+
+# What the readers rely on of a stored resource (validate_resource writes every member; a resource stored by
+# an older version may lack some of the optional ones).
+_ITEM = {"api_name": _text, "title": _text, "in_manager": _flag, "required": _flag}
+_STORED = _object({
+    "id": lambda v: type(v) is int, "name": _text, "rtoken": _text, "channels": _list_of(_text),
+    "categories": _list_of(_object(_ITEM, ("api_name", "title", "required"))),
+    "channel_settings": _object({}), "default_locale": lambda v: v is None or v in LOCALES,
+    "unsubscribe": _object({"mode": lambda v: v in MODES, "timer_minutes": lambda v: type(v) is int,
+                            "page_url": _optional_text, "blocked_text": _optional_text,
+                            "list_unsubscribe": _object({"enabled": _flag, "called_url": _optional_text})},
+                           ("mode", "timer_minutes", "list_unsubscribe")),
+}, ("id", "name", "channels", "categories", "channel_settings", "unsubscribe"))
+_CHANNEL_SETTINGS = _object({"fields": _list_of(_object({**_ITEM, "type": lambda v: v in FIELD_TYPES},
+                                                       ("api_name", "title", "type", "required")))}, ("fields",))
+
+
+def _check(resource):
+    if not _STORED(resource) or not all(
+            type(name) is str and _CHANNEL_SETTINGS(resource["channel_settings"].get(name))
+            for name in resource["channels"]):
+        raise DamagedResource("a stored resource is not one the service writes")
+    return resource
+
+
+def parse_stored(raw):
+    """The resource stored as `raw` (JSON text), a new dict. Raises DamagedResource for text that is not one."""
+    try:
+        return _check(json.loads(raw))
+    except (ValueError, RecursionError, TypeError, AttributeError):
+        raise DamagedResource("a stored resource is not one the service writes") from None
+
+
+def readable(raw, resource_id, decode=parse_stored):
+    """decode(raw), or None (logged, naming the resource) for a DamagedResource."""
+    try:
+        return decode(raw)
+    except DamagedResource as exc:
+        log.warning("%s (resource %s): taken as no resource", exc, resource_id)
+        return None
+
+
 def _load(raw, resource_id):
-    if raw is None:
+    resource = None if raw is None else readable(raw, resource_id)
+    if resource is None:
         raise NoSuchResource(f"resource {resource_id} does not exist")
-    return json.loads(raw)
+    return resource
 
 
 def add_resource(r, data):
@@ -378,15 +450,16 @@ SHARED_MAX = 256
 @functools.lru_cache(maxsize=SHARED_MAX)
 def decode_shared(raw):
     """The resource stored as `raw` (JSON text), decoded once per process and shared, read-only, by every
-    caller (ReadOnlyDict: changing it raises TypeError; change a copy)."""
-    return _read_only(json.loads(raw))
+    caller (ReadOnlyDict: changing it raises TypeError; change a copy). Raises DamagedResource (not kept)."""
+    return _read_only(parse_stored(raw))
 
 
 def get_resources(r, resource_ids):
     """Return {id: resource} for the ids that exist (one MGET)."""
     ids = list(dict.fromkeys(resource_ids))
     raws = r.mget([keys.resource(i) for i in ids]) if ids else []
-    return {i: json.loads(raw) for i, raw in zip(ids, raws) if raw is not None}
+    found = {i: readable(raw, i) for i, raw in zip(ids, raws) if raw is not None}
+    return {i: resource for i, resource in found.items() if resource is not None}
 
 
 def list_resources(r, from_id=0, limit=20):
@@ -403,7 +476,8 @@ def delete_resource(r, resource_id):
     key = keys.resource(resource_id)
 
     def remove(pipe):
-        res = _load(pipe.get(key), resource_id)
+        raw = pipe.get(key)
+        res = _load(raw, resource_id) if raw is None else readable(raw, resource_id)  # a damaged one goes too
         pipe.multi()
         pipe.delete(key)
         pipe.zrem(keys.resource_index(), resource_id)

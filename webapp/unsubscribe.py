@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from . import events, keys, scripts
 from .errors import Blocked, Conflict, InvalidInput, NoSuchResource, NoSuchSubscription, report_broken
-from .resources import decode_shared, get_resources
+from .resources import decode_shared, get_resources, readable
 from .subscriptions import (Status, decode_record, drop_pending, encode_record, readable_record, state_of,
                             subscribed_cats, update_profile, with_state)
 from .tokens import link_digest, read_smid
@@ -83,9 +83,9 @@ def context_from(token, smid, resource_raw, raw, views, record=None):
     """open_smid's checks of what it read (None where a key or field is missing); returns the Context.
     Also used by hotpaths.py, which reads the same keys in one pipeline together with what its caller needs,
     and may pass the record it decoded itself from `raw` (subscriptions.decode_for_change)."""
-    if resource_raw is None:
+    resource = None if resource_raw is None else readable(resource_raw, smid.resource_id, decode_shared)
+    if resource is None:
         raise NoSuchResource(f"resource {smid.resource_id} does not exist")
-    resource = decode_shared(resource_raw)
     if record is None:
         record = readable_record(raw, f"subscription {smid.hash_id} of a link") if raw else None
     # A soft-deleted subscription (`is_delete`) is still stored and `undelete` brings it back, so its sent

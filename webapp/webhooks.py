@@ -34,7 +34,7 @@ from redis.exceptions import ResponseError
 from . import keys
 from .errors import InvalidInput, NotFound
 from .events import load_refs
-from .resources import decode_shared, get_resource, get_resources
+from .resources import decode_shared, get_resource, get_resources, readable
 from .validation import as_int, as_object, as_text, as_url, ms_to_time, no_unknown_keys, now_iso
 
 SHARED_CALL_URL_GROUP = "called_url"  # older versions' one group for every call URL: no target, upgraded away
@@ -96,9 +96,10 @@ def has_call_url(resource):
     return bool(resource and resource["unsubscribe"]["list_unsubscribe"].get("called_url"))
 
 
-def _call_url(raw):
+def _call_url(raw, resource_id):
     """The call URL of the resource stored as `raw` (JSON text), or None: it has none, or is gone."""
-    return decode_shared(raw)["unsubscribe"]["list_unsubscribe"].get("called_url") if raw else None
+    resource = readable(raw, resource_id, decode_shared) if raw else None
+    return resource["unsubscribe"]["list_unsubscribe"].get("called_url") if resource else None
 
 
 def _target_exists(client, group):
@@ -106,7 +107,7 @@ def _target_exists(client, group):
     kind, ident = _parse(group)
     if kind == "wh":
         return bool(client.hexists(keys.webhooks(), ident))
-    return kind == "called_url" and _call_url(client.get(keys.resource(ident))) is not None
+    return kind == "called_url" and _call_url(client.get(keys.resource(ident)), ident) is not None
 
 
 def _while_target_exists(r, group, write, read=lambda pipe: None, watch=()):
