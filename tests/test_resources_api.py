@@ -485,7 +485,7 @@ def test_a_damaged_resource_is_taken_as_none_and_can_be_deleted(api, app, client
     assert api.fail("subscriptions/get", expect=404, **ident, resource_id=res["id"])
     assert api.fail("messages/links", expect=404, **ident, resource_id=res["id"])
     assert redis_state(r) == before  # nothing above wrote (but telemetry)
-    assert "taken as no resource" in caplog.text
+    assert f"a stored resource is not one the service writes (resource {res['id']}): taken as missing" in caplog.text
 
     assert api.ok("resources/delete", id=res["id"]) == {"id": res["id"]}
     assert r.get(keys.resource(res["id"])) is None

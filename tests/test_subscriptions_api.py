@@ -889,7 +889,7 @@ def test_a_damaged_record_is_taken_as_none_and_set_writes_it_anew(api, app, clie
     assert [s["email"] for s in listed] == ["bob@example.com"]
     assert redis_state(r) == before  # nothing above wrote (but telemetry)
     assert api.ok("events/verify", db_id=1, profile_id="p-42")["ok"] is False
-    assert "taken as no record" in caplog.text
+    assert f"subscription {hash_id}): taken as missing" in caplog.text
 
     api.ok("subscriptions/set", **ident, email="ann@example.com")
     assert api.ok("subscriptions/get", **ident, email="ann@example.com")["status"] == "subscribed"

@@ -79,3 +79,17 @@ def report_broken(logger, what, message, *args):
     if what not in _reported_broken and len(_reported_broken) < 10000:
         _reported_broken.add(what)
         logger.error(message, *args)
+
+
+class DamagedData(ValueError):
+    """Stored text that is not what the service writes there (edited in Redis by hand, or damaged storage): a
+    subscription record (subscriptions.DamagedRecord) or a resource (resources.DamagedResource)."""
+
+
+def or_none_if_damaged(decode, raw, logger, where):
+    """decode(raw), or None, logged with `where`, for DamagedData: its readers take it as missing."""
+    try:
+        return decode(raw)
+    except DamagedData as exc:
+        logger.warning("%s (%s): taken as missing", exc, where)
+        return None

@@ -17,7 +17,7 @@ import logging
 import re
 
 from . import keys
-from .errors import InvalidInput, NoSuchResource
+from .errors import DamagedData, InvalidInput, NoSuchResource, or_none_if_damaged
 from .tokens import new_resource_token
 from .validation import (DOT_ATOM_RE, as_api_name, as_bool, as_email, as_float, as_hostname, as_int,
                          as_list, as_object, as_text, as_url, blank_or, no_unknown_keys, now_iso, require)
@@ -297,7 +297,7 @@ def validate_resource(data, old=None):
     return res
 
 
-class DamagedResource(ValueError):
+class DamagedResource(DamagedData):
     """Stored text that is not a resource as the service writes it (edited in Redis by hand, or damaged
     storage): every reader takes it as no resource (readable), and resources/delete removes it."""
 
@@ -358,11 +358,7 @@ def parse_stored(raw):
 
 def readable(raw, resource_id, decode=parse_stored):
     """decode(raw), or None (logged, naming the resource) for a DamagedResource."""
-    try:
-        return decode(raw)
-    except DamagedResource as exc:
-        log.warning("%s (resource %s): taken as no resource", exc, resource_id)
-        return None
+    return or_none_if_damaged(decode, raw, log, f"resource {resource_id}")
 
 
 def _load(raw, resource_id):

@@ -15,7 +15,7 @@ import time
 from enum import IntEnum
 
 from . import events, keys, scripts
-from .errors import Conflict, InvalidInput, NoSuchSubscription
+from .errors import Conflict, DamagedData, InvalidInput, NoSuchSubscription, or_none_if_damaged
 from .resources import (MAX_CATEGORIES, PHONE_CC_CHANNELS, current_field_values, get_resource, get_resources,
                         subscription_fields, validate_field_value)
 from .validation import (as_chat_id, as_datetime, as_email, as_int, as_ip, as_language, as_list, as_object,
@@ -125,7 +125,7 @@ def encode_record(record):
     return compact_json(out)
 
 
-class DamagedRecord(ValueError):
+class DamagedRecord(DamagedData):
     """Stored text that is not a subscription record as the service writes it (altered in Redis by hand, or
     damaged): every reader but events/verify takes it as no record (readable_record)."""
 
@@ -204,11 +204,7 @@ def decode_record(raw):
 def readable_record(raw, where):
     """decode_record(raw), or None (logged, naming `where`) for a DamagedRecord: no reader but events/verify
     stops at one, and subscriptions/set writes a new record in its place."""
-    try:
-        return decode_record(raw)
-    except DamagedRecord as exc:
-        log.warning("%s (%s): taken as no record", exc, where)
-        return None
+    return or_none_if_damaged(decode_record, raw, log, where)
 
 
 def readable_records(raw_records, where):
