@@ -341,9 +341,8 @@ _CHANNEL_SETTINGS = _object({"fields": _list_of(_object({**_ITEM, "type": lambda
 
 
 def _check(resource):
-    if not _STORED(resource) or not all(
-            type(name) is str and _CHANNEL_SETTINGS(resource["channel_settings"].get(name))
-            for name in resource["channels"]):
+    if not _STORED(resource) or not all(_CHANNEL_SETTINGS(resource["channel_settings"].get(name))
+                                        for name in resource["channels"]):
         raise DamagedResource("a stored resource is not one the service writes")
     return resource
 
@@ -352,7 +351,7 @@ def parse_stored(raw):
     """The resource stored as `raw` (JSON text), a new dict. Raises DamagedResource for text that is not one."""
     try:
         return _check(json.loads(raw))
-    except (ValueError, RecursionError, TypeError, AttributeError):
+    except (ValueError, RecursionError):  # not JSON (DamagedResource is a ValueError too)
         raise DamagedResource("a stored resource is not one the service writes") from None
 
 
