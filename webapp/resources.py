@@ -336,8 +336,8 @@ _STORED = _object({
                             "list_unsubscribe": _object({"enabled": _flag, "called_url": _optional_text})},
                            ("mode", "timer_minutes", "list_unsubscribe")),
 }, ("id", "name", "channels", "categories", "channel_settings", "unsubscribe"))
-_CHANNEL_SETTINGS = _object({"fields": _list_of(_object({**_ITEM, "type": lambda v: v in FIELD_TYPES},
-                                                       ("api_name", "title", "type", "required")))}, ("fields",))
+_FIELD = _object({**_ITEM, "type": lambda v: v in FIELD_TYPES}, ("api_name", "title", "type", "required"))
+_CHANNEL_SETTINGS = _object({"fields": _list_of(_FIELD)}, ("fields",))
 
 
 def _check(resource):
