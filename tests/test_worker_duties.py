@@ -91,7 +91,7 @@ def test_a_delivery_job_that_spends_its_budget_queues_the_next_behind_the_others
     from receiver import Receiver
     from test_webhooks import change
     from webapp import keys
-    from webapp.delayed import timer_queue
+    from webapp.delayed import HousekeepingRearm, timer_queue
     from workers import jobs
     from workers.housekeeping import DELIVERY_JOB, enqueue_delivery
     for name, value in {"REDIS_URL": redis_url, "API_TOKEN": API_TOKEN, "SIGNING_KEYS": SIGNING_KEYS,
@@ -101,15 +101,24 @@ def test_a_delivery_job_that_spends_its_budget_queues_the_next_behind_the_others
     monkeypatch.setattr(jobs, "_loaded_settings", None)
     monkeypatch.setattr(jobs, "DELIVERY_BUDGET_EVENTS", 3)   # smaller than the busy target's 6 events
     monkeypatch.setattr(jobs, "DELIVERY_BUDGET_SECONDS", 60.0)   # (and no time limit to race against)
+    raw = redis_lib.Redis.from_url(redis_url)
+    queue = timer_queue(raw, "unsubscribe")
+    # An earlier test's app in this process may still have its re-arm thread looking at this Redis: stopped
+    # (a look that began before this test's flush can schedule a tick after it), and any tick it left removed.
+    with HousekeepingRearm.lock:
+        HousekeepingRearm.apps.clear()
+    HousekeepingRearm.wake.set()
+    if HousekeepingRearm.current is not None:
+        HousekeepingRearm.current.join(10)
+    for job_id in queue.scheduled_job_registry.get_job_ids():
+        queue.scheduled_job_registry.remove(job_id, delete_job=True)
     r.set(keys.housekeeping_alive(), "thread", ex=600)        # nobody else dispatches
     other = Receiver()
-    raw = redis_lib.Redis.from_url(redis_url)
     try:
         busy_group = webhooks.group_name(api.ok("webhooks/add", url=receiver.url, secret=SECRET)["id"])
         other_group = webhooks.group_name(api.ok("webhooks/add", url=other.url, secret=SECRET)["id"])
         for i in range(3):
             change(api, resource, profile_id=f"p-{i}")        # 6 events for each target
-        queue = timer_queue(raw, "unsubscribe")
         assert enqueue_delivery(r, queue, busy_group) and enqueue_delivery(r, queue, other_group)
         worker = SimpleWorker([queue], connection=raw, serializer=JSONSerializer)
         worker.work(burst=True, max_jobs=1)                   # the busy target's job: 3 events, then its budget
