@@ -20,7 +20,8 @@ from . import keys
 from .errors import DamagedData, InvalidInput, NoSuchResource, or_none_if_damaged
 from .tokens import new_resource_token
 from .validation import (DOT_ATOM_RE, as_api_name, as_bool, as_email, as_float, as_hostname, as_int,
-                         as_list, as_object, as_text, as_url, blank_or, no_unknown_keys, now_iso, require)
+                         as_list, as_object, as_text, as_url, blank_or, is_flag, is_int, is_object, is_optional_text,
+                         is_text, list_of, no_unknown_keys, now_iso, object_of, require)
 
 log = logging.getLogger(__name__)
 
@@ -302,42 +303,20 @@ class DamagedResource(DamagedData):
     storage): every reader takes it as no resource (readable), and resources/delete removes it."""
 
 
-def _text(value):
-    return type(value) is str
-
-
-def _optional_text(value):
-    return value is None or type(value) is str
-
-
-def _flag(value):
-    return type(value) is bool
-
-
-def _object(members, required=()):
-    """A check of a JSON object: each of `members` present is of its kind ({name: check}), `required` are there."""
-    return lambda value: (type(value) is dict and all(name in value for name in required)
-                          and all(fits(value[name]) for name, fits in members.items() if name in value))
-
-
-def _list_of(fits):
-    return lambda value: type(value) is list and all(fits(item) for item in value)
-
-
 # What the readers rely on of a stored resource (validate_resource writes every member; a resource stored by
 # an older version may lack some of the optional ones).
-_ITEM = {"api_name": _text, "title": _text, "in_manager": _flag, "required": _flag}
-_STORED = _object({
-    "id": lambda v: type(v) is int, "name": _text, "rtoken": _text, "channels": _list_of(_text),
-    "categories": _list_of(_object(_ITEM, ("api_name", "title", "required"))),
-    "channel_settings": _object({}), "default_locale": lambda v: v is None or v in LOCALES,
-    "unsubscribe": _object({"mode": lambda v: v in MODES, "timer_minutes": lambda v: type(v) is int,
-                            "page_url": _optional_text, "blocked_text": _optional_text,
-                            "list_unsubscribe": _object({"enabled": _flag, "called_url": _optional_text})},
-                           ("mode", "timer_minutes", "list_unsubscribe")),
+_ITEM = {"api_name": is_text, "title": is_text, "in_manager": is_flag, "required": is_flag}
+_STORED = object_of({
+    "id": is_int, "name": is_text, "rtoken": is_text, "channels": list_of(is_text),
+    "categories": list_of(object_of(_ITEM, ("api_name", "title", "required"))),
+    "channel_settings": is_object, "default_locale": lambda v: v is None or v in LOCALES,
+    "unsubscribe": object_of({"mode": lambda v: v in MODES, "timer_minutes": is_int,
+                              "page_url": is_optional_text, "blocked_text": is_optional_text,
+                              "list_unsubscribe": object_of({"enabled": is_flag, "called_url": is_optional_text})},
+                             ("mode", "timer_minutes", "list_unsubscribe")),
 }, ("id", "name", "channels", "categories", "channel_settings", "unsubscribe"))
-_FIELD = _object({**_ITEM, "type": lambda v: v in FIELD_TYPES}, ("api_name", "title", "type", "required"))
-_CHANNEL_SETTINGS = _object({"fields": _list_of(_FIELD)}, ("fields",))
+_FIELD = object_of({**_ITEM, "type": lambda v: v in FIELD_TYPES}, ("api_name", "title", "type", "required"))
+_CHANNEL_SETTINGS = object_of({"fields": list_of(_FIELD)}, ("fields",))
 
 
 def _check(resource):

@@ -19,8 +19,9 @@ from .errors import Conflict, DamagedData, InvalidInput, NoSuchSubscription, or_
 from .resources import (MAX_CATEGORIES, PHONE_CC_CHANNELS, current_field_values, get_resource, get_resources,
                         subscription_fields, validate_field_value)
 from .validation import (as_chat_id, as_datetime, as_email, as_int, as_ip, as_language, as_list, as_object,
-                         as_phone, as_profile_id, as_text, as_url, blank_or, compact_json, ms_to_time, no_unknown_keys,
-                         now_iso, require, time_to_ms, MS_RANGE)
+                         as_phone, as_profile_id, as_text, as_url, blank_or, compact_json, is_int, is_object,
+                         is_optional_text, is_text, list_of, ms_to_time, no_unknown_keys, now_iso, require,
+                         time_to_ms, MS_RANGE)
 
 log = logging.getLogger(__name__)
 
@@ -130,34 +131,22 @@ class DamagedRecord(DamagedData):
     damaged): every reader but events/verify takes it as no record (readable_record)."""
 
 
-def _is_int(value):
-    return type(value) is int
-
-
-def _is_text_list(value):
-    return type(value) is list and all(type(item) is str for item in value)
-
-
-def _optional_text(value):
-    return value is None or type(value) is str
-
-
 # What the code relies on of a record's members, by long name (a member a record lacks takes its default).
-_SHAPES = {"resource_id": _is_int, "channel": lambda v: type(v) is str, "address": lambda v: type(v) is dict,
-           "status": lambda v: isinstance(v, int) and v in _WORDS, "priority": _is_int, "uncats": _is_text_list,
-           "custom_fields": lambda v: type(v) is dict, "is_delete": lambda v: isinstance(v, int),
-           "updated_at": _optional_text, "suspended_until": _optional_text, "locale": _optional_text,
-           "reg_info": lambda v: type(v) is dict}
+_SHAPES = {"resource_id": is_int, "channel": is_text, "address": is_object,
+           "status": lambda v: isinstance(v, int) and v in _WORDS, "priority": is_int, "uncats": list_of(is_text),
+           "custom_fields": is_object, "is_delete": lambda v: isinstance(v, int),
+           "updated_at": is_optional_text, "suspended_until": is_optional_text, "locale": is_optional_text,
+           "reg_info": is_object}
 _REQUIRED = ("resource_id", "channel", "address")
 
 
 def _stored_time(value):
-    return _optional_text(value) or (type(value) is int and value in MS_RANGE)  # ms_to_time's text, when read
+    return is_optional_text(value) or (type(value) is int and value in MS_RANGE)  # ms_to_time's text, when read
 
 
 # The same, of the stored members (decode_for_change checks them without decoding the record).
 _STORED_SHAPES = {**{_SHORT[name]: fits for name, fits in _SHAPES.items() if name in _SHORT},
-                  "a": lambda v: type(v) is dict or type(v) is str, "t": _stored_time, "z": _stored_time}
+                  "a": lambda v: is_object(v) or is_text(v), "t": _stored_time, "z": _stored_time}
 _STORED_REQUIRED = tuple(_SHORT[name] for name in _REQUIRED)
 
 

@@ -96,6 +96,38 @@ def _plain(value):
     return True
 
 
+# Checks of stored JSON's shape (a subscription record, a resource): what a reader relies on, for text that was
+# altered in Redis by hand or damaged. Each takes a decoded JSON value and says whether it fits.
+def is_int(value):
+    return type(value) is int  # not bool
+
+
+def is_text(value):
+    return type(value) is str
+
+
+def is_optional_text(value):
+    return value is None or type(value) is str
+
+
+def is_flag(value):
+    return type(value) is bool
+
+
+def is_object(value):
+    return type(value) is dict
+
+
+def object_of(members, required=()):
+    """A check of a JSON object: each of `members` present is of its kind ({name: check}), `required` are there."""
+    return lambda value: (type(value) is dict and all(name in value for name in required)
+                          and all(fits(value[name]) for name, fits in members.items() if name in value))
+
+
+def list_of(fits):
+    return lambda value: type(value) is list and all(fits(item) for item in value)
+
+
 def json_object(raw, what="request body"):
     """The JSON object in `raw` (bytes or text), or InvalidInput. Text that cannot be UTF-8 is refused here,
     once for every field: JSON may spell a lone UTF-16 surrogate ("\\ud800"), which Python decodes into a str
