@@ -84,6 +84,19 @@ def test_a_page_after_a_change_is_a_kind_of_its_own(api, client, compared):
     assert compared[-1] == ("unsubscribe/confirm.html", False)
 
 
+def test_a_countdown_is_rendered_every_time_and_keeps_no_kind(app, api, client, compared):
+    res = api.ok("resources/add", **email_resource(unsubscribe={"mode": "delayed"}))
+    paths = [link_for(api, res["id"], profile, email) for profile, email in PEOPLE[:2]]
+    for path in paths:
+        client.post(path, data={"action": "start", "csrf_token": form_token(client.get(path).text)})
+    kinds = dict(page_cache.kept_kinds(app))
+    for path in paths * 2:
+        assert 'role="timer"' in client.get(path).text
+    # Each countdown page was rendered (its deadline is this person's, its seconds this moment's), none kept.
+    assert compared[-4:] == [("unsubscribe/delayed.html", True)] * 4
+    assert page_cache.kept_kinds(app) == kinds
+
+
 def with_templates(app, templates):
     loaders = [DictLoader(templates), app.jinja_env.loader.loader]
     app.jinja_env.loader = locale._LocalizedLoader(ChoiceLoader(loaders))

@@ -12,7 +12,7 @@ A kind is kept only if its pieces, filled in with the first link's own values, g
 for that link; a template that used one of those values other than by printing it is rendered every time.
 tests/test_page_cache.py checks that the templates read nothing beyond the view and the globals the key holds.
 Kinds are kept per app and process; none while templates reload from disk (debug), since a kept page would
-outlive its template.
+outlive its template, and none of a page with a countdown, which changes every second.
 """
 import re
 import secrets
@@ -30,6 +30,9 @@ _SECRET = secrets.token_hex(8)
 _MARKERS = {name: Markup(f"\ue000{_SECRET}{i}\ue001") for i, name in enumerate(LINK_VALUES)}
 _VALUE_OF_MARKER = {str(marker): name for name, marker in _MARKERS.items()}
 _CUT = re.compile("(" + "|".join(map(re.escape, _VALUE_OF_MARKER)) + ")")
+# View members that are this person's at this moment (a pending timer: its deadline and the seconds left): a
+# page that shows one is of a kind no other view shares, which would only crowd out kinds that are.
+_OF_THE_MOMENT = ("pending", "seconds_left")
 KINDS_KEPT = 256  # per app and process: resources x states x languages in use; all dropped when full
 _UNCACHEABLE = ()
 
@@ -62,7 +65,7 @@ def _fill(pieces, names, view):
 def render_link_page(template_name, view):
     """render_page(template_name, **view), the same text, from the kept pieces of its kind where there are."""
     app = current_app._get_current_object()
-    if app.jinja_env.auto_reload:
+    if app.jinja_env.auto_reload or any(view.get(name) is not None for name in _OF_THE_MOMENT):
         return render_page(template_name, **view)
     try:
         key = _key(app, template_name, view)

@@ -241,9 +241,8 @@ def unsubscribe_page(smid):
     done = request.args.get("done")
     view = page_view(ctx, done if done in DONE_WORDS else None)
     template = page_template(ctx, view)
-    # A page of a kind many links share is filled in from one render (page_cache.py); a countdown's page
-    # differs every second, so it is rendered.
-    page = render_page(template, **view) if view["pending"] else render_link_page(template, view)
+    # A page of a kind many links share is filled in from one render (page_cache.py).
+    page = render_link_page(template, view)
     return no_store(make_response(page))
 
 
