@@ -96,7 +96,7 @@ def two_redis_calls():
 
 
 class DirectFloors:
-    """POST /one_direct_call and /two_direct_calls answered in front of Flask, as webapp/one_click_wsgi.py answers
+    """POST /one_direct_call and /two_direct_calls answered in front of Flask, as webapp/front.py answers
     the one-click: the body read, one or two round trips of one GET on the hot paths' transport (webapp/direct.py),
     then 204; every other request goes to Flask. The floor of the one-click's architecture: what a first
     unsubscribe (two round trips) or a replay (one) would reach if it did nothing else."""

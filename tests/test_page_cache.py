@@ -25,15 +25,17 @@ class RenderCounter:
 @pytest.fixture
 def compared(monkeypatch):
     """Every page the unsubscribe GET fills in from a kept kind is checked against a fresh render of its view;
-    yields the list of (template, rendered?) per page."""
+    yields the list of (template, rendered?) per page. Every page is made from its view here (pages.kept_page
+    finds none): pages filled in without a view are tests/test_page_front.py's."""
     seen = []
     counter = RenderCounter()
     monkeypatch.setattr(page_cache, "render_page", counter)
+    monkeypatch.setattr(pages, "kept_page", lambda *args: None)
     real = page_cache.render_link_page
 
-    def checked(name, view):
+    def checked(name, view, *inputs):
         before = counter.calls
-        page = real(name, view)
+        page = real(name, view, *inputs)
         assert page == locale.render_page(name, **view), name
         seen.append((name, counter.calls > before))
         return page

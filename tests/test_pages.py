@@ -247,7 +247,7 @@ def test_one_click_records_evidence(api, client, r):
 
 
 URLENCODED = {"data": "List-Unsubscribe=One-Click", "content_type": "application/x-www-form-urlencoded"}
-# (name, mode, message category, appended to the path, request, answered by one_click_wsgi without Flask)
+# (name, mode, message category, appended to the path, request, answered by front.py without Flask)
 FRONT_CASES = [
     ("instant", "instant", None, "", URLENCODED, True),
     ("confirm, category", "confirm", "news", "", URLENCODED, True),
@@ -275,12 +275,12 @@ FRONT_CASES = [
 
 @pytest.mark.parametrize("name,mode,category,suffix,kwargs,in_front", FRONT_CASES, ids=[c[0] for c in FRONT_CASES])
 def test_one_click_front_answers_exactly_as_flask(api, app, r, name, mode, category, suffix, kwargs, in_front):
-    """one_click_wsgi.py: from the same Redis state, a POST (then its replay) through the front and straight
+    """front.py: from the same Redis state, a POST (then its replay) through the front and straight
     to Flask give the same status, headers and body and leave the same keys; the front answers the plain
     urlencoded success itself and leaves everything else to Flask."""
     from werkzeug.test import Client
     _res, path, _body = make_link(api, mode, category=category)
-    front = app.extensions["one_click_wsgi"]
+    front = app.extensions["front"]
     flask_calls = []
     flask_wsgi = front.flask_wsgi
 

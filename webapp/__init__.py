@@ -141,8 +141,8 @@ def create_app(test_config=None):
     app.extensions["signing_keys"] = SigningKeys(ring, verify_only)
     # Sessions (CSRF tokens of page forms) are signed with a key derived from the newest signing key.
     app.config["SECRET_KEY"] = hmac.new(ring[-1][1], b"flask-session", hashlib.sha256).hexdigest()
-    from .one_click_wsgi import OneClickWSGI
-    app.wsgi_app = app.extensions["one_click_wsgi"] = OneClickWSGI(app, app.wsgi_app)  # inside ProxyFix
+    from .front import Front
+    app.wsgi_app = app.extensions["front"] = Front(app, app.wsgi_app)  # inside ProxyFix
     app.wsgi_app = collapse_slashes(app.wsgi_app)
     if app.config["TRUSTED_PROXIES"]:
         n = app.config["TRUSTED_PROXIES"]

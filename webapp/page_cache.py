@@ -8,6 +8,10 @@ at the markers and kept, keyed by everything else the render reads: the template
 root, the language switcher's links and the rest of the view. The next page of that kind is those pieces
 joined around this link's values, escaped as Jinja's autoescape escapes them.
 
+A kind is also kept under what its view was made of (kept_kind: pages.page_kind_inputs, the resource, the
+record's state, the language, ...), so that the next page of that kind is filled in without making its view,
+in Flask or in front of it (front.py).
+
 A kind is kept only if its pieces, filled in with the first link's own values, give exactly the page rendered
 for that link; a template that used one of those values other than by printing it is rendered every time.
 tests/test_page_cache.py checks that the templates read nothing beyond the view and the globals the key holds.
@@ -42,6 +46,23 @@ def kept_kinds(app):
     return app.extensions.setdefault("page_kinds", {})
 
 
+def _kinds_by_inputs(app):
+    """{inputs: (owner, (pieces, names))}: the kinds kept under what their views were made of (kept_kind)."""
+    return app.extensions.setdefault("page_kinds_by_inputs", {})
+
+
+def kept_kind(app, inputs, owner):
+    """The kept kind of the pages whose views are made of `inputs` (pages.page_kind_inputs; None: no kind) and
+    `owner`, the object they name by its id (the resource), or None: then only a view tells the kind."""
+    entry = _kinds_by_inputs(app).get(inputs) if inputs is not None else None
+    return entry[1] if entry is not None and entry[0] is owner else None
+
+
+def fill(kind, values):
+    """The page of a kept kind for a link whose LINK_VALUES are `values`."""
+    return _fill(*kind, values)
+
+
 def _key(app, template_name, view):
     """Everything but the link's own values that the render reads, as bytes. orjson writes Markup as the plain
     text it is, though Jinja prints it unescaped: the names of the values that are Markup are in the key too.
@@ -62,8 +83,9 @@ def _fill(pieces, names, view):
     return "".join(out)
 
 
-def render_link_page(template_name, view):
-    """render_page(template_name, **view), the same text, from the kept pieces of its kind where there are."""
+def render_link_page(template_name, view, inputs=None, owner=None):
+    """render_page(template_name, **view), the same text, from the kept pieces of its kind where there are.
+    With `inputs` (and `owner`, see kept_kind), what the view was made of: its kind is kept under them too."""
     app = current_app._get_current_object()
     if app.jinja_env.auto_reload or any(view.get(name) is not None for name in _OF_THE_MOMENT):
         return render_page(template_name, **view)
@@ -73,14 +95,20 @@ def render_link_page(template_name, view):
         return render_page(template_name, **view)
     kinds = kept_kinds(app)
     kind = kinds.get(key)
+    page = None
     if kind is None:
         page = render_page(template_name, **view)
         cut = _CUT.split(render_page(template_name, **{**view, **_MARKERS}))
         pieces, names = tuple(cut[::2]), tuple(_VALUE_OF_MARKER[marker] for marker in cut[1::2])
         if len(kinds) >= KINDS_KEPT:
             kinds.clear()
-        kinds[key] = (pieces, names) if _fill(pieces, names, view) == page else _UNCACHEABLE
-        return page
+            _kinds_by_inputs(app).clear()
+        kind = kinds[key] = (pieces, names) if _fill(pieces, names, view) == page else _UNCACHEABLE
     if kind is _UNCACHEABLE:
-        return render_page(template_name, **view)
-    return _fill(*kind, view)
+        return render_page(template_name, **view) if page is None else page
+    if inputs is not None:
+        by_inputs = _kinds_by_inputs(app)
+        if len(by_inputs) >= KINDS_KEPT:
+            by_inputs.clear()
+        by_inputs[inputs] = (owner, kind)
+    return _fill(*kind, view) if page is None else page

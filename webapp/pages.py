@@ -8,7 +8,7 @@ The page's CSRF token is bound to the link, not to a session (check_link_form): 
 import functools
 from urllib.parse import quote, urlencode
 
-from flask import Blueprint, current_app, g, jsonify, make_response, redirect, request, url_for
+from flask import Blueprint, current_app, g, has_request_context, jsonify, make_response, redirect, request, url_for
 from flask_wtf.csrf import CSRFError
 from flask_babel import gettext as _
 from markupsafe import Markup, escape
@@ -19,6 +19,7 @@ from .delayed import schedule_timer
 from .errors import BadToken, Blocked, Conflict, IncompleteToken, InvalidInput, NotFound, ServiceError
 from .headers import manage_url
 from .locale import LOCALES, _translations, explicit_locale, page_locale, render_page, set_page_locale
+from . import page_cache
 from .page_cache import render_link_page
 from .ratelimits import count_link_form
 from .store import client_of, get_redis, get_timer_queue
@@ -58,21 +59,29 @@ MASK = "•"
 _SAID = {}  # language -> the spoken forms' patterns, (email, phone): looked up once per process
 
 
-def spoken_address(masked):
+def spoken_patterns(locale):
+    """The patterns of spoken_address's forms in `locale` (the email's, the phone's), looked up by Flask-Babel
+    once per process, in a request whose page language is `locale`; None before that outside one (front.py
+    then leaves the page to Flask)."""
+    patterns = _SAID.get(locale)
+    if patterns is None and has_request_context() and g.get("locale") == locale:
+        gettext = _translations().ugettext
+        patterns = _SAID[locale] = (gettext("%(start)s… at %(domain)s"), gettext("%(start)s… ending in %(end)s"))
+    return patterns
+
+
+def spoken_address(masked, patterns=None):
     """A masked address (mask_address) as the page shows it, and, for screen readers, a form they read well:
     "a••@example.com" was heard as "a bullet bullet at example dot com". The bullets are hidden from them
     (aria-hidden) and a visually hidden "a… at example.com" (a phone's: "+7… ending in 4567") is read instead,
-    in the page's language (g.locale, set before the view). An address without bullets (a push provider, a chat
-    id) is shown as it is. Cheap on the page GET: the patterns are kept per language, and escape with an f-string
-    costs a third of Markup.format."""
+    in the page's language (`patterns`: spoken_patterns of it; by default g.locale's, set before the view). An
+    address without bullets (a push provider, a chat id) is shown as it is. Cheap on the page GET: the patterns
+    are kept per language, and escape with an f-string costs a third of Markup.format."""
     start, mark, rest = masked.partition(MASK)
     if not mark:
         return masked
     end = rest.lstrip(MASK)
-    patterns = _SAID.get(g.locale)
-    if patterns is None:
-        gettext = _translations().ugettext
-        patterns = _SAID[g.locale] = (gettext("%(start)s… at %(domain)s"), gettext("%(start)s… ending in %(end)s"))
+    patterns = patterns or spoken_patterns(g.locale)
     if end.startswith("@"):
         said = patterns[0] % {"start": start, "domain": end[1:]}
     else:
@@ -81,11 +90,21 @@ def spoken_address(masked):
                   f'<span class="visually-hidden">{escape(said)}</span>')
 
 
+# Where front.py leaves what its read of a page GET's link gave, (token, Context or the exception it raised),
+# when it leaves the page to Flask: the view is counted once, and Redis read once.
+PAGE_READ = "unsubscribe.page_read"
+
+
 def open_page_context(smid, count_view=None, with_pending=False):
     """open_smid plus the page language; raises ServiceError subclasses. With count_view ("GET" or "HEAD") it
     also counts the page view (unsubscribe.record_view) once the SMID is open, in the same round trip, and
-    reads the pending timer as with_pending does."""
-    if count_view:
+    reads the pending timer as with_pending does; or takes what front.py's read of this GET gave (PAGE_READ)."""
+    handed = request.environ.pop(PAGE_READ, None)
+    if count_view == "GET" and handed is not None and handed[0] == smid:
+        if isinstance(handed[1], Exception):
+            raise handed[1]  # the front's read ended in it: answered here as if raised here
+        ctx = handed[1]
+    elif count_view:
         ctx = hotpaths.open_for_page(get_redis(), current_app.extensions["signing_keys"], smid, count_view)
     else:
         ctx = unsubscribe.open_smid(get_redis(), current_app.extensions["signing_keys"], smid, with_pending)
@@ -99,11 +118,52 @@ def open_page_context(smid, count_view=None, with_pending=False):
 DONE_WORDS = ("unsubscribed", "undone", "cancelled", "started", "late", "back")
 
 
+def link_values(app, ctx, locale, explicit, script_root, patterns=None):
+    """The view's values of this link alone (page_cache.LINK_VALUES), on its page in `locale`: the SMID, the
+    masked address (spoken in `patterns`, spoken_patterns(locale)), the manager link (in the language the
+    person chose, `explicit`: explicit_locale), the form's URL under the app's root and the form's token."""
+    ring = app.extensions["signing_keys"]
+    smid = ctx.smid
+    manager_token = issue_manager_token(ring, smid.db_id, smid.profile_id, smid.hash_id)
+    return {
+        "smid": ctx.token, "address": spoken_address(mask_address(ctx.record), patterns),
+        "manage_url": (manage_url(app.config["PUBLIC_BASE_URL"], manager_token)
+                       + (f"?lang={explicit}" if explicit else "")),  # the language the person chose
+        # The forms post to the page's path with the page's language in the query: a body too large to read
+        # (small_bodies_only's 413) loses the form's `lang` field, and the 413 page is to be in this language.
+        "action_url": f"{page_path(ctx.token, script_root)}?lang={locale}",
+        "form_token": issue_form_token(ring, ctx.token),
+    }
+
+
+def page_kind_inputs(ctx, done, locale, script_root):
+    """What page_view and the page's template read but the link's own values (link_values), for a page GET
+    (`done`: a word of DONE_WORDS or None) in `locale` under the app's root: the resource (by identity: its
+    decoded object is shared while its stored text is the same, resources.decode_shared), the message's
+    category, the record's status, stopped categories and channel. Links with the same inputs have pages
+    of one kind (page_cache.kept_kind). None for a page with a pending timer, whose countdown is this
+    moment's. tests/test_page_front.py checks pages filled in from these against pages rendered."""
+    if ctx.pending_fields:
+        return None
+    record = ctx.record
+    return (id(ctx.resource), ctx.smid.category, record["status"], tuple(record.get("uncats", ())),
+            record["channel"], done, locale, script_root)
+
+
+def kept_page(app, ctx, done, locale, explicit, script_root):
+    """The page of this link filled in from its kind's kept render (page_kind_inputs), without its view; None
+    where none is kept, or the address's spoken form is not known yet in `locale`."""
+    kind = page_cache.kept_kind(app, page_kind_inputs(ctx, done, locale, script_root), ctx.resource)
+    patterns = spoken_patterns(locale) if kind is not None else None
+    if patterns is None:
+        return None
+    return page_cache.fill(kind, link_values(app, ctx, locale, explicit, script_root, patterns))
+
+
 def page_view(ctx, done=None, chosen=None):
     """Ready values for the templates (they only display)."""
     app = current_app._get_current_object()  # one context-local lookup for what is read of the app below
-    ring = app.extensions["signing_keys"]
-    resource, record, smid = ctx.resource, ctx.record, ctx.smid
+    resource, record = ctx.resource, ctx.record
     status = Status(record["status"])
     cats = resource["categories"]
     stoppable = status in unsubscribe.STOPPABLE_STATUSES  # a paused subscription can still be stopped here
@@ -151,9 +211,8 @@ def page_view(ctx, done=None, chosen=None):
                   "back": False}
         notice = done if agrees[done] else None
     return {
-        "smid": ctx.token, "mode": ctx.mode, "resource": resource,
-        "address": spoken_address(mask_address(record)),
-        "channel": record["channel"], "status": status.word, "state": state,
+        **link_values(app, ctx, g.locale, explicit_locale(), request.script_root),
+        "mode": ctx.mode, "resource": resource, "channel": record["channel"], "status": status.word, "state": state,
         "whole": not stoppable,
         "stopped": stopped,
         "continuing": [c["title"] for c in cats if c["api_name"] in subscribed],
@@ -166,23 +225,18 @@ def page_view(ctx, done=None, chosen=None):
         "seconds_left": unsubscribe.seconds_left(pending, ctx.now) if pending else None,
         "timer_minutes": resource["unsubscribe"]["timer_minutes"],
         "blocked_text": resource["unsubscribe"].get("blocked_text"),
-        "manage_url": manage_url(app.config["PUBLIC_BASE_URL"],
-                                 issue_manager_token(ring, smid.db_id, smid.profile_id, smid.hash_id))
-                      + (f"?lang={lang}" if (lang := explicit_locale()) else ""),  # the language the person chose
-        # The forms post to the page's path with the page's language in the query: a body too large to read
-        # (small_bodies_only's 413) loses the form's `lang` field, and the 413 page is to be in this language.
-        "done": done, "notice": notice, "action_url": f"{page_path(ctx.token)}?lang={g.locale}",
+        "done": done, "notice": notice,
         # Undo only where it would restore something: this link's own recent unsubscribe.
         "can_undo": state == "unsubscribed" and unsubscribe.can_undo(client_of(app), ctx),
-        "form_token": issue_form_token(ring, ctx.token),
         "locales": LOCALES,
     }
 
 
-def page_path(smid):
-    """url_for("pages.unsubscribe_page", smid=smid) for a SMID that opened: base64url, which needs no quoting.
-    A URL build through Flask's routing map cost a third of page_view."""
-    return request.script_root + PAGE_RULE.replace("<smid>", smid)
+def page_path(smid, script_root=None):
+    """url_for("pages.unsubscribe_page", smid=smid) for a SMID that opened: base64url, which needs no quoting;
+    under `script_root` (by default the request's). A URL build through Flask's routing map cost a third of
+    page_view."""
+    return (request.script_root if script_root is None else script_root) + PAGE_RULE.replace("<smid>", smid)
 
 
 @bp.app_template_global()
@@ -238,11 +292,18 @@ def unsubscribe_page(smid):
     if page_url and ctx.mode != "blocked":
         # The target comes only from the resource's stored settings: no open redirect.
         return redirect(fill_page_url(page_url, ctx.token, ctx.resource["rtoken"]), code=302)
-    done = request.args.get("done")
-    view = page_view(ctx, done if done in DONE_WORDS else None)
-    template = page_template(ctx, view)
-    # A page of a kind many links share is filled in from one render (page_cache.py).
-    page = render_link_page(template, view)
+    done = request.args["done"] if "done" in request.args else None
+    done = done if done in DONE_WORDS else None
+    # A page of a kind many links share is filled in from one render (page_cache.py), without its view where
+    # its kind is known by the view's inputs (page_kind_inputs).
+    app = current_app._get_current_object()
+    page = kept_page(app, ctx, done, g.locale, explicit_locale(), request.script_root)
+    if page is None:
+        view = page_view(ctx, done)
+        # A page showing an Undo asks the ledger whether this link may undo (unsubscribe.can_undo): not of the
+        # view's inputs, so not kept under them.
+        inputs = page_kind_inputs(ctx, done, g.locale, request.script_root) if view["state"] != "unsubscribed" else None
+        page = render_link_page(page_template(ctx, view), view, inputs, ctx.resource)
     return no_store(make_response(page))
 
 
@@ -255,14 +316,14 @@ def page_template(ctx, view):
 
 
 ONE_CLICK_DONE = "Unsubscribed.\n"
-# Where one_click_wsgi.py leaves the exception its attempt at this request's one-click ended in.
+# Where front.py leaves the exception its attempt at this request's one-click ended in.
 ONE_CLICK_FAILURE = "unsubscribe.one_click_failure"
 
 
 def one_click(smid):
     """RFC 8058: POST List-Unsubscribe=One-Click (either encoding; an empty or odd body is treated the same,
     since the signed URL is what identifies the recipient). 200 with a tiny body, never a redirect.
-    one_click_wsgi.py answers the common success case of this in front of Flask, with the same bytes."""
+    front.py answers the common success case of this in front of Flask, with the same bytes."""
     failure = request.environ.get(ONE_CLICK_FAILURE)
     try:
         if failure is not None:

@@ -7,7 +7,7 @@ extension keeps its storage per instance).
 - The forms of the unsubscribe page and of the manager (their POSTs with an `action`), per link (a digest of
   its SMID or manager token: no Redis key holds a whole token) and per client address, each one bucket for
   both kinds of page: count_link_form, which their views call once the form's CSRF check has passed. The RFC
-  8058 one-click is never limited (mail providers retry it; one_click_wsgi.py answers it in front of Flask),
+  8058 one-click is never limited (mail providers retry it; front.py answers it in front of Flask),
   nor is a GET.
 
 The limits are settings (config.py), read from app config on every request. Over a limit: 429 with Retry-After

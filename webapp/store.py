@@ -53,7 +53,7 @@ def get_redis():
 
 
 def client_of(app):
-    """get_redis for code that runs outside a request context (one_click_wsgi.py)."""
+    """get_redis for code that runs outside a request context (front.py)."""
     client = app.extensions.get("redis")
     if client is None:
         client = app.extensions["redis"] = connect(app.config["REDIS_URL"], app.config["REDIS_TIMEOUT_SECONDS"])

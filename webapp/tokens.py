@@ -167,7 +167,7 @@ def _open(keys, fmt, token):
     return reader
 
 
-# A token as links carry it: a run of base64url characters (token_in_link; one_click_wsgi matches it in its path).
+# A token as links carry it: a run of base64url characters (token_in_link; front.py matches it in its path).
 B64URL_RUN = re.compile(r"[A-Za-z0-9_-]*")
 
 

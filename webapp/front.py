@@ -1,4 +1,5 @@
-"""RFC 8058 one-click POSTs answered in front of Flask.
+"""The two requests every sent message can cause at volume answered in front of Flask, where they can be:
+RFC 8058 one-click POSTs, and GETs of the unsubscribe page.
 
 Mail providers POST `List-Unsubscribe=One-Click` to the unsubscribe URL of every message a person
 unsubscribes from, and retry it. Profiling that request under gunicorn (bench/profile.py oneclick) showed
@@ -10,13 +11,23 @@ included. A one-click that does not end in success (unknown or forged link, bloc
 stalled, ...) goes to Flask with the exception it ended in, and pages.one_click answers that exception as
 if it had raised it itself, without running the one-click again (a stalled Redis is waited for once).
 tests/test_pages.py::test_one_click_front_answers_exactly_as_flask compares the two.
+
+The page GET: of what the page's view costs in Flask, Flask's own part (request context, routing, hooks,
+response object) and the view's (the view and the kind's key, see page_cache.py) were most. A GET of a link,
+without a query or with only the switcher's `lang`, whose page is of a kind kept already under what its view
+is made of (pages.kept_page) is answered here: the same read as the view's (hotpaths.open_for_page, which
+counts the view), the language chosen as the view chooses it, the kept pieces filled in with this link's
+values, the headers Flask sends with the page. Any other GET goes to Flask; one the front read already goes
+with what the read gave (pages.PAGE_READ: the Context, or the exception it raised), so the view is counted
+once. tests/test_page_front.py compares the two.
 """
 import re
 from io import BytesIO
 from urllib.parse import parse_qsl
 
-from . import hotpaths
-from .pages import NOSNIFF, ONE_CLICK_DONE, ONE_CLICK_FAILURE, PAGE_SECURITY_HEADERS
+from . import hotpaths, pages
+from .locale import LOCALES, choose_locale
+from .pages import NOSNIFF, ONE_CLICK_DONE, ONE_CLICK_FAILURE, PAGE_READ, PAGE_SECURITY_HEADERS
 from .store import client_of
 from .tokens import B64URL_RUN
 
@@ -33,20 +44,56 @@ _BODY = ONE_CLICK_DONE.encode()
 # What Flask sends for pages.one_click's 200 (pages.plain + pages.security_headers), in the same order.
 _HEADERS = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(_BODY))),
             ("Cache-Control", "no-store"), *PAGE_SECURITY_HEADERS, NOSNIFF]
+# What Flask sends with the page (pages.no_store + pages.security_headers), Content-Length after the first.
+_PAGE_HEADERS = [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store"),
+                 *PAGE_SECURITY_HEADERS, NOSNIFF]
+# The queries a page GET is answered here with, and the language each asks for (explicit_locale).
+_PAGE_QUERIES = {"": None, **{f"lang={code}": code for code in LOCALES}}
 
 
-class OneClickWSGI:
+class Front:
     def __init__(self, app, flask_wsgi):
         self.app = app
         self.flask_wsgi = flask_wsgi  # the wrapped app.wsgi_app
 
     def __call__(self, environ, start_response):
-        if environ.get("REQUEST_METHOD") == "POST":
+        method = environ.get("REQUEST_METHOD")
+        if method == "POST":
             match = _PATH_RE.fullmatch(environ.get("PATH_INFO", ""))
             if match and self._unsubscribed(environ, match.group(1)):
                 start_response("200 OK", list(_HEADERS))
                 return [_BODY]
+        elif method == "GET" and environ.get("QUERY_STRING", "") in _PAGE_QUERIES:
+            match = _PATH_RE.fullmatch(environ.get("PATH_INFO", ""))
+            body = match and self._page(environ, match.group(1))
+            if body:
+                start_response("200 OK", [_PAGE_HEADERS[0], ("Content-Length", str(len(body))), *_PAGE_HEADERS[1:]])
+                return [body]
         return self.flask_wsgi(environ, start_response)
+
+    def _page(self, environ, token):
+        """The page of this GET, encoded, when its kind is kept; else None, and Flask answers (PAGE_READ)."""
+        app = self.app
+        script_root = environ.get("SCRIPT_NAME", "")
+        if not script_root.isascii():
+            return None  # werkzeug decodes it: Flask's request.script_root says what it is
+        try:
+            ctx = hotpaths.open_for_page(client_of(app), app.extensions["signing_keys"], token, "GET")
+        except Exception as exc:  # noqa: BLE001 - the view raises it again and answers it (or the app's handlers)
+            environ[PAGE_READ] = (token, exc)
+            return None
+        explicit = _PAGE_QUERIES[environ.get("QUERY_STRING", "")]
+        resource = ctx.resource
+        page = None
+        if not (resource["unsubscribe"].get("page_url") and ctx.mode != "blocked"):  # else Flask redirects
+            # As pages.open_page_context's set_page_locale chooses it.
+            locale = choose_locale(explicit, ctx.record.get("locale"), resource.get("default_locale"),
+                                   environ.get("HTTP_ACCEPT_LANGUAGE"), app.config["DEFAULT_LOCALE"])
+            page = pages.kept_page(app, ctx, None, locale, explicit, script_root.rstrip("/"))
+        if page is None:
+            environ[PAGE_READ] = (token, ctx)
+            return None
+        return page.encode()
 
     def _unsubscribed(self, environ, smid):
         """True when this was a one-click POST and it succeeded; False leaves the request to Flask."""
