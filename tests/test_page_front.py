@@ -110,6 +110,9 @@ CASES = {
     "two resources": (lambda api, client: [*two(api, client)[:1], *two(api, client, resource={"name": "Offers"})[:1]],
                       [False, False]),
     "a resource renamed between two pages": (lambda api, client: renamed_between(api, client), [False, False, True]),
+    # In a new process: the page's kind is kept, the spoken form of an address not looked up yet in its language.
+    "spoken forms not looked up yet": (lambda api, client: [*(ask := two(api, client))[:1], pages._SAID.clear,
+                                                            *ask[1:], ask[0]], [False, False, True]),
     "under an app root": (lambda api, client: mixed(api, [("", {}, "/unsub"), ("", {}, "/unsub"), ("", {}),
                                                           ("", {}, "/unsub/")]),
                           [False, True, False, True]),
