@@ -57,10 +57,10 @@ def test_oneclick_bench():
     assert "socket errors / non-2xx            0/0         0/0" in out
 
 
-def test_oneclick_versions_bench():
+def test_versions_bench():
     """Two versions (a git revision checked out into a worktree, and the working tree) run alternately; each
     prints its rate and CPU per request, and the worktree is removed afterwards."""
-    out = run_bench("oneclick_versions.py", "HEAD", ".", "--rounds", "1", "--seconds", "2",
+    out = run_bench("versions.py", "HEAD", ".", "--rounds", "1", "--seconds", "2",
                     "--subscriptions", "600", "--workers", "1")
     for rev in ("HEAD", "."):
         assert number(rf"\n  {re.escape(rev)}\s+([\d,]+) req/s", out) > 0
@@ -69,6 +69,17 @@ def test_oneclick_versions_bench():
         assert 0 < number(r"; ([\d,]+) of [\d,]+ requests unsubscribed", line) <= 100, line
         assert "(links ran out: raise --subscriptions)" in line, line
     assert re.search(r"server CPU per request, \. against HEAD: [+-]\d+\.\d%", out), out
+    worktrees = subprocess.run(["git", "-C", ROOT, "worktree", "list"], capture_output=True, text=True).stdout
+    assert "us-versions-" not in worktrees
+
+
+def test_versions_bench_of_the_page():
+    out = run_bench("versions.py", "HEAD", ".", "--page", "--rounds", "1", "--seconds", "2",
+                    "--subscriptions", "200", "--workers", "1")
+    for rev in ("HEAD", "."):
+        line = re.search(rf"\n  {re.escape(rev)}\s.*", out).group(0)
+        assert number(r"([\d,]+) req/s", line) > 0 and number(r"; ([\d.]+) of the one-line template render", line) > 0
+    assert number(r"\n  baseline\s+([\d,]+) req/s", out) > 0
     worktrees = subprocess.run(["git", "-C", ROOT, "worktree", "list"], capture_output=True, text=True).stdout
     assert "us-versions-" not in worktrees
 
