@@ -198,3 +198,24 @@ def test_a_countdown_is_never_answered_in_front(app, api, client, monkeypatch):
     for path in paths * 2:
         assert 'role="timer"' in client.get(path).text
     assert len(by_flask) == 4
+
+
+def test_an_error_after_the_fronts_read_is_left_to_flask(api, client, monkeypatch):
+    """Whatever fails in the front once it has read goes to the view with that read, which meets it again (and
+    the app answers and logs it as any error) or not: never an answer the app did not make."""
+    _res, paths = people(api, 2)
+    client.get(paths[0])  # the kind kept
+    expected = client.get(paths[1], query_string="x=1")  # Flask's view, filled in from the kind
+    reads, kept_page, calls = [], pages.kept_page, []
+    open_for_page = hotpaths.open_for_page
+    monkeypatch.setattr(hotpaths, "open_for_page", lambda *args: reads.append(1) or open_for_page(*args))
+
+    def failing_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the front's part")
+        return kept_page(*args)
+    monkeypatch.setattr(pages, "kept_page", failing_once)
+    resp = client.get(paths[1])
+    assert resp.status_code == 200 and resp.data == expected.data
+    assert (len(reads), len(calls)) == (1, 2)

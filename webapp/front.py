@@ -83,13 +83,15 @@ class Front:
             environ[PAGE_READ] = (token, exc)
             return None
         explicit = _PAGE_QUERIES[environ.get("QUERY_STRING", "")]
-        resource = ctx.resource
         page = None
-        if not (resource["unsubscribe"].get("page_url") and ctx.mode != "blocked"):  # else Flask redirects
-            # As pages.open_page_context's set_page_locale chooses it.
-            locale = choose_locale(explicit, ctx.record.get("locale"), resource.get("default_locale"),
-                                   environ.get("HTTP_ACCEPT_LANGUAGE"), app.config["DEFAULT_LOCALE"])
-            page = pages.kept_page(app, ctx, None, locale, explicit, script_root.rstrip("/"))
+        try:
+            if not pages.customer_page_url(ctx):  # else Flask redirects there
+                # As pages.open_page_context's set_page_locale chooses it.
+                locale = choose_locale(explicit, ctx.record.get("locale"), ctx.resource.get("default_locale"),
+                                       environ.get("HTTP_ACCEPT_LANGUAGE"), app.config["DEFAULT_LOCALE"])
+                page = pages.kept_page(app, ctx, None, locale, explicit, script_root.rstrip("/"))
+        except Exception:  # noqa: BLE001 - the view meets it again, and the app answers and logs it as any error
+            page = None
         if page is None:
             environ[PAGE_READ] = (token, ctx)
             return None

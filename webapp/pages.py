@@ -251,6 +251,16 @@ def _static_url(root, static_path, filename):
     return url_for("static", filename=filename)  # made under the request whose root and static path are the key
 
 
+def customer_page_url(ctx):
+    """Where the link's page is the customer's own (the resource's page_url, the SDK's page), filled in for this
+    link; None where the page is ours, as it always is for a blocked resource. The target comes only from the
+    resource's stored settings: no open redirect."""
+    page_url = ctx.resource["unsubscribe"].get("page_url")
+    if page_url and ctx.mode != "blocked":
+        return fill_page_url(page_url, ctx.token, ctx.resource["rtoken"])
+    return None
+
+
 def fill_page_url(template, smid, rtoken):
     return template.replace("{send_message_id}", quote(smid, safe="")).replace("{resource_token}",
                                                                               quote(rtoken, safe=""))
@@ -288,10 +298,9 @@ def unsubscribe_page(smid):
                                 with_pending=True)
     except ServiceError as exc:
         return error_page(exc)
-    page_url = ctx.resource["unsubscribe"].get("page_url")
-    if page_url and ctx.mode != "blocked":
-        # The target comes only from the resource's stored settings: no open redirect.
-        return redirect(fill_page_url(page_url, ctx.token, ctx.resource["rtoken"]), code=302)
+    page_url = customer_page_url(ctx)
+    if page_url:
+        return redirect(page_url, code=302)
     done = request.args["done"] if "done" in request.args else None
     done = done if done in DONE_WORDS else None
     # A page of a kind many links share is filled in from one render (page_cache.py), without its view where
