@@ -89,7 +89,9 @@ class Front:
                 # As pages.open_page_context's set_page_locale chooses it.
                 locale = choose_locale(explicit, ctx.record.get("locale"), ctx.resource.get("default_locale"),
                                        environ.get("HTTP_ACCEPT_LANGUAGE"), app.config["DEFAULT_LOCALE"])
-                page = pages.kept_page(app, ctx, None, locale, explicit, script_root.rstrip("/"))
+                root = script_root.rstrip("/")
+                inputs = pages.page_kind_inputs(ctx, None, locale, root)
+                page = pages.kept_page(app, ctx, inputs, locale, explicit, root)
         except Exception:  # noqa: BLE001 - the view meets it again, and the app answers and logs it as any error
             page = None
         if page is None:

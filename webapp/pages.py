@@ -150,10 +150,10 @@ def page_kind_inputs(ctx, done, locale, script_root):
             record["channel"], done, locale, script_root)
 
 
-def kept_page(app, ctx, done, locale, explicit, script_root):
-    """The page of this link filled in from its kind's kept render (page_kind_inputs), without its view; None
-    where none is kept, or the address's spoken form is not known yet in `locale`."""
-    kind = page_cache.kept_kind(app, page_kind_inputs(ctx, done, locale, script_root), ctx.resource)
+def kept_page(app, ctx, inputs, locale, explicit, script_root):
+    """The page of this link filled in from the kept render of its kind, `inputs` (page_kind_inputs), without
+    its view; None where none is kept, or the address's spoken form is not known yet in `locale`."""
+    kind = page_cache.kept_kind(app, inputs, ctx.resource)
     patterns = spoken_patterns(locale) if kind is not None else None
     if patterns is None:
         return None
@@ -306,13 +306,14 @@ def unsubscribe_page(smid):
     # A page of a kind many links share is filled in from one render (page_cache.py), without its view where
     # its kind is known by the view's inputs (page_kind_inputs).
     app = current_app._get_current_object()
-    page = kept_page(app, ctx, done, g.locale, explicit_locale(), request.script_root)
+    inputs = page_kind_inputs(ctx, done, g.locale, request.script_root)
+    page = kept_page(app, ctx, inputs, g.locale, explicit_locale(), request.script_root)
     if page is None:
         view = page_view(ctx, done)
         # A page showing an Undo asks the ledger whether this link may undo (unsubscribe.can_undo): not of the
         # view's inputs, so not kept under them.
-        inputs = page_kind_inputs(ctx, done, g.locale, request.script_root) if view["state"] != "unsubscribed" else None
-        page = render_link_page(page_template(ctx, view), view, inputs, ctx.resource)
+        page = render_link_page(page_template(ctx, view), view, inputs if view["state"] != "unsubscribed" else None,
+                                ctx.resource)
     return no_store(make_response(page))
 
 
