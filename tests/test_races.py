@@ -41,13 +41,14 @@ def page_form(html):
     return (token.group(1) if token else None), re.findall(r'name="action" value="([a-z]+)"', html)
 
 
-def manager_change(browser, url, hash_id, rnd):
+def manager_change(browser, url, hash_id, rnd, action=None):
     """Open the manager page (its session cookie carries the CSRF token), then send one of its forms for the
-    subscription `hash_id`; the status of the page it ends on (303s are followed)."""
+    subscription `hash_id` (`action`, or one chosen at random); the status of the page it ends on (303s are
+    followed)."""
+    action = action or rnd.choice(MANAGER_ACTIONS)
     try:
         with browser.open(url, timeout=10) as resp:
             token = form_token(resp.read().decode())
-        action = rnd.choice(MANAGER_ACTIONS)
         form = [("csrf_token", token), ("lang", "en"), ("hash_id", hash_id), ("action", action), ("days", "14")]
         form += [("categories", c) for c in rnd.sample(["news", "offers", "receipts"], rnd.randint(1, 3))]
         with browser.open(url, data=urllib.parse.urlencode(form).encode(), timeout=10) as resp:
@@ -96,6 +97,21 @@ def writer(server, subscriptions, seed, deadline, answers, lock):
             answers[(what, status)] = answers.get((what, status), 0) + 1
 
 
+def pauser(server, subscription, deadline, answers, lock):
+    """Pauses one subscription for 14 "days" (0.14 s) through the manager, again and again, while the other
+    writers change the other subscriptions of its profile: pauses that end (the worker's) take part in the race
+    every run. A pause any writer may change ended in some runs only, and in some in none."""
+    rnd = random.Random(99)
+    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    _ident, links = subscription
+    while time.time() < deadline:
+        got = manager_change(browser, f"http://127.0.0.1:{server.port}{links['manage']}", links["hash_id"], rnd,
+                             "suspend")
+        with lock:
+            answers[got] = answers.get(got, 0) + 1
+        time.sleep(0.3)
+
+
 def test_concurrent_writers_keep_every_chain_and_state_consistent(r, redis_url, tmp_path):
     unlimited = "10000/minute"  # the storm comes from one address and few links
     server = Gunicorn(redis_url, workers=4, env={"TIME_UNIT_SECONDS": TIME_UNIT, "SUSPEND_DAY_SECONDS": DAY,
@@ -121,8 +137,10 @@ def test_concurrent_writers_keep_every_chain_and_state_consistent(r, redis_url, 
                 subscriptions.append((ident, links))
 
         answers, lock, deadline = {}, threading.Lock(), time.time() + SECONDS
-        threads = [threading.Thread(target=writer, args=(server, subscriptions, seed, deadline, answers, lock))
+        paused, others = subscriptions[0], subscriptions[1:]
+        threads = [threading.Thread(target=writer, args=(server, others, seed, deadline, answers, lock))
                    for seed in range(8)]
+        threads.append(threading.Thread(target=pauser, args=(server, paused, deadline, answers, lock)))
         for t in threads:
             t.start()
         for t in threads:
