@@ -267,6 +267,21 @@ def test_a_plain_rq_worker_whose_clock_runs_ahead_still_fires_every_timer(app, r
     assert_fired_once(r, contexts)
 
 
+def test_a_timer_that_falls_due_while_a_tick_fires_gets_a_follow_up(app, r, queue):
+    """Under a plain rq worker the ticks are the only trigger. A deadline that passed after the tick began firing
+    and before it looked ahead was neither fired nor ahead: no tick followed, and the timer never fired (CI met
+    it once, in the test above). The tick's look starts from when it began firing."""
+    (ctx,) = delayed_contexts(app, r, 1, timer_minutes=1)
+    began = u.server_time(r)
+    arm_at(r, queue, ctx, began + 0.2, 1)
+    time.sleep(0.3)  # due now, and not fired: no worker runs here
+    second = delayed.follow_up_tick(r, queue, since=began)
+    assert second is not None
+    assert delayed.tick_job_id(queue.name, second) in queue.scheduled_job_registry.get_job_ids()
+    # A timer due before the tick began, and still pending (one that cannot fire), keeps no ticks coming.
+    assert delayed.follow_up_tick(r, queue, since=u.server_time(r)) is None
+
+
 def test_a_dead_workers_duties_are_taken_over(app, r, workers, queue, redis_url):
     """kill -9 of the worker holding the RQ scheduler: the survivor's sweeper fires timers at their deadline,
     and the survivor's scheduler takes the queue over within seconds (RQ alone: 61 s lock expiry + maintenance)."""

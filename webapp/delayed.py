@@ -133,14 +133,18 @@ def tick_grace():
     return TICK_GRACE if _sweeper_process else 0.0
 
 
-def follow_up_tick(r, queue, window=FOLLOW_UP_WINDOW):
+def follow_up_tick(r, queue, since=None, window=FOLLOW_UP_WINDOW):
     """Under a plain `rq worker` the ticks are the only trigger, and RQ releases each by the worker host's clock,
     while deadlines are on the Redis clock. A host clock running ahead makes a tick come before its timer is due
     and find nothing to fire. So a tick that leaves a timer due within `window` seconds (by the Redis clock)
     schedules one more tick for the host's next second, and that one does the same, until the timer fires.
+    `since`: the Redis clock when the tick began firing. A timer that fell due after it, while the tick fired
+    or before this look, was not fired and is not ahead either: it gets the follow-up too (it once got none and
+    never fired). One due before it and still pending (a timer that cannot fire) does not keep ticks coming.
     Returns the follow-up's second, or None."""
     now = server_time(r)
-    if not r.zrangebyscore(keys.pending_due(), f"({now}", now + window, start=0, num=1):
+    after = now if since is None else min(since, now)
+    if not r.zrangebyscore(keys.pending_due(), f"({after}", now + window, start=0, num=1):
         return None
     second = math.floor(time.time()) + 1
     schedule_tick(queue, second)

@@ -7,7 +7,7 @@ from webapp import keys
 from webapp.config import load_settings
 from webapp.delayed import ensure_housekeeping, fire_due, follow_up_tick, is_sweeper_process, tick_grace, timer_queue
 from webapp.store import connect
-from webapp.unsubscribe import fire_timer
+from webapp.unsubscribe import fire_timer, server_time
 from webapp.webhooks import DELIVERY_BUDGET_EVENTS, DELIVERY_BUDGET_SECONDS, deliver, needs_delivery
 from workers import housekeeping
 from workers.housekeeping import enqueue_delivery
@@ -38,11 +38,13 @@ def fire_due_timers():
     `rq worker`, where ticks are the only trigger, it also makes sure a tick follows while a timer is about to
     be due (webapp.delayed.follow_up_tick), and that housekeeping runs (a fired timer is an event to deliver)."""
     r = _redis()
-    fired = fire_due(r, grace=tick_grace())
     job = get_current_job()
-    if not is_sweeper_process() and job is not None:
+    only_trigger = not is_sweeper_process() and job is not None
+    began = server_time(r) if only_trigger else None  # the Redis clock before firing: see follow_up_tick
+    fired = fire_due(r, grace=tick_grace())
+    if only_trigger:
         queue = timer_queue(job.connection, job.origin)
-        follow_up_tick(r, queue)
+        follow_up_tick(r, queue, since=began)
         ensure_housekeeping(r, queue)
     return fired
 
