@@ -145,7 +145,14 @@ def test_concurrent_writers_keep_every_chain_and_state_consistent(r, redis_url, 
             t.start()
         for t in threads:
             t.join()
-        wait_until(lambda: r.zcard(keys.pending_due()) == 0 and not suspended(r, subscriptions), 10)
+        try:
+            wait_until(lambda: r.zcard(keys.pending_due()) == 0 and not suspended(r, subscriptions), 10)
+        except AssertionError:  # say what was left, with the Redis clock: a rare CI failure left no trace
+            left = {"now": r.time(), "pending_due": r.zrange(keys.pending_due(), 0, -1, withscores=True),
+                    "suspensions_due": r.zrange(keys.suspensions_due(), 0, -1, withscores=True),
+                    "paused": [r.hget(keys.profile_subscriptions(1, ident["profile_id"]), links["hash_id"])
+                               for ident, links in subscriptions if suspended(r, [(ident, links)])]}
+            raise AssertionError(f"timers or pauses left 10 s after the writers stopped: {left}") from None
     finally:
         workers.close()
         server.stop()
