@@ -252,11 +252,15 @@ def test_a_plain_rq_worker_fires_timers_through_the_tick_jobs(app, r, workers, q
     assert_fired_once(r, contexts)
 
 
-def test_a_plain_rq_worker_whose_clock_runs_ahead_still_fires_every_timer(app, r, workers, queue, redis_url):
-    """RQ releases a tick by the worker host's clock; 2.5 s ahead of Redis's, the tick for a deadline's second
-    comes before the deadline and finds nothing due. The tick then schedules the next second's, until it fires."""
+@pytest.mark.parametrize("poll", ["1", "0.1"], ids=["rq-poll", "fast-poll"])
+def test_a_plain_rq_worker_whose_clock_runs_ahead_still_fires_every_timer(app, r, workers, queue, redis_url, poll):
+    """RQ releases a tick by its scheduler host's clock; 2.5 s ahead of Redis's (and of the clock the tick runs
+    by), the tick for a deadline's second comes before the deadline and finds nothing due. The tick then
+    schedules another, until it fires. A scheduler that looks often releases that follow-up while the tick still
+    runs, before this host's next second: the follow-up must not take the running tick's id (with the id taken
+    it was never scheduled, and the timer never fired; CI met it once with RQ's 1 s poll)."""
     workers.start([sys.executable, os.path.join(os.path.dirname(__file__), "skewed_rq_worker.py"), redis_url,
-                   QUEUE, "2.5"])
+                   QUEUE, "2.5", poll])
     contexts = delayed_contexts(app, r, 5, timer_minutes=1)
     now = time.time()
     # Deadlines just after a whole second: the furthest from the tick second (their ceiling) they can be.
@@ -280,6 +284,27 @@ def test_a_timer_that_falls_due_while_a_tick_fires_gets_a_follow_up(app, r, queu
     assert delayed.tick_job_id(queue.name, second) in queue.scheduled_job_registry.get_job_ids()
     # A timer due before the tick began, and still pending (one that cannot fire), keeps no ticks coming.
     assert delayed.follow_up_tick(r, queue, since=u.server_time(r)) is None
+
+
+def test_a_follow_up_comes_after_the_running_tick_and_after_ticks_running_elsewhere(app, r, queue):
+    """The running tick's job stays in Redis until it ends, so a follow-up with its id (this host's next second,
+    where the scheduler's clock is ahead) was a duplicate that scheduled nothing. It goes after the running
+    tick's second, and past a second whose tick is running elsewhere (there, not waiting)."""
+    (ctx,) = delayed_contexts(app, r, 1, timer_minutes=1)
+    arm_at(r, queue, ctx, u.server_time(r) + 3, 1)  # due within the window: a follow-up is wanted
+    running = math.floor(time.time()) + 1
+
+    def start_running(second):  # a tick the scheduler released and a worker took: its job only
+        delayed.schedule_tick(queue, second)
+        queue.scheduled_job_registry.remove(delayed.tick_job_id(queue.name, second))
+        assert not delayed.tick_waiting(queue, second)
+    start_running(running)
+    assert delayed.tick_second(delayed.tick_job_id(queue.name, running)) == running
+    second = delayed.follow_up_tick(r, queue, running=running)
+    assert second is not None and second > running and delayed.tick_waiting(queue, second)
+    start_running(second + 1)  # now the next one runs elsewhere too
+    assert delayed.follow_up_tick(r, queue, running=second) == second + 2
+    assert delayed.tick_waiting(queue, second + 2)
 
 
 def test_a_dead_workers_duties_are_taken_over(app, r, workers, queue, redis_url):

@@ -273,6 +273,10 @@ def test_housekeeping_ticks_run_only_while_needed(api, r, resource, receiver, re
     r.set(keys.suspensions_due(), "not a sorted set")
     assert housekeeping_tick(r, queue, now=2001.0) == 2002
     assert "housekeeping-unsubscribe-2002" in queue.scheduled_job_registry.get_job_ids()
+    # A tick released before this host's clock reached its second (the scheduler's clock is ahead): the next
+    # comes after it, not at this host's next second (the running tick's own id: nothing was scheduled).
+    assert housekeeping_tick(r, queue, now=2001.5, running=2002) == 2003
+    assert "housekeeping-unsubscribe-2003" in queue.scheduled_job_registry.get_job_ids()
     raw.close()
 
 

@@ -71,15 +71,53 @@ def schedule_timer(queue, db_id, profile_id, hash_id, deadline):
     schedule_tick(queue, math.ceil(deadline))
 
 
+def tick_second(job_id):
+    """The second a tick's job id (tick_job_id) names, or None for any other job."""
+    match = re.fullmatch(r"(?:timers|housekeeping)-.*-(\d+)", job_id or "")
+    return int(match.group(1)) if match else None
+
+
 def schedule_tick(queue, second, job=TICK_JOB, kind="timers"):
     """Make sure a tick (`job`: a timer tick, or a housekeeping tick with kind="housekeeping") runs at the whole
-    epoch `second` (by the RQ worker host's clock); one job per kind and second."""
+    epoch `second` (by the clock of the host whose RQ scheduler releases it); one job per kind and second.
+    Returns True when it scheduled the job, False when a job with that id was there already."""
     try:
         queue.enqueue_at(datetime.fromtimestamp(second, tz=timezone.utc), job,
                          job_id=tick_job_id(queue.name, second, kind), unique=True, result_ttl=0,
                          failure_ttl=FAILED_JOB_TTL, ttl=None, job_timeout=TICK_TIMEOUT)
     except DuplicateJobError:
-        pass  # this second's tick is already scheduled (or running: the sweepers catch what it misses)
+        return False  # this second's tick is already scheduled, queued, or running
+    return True
+
+
+def tick_waiting(queue, second, kind="timers"):
+    """Whether the tick of `second` is still to run: in the scheduled registry or in the queue (one MULTI, so a
+    tick the scheduler moves from the one to the other is seen in either)."""
+    job_id = tick_job_id(queue.name, second, kind)
+    with queue.connection.pipeline(transaction=True) as pipe:
+        pipe.zscore(queue.scheduled_job_registry.key, job_id)
+        pipe.lpos(queue.key, job_id)
+        return any(found is not None for found in pipe.execute())
+
+
+NEXT_TICK_TRIES = 5  # seconds a chain's next tick may move on past ticks that are running
+
+
+def schedule_next_tick(queue, running=None, job=TICK_JOB, kind="timers", now=None, interval=1):
+    """Schedule the next tick of a chain (a follow-up timer tick, the next housekeeping tick) `interval` seconds
+    after this host's current second, and always after the second of the tick that runs now (`running`).
+    Returns its second, or None. A tick's id is its second, and the job of a tick stays in Redis while it runs:
+    scheduling a running tick's id is a duplicate that schedules nothing, and the chain ended there. That
+    happens where the RQ scheduler's host clock is ahead of the one running the tick: it released the tick
+    before this host's clock reached its second (CI met it: a timer that never fired). For the same reason a
+    second taken by a tick that is running elsewhere (not waiting) is passed over for the next one."""
+    first = max(math.floor(time.time() if now is None else now) + interval, (running or 0) + 1)
+    for second in range(first, first + NEXT_TICK_TRIES):
+        if schedule_tick(queue, second, job, kind) or tick_waiting(queue, second, kind):
+            return second
+    log.warning("no %s tick could be scheduled in the %d seconds from %d: each was running", kind,
+                NEXT_TICK_TRIES, first)
+    return None
 
 
 UPGRADE_SCAN_COUNT = 1000  # pending_due members per ZSCAN step (and PERSISTs per round trip) at start-up
@@ -133,7 +171,7 @@ def tick_grace():
     return TICK_GRACE if _sweeper_process else 0.0
 
 
-def follow_up_tick(r, queue, since=None, window=FOLLOW_UP_WINDOW):
+def follow_up_tick(r, queue, since=None, window=FOLLOW_UP_WINDOW, running=None):
     """Under a plain `rq worker` the ticks are the only trigger, and RQ releases each by the worker host's clock,
     while deadlines are on the Redis clock. A host clock running ahead makes a tick come before its timer is due
     and find nothing to fire. So a tick that leaves a timer due within `window` seconds (by the Redis clock)
@@ -141,14 +179,13 @@ def follow_up_tick(r, queue, since=None, window=FOLLOW_UP_WINDOW):
     `since`: the Redis clock when the tick began firing. A timer that fell due after it, while the tick fired
     or before this look, was not fired and is not ahead either: it gets the follow-up too (it once got none and
     never fired). One due before it and still pending (a timer that cannot fire) does not keep ticks coming.
-    Returns the follow-up's second, or None."""
+    `running`: the second of the tick that calls this (schedule_next_tick). Returns the follow-up's second, or
+    None."""
     now = server_time(r)
     after = now if since is None else min(since, now)
     if not r.zrangebyscore(keys.pending_due(), f"({after}", now + window, start=0, num=1):
         return None
-    second = math.floor(time.time()) + 1
-    schedule_tick(queue, second)
-    return second
+    return schedule_next_tick(queue, running)
 
 
 def anything_to_watch(r):

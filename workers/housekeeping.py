@@ -11,12 +11,10 @@ idempotent, so several workers doing them at once is safe):
   (enqueue_delivery), at the back of the queue: targets take turns without waiting for this dispatcher.
 """
 import logging
-import math
 import threading
-import time
 
 from webapp import keys, preferences, scripts, webhooks
-from webapp.delayed import HOUSEKEEPING_ALIVE_SECONDS, HOUSEKEEPING_TICK_JOB, anything_to_watch, schedule_tick
+from webapp.delayed import HOUSEKEEPING_ALIVE_SECONDS, HOUSEKEEPING_TICK_JOB, anything_to_watch, schedule_next_tick
 
 log = logging.getLogger("workers.housekeeping")
 HOUSEKEEPING_INTERVAL = 0.5  # seconds
@@ -63,12 +61,13 @@ def run_duties(r, queue, failing, retry_text):
             failing.add(name)
 
 
-def housekeeping_tick(r, queue, now=None, run=True):
+def housekeeping_tick(r, queue, now=None, run=True, running=None):
     """One housekeeping tick (the chain that does housekeeping under a plain `rq worker`): schedule the next one
-    first (a tick cut off by a killed worker still has a successor), then run the duties, unless a Housekeeper
-    thread does them (`run` False: this process has one; or keys.housekeeping_alive says "thread"), so they do
-    not run twice as often. The chain goes on in any process while there is anything to watch, and stops when
-    there is nothing; the next ensure_housekeeping starts it again. Returns the next tick's second, or None."""
+    first (a tick cut off by a killed worker still has a successor; after `running`, this tick's second: see
+    webapp.delayed.schedule_next_tick), then run the duties, unless a Housekeeper thread does them (`run` False:
+    this process has one; or keys.housekeeping_alive says "thread"), so they do not run twice as often. The
+    chain goes on in any process while there is anything to watch, and stops when there is nothing; the next
+    ensure_housekeeping starts it again. Returns the next tick's second, or None."""
     alive = keys.housekeeping_alive()
     try:
         watching = anything_to_watch(r)
@@ -79,8 +78,8 @@ def housekeeping_tick(r, queue, now=None, run=True):
             r.set(alive, "chain", ex=HOUSEKEEPING_ALIVE_SECONDS)
         else:
             return None
-    second = math.floor(time.time() if now is None else now) + HOUSEKEEPING_TICK_INTERVAL
-    schedule_tick(queue, second, HOUSEKEEPING_TICK_JOB, kind="housekeeping")
+    second = schedule_next_tick(queue, running, HOUSEKEEPING_TICK_JOB, "housekeeping", now,
+                                HOUSEKEEPING_TICK_INTERVAL)
     if r.get(alive) == "thread":  # a Housekeeper thread's mark is left to it, and so are the duties
         return second
     r.set(alive, "chain", ex=HOUSEKEEPING_ALIVE_SECONDS)

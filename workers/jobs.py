@@ -5,7 +5,8 @@ from rq import get_current_job
 
 from webapp import keys
 from webapp.config import load_settings
-from webapp.delayed import ensure_housekeeping, fire_due, follow_up_tick, is_sweeper_process, tick_grace, timer_queue
+from webapp.delayed import (ensure_housekeeping, fire_due, follow_up_tick, is_sweeper_process, tick_grace, tick_second,
+                            timer_queue)
 from webapp.store import connect
 from webapp.unsubscribe import fire_timer, server_time
 from webapp.webhooks import DELIVERY_BUDGET_EVENTS, DELIVERY_BUDGET_SECONDS, deliver, needs_delivery
@@ -44,7 +45,7 @@ def fire_due_timers():
     fired = fire_due(r, grace=tick_grace())
     if only_trigger:
         queue = timer_queue(job.connection, job.origin)
-        follow_up_tick(r, queue, since=began)
+        follow_up_tick(r, queue, since=began, running=tick_second(job.id))
         ensure_housekeeping(r, queue)
     return fired
 
@@ -60,7 +61,7 @@ def housekeeping_tick():
     if job is None:
         return None
     return housekeeping.housekeeping_tick(_redis(), timer_queue(job.connection, job.origin),
-                                          run=not is_sweeper_process())
+                                          run=not is_sweeper_process(), running=tick_second(job.id))
 
 
 def deliver_target(group):
