@@ -470,6 +470,30 @@ def test_suspension_ends_by_itself(api, app, client, r):
     assert preferences.resume_due_suspensions(r) == 0                         # idempotent
 
 
+def test_a_pause_taken_again_after_the_sweeper_read_the_old_one_still_ends(api, app, client, r):
+    """The sweeper reads the due members, then settles each. A pause that ended by hand (Resume) and was taken
+    again in between has a new, later end: settling the old member must leave the entry, now at the new end
+    (it was removed, and that pause never ended; CI's race test met it once)."""
+    from webapp import keys
+    app.config["SUSPEND_DAY_SECONDS"] = 0.02        # 14 "days" = 0.28 s
+    _res, ident, sub, path = setup_profile(api)
+    member = keys.suspension_member(1, "p-42", sub["hash_id"])
+    post(client, path, action="suspend", hash_id=sub["hash_id"], days="14")
+    time.sleep(0.3)
+    due = r.zrangebyscore(keys.suspensions_due(), "-inf", time.time())    # what the sweeper read
+    assert due == [member]
+    post(client, path, action="resume", hash_id=sub["hash_id"])
+    post(client, path, action="suspend", hash_id=sub["hash_id"], days="90")   # ends 1.8 s from now
+    new_end = r.zscore(keys.suspensions_due(), member)
+    assert new_end > time.time()
+    assert preferences._resume_if_due(r, member, time.time()) == 0           # the sweeper goes on with it
+    assert r.zscore(keys.suspensions_due(), member) == new_end
+    assert api.ok("subscriptions/get", **ident)["status"] == "suspended"
+    time.sleep(max(0.0, new_end - time.time()) + 0.05)
+    assert preferences.resume_due_suspensions(r) == 1
+    assert api.ok("subscriptions/get", **ident)["status"] == "subscribed"
+
+
 def test_a_deleted_resources_pause_ends_without_a_change(api, app, client, r):
     app.config["SUSPEND_DAY_SECONDS"] = 0.02        # 14 "days" = 0.28 s
     res, ident, sub, path = setup_profile(api)

@@ -226,6 +226,26 @@ def test_undo_of_a_paused_subscriptions_unsubscribe_brings_the_pause_back_never_
     assert get_sub(api, body)["status"] == "subscribed"                 # the pause ended, as it would have
 
 
+def test_a_pause_brought_back_by_undo_is_indexed_even_where_the_sweeper_dropped_its_entry(api, client, r):
+    """The sweeper drops a pause's entry from the due index when it finds the record no longer paused (it was
+    unsubscribed meanwhile). An Undo that read the record before and writes after that brings back a pause with
+    no entry: one that never ends. Every save of a paused record writes its entry with it."""
+    from webapp import keys, preferences
+    _res, path, body = make_link(api, "instant", category=None)
+    hash_id = get_sub(api, body)["hash_id"]
+    member = keys.suspension_member(1, "p-42", hash_id)
+    preferences.suspend(r, 1, "p-42", hash_id, 14, 0.02)                          # 14 "days" = 0.28 s
+    end = r.zscore(keys.suspensions_due(), member)
+    token = form_token(client.get(path).get_data(as_text=True))
+    assert client.post(path, data={"action": "unsubscribe", "csrf_token": token}).status_code == 303
+    r.zrem(keys.suspensions_due(), member)                                  # the sweeper came by
+    assert client.post(path, data={"action": "undo", "csrf_token": token}).status_code == 303
+    assert get_sub(api, body)["status"] == "suspended"
+    assert r.zscore(keys.suspensions_due(), member) == end
+    time.sleep(max(0.0, end - time.time()) + 0.05)
+    assert preferences.resume_due_suspensions(r) == 1 and get_sub(api, body)["status"] == "subscribed"
+
+
 def test_one_click_blocked_is_403_and_changes_nothing(api, client, r):
     _res, path, body = make_link(api, "blocked")
     before = redis_state(r)

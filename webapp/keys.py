@@ -14,7 +14,7 @@ live in one Redis Cluster slot and can be changed together in one MULTI/EXEC or 
 | us:{<db_id>:<pid>}:pending:<hash_id>   | hash   | unsubscribe.arm_timer: deadline, armed_at, scope, smid, evidence; `lease` (1 s claim by a firer) | never (deleted when settled) |
 | us:pending:due                         | zset   | delayed timers: member "db|pid|hash_id", score = deadline | never (members removed when settled) |
 | us:{<db_id>:<pid>}:manager_undo        | hash   | preferences (last manager change, and the link that made it) | 10 minutes |
-| us:suspensions:due                     | zset   | preferences.suspend: "db|pid|hash_id" by end time | never (members removed on resume) |
+| us:suspensions:due                     | zset   | every save of a record paused with an end (subscriptions.index_pause): "db|pid|hash_id" by end time | never (members removed on resume) |
 | us:events:timeline                     | stream | events.queue_append (global index, webhook outbox) | never |
 | us:views:<sha256(smid)[:24]>           | hash   | pages GET/HEAD: {GET: n, HEAD: n} (scanner evidence) | 10 minutes |
 | us:webhooks                            | hash   | webhooks.add_webhook (id -> JSON) | never |
@@ -99,8 +99,15 @@ def manager_undo(db_id, profile_id):
 
 
 def suspensions_due():
-    """Sorted set of suspended subscriptions ("db_id|profile_id|hash_id") scored by the time they resume."""
+    """Sorted set of suspended subscriptions (suspension_member) scored by the time they resume. Every saved
+    record that is paused with an end has its member here (subscriptions.ProfileChange.flush); a member whose
+    record is no longer so is dropped by the sweeper when it comes to it."""
     return f"{PREFIX}:suspensions:due"
+
+
+def suspension_member(db_id, profile_id, hash_id):
+    """A pause's member of suspensions_due: "db_id|profile_id|hash_id"."""
+    return f"{db_id}|{profile_id}|{hash_id}"
 
 
 def events_timeline():

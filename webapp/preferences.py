@@ -136,10 +136,10 @@ def _parse_preferences(resource, record, cats_on, field_values, shown_categories
 
 def _change(r, db_id, profile_id, hash_id, edit, evidence, link, watch=()):
     """Apply edit(record, resource, pc) -> new record to one subscription as a manager change, keep the
-    undo record (with the link that acted: `link`, see undo_link) and the suspension index in step, all in one
-    MULTI/EXEC."""
+    undo record (with the link that acted: `link`, see undo_link) and the suspension index in step (a pause is
+    indexed by pc.save, one that ended is dropped here), all in one MULTI/EXEC."""
     undo_key = keys.manager_undo(db_id, profile_id)
-    member = f"{db_id}|{profile_id}|{hash_id}"
+    member = keys.suspension_member(db_id, profile_id, hash_id)
 
     def change(pc):
         record = pc.records.get(hash_id)
@@ -153,12 +153,10 @@ def _change(r, db_id, profile_id, hash_id, edit, evidence, link, watch=()):
             return record, resource
         new["updated_at"] = now_iso()
         pc.save(hash_id, new, resource, method="manager", evidence=evidence)
-        until = new.get("suspended_until") if new["status"] == Status.SUSPENDED else None
+        paused = new["status"] == Status.SUSPENDED and new.get("suspended_until")
 
         def write(pipe):
-            if until:
-                pipe.zadd(keys.suspensions_due(), {member: _epoch(until)})
-            else:
+            if not paused:
                 pipe.zrem(keys.suspensions_due(), member)
             if not getattr(edit, "is_undo", False):
                 pipe.hset(undo_key, mapping={"hash_id": hash_id, "record": json.dumps(record),
@@ -292,11 +290,15 @@ def _resume_if_due(r, member, now):
     def change(pc):
         if hash_id in pc.unreadable:
             raise DamagedRecord(f"subscription {hash_id}'s record is not readable")  # it stays due
-        pc.also(lambda pipe: pipe.zrem(keys.suspensions_due(), member))
         record = pc.records.get(hash_id)
-        if (record is None or record["status"] != Status.SUSPENDED or not record.get("suspended_until")
-                or _epoch(record["suspended_until"]) > now):
+        if record is None or record["status"] != Status.SUSPENDED or not record.get("suspended_until"):
+            pc.also(lambda pipe: pipe.zrem(keys.suspensions_due(), member))  # no pause left to end
             return 0
+        if _epoch(record["suspended_until"]) > now:
+            # Paused again since the member was read (a resume, then a new pause, which moved its score on): the
+            # entry stays, at the new end; removing it would leave that pause without an end.
+            return 0
+        pc.also(lambda pipe: pipe.zrem(keys.suspensions_due(), member))
         resource = get_resources(r, [record["resource_id"]]).get(record["resource_id"])
         if resource is None:  # deleted: its subscriptions are out of service, and stay as they were
             return 0

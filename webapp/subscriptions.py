@@ -507,10 +507,23 @@ class ProfileChange:
             pipe.sadd(keys.db_profiles(self.db_id), self.profile_id)
         for hash_id in settle:
             drop_pending(pipe, self.db_id, self.profile_id, hash_id)
+        for hash_id, record in self._saved.items():
+            index_pause(pipe, self.db_id, self.profile_id, hash_id, record)
         for event in self._events:
             events.queue_append(pipe, event)
         for fn in self._extra:
             fn(pipe)
+
+
+def index_pause(pipe, db_id, profile_id, hash_id, record):
+    """Stage the pause's entry in keys.suspensions_due, scored by its end, if the record is paused with an end.
+    Whichever writer saves it (the manager, an Undo, a revert), the entry is written with the record: the
+    sweeper may have dropped it meanwhile (the record was not paused when it looked), and a pause left out of
+    the index would never end."""
+    until = record.get("suspended_until")
+    if record["status"] == Status.SUSPENDED and until:
+        member = keys.suspension_member(db_id, profile_id, hash_id)
+        pipe.zadd(keys.suspensions_due(), {member: time_to_ms(until) / 1000})
 
 
 def drop_pending(pipe, db_id, profile_id, hash_id):
