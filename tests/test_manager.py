@@ -488,6 +488,8 @@ def test_a_pause_taken_again_after_the_sweeper_read_the_old_one_still_ends(api, 
     assert new_end > time.time()
     assert preferences._resume_if_due(r, member, time.time()) == 0           # the sweeper goes on with it
     assert r.zscore(keys.suspensions_due(), member) == new_end
+    r.zadd(keys.suspensions_due(), {member: 0})      # a score behind the record's end (older versions' data)
+    assert preferences.resume_due_suspensions(r) == 0 and r.zscore(keys.suspensions_due(), member) == new_end
     assert api.ok("subscriptions/get", **ident)["status"] == "suspended"
     time.sleep(max(0.0, new_end - time.time()) + 0.05)
     assert preferences.resume_due_suspensions(r) == 1

@@ -294,9 +294,12 @@ def _resume_if_due(r, member, now):
         if record is None or record["status"] != Status.SUSPENDED or not record.get("suspended_until"):
             pc.also(lambda pipe: pipe.zrem(keys.suspensions_due(), member))  # no pause left to end
             return 0
-        if _epoch(record["suspended_until"]) > now:
+        end = _epoch(record["suspended_until"])
+        if end > now:
             # Paused again since the member was read (a resume, then a new pause, which moved its score on): the
-            # entry stays, at the new end; removing it would leave that pause without an end.
+            # entry stays, at the new end (written again, so that a score that is somehow behind the record's
+            # end cannot bring it back every pass); removing it would leave that pause without an end.
+            pc.also(lambda pipe: pipe.zadd(keys.suspensions_due(), {member: end}))
             return 0
         pc.also(lambda pipe: pipe.zrem(keys.suspensions_due(), member))
         resource = get_resources(r, [record["resource_id"]]).get(record["resource_id"])
